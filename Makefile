@@ -1,0 +1,49 @@
+# dmengine — the three commands of the README.  Everything they need is installed here:
+# a virtualenv in .venv, the package with its Cython extensions, and the Debian parts.
+PY        ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+DEB_PARTS := libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus
+PYTEST_ARGS ?=
+
+.PHONY: run test bench fuzz deps venv build clean debug typecheck
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(VPY) pyproject.toml setup.py
+	$(VPY) -m pip install -q "cython>=3.0" setuptools wheel
+	$(VPY) -m pip install -q -e '.[test]' --no-build-isolation
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Rebuild the extensions in place whenever a .pyx/.pxd changed (pip -e does not watch them).
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+
+debug: $(STAMP)
+	DMENGINE_DEBUG=1 $(VPY) setup.py -q build_ext --inplace --force
+
+deps:
+	@bash tools/debian-parts.sh $(DEB_PARTS)
+
+run: deps build
+	$(VPY) -m dmengine serve --data ./var
+
+test: deps build
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+bench: deps build
+	$(VPY) -m bench
+
+fuzz: deps build
+	$(VPY) fuzz/run.py --runs 1000000
+
+typecheck: build
+	$(VPY) -m mypy dmengine/_wbxml.pyi dmengine/_message.pyi
+
+clean:
+	rm -rf build dmengine/*.so dmengine/*.c dmengine/*/*.so dmengine/*/*.c

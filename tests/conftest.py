@@ -1,0 +1,24 @@
+"""Shared test fixtures: where the protocol vectors and benchmark messages live."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = pathlib.Path(os.environ.get("DMENGINE_SHARED", ROOT.parent / "shared"))
+VECTORS = SHARED / "vectors"
+BENCH_MESSAGES = SHARED / "bench-messages"
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> pathlib.Path:
+    assert VECTORS.is_dir(), f"protocol vectors not found at {VECTORS} (set DMENGINE_SHARED)"
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def bench_messages_dir() -> pathlib.Path:
+    assert BENCH_MESSAGES.is_dir(), f"bench messages not found at {BENCH_MESSAGES}"
+    return BENCH_MESSAGES
