@@ -1,0 +1,90 @@
+"""Package #0 handed to another SMS centre by an HTTP callback.
+
+``POST <url>`` with JSON::
+
+    {"msisdn": "4915112345678", "pkg0": "<base64>",
+     "content_type": "application/vnd.syncml.notification",
+     "wap_application_id": "x-wap-application:syncml.dm"}
+
+2xx is accepted (a JSON answer's ``id``/``message_id`` is kept; ``{"queued": true}`` or
+HTTP 202 with ``"status": "queued"`` is reported as queued).  5xx, 408, 429, connection
+errors and timeouts are retryable; other 4xx are not.
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import aiohttp
+
+from dmengine.errors import GatewayError
+
+from .base import Delivery, DeliveryState, Gateway
+from .wsp import APP_ID_SYNCML_DM_TEXT, CT_SYNCML_NOTIFICATION_TEXT
+
+__all__ = ["HttpCallbackGateway", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = 10.0
+MAX_REPLY = 64 * 1024
+
+
+class HttpCallbackGateway(Gateway):
+    name = "http"
+
+    def __init__(self, url: str, *, headers: dict[str, str] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, session: aiohttp.ClientSession | None = None,
+                 **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.url = url
+        self.headers = dict(headers or {})
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._own_session = session is None
+
+    def _session_get(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._own_session = True
+        return self._session
+
+    @staticmethod
+    def body(msisdn: str, pkg0: bytes) -> dict[str, str]:
+        return {"msisdn": msisdn, "pkg0": base64.b64encode(pkg0).decode("ascii"),
+                "content_type": CT_SYNCML_NOTIFICATION_TEXT,
+                "wap_application_id": APP_ID_SYNCML_DM_TEXT}
+
+    async def _send_once(self, msisdn: str, pkg0: bytes) -> Delivery:
+        payload = json.dumps(self.body(msisdn, pkg0)).encode()
+        headers = {"Content-Type": "application/json", **self.headers}
+        try:
+            async with self._session_get().post(self.url, data=payload, headers=headers,
+                                                timeout=self.timeout) as resp:
+                raw = await resp.content.read(MAX_REPLY)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise GatewayError(f"http gateway {self.url}: {type(exc).__name__}: {exc}",
+                               retryable=True) from exc
+        text = raw.decode("utf-8", "replace").strip()
+        if 200 <= status < 300:
+            state = DeliveryState.ACCEPTED
+            message_id = None
+            try:
+                answer = json.loads(text) if text else None
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                mid = answer.get("message_id", answer.get("id"))
+                message_id = str(mid) if mid is not None else None
+                if answer.get("queued") is True or answer.get("status") == "queued":
+                    state = DeliveryState.QUEUED
+            return Delivery(gateway=self.name, msisdn=msisdn, state=state, attempts=1,
+                            detail=text[:200], message_id=message_id,
+                            wire={"json": payload})
+        retryable = status >= 500 or status in (408, 429)
+        raise GatewayError(f"http gateway refused: HTTP {status} {text[:200]!r}",
+                           retryable=retryable)
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
