@@ -136,3 +136,39 @@ class ApiError(DmError):
         self.code = code
         self.http_status = http_status
         self.where = where
+
+
+# --- store (appended by the store work, issue 6) ------------------------------------------
+
+
+class Conflict(StoreError):
+    """An optimistic update lost: the record changed since it was read (``kind``, ``key``)."""
+
+    def __init__(self, kind: str, key: object, msg: str | None = None) -> None:
+        super().__init__(msg or f"{kind} {key!r} changed since it was read")
+        self.kind = kind
+        self.key = key
+
+
+class InvalidTransition(StoreError):
+    """A task or job state move that the state table does not allow."""
+
+    def __init__(self, kind: str, key: object, from_state: object, to_state: object) -> None:
+        super().__init__(f"{kind} {key!r}: {from_state} -> {to_state} is not a legal move")
+        self.kind = kind
+        self.key = key
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+class StoreClosed(StoreError):
+    """The store was closed (or its writer died); nothing more can be written."""
+
+
+class CorruptRecord(StoreError):
+    """Stored bytes do not decode as the record they should be (``db``, ``key``)."""
+
+    def __init__(self, db: str, key: bytes, detail: str) -> None:
+        super().__init__(f"corrupt record in {db} at {key!r}: {detail}")
+        self.db = db
+        self.key = key

@@ -1,0 +1,416 @@
+"""The engine's records (L0): msgspec Structs stored as msgpack in the store and sent as JSON by the API.
+
+Constraints ride on ``Annotated[..., Meta(...)]`` so that a bad record fails with a path
+(``Expected `str` matching regex ... - at `$.msisdn```).  A Struct built in Python is *not*
+checked by msgspec; :func:`validate` checks it (encode + typed decode) and raises
+:class:`dmengine.errors.ValidationError` with ``where`` set to the msgspec path.  The store
+calls it on every write.
+
+Secrets (the DM account's passwords and keys) are marked ``Meta(extra={"secret": True})``;
+:func:`redact` returns a copy with them blanked, for every API read.
+
+Times are UTC seconds since the epoch (float).  Schema changes bump :data:`SCHEMA_VERSION` and
+add a function to :data:`MIGRATIONS` (see ``store/kv.py``: opening an older environment runs them).
+"""
+from __future__ import annotations
+
+import enum
+import os
+import time
+from typing import Annotated, Any, Callable, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+from .errors import ValidationError
+
+SCHEMA_VERSION = 1
+
+# --- field types ------------------------------------------------------------------------
+
+#: Record ids are used inside store keys: printable, no NUL, no separator byte.
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._+@/=-]+$")]
+OptId = Union[Id, None]
+DevId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._+@/=-]+$")]
+Imei = Annotated[str, Meta(pattern=r"^[0-9]{14,16}$")]
+Msisdn = Annotated[str, Meta(pattern=r"^\+?[0-9]{5,15}$")]
+Tac = Annotated[str, Meta(pattern=r"^[0-9]{8}$")]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+Text = Annotated[str, Meta(max_length=1024)]
+Name = Annotated[str, Meta(max_length=256)]
+Uri = Annotated[str, Meta(min_length=1, max_length=1024)]
+Time = Annotated[float, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+Secret = Annotated[str, Meta(max_length=512, extra={"secret": True})]
+NodeValue = Annotated[str, Meta(max_length=65536)]
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_id(prefix: str = "") -> str:
+    """A fresh, roughly time-ordered record id (48-bit ms time + 64 random bits, hex)."""
+    return f"{prefix}{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+
+
+# --- enums ------------------------------------------------------------------------------
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "PENDING"
+    NOTIFIED = "NOTIFIED"
+    IN_PROGRESS = "IN_PROGRESS"
+    WAITING_USER = "WAITING_USER"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+
+FINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED,
+                               TaskState.EXPIRED})
+
+_T = TaskState
+#: Every legal task move (DESIGN.md §4).  Anything else is refused by the store's transition
+#: helper with ``InvalidTransition``.  PENDING→PENDING / NOTIFIED→NOTIFIED / IN_PROGRESS→PENDING
+#: are the retry moves (another notification, a retry after no answer).
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    _T.PENDING: frozenset({_T.PENDING, _T.NOTIFIED, _T.IN_PROGRESS, _T.FAILED, _T.CANCELLED,
+                           _T.EXPIRED}),
+    _T.NOTIFIED: frozenset({_T.NOTIFIED, _T.PENDING, _T.IN_PROGRESS, _T.FAILED, _T.CANCELLED,
+                            _T.EXPIRED}),
+    _T.IN_PROGRESS: frozenset({_T.IN_PROGRESS, _T.PENDING, _T.WAITING_USER, _T.SUCCEEDED,
+                               _T.FAILED, _T.CANCELLED, _T.EXPIRED}),
+    _T.WAITING_USER: frozenset({_T.IN_PROGRESS, _T.SUCCEEDED, _T.FAILED, _T.CANCELLED,
+                                _T.EXPIRED}),
+    _T.SUCCEEDED: frozenset(),
+    _T.FAILED: frozenset(),
+    _T.CANCELLED: frozenset(),
+    _T.EXPIRED: frozenset(),
+}
+del _T
+
+
+class JobState(enum.StrEnum):
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+class AuthScheme(enum.StrEnum):
+    NONE = "NONE"
+    BASIC = "BASIC"            # syncml:auth-basic: needs the password
+    DIGEST = "DIGEST"          # syncml:auth-md5: needs K = B64(MD5(name:password)) only
+    HMAC = "HMAC"              # syncml:auth-MAC: needs K only
+    TRANSPORT = "TRANSPORT"    # TLS client auth / HTTP level
+
+
+class FumoMode(enum.StrEnum):
+    DOWNLOAD_AND_UPDATE = "DOWNLOAD_AND_UPDATE"    # one Exec on ./DownloadAndUpdate
+    DOWNLOAD_THEN_UPDATE = "DOWNLOAD_THEN_UPDATE"  # Exec Download, then Exec Update
+
+
+# --- devices and capabilities ----------------------------------------------------------
+
+
+class DmAccount(Struct, kw_only=True, omit_defaults=True):
+    """The DM account both sides share (DMAcc).  Client = the device authenticating to us,
+    server = us authenticating to the device (also the package-0 digest).  For DIGEST/HMAC the
+    keys ``K = B64(MD5(name ":" password))`` are enough; BASIC needs the password itself."""
+
+    server_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    auth_scheme: AuthScheme = AuthScheme.DIGEST
+    client_name: Name = ""
+    client_password: Union[Secret, None] = None
+    client_key: Union[Secret, None] = None
+    client_nonce: Union[Annotated[str, Meta(max_length=256)], None] = None   # base64, we issued it
+    server_password: Union[Secret, None] = None
+    server_key: Union[Secret, None] = None
+    server_nonce: Union[Annotated[str, Meta(max_length=256)], None] = None   # base64, device issued it
+
+
+class Device(Struct, kw_only=True, omit_defaults=True):
+    dev_id: DevId                                  # e.g. "IMEI:356938035643809"
+    imei: Union[Imei, None] = None
+    msisdn: Union[Msisdn, None] = None
+    capability: OptId = None                       # Capability.oid
+    account: Union[DmAccount, None] = None
+    last_contact: Union[Time, None] = None
+    devinfo: dict[Uri, NodeValue] = {}
+    devdetail: dict[Uri, NodeValue] = {}
+    tz: Union[Annotated[str, Meta(max_length=64)], None] = None
+    created: Time = 0.0
+    updated: Time = 0.0
+
+    @property
+    def tac(self) -> str | None:
+        return self.imei[:8] if self.imei else None
+
+
+class Capability(Struct, kw_only=True, omit_defaults=True):
+    oid: Id
+    make: Name = ""
+    model: Name = ""
+    firmware_versions: list[Name] = []
+    tacs: list[Tac] = []
+    mo_paths: dict[Annotated[str, Meta(max_length=64)], Uri] = {}   # e.g. {"fumo": "./FUMO/1"}
+    fumo_mode: FumoMode = FumoMode.DOWNLOAD_AND_UPDATE
+    created: Time = 0.0
+    updated: Time = 0.0
+
+
+# --- operations (tagged union on "operation") -------------------------------------------
+
+
+class UpdateOp(Struct, tag_field="operation", tag="UPDATE", kw_only=True, omit_defaults=True):
+    content_id: Id
+    fumo_path: Union[Uri, None] = None             # None: from the capability
+
+
+class QueryOp(Struct, tag_field="operation", tag="QUERY", kw_only=True, omit_defaults=True):
+    nodes: Annotated[list[Uri], Meta(min_length=1, max_length=1000)]
+
+
+class NodeChange(Struct, kw_only=True, omit_defaults=True):
+    uri: Uri
+    action: Literal["Add", "Replace", "Delete"] = "Replace"
+    value: Union[NodeValue, None] = None
+    format: Annotated[str, Meta(max_length=16)] = "chr"
+    type: Union[Annotated[str, Meta(max_length=128)], None] = None
+
+
+class SetOp(Struct, tag_field="operation", tag="SET", kw_only=True, omit_defaults=True):
+    changes: Annotated[list[NodeChange], Meta(min_length=1, max_length=1000)]
+
+
+class ExecOp(Struct, tag_field="operation", tag="EXEC", kw_only=True, omit_defaults=True):
+    uri: Uri
+    data: Union[NodeValue, None] = None
+
+
+class DiagOp(Struct, tag_field="operation", tag="DIAG", kw_only=True, omit_defaults=True):
+    nodes: Annotated[list[Uri], Meta(max_length=1000)] = []
+
+
+class BootstrapOp(Struct, tag_field="operation", tag="BOOTSTRAP", kw_only=True,
+                  omit_defaults=True):
+    account: DmAccount
+    security: Literal["NETWORKID", "USERPIN", "USERPIN_NETWORKID", "NONE"] = "NETWORKID"
+
+
+Operation = Union[UpdateOp, QueryOp, SetOp, ExecOp, DiagOp, BootstrapOp]
+
+
+# --- tasks, history, jobs -------------------------------------------------------------
+
+
+class TaskResult(Struct, kw_only=True, omit_defaults=True):
+    statuses: dict[Annotated[str, Meta(max_length=1024)], int] = {}   # "Exec ./FUMO/1/..." → 200
+    fumo_result: Union[int, None] = None           # Generic Alert 1226 result code
+    nodes: dict[Uri, NodeValue] = {}               # Get results / diagnostics values
+    message: Union[Text, None] = None
+
+
+class Task(Struct, kw_only=True, omit_defaults=True):
+    task_id: Id
+    dev_id: DevId
+    op: Operation
+    job_id: OptId = None
+    seq: Count = 0                                 # set by the store on create (key order)
+    version: Count = 0                             # optimistic check, bumped on every write
+    history_len: Count = 0                         # history entries so far (set by the store)
+    b_optin: bool = False
+    accept_device_policy: Literal[10, 20, 30, 40] = 10
+    test_cycle: bool = False
+    state: TaskState = TaskState.PENDING
+    attempts: Count = 0
+    next_attempt: Union[Time, None] = None
+    deadline: Union[Time, None] = None
+    correlator: Union[Annotated[str, Meta(max_length=256)], None] = None
+    result: Union[TaskResult, None] = None
+    cause: Union[Text, None] = None
+    created: Time = 0.0
+    updated: Time = 0.0
+    finished: Union[Time, None] = None
+
+
+class HistoryEntry(Struct, kw_only=True, omit_defaults=True):
+    task_id: Id
+    seq: Count                                     # 1, 2, 3 … per task
+    time: Time
+    to_state: TaskState
+    from_state: Union[TaskState, None] = None      # None for the creation entry
+    cause: Union[Text, None] = None
+    dm_status: Union[int, None] = None
+    result_code: Union[int, None] = None
+
+
+class TimeWindow(Struct, kw_only=True, omit_defaults=True):
+    """Daily window in the device's (or UTC) time: seconds since midnight, end exclusive."""
+    start: Annotated[int, Meta(ge=0, le=86400)]
+    end: Annotated[int, Meta(ge=0, le=86400)]
+    days: list[Annotated[int, Meta(ge=0, le=6)]] = field(default_factory=lambda: list(range(7)))  # 0 = Monday
+
+
+class StopRule(Struct, kw_only=True, omit_defaults=True):
+    """Stop the job when ``failed / finished >= max_failure_ratio`` after ``min_finished`` tasks."""
+    max_failure_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0
+    min_finished: Count = 0
+
+
+class Job(Struct, kw_only=True, omit_defaults=True):
+    job_id: Id
+    state: JobState = JobState.SCHEDULED
+    name: Name = ""
+    owner: Name = ""
+    op: Union[Operation, None] = None
+    b_optin: bool = False
+    accept_device_policy: Literal[10, 20, 30, 40] = 10
+    test_cycle: bool = False
+    total: Count = 0                               # tasks created for this job
+    counts: dict[TaskState, Count] = {}            # tasks per state (test-cycle tasks excluded)
+    test_counts: dict[TaskState, Count] = {}       # test-cycle tasks per state
+    rate_limit: Union[Annotated[float, Meta(gt=0)], None] = None      # tasks started per second
+    concurrency: Union[Annotated[int, Meta(ge=1)], None] = None
+    windows: list[TimeWindow] = []
+    stop_rule: Union[StopRule, None] = None
+    start_at: Union[Time, None] = None
+    end_at: Union[Time, None] = None
+    cause: Union[Text, None] = None
+    created: Time = 0.0
+    updated: Time = 0.0
+    finished: Union[Time, None] = None
+
+
+# --- content, outbox, audit, schema ------------------------------------------------
+
+
+class Content(Struct, kw_only=True, omit_defaults=True):
+    content_id: Id
+    name: Name
+    size: Count
+    sha256: Sha256
+    capability: OptId = None
+    from_version: Union[Name, None] = None
+    to_version: Union[Name, None] = None
+    path: Union[Annotated[str, Meta(max_length=4096)], None] = None
+    content_type: Annotated[str, Meta(max_length=128)] = "application/octet-stream"
+    downloads: Count = 0
+    created: Time = 0.0
+
+
+class OutboxEntry(Struct, kw_only=True, omit_defaults=True):
+    entry_id: Id
+    kind: Literal["webhook", "charging"]
+    due: Time
+    payload: dict[str, Any] = {}
+    target: Union[Annotated[str, Meta(max_length=2048)], None] = None   # URL or recipient
+    attempts: Count = 0
+    last_error: Union[Text, None] = None
+    created: Time = 0.0
+
+
+class AuditEntry(Struct, kw_only=True, omit_defaults=True):
+    time: Time
+    actor: Name
+    action: Name
+    target: Union[Annotated[str, Meta(max_length=1024)], None] = None
+    detail: dict[str, Any] = {}
+    seq: Count = 0                                 # set by the store
+
+
+class SchemaRecord(Struct, kw_only=True):
+    version: int
+    created: Time = 0.0
+    migrated: Time = 0.0
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+R = TypeVar("R", bound=Struct)
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def decoder(cls: type[R]) -> msgspec.msgpack.Decoder[R]:
+    d = _DECODERS.get(cls)
+    if d is None:
+        d = _DECODERS[cls] = msgspec.msgpack.Decoder(cls)
+    return d
+
+
+def where_of(exc: msgspec.ValidationError) -> str | None:
+    """The ``$.path`` msgspec put at the end of its message, or None."""
+    msg = str(exc)
+    i = msg.rfind(" - at `")
+    return msg[i + 7:-1] if i >= 0 and msg.endswith("`") else "$"
+
+
+def validate(obj: R) -> bytes:
+    """Checks ``obj`` against its annotations; returns its msgpack bytes.
+
+    Raises :class:`ValidationError` with ``where`` = the msgspec path (``$.msisdn``).
+    """
+    try:
+        data = _ENCODER.encode(obj)
+    except (TypeError, ValueError, OverflowError) as exc:   # a value of the wrong Python type
+        raise ValidationError(f"{type(obj).__name__}: {exc}", where="$") from None
+    try:
+        decoder(type(obj)).decode(data)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"{type(obj).__name__}: {exc}", where=where_of(exc)) from None
+    return data
+
+
+def _secret_fields(cls: type) -> frozenset[str]:
+    info = msgspec.inspect.type_info(cls)
+    out = set()
+    for f in info.fields:  # type: ignore[attr-defined]
+        t = f.type
+        types = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+        for sub in types:
+            extra = getattr(sub, "extra", None)
+            if extra and extra.get("secret"):
+                out.add(f.name)
+    return frozenset(out)
+
+
+_ACCOUNT_SECRETS = _secret_fields(DmAccount)
+
+
+def redact_account(acc: DmAccount | None) -> DmAccount | None:
+    if acc is None:
+        return None
+    return msgspec.structs.replace(acc, **{k: ("***" if getattr(acc, k) else None)
+                                           for k in _ACCOUNT_SECRETS})
+
+
+def redact(dev: Device) -> Device:
+    """The device as API reads show it: secrets replaced by ``"***"`` (or None when unset)."""
+    if dev.account is None:
+        return dev
+    return msgspec.structs.replace(dev, account=redact_account(dev.account))
+
+
+def secret_fields() -> frozenset[str]:
+    """Names of the DmAccount fields marked secret."""
+    return _ACCOUNT_SECRETS
+
+
+#: Schema migrations: ``MIGRATIONS[v]`` upgrades an environment from version ``v`` to ``v + 1``.
+#: Each gets the store's raw key-value write transaction (see store/kv.py ``KVTxn``).
+MIGRATIONS: dict[int, Callable[[Any], None]] = {}
+
+__all__ = [
+    "SCHEMA_VERSION", "TaskState", "JobState", "AuthScheme", "FumoMode", "TASK_TRANSITIONS",
+    "FINAL_TASK_STATES", "DmAccount", "Device", "Capability", "UpdateOp", "QueryOp", "NodeChange",
+    "SetOp", "ExecOp", "DiagOp", "BootstrapOp", "Operation", "TaskResult", "Task", "HistoryEntry",
+    "TimeWindow", "StopRule", "Job", "Content", "OutboxEntry", "AuditEntry", "SchemaRecord",
+    "validate", "redact", "redact_account", "secret_fields", "new_id", "now", "MIGRATIONS",
+    "decoder", "where_of", "field",
+]

@@ -1,0 +1,259 @@
+"""The store contract the services use (L3): one abstract async class.
+
+Two implementations: :class:`dmengine.store.lmdb.LmdbStore` (the real one: LMDB, group commit,
+crash-safe) and :class:`dmengine.store.memory.MemoryStore` (for unit tests); both share the key
+layout and record logic in :mod:`dmengine.store.kv` and pass ``tests/test_store_contract.py``.
+
+Rules every method follows:
+
+* Records are checked with :func:`dmengine.model.validate`; a bad one raises
+  :class:`~dmengine.errors.ValidationError` (``where`` = ``$.field``) and nothing is written.
+* Missing records raise :class:`~dmengine.errors.NotFound`, duplicates
+  :class:`~dmengine.errors.AlreadyExists`, a stale optimistic update
+  :class:`~dmengine.errors.Conflict`, an illegal task move
+  :class:`~dmengine.errors.InvalidTransition`; all are :class:`~dmengine.errors.StoreError`.
+* A write is acknowledged (the awaitable returns) only after it is durable.
+* Lists are cursor-paged: pass ``Page.next_cursor`` back as ``cursor``; None means the end.
+* The store owns ``Task.seq``, ``Task.version``, ``Task.history_len``, ``Job.total``,
+  ``Job.counts``/``test_counts``, ``created``/``updated`` stamps and ``AuditEntry.seq``.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from ..model import (AuditEntry, Capability, Content, Device, HistoryEntry, Job, JobState,
+                     OutboxEntry, Task, TaskState)
+
+T = TypeVar("T")
+
+DEFAULT_PAGE = 100        #: default page size of every listing
+MAX_PAGE = 10_000         #: largest page a caller may ask for
+DEFAULT_IMPORT_CHUNK = 20_000   #: devices per write transaction in import_devices
+
+
+class Page(msgspec.Struct, Generic[T]):
+    """One page of a listing; ``next_cursor`` is None on the last page."""
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class ImportReport(msgspec.Struct, kw_only=True):
+    """What ``import_devices`` did: ``rejected`` holds ``(index, where, message)`` per bad record."""
+    created: int = 0
+    replaced: int = 0
+    rejected: list[tuple[int, str | None, str]] = []
+
+
+class Store(abc.ABC):
+    """The async contract.  Use as ``async with store:`` or call :meth:`close`."""
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # --- devices -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_device(self, dev: Device) -> Device:
+        """Adds a device; AlreadyExists if the dev_id, MSISDN or IMEI is taken."""
+
+    @abc.abstractmethod
+    async def put_device(self, dev: Device) -> Device:
+        """Creates or replaces a device (indexes follow); AlreadyExists if its MSISDN/IMEI
+        belongs to another device."""
+
+    @abc.abstractmethod
+    async def update_device(self, dev_id: str, changes: Mapping[str, Any]) -> Device:
+        """Replaces the named fields of a stored device."""
+
+    @abc.abstractmethod
+    async def get_device(self, dev_id: str) -> Device: ...
+
+    @abc.abstractmethod
+    async def delete_device(self, dev_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def device_by_msisdn(self, msisdn: str) -> Device: ...
+
+    @abc.abstractmethod
+    async def device_by_imei(self, imei: str) -> Device: ...
+
+    @abc.abstractmethod
+    async def devices_by_tac(self, tac: str, *, cursor: str | None = None,
+                             limit: int = DEFAULT_PAGE) -> Page[Device]: ...
+
+    @abc.abstractmethod
+    async def devices_by_capability(self, oid: str, *, cursor: str | None = None,
+                                    limit: int = DEFAULT_PAGE) -> Page[Device]: ...
+
+    @abc.abstractmethod
+    async def list_devices(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Device]: ...
+
+    @abc.abstractmethod
+    async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
+                             chunk: int = DEFAULT_IMPORT_CHUNK) -> ImportReport:
+        """Bulk import, ``chunk`` devices per transaction.  Bad records (validation, MSISDN/IMEI
+        owned by another device, or an existing dev_id when ``replace`` is False) are skipped and
+        listed in the report; the others are written."""
+
+    # --- capabilities ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_capability(self, cap: Capability) -> Capability: ...
+
+    @abc.abstractmethod
+    async def put_capability(self, cap: Capability) -> Capability: ...
+
+    @abc.abstractmethod
+    async def update_capability(self, oid: str, changes: Mapping[str, Any]) -> Capability: ...
+
+    @abc.abstractmethod
+    async def get_capability(self, oid: str) -> Capability: ...
+
+    @abc.abstractmethod
+    async def delete_capability(self, oid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def capability_by_tac(self, tac: str) -> Capability: ...
+
+    @abc.abstractmethod
+    async def list_capabilities(self, *, cursor: str | None = None,
+                                limit: int = DEFAULT_PAGE) -> Page[Capability]: ...
+
+    # --- jobs ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_job(self, job: Job) -> Job: ...
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> Job: ...
+
+    @abc.abstractmethod
+    async def update_job(self, job_id: str, changes: Mapping[str, Any], *,
+                         expect_state: JobState | None = None) -> Job:
+        """Replaces fields of a job (not its counters); Conflict if ``expect_state`` differs."""
+
+    @abc.abstractmethod
+    async def list_jobs(self, *, state: JobState | None = None, cursor: str | None = None,
+                        limit: int = DEFAULT_PAGE) -> Page[Job]: ...
+
+    @abc.abstractmethod
+    async def jobs_by_date(self, start: float, end: float, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Job]:
+        """Jobs created in ``[start, end)`` (epoch seconds), oldest first."""
+
+    # --- tasks --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_task(self, task: Task) -> Task:
+        """Stores a new task (state as given, usually PENDING) with its first history entry;
+        counts it in its job.  NotFound if ``job_id`` names no job."""
+
+    @abc.abstractmethod
+    async def create_tasks(self, tasks: Sequence[Task]) -> list[Task]:
+        """``create_task`` for many in one transaction (all or nothing)."""
+
+    @abc.abstractmethod
+    async def get_task(self, task_id: str) -> Task: ...
+
+    @abc.abstractmethod
+    async def update_task(self, task: Task) -> Task:
+        """Writes a changed task if ``task.version`` is the stored version (else Conflict).
+        The state may not change here (InvalidTransition): use :meth:`transition`."""
+
+    @abc.abstractmethod
+    async def transition(self, task_id: str, to_state: TaskState, *, cause: str | None = None,
+                         dm_status: int | None = None, result_code: int | None = None,
+                         expect_state: TaskState | None = None,
+                         changes: Mapping[str, Any] | None = None,
+                         enqueue: Sequence[OutboxEntry] = ()) -> Task:
+        """Atomically: moves the task (legal moves: ``model.TASK_TRANSITIONS``), applies
+        ``changes`` (other Task fields), appends a history entry, updates the job counters and
+        the indexes, and enqueues ``enqueue`` outbox entries."""
+
+    @abc.abstractmethod
+    async def tasks_by_job(self, job_id: str, *, state: TaskState | None = None,
+                           cursor: str | None = None, limit: int = DEFAULT_PAGE) -> Page[Task]: ...
+
+    @abc.abstractmethod
+    async def tasks_by_device(self, dev_id: str, *, cursor: str | None = None,
+                              limit: int = DEFAULT_PAGE) -> Page[Task]:
+        """The device's tasks, oldest first."""
+
+    @abc.abstractmethod
+    async def task_by_correlator(self, correlator: str) -> Task: ...
+
+    @abc.abstractmethod
+    async def tasks_due(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[Task]:
+        """Unfinished tasks whose ``next_attempt`` is ≤ now, earliest first."""
+
+    @abc.abstractmethod
+    async def tasks_expiring(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[Task]:
+        """Unfinished tasks whose ``deadline`` is ≤ now, earliest first."""
+
+    @abc.abstractmethod
+    async def task_history(self, task_id: str, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[HistoryEntry]: ...
+
+    # --- content ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_content(self, content: Content) -> Content: ...
+
+    @abc.abstractmethod
+    async def get_content(self, content_id: str) -> Content: ...
+
+    @abc.abstractmethod
+    async def update_content(self, content_id: str, changes: Mapping[str, Any]) -> Content: ...
+
+    @abc.abstractmethod
+    async def count_download(self, content_id: str) -> Content:
+        """``downloads += 1``."""
+
+    @abc.abstractmethod
+    async def delete_content(self, content_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_content(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Content]: ...
+
+    # --- outbox (webhook and charging deliveries) --------------------------------------
+    @abc.abstractmethod
+    async def enqueue(self, entry: OutboxEntry) -> OutboxEntry: ...
+
+    @abc.abstractmethod
+    async def due_entries(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[OutboxEntry]:
+        """Entries due at or before ``now``, earliest first."""
+
+    @abc.abstractmethod
+    async def ack(self, entry_id: str) -> None:
+        """Delivered: removes the entry (NotFound if it is not there)."""
+
+    @abc.abstractmethod
+    async def retry(self, entry_id: str, *, due: float, error: str | None = None) -> OutboxEntry:
+        """Not delivered: ``attempts += 1``, new due time."""
+
+    # --- audit ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def audit(self, entry: AuditEntry) -> AuditEntry: ...
+
+    @abc.abstractmethod
+    async def audit_entries(self, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE) -> Page[AuditEntry]: ...
+
+    # --- admin ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def check(self) -> list[str]:
+        """Walks every index against its records; returns the problems found (empty = sound)."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Entries per named database."""
+
+
+__all__ = ["Store", "Page", "ImportReport", "DEFAULT_PAGE", "MAX_PAGE", "DEFAULT_IMPORT_CHUNK"]

@@ -1,0 +1,1159 @@
+"""The store's logic over an ordered key-value transaction (L3), shared by LMDB and memory.
+
+A backend gives :class:`KVStore` two things: ``_write(op)`` runs ``op(ctx)`` in a write
+transaction and returns its result once durable (LMDB group-commits many ops per
+transaction), and ``_read(fn, big)`` runs ``fn(txn)`` in a read transaction.  Everything
+else — key layout, indexes, counters, validation, paging, the consistency checker — is here,
+so the two backends cannot drift apart.
+
+Key layout (named databases; ``\\0`` separates parts, ``u64`` is big-endian so keys sort the
+way the queries read them; times are microseconds)::
+
+    meta         b"schema" → SchemaRecord; b"seq:task" / b"seq:audit" → u64
+    devices      dev_id → Device              dev_msisdn  msisdn → dev_id
+    dev_imei     imei → dev_id                dev_tac     tac \\0 dev_id → ""
+    dev_cap      oid \\0 dev_id → ""
+    caps         oid → Capability             cap_tac     tac → oid
+    tasks        task_id → Task               task_job    job \\0 u64(seq) → task_id
+    task_jstate  job \\0 state \\0 u64(seq) → task_id
+    task_dev     dev_id \\0 u64(seq) → task_id
+    task_corr    correlator → task_id         task_due    u64(next_attempt) task_id → ""
+    task_dl      u64(deadline) task_id → ""   history     task_id \\0 u32(seq) → HistoryEntry
+    jobs         job_id → Job                 job_date    u64(created) job_id → ""
+    content      content_id → Content
+    outbox       entry_id → OutboxEntry       outbox_due  u64(due) entry_id → ""
+    audit        u64(seq) → AuditEntry
+
+Write ops follow one discipline: read and check first, raise before the first write.  If an
+op raises after writing anyway, the backend rolls the whole transaction back and replays the
+batch without it (``WriteCtx.writes`` tells the two cases apart), so nothing is half-written.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+
+from .. import model
+from ..errors import (AlreadyExists, Conflict, CorruptRecord, InvalidTransition, NotFound,
+                      StoreError, ValidationError)
+from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, AuditEntry, Capability, Content,
+                     Device, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
+                     TaskState)
+from .base import DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, MAX_PAGE, ImportReport, Page, Store
+
+R = TypeVar("R")
+
+DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps", "cap_tac",
+       "tasks", "task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl",
+       "history", "jobs", "job_date", "content", "outbox", "outbox_due", "audit")
+
+SEP = b"\x00"
+EMPTY = b""
+SCHEMA_KEY = b"schema"
+#: Rows read per read transaction by big scans (the checker, backups of counts).
+SCAN_CHUNK = 5_000
+
+
+class KVTxn(Protocol):
+    """The ordered key-value transaction a backend provides."""
+
+    def get(self, db: str, key: bytes) -> bytes | None: ...
+
+    def put(self, db: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, db: str, key: bytes) -> bool: ...
+
+    def scan(self, db: str, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys in ``[start, end)`` ascending (``end`` None: to the last key)."""
+        ...
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def us(t: float) -> bytes:
+    """A time as a sortable key part (µs since the epoch, u64)."""
+    return int(t * 1_000_000).to_bytes(8, "big")
+
+
+def _e(s: str) -> bytes:
+    return s.encode()
+
+
+def prefix_end(p: bytes) -> bytes | None:
+    """The first key after every key starting with ``p``."""
+    b = bytearray(p)
+    while b:
+        if b[-1] < 255:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return None
+
+
+def encode_cursor(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).decode()
+
+
+def decode_cursor(cursor: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(cursor.encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ValidationError(f"bad cursor {cursor!r}", where="cursor") from None
+
+
+def check_limit(limit: int) -> int:
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValidationError(f"limit must be 1..{MAX_PAGE}, got {limit!r}", where="limit")
+    return limit
+
+
+def scan_page(txn: KVTxn, db: str, prefix: bytes, cursor: str | None, limit: int,
+              *, lo: bytes | None = None, hi: bytes | None = None
+              ) -> tuple[list[tuple[bytes, bytes]], str | None]:
+    """Up to ``limit`` rows of ``db`` under ``prefix`` (or in ``[lo, hi)``) after ``cursor``."""
+    start = prefix if lo is None else lo
+    end = prefix_end(prefix) if hi is None else hi
+    if cursor is not None:
+        ck = decode_cursor(cursor)
+        if not ck.startswith(prefix) or ck < start:
+            raise ValidationError("cursor does not belong to this listing", where="cursor")
+        start = ck + b"\x00"
+    rows = []
+    for k, v in txn.scan(db, start, end):
+        if len(rows) == limit:
+            return rows, encode_cursor(rows[-1][0])
+        rows.append((k, v))
+    return rows, None
+
+
+# --- codecs ----------------------------------------------------------------------------
+
+_enc = msgspec.msgpack.Encoder()
+_D: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def dec(cls: type[R], raw: bytes, db: str = "?", key: bytes = b"") -> R:
+    d = _D.get(cls)
+    if d is None:
+        d = _D[cls] = msgspec.msgpack.Decoder(cls)
+    try:
+        return d.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise CorruptRecord(db, key, str(exc)) from None
+
+
+def replace_fields(obj: R, changes: Mapping[str, Any], protected: frozenset[str]) -> R:
+    bad = protected.intersection(changes)
+    if bad:
+        f = sorted(bad)[0]
+        raise ValidationError(f"{f} cannot be changed here", where=f"$.{f}")
+    try:
+        return msgspec.structs.replace(obj, **changes)
+    except TypeError as exc:
+        raise ValidationError(str(exc), where="$") from None
+
+
+# --- the write context a backend hands to ops --------------------------------------------
+
+
+class WriteCtx:
+    """One write transaction as ops see it: the raw txn, a write counter (for rollback
+    decisions), and a per-transaction cache of jobs whose counters ops change (written
+    once at :meth:`finish`)."""
+
+    __slots__ = ("txn", "writes", "jobs", "now")
+
+    def __init__(self, txn: KVTxn, now: float) -> None:
+        self.txn = txn
+        self.writes = 0
+        self.jobs: dict[str, Job] = {}
+        self.now = now
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        self.writes += 1
+        self.txn.put(db, key, value)
+
+    def delete(self, db: str, key: bytes) -> bool:
+        self.writes += 1
+        return self.txn.delete(db, key)
+
+    def job(self, job_id: str) -> Job:
+        """The job for changing (cached for this transaction; counts as a write)."""
+        j = self.jobs.get(job_id)
+        if j is None:
+            raw = self.txn.get("jobs", _e(job_id))
+            if raw is None:
+                raise NotFound("job", job_id)
+            j = self.jobs[job_id] = dec(Job, raw, "jobs", _e(job_id))
+        return j
+
+    def finish(self) -> None:
+        for jid, j in self.jobs.items():
+            self.txn.put("jobs", _e(jid), _enc.encode(j))
+        self.jobs.clear()
+
+    def next_seq(self, name: bytes) -> int:
+        raw = self.txn.get("meta", name)
+        n = (int.from_bytes(raw, "big") if raw else 0) + 1
+        self.put("meta", name, u64(n))
+        return n
+
+
+Op = Callable[[WriteCtx], R]
+
+
+# --- index helpers ------------------------------------------------------------------------
+
+
+def _device_index(d: Device) -> list[tuple[str, bytes, bytes]]:
+    did = _e(d.dev_id)
+    out = []
+    if d.msisdn:
+        out.append(("dev_msisdn", _e(d.msisdn), did))
+    if d.imei:
+        out.append(("dev_imei", _e(d.imei), did))
+        out.append(("dev_tac", _e(d.imei[:8]) + SEP + did, EMPTY))
+    if d.capability:
+        out.append(("dev_cap", _e(d.capability) + SEP + did, EMPTY))
+    return out
+
+
+def _task_index(t: Task) -> list[tuple[str, bytes, bytes]]:
+    tid = _e(t.task_id)
+    seq = u64(t.seq)
+    out = [("task_dev", _e(t.dev_id) + SEP + seq, tid)]
+    if t.job_id:
+        j = _e(t.job_id)
+        out.append(("task_job", j + SEP + seq, tid))
+        out.append(("task_jstate", j + SEP + _e(t.state) + SEP + seq, tid))
+    if t.correlator:
+        out.append(("task_corr", _e(t.correlator), tid))
+    if t.state not in FINAL_TASK_STATES:
+        if t.next_attempt is not None:
+            out.append(("task_due", us(t.next_attempt) + tid, EMPTY))
+        if t.deadline is not None:
+            out.append(("task_dl", us(t.deadline) + tid, EMPTY))
+    return out
+
+
+def _reindex(ctx: WriteCtx, old: list[tuple[str, bytes, bytes]],
+             new: list[tuple[str, bytes, bytes]]) -> None:
+    if old == new:
+        return
+    oldk = {(db, k): v for db, k, v in old}
+    newk = {(db, k): v for db, k, v in new}
+    for dk in oldk.keys() - newk.keys():
+        ctx.delete(dk[0], dk[1])
+    for dk, v in newk.items():
+        if oldk.get(dk) != v:
+            ctx.put(dk[0], dk[1], v)
+
+
+def _check_unique(txn: KVTxn, d: Device) -> None:
+    """MSISDN and IMEI must not belong to another device."""
+    if d.msisdn:
+        owner = txn.get("dev_msisdn", _e(d.msisdn))
+        if owner is not None and owner != _e(d.dev_id):
+            raise AlreadyExists("msisdn", d.msisdn)
+    if d.imei:
+        owner = txn.get("dev_imei", _e(d.imei))
+        if owner is not None and owner != _e(d.dev_id):
+            raise AlreadyExists("imei", d.imei)
+
+
+def _count(job: Job, task: Task, state: TaskState, delta: int) -> None:
+    counts = job.test_counts if task.test_cycle else job.counts
+    n = counts.get(state, 0) + delta
+    if n:
+        counts[state] = n
+    else:
+        counts.pop(state, None)
+
+
+_TASK_PROTECTED = frozenset({"task_id", "seq", "version", "history_len", "state", "created",
+                             "job_id", "dev_id"})
+_JOB_PROTECTED = frozenset({"job_id", "total", "counts", "test_counts", "created"})
+_DEV_PROTECTED = frozenset({"dev_id", "created"})
+_CAP_PROTECTED = frozenset({"oid", "created"})
+_CONTENT_PROTECTED = frozenset({"content_id", "created"})
+
+
+# --- the shared store -----------------------------------------------------------------------
+
+
+class KVStore(Store):
+    """:class:`Store` over ``_write``/``_read`` (see the module docstring)."""
+
+    #: pages larger than this are read off the event loop (LMDB backend)
+    inline_read_limit = 200
+
+    async def _write(self, op: Op[R]) -> R:
+        raise NotImplementedError
+
+    async def _read(self, fn: Callable[[KVTxn], R], big: bool = False) -> R:
+        raise NotImplementedError
+
+    # --- generic record helpers ---------------------------------------------------------
+
+    async def _get(self, db: str, cls: type[R], key: str, kind: str) -> R:
+        k = _e(key)
+
+        def fn(txn: KVTxn) -> R:
+            raw = txn.get(db, k)
+            if raw is None:
+                raise NotFound(kind, key)
+            return dec(cls, raw, db, k)
+        return await self._read(fn)
+
+    async def _by_index(self, idx: str, key: str, db: str, cls: type[R], kind: str) -> R:
+        k = _e(key)
+
+        def fn(txn: KVTxn) -> R:
+            rid = txn.get(idx, k)
+            if rid is None:
+                raise NotFound(kind, key)
+            raw = txn.get(db, rid)
+            if raw is None:
+                raise NotFound(kind, key)
+            return dec(cls, raw, db, rid)
+        return await self._read(fn)
+
+    async def _page_of_records(self, db: str, cls: type[R], cursor: str | None,
+                               limit: int) -> Page[R]:
+        check_limit(limit)
+
+        def fn(txn: KVTxn) -> Page[R]:
+            rows, nxt = scan_page(txn, db, b"", cursor, limit)
+            return Page([dec(cls, v, db, k) for k, v in rows], nxt)
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    async def _page_via_index(self, idx: str, prefix: bytes, db: str, cls: type[R],
+                              cursor: str | None, limit: int, *, id_in_key: bool) -> Page[R]:
+        """Index rows under ``prefix`` → records.  ``id_in_key``: the record id is the key part
+        after ``prefix`` (``…\\0id → ""``), else the row's value."""
+        check_limit(limit)
+        n = len(prefix)
+
+        def fn(txn: KVTxn) -> Page[R]:
+            rows, nxt = scan_page(txn, idx, prefix, cursor, limit)
+            out = []
+            for k, v in rows:
+                rid = k[n:] if id_in_key else v
+                raw = txn.get(db, rid)
+                if raw is not None:
+                    out.append(dec(cls, raw, db, rid))
+            return Page(out, nxt)
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    async def _due(self, idx: str, db: str, cls: type[R], now: float, limit: int) -> list[R]:
+        check_limit(limit)
+        hi = us(now) + b"\xff"
+
+        def fn(txn: KVTxn) -> list[R]:
+            out = []
+            for k, _ in txn.scan(idx, b"", hi):
+                if len(out) == limit:
+                    break
+                if k[:8] > us(now):
+                    break
+                rid = k[8:]
+                raw = txn.get(db, rid)
+                if raw is not None:
+                    out.append(dec(cls, raw, db, rid))
+            return out
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def _put_device_op(self, dev: Device, *, mode: str) -> Op[Device]:
+        """mode: "create" | "put" | "replace" (must exist)."""
+        model.validate(dev)
+        key = _e(dev.dev_id)
+
+        def op(ctx: WriteCtx) -> Device:
+            txn = ctx.txn
+            raw = txn.get("devices", key)
+            if raw is not None and mode == "create":
+                raise AlreadyExists("device", dev.dev_id)
+            if raw is None and mode == "replace":
+                raise NotFound("device", dev.dev_id)
+            _check_unique(txn, dev)
+            old = dec(Device, raw, "devices", key) if raw is not None else None
+            d = msgspec.structs.replace(
+                dev, created=(old.created if old is not None and old.created else
+                              (dev.created or ctx.now)), updated=ctx.now)
+            ctx.put("devices", key, _enc.encode(d))
+            _reindex(ctx, _device_index(old) if old is not None else [], _device_index(d))
+            return d
+        return op
+
+    async def create_device(self, dev: Device) -> Device:
+        return await self._write(self._put_device_op(dev, mode="create"))
+
+    async def put_device(self, dev: Device) -> Device:
+        return await self._write(self._put_device_op(dev, mode="put"))
+
+    async def update_device(self, dev_id: str, changes: Mapping[str, Any]) -> Device:
+        key = _e(dev_id)
+        changes = dict(changes)
+        bad = _DEV_PROTECTED.intersection(changes)
+        if bad:
+            f = sorted(bad)[0]
+            raise ValidationError(f"{f} cannot be changed", where=f"$.{f}")
+
+        def op(ctx: WriteCtx) -> Device:
+            raw = ctx.txn.get("devices", key)
+            if raw is None:
+                raise NotFound("device", dev_id)
+            old = dec(Device, raw, "devices", key)
+            d = replace_fields(old, changes, _DEV_PROTECTED)
+            d = msgspec.structs.replace(d, updated=ctx.now)
+            data = model.validate(d)
+            _check_unique(ctx.txn, d)
+            ctx.put("devices", key, data)
+            _reindex(ctx, _device_index(old), _device_index(d))
+            return d
+        return await self._write(op)
+
+    async def get_device(self, dev_id: str) -> Device:
+        return await self._get("devices", Device, dev_id, "device")
+
+    async def delete_device(self, dev_id: str) -> None:
+        key = _e(dev_id)
+
+        def op(ctx: WriteCtx) -> None:
+            raw = ctx.txn.get("devices", key)
+            if raw is None:
+                raise NotFound("device", dev_id)
+            old = dec(Device, raw, "devices", key)
+            ctx.delete("devices", key)
+            _reindex(ctx, _device_index(old), [])
+        await self._write(op)
+
+    async def device_by_msisdn(self, msisdn: str) -> Device:
+        return await self._by_index("dev_msisdn", msisdn, "devices", Device, "device with msisdn")
+
+    async def device_by_imei(self, imei: str) -> Device:
+        return await self._by_index("dev_imei", imei, "devices", Device, "device with imei")
+
+    async def devices_by_tac(self, tac: str, *, cursor: str | None = None,
+                             limit: int = DEFAULT_PAGE) -> Page[Device]:
+        return await self._page_via_index("dev_tac", _e(tac) + SEP, "devices", Device, cursor,
+                                          limit, id_in_key=True)
+
+    async def devices_by_capability(self, oid: str, *, cursor: str | None = None,
+                                    limit: int = DEFAULT_PAGE) -> Page[Device]:
+        return await self._page_via_index("dev_cap", _e(oid) + SEP, "devices", Device, cursor,
+                                          limit, id_in_key=True)
+
+    async def list_devices(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Device]:
+        return await self._page_of_records("devices", Device, cursor, limit)
+
+    async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
+                             chunk: int = DEFAULT_IMPORT_CHUNK) -> ImportReport:
+        report = ImportReport()
+        batch: list[tuple[int, Device, bytes]] = []
+        for i, dev in enumerate(devices):
+            try:
+                data = model.validate(dev)
+            except ValidationError as exc:
+                report.rejected.append((i, exc.where, str(exc)))
+                continue
+            batch.append((i, dev, data))
+            if len(batch) >= chunk:
+                await self._write(self._import_op(batch, replace, report))
+                batch = []
+        if batch:
+            await self._write(self._import_op(batch, replace, report))
+        return report
+
+    def _import_op(self, batch: list[tuple[int, Device, bytes]], replace: bool,
+                   report: ImportReport) -> Op[None]:
+        def op(ctx: WriteCtx) -> None:
+            txn = ctx.txn
+            created = replaced = 0
+            rejected: list[tuple[int, str | None, str]] = []
+            now = ctx.now
+            for i, dev, data in batch:
+                key = _e(dev.dev_id)
+                raw = txn.get("devices", key)
+                if raw is not None and not replace:
+                    rejected.append((i, "$.dev_id", f"device {dev.dev_id!r} already exists"))
+                    continue
+                try:
+                    _check_unique(txn, dev)
+                except AlreadyExists as exc:
+                    rejected.append((i, f"$.{exc.kind}", str(exc)))
+                    continue
+                if raw is None and not dev.created:
+                    dev = msgspec.structs.replace(dev, created=now, updated=now)
+                    data = _enc.encode(dev)
+                ctx.put("devices", key, data)
+                if raw is not None:
+                    old = dec(Device, raw, "devices", key)
+                    _reindex(ctx, _device_index(old), _device_index(dev))
+                    replaced += 1
+                else:
+                    for db, k, v in _device_index(dev):
+                        ctx.put(db, k, v)
+                    created += 1
+            # the report is touched only when the op completed (a replayed op starts afresh)
+            report.created += created
+            report.replaced += replaced
+            report.rejected.extend(rejected)
+        return op
+
+    # --- capabilities ------------------------------------------------------------------------
+
+    def _cap_write(self, cap: Capability, mode: str) -> Op[Capability]:
+        model.validate(cap)
+        key = _e(cap.oid)
+
+        def op(ctx: WriteCtx) -> Capability:
+            txn = ctx.txn
+            raw = txn.get("caps", key)
+            if raw is not None and mode == "create":
+                raise AlreadyExists("capability", cap.oid)
+            if raw is None and mode == "replace":
+                raise NotFound("capability", cap.oid)
+            for tac in cap.tacs:
+                owner = txn.get("cap_tac", _e(tac))
+                if owner is not None and owner != key:
+                    raise AlreadyExists("tac", tac)
+            old = dec(Capability, raw, "caps", key) if raw is not None else None
+            c = msgspec.structs.replace(cap, created=old.created if old else (cap.created or ctx.now),
+                                        updated=ctx.now)
+            ctx.put("caps", key, _enc.encode(c))
+            _reindex(ctx, [("cap_tac", _e(t), key) for t in old.tacs] if old else [],
+                     [("cap_tac", _e(t), key) for t in c.tacs])
+            return c
+        return op
+
+    async def create_capability(self, cap: Capability) -> Capability:
+        return await self._write(self._cap_write(cap, "create"))
+
+    async def put_capability(self, cap: Capability) -> Capability:
+        return await self._write(self._cap_write(cap, "put"))
+
+    async def update_capability(self, oid: str, changes: Mapping[str, Any]) -> Capability:
+        cur = await self.get_capability(oid)
+        new = replace_fields(cur, changes, _CAP_PROTECTED)
+        op = self._cap_write(new, "replace")
+        return await self._write(op)
+
+    async def get_capability(self, oid: str) -> Capability:
+        return await self._get("caps", Capability, oid, "capability")
+
+    async def delete_capability(self, oid: str) -> None:
+        key = _e(oid)
+
+        def op(ctx: WriteCtx) -> None:
+            raw = ctx.txn.get("caps", key)
+            if raw is None:
+                raise NotFound("capability", oid)
+            old = dec(Capability, raw, "caps", key)
+            ctx.delete("caps", key)
+            for t in old.tacs:
+                ctx.delete("cap_tac", _e(t))
+        await self._write(op)
+
+    async def capability_by_tac(self, tac: str) -> Capability:
+        return await self._by_index("cap_tac", tac, "caps", Capability, "capability with tac")
+
+    async def list_capabilities(self, *, cursor: str | None = None,
+                                limit: int = DEFAULT_PAGE) -> Page[Capability]:
+        return await self._page_of_records("caps", Capability, cursor, limit)
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    async def create_job(self, job: Job) -> Job:
+        job = msgspec.structs.replace(job, total=0, counts={}, test_counts={})
+        model.validate(job)
+        key = _e(job.job_id)
+
+        def op(ctx: WriteCtx) -> Job:
+            if ctx.txn.get("jobs", key) is not None:
+                raise AlreadyExists("job", job.job_id)
+            j = msgspec.structs.replace(job, created=job.created or ctx.now, updated=ctx.now)
+            ctx.put("jobs", key, _enc.encode(j))
+            ctx.put("job_date", us(j.created) + key, EMPTY)
+            return j
+        return await self._write(op)
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._get("jobs", Job, job_id, "job")
+
+    async def update_job(self, job_id: str, changes: Mapping[str, Any], *,
+                         expect_state: JobState | None = None) -> Job:
+        changes = dict(changes)
+        bad = _JOB_PROTECTED.intersection(changes)
+        if bad:
+            f = sorted(bad)[0]
+            raise ValidationError(f"{f} cannot be changed", where=f"$.{f}")
+
+        def op(ctx: WriteCtx) -> Job:
+            cur = ctx.txn.get("jobs", _e(job_id))
+            if cur is None:
+                raise NotFound("job", job_id)
+            # validate against the stored record before touching the cached one
+            probe = replace_fields(dec(Job, cur, "jobs"), changes, _JOB_PROTECTED)
+            model.validate(probe)
+            j = ctx.job(job_id)      # the cached one carries this transaction's counter moves
+            if expect_state is not None and j.state != expect_state:
+                raise Conflict("job", job_id, f"job {job_id!r} is {j.state}, not {expect_state}")
+            for k, v in changes.items():
+                setattr(j, k, v)
+            j.updated = ctx.now
+            return dec(Job, _enc.encode(j))    # a copy: later ops may move the counters
+        return await self._write(op)
+
+    async def list_jobs(self, *, state: JobState | None = None, cursor: str | None = None,
+                        limit: int = DEFAULT_PAGE) -> Page[Job]:
+        if state is None:
+            return await self._page_of_records("jobs", Job, cursor, limit)
+        check_limit(limit)
+
+        def fn(txn: KVTxn) -> Page[Job]:
+            start = decode_cursor(cursor) + b"\x00" if cursor else b""
+            out: list[Job] = []
+            last = None
+            for k, v in txn.scan("jobs", start, None):
+                j = dec(Job, v, "jobs", k)
+                if j.state != state:
+                    continue
+                if len(out) == limit:
+                    return Page(out, encode_cursor(last))   # type: ignore[arg-type]
+                out.append(j)
+                last = k
+            return Page(out, None)
+        return await self._read(fn, big=True)
+
+    async def jobs_by_date(self, start: float, end: float, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Job]:
+        check_limit(limit)
+
+        def fn(txn: KVTxn) -> Page[Job]:
+            rows, nxt = scan_page(txn, "job_date", b"", cursor, limit, lo=us(max(start, 0)),
+                                  hi=us(max(end, 0)))
+            out = []
+            for k, _ in rows:
+                raw = txn.get("jobs", k[8:])
+                if raw is not None:
+                    out.append(dec(Job, raw, "jobs", k[8:]))
+            return Page(out, nxt)
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def _create_task_body(self, ctx: WriteCtx, task: Task, data_check: None = None) -> Task:
+        txn = ctx.txn
+        key = _e(task.task_id)
+        if txn.get("tasks", key) is not None:
+            raise AlreadyExists("task", task.task_id)
+        if task.correlator and txn.get("task_corr", _e(task.correlator)) is not None:
+            raise AlreadyExists("correlator", task.correlator)
+        job = ctx.job(task.job_id) if task.job_id else None   # NotFound before any write
+        now = ctx.now
+        seq = ctx.next_seq(b"seq:task")
+        t = msgspec.structs.replace(task, seq=seq, version=1, history_len=1,
+                                    created=task.created or now, updated=now)
+        ctx.put("tasks", key, _enc.encode(t))
+        for db, k, v in _task_index(t):
+            ctx.put(db, k, v)
+        h = HistoryEntry(task_id=t.task_id, seq=1, time=now, to_state=t.state, cause=t.cause)
+        ctx.put("history", key + SEP + (1).to_bytes(4, "big"), _enc.encode(h))
+        if job is not None:
+            job.total += 1
+            _count(job, t, t.state, +1)
+            job.updated = now
+        return t
+
+    async def create_task(self, task: Task) -> Task:
+        model.validate(task)
+        return await self._write(lambda ctx: self._create_task_body(ctx, task))
+
+    async def create_tasks(self, tasks: Sequence[Task]) -> list[Task]:
+        for i, t in enumerate(tasks):
+            try:
+                model.validate(t)
+            except ValidationError as exc:
+                raise ValidationError(f"tasks[{i}]: {exc}",
+                                      where=f"$[{i}]{(exc.where or '$')[1:]}") from None
+        ids = [t.task_id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise AlreadyExists("task", next(i for i in ids if ids.count(i) > 1))
+
+        def op(ctx: WriteCtx) -> list[Task]:
+            for t in tasks:   # checks first, so a refusal writes nothing
+                if ctx.txn.get("tasks", _e(t.task_id)) is not None:
+                    raise AlreadyExists("task", t.task_id)
+                if t.job_id:
+                    ctx.job(t.job_id)
+            return [self._create_task_body(ctx, t) for t in tasks]
+        return await self._write(op)
+
+    async def get_task(self, task_id: str) -> Task:
+        return await self._get("tasks", Task, task_id, "task")
+
+    async def update_task(self, task: Task) -> Task:
+        model.validate(task)
+        key = _e(task.task_id)
+
+        def op(ctx: WriteCtx) -> Task:
+            raw = ctx.txn.get("tasks", key)
+            if raw is None:
+                raise NotFound("task", task.task_id)
+            old = dec(Task, raw, "tasks", key)
+            if old.version != task.version:
+                raise Conflict("task", task.task_id)
+            for f in ("state", "seq", "history_len", "job_id", "dev_id", "test_cycle"):
+                if getattr(old, f) != getattr(task, f):
+                    if f == "state":
+                        raise InvalidTransition("task", task.task_id, old.state, task.state)
+                    raise ValidationError(f"{f} cannot be changed", where=f"$.{f}")
+            if task.correlator and task.correlator != old.correlator:
+                owner = ctx.txn.get("task_corr", _e(task.correlator))
+                if owner is not None and owner != key:
+                    raise AlreadyExists("correlator", task.correlator)
+            t = msgspec.structs.replace(task, version=old.version + 1, created=old.created,
+                                        updated=ctx.now)
+            ctx.put("tasks", key, _enc.encode(t))
+            _reindex(ctx, _task_index(old), _task_index(t))
+            return t
+        return await self._write(op)
+
+    def transition_op(self, task_id: str, to_state: TaskState, *, cause: str | None = None,
+                      dm_status: int | None = None, result_code: int | None = None,
+                      expect_state: TaskState | None = None,
+                      changes: Mapping[str, Any] | None = None,
+                      enqueue: Sequence[OutboxEntry] = ()) -> Op[Task]:
+        to_state = TaskState(to_state)
+        key = _e(task_id)
+        if changes:
+            changes = dict(changes)
+            bad = _TASK_PROTECTED.intersection(changes)
+            if bad:
+                f = sorted(bad)[0]
+                raise ValidationError(f"{f} cannot be changed by a transition", where=f"$.{f}")
+        if cause is not None and len(cause) > 1024:
+            raise ValidationError("cause longer than 1024", where="$.cause")
+        entries = [self._outbox_prep(e) for e in enqueue]
+
+        def op(ctx: WriteCtx) -> Task:
+            txn = ctx.txn
+            raw = txn.get("tasks", key)
+            if raw is None:
+                raise NotFound("task", task_id)
+            old = dec(Task, raw, "tasks", key)
+            frm = old.state
+            if expect_state is not None and frm != expect_state:
+                raise Conflict("task", task_id, f"task {task_id!r} is {frm}, not {expect_state}")
+            if to_state not in TASK_TRANSITIONS[frm]:
+                raise InvalidTransition("task", task_id, frm, to_state)
+            now = ctx.now
+            n = old.history_len + 1
+            t = msgspec.structs.replace(
+                old, state=to_state, version=old.version + 1, history_len=n, updated=now,
+                cause=cause if cause is not None else old.cause,
+                finished=now if to_state in FINAL_TASK_STATES else old.finished)
+            if changes:
+                t = msgspec.structs.replace(t, **changes)
+                data = model.validate(t)
+                if t.correlator and t.correlator != old.correlator:
+                    owner = txn.get("task_corr", _e(t.correlator))
+                    if owner is not None and owner != key:
+                        raise AlreadyExists("correlator", t.correlator)
+            else:
+                data = _enc.encode(t)
+            job = ctx.job(old.job_id) if old.job_id and frm != to_state else None
+            for e in entries:
+                if txn.get("outbox", _e(e.entry_id)) is not None:
+                    raise AlreadyExists("outbox entry", e.entry_id)
+            # --- writes
+            ctx.put("tasks", key, data)
+            _reindex(ctx, _task_index(old), _task_index(t))
+            h = HistoryEntry(task_id=task_id, seq=n, time=now, from_state=frm, to_state=to_state,
+                             cause=cause, dm_status=dm_status, result_code=result_code)
+            ctx.put("history", key + SEP + n.to_bytes(4, "big"), _enc.encode(h))
+            if job is not None:
+                _count(job, old, frm, -1)
+                _count(job, old, to_state, +1)
+                job.updated = now
+            for e in entries:
+                self._outbox_put(ctx, e)
+            return t
+        return op
+
+    async def transition(self, task_id: str, to_state: TaskState, *, cause: str | None = None,
+                         dm_status: int | None = None, result_code: int | None = None,
+                         expect_state: TaskState | None = None,
+                         changes: Mapping[str, Any] | None = None,
+                         enqueue: Sequence[OutboxEntry] = ()) -> Task:
+        return await self._write(self.transition_op(
+            task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
+            expect_state=expect_state, changes=changes, enqueue=enqueue))
+
+    async def tasks_by_job(self, job_id: str, *, state: TaskState | None = None,
+                           cursor: str | None = None, limit: int = DEFAULT_PAGE) -> Page[Task]:
+        if state is None:
+            return await self._page_via_index("task_job", _e(job_id) + SEP, "tasks", Task,
+                                              cursor, limit, id_in_key=False)
+        prefix = _e(job_id) + SEP + _e(TaskState(state)) + SEP
+        return await self._page_via_index("task_jstate", prefix, "tasks", Task, cursor, limit,
+                                          id_in_key=False)
+
+    async def tasks_by_device(self, dev_id: str, *, cursor: str | None = None,
+                              limit: int = DEFAULT_PAGE) -> Page[Task]:
+        return await self._page_via_index("task_dev", _e(dev_id) + SEP, "tasks", Task, cursor,
+                                          limit, id_in_key=False)
+
+    async def task_by_correlator(self, correlator: str) -> Task:
+        return await self._by_index("task_corr", correlator, "tasks", Task, "task with correlator")
+
+    async def tasks_due(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[Task]:
+        return await self._due("task_due", "tasks", Task, now, limit)
+
+    async def tasks_expiring(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[Task]:
+        return await self._due("task_dl", "tasks", Task, now, limit)
+
+    async def task_history(self, task_id: str, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[HistoryEntry]:
+        check_limit(limit)
+        prefix = _e(task_id) + SEP
+
+        def fn(txn: KVTxn) -> Page[HistoryEntry]:
+            rows, nxt = scan_page(txn, "history", prefix, cursor, limit)
+            if not rows and cursor is None and txn.get("tasks", _e(task_id)) is None:
+                raise NotFound("task", task_id)
+            return Page([dec(HistoryEntry, v, "history", k) for k, v in rows], nxt)
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    # --- content ------------------------------------------------------------------------------
+
+    def _content_write(self, c: Content, mode: str) -> Op[Content]:
+        model.validate(c)
+        key = _e(c.content_id)
+
+        def op(ctx: WriteCtx) -> Content:
+            raw = ctx.txn.get("content", key)
+            if raw is not None and mode == "create":
+                raise AlreadyExists("content", c.content_id)
+            if raw is None and mode == "replace":
+                raise NotFound("content", c.content_id)
+            old = dec(Content, raw, "content", key) if raw is not None else None
+            new = msgspec.structs.replace(c, created=old.created if old else (c.created or ctx.now))
+            ctx.put("content", key, _enc.encode(new))
+            return new
+        return op
+
+    async def create_content(self, content: Content) -> Content:
+        return await self._write(self._content_write(content, "create"))
+
+    async def get_content(self, content_id: str) -> Content:
+        return await self._get("content", Content, content_id, "content")
+
+    async def update_content(self, content_id: str, changes: Mapping[str, Any]) -> Content:
+        cur = await self.get_content(content_id)
+        new = replace_fields(cur, changes, _CONTENT_PROTECTED)
+        return await self._write(self._content_write(new, "replace"))
+
+    async def count_download(self, content_id: str) -> Content:
+        key = _e(content_id)
+
+        def op(ctx: WriteCtx) -> Content:
+            raw = ctx.txn.get("content", key)
+            if raw is None:
+                raise NotFound("content", content_id)
+            c = dec(Content, raw, "content", key)
+            c.downloads += 1
+            ctx.put("content", key, _enc.encode(c))
+            return c
+        return await self._write(op)
+
+    async def delete_content(self, content_id: str) -> None:
+        key = _e(content_id)
+
+        def op(ctx: WriteCtx) -> None:
+            if not ctx.txn.get("content", key):
+                raise NotFound("content", content_id)
+            ctx.delete("content", key)
+        await self._write(op)
+
+    async def list_content(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[Content]:
+        return await self._page_of_records("content", Content, cursor, limit)
+
+    # --- outbox -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _outbox_prep(e: OutboxEntry) -> OutboxEntry:
+        model.validate(e)
+        return e
+
+    @staticmethod
+    def _outbox_put(ctx: WriteCtx, e: OutboxEntry) -> OutboxEntry:
+        if not e.created:
+            e = msgspec.structs.replace(e, created=ctx.now)
+        key = _e(e.entry_id)
+        ctx.put("outbox", key, _enc.encode(e))
+        ctx.put("outbox_due", us(e.due) + key, EMPTY)
+        return e
+
+    async def enqueue(self, entry: OutboxEntry) -> OutboxEntry:
+        e = self._outbox_prep(entry)
+
+        def op(ctx: WriteCtx) -> OutboxEntry:
+            if ctx.txn.get("outbox", _e(e.entry_id)) is not None:
+                raise AlreadyExists("outbox entry", e.entry_id)
+            return self._outbox_put(ctx, e)
+        return await self._write(op)
+
+    async def due_entries(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[OutboxEntry]:
+        return await self._due("outbox_due", "outbox", OutboxEntry, now, limit)
+
+    async def ack(self, entry_id: str) -> None:
+        key = _e(entry_id)
+
+        def op(ctx: WriteCtx) -> None:
+            raw = ctx.txn.get("outbox", key)
+            if raw is None:
+                raise NotFound("outbox entry", entry_id)
+            e = dec(OutboxEntry, raw, "outbox", key)
+            ctx.delete("outbox", key)
+            ctx.delete("outbox_due", us(e.due) + key)
+        await self._write(op)
+
+    async def retry(self, entry_id: str, *, due: float, error: str | None = None) -> OutboxEntry:
+        key = _e(entry_id)
+
+        def op(ctx: WriteCtx) -> OutboxEntry:
+            raw = ctx.txn.get("outbox", key)
+            if raw is None:
+                raise NotFound("outbox entry", entry_id)
+            e = dec(OutboxEntry, raw, "outbox", key)
+            n = msgspec.structs.replace(e, due=due, attempts=e.attempts + 1,
+                                        last_error=error[:1024] if error else e.last_error)
+            data = model.validate(n)
+            ctx.delete("outbox_due", us(e.due) + key)
+            ctx.put("outbox", key, data)
+            ctx.put("outbox_due", us(n.due) + key, EMPTY)
+            return n
+        return await self._write(op)
+
+    # --- audit --------------------------------------------------------------------------------
+
+    async def audit(self, entry: AuditEntry) -> AuditEntry:
+        model.validate(entry)
+
+        def op(ctx: WriteCtx) -> AuditEntry:
+            seq = ctx.next_seq(b"seq:audit")
+            e = msgspec.structs.replace(entry, seq=seq)
+            ctx.put("audit", u64(seq), _enc.encode(e))
+            return e
+        return await self._write(op)
+
+    async def audit_entries(self, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE) -> Page[AuditEntry]:
+        return await self._page_of_records("audit", AuditEntry, cursor, limit)
+
+    # --- admin ----------------------------------------------------------------------------
+
+    async def check(self) -> list[str]:
+        return await self._read(check_txn, big=True)
+
+    async def counts(self) -> dict[str, int]:
+        def fn(txn: KVTxn) -> dict[str, int]:
+            return {db: sum(1 for _ in txn.scan(db, b"", None)) for db in DBS}
+        return await self._read(fn, big=True)
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+def ensure_schema(txn: KVTxn, now: float,
+                  migrations: Mapping[int, Callable[[KVTxn], None]] | None = None,
+                  target: int | None = None) -> tuple[int, int]:
+    """Creates the schema record in a new environment, or runs the migrations from the stored
+    version up to ``target`` (default ``model.SCHEMA_VERSION``).  Returns (from, to).
+    A newer stored version than ours is refused (StoreError)."""
+    target = model.SCHEMA_VERSION if target is None else target
+    migrations = model.MIGRATIONS if migrations is None else migrations
+    raw = txn.get("meta", SCHEMA_KEY)
+    if raw is None:
+        txn.put("meta", SCHEMA_KEY, _enc.encode(SchemaRecord(version=target, created=now,
+                                                             migrated=now)))
+        return target, target
+    rec = dec(SchemaRecord, raw, "meta", SCHEMA_KEY)
+    if rec.version > target:
+        raise StoreError(f"store schema version {rec.version} is newer than this "
+                         f"dmengine's ({target})")
+    frm = rec.version
+    v = frm
+    while v < target:
+        fn = migrations.get(v)
+        if fn is None:
+            raise StoreError(f"no migration from schema version {v}")
+        fn(txn)
+        v += 1
+    if frm != target:
+        txn.put("meta", SCHEMA_KEY, _enc.encode(SchemaRecord(version=target, created=rec.created,
+                                                             migrated=now)))
+    return frm, target
+
+
+# --- the checker ----------------------------------------------------------------------------
+
+
+def check_txn(txn: KVTxn, *, max_problems: int = 1000) -> list[str]:
+    """Walks every record and index in one read transaction; returns the problems found."""
+    problems: list[str] = []
+
+    def bad(msg: str) -> None:
+        if len(problems) < max_problems:
+            problems.append(msg)
+
+    def expect(expected: set[tuple[str, bytes, bytes]], dbs: Iterable[str]) -> None:
+        for db in dbs:
+            seen = set()
+            for k, v in txn.scan(db, b"", None):
+                seen.add((db, k, v))
+                if (db, k, v) not in expected:
+                    bad(f"{db}: stray or wrong entry {k!r} -> {v!r}")
+            for e in expected:
+                if e[0] == db and e not in seen:
+                    bad(f"{db}: missing entry {e[1]!r} -> {e[2]!r}")
+
+    # schema
+    raw = txn.get("meta", SCHEMA_KEY)
+    if raw is None:
+        bad("meta: no schema record")
+    # devices
+    exp: set[tuple[str, bytes, bytes]] = set()
+    for k, v in txn.scan("devices", b"", None):
+        try:
+            d = dec(Device, v, "devices", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(d.dev_id) != k:
+            bad(f"devices: key {k!r} holds device {d.dev_id!r}")
+        exp.update(_device_index(d))
+    expect(exp, ("dev_msisdn", "dev_imei", "dev_tac", "dev_cap"))
+    # capabilities
+    exp = set()
+    for k, v in txn.scan("caps", b"", None):
+        try:
+            c = dec(Capability, v, "caps", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(c.oid) != k:
+            bad(f"caps: key {k!r} holds capability {c.oid!r}")
+        exp.update(("cap_tac", _e(t), k) for t in c.tacs)
+    expect(exp, ("cap_tac",))
+    # jobs and job_date
+    jobs: dict[bytes, Job] = {}
+    exp = set()
+    for k, v in txn.scan("jobs", b"", None):
+        try:
+            j = dec(Job, v, "jobs", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        jobs[k] = j
+        exp.add(("job_date", us(j.created) + k, EMPTY))
+    expect(exp, ("job_date",))
+    # tasks, their indexes, history and job counters
+    exp = set()
+    counts: dict[bytes, dict[str, dict[str, int]]] = {}
+    max_seq = 0
+    hist_len: dict[bytes, int] = {}
+    for k, v in txn.scan("tasks", b"", None):
+        try:
+            t = dec(Task, v, "tasks", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(t.task_id) != k:
+            bad(f"tasks: key {k!r} holds task {t.task_id!r}")
+        max_seq = max(max_seq, t.seq)
+        exp.update(_task_index(t))
+        hist_len[k] = t.history_len
+        if t.job_id:
+            jk = _e(t.job_id)
+            if jk not in jobs:
+                bad(f"tasks: task {t.task_id!r} names missing job {t.job_id!r}")
+            c = counts.setdefault(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
+            side = c["test"] if t.test_cycle else c["counts"]
+            side[t.state] = side.get(t.state, 0) + 1
+            c["total"]["n"] += 1
+    expect(exp, ("task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl"))
+    seq_raw = txn.get("meta", b"seq:task")
+    if max_seq and (seq_raw is None or int.from_bytes(seq_raw, "big") < max_seq):
+        bad(f"meta: task sequence {seq_raw!r} behind the largest task seq {max_seq}")
+    for jk, j in jobs.items():
+        c = counts.get(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
+        if dict(j.counts) != c["counts"]:
+            bad(f"jobs: job {j.job_id!r} counts {dict(j.counts)} but its tasks say {c['counts']}")
+        if dict(j.test_counts) != c["test"]:
+            bad(f"jobs: job {j.job_id!r} test counts {dict(j.test_counts)} but tasks say {c['test']}")
+        if j.total != c["total"]["n"]:
+            bad(f"jobs: job {j.job_id!r} total {j.total} but it has {c['total']['n']} tasks")
+    # history: entries 1..history_len for each task, last to_state == task state
+    seen_hist: dict[bytes, list[int]] = {}
+    last_state: dict[bytes, str] = {}
+    for k, v in txn.scan("history", b"", None):
+        tid, sep, n = k[:-5], k[-5:-4], k[-4:]
+        if len(k) < 6 or sep != SEP:
+            bad(f"history: malformed key {k!r}")
+            continue
+        seen_hist.setdefault(tid, []).append(int.from_bytes(n, "big"))
+        try:
+            h = dec(HistoryEntry, v, "history", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        last_state[tid] = h.to_state
+    for tid, n in hist_len.items():
+        got = seen_hist.pop(tid, [])
+        if got != list(range(1, n + 1)):
+            bad(f"history: task {tid!r} has entries {got[:5]}… but history_len {n}")
+        elif n:
+            raw = txn.get("tasks", tid)
+            t = dec(Task, raw, "tasks", tid) if raw else None
+            if t is not None and last_state.get(tid) != t.state:
+                bad(f"history: task {tid!r} last entry says {last_state.get(tid)}, task is {t.state}")
+    for tid in seen_hist:
+        bad(f"history: entries for missing task {tid!r}")
+    # outbox
+    exp = set()
+    for k, v in txn.scan("outbox", b"", None):
+        try:
+            e = dec(OutboxEntry, v, "outbox", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        exp.add(("outbox_due", us(e.due) + k, EMPTY))
+    expect(exp, ("outbox_due",))
+    # audit and content decode
+    for db, cls in (("audit", AuditEntry), ("content", Content)):
+        for k, v in txn.scan(db, b"", None):
+            try:
+                dec(cls, v, db, k)
+            except CorruptRecord as exc:
+                bad(str(exc))
+    return problems
+
+
+__all__ = ["KVStore", "KVTxn", "WriteCtx", "DBS", "check_txn", "ensure_schema", "scan_page",
+           "u64", "us", "prefix_end", "SCAN_CHUNK"]

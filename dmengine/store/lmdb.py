@@ -1,0 +1,440 @@
+"""The LMDB store (L3): one environment, named databases, group commit, crash-safe.
+
+Writes: every caller's write is a small function (an *op*, see ``store/kv.py``) put on a queue.
+One writer thread takes whatever is queued (up to ``batch_size``; when callers are writing
+concurrently it lingers up to ``max_delay`` seconds for more), runs the ops in ONE write
+transaction, commits it with a real sync (the environment is opened ``sync=True,
+metasync=True``: acknowledged means on disk), and only then resolves every caller's future with
+one ``call_soon_threadsafe`` per event loop.  An op that fails is answered with its error and,
+if it had written anything, the transaction is rolled back and replayed without it.
+
+``MDB_MAP_FULL`` grows the map (doubling, up to ``max_map_size``) and replays the batch;
+``MDB_MAP_RESIZED`` (another process grew it) adopts the new size.  Resizing needs every
+transaction of this process closed, so reads pass a gate that the resize waits on.
+
+Reads: small ones run inline on the event loop (a read transaction costs about a microsecond);
+pages larger than ``inline_read_limit``, the checker and counts run on a small thread pool.
+
+Several processes may open the same environment: LMDB's lock file serialises their writers and
+each has its own group-commit thread.  Stale reader slots (dead processes) are cleared at open
+and every ``reader_check_interval`` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import lmdb
+
+from ..errors import StoreClosed, StoreError
+from .kv import DBS, KVStore, Op, WriteCtx, check_txn, ensure_schema
+
+R = TypeVar("R")
+
+DEFAULT_MAP_SIZE = 256 << 20          #: initial map size (grows on demand)
+DEFAULT_MAX_MAP_SIZE = 1 << 40        #: never grow past this (1 TiB of address space)
+DEFAULT_BATCH_SIZE = 2000             #: ops per write transaction at most
+DEFAULT_MAX_DELAY = 0.002             #: seconds the writer lingers for more ops under load
+DEFAULT_MAX_READERS = 256
+DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
+DEFAULT_READ_THREADS = 2
+
+
+class LmdbTxn:
+    """``kv.KVTxn`` over an lmdb.Transaction."""
+
+    __slots__ = ("t", "d")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.t = txn
+        self.d = dbs
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.t.get(key, db=self.d[db])
+
+    def put(self, db: str, key: bytes, value: bytes) -> None:
+        self.t.put(key, value, db=self.d[db])
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return self.t.delete(key, db=self.d[db])
+
+    def scan(self, db: str, start: bytes, end: bytes | None):  # type: ignore[no-untyped-def]
+        cur = self.t.cursor(db=self.d[db])
+        try:
+            if not cur.set_range(start):
+                return
+            for k, v in cur.iternext():
+                if end is not None and k >= end:
+                    return
+                yield k, v
+        finally:
+            cur.close()
+
+
+class _Gate:
+    """Readers in, resizer out: ``set_mapsize`` runs only with no transaction open here."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._resizing = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0 and self._resizing:
+                self._cond.notify_all()
+
+    def exclusive(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` with no reader inside (the caller holds no transaction)."""
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            try:
+                while self._active:
+                    self._cond.wait()
+                fn()
+            finally:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+_STOP = object()
+
+
+def open_env(path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
+             max_readers: int = DEFAULT_MAX_READERS, readonly: bool = False) -> lmdb.Environment:
+    """Opens (creates) the environment with durable settings and every named database."""
+    p = pathlib.Path(path)
+    if not readonly:
+        p.mkdir(parents=True, exist_ok=True)
+    try:
+        env = lmdb.open(str(p), map_size=map_size, max_dbs=len(DBS) + 4, max_readers=max_readers,
+                        sync=True, metasync=True, writemap=False, map_async=False,
+                        readahead=False, readonly=readonly, create=not readonly, lock=True)
+    except lmdb.Error as exc:
+        raise StoreError(f"cannot open LMDB environment {str(p)!r}: {exc}") from exc
+    return env
+
+
+def open_dbs(env: lmdb.Environment, *, create: bool = True) -> dict[str, Any]:
+    dbs: dict[str, Any] = {}
+    if create:
+        with env.begin(write=True) as txn:
+            for name in DBS:
+                dbs[name] = env.open_db(name.encode(), txn=txn, create=True)
+    else:
+        with env.begin() as txn:
+            for name in DBS:
+                try:
+                    dbs[name] = env.open_db(name.encode(), txn=txn, create=False)
+                except lmdb.NotFoundError:
+                    raise StoreError(f"not a dmengine store: no database {name!r}") from None
+    return dbs
+
+
+class LmdbStore(KVStore):
+    """The real store.  ``LmdbStore(path)`` opens (or creates) the environment at ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
+                 max_map_size: int = DEFAULT_MAX_MAP_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_delay: float = DEFAULT_MAX_DELAY, max_readers: int = DEFAULT_MAX_READERS,
+                 reader_check_interval: float = DEFAULT_READER_CHECK_INTERVAL,
+                 read_threads: int = DEFAULT_READ_THREADS,
+                 migrations: dict[int, Callable[[Any], None]] | None = None,
+                 schema_version: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.max_delay = max_delay
+        self.max_map_size = max_map_size
+        self.reader_check_interval = reader_check_interval
+        self.env = open_env(path, map_size=map_size, max_readers=max_readers)
+        self.stale_readers_cleared = self.env.reader_check()
+        self._gate = _Gate()
+        self._dbs = open_dbs(self.env)
+        self.map_grows = 0
+        self.batches = 0
+        self.ops = 0
+        # schema record / migrations (through the normal write path, grows the map if needed)
+        self.schema = self._run_sync(lambda ctx: ensure_schema(ctx.txn, ctx.now, migrations,
+                                                               schema_version))
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._dead: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="lmdb-read")
+        self._thread = threading.Thread(target=self._writer, name="lmdb-writer", daemon=True)
+        self._thread.start()
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def _write(self, op: Op[R]) -> R:
+        if self._closed or self._dead is not None:
+            raise StoreClosed(f"store {self.path!r} is closed"
+                              + (f" (writer died: {self._dead!r})" if self._dead else ""))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._q.put((op, fut, loop))
+        return await fut
+
+    def _run_sync(self, op: Op[R]) -> R:
+        """Runs one op in its own transaction on the calling thread (open/migrations)."""
+        box: list[Any] = [None, None]
+
+        def deliver(_loop: Any, items: list[tuple[Any, Any, BaseException | None]]) -> None:
+            _, box[0], box[1] = items[0]
+        self._commit([(op, None, None)], deliver)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]   # type: ignore[no-any-return]
+
+    def _writer(self) -> None:
+        q = self._q
+        last_n = 0
+        next_check = time.monotonic() + self.reader_check_interval
+        stop = False
+        try:
+            while not stop:
+                try:
+                    item = q.get(timeout=self.reader_check_interval)
+                except queue.Empty:
+                    item = None
+                now = time.monotonic()
+                if now >= next_check:
+                    self.env.reader_check()
+                    next_check = now + self.reader_check_interval
+                if item is None:
+                    continue
+                if item is _STOP:
+                    break
+                batch = [item]
+                deadline = 0.0
+                while len(batch) < self.batch_size:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        if last_n <= 1 or self.max_delay <= 0:
+                            break          # no concurrency seen: do not make a lone caller wait
+                        if not deadline:
+                            deadline = time.monotonic() + self.max_delay
+                        rem = deadline - time.monotonic()
+                        if rem <= 0:
+                            break
+                        try:
+                            item = q.get(timeout=rem)
+                        except queue.Empty:
+                            break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                last_n = len(batch)
+                self._commit(batch, _deliver_threadsafe)
+        except BaseException as exc:   # the writer must never die silently
+            self._dead = exc
+            _fail_pending(q, StoreClosed(f"store writer died: {exc!r}"))
+            raise
+
+    def _commit(self, batch: list[tuple[Op[Any], Any, Any]],
+                deliver: Callable[[Any, list[tuple[Any, Any, BaseException | None]]], None]) -> None:
+        n = len(batch)
+        results: list[Any] = [None] * n
+        errors: dict[int, BaseException] = {}
+        while True:
+            outcome = self._attempt(batch, results, errors)
+            if outcome == "done":
+                break
+            if outcome == "full":
+                if not self._grow():
+                    err = StoreError(f"LMDB map full at max_map_size={self.max_map_size}")
+                    for i in range(n):
+                        errors.setdefault(i, err)
+                    break
+            elif outcome == "resized":
+                self._gate.exclusive(lambda: self.env.set_mapsize(0))
+            elif isinstance(outcome, lmdb.Error):   # disk full, I/O error: nothing is durable
+                err = StoreError(f"LMDB write failed: {outcome}")
+                for i in range(n):
+                    errors.setdefault(i, err)
+                break
+            # "restart": an op failed after writing; replay the batch without it
+        self.batches += 1
+        self.ops += n
+        by_loop: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
+        for i, (_, fut, loop) in enumerate(batch):
+            by_loop.setdefault(loop, []).append((fut, results[i], errors.get(i)))
+        for loop, items in by_loop.items():
+            deliver(loop, items)
+
+    def _attempt(self, batch: list[tuple[Op[Any], Any, Any]], results: list[Any],
+                 errors: dict[int, BaseException]) -> Any:
+        """One try at the batch in one transaction: "done", "restart", "full", "resized" or
+        the lmdb.Error that stopped it."""
+        self._gate.enter()
+        txn = None
+        try:
+            txn = self.env.begin(write=True)
+            ctx = WriteCtx(LmdbTxn(txn, self._dbs), time.time())
+            for i in range(len(batch)):
+                if i in errors:
+                    continue
+                w0 = ctx.writes
+                try:
+                    results[i] = batch[i][0](ctx)
+                except lmdb.Error:
+                    raise
+                except Exception as exc:
+                    errors[i] = exc
+                    if ctx.writes != w0 or not isinstance(exc, StoreError):
+                        return "restart"    # it may have written: roll everything back
+            ctx.finish()
+            t, txn = txn, None
+            t.commit()
+            return "done"
+        except lmdb.MapFullError:
+            return "full"
+        except lmdb.MapResizedError:
+            return "resized"
+        except lmdb.Error as exc:
+            return exc
+        finally:
+            if txn is not None:
+                txn.abort()
+            self._gate.leave()
+
+    def _grow(self) -> bool:
+        cur = self.env.info()["map_size"]
+        if cur >= self.max_map_size:
+            return False
+        new = min(cur * 2, self.max_map_size)
+        self._gate.exclusive(lambda: self.env.set_mapsize(new))
+        self.map_grows += 1
+        return True
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def _read_sync(self, fn: Callable[[Any], R]) -> R:
+        env = self.env
+        while True:
+            self._gate.enter()
+            try:
+                try:
+                    txn = env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    resized = True
+                else:
+                    resized = False
+                    try:
+                        return fn(LmdbTxn(txn, self._dbs))
+                    finally:
+                        txn.abort()
+            finally:
+                self._gate.leave()
+            if resized:
+                self._gate.exclusive(lambda: env.set_mapsize(0))
+
+    async def _read(self, fn: Callable[[Any], R], big: bool = False) -> R:
+        if self._closed:
+            raise StoreClosed(f"store {self.path!r} is closed")
+        if not big:
+            return self._read_sync(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read_sync, fn)
+
+    # --- admin -------------------------------------------------------------------------------
+
+    async def backup(self, dest: str | os.PathLike[str]) -> None:
+        """Online, compacting copy of the environment into the empty directory ``dest``."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._backup_sync, dest)
+
+    def _backup_sync(self, dest: str | os.PathLike[str]) -> None:
+        p = pathlib.Path(dest)
+        p.mkdir(parents=True, exist_ok=True)
+        self._gate.enter()
+        try:
+            self.env.copy(str(p), compact=True)
+        except lmdb.Error as exc:
+            raise StoreError(f"backup to {str(p)!r} failed: {exc}") from exc
+        finally:
+            self._gate.leave()
+
+    def info(self) -> dict[str, Any]:
+        st = os.stat(os.path.join(self.path, "data.mdb"))
+        i = self.env.info()
+        return {"map_size": i["map_size"], "last_pgno": i["last_pgno"],
+                "page_size": self.env.stat()["psize"], "file_bytes": st.st_size,
+                "used_bytes": (i["last_pgno"] + 1) * self.env.stat()["psize"],
+                "map_grows": self.map_grows, "batches": self.batches, "ops": self.ops,
+                "readers": i["num_readers"]}
+
+    def check_sync(self) -> list[str]:
+        return self._read_sync(check_txn)
+
+    # --- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._shutdown()
+
+    def close_sync(self) -> None:
+        """Closes from plain (non-async) code; pending writes are committed first."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._gate.exclusive(self.env.close)
+
+
+def _deliver_threadsafe(loop: Any, items: list[tuple[Any, Any, BaseException | None]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, items)
+    except RuntimeError:   # the caller's loop is closed: nobody is waiting any more
+        pass
+
+
+def _resolve(items: list[tuple[Any, Any, BaseException | None]]) -> None:
+    for fut, res, exc in items:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(res)
+
+
+def _fail_pending(q: "queue.SimpleQueue[Any]", exc: BaseException) -> None:
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return
+        if item is _STOP:
+            continue
+        _deliver_threadsafe(item[2], [(item[1], None, exc)])
+
+
+__all__ = ["LmdbStore", "open_env", "open_dbs", "LmdbTxn", "DEFAULT_MAP_SIZE",
+           "DEFAULT_MAX_MAP_SIZE", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_DELAY"]
