@@ -13,8 +13,8 @@ import urllib.request
 from urllib.parse import quote_from_bytes
 
 import aiohttp
-
 import pytest
+import uvloop
 
 from dmengine.errors import GatewayError
 from dmengine.notify.base import DeliveryState, RetryPolicy
@@ -60,16 +60,18 @@ def check_arrived(k: Kannel, msisdn: str, sent_body: bytes, pkg0: bytes, *, coun
     return parse_pkg0(got, secret, nonce)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_vector09_notification_arrives_byte_exact(kannel, vectors_dir, method):
+def test_vector09_notification_arrives_byte_exact(kannel, vectors_dir, method, loop):
     pkg0 = (vectors_dir / "09-pkg0-notification.bin").read_bytes()
-    msisdn = "4915112345678" if method == "GET" else "4915112345679"
+    msisdn = {("GET", "asyncio"): "4915112345678", ("POST", "asyncio"): "4915112345679",
+              ("GET", "uvloop"): "4915112345680", ("POST", "uvloop"): "4915112345681"}[method, loop]
 
     async def main():
         async with gateway(kannel, method=method) as gw:
             return await gw.send(msisdn, pkg0)
 
-    d = asyncio.run(main())
+    d = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     assert d.state is DeliveryState.ACCEPTED and d.accepted
     assert d.detail.startswith("0: Accepted"), d.detail
     assert d.attempts == 1 and d.wire["udh"] == WDP_UDH

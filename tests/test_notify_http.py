@@ -1,0 +1,163 @@
+"""HttpCallbackGateway against a small aiohttp server on a free loopback port."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dmengine.errors import GatewayError
+from dmengine.notify.base import DeliveryState, RetryPolicy
+from dmengine.notify.http import HttpCallbackGateway
+from dmengine.notify.pkg0 import build_pkg0, parse_pkg0
+
+SECRET = "srv-secret-42"
+NONCE = bytes.fromhex("0123456789abcdeffedcba9876543210")
+PKG0 = build_pkg0("acme-dms", SECRET, NONCE, 0x1A2B, ui_mode=2)
+
+
+class SmsCentre:
+    """Answers from a script of (status, json-or-text) per request; records what it got."""
+
+    def __init__(self, script, *, delay: float = 0.0):
+        self.script = list(script)
+        self.delay = delay
+        self.requests: list[tuple[dict, dict]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((await request.json(), dict(request.headers)))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        status, answer = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(answer, dict):
+            return web.json_response(answer, status=status)
+        return web.Response(status=status, text=answer)
+
+
+async def serve(centre: SmsCentre):
+    app = web.Application()
+    app.router.add_post("/sms/push", centre.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}/sms/push"
+
+
+def run(centre: SmsCentre, body, **kw):
+    slept: list[float] = []
+
+    async def sleep(d):
+        slept.append(d)
+
+    async def main():
+        runner, url = await serve(centre)
+        try:
+            kw.setdefault("retry", RetryPolicy(attempts=3, base_delay=0.2, jitter=0.0))
+            async with HttpCallbackGateway(url, sleep=sleep, **kw) as gw:
+                return await body(gw)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main()), slept
+
+
+def test_accepted_and_body_shape():
+    centre = SmsCentre([(200, {"id": "m-1"})])
+    (d, gw), slept = run(centre, lambda gw: _send(gw), headers={"Authorization": "Bearer t0k"})
+    assert d.state is DeliveryState.ACCEPTED and d.message_id == "m-1" and d.attempts == 1
+    assert slept == [] and gw.sent == 1
+    ((body, headers),) = centre.requests
+    assert set(body) == {"msisdn", "pkg0", "content_type", "wap_application_id"}
+    assert body["msisdn"] == "+4915112345678"
+    assert body["content_type"] == "application/vnd.syncml.notification"
+    assert body["wap_application_id"] == "x-wap-application:syncml.dm"
+    assert base64.b64decode(body["pkg0"]) == PKG0
+    assert parse_pkg0(base64.b64decode(body["pkg0"]), SECRET, NONCE).session_id_text == "1A2B"
+    assert headers["Authorization"] == "Bearer t0k"
+    assert headers["Content-Type"] == "application/json"
+
+
+async def _send(gw, msisdn="+4915112345678"):
+    return await gw.send(msisdn, PKG0), gw
+
+
+def test_queued_reported_distinctly():
+    centre = SmsCentre([(202, {"status": "queued"})])
+    (d, _), _ = run(centre, _send)
+    assert d.state is DeliveryState.QUEUED and not d.accepted
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+def test_4xx_not_retried(status):
+    centre = SmsCentre([(status, "no such subscriber")])
+
+    async def body(gw):
+        with pytest.raises(GatewayError) as ei:
+            await gw.send("4915112345678", PKG0)
+        return ei.value, gw
+
+    (err, gw), slept = run(centre, body)
+    assert not err.retryable and str(status) in str(err) and "no such subscriber" in str(err)
+    assert len(centre.requests) == 1 and slept == [] and gw.retries == 0
+
+
+def test_5xx_retried_then_accepted():
+    centre = SmsCentre([(503, "busy"), (500, "oops"), (201, "")])
+    (d, gw), slept = run(centre, _send)
+    assert d.accepted and d.attempts == 3 and d.message_id is None
+    assert len(centre.requests) == 3 and slept == [0.2, 0.4] and gw.retries == 2
+    assert all(base64.b64decode(b["pkg0"]) == PKG0 for b, _ in centre.requests)
+
+
+def test_5xx_gives_up_after_attempts():
+    centre = SmsCentre([(502, "bad gateway")])
+
+    async def body(gw):
+        with pytest.raises(GatewayError) as ei:
+            await gw.send("4915112345678", PKG0)
+        return ei.value, gw
+
+    (err, gw), slept = run(centre, body)
+    assert err.retryable and "3 attempts" in str(err) and "502" in str(err)
+    assert len(centre.requests) == 3 and slept == [0.2, 0.4] and gw.failed == 1
+
+
+def test_429_is_retryable():
+    centre = SmsCentre([(429, "slow down"), (200, {"message_id": 77})])
+    (d, _), slept = run(centre, _send)
+    assert d.accepted and d.message_id == "77" and slept == [0.2]
+
+
+def test_timeout_retried():
+    centre = SmsCentre([(200, {})], delay=0.5)
+
+    async def body(gw):
+        with pytest.raises(GatewayError) as ei:
+            await gw.send("4915112345678", PKG0)
+        return ei.value, gw
+
+    (err, gw), slept = run(centre, body, timeout=0.05,
+                           retry=RetryPolicy(attempts=2, base_delay=0.1, jitter=0.0))
+    assert err.retryable and "Timeout" in str(err)
+    assert len(centre.requests) == 2 and slept == [0.1]
+
+
+def test_shared_session_is_not_closed():
+    centre = SmsCentre([(200, {})])
+
+    async def main():
+        runner, url = await serve(centre)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with HttpCallbackGateway(url, session=s) as gw:
+                    await gw.send("4915112345678", PKG0)
+                assert not s.closed
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert len(centre.requests) == 1
