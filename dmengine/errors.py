@@ -172,3 +172,51 @@ class CorruptRecord(StoreError):
         super().__init__(f"corrupt record in {db} at {key!r}: {detail}")
         self.db = db
         self.key = key
+
+
+# --- content (appended by the content work, issue 7) ----------------------------------------
+
+
+class ContentError(ServiceError):
+    """Content cannot be stored or served as asked; ``where`` names the field."""
+
+    code = "content_error"
+    http_status = 400
+
+
+class ContentTooLarge(ContentError):
+    """An upload passed the size limit (``limit`` bytes); the partial file was removed."""
+
+    code = "content_too_large"
+    http_status = 413
+
+    def __init__(self, received: int, limit: int) -> None:
+        super().__init__(f"content larger than the limit max_size={limit} bytes "
+                         f"(at least {received} bytes)", where="size")
+        self.received = received
+        self.limit = limit
+
+
+class ContentMismatch(ContentError):
+    """The upload does not match what was declared (``where`` = ``sha256`` or ``size``)."""
+
+    code = "content_mismatch"
+    http_status = 422
+
+
+class NoContentFits(ContentError):
+    """No stored package fits the device (capability / firmware version); ``where`` says why."""
+
+    code = "no_content_fits"
+    http_status = 404
+
+
+# --- L2 session (appended by the session engine) ----------------------------------------
+
+
+class CommandRejected(DmError):
+    """``DmSession.queue()`` refused a command (wrong name, bad UI alert, session ended, queue full)."""
+
+    def __init__(self, msg: str, *, handle: object = None) -> None:
+        super().__init__(msg)
+        self.handle = handle
