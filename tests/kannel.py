@@ -214,7 +214,7 @@ concatenation = false
         self.procs[name] = subprocess.Popen(argv, cwd=self.dir, stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=err)
 
-    def _tail(self, name: str, n: int = 15) -> str:
+    def _tail(self, name: str, n: int = 30) -> str:
         chunks = []
         for p in (self.dir / f"{name}.out", self.dir / f"{name}.log",
                   self.fakesmsc_err if name == "fakesmsc" else None):
@@ -264,16 +264,33 @@ concatenation = false
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self) -> Kannel:
+    def start(self, *, port_attempts: int = 3) -> Kannel:
+        """Start all three; if a port was taken meanwhile (free ports are only free when
+        chosen), stop everything and try again on fresh ports."""
         for exe in (BEARERBOX, SMSBOX, FAKESMSC):
             if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
                 raise KannelError(f"{exe} is missing: run `make deps` (it installs the Debian "
                                   f"packages kannel and kannel-extras)")
+        for attempt in range(1, port_attempts + 1):
+            try:
+                return self._start()
+            except KannelError as exc:
+                if "Address already in use" not in str(exc) or attempt == port_attempts:
+                    raise
+                self.procs.clear()
+                self.admin_port, self.smsbox_port, self.smsc_port, self.sendsms_port = free_ports(4)
+        raise AssertionError("unreachable")
+
+    def _own_status(self) -> bool:
+        # our bearerbox, not another test's on a recycled port: the status names our SMSC port
+        s = self.status()
+        return s is not None and f"{SMSC_ID}:{self.smsc_port} (" in s
+
+    def _start(self) -> Kannel:
         self.write_config()
         try:
             self._spawn("bearerbox", [BEARERBOX, "-v", "1", str(self.conf)])
-            self._wait("bearerbox admin status.txt", lambda: self.status() is not None,
-                       ("bearerbox",))
+            self._wait("bearerbox admin status.txt", self._own_status, ("bearerbox",))
             if self.with_smsc:
                 self.start_fakesmsc()
             self._spawn("smsbox", [SMSBOX, "-v", "1", str(self.conf)])
