@@ -760,7 +760,8 @@ cdef class _Decoder:
                 self.tmp_len = 0
                 self.pieces()
                 t = self.utf8(self.tmp, self.tmp_len, start)
-                el.text = t if el.text is None else el.text + t
+                if t:                       # empty text stays None, as in XML
+                    el.text = t if el.text is None else el.text + t
             elif b == TOK_SWITCH_PAGE:
                 self.switch_page()
             else:
@@ -1067,7 +1068,12 @@ cdef class _Encoder:
                     raise CodecError(f"{cmd.name} item of type {type(obj).__name__}", expected="Item")
                 self.item(<Item>obj)
         if cmd.commands:
+            if key != S_Atomic and key != S_Sequence:
+                raise CodecError(f"{cmd.name} cannot hold commands", expected="Atomic or Sequence")
             for obj in cmd.commands:
+                if isinstance(obj, Command) and (<Command>obj).name in ("Status", "Results"):
+                    raise CodecError(f"{(<Command>obj).name} inside {cmd.name}",
+                                     expected="Add, Alert, Atomic, Copy, Delete, Exec, Get, Replace, Sequence")
                 self.command(obj)
         self.nesting -= 1
         return self.end_()
