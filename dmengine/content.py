@@ -505,22 +505,29 @@ class ContentService:
         return ContentResponse(status, headers, path=path, offset=start, length=length,
                                head=head, content=content)
 
-    def get_route(self) -> Any:
-        """A route for ``DmServer.add_get_route(CONTENT_PREFIX, ...)`` that streams.
+    async def serve_request(self, method: str, path: str,
+                            headers: Any) -> ContentResponse:
+        """``serve`` for a raw request: ``path`` is ``…/content/<id>``, ``headers`` a mapping
+        with lower-case names (``range``, ``if-range``)."""
+        head = method.upper() == "HEAD"
+        cid = content_id_from_path(path)
+        if cid is None:
+            return _text(404, "not found\n", head)
+        return await self.serve(cid, headers.get("range"), head=head,
+                                if_range=headers.get("if-range"))
 
-        It needs a server whose ``HttpResponse`` can carry a file part; see
-        :func:`dmengine.content` docs and the report of issue 7 for the wiring.
+    def device_route(self) -> Any:
+        """The GET/HEAD route of the device port:
+        ``dm_server.add_get_route(CONTENT_PREFIX, content_service.device_route())``.
+
+        It answers with a :class:`ContentResponse`; the server sends its ``headers`` (they
+        carry Content-Type and Content-Length) and then ``body``, or the ``length`` bytes of
+        ``path`` from ``offset`` (nothing for ``head``).
         """
         service = self
 
         async def route(request: Any) -> ContentResponse:
-            cid = content_id_from_path(request.path)
-            headers = request.headers
-            if cid is None:
-                return _text(404, "not found\n", request.method == "HEAD")
-            return await service.serve(cid, headers.get("range"),
-                                       head=request.method == "HEAD",
-                                       if_range=headers.get("if-range"))
+            return await service.serve_request(request.method, request.path, request.headers)
         return route
 
 

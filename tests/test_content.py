@@ -19,7 +19,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from dmengine.content import (UNSATISFIABLE, ByteRange, ContentResponse, ContentService,
+from dmengine.content import (CONTENT_PREFIX, UNSATISFIABLE, ByteRange, ContentResponse, ContentService,
                               content_id_from_path, download_url, iter_body, parse_range)
 from dmengine.errors import (AlreadyExists, ContentError, ContentMismatch, ContentTooLarge,
                              DmError, NoContentFits, NotFound, ServiceError)
@@ -432,13 +432,41 @@ async def aiohttp_handler(svc: ContentService, request: web.Request) -> web.Stre
     return resp
 
 
-class Http:
+class DevicePort:
+    """The real device port (dmengine.server, httptools) with the content route plugged in."""
+
+    def __init__(self, svc: ContentService) -> None:
+        self.svc = svc
+        self.server: Any = None
+        self.base = ""
+
+    async def __aenter__(self) -> "DevicePort":
+        from dmengine.server import DmServer, MemoryDeviceHandler, ServerConfig
+        self.server = await DmServer(ServerConfig(host="127.0.0.1", port=0),
+                                     MemoryDeviceHandler()).start()
+        self.server.add_get_route(CONTENT_PREFIX, self.svc.device_route())
+        self.base = f"http://127.0.0.1:{self.server.port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.shutdown(1.0)
+
+
+@pytest.fixture(params=["device_port", "aiohttp"])
+def Http(request: Any) -> Any:
+    """Each HTTP test runs against the device port and against an aiohttp server."""
+    return DevicePort if request.param == "device_port" else AiohttpServer
+
+
+class AiohttpServer:
+    """A minimal aiohttp server that calls ContentService.serve and streams with iter_body."""
+
     def __init__(self, svc: ContentService) -> None:
         self.svc = svc
         self.runner: web.AppRunner | None = None
         self.base = ""
 
-    async def __aenter__(self) -> "Http":
+    async def __aenter__(self) -> "AiohttpServer":
         app = web.Application()
 
         async def h(request: web.Request) -> web.StreamResponse:
@@ -457,7 +485,7 @@ class Http:
         await self.runner.cleanup()
 
 
-def test_http_range_forms(run: Any, tmp_path: pathlib.Path) -> None:
+def test_http_range_forms(run: Any, Http: Any, tmp_path: pathlib.Path) -> None:
     data = payload(1_000_003, seed=5)
 
     async def main() -> None:
@@ -527,7 +555,8 @@ def test_http_range_forms(run: Any, tmp_path: pathlib.Path) -> None:
     run(main())
 
 
-def test_http_resume_interrupted_download(run: Any, tmp_path: pathlib.Path) -> None:
+def test_http_resume_interrupted_download(run: Any, Http: Any,
+                                          tmp_path: pathlib.Path) -> None:
     data = payload(3 * 1024 * 1024 + 17, seed=7)
 
     async def main() -> None:
@@ -569,7 +598,7 @@ def test_http_resume_interrupted_download(run: Any, tmp_path: pathlib.Path) -> N
     run(main())
 
 
-def test_serve_empty_content(run: Any, tmp_path: pathlib.Path) -> None:
+def test_serve_empty_content(run: Any, Http: Any, tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         svc = ContentService(MemoryStore(), tmp_path)
         c = await svc.ingest(chunks(b""), name="empty")
