@@ -266,3 +266,42 @@ def test_kannel_truncates_past_one_sms_which_is_why_we_refuse(kannel):
         assert r.status == 202 and r.read().startswith(b"0: Accepted")
     ((fs, al),) = kannel.wait_for_sms(to=msisdn)
     assert fs.data == body[:133] and al.msg == body[:133] and al.udh == WDP_UDH
+
+
+def test_delivery_reports_reach_our_dlr_url(kannel):
+    """dlr-url/dlr-mask pass through KannelGateway (encoded once): the fake SMSC acks (8)
+    and then reports delivered (1) to our callback, for GET and POST."""
+    from aiohttp import web
+
+    reports: list[dict[str, str]] = []
+
+    async def dlr(request: web.Request) -> web.Response:
+        reports.append(dict(request.query))
+        return web.Response(text="ok")
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/dlr", dlr)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            for method, msisdn in (("GET", "4915100000050"), ("POST", "4915100000051")):
+                url = f"http://127.0.0.1:{port}/dlr?status=%d&to=%p&m={method}"
+                async with gateway(kannel, method=method, dlr_url=url, dlr_mask=31) as gw:
+                    d = await gw.send(msisdn, build_pkg0(SERVER_ID, SECRET, NONCE, 0x50))
+                    assert d.accepted
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while sum(r.get("status") == "1" for r in reports) < 2 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+    for method, msisdn in (("GET", "4915100000050"), ("POST", "4915100000051")):
+        mine = [r["status"] for r in reports if r.get("m") == method]
+        assert sorted(mine) == ["1", "8"], reports       # SMSC ack (8), delivered (1)
+        assert all(r["to"] == msisdn for r in reports if r.get("m") == method), reports

@@ -136,7 +136,7 @@ def compute_digest(server_id: str | bytes, server_secret: str | bytes, nonce: by
                    trigger: bytes) -> bytes:
     """``MD5(B64(MD5(server_id ":" secret)) ":" nonce ":" B64(MD5(trigger)))``, raw 16 bytes."""
     key = _b64md5(_as_bytes(server_id, "server_id") + b":" + _as_bytes(server_secret, "server_secret"))
-    return hashlib.md5(key + b":" + bytes(nonce) + b":" + _b64md5(trigger)).digest()
+    return hashlib.md5(key + b":" + _as_bytes(nonce, "nonce") + b":" + _b64md5(trigger)).digest()
 
 
 def build_trigger(server_id: str | bytes, session_id: int, *, ui_mode: int = UI_NOT_SPECIFIED,
@@ -216,7 +216,7 @@ def parse_pkg0(data: bytes, server_secret: str | bytes | None = None,
     if server_secret is not None:
         candidates: list[tuple[bytes, bool]] = []
         if server_nonce is not None:
-            candidates.append((bytes(server_nonce), False))
+            candidates.append((_as_bytes(server_nonce, "server_nonce"), False))
         if accept_resync:
             candidates += [(RESYNC_NONCE_BYTES, True), (RESYNC_NONCE_ASCII, True)]
         if not candidates:
