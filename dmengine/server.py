@@ -1,0 +1,1099 @@
+"""The device port: OMA DM over HTTP on uvloop + httptools (L3).
+
+One ``DeviceConnection`` (an ``asyncio.Protocol``) per TCP connection feeds an
+``httptools.HttpRequestParser``; complete requests go, in order, through
+
+    admission (503) -> codec decode -> session table -> DmSession.receive -> handler hooks
+    -> DmSession.next_message -> codec encode -> HTTP reply in the request's encoding.
+
+The session engine (``_session.pyx``) and the codecs never see a socket, a clock or a
+future; this module owns all of those.  Services plug in through a *device handler* with
+two async hooks (``DeviceHandler``); ``MemoryDeviceHandler`` is the one tests and
+``dmengine serve`` use until the services layer exists.
+
+Requests normally finish without ever suspending (the handler hooks answer from memory), so
+the coroutine of a request is driven by hand and only becomes an ``asyncio.Task`` when a
+hook really waits (``_drive``): one message costs no task, no future and no extra loop turn.
+
+Limits are ``ServerConfig`` fields with the module-level defaults below.  Every limit has its
+own answer: 413 body too large, 431 header block too large, 408 request too slow, 503 (with
+``Retry-After``) for the session and pending-work caps, checked before the body is decoded.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import ssl as _ssl
+import time
+import types
+from collections import deque
+from typing import Any, Awaitable, Callable, Iterable, Protocol
+
+import httptools
+
+from .errors import CodecError, ConfigError, DmError, ProtocolError
+from .message import Command, Item, Message, SyncHdr
+from .metrics import DeviceMetrics
+from .status import AlertCode, StatusCode
+
+__all__ = [
+    "ServerConfig", "DeviceHandler", "MemoryDeviceHandler", "DmServer", "DeviceConnection",
+    "HttpResponse", "ENCODING_BY_TYPE", "start_server", "serve_forever",
+]
+
+log = logging.getLogger("dmengine.server")
+
+# --- limits and defaults -----------------------------------------------------------------
+
+DEFAULT_PATH = "/dm"
+DEFAULT_MAX_MSG_SIZE = 16 * 1024          # our advertised MaxMsgSize
+DEFAULT_MAX_BODY_SLACK = 1024             # bytes tolerated above MaxMsgSize before 413
+DEFAULT_MAX_HEADER_BYTES = 8 * 1024       # request line + headers
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_SESSIONS = 200_000            # sessions in the table (in flight)
+DEFAULT_MAX_PENDING = 2_000               # requests received but not yet answered, all conns
+DEFAULT_MAX_PIPELINE = 16                 # queued requests per connection before pausing reads
+DEFAULT_REQUEST_TIMEOUT = 30.0            # first byte of a request -> its last byte
+DEFAULT_KEEPALIVE_TIMEOUT = 60.0          # idle connection between requests
+DEFAULT_SESSION_IDLE_TIMEOUT = 300.0      # DM session without a message
+DEFAULT_RETRY_AFTER = 5                   # seconds, in 503 answers
+DEFAULT_TICK = 1.0                        # period of the timeout sweep
+DEFAULT_SHUTDOWN_DEADLINE = 30.0
+
+#: media type (lower case, no parameters) -> encoding
+ENCODING_BY_TYPE = {
+    "application/vnd.syncml.dm+xml": "xml",
+    "application/vnd.syncml.dm+wbxml": "wbxml",
+    "application/vnd.syncml+xml": "xml",
+    "application/vnd.syncml+wbxml": "wbxml",
+}
+
+_REASONS = {
+    200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+def _codecs(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
+    """(decode, encode) of the L1 codec for ``encoding`` (fixed names, DESIGN.md §8)."""
+    if encoding == "wbxml":
+        from . import _wbxml as mod  # type: ignore[attr-defined]
+    else:
+        from . import xmlcodec as mod  # type: ignore[no-redef]
+    return mod.decode, mod.encode
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything the device port needs; limits have named defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 0                              # 0 = pick a free port
+    path: str = DEFAULT_PATH
+    server_id: str = "dmengine"
+    public_url: str | None = None              # base of RespURI/server URI; default from Host
+    session_config: Any = None                 # a _session.SessionConfig; built when None
+    require_auth: str = "md5"
+    max_msg_size: int = DEFAULT_MAX_MSG_SIZE
+    max_body_slack: int = DEFAULT_MAX_BODY_SLACK
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pipeline: int = DEFAULT_MAX_PIPELINE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
+    retry_after: int = DEFAULT_RETRY_AFTER
+    tick: float = DEFAULT_TICK
+    shutdown_deadline: float = DEFAULT_SHUTDOWN_DEADLINE
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    ssl_context: _ssl.SSLContext | None = None  # overrides tls_cert/tls_key
+    reuse_port: bool = False
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/") or self.path.endswith("/") or len(self.path) < 2:
+            raise ConfigError(f"device path must look like /dm, got {self.path!r}", key="path")
+        for key in ("max_msg_size", "max_header_bytes", "max_connections", "max_sessions",
+                    "max_pending", "max_pipeline"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive", key=key)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together", key="tls_cert")
+
+    @property
+    def max_body(self) -> int:
+        return self.max_msg_size + self.max_body_slack
+
+    def make_ssl_context(self) -> _ssl.SSLContext | None:
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if self.tls_cert is None:
+            return None
+        ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, _ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate/key: {exc}", key="tls_cert") from exc
+        return ctx
+
+
+# --- the handler the services layer provides -------------------------------------------------
+
+
+class DeviceHandler(Protocol):
+    """What the server calls; the services layer implements it.
+
+    ``on_session_closed`` is optional: the server calls it when it ends a session itself
+    (idle timeout, shutdown, a device restarting its session, an unrecoverable error).
+    """
+
+    async def account_for(self, dev_id: str | None, username: str | None) -> Any: ...
+
+    async def on_events(self, session: Any, events: list[Any]) -> None: ...
+
+
+class MemoryDeviceHandler:
+    """A ``DeviceHandler`` over an in-memory dict, for tests and ``dmengine serve``.
+
+    ``accounts`` maps the device id (``IMEI:…``) or the user name to a ``DmAccount``.
+    Every event is appended to ``events`` as ``(device_id, event)``.  ``queue_on_connect``
+    maps a device id to commands queued the first time that device's session reports
+    events (the handle of a command is ``(device_id, index)``).
+    """
+
+    def __init__(self, accounts: dict[str, Any] | None = None, *,
+                 accept_unknown: bool = False) -> None:
+        self.accounts: dict[str, Any] = dict(accounts or {})
+        self.accept_unknown = accept_unknown
+        self.events: list[tuple[str | None, Any]] = []
+        self.queue_on_connect: dict[str, list[Any]] = {}
+        self.closed: list[tuple[str | None, str]] = []
+        self.record = True
+
+    def add_account(self, account: Any) -> None:
+        self.accounts[account.dev_id] = account
+        if getattr(account, "username", None):
+            self.accounts[account.username] = account
+
+    async def account_for(self, dev_id: str | None, username: str | None) -> Any:
+        acc = self.accounts.get(dev_id) if dev_id else None
+        if acc is None and username:
+            acc = self.accounts.get(username)
+        return acc
+
+    async def on_events(self, session: Any, events: list[Any]) -> None:
+        dev = session.device_id
+        if self.record:
+            for ev in events:
+                self.events.append((dev, ev))
+        if dev is not None and self.queue_on_connect:
+            cmds = self.queue_on_connect.pop(dev, None)
+            if cmds:
+                for i, cmd in enumerate(cmds):
+                    session.queue((dev, i), cmd)
+
+    async def on_session_closed(self, session: Any, reason: str) -> None:
+        self.closed.append((session.device_id, reason))
+
+    def events_of(self, kind: str) -> list[tuple[str | None, Any]]:
+        return [(d, e) for d, e in self.events if type(e).__name__ == kind]
+
+
+# --- extra HTTP routes -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HttpResponse:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/octet-stream"
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class HttpRequest:
+    """What a GET route handler receives."""
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+
+
+GetRoute = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+# --- driving a request coroutine without a task when it never waits ---------------------------
+
+
+@types.coroutine
+def _resume(coro: Any, first: Any) -> Any:
+    """Continue ``coro`` inside a Task after it yielded ``first`` from a hand-driven send."""
+    pending = first
+    while True:
+        try:
+            yield pending
+        except BaseException as exc:  # cancellation and the like go into the coroutine
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Any, first: Any) -> Any:
+    return await _resume(coro, first)
+
+
+# --- the session table -------------------------------------------------------------------------
+
+
+class _Entry:
+    """One DM session in the table: kept small, there may be 100k of these parked."""
+    __slots__ = ("session", "token", "key", "deadline", "busy", "encoding")
+
+    def __init__(self, session: Any, token: str, deadline: float) -> None:
+        self.session = session
+        self.token = token
+        self.key: str | None = None         # "devid\0sessionid" once known
+        self.deadline = deadline
+        self.busy = 0                       # requests of this session being processed
+        self.encoding: str | None = None
+
+
+class _Req:
+    __slots__ = ("path", "ctype", "clen", "host", "hmac", "expect", "body", "keep_alive",
+                 "method", "t0", "reply", "close_after", "headers")
+
+    def __init__(self) -> None:
+        self.path = b""
+        self.ctype: bytes | None = None
+        self.clen = -1
+        self.host: bytes | None = None
+        self.hmac: bytes | None = None
+        self.expect = False
+        self.body: bytearray | None = None
+        self.keep_alive = True
+        self.method = b""
+        self.t0 = 0.0
+        self.reply: bytes | None = None     # a ready answer (errors, 503)
+        self.close_after = False
+        self.headers: dict[str, str] | None = None
+
+
+def _http(status: int, body: bytes = b"", ctype: bytes = b"text/plain; charset=utf-8", *,
+          close: bool = False, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"Content-Type: " + ctype + b"\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Cache-Control: no-store, private\r\n"]
+    for k, v in extra:
+        head.append(f"{k}: {v}\r\n".encode("latin-1"))
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+class DmServer:
+    """The device port: listening sockets, the session table, admission control.
+
+    Use ``await DmServer(config, handler).start()`` then ``await server.shutdown()``; or
+    ``serve_forever`` for a process that stops on SIGTERM.
+    """
+
+    def __init__(self, config: ServerConfig, handler: Any, *,
+                 metrics: DeviceMetrics | None = None,
+                 session_factory: Callable[..., Any] | None = None,
+                 random_token: Callable[[], str] | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.metrics = metrics
+        self.sessions: dict[str, _Entry] = {}
+        self.by_key: dict[str, str] = {}
+        self.connections: set[DeviceConnection] = set()
+        self.pending = 0
+        self.draining = False
+        self.get_routes: dict[str, GetRoute] = {}
+        self._session_factory = session_factory
+        self._new_token = random_token or (lambda: secrets.token_urlsafe(12))
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._session_config: Any = config.session_config
+        self._on_closed = getattr(handler, "on_session_closed", None)
+        self._take_events = True     # cleared when the session class has no take_events()
+        self._path = config.path.encode()
+        self._prefix = self._path + b"/"
+        self._idle_event: asyncio.Event | None = None
+        self.scheme = "https" if (config.tls_cert or config.ssl_context) else "http"
+        self.port: int | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> "DmServer":
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._server = await self._loop.create_server(
+            lambda: DeviceConnection(self), cfg.host, cfg.port,
+            ssl=cfg.make_ssl_context(), reuse_port=cfg.reuse_port or None,
+            backlog=cfg.backlog)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self._sweeper = self._loop.call_later(cfg.tick, self._sweep)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}{self.config.path}"
+
+    def add_get_route(self, prefix: str, route: GetRoute) -> None:
+        """Serve GET (and HEAD) for paths starting with ``prefix`` (e.g. ``/content/``)."""
+        if not prefix.startswith("/"):
+            raise ConfigError(f"route prefix must start with '/': {prefix!r}", key="prefix")
+        self.get_routes[prefix] = route
+
+    async def shutdown(self, deadline: float | None = None) -> None:
+        """Stop accepting; let running DM sessions finish up to ``deadline`` seconds; close."""
+        if deadline is None:
+            deadline = self.config.shutdown_deadline
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while (self.sessions or self.pending) and loop.time() < end:
+            await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+        for token in list(self.sessions):
+            self._end(token, "shutdown")
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def _config_for_sessions(self, base_url: str) -> Any:
+        if self._session_config is None:
+            from ._session import SessionConfig
+            self._session_config = SessionConfig(
+                server_id=self.config.server_id, server_uri=base_url,
+                max_msg_size=self.config.max_msg_size, require_auth=self.config.require_auth)
+        return self._session_config
+
+    def _new_session(self, base_url: str, now_wall: float) -> _Entry:
+        token = self._new_token()
+        while token in self.sessions:
+            token = self._new_token()
+        resp_uri = f"{base_url}/{token}"
+        cfg = self._config_for_sessions(base_url)
+        if self._session_factory is not None:
+            session = self._session_factory(cfg, session_key=token, resp_uri=resp_uri,
+                                            now=now_wall)
+        else:
+            from ._session import DmSession
+            session = DmSession(cfg, session_key=token, resp_uri=resp_uri, now=now_wall)
+        if self._take_events and not hasattr(session, "take_events"):
+            self._take_events = False
+        assert self._loop is not None
+        entry = _Entry(session, token, self._loop.time() + self.config.session_idle_timeout)
+        self.sessions[token] = entry
+        if self.metrics is not None:
+            self.metrics.session_started()
+        return entry
+
+    def _touch(self, entry: _Entry) -> None:
+        # re-insert so the table stays ordered by last activity: the sweep stops early
+        assert self._loop is not None
+        entry.deadline = self._loop.time() + self.config.session_idle_timeout
+        sessions = self.sessions
+        del sessions[entry.token]
+        sessions[entry.token] = entry
+
+    def _end(self, token: str, reason: str) -> None:
+        entry = self.sessions.pop(token, None)
+        if entry is None:
+            return
+        if entry.key is not None and self.by_key.get(entry.key) == token:
+            del self.by_key[entry.key]
+        if self.metrics is not None:
+            self.metrics.session_ended(reason)
+        session = entry.session
+        if not _ended(session):
+            # the server ends it (timeout, shutdown, restart, error): tell the engine, the
+            # handler, and hand over what the engine says about it (CommandNotDelivered, …)
+            close = getattr(session, "close", None)
+            try:
+                if close is not None:
+                    close(reason)
+                else:
+                    session.abort(reason)
+            except Exception:  # the engine may refuse to close an unidentified session
+                log.debug("closing session %s", token, exc_info=True)
+            if self._on_closed is not None:
+                self.spawn(self._on_closed(session, reason))
+            if self._take_events and hasattr(session, "take_events"):
+                more = session.take_events()
+                if more:
+                    self.spawn(self.handler.on_events(session, list(more)))
+
+    def spawn(self, coro: Any) -> None:
+        """Runs ``coro`` hand-driven; a Task only if it waits.  Errors are logged."""
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("handler hook failed")
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(_finish(coro, first))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("handler hook failed", exc_info=task.exception())
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        expired = []
+        for token, entry in self.sessions.items():
+            if entry.deadline > now:
+                break
+            if not entry.busy:
+                expired.append(token)
+        for token in expired:
+            self._end(token, "timeout")
+        for conn in list(self.connections):
+            if conn.deadline <= now:
+                conn.timed_out()
+        self._sweeper = loop.call_later(self.config.tick, self._sweep)
+
+    # --- one DM request ---------------------------------------------------------------------------
+
+    async def handle_dm(self, req: _Req, encoding: str, token: str | None, base_url: str) -> bytes:
+        """Decode, run the session, encode.  Returns the whole HTTP response."""
+        metrics = self.metrics
+        body = bytes(req.body) if req.body is not None else b""
+        if metrics is not None:
+            metrics.message_in(encoding, len(body))
+        decode, encode = _codecs(encoding)
+        try:
+            msg = decode(body)
+        except CodecError as exc:
+            if metrics is not None:
+                metrics.http_error(400)
+            return _http(400, f"not a SyncML DM message: {exc}\n".encode(), close=False)
+        hdr = msg.hdr
+        loop = self._loop
+        assert loop is not None
+        now_wall = time.time()
+        entry: _Entry | None = None
+        if token is not None:
+            entry = self.sessions.get(token)
+            if entry is None:
+                if _is_package1(msg) and not self.draining and hdr.msg_id == "1":
+                    entry = self._new_session(base_url, now_wall)   # a fresh start
+                else:
+                    return self._reply(encoding, encode,
+                                       _clean_end(msg, base_url, StatusCode.NOT_FOUND), req)
+        else:
+            key = f"{hdr.source}\0{hdr.session_id}"
+            old = self.by_key.get(key)
+            if old is not None:
+                if _is_package1(msg) and hdr.msg_id == "1":
+                    self._end(old, "restarted")
+                else:
+                    entry = self.sessions.get(old)
+            if entry is None:
+                if self.draining:
+                    return _http(503, b"shutting down\n", close=True,
+                                 extra=[("Retry-After", str(self.config.retry_after))])
+                entry = self._new_session(base_url, now_wall)
+            if entry.key is None:
+                entry.key = key
+                self.by_key[key] = entry.token
+        entry.busy += 1
+        session = entry.session
+        try:
+            hmac = req.hmac.decode("latin-1") if req.hmac is not None else None
+            account = await self.handler.account_for(hdr.source, hdr.source_name)
+            try:
+                events = session.receive(msg, now=now_wall, account=account,
+                                         hmac_header=hmac, body=body)
+            except ProtocolError as exc:
+                reply = _error_reply(session, msg, base_url, exc)
+                self._end(entry.token, "error")
+                return self._reply(encoding, encode, reply, req)
+            if events:
+                await self.handler.on_events(session, events)
+            reply = session.next_message(now=time.time())
+            if self._take_events:
+                more = session.take_events()
+                if more:
+                    events = list(events) + list(more)
+                    await self.handler.on_events(session, more)
+        except DmError as exc:
+            log.info("session %s failed: %s", entry.token, exc)
+            reply = _clean_end(msg, base_url, getattr(exc, "status", StatusCode.SERVER_FAILURE))
+            self._end(entry.token, "error")
+            return self._reply(encoding, encode, reply, req)
+        finally:
+            entry.busy -= 1
+        if _ended(session):
+            self._end(entry.token, _end_reason(events))
+        elif entry.token in self.sessions:
+            self._touch(entry)
+        return self._reply(encoding, encode, reply, req)
+
+    def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message,
+               req: _Req) -> bytes:
+        out = encode(reply)
+        if self.metrics is not None:
+            self.metrics.message_out(encoding, len(out))
+        ctype = req.ctype or b"application/vnd.syncml.dm+xml"
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype
+                + b"\r\nContent-Length: %d\r\nCache-Control: no-store, private\r\n%s\r\n"
+                % (len(out), b"" if req.keep_alive else b"Connection: close\r\n")) + out
+
+    async def handle_get(self, req: _Req, route: GetRoute, path: str, query: str) -> bytes:
+        """Runs a GET route.  The route answers with an object carrying ``status``,
+        ``headers`` (a list of pairs) and either ``body`` or a file part (``path``,
+        ``offset``, ``length``), like ``HttpResponse`` or ``content.ContentResponse``."""
+        head_only = req.method == b"HEAD"
+        try:
+            resp = await route(HttpRequest(req.method.decode(), path, query, req.headers or {}))
+        except DmError as exc:
+            return _http(400, f"{exc}\n".encode(), close=not req.keep_alive)
+        body = getattr(resp, "body", b"") or b""
+        fpath = getattr(resp, "path", None)
+        if fpath and not head_only and not getattr(resp, "head", False):
+            offset, length = int(getattr(resp, "offset", 0)), int(getattr(resp, "length", 0))
+            assert self._loop is not None
+            body = await self._loop.run_in_executor(None, _read_part, fpath, offset, length)
+        headers = list(getattr(resp, "headers", None) or [])
+        ctype = getattr(resp, "content_type", None)
+        names = {k.lower() for k, _ in headers}
+        if ctype and "content-type" not in names:
+            headers.append(("Content-Type", ctype))
+        if "content-length" not in names:
+            headers.append(("Content-Length", str(len(body))))
+        if "cache-control" not in names:
+            headers.append(("Cache-Control", "no-store, private"))
+        lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, b"Status"))]
+        for k, v in headers:
+            lines.append(f"{k}: {v}\r\n".encode("latin-1"))
+        if not req.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        if head_only or getattr(resp, "head", False):
+            body = b""
+        return b"".join(lines) + body
+
+
+def _read_part(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(out) != length:
+        raise DmError(f"{path}: {len(out)} bytes at {offset}, expected {length}")
+    return out
+
+
+def _ended(session: Any) -> bool:
+    return bool(getattr(session, "ended", False))
+
+
+def _end_reason(events: list[Any]) -> str:
+    for ev in events or ():
+        if type(ev).__name__ == "SessionEnded":
+            reason = getattr(ev, "reason", None)
+            if reason:
+                return str(reason)
+    return "completed"
+
+
+def _is_package1(msg: Message) -> bool:
+    for cmd in msg.commands or ():
+        if cmd.name == "Alert" and cmd.data in ("1200", "1201"):
+            return True
+    return False
+
+
+def _clean_end(msg: Message, server_uri: str, status: int) -> Message:
+    """A reply that ends the device's session cleanly: Status for its SyncHdr + Alert 1223."""
+    hdr = msg.hdr
+    return Message(
+        hdr=SyncHdr(ver_dtd=hdr.ver_dtd or "1.2", ver_proto=hdr.ver_proto or "DM/1.2",
+                    session_id=hdr.session_id, msg_id="1", target=hdr.source,
+                    source=server_uri),
+        commands=[
+            Command(name="Status", cmd_id="1", msg_ref=hdr.msg_id, cmd_ref="0", cmd="SyncHdr",
+                    target_refs=[hdr.target] if hdr.target else None,
+                    source_refs=[hdr.source] if hdr.source else None, data=str(int(status))),
+            Command(name="Alert", cmd_id="2", data=str(int(AlertCode.SESSION_ABORT))),
+        ],
+        final=True)
+
+
+def _error_reply(session: Any, msg: Message, server_uri: str, exc: ProtocolError) -> Message:
+    """The engine's abort message, with the SyncHdr Status set to the status it named."""
+    status = str(int(exc.status))
+    try:
+        reply = session.abort(str(exc))
+    except Exception:
+        return _clean_end(msg, server_uri, exc.status)
+    cmds = reply.commands or []
+    for cmd in cmds:
+        if cmd.name == "Status" and cmd.cmd_ref == "0":
+            cmd.data = status
+            break
+    else:
+        hdr = msg.hdr
+        cmds.insert(0, Command(name="Status", cmd_id="0", msg_ref=hdr.msg_id, cmd_ref="0",
+                               cmd="SyncHdr",
+                               target_refs=[hdr.target] if hdr.target else None,
+                               source_refs=[hdr.source] if hdr.source else None, data=status))
+        for i, cmd in enumerate(cmds, 1):
+            cmd.cmd_id = str(i)
+        reply.commands = cmds
+    return reply
+
+
+# --- one connection ---------------------------------------------------------------------------
+
+_IDLE, _READING, _BUSY = 0, 1, 2
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device TCP connection: parse, queue in order, answer in order."""
+
+    __slots__ = ("server", "transport", "parser", "req", "queue", "busy", "state", "deadline",
+                 "hdr_bytes", "raw_hdr", "in_headers", "closing", "paused", "write_paused", "_loop",
+                 "dropped")
+
+    def __init__(self, server: DmServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.req: _Req | None = None
+        self.queue: deque[_Req] = deque()
+        self.busy = False
+        self.state = _IDLE
+        self.deadline = float("inf")
+        self.hdr_bytes = 0        # header names + values of the current request
+        self.raw_hdr = 0          # raw bytes received while its header block is unfinished
+        self.in_headers = True
+        self.closing = False      # no more reading: answer what is queued, then close
+        self.paused = False       # reading paused: too many queued requests
+        self.write_paused = False
+        self.dropped = False      # counted out of server.pending already
+        self._loop = server._loop
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        srv = self.server
+        assert self._loop is not None
+        if len(srv.connections) >= srv.config.max_connections or srv.draining:
+            if srv.metrics is not None:
+                srv.metrics.rejected("connections")
+            transport.write(_http(503, b"too many connections\n", close=True,  # type: ignore
+                                  extra=[("Retry-After", str(srv.config.retry_after))]))
+            transport.close()
+            self.closing = True
+            return
+        srv.connections.add(self)
+        if srv.metrics is not None:
+            srv.metrics.connections.inc()
+        self.deadline = self._loop.time() + srv.config.keepalive_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        srv = self.server
+        if self in srv.connections:
+            srv.connections.discard(self)
+            if srv.metrics is not None:
+                srv.metrics.connections.dec()
+        self.closing = True
+        if not self.dropped:
+            self.dropped = True
+            srv.pending -= len(self.queue)
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.in_headers:
+            self.raw_hdr += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HttpLimit):
+                self._fail(cause.status, str(cause).encode() + b"\n")
+            else:
+                log.error("parser callback failed", exc_info=cause)
+                self._fail(500, b"internal error\n")
+        except httptools.HttpParserUpgrade:
+            self._fail(400, b"upgrade not supported\n")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"bad HTTP request: {exc}\n".encode())
+        else:
+            if self.in_headers and self.raw_hdr > self.server.config.max_header_bytes:
+                self._fail(431, b"request header block too large\n")
+        self._pump()
+
+    def pause_writing(self) -> None:
+        # the device does not read its replies: answer nothing more until it does (the
+        # pipeline cap then stops reading its requests too)
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.closing:
+            self._pump()
+
+    # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        req = self.req = _Req()
+        self.state = _READING
+        assert self._loop is not None
+        req.t0 = self._loop.time()
+        self.deadline = req.t0 + self.server.config.request_timeout
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.path += url
+        if len(req.path) > self.server.config.max_header_bytes:
+            raise _HttpLimit(431, "request line too long")
+        if self.server.get_routes and req.headers is None \
+                and self.parser.get_method() in (b"GET", b"HEAD"):
+            req.headers = {}       # extra GET routes see all headers (Range, If-Range, …)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        self.hdr_bytes += len(name) + len(value) + 4
+        if self.hdr_bytes + len(req.path) > self.server.config.max_header_bytes:
+            raise _HttpLimit(431, "request header block too large")
+        n = name.lower()
+        if n == b"content-type":
+            req.ctype = value
+        elif n == b"content-length":
+            try:
+                req.clen = int(value)
+            except ValueError:
+                raise _HttpLimit(400, "bad Content-Length") from None
+        elif n == b"host":
+            req.host = value
+        elif n == b"x-syncml-hmac":
+            req.hmac = value
+        elif n == b"expect":
+            req.expect = value.lower() == b"100-continue"
+        if req.headers is not None:
+            req.headers[n.decode("latin-1")] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        srv = self.server
+        cfg = srv.config
+        self.in_headers = False
+        self.hdr_bytes = self.raw_hdr = 0
+        req.method = self.parser.get_method()
+        req.keep_alive = self.parser.should_keep_alive()
+        path = req.path.split(b"?", 1)[0]
+        if req.method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
+            mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
+            if mtype.decode("latin-1") not in ENCODING_BY_TYPE:
+                req.reply = _http(415, b"unsupported content type\n", close=not req.keep_alive,
+                                  extra=[("Accept-Post", ", ".join(ENCODING_BY_TYPE))])
+                self._count(415)
+            elif req.clen > cfg.max_body:
+                self._count(413)
+                raise _HttpLimit(413, f"body larger than {cfg.max_body} bytes")
+            elif srv.pending >= cfg.max_pending:
+                req.reply = self._overloaded("pending")
+            elif path == srv._path and (len(srv.sessions) >= cfg.max_sessions or srv.draining):
+                req.reply = self._overloaded("sessions")
+            else:
+                req.body = bytearray()
+                if req.expect and self.transport is not None:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif req.method in (b"GET", b"HEAD") and self._route(path) is not None:
+            if req.headers is None:
+                req.headers = {}
+        elif path == srv._path or path.startswith(srv._prefix):
+            req.reply = _http(405, b"method not allowed\n", close=not req.keep_alive,
+                              extra=[("Allow", "POST")])
+            self._count(405)
+        elif self._route(path) is not None:
+            req.reply = _http(405, b"method not allowed\n", close=not req.keep_alive,
+                              extra=[("Allow", "GET, HEAD")])
+            self._count(405)
+        else:
+            req.reply = _http(404, b"not found\n", close=not req.keep_alive)
+            self._count(404)
+
+    def on_body(self, chunk: bytes) -> None:
+        req = self.req
+        assert req is not None
+        body = req.body
+        if body is None:
+            return            # an answer is ready already; the body is read and dropped
+        if len(body) + len(chunk) > self.server.config.max_body:
+            self._count(413)
+            raise _HttpLimit(413, f"body larger than {self.server.config.max_body} bytes")
+        body += chunk
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        self.state = _IDLE
+        self.in_headers = True
+        self.hdr_bytes = self.raw_hdr = 0
+        self.deadline = float("inf")
+        self.queue.append(req)
+        self.server.pending += 1
+        if len(self.queue) > self.server.config.max_pipeline and self.transport is not None \
+                and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # --- processing --------------------------------------------------------------------------------
+
+    def _route(self, path: bytes) -> GetRoute | None:
+        routes = self.server.get_routes
+        if not routes:
+            return None
+        p = path.decode("latin-1")
+        for prefix, route in routes.items():
+            if p.startswith(prefix):
+                return route
+        return None
+
+    def _count(self, status: int) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.http_error(status)
+
+    def _overloaded(self, cap: str) -> bytes:
+        srv = self.server
+        if srv.metrics is not None:
+            srv.metrics.rejected(cap)
+        req = self.req
+        return _http(503, b"server busy\n", close=req is not None and not req.keep_alive,
+                     extra=[("Retry-After", str(srv.config.retry_after))])
+
+    def _fail(self, status: int, text: bytes) -> None:
+        """A request we cannot parse on: answer it after the queued ones, then close."""
+        if self.closing:
+            return
+        req = _Req()
+        req.reply = _http(status, text, close=True)
+        req.close_after = True
+        if status not in (413,):
+            self._count(status)
+        self.req = None
+        self.state = _IDLE
+        self.queue.append(req)
+        self.server.pending += 1
+        self.closing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _pump(self) -> None:
+        """Answer queued requests in order while they finish without waiting."""
+        while self.queue and not self.busy and not self.write_paused:
+            req = self.queue[0]
+            if req.reply is not None:
+                self._write_reply(req.reply, req)
+                continue
+            coro = self._process(req)
+            try:
+                first = coro.send(None)
+            except StopIteration as stop:
+                self._write_reply(stop.value, req)
+                continue
+            except Exception:
+                log.exception("request failed")
+                self._write_reply(_http(500, b"internal error\n", close=True), req, close=True)
+                continue
+            self.busy = True
+            srv = self.server
+            assert self._loop is not None
+            task = self._loop.create_task(_finish(coro, first))
+            srv._tasks.add(task)
+            task.add_done_callback(lambda t, r=req: self._done(t, r))
+            return
+        if self.closing and not self.queue and not self.busy and self.transport is not None:
+            self.transport.close()
+        if not self.queue and not self.busy and self.state == _IDLE and not self.closing:
+            assert self._loop is not None
+            self.deadline = self._loop.time() + self.server.config.keepalive_timeout
+            if self.server.draining:
+                self.close_if_idle()
+
+    def _done(self, task: asyncio.Task[Any], req: _Req) -> None:
+        self.server._tasks.discard(task)
+        self.busy = False
+        if task.cancelled():
+            out = _http(503, b"shutting down\n", close=True)
+            self._write_reply(out, req, close=True)
+        elif task.exception() is not None:
+            log.error("request failed", exc_info=task.exception())
+            self._write_reply(_http(500, b"internal error\n", close=True), req, close=True)
+        else:
+            self._write_reply(task.result(), req)
+        self._pump()
+
+    def _write_reply(self, out: bytes, req: _Req, *, close: bool = False) -> None:
+        if self.queue and self.queue[0] is req:
+            self.queue.popleft()
+            if not self.dropped:
+                self.server.pending -= 1
+        transport = self.transport
+        srv = self.server
+        if srv.metrics is not None and req.t0:
+            assert self._loop is not None
+            srv.metrics.observe_latency(self._loop.time() - req.t0)
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        if close or req.close_after or not req.keep_alive:
+            self.closing = True
+            self.queue.clear()
+            transport.close()
+            return
+        if self.paused and len(self.queue) <= srv.config.max_pipeline // 2:
+            self.paused = False
+            transport.resume_reading()
+
+    async def _process(self, req: _Req) -> bytes:
+        srv = self.server
+        path = req.path.split(b"?", 1)
+        p = path[0]
+        if req.method in (b"GET", b"HEAD"):
+            route = self._route(p)
+            assert route is not None
+            return await srv.handle_get(req, route, p.decode("latin-1"),
+                                        path[1].decode("latin-1") if len(path) > 1 else "")
+        mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
+        req.ctype = mtype
+        encoding = ENCODING_BY_TYPE[mtype.decode("latin-1")]
+        token = None
+        if p != srv._path:
+            token = p[len(srv._prefix):].decode("latin-1")
+            if not token or "/" in token:
+                self._count(404)
+                return _http(404, b"not found\n", close=not req.keep_alive)
+        base = srv.config.public_url
+        if base is None:
+            host = (req.host or f"{srv.config.host}:{srv.port}".encode()).decode("latin-1")
+            base = f"{srv.scheme}://{host}{srv.config.path}"
+        return await srv.handle_dm(req, encoding, token, base)
+
+    # --- timeouts and shutdown ---------------------------------------------------------------------
+
+    def timed_out(self) -> None:
+        if self.transport is None or self.closing:
+            return
+        if self.state == _READING:
+            self._count(408)
+            self.transport.write(_http(408, b"request too slow\n", close=True))
+        self.closing = True
+        self.deadline = float("inf")
+        self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self.queue and not self.busy and self.state == _IDLE and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closing = True
+            self.transport.abort()
+
+
+class _HttpLimit(DmError):
+    """Raised inside a parser callback: the request breaks an HTTP-level limit."""
+
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+
+async def start_server(config: ServerConfig, handler: Any, *,
+                       metrics: DeviceMetrics | None = None, **kw: Any) -> DmServer:
+    """Creates and starts a ``DmServer`` on the running loop."""
+    return await DmServer(config, handler, metrics=metrics, **kw).start()
+
+
+async def serve_forever(config: ServerConfig, handler: Any, *,
+                        metrics: DeviceMetrics | None = None,
+                        on_started: Callable[[DmServer], None] | None = None) -> None:
+    """Runs the device port until SIGTERM/SIGINT, then shuts down gracefully."""
+    server = await start_server(config, handler, metrics=metrics)
+    if on_started is not None:
+        on_started(server)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("stopping: draining %d sessions", len(server.sessions))
+    await server.shutdown()
+
+
+def install_uvloop() -> None:
+    """Use uvloop for new event loops (the device port is measured on it)."""
+    if os.environ.get("DMENGINE_LOOP", "uvloop") == "uvloop":
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+_ = Item  # re-exported model names used by callers building replies

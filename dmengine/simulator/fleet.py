@@ -1,0 +1,461 @@
+"""N virtual devices driven concurrently over real HTTP (``dmengine simulate``).
+
+The HTTP client is a raw ``asyncio.Protocol`` with ``httptools.HttpResponseParser`` and
+keep-alive connections (aiohttp's client costs several times more per request, and the
+simulator must keep up with the server on one core).  Devices receive package-0
+notifications through ``Fleet.on_pkg0`` — the callback a ``LoopbackGateway`` calls — and
+then start their server-initiated session (Alert 1200 with the pkg-0 SessionID).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import random
+import ssl as _ssl
+import statistics
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+from ..errors import CodecError, DmError
+from .device import ClientSession, DeviceProfile, FaultPlan, Job, VirtualDevice
+
+__all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "FleetStats",
+           "account_for_username"]
+
+DEFAULT_TIMEOUT = 30.0
+MAX_RESPONSE = 64 * 1024 * 1024
+
+
+class HttpError(DmError):
+    """The HTTP exchange failed (connection refused, reset, timeout, bad response)."""
+
+
+# --- a small keep-alive HTTP/1.1 client ------------------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = ("transport", "parser", "waiter", "status", "headers", "body", "closed",
+                 "keep_alive", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.closed = False
+        self.keep_alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(HttpError(f"connection lost: {exc or 'closed by server'}"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            w = self.waiter
+            if w is not None and not w.done():
+                w.set_exception(HttpError(f"bad HTTP response: {exc}"))
+            self.close()
+
+    def on_message_begin(self) -> None:
+        self.headers = {}
+        self.body = bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body += chunk
+        if len(self.body) > MAX_RESPONSE:
+            raise HttpError("response too large")
+
+    def on_message_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        w = self.waiter
+        self.waiter = None
+        if w is not None and not w.done():
+            w.set_result((self.status, self.headers, bytes(self.body)))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class HttpClient:
+    """Keep-alive HTTP/1.1 connections by (scheme, host, port); one request per connection
+    at a time.  ``request`` returns ``(status, headers, body)`` or raises ``HttpError``."""
+
+    def __init__(self, *, ssl_context: _ssl.SSLContext | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, max_idle_per_host: int = 1024) -> None:
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.max_idle = max_idle_per_host
+        self.idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
+        self.connects = 0
+
+    async def connect(self, scheme: str, host: str, port: int) -> _Conn:
+        loop = asyncio.get_running_loop()
+        ctx = None
+        if scheme == "https":
+            ctx = self.ssl_context or _ssl.create_default_context()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(loop), host, port, ssl=ctx),
+                self.timeout)
+        except (OSError, asyncio.TimeoutError, _ssl.SSLError) as exc:
+            raise HttpError(f"cannot connect to {host}:{port}: {exc}") from exc
+        self.connects += 1
+        return conn
+
+    @staticmethod
+    def split(url: str) -> tuple[tuple[str, str, int], str, str]:
+        u = urlsplit(url)
+        scheme = u.scheme or "http"
+        port = u.port or (443 if scheme == "https" else 80)
+        host = u.hostname or "127.0.0.1"
+        path = u.path or "/"
+        if u.query:
+            path += "?" + u.query
+        hosthdr = u.netloc
+        return (scheme, host, port), path, hosthdr
+
+    async def request(self, method: str, url: str, *, body: bytes = b"",
+                      headers: list[tuple[str, str]] | tuple[()] = (),
+                      drop_after: int | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One exchange.  ``drop_after`` sends only that many body bytes, then closes
+        (a device losing coverage mid-upload); it raises ``HttpError``."""
+        key, path, hosthdr = self.split(url)
+        pool = self.idle[key]
+        conn = None
+        while pool:
+            c = pool.pop()
+            if not c.closed:
+                conn = c
+                break
+        fresh = conn is None
+        if conn is None:
+            conn = await self.connect(*key)
+        head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
+        for k, v in headers:
+            head.append(f"{k}: {v}\r\n")
+        if body or method == "POST":
+            head.append(f"Content-Length: {len(body)}\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
+        conn.waiter = fut
+        assert conn.transport is not None
+        if drop_after is not None:
+            conn.transport.write(data + body[:drop_after])
+            conn.transport.abort()
+            conn.closed = True
+            raise HttpError("connection dropped by the device (simulated)")
+        conn.transport.write(data + body)
+        try:
+            status, hdrs, rbody = await asyncio.wait_for(fut, self.timeout)
+        except HttpError:
+            conn.close()
+            if not fresh:     # a keep-alive connection the server closed meanwhile: retry once
+                return await self.request(method, url, body=body, headers=headers)
+            raise
+        except asyncio.TimeoutError:
+            conn.close()
+            raise HttpError(f"no answer within {self.timeout} s") from None
+        if conn.keep_alive and not conn.closed and len(pool) < self.max_idle:
+            pool.append(conn)
+        else:
+            conn.close()
+        return status, hdrs, rbody
+
+    def close(self) -> None:
+        for pool in self.idle.values():
+            for c in pool:
+                c.close()
+        self.idle.clear()
+
+
+# --- the fleet ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FaultShares:
+    """Share (0..1) of devices showing each fault; ``fail_update_code`` for failing updates."""
+
+    timeout: float = 0.0
+    drop: float = 0.0
+    wrong_credentials: float = 0.0
+    decline_optin: float = 0.0
+    fail_update: float = 0.0
+    fail_update_code: int = 410
+
+    def plan(self, rng: random.Random) -> FaultPlan:
+        return FaultPlan(
+            timeout=rng.random() < self.timeout,
+            drop=rng.random() < self.drop,
+            wrong_credentials=rng.random() < self.wrong_credentials,
+            decline_optin=rng.random() < self.decline_optin,
+            fail_update=self.fail_update_code if rng.random() < self.fail_update else None)
+
+
+@dataclasses.dataclass
+class SessionReport:
+    dev_id: str
+    outcome: str
+    messages: int
+    seconds: float
+    detail: str = ""
+    alert: int = 1201
+
+
+@dataclasses.dataclass
+class FleetStats:
+    sessions: int = 0
+    messages: int = 0
+    outcomes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    session_seconds: list[float] = dataclasses.field(default_factory=list)
+    downloads: int = 0
+    download_bytes: int = 0
+    notifications: int = 0
+    rejected_503: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3)
+
+        return {
+            "sessions": self.sessions, "messages": self.messages,
+            "outcomes": dict(self.outcomes), "elapsed_s": round(elapsed, 3),
+            "messages_per_s": round(self.messages / elapsed, 1) if elapsed else None,
+            "sessions_per_s": round(self.sessions / elapsed, 1) if elapsed else None,
+            "latency_p50_ms": pct(0.50), "latency_p99_ms": pct(0.99),
+            "session_p50_s": round(statistics.median(self.session_seconds), 4)
+            if self.session_seconds else None,
+            "downloads": self.downloads, "download_bytes": self.download_bytes,
+            "notifications": self.notifications, "rejected_503": self.rejected_503,
+        }
+
+
+def account_for_username(username: str | None, profile: DeviceProfile) -> Any:
+    """The server-side account of simulated device ``dev<i>`` (for ``serve`` next to a
+    simulator run): the same derivation ``VirtualDevice`` uses."""
+    if not username or not username.startswith("dev") or not username[3:].isdigit():
+        return None
+    return VirtualDevice(int(username[3:]), profile).account()
+
+
+class Fleet:
+    """Many ``VirtualDevice``s sharing one ``DeviceProfile`` and one HTTP client."""
+
+    def __init__(self, profile: DeviceProfile, n: int, *, faults: FaultShares | None = None,
+                 seed: int = 1, first_index: int = 0, client: HttpClient | None = None,
+                 keep_latencies: bool = True, retry_503: int = 3) -> None:
+        self.profile = profile
+        self.rng = random.Random(seed)
+        shares = faults or FaultShares()
+        self.devices = [VirtualDevice(first_index + i, profile, faults=shares.plan(self.rng))
+                        for i in range(n)]
+        self.by_msisdn = {d.msisdn: d for d in self.devices}
+        self.by_dev_id = {d.dev_id: d for d in self.devices}
+        self.client = client or HttpClient()
+        self.stats = FleetStats()
+        self.reports: list[SessionReport] = []
+        self.keep_latencies = keep_latencies
+        self.keep_reports = True
+        self.retry_503 = retry_503
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def accounts(self) -> list[Any]:
+        return [d.account() for d in self.devices]
+
+    # --- package 0 -----------------------------------------------------------------------------------
+
+    async def on_pkg0(self, msisdn: str, pkg0: bytes) -> bool:
+        """The loopback gateway's callback: verify, then start the session in the background.
+
+        Returns False (no such device) for an unknown MSISDN; a package 0 whose digest does
+        not verify is dropped silently, as a phone does."""
+        dev = self.by_msisdn.get(msisdn)
+        if dev is None:
+            return False
+        self.stats.notifications += 1
+        try:
+            from ..notify.pkg0 import parse_pkg0
+            p = parse_pkg0(pkg0, dev.server_secret, dev.server_nonce, accept_resync=True)
+        except CodecError as exc:
+            self._report(SessionReport(dev.dev_id, "pkg0_rejected", 0, 0.0, str(exc), 1200))
+            return True
+        self.spawn(self.run_session(dev, alert=1200, session_id=p.session_id_text))
+        return True
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Waits until every background session (from package 0 or later reports) ended."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.tasks:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if left == 0.0:
+                break
+            await asyncio.wait(set(self.tasks), timeout=left)
+
+    # --- one session -----------------------------------------------------------------------------------
+
+    def _report(self, rep: SessionReport) -> SessionReport:
+        self.stats.sessions += 1
+        self.stats.outcomes[rep.outcome] += 1
+        self.stats.session_seconds.append(rep.seconds) if self.keep_latencies else None
+        if self.keep_reports:
+            self.reports.append(rep)
+        return rep
+
+    async def run_session(self, dev: VirtualDevice, *, alert: int = 1201,
+                          session_id: str | None = None) -> SessionReport:
+        """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured."""
+        t0 = time.perf_counter()
+        cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
+        out = cs.first()
+        messages = 0
+        dropped = False
+        retries = 0
+        later_jobs: list[Job] = []
+        stats = self.stats
+        while out is not None:
+            drop_after = None
+            if dev.faults.drop and not dropped and messages == 1:
+                drop_after = len(out.body) // 2
+                dropped = True
+            t1 = time.perf_counter()
+            try:
+                status, hdrs, body = await self.client.request(
+                    "POST", out.url, body=out.body,
+                    headers=out.headers + [("Content-Type", out.content_type)],
+                    drop_after=drop_after)
+            except HttpError as exc:
+                if drop_after is not None:
+                    continue                  # reconnect and send the same message again
+                return self._report(SessionReport(dev.dev_id, "http_error", messages,
+                                                  time.perf_counter() - t0, str(exc), alert))
+            if self.keep_latencies:
+                stats.latencies.append(time.perf_counter() - t1)
+            messages += 1
+            stats.messages += 1
+            if status == 503 and retries < self.retry_503:
+                stats.rejected_503 += 1
+                retries += 1
+                await asyncio.sleep(min(float(hdrs.get("retry-after", "1") or 1), 5.0)
+                                    * self.rng.uniform(0.05, 0.2))
+                continue
+            if status != 200:
+                return self._report(SessionReport(dev.dev_id, f"http_{status}", messages,
+                                                  time.perf_counter() - t0,
+                                                  body[:200].decode("latin-1"), alert))
+            cs.receive(body)
+            if cs.jobs:
+                jobs, cs.jobs = cs.jobs, []
+                if self.profile.report_in_same_session:
+                    for job in jobs:
+                        await self.run_job(dev, job)
+                else:
+                    later_jobs.extend(jobs)
+            if dev.faults.timeout and messages >= 1 and not cs.done:
+                return self._report(SessionReport(dev.dev_id, "device_timeout", messages,
+                                                  time.perf_counter() - t0,
+                                                  "stopped answering (simulated)", alert))
+            out = cs.next()
+        rep = self._report(SessionReport(dev.dev_id, cs.outcome or "completed", messages,
+                                         time.perf_counter() - t0, cs.detail, alert))
+        if later_jobs:
+            for job in later_jobs:
+                await self.run_job(dev, job)
+            self.spawn(self.run_session(dev, alert=1201))   # report in a new session
+        return rep
+
+    async def run_job(self, dev: VirtualDevice, job: Job) -> int:
+        """Download (and install) a FUMO package; records the result on the device."""
+        result = 200
+        if job.kind in ("download", "downloadandupdate"):
+            url = job.url or ""
+            if not url.startswith(("http://", "https://")):
+                return _finish(dev, job, 411)
+            try:
+                status, hdrs, body = await self.client.request("GET", url)
+            except HttpError:
+                return _finish(dev, job, 503)
+            if status != 200:
+                return _finish(dev, job, 406 if status in (401, 403) else 500)
+            self.stats.downloads += 1
+            self.stats.download_bytes += len(body)
+            job.nbytes = len(body)
+            expected = int(hdrs["content-length"]) if hdrs.get("content-length", "").isdigit() \
+                else None
+            result = dev.update_result(len(body), expected) if job.kind == "downloadandupdate" \
+                else (402 if expected is not None and expected != len(body) else 200)
+            if job.kind == "download" and result == 200:
+                dev.pkg_data = body
+        else:
+            result = dev.update_result(len(dev.pkg_data or b""), None) if dev.pkg_data else 410
+        return _finish(dev, job, result)
+
+    # --- load generation ---------------------------------------------------------------------------------
+
+    async def run(self, *, duration: float | None = None, sessions_per_device: int = 1,
+                  concurrency: int = 100) -> FleetStats:
+        """Client-initiated sessions: each device runs ``sessions_per_device`` sessions (or
+        sessions until ``duration`` seconds passed), ``concurrency`` devices at a time."""
+        queue: asyncio.Queue[VirtualDevice] = asyncio.Queue()
+        for _ in range(sessions_per_device if duration is None else 1):
+            for d in self.devices:
+                queue.put_nowait(d)
+        end = None if duration is None else time.perf_counter() + duration
+        self.stats.started = time.perf_counter()
+
+        async def worker() -> None:
+            while True:
+                if end is not None and time.perf_counter() >= end:
+                    return
+                try:
+                    dev = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await self.run_session(dev)
+                if end is not None:
+                    queue.put_nowait(dev)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await self.wait_idle(timeout=30.0)
+        return self.stats
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _finish(dev: VirtualDevice, job: Job, result: int) -> int:
+    dev.finish_job(job, result)
+    return result

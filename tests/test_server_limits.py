@@ -1,0 +1,277 @@
+"""Device port limits and HTTP errors, driven with raw sockets against a running server.
+
+Each test runs on uvloop and on the stock asyncio loop; loop errors fail the test.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+import trustme
+import uvloop
+
+from dmengine.errors import ConfigError
+from dmengine.metrics import DeviceMetrics
+from dmengine.server import DmServer, HttpResponse, MemoryDeviceHandler, ServerConfig
+
+from prometheus_client import CollectorRegistry
+
+WBXML = "application/vnd.syncml.dm+wbxml"
+XML = "application/vnd.syncml.dm+xml"
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop(request):
+    lp = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
+    errors: list[dict] = []
+    lp.set_exception_handler(lambda _l, ctx: errors.append(ctx))
+    yield lp
+    lp.run_until_complete(lp.shutdown_asyncgens())
+    lp.close()
+    assert not errors, errors
+
+
+async def _server(**kw) -> tuple[DmServer, MemoryDeviceHandler, DeviceMetrics]:
+    handler = MemoryDeviceHandler()
+    metrics = DeviceMetrics(CollectorRegistry())
+    kw.setdefault("tick", 0.05)
+    srv = DmServer(ServerConfig(host="127.0.0.1", port=0, **kw), handler, metrics=metrics)
+    await srv.start()
+    return srv, handler, metrics
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def _exchange(port: int, raw: bytes, n: int = 1, ssl_ctx=None):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+    writer.write(raw)
+    out = [await _read_response(reader) for _ in range(n)]
+    writer.close()
+    return out
+
+
+def post(path: str, body: bytes, ctype: str = WBXML, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_wrong_method_path_and_type_keep_the_connection(loop):
+    async def main():
+        srv, _, metrics = await _server()
+        try:
+            raw = (b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n"
+                   + post("/dm", b"hello", "text/plain")
+                   + post("/elsewhere", b"x")
+                   + b"PUT /dm/abc HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+            res = await _exchange(srv.port, raw, 4)       # pipelined: answered in order
+            assert [r[0] for r in res] == [405, 415, 404, 405]
+            assert res[0][1]["allow"] == "POST"
+            assert res[0][1]["cache-control"] == "no-store, private"
+            assert "application/vnd.syncml.dm+wbxml" in res[1][1]["accept-post"]
+            assert metrics.http_errors.labels("415")._value.get() == 1
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_body_over_max_msg_size_is_413_before_reading_it(loop):
+    async def main():
+        srv, _, metrics = await _server(max_msg_size=1000, max_body_slack=0)
+        try:
+            # announced by Content-Length: answered at once, the body is never sent
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(b"POST /dm HTTP/1.1\r\nHost: t\r\nContent-Type: " + WBXML.encode()
+                         + b"\r\nContent-Length: 5000\r\n\r\n")
+            status, headers, _ = await _read_response(reader)
+            assert status == 413 and headers["connection"] == "close"
+            assert await reader.read() == b""                 # closed
+            writer.close()
+            # chunked: counted as it arrives
+            chunk = b"x" * 800
+            raw = (b"POST /dm HTTP/1.1\r\nHost: t\r\nContent-Type: " + WBXML.encode()
+                   + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2 + b"0\r\n\r\n")
+            (status, _, _), = await _exchange(srv.port, raw)
+            assert status == 413
+            assert metrics.http_errors.labels("413")._value.get() == 2
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_header_block_too_large_is_431(loop):
+    async def main():
+        srv, _, _ = await _server(max_header_bytes=2048)
+        try:
+            raw = b"POST /dm HTTP/1.1\r\nHost: t\r\nX-Junk: " + b"a" * 4000 + b"\r\n\r\n"
+            (status, headers, _), = await _exchange(srv.port, raw)
+            assert status == 431 and headers["connection"] == "close"
+            # a very long request line too
+            raw = b"GET /" + b"b" * 5000 + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+            (status, _, _), = await _exchange(srv.port, raw)
+            assert status == 431
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_garbage_http_is_400_and_closes(loop):
+    async def main():
+        srv, _, _ = await _server()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
+            status, _, _ = await _read_response(reader)
+            assert status == 400
+            assert await reader.read() == b""
+            writer.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_undecodable_body_is_400_and_the_connection_lives_on(loop):
+    async def main():
+        srv, _, metrics = await _server()
+        try:
+            raw = post("/dm", b"\x03\x01\x6a\x00\xff\xff\xff") + post("/dm", b"<SyncML", XML)
+            res = await _exchange(srv.port, raw, 2)
+            assert [r[0] for r in res] == [400, 400]
+            assert b"not a SyncML DM message" in res[0][2]
+            assert not srv.sessions                       # nothing was created
+            assert metrics.messages_in.labels("wbxml")._value.get() == 1
+            assert metrics.messages_in.labels("xml")._value.get() == 1
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_slow_sender_times_out_without_disturbing_others(loop):
+    async def main():
+        srv, _, _ = await _server(request_timeout=0.3, keepalive_timeout=0.6)
+        try:
+            slow_r, slow_w = await asyncio.open_connection("127.0.0.1", srv.port)
+            slow_w.write(b"POST /dm HTTP/1.1\r\nHost: t\r\nContent-")   # ... and nothing more
+            idle_r, idle_w = await asyncio.open_connection("127.0.0.1", srv.port)
+            # a good client meanwhile is served at once
+            (status, _, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 405
+            status, headers, _ = await _read_response(slow_r)
+            assert status == 408 and headers["connection"] == "close"
+            assert await asyncio.wait_for(slow_r.read(), 5) == b""
+            # the idle keep-alive connection is closed silently later
+            assert await asyncio.wait_for(idle_r.read(), 5) == b""
+            slow_w.close()
+            idle_w.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_max_connections_answers_503(loop):
+    async def main():
+        srv, _, metrics = await _server(max_connections=2)
+        try:
+            conns = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            (status, headers, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 503 and headers["retry-after"] == "5"
+            assert metrics.rejected_503.labels("connections")._value.get() == 1
+            for r, w in conns:      # the first two still work
+                w.write(b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await _read_response(r))[0] == 405
+                w.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_extra_get_route_and_head(loop):
+    async def main():
+        srv, _, _ = await _server()
+
+        async def content(request):
+            if request.path == "/content/fw1":
+                return HttpResponse(200, b"firmware-bytes", "application/octet-stream",
+                                    [("ETag", '"v1"')])
+            return HttpResponse(404, b"no\n", "text/plain")
+        srv.add_get_route("/content/", content)
+        try:
+            raw = (b"GET /content/fw1 HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n"
+                   b"HEAD /content/fw1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                   b"GET /content/nope HTTP/1.1\r\nHost: t\r\n\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(raw)
+            s1, h1, b1 = await _read_response(reader)
+            head = await reader.readuntil(b"\r\n\r\n")       # HEAD: headers only
+            s3, _, b3 = await _read_response(reader)
+            writer.close()
+            assert (s1, b1, h1["etag"]) == (200, b"firmware-bytes", '"v1"')
+            assert b"200 OK" in head and b"Content-Length: 14" in head
+            assert s3 == 404 and b3 == b"no\n"
+            with pytest.raises(ConfigError):
+                srv.add_get_route("content", content)
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_tls_from_configuration(loop, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def main():
+        srv, _, _ = await _server(tls_cert=str(cert_file), tls_key=str(key_file))
+        try:
+            assert srv.url.startswith("https://")
+            (status, _, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n",
+                                              ssl_ctx=client_ctx)
+            assert status == 405
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+    with pytest.raises(ConfigError):
+        ServerConfig(tls_cert=str(cert_file))
+    with pytest.raises(ConfigError):
+        ServerConfig(tls_cert=str(tmp_path / "missing.pem"),
+                     tls_key=str(tmp_path / "missing.key")).make_ssl_context()
+
+
+def test_graceful_shutdown_stops_accepting_and_closes_idle(loop):
+    async def main():
+        srv, _, _ = await _server()
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await _read_response(reader))[0] == 405
+        port = srv.port
+        await srv.shutdown(1.0)
+        assert await asyncio.wait_for(reader.read(), 5) == b""    # idle connection closed
+        writer.close()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    loop.run_until_complete(main())
+
+
+def test_config_limits_are_checked():
+    with pytest.raises(ConfigError):
+        ServerConfig(path="dm")
+    with pytest.raises(ConfigError):
+        ServerConfig(max_sessions=0)
+    assert ServerConfig(max_msg_size=100, max_body_slack=10).max_body == 110
