@@ -165,3 +165,27 @@ def test_payload_bounds():
             assert not ei.value.retryable
 
     asyncio.run(main())
+
+
+def test_gateway_from_config():
+    from dmengine.errors import ConfigError
+    from dmengine.notify import gateway_from_config
+    from dmengine.notify.http import HttpCallbackGateway
+    from dmengine.notify.kannel import KannelGateway
+
+    k = gateway_from_config({"type": "kannel", "url": "http://127.0.0.1:1", "username": "u",
+                             "password": "p", "sender": "12345", "rate": 7, "burst": 3,
+                             "attempts": 2, "method": "POST"})
+    assert isinstance(k, KannelGateway) and k.method == "POST" and k.sender == "12345"
+    assert k.limiter.rate == 7 and k.limiter.burst == 3 and k.retry.attempts == 2
+    h = gateway_from_config({"type": "http", "url": "http://127.0.0.1:1/x", "headers": {"a": "b"}})
+    assert isinstance(h, HttpCallbackGateway) and h.headers == {"a": "b"}
+    with pytest.raises(ConfigError) as ei:
+        gateway_from_config({"type": "kannel", "url": "http://x"})
+    assert ei.value.key == "username"
+    with pytest.raises(ConfigError) as ei:
+        gateway_from_config({"type": "http", "url": "http://x", "usr": "typo"})
+    assert "usr" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        gateway_from_config({"type": "smpp"})
+    assert ei.value.key == "type"
