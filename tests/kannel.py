@@ -50,7 +50,8 @@ SMSC_ID = "FAKE"
 _FAKESMSC_LINE = re.compile(r"Got message (\d+): <(.*)>\s*$")
 _ACCESS_LINE = re.compile(r"^(?P<when>\S+ \S+) Sent SMS \[SMSC:(?P<smsc>[^\]]*)\].*?"
                           r"\[from:(?P<sender>[^\]]*)\] \[to:(?P<to>[^\]]*)\] "
-                          r"\[flags:(?P<flags>[^\]]*)\] \[msg:(?P<msglen>\d+):(?P<msg>[0-9A-Fa-f]*)\] "
+                          r"\[flags:(?P<flags>[^\]]*)\] "
+                          r"\[msg:(?P<msglen>\d+):(?P<msg>[0-9A-Fa-f]*)\] "
                           r"\[udh:(?P<udhlen>\d+):(?P<udh>[0-9A-Fa-f]*)\]")
 
 
@@ -223,7 +224,8 @@ concatenation = false
                 chunks.append(f"--- {p.name}:\n" + "\n".join(lines))
         return "\n".join(chunks)
 
-    def _wait(self, what: str, check, procs: tuple[str, ...], timeout: float = START_TIMEOUT) -> None:
+    def _wait(self, what: str, check, procs: tuple[str, ...],
+              timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
@@ -384,8 +386,8 @@ concatenation = false
                 out.append(e)
         return out
 
-    def wait_for_sms(self, *, to: str, count: int = 1,
-                     timeout: float = START_TIMEOUT) -> list[tuple[FakeSmscMessage, AccessLogEntry]]:
+    def wait_for_sms(self, *, to: str, count: int = 1, timeout: float = START_TIMEOUT
+                     ) -> list[tuple[FakeSmscMessage, AccessLogEntry]]:
         """Wait until ``count`` messages to ``to`` show up in both fakesmsc and the access log;
         returns them paired in order."""
         found: list[tuple[FakeSmscMessage, AccessLogEntry]] = []

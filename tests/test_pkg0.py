@@ -206,7 +206,8 @@ def test_round_trip(server_id, secret, nonce, session_id, ui_mode, initiator, ve
     assert p.nonce == nonce and p.trigger == msg[16:]
     assert p.session_id_text == format(session_id, "X")
     # through the WAP push framing and back
-    assert wsp.decode_sms_notification(wsp.WDP_UDH, wsp.build_push(msg, tid=session_id & 0xFF)) == msg
+    body = wsp.build_push(msg, tid=session_id & 0xFF)
+    assert wsp.decode_sms_notification(wsp.WDP_UDH, body) == msg
 
 
 @given(st.binary(max_size=300))

@@ -41,7 +41,8 @@ def gateway_from_config(cfg: dict[str, object]) -> Gateway:
         try:
             common["retry"] = RetryPolicy(**retry)  # type: ignore[arg-type]
         except TypeError as exc:
-            raise ConfigError(f"notification gateway retry settings: {exc}", key="attempts") from None
+            raise ConfigError(f"notification gateway retry settings: {exc}",
+                              key="attempts") from None
 
     def need(key: str) -> str:
         value = cfg.pop(key, None)

@@ -92,7 +92,8 @@ class KannelGateway(Gateway):
 
     def _request(self, msisdn: str, body: bytes) -> tuple[str, URL, dict[str, str], bytes | None]:
         if self.method == "GET":
-            q = [("username", quote(self.username, safe="")), ("password", quote(self.password, safe="")),
+            q = [("username", quote(self.username, safe="")),
+                 ("password", quote(self.password, safe="")),
                  ("to", quote(msisdn, safe=""))]
             if self.sender:
                 q.append(("from", quote(self.sender, safe="")))

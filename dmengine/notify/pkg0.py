@@ -135,7 +135,8 @@ def _as_bytes(value: str | bytes, what: str) -> bytes:
 def compute_digest(server_id: str | bytes, server_secret: str | bytes, nonce: bytes,
                    trigger: bytes) -> bytes:
     """``MD5(B64(MD5(server_id ":" secret)) ":" nonce ":" B64(MD5(trigger)))``, raw 16 bytes."""
-    key = _b64md5(_as_bytes(server_id, "server_id") + b":" + _as_bytes(server_secret, "server_secret"))
+    key = _b64md5(_as_bytes(server_id, "server_id") + b":"
+                  + _as_bytes(server_secret, "server_secret"))
     return hashlib.md5(key + b":" + _as_bytes(nonce, "nonce") + b":" + _b64md5(trigger)).digest()
 
 
@@ -184,14 +185,16 @@ def parse_pkg0(data: bytes, server_secret: str | bytes | None = None,
     if n > max_size:
         raise CodecError(f"package #0 is {n} bytes, limit {max_size}", offset=max_size)
     if n < DIGEST_LEN + HEADER_LEN:
-        raise CodecError(f"package #0 truncated: {n} bytes, need at least {DIGEST_LEN + HEADER_LEN}",
+        raise CodecError(f"package #0 truncated: {n} bytes, need at least "
+                         f"{DIGEST_LEN + HEADER_LEN}",
                          offset=n, expected="16-byte digest and 8-byte header")
     digest = data[:DIGEST_LEN]
     hi = int.from_bytes(data[16:21], "big")
     version = hi >> 30
     if version not in versions:
         raise CodecError(f"package #0 version {version} not supported (accepted: "
-                         f"{', '.join(map(str, versions))})", offset=16, expected="version 11 or 12")
+                         f"{', '.join(map(str, versions))})", offset=16,
+                         expected="version 11 or 12")
     ui_mode = (hi >> 28) & 3
     initiator = (hi >> 27) & 1
     future = hi & ((1 << 27) - 1)

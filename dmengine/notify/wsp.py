@@ -4,7 +4,8 @@ Sending side (the gateway)::
 
     UDH   06 05 04 0B 84 23 F0      UDHL 6, IE 05 (16-bit ports) len 4, dst 2948, src 9200
     body  <tid> 06 03 C4 AF 87 <package #0>
-          06 Push PDU, 03 headers length, C4 content type 0x44 (application/vnd.syncml.notification),
+          06 Push PDU, 03 headers length,
+          C4 content type 0x44 (application/vnd.syncml.notification),
           AF 87 X-Wap-Application-Id (0x2F) = 0x07 (x-wap-application:syncml.dm)
 
 Receiving side (the device simulator): ``parse_udh`` and ``parse_push`` decode what arrives,
@@ -264,7 +265,8 @@ def decode_sms_notification(udh: bytes, body: bytes) -> bytes:
     """The package #0 inside one SMS, after checking port 2948, type 0x44 and app id syncml.dm."""
     u = parse_udh(udh)
     if u.dst_port != PUSH_PORT:
-        raise CodecError(f"SMS is for port {u.dst_port}, not the WAP push port {PUSH_PORT}", offset=0)
+        raise CodecError(f"SMS is for port {u.dst_port}, not the WAP push port {PUSH_PORT}",
+                         offset=0)
     if u.concat is not None and u.concat[1] != 1:
         raise CodecError("concatenated SMS: reassemble the parts first", offset=0)
     push = parse_push(body)
