@@ -20,6 +20,7 @@ Usage in a test module::
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -53,6 +54,15 @@ _ACCESS_LINE = re.compile(r"^(?P<when>\S+ \S+) Sent SMS \[SMSC:(?P<smsc>[^\]]*)\
                           r"\[flags:(?P<flags>[^\]]*)\] "
                           r"\[msg:(?P<msglen>\d+):(?P<msg>[0-9A-Fa-f]*)\] "
                           r"\[udh:(?P<udhlen>\d+):(?P<udh>[0-9A-Fa-f]*)\]")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the test process dies without a teardown
+    (kill -9, a crash), so no box outlives it.  Linux only; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class KannelError(AssertionError):
@@ -213,7 +223,8 @@ concatenation = false
             self._files.append(err)
         # a plain exec, so the PID is the box's own (no shell in between)
         self.procs[name] = subprocess.Popen(argv, cwd=self.dir, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=err)
+                                            stdout=out, stderr=err,
+                                            preexec_fn=_die_with_parent)
 
     def _tail(self, name: str, n: int = 30) -> str:
         chunks = []
