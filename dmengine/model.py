@@ -215,7 +215,7 @@ class TaskResult(Struct, kw_only=True, omit_defaults=True):
     message: Union[Text, None] = None
 
 
-class Task(Struct, kw_only=True, omit_defaults=True):
+class Task(Struct, kw_only=True, omit_defaults=True, gc=False):
     task_id: Id
     dev_id: DevId
     op: Operation
@@ -238,7 +238,7 @@ class Task(Struct, kw_only=True, omit_defaults=True):
     finished: Union[Time, None] = None
 
 
-class HistoryEntry(Struct, kw_only=True, omit_defaults=True):
+class HistoryEntry(Struct, kw_only=True, omit_defaults=True, gc=False):
     task_id: Id
     seq: Count                                     # 1, 2, 3 … per task
     time: Time

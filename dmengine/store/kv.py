@@ -737,8 +737,12 @@ class KVStore(Store):
                       expect_state: TaskState | None = None,
                       changes: Mapping[str, Any] | None = None,
                       enqueue: Sequence[OutboxEntry] = ()) -> Op[Task]:
-        to_state = TaskState(to_state)
-        key = _e(task_id)
+        if to_state.__class__ is not TaskState:
+            try:
+                to_state = TaskState(to_state)
+            except ValueError:
+                raise ValidationError(f"no task state {to_state!r}", where="$.state") from None
+        key = task_id.encode()
         if changes:
             changes = dict(changes)
             bad = _TASK_PROTECTED.intersection(changes)
@@ -747,27 +751,33 @@ class KVStore(Store):
                 raise ValidationError(f"{f} cannot be changed by a transition", where=f"$.{f}")
         if cause is not None and len(cause) > 1024:
             raise ValidationError("cause longer than 1024", where="$.cause")
-        entries = [self._outbox_prep(e) for e in enqueue]
+        entries = [self._outbox_prep(e) for e in enqueue] if enqueue else ()
 
         def op(ctx: WriteCtx) -> Task:
             txn = ctx.txn
             raw = txn.get("tasks", key)
             if raw is None:
                 raise NotFound("task", task_id)
-            old = dec(Task, raw, "tasks", key)
-            frm = old.state
+            t = dec(Task, raw, "tasks", key)     # a fresh object: changed in place below
+            frm = t.state
             if expect_state is not None and frm != expect_state:
                 raise Conflict("task", task_id, f"task {task_id!r} is {frm}, not {expect_state}")
             if to_state not in TASK_TRANSITIONS[frm]:
                 raise InvalidTransition("task", task_id, frm, to_state)
             now = ctx.now
-            n = old.history_len + 1
-            t = msgspec.structs.replace(
-                old, state=to_state, version=old.version + 1, history_len=n, updated=now,
-                cause=cause if cause is not None else old.cause,
-                finished=now if to_state in FINAL_TASK_STATES else old.finished)
+            n = t.history_len + 1
             if changes:
-                t = msgspec.structs.replace(t, **changes)
+                old = msgspec.structs.replace(t)
+                t = replace_fields(t, changes, _TASK_PROTECTED)
+            t.state = to_state
+            t.version += 1
+            t.history_len = n
+            t.updated = now
+            if cause is not None:
+                t.cause = cause
+            if to_state in FINAL_TASK_STATES:
+                t.finished = now
+            if changes:
                 data = model.validate(t)
                 if t.correlator and t.correlator != old.correlator:
                     owner = txn.get("task_corr", _e(t.correlator))
@@ -775,19 +785,37 @@ class KVStore(Store):
                         raise AlreadyExists("correlator", t.correlator)
             else:
                 data = _enc.encode(t)
-            job = ctx.job(old.job_id) if old.job_id and frm != to_state else None
+            job_id = t.job_id
+            job = ctx.job(job_id) if job_id and frm != to_state else None
             for e in entries:
                 if txn.get("outbox", _e(e.entry_id)) is not None:
                     raise AlreadyExists("outbox entry", e.entry_id)
             # --- writes
             ctx.put("tasks", key, data)
-            _reindex(ctx, _task_index(old), _task_index(t))
+            if changes:
+                _reindex(ctx, _task_index(old), _task_index(t))
+            elif frm != to_state:   # fast path: only the state-dependent index rows move
+                if job_id:
+                    j = _e(job_id) + SEP
+                    sq = SEP + u64(t.seq)
+                    ctx.delete("task_jstate", j + _e(frm) + sq)
+                    ctx.put("task_jstate", j + _e(to_state) + sq, key)
+                if to_state in FINAL_TASK_STATES and frm not in FINAL_TASK_STATES:
+                    if t.next_attempt is not None:
+                        ctx.delete("task_due", us(t.next_attempt) + key)
+                    if t.deadline is not None:
+                        ctx.delete("task_dl", us(t.deadline) + key)
             h = HistoryEntry(task_id=task_id, seq=n, time=now, from_state=frm, to_state=to_state,
                              cause=cause, dm_status=dm_status, result_code=result_code)
             ctx.put("history", key + SEP + n.to_bytes(4, "big"), _enc.encode(h))
             if job is not None:
-                _count(job, old, frm, -1)
-                _count(job, old, to_state, +1)
+                counts = job.test_counts if t.test_cycle else job.counts
+                c = counts.get(frm, 0) - 1
+                if c:
+                    counts[frm] = c
+                else:
+                    del counts[frm]
+                counts[to_state] = counts.get(to_state, 0) + 1
                 job.updated = now
             for e in entries:
                 self._outbox_put(ctx, e)
