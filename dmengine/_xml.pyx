@@ -43,7 +43,11 @@ cdef extern from "strings.h":
     int strncasecmp(const char* a, const char* b, size_t n)
 
 DEFAULT_MAX_DEPTH = 32
-DEFAULT_MAX_SIZE = 1 << 20
+DEFAULT_MAX_SIZE = 4 * 1024 * 1024
+MAX_DEPTH_CAP = 1000                 # decode() recursion is bounded by max_depth; keep it sane
+cdef enum:
+    ENC_NEST = 100
+ENCODE_MAX_NESTING = ENC_NEST        # deepest command / Element nesting encode() follows
 
 NS_SYNCML = "SYNCML:SYNCML1.2"
 NS_SYNCML11 = "SYNCML:SYNCML1.1"
@@ -269,9 +273,10 @@ COMMANDS = frozenset({"Add", "Alert", "Atomic", "Copy", "Delete", "Exec", "Get",
                       "Sequence", "Status", "Results"})
 #: SyncBody commands of the SyncML DTD that DM does not use: decoded to name + CmdID only.
 OTHER_COMMANDS = frozenset({"Sync", "Map", "Put", "Search", "Move"})
-#: MetInf elements that land in Meta.extra (with their allowed children for containers).
-METINF_EXTRA = frozenset({"Anchor", "EMI", "FreeID", "FreeMem", "Last", "Mem", "Next",
-                          "SharedMem", "FieldLevel"})
+#: MetInf elements without a Meta field: they land in Meta.extra as (name, str), or for the
+#: groups as (name, [(child, str), ...]).
+METINF_EXTRA = frozenset({"EMI", "FreeID", "FreeMem", "Last", "Next", "SharedMem", "FieldLevel"})
+METINF_GROUPS = frozenset({"Anchor", "Mem", "MetInf"})
 
 cdef struct NameEnt:
     const char* s
@@ -1145,7 +1150,8 @@ cdef class _Reader:
                 self.bad_child(&c, t)
         return uri
 
-    cdef int meta_into(self, Tag* t, Meta m) except -1:
+    cdef Meta meta(self, Tag* t):
+        cdef Meta m = Meta.__new__(Meta)
         cdef Tag c
         cdef int tok
         while self.next_child(t, &c):
@@ -1182,10 +1188,7 @@ cdef class _Reader:
                 if m.version is not None:
                     self.dup(&c)
                 m.version = self.text(&c)
-            elif tok == M_MetInf:
-                # the optional MetInf wrapper: its children are the Meta's own
-                self.meta_into(&c, m)
-            elif tok == M_Anchor or tok == M_Mem:
+            elif tok == M_Anchor or tok == M_Mem or tok == M_MetInf:
                 if m.extra is None:
                     m.extra = []
                 m.extra.append((NAMES[tok], self.meta_group(&c)))
@@ -1193,7 +1196,7 @@ cdef class _Reader:
                 if m.extra is None:
                     m.extra = []
                 m.extra.append((NAMES[tok], self.text(&c)))
-        return 0
+        return m
 
     cdef list meta_group(self, Tag* t):
         cdef Tag c
@@ -1206,10 +1209,6 @@ cdef class _Reader:
             out.append((NAMES[tok], self.text(&c)))
         return out
 
-    cdef Meta meta(self, Tag* t):
-        cdef Meta m = Meta.__new__(Meta)
-        self.meta_into(t, m)
-        return m
 
     cdef Cred cred(self, Tag* t):
         cdef Cred cr = Cred.__new__(Cred)
@@ -1616,6 +1615,8 @@ def decode(bytes data not None, *, int max_depth=DEFAULT_MAX_DEPTH,
     """Decodes one SyncML DM message in XML; raises CodecError on bad input."""
     cdef _Reader r
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if max_depth > MAX_DEPTH_CAP:
+        raise ValueError(f"max_depth above {MAX_DEPTH_CAP}")
     if n > max_size:
         raise CodecError(f"message of {n} bytes is larger than max_size={max_size}",
                          offset=max_size, expected=f"at most {max_size} bytes")
@@ -1636,8 +1637,8 @@ def decode(bytes data not None, *, int max_depth=DEFAULT_MAX_DEPTH,
 
 
 
-cdef set _EXTRA_OK = set(METINF_EXTRA)
-cdef set _GROUP_OK = {"Last", "Next", "FreeMem", "FreeID", "SharedMem"}
+cdef set _EXTRA_OK = set(METINF_EXTRA | METINF_GROUPS)
+cdef set _GROUP_OK = set(_METINF_NAMES.values()) - set(METINF_GROUPS)
 
 
 cdef bint _valid_name(str s):
@@ -1658,6 +1659,14 @@ cdef class _Writer:
     cdef char* buf
     cdef Py_ssize_t n
     cdef Py_ssize_t cap
+    cdef int nest
+
+    cdef int enter(self) except -1:
+        self.nest += 1
+        if self.nest > ENC_NEST:
+            raise CodecError(f"commands or Elements nested deeper than {ENC_NEST} "
+                             "(cyclic model?)")
+        return 0
 
     def __cinit__(self):
         self.cap = 4096
@@ -1796,11 +1805,11 @@ cdef class _Writer:
                 self.ext_name(name, _EXTRA_OK)
                 bn = (<str>name).encode()
                 if isinstance(value, str):
-                    if name in ("Anchor", "Mem"):
+                    if name in METINF_GROUPS:
                         raise CodecError(f"Meta.extra: {name} holds a list of (name, value)")
                     self.mleaf(bn, value)
                 elif isinstance(value, list):
-                    if name not in ("Anchor", "Mem"):
+                    if name not in METINF_GROUPS:
                         raise CodecError(f"Meta.extra: {name} holds a str")
                     self.lit("<")
                     self.lit(bn)
@@ -1891,6 +1900,7 @@ cdef class _Writer:
         if not isinstance(e.tag, str) or not _valid_name(e.tag):
             raise CodecError(f"Element tag {e.tag!r} is not an XML name")
         tag = (<str>e.tag).encode()
+        self.enter()
         self.lit("<")
         self.lit(tag)
         if e.xmlns is not None:
@@ -1899,6 +1909,7 @@ cdef class _Writer:
             self.lit('"')
         if e.text is None and not e.children:
             self.lit("/>")
+            self.nest -= 1
             return 0
         self.lit(">")
         if e.text is not None:
@@ -1911,6 +1922,7 @@ cdef class _Writer:
         self.lit("</")
         self.lit(tag)
         self.lit(">")
+        self.nest -= 1
         return 0
 
     cdef int item(self, Item it) except -1:
@@ -1937,6 +1949,7 @@ cdef class _Writer:
             raise CodecError(f"cannot encode command {c.name!r}")
         name = (<str>c.name).encode()
         results = c.name == "Results"
+        self.enter()
         self.lit("<")
         self.lit(name)
         self.lit(">")
@@ -1984,6 +1997,7 @@ cdef class _Writer:
         self.lit("</")
         self.lit(name)
         self.lit(">")
+        self.nest -= 1
         return 0
 
     cdef int message(self, Message m) except -1:

@@ -220,3 +220,17 @@ class CommandRejected(DmError):
     def __init__(self, msg: str, *, handle: object = None) -> None:
         super().__init__(msg)
         self.handle = handle
+
+
+class UnsupportedContentType(CodecError):
+    """An HTTP body whose media type or charset no codec reads (answer HTTP 415).
+
+    ``content_type`` is the header as received; ``what`` says which part is wrong
+    (``"media type"`` or ``"charset"``).
+    """
+
+    def __init__(self, msg: str, *, content_type: str | None, what: str,
+                 expected: str | None = None) -> None:
+        super().__init__(msg, expected=expected)
+        self.content_type = content_type
+        self.what = what
