@@ -153,8 +153,6 @@ def make_target(target: str, runs: int, stats: bool, seed: int):
     def one_input(data: bytes) -> None:
         n = next(counter)
         STATS["inputs"] += 1
-        if stats and STATS["inputs"] == runs:
-            print("stats: " + " ".join(f"{k}={v}" for k, v in STATS.items()), flush=True)
         # The recipe depends on libFuzzer's bytes and on the run number, so that runs differ
         # even when libFuzzer's corpus (blind to the Cython code) has shrunk to a few bytes.
         rng = random.Random(data + n.to_bytes(8, "little") + salt)
@@ -170,6 +168,8 @@ def make_target(target: str, runs: int, stats: bool, seed: int):
             else:                                           # structure-aware mutations of a seed
                 doc = mutate(rng.choice(seeds), rng)
             run_check(check, doc, kind)
+        if stats and STATS["inputs"] == runs:
+            print("stats: " + " ".join(f"{k}={v}" for k, v in STATS.items()), flush=True)
     return one_input
 
 
