@@ -105,9 +105,12 @@ def encode_cursor(key: bytes) -> str:
 
 def decode_cursor(cursor: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(cursor.encode("ascii"))
+        key = base64.b64decode(cursor.encode("ascii"), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ValidationError(f"bad cursor {cursor!r}", where="cursor") from None
+    if not key:
+        raise ValidationError(f"bad cursor {cursor!r}", where="cursor")
+    return key
 
 
 def check_limit(limit: int) -> int:

@@ -1,0 +1,459 @@
+"""The store contract (store/base.py), run against both LMDB and memory."""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from dmengine.errors import (AlreadyExists, Conflict, InvalidTransition, NotFound, StoreClosed,
+                             StoreError, ValidationError)
+from dmengine.model import (AuditEntry, Capability, Content, DmAccount, Device, ExecOp, Job,
+                            JobState, OutboxEntry, QueryOp, Task, TaskResult, TaskState, UpdateOp,
+                            redact)
+from dmengine.store.base import Page, Store
+from dmengine.store.lmdb import LmdbStore
+from dmengine.store.memory import MemoryStore
+
+Body = Callable[[Store], Awaitable[Any]]
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def use(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Callable[[Body], Any]:
+    def runner(body: Body) -> Any:
+        async def main() -> Any:
+            s: Store = (MemoryStore() if request.param == "memory"
+                        else LmdbStore(tmp_path / "env", map_size=1 << 20))
+            try:
+                res = await body(s)
+                assert await s.check() == []
+                return res
+            finally:
+                await s.close()
+        return asyncio.run(main())
+    return runner
+
+
+def dev(n: int, **kw: Any) -> Device:
+    imei = kw.pop("imei", f"35693803{n:07d}")
+    return Device(dev_id=f"IMEI:{imei}", imei=imei, msisdn=kw.pop("msisdn", f"+4917{n:08d}"), **kw)
+
+
+def task(tid: str, **kw: Any) -> Task:
+    kw.setdefault("dev_id", "IMEI:356938035643809")
+    kw.setdefault("op", QueryOp(nodes=["./DevInfo/Mod"]))
+    return Task(task_id=tid, **kw)
+
+
+# --- devices --------------------------------------------------------------------------
+
+
+def test_device_crud_and_lookups(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        acc = DmAccount(server_id="acme-dms", client_name="dmclient01", client_password="clientpw-1",
+                        client_key="DV4giKozqa1xsMX/tjaQjQ==", server_password="srv-secret-42")
+        d = await s.create_device(dev(1, capability="cap-a", account=acc, devinfo={"./DevInfo/Mod": "X1"}))
+        assert d.created > 0 and d.updated >= d.created
+        got = await s.get_device(d.dev_id)
+        assert got == d and got.account.client_password == "clientpw-1"  # type: ignore[union-attr]
+        assert (await s.device_by_msisdn("+491700000001")).dev_id == d.dev_id
+        assert (await s.device_by_imei(d.imei)).dev_id == d.dev_id  # type: ignore[arg-type]
+        assert [x.dev_id for x in (await s.devices_by_tac("35693803")).items] == [d.dev_id]
+        assert [x.dev_id for x in (await s.devices_by_capability("cap-a")).items] == [d.dev_id]
+        r = redact(got)
+        assert r.account.client_password == "***" and r.account.client_key == "***"  # type: ignore[union-attr]
+        assert r.account.server_key is None and b"clientpw-1" not in msgspec.json.encode(r)  # type: ignore[union-attr]
+        with pytest.raises(AlreadyExists):
+            await s.create_device(dev(1))
+        # update: new MSISDN moves the index, capability change too
+        u = await s.update_device(d.dev_id, {"msisdn": "+491799999999", "capability": "cap-b"})
+        assert u.created == d.created and u.msisdn == "+491799999999"
+        with pytest.raises(NotFound):
+            await s.device_by_msisdn("+491700000001")
+        assert (await s.device_by_msisdn("+491799999999")).dev_id == d.dev_id
+        assert (await s.devices_by_capability("cap-a")).items == []
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(d.dev_id, {"dev_id": "IMEI:1"})
+        assert ei.value.where == "$.dev_id"
+        await s.delete_device(d.dev_id)
+        for fn, arg in ((s.get_device, d.dev_id), (s.device_by_msisdn, "+491799999999"),
+                        (s.device_by_imei, d.imei), (s.delete_device, d.dev_id)):
+            with pytest.raises(NotFound):
+                await fn(arg)  # type: ignore[operator]
+        assert (await s.devices_by_tac("35693803")).items == []
+    use(body)
+
+
+def test_invalid_device_is_refused_with_the_field_and_nothing_written(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        with pytest.raises(ValidationError) as ei:
+            await s.create_device(dev(2, msisdn="0049-170-123"))
+        assert ei.value.where == "$.msisdn"
+        with pytest.raises(ValidationError) as ei:
+            await s.put_device(Device(dev_id="IMEI:1", imei="12ab"))
+        assert ei.value.where == "$.imei"
+        with pytest.raises(ValidationError) as ei:
+            await s.create_device(dev(3, account=DmAccount(server_id="")))
+        assert ei.value.where == "$.account.server_id"
+        with pytest.raises(ValidationError) as ei:
+            await s.create_device(Device(dev_id="bad id with spaces"))
+        assert ei.value.where == "$.dev_id"
+        assert (await s.list_devices()).items == []
+        # a valid update that makes the record invalid is refused too; the old one stays
+        d = await s.create_device(dev(4))
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(d.dev_id, {"imei": "x"})
+        assert ei.value.where == "$.imei"
+        with pytest.raises(ValidationError):
+            await s.update_device(d.dev_id, {"no_such_field": 1})
+        assert await s.get_device(d.dev_id) == d
+        counts = await s.counts()
+        assert counts["devices"] == 1 and counts["dev_msisdn"] == 1 and counts["dev_tac"] == 1
+    use(body)
+
+
+def test_msisdn_and_imei_are_unique(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        a = await s.create_device(dev(5))
+        with pytest.raises(AlreadyExists) as ei:
+            await s.create_device(dev(6, msisdn=a.msisdn))
+        assert ei.value.kind == "msisdn"
+        with pytest.raises(AlreadyExists) as ei:
+            await s.put_device(Device(dev_id="IMEI:other", imei=a.imei))
+        assert ei.value.kind == "imei"
+        b = await s.create_device(dev(7))
+        with pytest.raises(AlreadyExists):
+            await s.update_device(b.dev_id, {"msisdn": a.msisdn})
+        assert (await s.device_by_msisdn(a.msisdn)).dev_id == a.dev_id  # type: ignore[arg-type]
+        # put_device replaces a device and its index rows
+        c = await s.put_device(Device(dev_id=b.dev_id, msisdn="+4930111111"))
+        assert c.imei is None and c.created == b.created
+        with pytest.raises(NotFound):
+            await s.device_by_imei(b.imei)  # type: ignore[arg-type]
+    use(body)
+
+
+def test_paging_with_cursors(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        for i in range(25):
+            await s.create_device(dev(100 + i))
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            p = await s.devices_by_tac("35693803", cursor=cursor, limit=10)
+            assert isinstance(p, Page)
+            seen += [d.dev_id for d in p.items]
+            pages += 1
+            cursor = p.next_cursor
+            if cursor is None:
+                break
+        assert pages == 3 and seen == sorted(seen) and len(set(seen)) == 25
+        everything = await s.list_devices(limit=25)
+        assert len(everything.items) == 25 and everything.next_cursor is None
+        with pytest.raises(ValidationError) as ei:
+            await s.list_devices(cursor="%%%")
+        assert ei.value.where == "cursor"
+        with pytest.raises(ValidationError) as ei:
+            await s.list_devices(limit=0)
+        assert ei.value.where == "limit"
+        foreign = (await s.list_devices(limit=1)).next_cursor
+        with pytest.raises(ValidationError):
+            await s.devices_by_tac("35693803", cursor=foreign)
+    use(body)
+
+
+def test_import_devices_reports_bad_records(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_device(dev(1))
+        batch = [dev(10), dev(11, msisdn="nope"), dev(12, msisdn="+491700000001"), dev(13), dev(1)]
+        rep = await s.import_devices(batch, chunk=2)
+        assert rep.created == 2 and rep.replaced == 1
+        assert sorted((i, w) for i, w, _ in rep.rejected) == [(1, "$.msisdn"), (2, "$.msisdn")]
+        assert (await s.device_by_msisdn("+491700000013")).dev_id == dev(13).dev_id
+        rep = await s.import_devices([dev(10)], replace=False)
+        assert rep.created == 0 and rep.rejected[0][1] == "$.dev_id"
+        assert (await s.counts())["devices"] == 3
+    use(body)
+
+
+# --- capabilities -----------------------------------------------------------------------
+
+
+def test_capabilities(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        c = await s.create_capability(Capability(oid="cap-x1", make="Acme", model="X1",
+                                                 firmware_versions=["1.0", "1.1"],
+                                                 tacs=["35693803", "35693804"],
+                                                 mo_paths={"fumo": "./FUMO/1"}))
+        assert (await s.get_capability("cap-x1")) == c
+        assert (await s.capability_by_tac("35693804")).oid == "cap-x1"
+        with pytest.raises(AlreadyExists):
+            await s.create_capability(Capability(oid="cap-x1"))
+        with pytest.raises(AlreadyExists) as ei:
+            await s.create_capability(Capability(oid="cap-x2", tacs=["35693803"]))
+        assert ei.value.kind == "tac"
+        with pytest.raises(ValidationError) as ei:
+            await s.create_capability(Capability(oid="cap-x3", tacs=["123"]))
+        assert ei.value.where == "$.tacs[0]"
+        u = await s.update_capability("cap-x1", {"tacs": ["35693805"], "model": "X1b"})
+        assert u.model == "X1b" and u.created == c.created
+        with pytest.raises(NotFound):
+            await s.capability_by_tac("35693803")
+        assert (await s.capability_by_tac("35693805")).oid == "cap-x1"
+        assert [x.oid for x in (await s.list_capabilities()).items] == ["cap-x1"]
+        await s.delete_capability("cap-x1")
+        with pytest.raises(NotFound):
+            await s.capability_by_tac("35693805")
+    use(body)
+
+
+# --- jobs and tasks ---------------------------------------------------------------------
+
+
+def test_jobs(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        a = await s.create_job(Job(job_id="job-a", name="fw 1.1", created=1000.0, rate_limit=50.0))
+        b = await s.create_job(Job(job_id="job-b", created=2000.0))
+        await s.create_job(Job(job_id="job-c", created=3000.0))
+        assert a.counts == {} and a.total == 0
+        with pytest.raises(AlreadyExists):
+            await s.create_job(Job(job_id="job-a"))
+        r = await s.update_job("job-a", {"state": JobState.RUNNING}, expect_state=JobState.SCHEDULED)
+        assert r.state is JobState.RUNNING
+        with pytest.raises(Conflict):
+            await s.update_job("job-a", {"state": JobState.PAUSED}, expect_state=JobState.SCHEDULED)
+        with pytest.raises(ValidationError) as ei:
+            await s.update_job("job-a", {"counts": {}})
+        assert ei.value.where == "$.counts"
+        with pytest.raises(ValidationError) as ei:
+            await s.update_job("job-a", {"rate_limit": -1.0})
+        assert ei.value.where == "$.rate_limit"
+        with pytest.raises(NotFound):
+            await s.update_job("nope", {"name": "x"})
+        assert [j.job_id for j in (await s.list_jobs(state=JobState.RUNNING)).items] == ["job-a"]
+        p = await s.jobs_by_date(1500.0, 3500.0, limit=1)
+        assert [j.job_id for j in p.items] == ["job-b"] and p.next_cursor
+        p2 = await s.jobs_by_date(1500.0, 3500.0, cursor=p.next_cursor, limit=1)
+        assert [j.job_id for j in p2.items] == ["job-c"]
+        assert (await s.jobs_by_date(0, 1000.0)).items == []
+        assert b.created == 2000.0
+    use(body)
+
+
+def test_task_life_history_and_job_counters(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="j1"))
+        t1 = await s.create_task(task("t1", job_id="j1", correlator="corr-1", next_attempt=100.0))
+        t2 = await s.create_task(task("t2", job_id="j1", dev_id="IMEI:2"))
+        t3 = await s.create_task(task("t3", job_id="j1", test_cycle=True))
+        assert t1.seq < t2.seq < t3.seq and t1.version == 1 and t1.history_len == 1
+        with pytest.raises(AlreadyExists):
+            await s.create_task(task("t1"))
+        with pytest.raises(NotFound):
+            await s.create_task(task("t9", job_id="nojob"))
+        j = await s.get_job("j1")
+        assert j.total == 3 and j.counts == {"PENDING": 2} and j.test_counts == {"PENDING": 1}
+        assert [t.task_id for t in await s.tasks_due(200.0)] == ["t1"]
+        assert (await s.task_by_correlator("corr-1")).task_id == "t1"
+
+        n = await s.transition("t1", TaskState.NOTIFIED, cause="pkg0 sent")
+        assert n.state is TaskState.NOTIFIED and n.version == 2 and n.history_len == 2
+        await s.transition("t1", TaskState.IN_PROGRESS, expect_state=TaskState.NOTIFIED)
+        with pytest.raises(Conflict):
+            await s.transition("t1", TaskState.SUCCEEDED, expect_state=TaskState.NOTIFIED)
+        with pytest.raises(InvalidTransition):
+            await s.transition("t2", TaskState.SUCCEEDED)        # PENDING -> SUCCEEDED
+        with pytest.raises(ValidationError):
+            await s.transition("t2", "BOGUS")  # type: ignore[arg-type]
+        with pytest.raises(NotFound):
+            await s.transition("nope", TaskState.NOTIFIED)
+        done = await s.transition("t1", TaskState.SUCCEEDED, dm_status=200, result_code=200,
+                                  changes={"result": TaskResult(fumo_result=200,
+                                                                statuses={"Exec": 202})})
+        assert done.finished is not None and done.result.fumo_result == 200  # type: ignore[union-attr]
+        with pytest.raises(InvalidTransition):
+            await s.transition("t1", TaskState.FAILED)
+        assert await s.tasks_due(200.0) == []                     # final: out of the due index
+        await s.transition("t3", TaskState.CANCELLED, cause="test over")
+
+        h = await s.task_history("t1")
+        assert [(e.seq, e.from_state, e.to_state) for e in h.items] == [
+            (1, None, "PENDING"), (2, "PENDING", "NOTIFIED"), (3, "NOTIFIED", "IN_PROGRESS"),
+            (4, "IN_PROGRESS", "SUCCEEDED")]
+        assert h.items[3].dm_status == 200 and h.items[1].cause == "pkg0 sent"
+        with pytest.raises(NotFound):
+            await s.task_history("nope")
+        j = await s.get_job("j1")
+        assert j.counts == {"PENDING": 1, "SUCCEEDED": 1} and j.test_counts == {"CANCELLED": 1}
+        assert [t.task_id for t in (await s.tasks_by_job("j1")).items] == ["t1", "t2", "t3"]
+        assert [t.task_id for t in (await s.tasks_by_job("j1", state=TaskState.PENDING)).items] == ["t2"]
+        assert (await s.tasks_by_job("j1", state=TaskState.FAILED)).items == []
+        assert [t.task_id for t in (await s.tasks_by_device("IMEI:356938035643809")).items] == ["t1", "t3"]
+    use(body)
+
+
+def test_update_task_is_optimistic(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        t = await s.create_task(task("u1", deadline=50.0))
+        t2 = await s.update_task(msgspec.structs.replace(t, attempts=1, correlator="c9"))
+        assert t2.version == t.version + 1
+        with pytest.raises(Conflict):
+            await s.update_task(msgspec.structs.replace(t, attempts=2))   # stale version
+        with pytest.raises(InvalidTransition):
+            await s.update_task(msgspec.structs.replace(t2, state=TaskState.FAILED))
+        with pytest.raises(ValidationError) as ei:
+            await s.update_task(msgspec.structs.replace(t2, accept_device_policy=15))
+        assert ei.value.where == "$.accept_device_policy"
+        assert (await s.task_by_correlator("c9")).attempts == 1
+        assert [x.task_id for x in await s.tasks_expiring(60.0)] == ["u1"]
+        assert await s.tasks_expiring(10.0) == []
+    use(body)
+
+
+def test_bad_transition_changes_write_nothing(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="j2"))
+        await s.create_task(task("b1", job_id="j2"))
+        before = await s.counts()
+        with pytest.raises(ValidationError) as ei:
+            await s.transition("b1", TaskState.NOTIFIED, changes={"attempts": -1})
+        assert ei.value.where == "$.attempts"
+        with pytest.raises(ValidationError):
+            await s.transition("b1", TaskState.NOTIFIED, changes={"state": TaskState.FAILED})
+        with pytest.raises(ValidationError) as ei:
+            await s.transition("b1", TaskState.NOTIFIED,
+                               enqueue=[OutboxEntry(entry_id="o1", kind="webhook", due=-1.0)])
+        assert ei.value.where == "$.due"
+        assert await s.counts() == before
+        t = await s.get_task("b1")
+        assert t.state is TaskState.PENDING and t.history_len == 1
+        assert (await s.get_job("j2")).counts == {"PENDING": 1}
+        # a good one with an outbox entry: both or neither
+        await s.transition("b1", TaskState.NOTIFIED, changes={"attempts": 1, "next_attempt": 10.0},
+                           enqueue=[OutboxEntry(entry_id="o1", kind="webhook", due=5.0,
+                                                payload={"taskId": "b1"})])
+        assert [e.entry_id for e in await s.due_entries(6.0)] == ["o1"]
+        with pytest.raises(AlreadyExists):
+            await s.transition("b1", TaskState.IN_PROGRESS,
+                               enqueue=[OutboxEntry(entry_id="o1", kind="webhook", due=5.0)])
+        assert (await s.get_task("b1")).state is TaskState.NOTIFIED
+    use(body)
+
+
+def test_create_tasks_is_all_or_nothing(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="bulk"))
+        ok = [task(f"k{i}", job_id="bulk", op=UpdateOp(content_id="fw-2")) for i in range(50)]
+        with pytest.raises(NotFound):
+            await s.create_tasks(ok[:10] + [task("kx", job_id="missing")])
+        with pytest.raises(ValidationError) as ei:
+            await s.create_tasks(ok[:3] + [task("ky", op=ExecOp(uri=""))])
+        assert ei.value.where == "$[3].op.uri"
+        assert (await s.counts())["tasks"] == 0
+        made = await s.create_tasks(ok)
+        assert [t.seq for t in made] == sorted(t.seq for t in made)
+        j = await s.get_job("bulk")
+        assert j.total == 50 and j.counts == {"PENDING": 50}
+        page = await s.tasks_by_job("bulk", limit=500)
+        assert len(page.items) == 50 and page.next_cursor is None
+    use(body)
+
+
+def test_concurrent_transitions_keep_counters_exact(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="cc"))
+        await s.create_tasks([task(f"c{i}", job_id="cc") for i in range(40)])
+
+        async def drive(i: int) -> None:
+            for st in (TaskState.NOTIFIED, TaskState.IN_PROGRESS,
+                       TaskState.SUCCEEDED if i % 2 else TaskState.FAILED):
+                await s.transition(f"c{i}", st)
+
+        async def racer() -> int:     # illegal or stale moves racing the drivers
+            lost = 0
+            for i in range(40):
+                try:
+                    await s.transition(f"c{i}", TaskState.CANCELLED, expect_state=TaskState.PENDING)
+                except (Conflict, InvalidTransition):
+                    lost += 1
+            return lost
+        res = await asyncio.gather(*(drive(i) for i in range(40)), racer(),
+                                   return_exceptions=True)
+        cancelled = 40 - res[-1]  # type: ignore[operator]
+        errs = [r for r in res[:-1] if isinstance(r, BaseException)]
+        assert all(isinstance(e, InvalidTransition) for e in errs)
+        j = await s.get_job("cc")
+        assert sum(j.counts.values()) == 40 and j.counts.get(TaskState.CANCELLED, 0) == cancelled
+    use(body)
+
+
+# --- content, outbox, audit ------------------------------------------------------------
+
+
+def test_content(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        c = await s.create_content(Content(content_id="fw-2", name="x1-2.0.bin", size=1234,
+                                           sha256="ab" * 32, capability="cap-x1",
+                                           from_version="1.0", to_version="2.0"))
+        with pytest.raises(AlreadyExists):
+            await s.create_content(c)
+        with pytest.raises(ValidationError) as ei:
+            await s.create_content(Content(content_id="fw-3", name="n", size=1, sha256="XYZ"))
+        assert ei.value.where == "$.sha256"
+        assert (await s.count_download("fw-2")).downloads == 1
+        assert (await s.count_download("fw-2")).downloads == 2
+        u = await s.update_content("fw-2", {"path": "/srv/fw/x1-2.0.bin"})
+        assert u.downloads == 2 and u.created == c.created
+        assert [x.content_id for x in (await s.list_content()).items] == ["fw-2"]
+        await s.delete_content("fw-2")
+        with pytest.raises(NotFound):
+            await s.get_content("fw-2")
+    use(body)
+
+
+def test_outbox(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        for i, due in enumerate((30.0, 10.0, 20.0)):
+            await s.enqueue(OutboxEntry(entry_id=f"o{i}", kind="charging" if i else "webhook",
+                                        due=due, payload={"n": i}, target="https://cb.example/x"))
+        with pytest.raises(AlreadyExists):
+            await s.enqueue(OutboxEntry(entry_id="o0", kind="webhook", due=1.0))
+        assert [e.entry_id for e in await s.due_entries(25.0)] == ["o1", "o2"]
+        assert [e.entry_id for e in await s.due_entries(100.0, limit=1)] == ["o1"]
+        r = await s.retry("o1", due=40.0, error="HTTP 503")
+        assert r.attempts == 1 and r.last_error == "HTTP 503"
+        assert [e.entry_id for e in await s.due_entries(35.0)] == ["o2", "o0"]
+        await s.ack("o2")
+        with pytest.raises(NotFound):
+            await s.ack("o2")
+        assert [e.entry_id for e in await s.due_entries(100.0)] == ["o0", "o1"]
+    use(body)
+
+
+def test_audit(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        for i in range(5):
+            e = await s.audit(AuditEntry(time=float(i), actor="op1", action="cancelJob",
+                                         target=f"job-{i}", detail={"why": "test"}))
+            assert e.seq == i + 1
+        p = await s.audit_entries(limit=3)
+        assert [e.target for e in p.items] == ["job-0", "job-1", "job-2"]
+        p = await s.audit_entries(cursor=p.next_cursor)
+        assert [e.seq for e in p.items] == [4, 5] and p.next_cursor is None
+    use(body)
+
+
+def test_closed_store_refuses(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.close()
+        with pytest.raises(StoreClosed):
+            await s.create_job(Job(job_id="late"))
+        assert isinstance(StoreClosed("x"), StoreError)
+        return None
+
+    with pytest.raises(StoreClosed):   # the runner's own check() after close refuses too
+        use(body)
