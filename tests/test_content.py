@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -68,7 +68,7 @@ class Producer:
         self.sent = 0
         self.closed = False
 
-    async def gen(self) -> AsyncIterator[bytes]:
+    async def gen(self) -> AsyncGenerator[bytes, None]:
         try:
             while True:
                 self.sent += len(self.piece)
@@ -633,3 +633,41 @@ def test_serve_detects_damaged_or_missing_file(run: Any, tmp_path: pathlib.Path)
                 pass
 
     run(main())
+
+
+def test_http_download_memory_is_bounded(run: Any, Http: Any, tmp_path: pathlib.Path) -> None:
+    """A 24 MB download never holds the file in memory (server or client side of this test)."""
+    import tracemalloc
+    size = 24 * 1024 * 1024
+    path = tmp_path / "src"
+    with open(path, "wb") as f:                     # written in pieces, never whole in memory
+        for i in range(size // (1024 * 1024)):
+            f.write(payload(1024 * 1024, seed=i))
+
+    async def upload() -> AsyncIterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(256 * 1024):
+                yield block
+
+    async def main() -> tuple[int, int, str]:
+        svc = ContentService(MemoryStore(), tmp_path / "files")
+        tracemalloc.start()
+        try:
+            c = await svc.ingest(upload(), name="big", size=size)
+            async with Http(svc) as srv, aiohttp.ClientSession(srv.base) as http:
+                async with http.get(download_url(c.content_id, "")) as resp:
+                    h = hashlib.sha256()
+                    got = 0
+                    tracemalloc.reset_peak()
+                    async for block in resp.content.iter_chunked(64 * 1024):
+                        h.update(block)
+                        got += len(block)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert h.hexdigest() == c.sha256
+        return got, peak, c.sha256
+
+    got, peak, _ = run(main())
+    assert got == size
+    assert peak < 6 * 1024 * 1024, f"peak traced memory {peak} bytes for a {size} byte download"
