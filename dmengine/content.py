@@ -12,8 +12,9 @@ Ingest, step by step (never more than ``chunk`` bytes in memory):
    is deleted and :class:`ContentTooLarge` / :class:`ContentMismatch` is raised;
 3. the byte count and the digest are compared with the declared ones (mismatch: the file is
    deleted, :class:`ContentMismatch` with ``where`` = ``size`` or ``sha256``, nothing stored);
-4. the file is fsynced, renamed to ``root_dir/<content_id>`` atomically and the directory
-   fsynced;
+4. the file is fsynced, put in place as ``root_dir/<content_id>`` atomically (a hard link,
+   which fails rather than replace a file a concurrent upload of the same id put there; then
+   the temp name is removed) and the directory fsynced;
 5. the record is created in the store; if that fails, the file is removed.
 
 Blocking file work (writes, fsync, reads for serving) runs in the loop's default executor.
@@ -302,7 +303,7 @@ class ContentService:
                                       where="size")
             if size > self.max_size:
                 raise ContentTooLarge(size, self.max_size)
-        cid = content_id or new_id("c")
+        cid = new_id("c") if content_id is None else content_id
         record = Content(content_id=cid, name=name, size=size or 0, sha256="0" * 64,
                          capability=capability, from_version=from_version,
                          to_version=to_version, path=cid, content_type=content_type,
@@ -362,7 +363,12 @@ class ContentService:
             await loop.run_in_executor(None, os.fsync, fd)
             os.close(fd)
             fd = -1
-            await loop.run_in_executor(None, os.rename, tmp, final)
+            try:   # link, not rename: never replaces a file another upload put there
+                await loop.run_in_executor(None, os.link, tmp, final)
+            except FileExistsError:
+                raise ContentError(f"content {cid!r} already exists",
+                                   where="$.content_id") from None
+            _unlink_quiet(tmp)
             await loop.run_in_executor(None, _fsync_dir, self.root_dir)
             ok = True
         finally:

@@ -238,6 +238,43 @@ def test_record_write_failure_removes_file(run: Any, tmp_path: pathlib.Path) -> 
     assert run(main()) == []
 
 
+def test_concurrent_uploads_of_one_id_never_clobber(run: Any, tmp_path: pathlib.Path) -> None:
+    a, b = payload(300_000, seed=11), payload(300_000, seed=12)
+
+    async def main() -> Any:
+        store = MemoryStore()
+        svc = ContentService(store, tmp_path, chunk=10_000)
+        res = await asyncio.gather(svc.ingest(chunks(a, 5000), name="a", content_id="same"),
+                                   svc.ingest(chunks(b, 5000), name="b", content_id="same"),
+                                   return_exceptions=True)
+        return res, await store.get_content("same"), svc
+
+    res, rec, svc = run(main())
+    ok = [r for r in res if not isinstance(r, BaseException)]
+    failed = [r for r in res if isinstance(r, BaseException)]
+    assert len(ok) == 1 and len(failed) == 1 and isinstance(failed[0], DmError), res
+    body = pathlib.Path(svc.file_of(rec)).read_bytes()
+    assert sha(body) == rec.sha256 and body == (a if rec.name == "a" else b)
+    assert files_in(tmp_path) == ["same"]
+
+
+def test_bad_ids(run: Any, tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        svc = ContentService(MemoryStore(), tmp_path)
+        with pytest.raises(ContentError) as e:
+            await svc.ingest(chunks(b"x"), name="x", content_id="a/../b")
+        assert e.value.where == "$.content_id"
+        with pytest.raises(ContentError) as e:
+            await svc.ingest(chunks(b"x"), name="x", content_id="")
+        for cid in ("", "a\x00b", "x" * 500, "../etc/passwd", "a b"):
+            assert (await svc.serve(cid, "bytes=0-")).status == 404
+        for path in ("/content/", "/content/a/b", "/elsewhere"):
+            assert (await svc.serve_request("GET", path, {})).status == 404
+
+    run(main())
+    assert files_in(tmp_path) == []
+
+
 def test_upstream_error_removes_partial(run: Any, tmp_path: pathlib.Path) -> None:
     class Broken(Exception):
         pass
