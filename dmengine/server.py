@@ -85,7 +85,10 @@ def _codecs(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Messag
     if encoding == "wbxml":
         from . import _wbxml as mod  # type: ignore[attr-defined]
     else:
-        from . import xmlcodec as mod  # type: ignore[no-redef]
+        try:
+            from . import xmlcodec as mod  # type: ignore[no-redef]
+        except ImportError:             # the XML codec may be the Cython one only
+            from . import _xml as mod  # type: ignore[no-redef]
     return mod.decode, mod.encode
 
 
@@ -167,16 +170,19 @@ class DeviceHandler(Protocol):
 class MemoryDeviceHandler:
     """A ``DeviceHandler`` over an in-memory dict, for tests and ``dmengine serve``.
 
-    ``accounts`` maps the device id (``IMEI:…``) or the user name to a ``DmAccount``.
+    ``accounts`` maps the device id (``IMEI:…``) or the user name to a ``DmAccount``;
+    ``account_factory(dev_id, username)`` makes accounts for devices not in it (the
+    simulator's derivation, for ``serve`` next to ``simulate``).  Rotated nonces
+    (NonceIssued, ServerNonceReceived) are written back into the account, as a store would.
     Every event is appended to ``events`` as ``(device_id, event)``.  ``queue_on_connect``
     maps a device id to commands queued the first time that device's session reports
     events (the handle of a command is ``(device_id, index)``).
     """
 
     def __init__(self, accounts: dict[str, Any] | None = None, *,
-                 accept_unknown: bool = False) -> None:
+                 account_factory: Callable[[str | None, str | None], Any] | None = None) -> None:
         self.accounts: dict[str, Any] = dict(accounts or {})
-        self.accept_unknown = accept_unknown
+        self.account_factory = account_factory
         self.events: list[tuple[str | None, Any]] = []
         self.queue_on_connect: dict[str, list[Any]] = {}
         self.closed: list[tuple[str | None, str]] = []
@@ -191,13 +197,26 @@ class MemoryDeviceHandler:
         acc = self.accounts.get(dev_id) if dev_id else None
         if acc is None and username:
             acc = self.accounts.get(username)
+        if acc is None and self.account_factory is not None:
+            acc = self.account_factory(dev_id, username)
+            if acc is not None:
+                self.add_account(acc)
         return acc
 
     async def on_events(self, session: Any, events: list[Any]) -> None:
         dev = session.device_id
-        if self.record:
-            for ev in events:
+        for ev in events:
+            if self.record:
                 self.events.append((dev, ev))
+            kind = type(ev).__name__
+            if kind in ("NonceIssued", "ServerNonceReceived"):
+                # persist the rotated nonce, as a store would
+                acc = self.accounts.get(getattr(ev, "dev_id", None) or dev or "")
+                if acc is not None:
+                    if kind == "NonceIssued":
+                        acc.client_nonce = ev.nonce
+                    else:
+                        acc.server_nonce = ev.nonce
         if dev is not None and self.queue_on_connect:
             cmds = self.queue_on_connect.pop(dev, None)
             if cmds:
@@ -409,7 +428,7 @@ class DmServer:
                 max_msg_size=self.config.max_msg_size, require_auth=self.config.require_auth)
         return self._session_config
 
-    def _new_session(self, base_url: str, now_wall: float) -> _Entry:
+    def _new_session(self, base_url: str, now_wall: float, encoding: str) -> _Entry:
         token = self._new_token()
         while token in self.sessions:
             token = self._new_token()
@@ -417,10 +436,11 @@ class DmServer:
         cfg = self._config_for_sessions(base_url)
         if self._session_factory is not None:
             session = self._session_factory(cfg, session_key=token, resp_uri=resp_uri,
-                                            now=now_wall)
+                                            now=now_wall, encoding=encoding)
         else:
             from ._session import DmSession
-            session = DmSession(cfg, session_key=token, resp_uri=resp_uri, now=now_wall)
+            session = DmSession(cfg, session_key=token, resp_uri=resp_uri, now=now_wall,
+                                encoding=encoding)
         if self._take_events and not hasattr(session, "take_events"):
             self._take_events = False
         assert self._loop is not None
@@ -451,19 +471,20 @@ class DmServer:
             # the server ends it (timeout, shutdown, restart, error): tell the engine, the
             # handler, and hand over what the engine says about it (CommandNotDelivered, …)
             close = getattr(session, "close", None)
+            more: Any = None
             try:
                 if close is not None:
-                    close(reason)
+                    more = close(reason)
                 else:
                     session.abort(reason)
             except Exception:  # the engine may refuse to close an unidentified session
                 log.debug("closing session %s", token, exc_info=True)
             if self._on_closed is not None:
                 self.spawn(self._on_closed(session, reason))
-            if self._take_events and hasattr(session, "take_events"):
+            if not more and self._take_events:
                 more = session.take_events()
-                if more:
-                    self.spawn(self.handler.on_events(session, list(more)))
+            if more:
+                self.spawn(self.handler.on_events(session, list(more)))
 
     def spawn(self, coro: Any) -> None:
         """Runs ``coro`` hand-driven; a Task only if it waits.  Errors are logged."""
@@ -525,7 +546,7 @@ class DmServer:
             entry = self.sessions.get(token)
             if entry is None:
                 if _is_package1(msg) and not self.draining and hdr.msg_id == "1":
-                    entry = self._new_session(base_url, now_wall)   # a fresh start
+                    entry = self._new_session(base_url, now_wall, encoding)   # a fresh start
                 else:
                     return self._reply(encoding, encode,
                                        _clean_end(msg, base_url, StatusCode.NOT_FOUND), req)
@@ -541,7 +562,7 @@ class DmServer:
                 if self.draining:
                     return _http(503, b"shutting down\n", close=True,
                                  extra=[("Retry-After", str(self.config.retry_after))])
-                entry = self._new_session(base_url, now_wall)
+                entry = self._new_session(base_url, now_wall, encoding)
             if entry.key is None:
                 entry.key = key
                 self.by_key[key] = entry.token
@@ -555,7 +576,11 @@ class DmServer:
                                          hmac_header=hmac, body=body)
             except ProtocolError as exc:
                 reply = _error_reply(session, msg, base_url, exc)
-                self._end(entry.token, "error")
+                if self._take_events:
+                    more = session.take_events()
+                    if more:
+                        await self.handler.on_events(session, more)
+                self._end(entry.token, "protocol_error")
                 return self._reply(encoding, encode, reply, req)
             if events:
                 await self.handler.on_events(session, events)
@@ -565,28 +590,36 @@ class DmServer:
                 if more:
                     events = list(events) + list(more)
                     await self.handler.on_events(session, more)
-        except DmError as exc:
-            log.info("session %s failed: %s", entry.token, exc)
+        except Exception as exc:   # an engine or handler fault ends this session only
+            if isinstance(exc, DmError):
+                log.info("session %s failed: %s", entry.token, exc)
+            else:
+                log.exception("session %s failed", entry.token)
             reply = _clean_end(msg, base_url, getattr(exc, "status", StatusCode.SERVER_FAILURE))
             self._end(entry.token, "error")
             return self._reply(encoding, encode, reply, req)
         finally:
             entry.busy -= 1
         if _ended(session):
-            self._end(entry.token, _end_reason(events))
+            self._end(entry.token, getattr(session, "end_reason", None) or _end_reason(events))
         elif entry.token in self.sessions:
             self._touch(entry)
-        return self._reply(encoding, encode, reply, req)
+        return self._reply(encoding, encode, reply, req, session)
 
     def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message,
-               req: _Req) -> bytes:
+               req: _Req, session: Any = None) -> bytes:
         out = encode(reply)
         if self.metrics is not None:
             self.metrics.message_out(encoding, len(out))
         ctype = req.ctype or b"application/vnd.syncml.dm+xml"
+        extra = b"" if req.keep_alive else b"Connection: close\r\n"
+        if session is not None and getattr(session, "auth_scheme", None) == "hmac":
+            mac = session.reply_hmac_header(out)
+            if mac is not None:
+                extra += b"x-syncml-hmac: " + mac.encode("latin-1") + b"\r\n"
         return (b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype
                 + b"\r\nContent-Length: %d\r\nCache-Control: no-store, private\r\n%s\r\n"
-                % (len(out), b"" if req.keep_alive else b"Connection: close\r\n")) + out
+                % (len(out), extra)) + out
 
     async def handle_get(self, req: _Req, route: GetRoute, path: str, query: str) -> bytes:
         """Runs a GET route.  The route answers with an object carrying ``status``,
@@ -671,7 +704,13 @@ def _clean_end(msg: Message, server_uri: str, status: int) -> Message:
 
 
 def _error_reply(session: Any, msg: Message, server_uri: str, exc: ProtocolError) -> Message:
-    """The engine's abort message, with the SyncHdr Status set to the status it named."""
+    """The engine's error reply (Status with the status it named, Alert 1223, Final)."""
+    error_reply = getattr(session, "error_reply", None)
+    if error_reply is not None:
+        try:
+            return error_reply(exc)
+        except Exception:
+            log.debug("error_reply failed", exc_info=True)
     status = str(int(exc.status))
     try:
         reply = session.abort(str(exc))

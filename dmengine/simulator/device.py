@@ -445,6 +445,8 @@ class ClientSession:
         self.messages_received = 0
         self.results: list[tuple[str, int]] = []   # (cmd name, status) we answered, for tests
         self.server_authenticated: bool | None = None
+        self._continuations: set[int] = set()   # ids of large-object remainders
+        self.server_final = True             # no Final from us while the server's package goes on
         self.last_sent: _Outgoing | None = None
 
     # --- building messages ---------------------------------------------------------------------------
@@ -491,7 +493,7 @@ class ClientSession:
         self.out_chunks = []
         self.outbox = []
         hdr = self._hdr()
-        msg = Message(hdr=hdr, commands=body_cmds + pending, final=True)
+        msg = Message(hdr=hdr, commands=body_cmds + pending, final=self.server_final)
         _number(msg.commands)
         data = self._encode(msg)
         if limit and len(data) > limit and pending:
@@ -518,22 +520,22 @@ class ClientSession:
                 rest.pop(0)
                 data = enc
                 continue
-            if len(taken) == len(head):   # the first command alone is too big: chunk it
-                first, remainder = self._chunk(hdr, taken, rest[0], limit)
-                if first is not None:
-                    taken.append(first)
-                    rest[0] = remainder
-                    msg = Message(hdr=hdr, commands=taken, final=False)
-                    _number(msg.commands)
-                    data = self._encode(msg)
-                else:                      # cannot split: send it anyway
-                    taken.append(rest.pop(0))
-                    msg = Message(hdr=hdr, commands=taken, final=not rest)
-                    _number(msg.commands)
-                    data = self._encode(msg)
+            # too big for what is left: a large object is cut to fill the message
+            first, remainder = self._chunk(hdr, taken, rest[0], limit)
+            if first is not None:
+                taken.append(first)
+                rest[0] = remainder
+                msg = Message(hdr=hdr, commands=taken, final=False)
+                _number(msg.commands)
+                data = self._encode(msg)
+            elif len(taken) == len(head):  # cannot split and nothing else fits: send it
+                taken.append(rest.pop(0))
+                msg = Message(hdr=hdr, commands=taken, final=not rest and self.server_final)
+                _number(msg.commands)
+                data = self._encode(msg)
             break
         if not rest:
-            msg = Message(hdr=hdr, commands=taken, final=True)
+            msg = Message(hdr=hdr, commands=taken, final=self.server_final)
             _number(msg.commands)
             data = self._encode(msg)
         return data, rest
@@ -547,10 +549,13 @@ class ClientSession:
         data = item.data
         if not isinstance(data, (str, bytes)) or len(data) < 2:
             return None, cmd
+        cont = id(cmd) in self._continuations     # only the first chunk carries Meta Size
+        size_meta = (Meta(format=item.meta.format, type=item.meta.type)
+                     if item.meta is not None else None) if cont else \
+            _meta_with_size(item.meta, len(data))
         # measure the overhead with an empty item, then cut
         probe = _copy_cmd(cmd, Item(source=item.source, target=item.target,
-                                    meta=_meta_with_size(item.meta, len(data)), data=data[:1],
-                                    more_data=True))
+                                    meta=size_meta, data=data[:1], more_data=True))
         msg = Message(hdr=hdr, commands=head + [probe], final=False)
         _number(msg.commands)
         overhead = len(self._encode(msg)) + 16
@@ -562,12 +567,12 @@ class ClientSession:
         else:
             cut = room
         first = _copy_cmd(cmd, Item(source=item.source, target=item.target,
-                                    meta=_meta_with_size(item.meta, len(data)), data=data[:cut],
-                                    more_data=True))
+                                    meta=size_meta, data=data[:cut], more_data=True))
         rest = _copy_cmd(cmd, Item(source=item.source, target=item.target,
                                    meta=Meta(format=item.meta.format, type=item.meta.type)
                                    if item.meta is not None else None, data=data[cut:]))
         rest.cmd_id = None
+        self._continuations.add(id(rest))
         return first, rest
 
     def _finish(self, data: bytes) -> _Outgoing:
@@ -614,6 +619,7 @@ class ClientSession:
     def receive(self, body: bytes) -> None:
         """Processes one server message; afterwards call ``next()`` (after running ``jobs``)."""
         self.messages_received += 1
+        sending = bool(self.outbox or self.out_chunks)   # our own package is still going out
         try:
             msg = self._decode(body)
         except CodecError as exc:
@@ -621,6 +627,8 @@ class ClientSession:
             return
         hdr = msg.hdr
         self.server_msg_id = hdr.msg_id
+        if not sending:   # "next message" answers to our own package don't reopen theirs
+            self.server_final = bool(msg.final)
         if hdr.resp_uri:
             self.url = hdr.resp_uri
         if hdr.meta is not None:
@@ -664,7 +672,7 @@ class ClientSession:
             self.outbox = self._package1() + self.outbox
             return
         self.outbox.extend(replies)
-        if not msg.final:
+        if not msg.final and not sending:
             # the server's package goes on: ask for the next message
             self.outbox.append(Command(name="Alert", data=str(int(AlertCode.NEXT_MESSAGE))))
         elif not had_commands and not self.outbox and not self.out_chunks:
@@ -734,7 +742,7 @@ class ClientSession:
             return self._container(cmd, msg_ref)
         code, results = self._run(cmd, in_atomic=False)
         out = [self._status_for(cmd, msg_ref, code, results)]
-        if results is not None and code == 200:
+        if isinstance(results, Command) and code == 200:
             out.append(results)
         return out
 
@@ -861,6 +869,14 @@ class ClientSession:
             path = norm_uri(it.target)
             meta = it.meta or cmd.meta
             data = it.data
+            if it.target and "?prop=" in it.target:
+                # node properties: ACL, Name and Title are replaceable (DM TND)
+                prop = it.target.split("?prop=", 1)[1]
+                if dev.node(path) is None:
+                    return int(StatusCode.NOT_FOUND)
+                if add or prop not in ("ACL", "Name", "Title"):
+                    return int(StatusCode.COMMAND_NOT_ALLOWED)
+                continue
             # large objects from the server
             if it.more_data or (self.in_chunk is not None and self.in_chunk[0] == path):
                 assembled = self._chunk_in(cmd, it, path, meta)
@@ -916,8 +932,8 @@ class ClientSession:
             return None
         path, size, parts, _, _ = self.in_chunk
         self.in_chunk = None
-        if all(isinstance(p, bytes) for p in parts):
-            whole: Any = b"".join(parts)
+        if any(isinstance(p, bytes) for p in parts):
+            whole: Any = b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
             n = len(whole)
         else:
             whole = "".join(p.decode() if isinstance(p, bytes) else str(p) for p in parts)
