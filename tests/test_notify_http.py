@@ -143,7 +143,9 @@ def test_timeout_retried():
     (err, gw), slept = run(centre, body, timeout=0.05,
                            retry=RetryPolicy(attempts=2, base_delay=0.1, jitter=0.0))
     assert err.retryable and "Timeout" in str(err)
-    assert len(centre.requests) == 2 and slept == [0.1]
+    assert slept == [0.1] and gw.retries == 1
+    # each attempt reached the server or timed out before it did (a loaded machine)
+    assert len(centre.requests) <= 2
 
 
 def test_shared_session_is_not_closed():

@@ -5,7 +5,7 @@ import base64
 import hashlib
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmengine.errors import CodecError, DmError
@@ -186,6 +186,7 @@ def test_session_id_text():
         session_id_text(0x10000)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     server_id=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
                       max_size=60).filter(lambda s: len(s.encode()) <= 255),
@@ -210,6 +211,7 @@ def test_round_trip(server_id, secret, nonce, session_id, ui_mode, initiator, ve
     assert wsp.decode_sms_notification(wsp.WDP_UDH, body) == msg
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=300))
 def test_parse_never_crashes(data):
     try:
@@ -264,6 +266,7 @@ def test_one_sms_capacity():
     assert wsp.MAX_PUSH_BODY == 133 and wsp.MAX_PKG0_IN_ONE_SMS == 127
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=200), st.binary(max_size=12))
 def test_push_parser_never_crashes(body, udh):
     for fn in (lambda: wsp.parse_push(body), lambda: wsp.parse_udh(udh),
