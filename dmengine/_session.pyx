@@ -1,0 +1,2054 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""One OMA DM 1.2 session, server side, as a sans-IO state machine (L2).
+
+Two phases, like h2: ``receive(message)`` processes a decoded client message and returns events;
+the caller reacts (looks up tasks, ``queue()``s commands); ``next_message()`` builds the reply.
+
+Rule 1 (h11): everything that moves the state lives in ``TRANSITIONS`` below — a table of
+``(state, input) -> (action, next_state)``.  An input with no row is a protocol violation: the
+session moves to ENDED and ``ProtocolError`` (with the SyncML status to answer) is raised.
+
+Inputs come from two sides:
+* the device's messages (START, START_PARTIAL, FINAL, PARTIAL, NEXT, ABORT, RETRANSMIT,
+  AUTH_FAIL, AUTH_EXHAUSTED), derived from the message by ``receive()``;
+* our own replies (SEND_FINAL, SEND_PARTIAL, SEND_END, SEND_NEXT, SEND_CHALLENGE), derived from
+  what ``next_message()`` managed to put in the reply, and the caller (SERVER_ABORT, CLOSE).
+"""
+cimport cython
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+from dmengine._message cimport Message, SyncHdr, Command, Item, Meta, Cred, Chal, Element
+
+import base64
+import binascii
+import enum
+import os
+from collections import deque
+from urllib.parse import quote as _url_quote
+
+from dmengine import auth as _auth
+from dmengine.auth import DmAccount
+from dmengine.errors import CommandRejected, DmError, ProtocolError
+from dmengine.events import (
+    Authenticated, AuthFailed, ClientEvent, CommandNotDelivered, DeviceIdentified, GenericAlert,
+    LargeObjectFailed, NonceIssued, ResultsReceived, ServerNonceReceived, SessionEnded,
+    StatusReceived, UserAlertAnswered,
+)
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+__all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionInput", "Action",
+           "TRANSITIONS", "ui_alert",
+           "DEFAULT_MAX_MSG_SIZE", "DEFAULT_MAX_OBJ_SIZE", "DEFAULT_MAX_COMMANDS_PER_MESSAGE",
+           "DEFAULT_MAX_ITEMS_PER_COMMAND", "DEFAULT_MAX_AUTH_ATTEMPTS", "DEFAULT_IDLE_TIMEOUT",
+           "DEFAULT_MAX_QUEUED", "DEFAULT_MIN_PEER_MSG_SIZE"]
+
+# --- limits (named defaults) -------------------------------------------------------------
+
+DEFAULT_MAX_MSG_SIZE = 16 * 1024            # what we advertise (MaxMsgSize) and accept
+DEFAULT_MAX_OBJ_SIZE = 4 * 1024 * 1024      # what we advertise (MaxObjSize) and assemble
+DEFAULT_MAX_COMMANDS_PER_MESSAGE = 2000     # SyncBody children of one client message
+DEFAULT_MAX_ITEMS_PER_COMMAND = 1000
+DEFAULT_MAX_AUTH_ATTEMPTS = 3               # failed credentials before the session is ended
+DEFAULT_IDLE_TIMEOUT = 300.0                # seconds between client messages
+DEFAULT_MAX_QUEUED = 10000                  # commands waiting in one session
+DEFAULT_MIN_PEER_MSG_SIZE = 256             # a device advertising less cannot be served
+DEFAULT_MIN_CHUNK = 128                     # smallest large-object chunk worth a message slot
+
+# --- states, inputs, actions, and the table ---------------------------------------------
+
+class SessionState(enum.IntEnum):
+    IDLE = 0                # created; no message yet
+    AUTH_PENDING = 1        # we challenged; waiting for package 1 again
+    OWE_PACKAGE = 2         # the client's package is complete: next_message() starts our package
+    OWE_CONTINUATION = 3    # the client asked (1222) for the rest of our package
+    OWE_NEXT = 4            # the client's package is incomplete: next_message() says 'Next Message'
+    OWE_CHALLENGE = 5       # authentication failed: next_message() sends the challenge
+    OWE_ABORT_ACK = 6       # the client aborted (1223): next_message() acknowledges
+    OWE_AUTH_END = 7        # authentication failed for good: next_message() sends the last Status
+    WAIT_CLIENT = 8         # our package is out (Final): waiting for the client's package
+    WAIT_NEXT_REQUEST = 9   # our message without Final is out: waiting for the client's 1222
+    CLIENT_STREAMING = 10   # our 'Next Message' response is out: waiting for more of the client's package
+    ENDED = 11
+
+
+class SessionInput(enum.IntEnum):
+    START = 0               # client message with Alert 1200/1201 and Final
+    START_PARTIAL = 1       # Alert 1200/1201 without Final (package 1 in several messages)
+    FINAL = 2               # a message with Final
+    PARTIAL = 3             # a message without Final (and without 1222)
+    NEXT = 4                # Alert 1222 without Final: the client asks for our next message
+    ABORT = 5               # Alert 1223
+    RETRANSMIT = 6          # the same MsgID again: answer with the same reply
+    AUTH_FAIL = 7           # credentials missing or wrong
+    AUTH_EXHAUSTED = 8      # credentials wrong max_auth_attempts times
+    SEND_FINAL = 9          # we sent a message with Final and commands
+    SEND_PARTIAL = 10       # we sent a message without Final (more to come)
+    SEND_END = 11           # we sent a message with Final and no command: the session is over
+    SEND_NEXT = 12          # we sent a 'Next Message' response
+    SEND_CHALLENGE = 13     # we sent a challenge
+    SERVER_ABORT = 14       # the caller called abort()
+    CLOSE = 15              # the caller called close() (timeout, shutdown)
+
+
+class Action(enum.IntEnum):
+    START = 0               # authenticate, identify the device, process the body
+    PROCESS = 1             # process the body
+    CHALLENGE = 2           # new nonce, 401/407 for every command
+    AUTH_END = 3            # give up on credentials, end the session
+    ABORT_ACK = 4           # client abort: Status for the header and the Alert, end
+    REPLAY = 5              # answer a retransmission with the cached reply
+    SENT = 6                # a reply went out
+    SERVER_ABORT = 7        # Alert 1223 + Final, end
+    CLOSE = 8               # end without a message
+
+
+cdef dict _build_transitions():
+    S, I, A = SessionState, SessionInput, Action
+    t = {}
+    for s in (S.IDLE, S.AUTH_PENDING):
+        t[s, I.START] = (A.START, S.OWE_PACKAGE)
+        t[s, I.START_PARTIAL] = (A.START, S.OWE_NEXT)
+        t[s, I.AUTH_FAIL] = (A.CHALLENGE, S.OWE_CHALLENGE)
+        t[s, I.AUTH_EXHAUSTED] = (A.AUTH_END, S.OWE_AUTH_END)
+        t[s, I.ABORT] = (A.ABORT_ACK, S.OWE_ABORT_ACK)
+    t[S.AUTH_PENDING, I.RETRANSMIT] = (A.REPLAY, S.AUTH_PENDING)
+    for s in (S.WAIT_CLIENT, S.CLIENT_STREAMING):
+        t[s, I.FINAL] = (A.PROCESS, S.OWE_PACKAGE)
+        t[s, I.PARTIAL] = (A.PROCESS, S.OWE_NEXT)
+    t[S.WAIT_NEXT_REQUEST, I.NEXT] = (A.PROCESS, S.OWE_CONTINUATION)
+    # the device may leave out the 1222 when it has other things to send (PROTOCOL.md §4.1)
+    t[S.WAIT_NEXT_REQUEST, I.PARTIAL] = (A.PROCESS, S.OWE_CONTINUATION)
+    for s in (S.WAIT_CLIENT, S.WAIT_NEXT_REQUEST, S.CLIENT_STREAMING):
+        t[s, I.ABORT] = (A.ABORT_ACK, S.OWE_ABORT_ACK)
+        t[s, I.RETRANSMIT] = (A.REPLAY, s)
+        t[s, I.AUTH_FAIL] = (A.AUTH_END, S.OWE_AUTH_END)       # HMAC: every message is checked
+        t[s, I.AUTH_EXHAUSTED] = (A.AUTH_END, S.OWE_AUTH_END)
+    t[S.ENDED, I.RETRANSMIT] = (A.REPLAY, S.ENDED)             # our last reply was lost
+    for s in (S.OWE_PACKAGE, S.OWE_CONTINUATION):
+        t[s, I.SEND_FINAL] = (A.SENT, S.WAIT_CLIENT)
+        t[s, I.SEND_PARTIAL] = (A.SENT, S.WAIT_NEXT_REQUEST)
+        t[s, I.SEND_END] = (A.SENT, S.ENDED)
+    t[S.OWE_NEXT, I.SEND_NEXT] = (A.SENT, S.CLIENT_STREAMING)
+    t[S.OWE_CHALLENGE, I.SEND_CHALLENGE] = (A.SENT, S.AUTH_PENDING)
+    t[S.OWE_ABORT_ACK, I.SEND_END] = (A.SENT, S.ENDED)
+    t[S.OWE_AUTH_END, I.SEND_END] = (A.SENT, S.ENDED)
+    for s in S:
+        if s is not S.ENDED:
+            t[s, I.CLOSE] = (A.CLOSE, S.ENDED)
+            if s is not S.IDLE:
+                t[s, I.SERVER_ABORT] = (A.SERVER_ABORT, S.ENDED)
+    return t
+
+
+TRANSITIONS = _build_transitions()
+"""``(SessionState, SessionInput) -> (Action, SessionState)``; anything else is a ProtocolError."""
+
+DEF NSTATES = 12
+DEF NINPUTS = 16
+cdef int _T_NEXT[NSTATES][NINPUTS]
+cdef int _T_ACTION[NSTATES][NINPUTS]
+
+cdef void _compile_table():
+    cdef int s, i
+    for s in range(NSTATES):
+        for i in range(NINPUTS):
+            _T_NEXT[s][i] = -1
+            _T_ACTION[s][i] = -1
+    for (s0, i0), (a0, n0) in TRANSITIONS.items():
+        _T_NEXT[<int>s0][<int>i0] = <int>n0
+        _T_ACTION[<int>s0][<int>i0] = <int>a0
+
+_compile_table()
+
+cdef enum:
+    S_IDLE = 0
+    S_AUTH_PENDING = 1
+    S_OWE_PACKAGE = 2
+    S_OWE_CONTINUATION = 3
+    S_OWE_NEXT = 4
+    S_OWE_CHALLENGE = 5
+    S_OWE_ABORT_ACK = 6
+    S_OWE_AUTH_END = 7
+    S_WAIT_CLIENT = 8
+    S_WAIT_NEXT_REQUEST = 9
+    S_CLIENT_STREAMING = 10
+    S_ENDED = 11
+
+cdef enum:
+    I_START = 0
+    I_START_PARTIAL = 1
+    I_FINAL = 2
+    I_PARTIAL = 3
+    I_NEXT = 4
+    I_ABORT = 5
+    I_RETRANSMIT = 6
+    I_AUTH_FAIL = 7
+    I_AUTH_EXHAUSTED = 8
+    I_SEND_FINAL = 9
+    I_SEND_PARTIAL = 10
+    I_SEND_END = 11
+    I_SEND_NEXT = 12
+    I_SEND_CHALLENGE = 13
+    I_SERVER_ABORT = 14
+    I_CLOSE = 15
+
+cdef enum:
+    A_START = 0
+    A_PROCESS = 1
+    A_CHALLENGE = 2
+    A_AUTH_END = 3
+    A_ABORT_ACK = 4
+    A_REPLAY = 5
+    A_SENT = 6
+    A_SERVER_ABORT = 7
+    A_CLOSE = 8
+
+# --- small helpers -----------------------------------------------------------------------
+
+cdef list _NUM = [str(i) for i in range(4096)]
+
+cdef inline str _num(Py_ssize_t i):
+    if 0 <= i < 4096:
+        return <str>_NUM[i]
+    return str(i)
+
+
+cdef long _parse_uint(object s):
+    """Decimal text -> value; -1 when not a non-negative decimal below 10**15."""
+    cdef str t
+    cdef Py_ssize_t n
+    cdef long v = 0
+    cdef Py_UCS4 ch
+    if type(s) is not str:
+        if isinstance(s, bytes):
+            try:
+                s = (<bytes>s).decode("ascii")
+            except UnicodeDecodeError:
+                return -1
+        else:
+            return -1
+    t = <str>s
+    n = PyUnicode_GET_LENGTH(t)
+    if n == 0 or n > 15:
+        t = t.strip()
+        n = PyUnicode_GET_LENGTH(t)
+        if n == 0 or n > 15:
+            return -1
+    for ch in t:
+        if ch < 48 or ch > 57:
+            if ch == 32 or ch == 9 or ch == 10 or ch == 13:
+                return _parse_uint(t.strip()) if t.strip() != t else -1
+            return -1
+        v = v * 10 + (<long>ch - 48)
+    return v
+
+
+cdef inline str _text(object v):
+    """Data as text (str as is, UTF-8 bytes decoded, else None)."""
+    if v is None or type(v) is str:
+        return <str>v if v is not None else None
+    if isinstance(v, bytes):
+        try:
+            return (<bytes>v).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+cdef inline bint _is_devinfo(str uri):
+    if uri is None:
+        return False
+    return uri.startswith("./DevInfo/") or uri.startswith("DevInfo/") or uri.startswith("/DevInfo/")
+
+
+_RDN_PREFIX = "reversed-domain-name:"
+
+cdef str _normalise_alert_type(str t):
+    if t is None:
+        return None
+    t = t.strip()
+    if t[:21].lower() == _RDN_PREFIX:
+        t = t[21:].strip()
+    return t
+
+
+cdef object _INTERNAL = object()      # handle of commands the session sends on its own
+
+
+@cython.final
+cdef class _Sent:
+    """A command we sent and whose Status we wait for."""
+    cdef object handle
+    cdef str name
+    cdef int index
+    cdef int alert           # UI alert code, else 0
+    cdef bint chunk          # a large-object chunk
+    cdef bint last_chunk
+    cdef str target
+    cdef bint is_get
+
+
+@cython.final
+cdef class _OutLO:
+    """A large object we are sending in chunks."""
+    cdef object handle
+    cdef Command cmd         # the caller's command (one Item)
+    cdef object data         # str | bytes
+    cdef Py_ssize_t offset
+    cdef Py_ssize_t total_units
+    cdef str size_text      # Meta Size of the first chunk
+    cdef int unit_cost       # bytes per unit (upper bound) in the session's encoding
+    cdef int align           # chunk lengths are multiples of this (4 for b64 text, 3 for bytes in XML)
+
+
+@cython.final
+cdef class _InLO:
+    """A large object the device is sending us in chunks (Results)."""
+    cdef object handle
+    cdef tuple key           # (MsgRef, CmdRef) of the Get it answers
+    cdef str uri
+    cdef str format
+    cdef str type
+    cdef list parts
+    cdef list done_items     # complete items of the same Results before the chunked one
+    cdef long expected       # Meta Size, -1 if absent
+    cdef Py_ssize_t received
+    cdef bint rejected       # 413 given: drop the rest
+
+
+# --- size estimates (upper bounds) --------------------------------------------------------
+
+cdef enum:
+    ENC_XML = 0
+    ENC_WBXML = 1
+
+cdef Py_ssize_t _XML_MSG_OVERHEAD = 260     # prolog, DOCTYPE, <SyncML xmlns>, <SyncBody>, slack
+cdef Py_ssize_t _WBXML_MSG_OVERHEAD = 48    # header, public id, charset, string table length, slack
+cdef Py_ssize_t _METINF_NS = 22             # ' xmlns="syncml:metinf"'
+
+
+cdef inline Py_ssize_t _str_bytes(str s, int enc):
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
+    if PyUnicode_IS_ASCII(s):
+        if enc == ENC_XML and ((u'&' in s) or (u'<' in s) or (u'>' in s) or (u'"' in s) or (u"'" in s) or (u'\r' in s)):
+            return 6 * n
+        return n
+    if enc == ENC_XML:
+        return 6 * len(s.encode("utf-8", "surrogatepass"))
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
+cdef inline Py_ssize_t _leaf(str tag, str text, int enc):
+    """An element with text content (None: nothing)."""
+    if text is None:
+        return 0
+    if enc == ENC_XML:
+        return 2 * PyUnicode_GET_LENGTH(tag) + 5 + _str_bytes(text, enc)
+    return 2 + 5 + _str_bytes(text, enc)       # tag, STR_I/STR_T + NUL (+ table slack), END
+
+
+cdef inline Py_ssize_t _open(str tag, int enc):
+    if enc == ENC_XML:
+        return 2 * PyUnicode_GET_LENGTH(tag) + 5
+    return 2
+
+
+cdef inline Py_ssize_t _empty(str tag, int enc):
+    if enc == ENC_XML:
+        return PyUnicode_GET_LENGTH(tag) + 3
+    return 1
+
+
+cdef Py_ssize_t _data_size(object data, int enc) except -1:
+    cdef Py_ssize_t n
+    if data is None:
+        return 0
+    if type(data) is str:
+        return _open("Data", enc) + _str_bytes(<str>data, enc) + (0 if enc == ENC_XML else 5)
+    if isinstance(data, bytes):
+        n = len(<bytes>data)
+        if enc == ENC_XML:
+            return _open("Data", enc) + 12 + 4 * ((n + 2) // 3)   # base64 (or CDATA) text
+        return _open("Data", enc) + 6 + n                          # OPAQUE + mb_u_int32 length
+    if isinstance(data, Element):
+        return _open("Data", enc) + 64 + _element_size(<Element>data, enc)
+    return _open("Data", enc) + _str_bytes(str(data), enc)
+
+
+cdef Py_ssize_t _element_size(Element e, int enc) except -1:
+    cdef Py_ssize_t n = 2 * (PyUnicode_GET_LENGTH(e.tag) if e.tag is not None else 8) + 5
+    if e.xmlns is not None:
+        n += PyUnicode_GET_LENGTH(e.xmlns) + 10
+    if e.text is not None:
+        n += _str_bytes(e.text, ENC_XML)
+    if e.children is not None:
+        for c in e.children:
+            if isinstance(c, Element):
+                n += _element_size(<Element>c, enc)
+    return n
+
+
+cdef Py_ssize_t _meta_size(Meta m, int enc) except -1:
+    cdef Py_ssize_t n, ns
+    if m is None:
+        return 0
+    ns = _METINF_NS if enc == ENC_XML else 0
+    n = _open("Meta", enc) + (0 if enc == ENC_XML else 4)        # SWITCH_PAGE there and back
+    if m.format is not None:
+        n += _leaf("Format", m.format, enc) + ns
+    if m.type is not None:
+        n += _leaf("Type", m.type, enc) + ns
+    if m.mark is not None:
+        n += _leaf("Mark", m.mark, enc) + ns
+    if m.size is not None:
+        n += _leaf("Size", m.size, enc) + ns
+    if m.max_msg_size is not None:
+        n += _leaf("MaxMsgSize", m.max_msg_size, enc) + ns
+    if m.max_obj_size is not None:
+        n += _leaf("MaxObjSize", m.max_obj_size, enc) + ns
+    if m.next_nonce is not None:
+        n += _leaf("NextNonce", m.next_nonce, enc) + ns
+    if m.version is not None:
+        n += _leaf("Version", m.version, enc) + ns
+    if m.extra is not None:
+        n += 8 * len(m.extra) + _str_bytes(repr(m.extra), enc) * 2
+    return n
+
+
+cdef Py_ssize_t _item_size(Item it, int enc) except -1:
+    cdef Py_ssize_t n = _open("Item", enc)
+    if it.target is not None or it.target_name is not None:
+        n += _open("Target", enc) + _leaf("LocURI", it.target, enc) + _leaf("LocName", it.target_name, enc)
+    if it.source is not None or it.source_name is not None:
+        n += _open("Source", enc) + _leaf("LocURI", it.source, enc) + _leaf("LocName", it.source_name, enc)
+    if it.target_parent is not None:
+        n += _open("TargetParent", enc) + _leaf("LocURI", it.target_parent, enc)
+    if it.source_parent is not None:
+        n += _open("SourceParent", enc) + _leaf("LocURI", it.source_parent, enc)
+    n += _meta_size(it.meta, enc)
+    n += _data_size(it.data, enc)
+    if it.more_data:
+        n += _empty("MoreData", enc)
+    return n
+
+
+cdef Py_ssize_t _command_size(Command c, int enc) except -1:
+    cdef Py_ssize_t n = _open(c.name if c.name is not None else "Command", enc)
+    n += _leaf("CmdID", c.cmd_id, enc)
+    if c.no_resp:
+        n += _empty("NoResp", enc)
+    n += _leaf("MsgRef", c.msg_ref, enc)
+    n += _leaf("CmdRef", c.cmd_ref, enc)
+    n += _leaf("Cmd", c.cmd, enc)
+    if c.target_refs is not None:
+        for r in c.target_refs:
+            n += _leaf("TargetRef", <str>r if type(r) is str else str(r), enc)
+    if c.source_refs is not None:
+        for r in c.source_refs:
+            n += _leaf("SourceRef", <str>r if type(r) is str else str(r), enc)
+    if c.cred is not None:
+        n += _open("Cred", enc) + _meta_size(c.cred.meta, enc) + _data_size(c.cred.data, enc)
+    if c.chal is not None:
+        n += _open("Chal", enc) + _meta_size(c.chal.meta, enc)
+    n += _meta_size(c.meta, enc)
+    n += _data_size(c.data, enc)
+    n += _leaf("Correlator", c.correlator, enc)
+    if c.items is not None:
+        for it in c.items:
+            n += _item_size(<Item>it, enc)
+    if c.commands is not None:
+        for sub in c.commands:
+            n += _command_size(<Command>sub, enc)
+    return n
+
+
+cdef Py_ssize_t _hdr_size(SyncHdr h, int enc) except -1:
+    cdef Py_ssize_t n = _open("SyncHdr", enc)
+    n += _leaf("VerDTD", h.ver_dtd, enc) + _leaf("VerProto", h.ver_proto, enc)
+    n += _leaf("SessionID", h.session_id, enc) + _leaf("MsgID", h.msg_id, enc)
+    n += _open("Target", enc) + _leaf("LocURI", h.target, enc) + _leaf("LocName", h.target_name, enc)
+    n += _open("Source", enc) + _leaf("LocURI", h.source, enc) + _leaf("LocName", h.source_name, enc)
+    n += _leaf("RespURI", h.resp_uri, enc)
+    if h.cred is not None:
+        n += _open("Cred", enc) + _meta_size(h.cred.meta, enc) + _data_size(h.cred.data, enc)
+    n += _meta_size(h.meta, enc)
+    return n + (_XML_MSG_OVERHEAD if enc == ENC_XML else _WBXML_MSG_OVERHEAD)
+
+
+def estimate_size(Message msg not None, str encoding="wbxml"):
+    """Upper bound of the encoded size of ``msg`` (what the session uses before verifying)."""
+    cdef int enc = ENC_XML if encoding == "xml" else ENC_WBXML
+    cdef Py_ssize_t n = _hdr_size(msg.hdr, enc)
+    for c in msg.commands:
+        n += _command_size(<Command>c, enc)
+    if msg.final:
+        n += _empty("Final", enc)
+    return n
+
+
+cdef dict _SIZERS = {}
+
+cdef object _resolve_sizer(str encoding):
+    """``len(encode(msg))`` with the real codec of the encoding, or None if it is not importable."""
+    if encoding in _SIZERS:
+        return _SIZERS[encoding]
+    sizer = None
+    try:
+        if encoding == "wbxml":
+            from dmengine import _wbxml as codec
+        else:
+            from dmengine import xmlcodec as codec
+        enc = codec.encode
+        sizer = lambda m: len(enc(m))
+    except ImportError:
+        sizer = None
+    _SIZERS[encoding] = sizer
+    return sizer
+
+
+# --- configuration -----------------------------------------------------------------------
+
+cdef class SessionConfig:
+    """Limits and identity of the server side of a DM session (keyword constructor)."""
+
+    cdef public str server_id
+    cdef public str server_uri
+    cdef public Py_ssize_t max_msg_size
+    cdef public Py_ssize_t max_obj_size
+    cdef public str require_auth
+    cdef public bint send_server_cred
+    cdef public str encoding
+    cdef public object encoded_size
+    cdef public double verify_ratio
+    cdef public Py_ssize_t max_commands_per_message
+    cdef public Py_ssize_t max_items_per_command
+    cdef public int max_auth_attempts
+    cdef public double idle_timeout
+    cdef public Py_ssize_t max_queued
+    cdef public Py_ssize_t min_peer_msg_size
+    cdef public Py_ssize_t default_peer_msg_size
+    cdef public Py_ssize_t min_chunk
+    cdef public bint status_refs
+
+    def __init__(self, *, str server_id not None, str server_uri not None,
+                 Py_ssize_t max_msg_size=DEFAULT_MAX_MSG_SIZE,
+                 Py_ssize_t max_obj_size=DEFAULT_MAX_OBJ_SIZE,
+                 str require_auth="md5", bint send_server_cred=True,
+                 str encoding="wbxml", encoded_size=None, double verify_ratio=0.5,
+                 Py_ssize_t max_commands_per_message=DEFAULT_MAX_COMMANDS_PER_MESSAGE,
+                 Py_ssize_t max_items_per_command=DEFAULT_MAX_ITEMS_PER_COMMAND,
+                 int max_auth_attempts=DEFAULT_MAX_AUTH_ATTEMPTS,
+                 double idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 Py_ssize_t max_queued=DEFAULT_MAX_QUEUED,
+                 Py_ssize_t min_peer_msg_size=DEFAULT_MIN_PEER_MSG_SIZE,
+                 Py_ssize_t default_peer_msg_size=0,
+                 Py_ssize_t min_chunk=DEFAULT_MIN_CHUNK,
+                 bint status_refs=True):
+        if require_auth not in ("md5", "basic", "hmac", "none"):
+            raise ValueError(f"require_auth must be md5, basic, hmac or none, not {require_auth!r}")
+        if encoding not in ("xml", "wbxml"):
+            raise ValueError(f"encoding must be xml or wbxml, not {encoding!r}")
+        if max_msg_size < 256 or max_obj_size < 1 or max_auth_attempts < 1:
+            raise ValueError("max_msg_size >= 256, max_obj_size >= 1 and max_auth_attempts >= 1")
+        self.server_id = server_id
+        self.server_uri = server_uri
+        self.max_msg_size = max_msg_size
+        self.max_obj_size = max_obj_size
+        self.require_auth = require_auth
+        self.send_server_cred = send_server_cred
+        self.encoding = encoding
+        self.encoded_size = encoded_size
+        self.verify_ratio = verify_ratio
+        self.max_commands_per_message = max_commands_per_message
+        self.max_items_per_command = max_items_per_command
+        self.max_auth_attempts = max_auth_attempts
+        self.idle_timeout = idle_timeout
+        self.max_queued = max_queued
+        self.min_peer_msg_size = min_peer_msg_size
+        self.default_peer_msg_size = default_peer_msg_size
+        self.min_chunk = min_chunk
+        self.status_refs = status_refs
+
+    def __repr__(self):
+        return (f"SessionConfig(server_id={self.server_id!r}, server_uri={self.server_uri!r}, "
+                f"max_msg_size={self.max_msg_size}, max_obj_size={self.max_obj_size}, "
+                f"require_auth={self.require_auth!r}, encoding={self.encoding!r})")
+
+
+# --- UI alerts ---------------------------------------------------------------------------
+
+def ui_alert(int code, str text not None, *, choices=(), mindt=None, maxdt=None, dr=None,
+             maxlen=None, it=None, et=None):
+    """Builds a UI Alert (1100 display, 1101 confirm, 1102 text input, 1103 single choice,
+    1104 multiple choice) with its parameter Item (PROTOCOL.md §5.1) for ``DmSession.queue()``."""
+    if not 1100 <= code <= 1104:
+        raise CommandRejected(f"UI alert code must be 1100..1104, not {code}")
+    choices = list(choices)
+    if code in (1103, 1104) and not choices:
+        raise CommandRejected(f"alert {code} needs at least one choice")
+    if code not in (1103, 1104) and choices:
+        raise CommandRejected(f"alert {code} takes no choices")
+    params = []
+    for name, value in (("MINDT", mindt), ("MAXDT", maxdt), ("DR", dr), ("MAXLEN", maxlen),
+                        ("IT", it), ("ET", et)):
+        if value is None:
+            continue
+        if name in ("MINDT", "MAXDT", "MAXLEN") and (not isinstance(value, int) or value <= 0):
+            raise CommandRejected(f"{name} must be a positive integer, not {value!r}")
+        if name == "IT" and (code != 1102 or value not in ("A", "N", "D", "T", "P", "I")):
+            raise CommandRejected(f"IT={value!r} is for text input (1102) and one of A N D T P I")
+        if name == "ET" and (code != 1102 or value not in ("T", "P")):
+            raise CommandRejected(f"ET={value!r} is for text input (1102) and one of T P")
+        if name == "MAXLEN" and code != 1102:
+            raise CommandRejected("MAXLEN is for text input (1102)")
+        if name == "DR" and isinstance(value, (list, tuple)):
+            value = "-".join(str(v) for v in value)
+        params.append(f"{name}={_url_quote(str(value), safe='-')}")
+    items = [Item(data="&".join(params)), Item(data=text)]
+    for ch in choices:
+        items.append(Item(data=str(ch)))
+    return Command(name="Alert", data=str(code), items=items)
+
+
+_ALLOWED = frozenset({"Get", "Replace", "Add", "Delete", "Copy", "Exec", "Atomic", "Sequence", "Alert"})
+_IN_ATOMIC = frozenset({"Add", "Delete", "Copy", "Replace", "Alert", "Sequence", "Exec"})
+_IN_SEQUENCE = frozenset({"Add", "Replace", "Delete", "Copy", "Atomic", "Get", "Exec", "Alert"})
+_CLIENT_MAY_NOT = frozenset({"Add", "Delete", "Copy", "Exec", "Get", "Atomic", "Sequence"})
+
+
+cdef _check_command(Command c, str parent, int depth):
+    cdef str name = c.name
+    if depth > 8:
+        raise CommandRejected("Atomic/Sequence nested deeper than 8")
+    if name not in _ALLOWED:
+        raise CommandRejected(f"cannot send {name!r} to a device")
+    if parent == "Atomic" and name not in _IN_ATOMIC:
+        raise CommandRejected(f"{name} is not allowed inside Atomic")
+    if parent == "Sequence" and name not in _IN_SEQUENCE:
+        raise CommandRejected(f"{name} is not allowed inside Sequence")
+    if name == "Atomic" or name == "Sequence":
+        if not c.commands:
+            raise CommandRejected(f"{name} needs at least one command")
+        for sub in c.commands:
+            if not isinstance(sub, Command):
+                raise CommandRejected(f"{name} children must be Command objects")
+            _check_command(<Command>sub, name, depth + 1)
+        return
+    if name == "Alert":
+        code = _parse_uint(c.data)
+        if code < 1100 or code > 1104:
+            raise CommandRejected(f"only UI alerts 1100..1104 can be queued, not {c.data!r}")
+        need = 3 if code >= 1103 else 2
+        if c.items is None or len(c.items) < need:
+            raise CommandRejected(f"alert {code} needs at least {need} Items (parameters, text"
+                                  f"{', choices' if need == 3 else ''})")
+        return
+    if not c.items:
+        raise CommandRejected(f"{name} needs at least one Item")
+    for it in c.items:
+        if not isinstance(it, Item):
+            raise CommandRejected(f"{name} items must be Item objects")
+        if name != "Copy" and (<Item>it).target is None:
+            raise CommandRejected(f"{name} Item needs a Target")
+    if name == "Exec" and len(c.items) != 1:
+        raise CommandRejected("Exec takes exactly one Item")
+
+
+cdef Command _wire_copy(Command c):
+    """A copy of the caller's command we may number (the caller's object stays untouched)."""
+    cdef Command w = Command.__new__(Command)
+    w.name = c.name
+    w.no_resp = c.no_resp
+    w.cred = c.cred
+    w.meta = c.meta
+    w.data = c.data
+    w.correlator = c.correlator
+    w.items = c.items
+    if c.commands is not None:
+        w.commands = [_wire_copy(<Command>sub) for sub in c.commands]
+    return w
+
+
+cdef Py_ssize_t _number(Command w, Py_ssize_t next_id):
+    w.cmd_id = _num(next_id)
+    next_id += 1
+    if w.commands is not None:
+        for sub in w.commands:
+            next_id = _number(<Command>sub, next_id)
+    return next_id
+
+
+cdef Command _status(Py_ssize_t cmd_id, str msg_ref, str cmd_ref, str cmd, list trefs, list srefs,
+                     str code):
+    cdef Command s = Command.__new__(Command)
+    s.name = "Status"
+    s.cmd_id = _num(cmd_id) if cmd_id > 0 else None
+    s.msg_ref = msg_ref
+    s.cmd_ref = cmd_ref
+    s.cmd = cmd
+    s.target_refs = trefs
+    s.source_refs = srefs
+    s.data = code
+    return s
+
+
+cdef Meta _meta_of(Item it, Command c):
+    if it.meta is not None:
+        return it.meta
+    return c.meta
+
+
+cdef inline str _fmt_of(Item it, Command c):
+    if it.meta is not None and it.meta.format is not None:
+        return it.meta.format
+    if c.meta is not None:
+        return c.meta.format
+    return None
+
+
+cdef inline str _type_of(Item it, Command c):
+    if it.meta is not None and it.meta.type is not None:
+        return it.meta.type
+    if c.meta is not None:
+        return c.meta.type
+    return None
+
+
+# --- the session -------------------------------------------------------------------------
+
+cdef object _StateOf = SessionState
+
+
+@cython.final
+cdef class DmSession:
+    """The server side of one DM session.  See the module docstring and _session.pyi."""
+
+    cdef readonly SessionConfig config
+    cdef readonly str session_key
+    cdef public str resp_uri
+    cdef object _random
+    cdef int _state
+    cdef int _enc
+    cdef object _sizer
+    cdef readonly str end_reason
+    cdef readonly str device_id
+    cdef readonly str session_id
+    cdef readonly int alert_code
+    cdef readonly dict devinfo
+    cdef long _in_msg_id
+    cdef long _out_msg_id
+    cdef str _in_msg_id_text
+    cdef SyncHdr _in_hdr
+    cdef Message _last_reply
+    cdef long _last_reply_to
+    cdef object _last_fingerprint
+    cdef bint _replay
+    # authentication
+    cdef readonly bint authenticated
+    cdef readonly str auth_scheme
+    cdef readonly str username
+    cdef int _auth_failures
+    cdef str _hdr_code
+    cdef Chal _hdr_chal
+    cdef bytes _client_nonce
+    cdef object _account
+    cdef bytes _server_nonce
+    cdef str _server_cred_data
+    cdef bytes _server_cred_nonce
+    cdef readonly bint server_authenticated
+    cdef int _server_rejects
+    # peer limits
+    cdef readonly Py_ssize_t peer_max_msg_size
+    cdef readonly Py_ssize_t peer_max_obj_size
+    cdef bint _sent_meta
+    # outbox and bookkeeping
+    cdef list _out_status
+    cdef object _queue
+    cdef list _own_cmds
+    cdef dict _awaiting
+    cdef dict _gets
+    cdef dict _open
+    cdef Py_ssize_t _pkg_cmds
+    cdef _OutLO _out_lo
+    cdef _InLO _in_lo
+    cdef list _events
+    cdef readonly double last_activity
+    cdef SyncHdr _err_hdr
+    cdef readonly long messages_received
+    cdef readonly long messages_sent
+
+    def __init__(self, SessionConfig config not None, *, str session_key not None, resp_uri=None,
+                 double now, random_bytes=os.urandom, encoding=None):
+        self.config = config
+        self.session_key = session_key
+        self.resp_uri = resp_uri
+        self._random = random_bytes
+        self._state = S_IDLE
+        enc = encoding if encoding is not None else config.encoding
+        if enc not in ("xml", "wbxml"):
+            raise ValueError(f"encoding must be xml or wbxml, not {enc!r}")
+        self._enc = ENC_XML if enc == "xml" else ENC_WBXML
+        self._sizer = config.encoded_size if config.encoded_size is not None else _resolve_sizer(enc)
+        self.end_reason = None
+        self.devinfo = None
+        self._in_msg_id = -1
+        self._out_msg_id = 0
+        self._last_reply_to = -1
+        self._out_status = []
+        self._queue = deque()
+        self._own_cmds = []
+        self._awaiting = {}
+        self._gets = {}
+        self._open = {}
+        self._events = []
+        self.last_activity = now
+        self.peer_max_msg_size = config.default_peer_msg_size
+        self.peer_max_obj_size = 0
+
+    # -- public read-only views --------------------------------------------------------
+
+    @property
+    def state(self):
+        return _StateOf(self._state)
+
+    @property
+    def ended(self):
+        return self._state == S_ENDED
+
+    @property
+    def encoding(self):
+        return "xml" if self._enc == ENC_XML else "wbxml"
+
+    @property
+    def pending_handles(self):
+        """Handles queued but not sent, or sent and not yet answered."""
+        out = []
+        seen = set()
+        for h, _c in self._queue:
+            if h not in seen:
+                seen.add(h)
+                out.append(h)
+        if self._out_lo is not None and self._out_lo.handle not in seen:
+            seen.add(self._out_lo.handle)
+            out.append(self._out_lo.handle)
+        for h in self._open:
+            if h not in seen and h is not _INTERNAL:
+                seen.add(h)
+                out.append(h)
+        return out
+
+    def expired(self, double now):
+        """True when the device has been silent longer than config.idle_timeout."""
+        return self._state != S_ENDED and now - self.last_activity > self.config.idle_timeout
+
+    def take_events(self):
+        """Events produced by next_message(), abort() and close() since the last call."""
+        ev = self._events
+        self._events = []
+        return ev
+
+    # -- the table -----------------------------------------------------------------------
+
+    cdef int _lookup(self, int inp, int* next_state) except -1:
+        cdef int s = self._state
+        cdef int a = _T_ACTION[s][inp]
+        if a < 0:
+            raise ProtocolError(
+                f"{SessionInput(inp).name} is not allowed in state {SessionState(s).name}",
+                status=400 if inp <= I_AUTH_EXHAUSTED else 500)
+        next_state[0] = _T_NEXT[s][inp]
+        return a
+
+    @staticmethod
+    def _debug_at(SessionConfig config not None, state, *, double now=0.0):
+        """Test hook: a session forced into ``state`` (no device, no history)."""
+        cdef DmSession s = DmSession(config, session_key="debug", resp_uri=None, now=now)
+        s._state = int(state)
+        if s._state == S_ENDED:
+            s.end_reason = "closed"
+        return s
+
+    def _process_input(self, inp):
+        """Test hook: applies the table to ``inp`` alone (no message, no side effect but the
+        state).  A missing row ends the session and raises ProtocolError, like receive()."""
+        cdef int nxt = -1
+        try:
+            self._lookup(int(inp), &nxt)
+        except ProtocolError:
+            self._state = S_ENDED
+            if self.end_reason is None:
+                self.end_reason = "protocol_error"
+            raise
+        self._state = nxt
+        return _StateOf(nxt)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self, Message msg not None, *, double now, account=None, hmac_header=None,
+                body=None):
+        """Processes one decoded client message; returns the events it caused.
+
+        Raises ProtocolError (``.status`` = the SyncML status to answer with, ``.events`` = the
+        events of the failure, among them SessionEnded("protocol_error")) when the message
+        cannot be part of this session; error_reply(exc) builds the answer.
+        """
+        cdef list ev = []
+        try:
+            self._receive(msg, now, account, hmac_header, body, ev)
+        except ProtocolError as exc:
+            if self._state != S_ENDED:
+                self._err_hdr = msg.hdr
+                self._finish("protocol_error", str(exc), ev)
+                self._state = S_ENDED
+            exc.events = ev                  # the same events are also in take_events()
+            self._events.extend(ev)
+            raise
+        return ev
+
+    cdef _receive(self, Message msg, double now, object account, object hmac_header, object body,
+                  list ev):
+        cdef SyncHdr h = msg.hdr
+        cdef long msg_id
+        cdef int inp, action, nxt = -1
+        cdef bint has_start = False, has_abort = False, has_next = False
+        cdef Command c
+        cdef object fingerprint
+        cdef Py_ssize_t ncmd
+        if h is None:
+            raise ProtocolError("message without SyncHdr", status=400)
+        if body is not None and len(body) > self.config.max_msg_size:
+            raise ProtocolError(f"message of {len(body)} bytes is larger than MaxMsgSize "
+                                f"{self.config.max_msg_size}", status=413)
+        if h.ver_dtd is None or h.ver_dtd.strip() != "1.2":
+            raise ProtocolError(f"VerDTD {h.ver_dtd!r} not supported (need 1.2)", status=505)
+        if h.ver_proto is None or h.ver_proto.strip().upper() != "DM/1.2":
+            raise ProtocolError(f"VerProto {h.ver_proto!r} not supported (need DM/1.2)", status=513)
+        msg_id = _parse_uint(h.msg_id)
+        if msg_id < 0:
+            raise ProtocolError(f"MsgID {h.msg_id!r} is not a number", status=400)
+        if not h.session_id or not h.source:
+            raise ProtocolError("SyncHdr needs SessionID and Source", status=400)
+        if self.device_id is not None:
+            if h.session_id != self.session_id:
+                raise ProtocolError(f"SessionID {h.session_id!r} does not belong to session "
+                                    f"{self.session_id!r}", status=400)
+            if h.source != self.device_id:
+                raise ProtocolError(f"Source {h.source!r} is not the device of this session",
+                                    status=400)
+        if msg.commands is None:
+            raise ProtocolError("message without SyncBody commands list", status=400)
+        ncmd = len(msg.commands)
+        if ncmd > self.config.max_commands_per_message:
+            raise ProtocolError(f"{ncmd} commands in one message (limit "
+                                f"{self.config.max_commands_per_message})", status=413)
+        fingerprint = (hash(body) if body is not None else None, ncmd, msg.final)
+        # retransmission of the message we last answered (or are answering)
+        if msg_id == self._in_msg_id:
+            if fingerprint != self._last_fingerprint:
+                raise ProtocolError(f"MsgID {msg_id} reused for a different message", status=400)
+            action = self._lookup(I_RETRANSMIT, &nxt)
+            if self._last_reply_to != msg_id:
+                raise ProtocolError("retransmission before the reply was built", status=500)
+            self._replay = True
+            self._state = nxt
+            self.last_activity = now
+            return
+        if msg_id < self._in_msg_id:
+            raise ProtocolError(f"MsgID {msg_id} is older than {self._in_msg_id}", status=400)
+        for obj in msg.commands:
+            if not isinstance(obj, Command):
+                raise ProtocolError("SyncBody holds something that is not a command", status=400)
+            c = <Command>obj
+            if c.name == "Alert":
+                code = _parse_uint(c.data)
+                if code == 1200 or code == 1201:
+                    has_start = True
+                elif code == 1222:
+                    has_next = True
+                elif code == 1223:
+                    has_abort = True
+        if has_abort:
+            inp = I_ABORT
+        elif has_start:
+            inp = I_START if msg.final else I_START_PARTIAL
+        elif has_next and not msg.final:
+            inp = I_NEXT
+        elif msg.final:
+            inp = I_FINAL
+        else:
+            inp = I_PARTIAL
+        # ENDED: only a retransmission is answered (handled above)
+        if self._state == S_ENDED:
+            self._lookup(inp, &nxt)
+        # identity of the session (first message)
+        if self.device_id is None and inp != I_ABORT and (inp == I_START or inp == I_START_PARTIAL):
+            self.device_id = h.source
+            self.session_id = h.session_id
+        elif self.device_id is None and inp != I_ABORT:
+            self._lookup(inp, &nxt)         # no row: the first message must open the session
+        elif self.device_id is None:
+            self.device_id = h.source
+            self.session_id = h.session_id
+        # authentication
+        self._hdr_chal = None
+        self._hdr_code = "200"
+        if inp != I_ABORT:
+            if self._state == S_IDLE or self._state == S_AUTH_PENDING:
+                if inp == I_START or inp == I_START_PARTIAL:
+                    inp = self._authenticate(h, account, hmac_header, body, inp, True, ev)
+            elif self.auth_scheme == "hmac" and self._state != S_ENDED:
+                inp = self._authenticate(h, account, hmac_header, body, inp, False, ev)
+        action = self._lookup(inp, &nxt)
+        # the message belongs to the session: remember it
+        self._in_msg_id = msg_id
+        self._in_msg_id_text = h.msg_id.strip()
+        self._in_hdr = h
+        self._last_fingerprint = fingerprint
+        self.last_activity = now
+        self.messages_received += 1
+        if h.meta is not None:
+            self._peer_limits(h.meta)
+        if action == A_START:
+            self._act_start(msg, ev)
+        elif action == A_PROCESS:
+            self._process_body(msg, ev, False)
+        elif action == A_CHALLENGE:
+            self._act_challenge(msg, False, ev)
+        elif action == A_AUTH_END:
+            self._act_challenge(msg, True, ev)
+        elif action == A_ABORT_ACK:
+            self._process_body(msg, ev, True)
+            self._finish("aborted_by_client", "Alert 1223 from the device", ev)
+        self._state = nxt
+
+    cdef _peer_limits(self, Meta m):
+        cdef long v
+        if m.max_msg_size is not None:
+            v = _parse_uint(m.max_msg_size)
+            if v < 0:
+                raise ProtocolError(f"MaxMsgSize {m.max_msg_size!r} is not a number", status=400)
+            if v < self.config.min_peer_msg_size:
+                raise ProtocolError(f"MaxMsgSize {v} is below the {self.config.min_peer_msg_size} "
+                                    "bytes this server needs", status=400)
+            self.peer_max_msg_size = v
+        if m.max_obj_size is not None:
+            v = _parse_uint(m.max_obj_size)
+            if v < 0:
+                raise ProtocolError(f"MaxObjSize {m.max_obj_size!r} is not a number", status=400)
+            self.peer_max_obj_size = v
+
+    cdef int _authenticate(self, SyncHdr h, object account, object hmac_header, object body,
+                           int inp, bint first, list ev) except -1:
+        cdef str require = self.config.require_auth
+        cdef bytes nonce
+        cdef bytes fresh
+        if account is not None:
+            self._account = account
+            if self._server_nonce is None:
+                self._server_nonce = account.server_nonce
+        account = self._account
+        if self._client_nonce is not None:
+            nonce = self._client_nonce
+        elif account is not None:
+            nonce = account.client_nonce
+        else:
+            nonce = None
+        cred = h.cred
+        cred_type = None
+        cred_data = None
+        if cred is not None:
+            cred_data = (<Cred>cred).data
+            if (<Cred>cred).meta is not None:
+                cred_type = (<Cred>cred).meta.type
+                fmt = (<Cred>cred).meta.format
+                if fmt is not None and fmt.strip().lower() != "b64":
+                    cred_data = None       # DM credentials are always b64
+            if cred_type is None and cred_data is not None:
+                cred_type = _auth.AUTH_BASIC   # SyncML default Type for Cred
+        if account is not None and account.dev_id is not None and account.dev_id != h.source:
+            res = _auth.AuthResult(False, 401, require, h.source_name,
+                                   "account belongs to another device")
+        else:
+            res = _auth.check_client(require, cred_type=cred_type, cred_data=cred_data,
+                                     loc_name=h.source_name, account=account, nonce=nonce,
+                                     hmac_header=hmac_header, body=body)
+        if res.ok:
+            if first:
+                self.authenticated = True
+                self.auth_scheme = res.scheme
+                self.username = res.username
+                ev.append(Authenticated(res.username, res.scheme))
+            if res.scheme == "none":
+                self._hdr_code = "200"
+            elif res.scheme == "hmac":
+                self._hdr_code = "200"
+                self._issue_nonce(_auth.AUTH_MAC, ev)           # a new nonce for every message
+            else:
+                self._hdr_code = "212"
+                self._issue_nonce(_auth.SCHEME_TYPES[res.scheme], ev)   # for the next session
+            return inp
+        self._auth_failures += 1
+        self._hdr_code = _num(res.status)
+        ev.append(AuthFailed(res.username, res.scheme, int(res.status), res.reason))
+        if self._auth_failures >= self.config.max_auth_attempts:
+            return I_AUTH_EXHAUSTED
+        return I_AUTH_FAIL
+
+    cdef _issue_nonce(self, str chal_type, list ev):
+        cdef bytes fresh = _auth.new_nonce(self._random)
+        self._client_nonce = fresh
+        cdef Meta m = Meta.__new__(Meta)
+        m.format = "b64"
+        m.type = chal_type
+        m.next_nonce = _auth.nonce_b64(fresh)
+        cdef Chal ch = Chal.__new__(Chal)
+        ch.meta = m
+        self._hdr_chal = ch
+        ev.append(NonceIssued(self.device_id, fresh))
+
+    cdef _act_start(self, Message msg, list ev):
+        cdef Command c
+        cdef Item it
+        cdef dict info = {}
+        cdef str src
+        cdef long code
+        for obj in msg.commands:
+            c = <Command>obj
+            if c.name == "Alert" and self.alert_code == 0:
+                code = _parse_uint(c.data)
+                if code == 1200 or code == 1201:
+                    self.alert_code = code
+            elif c.name == "Replace" and c.items is not None:
+                for o in c.items:
+                    it = <Item>o
+                    src = it.source if it.source is not None else it.target
+                    if _is_devinfo(src):
+                        v = _text(it.data)
+                        if v is not None:
+                            info[src[src.index("DevInfo/") + 8:]] = v
+        self.devinfo = info
+        ev.append(DeviceIdentified(self.device_id, info, self.session_id, self.alert_code))
+        self._process_body(msg, ev, False)
+
+    cdef _act_challenge(self, Message msg, bint give_up, list ev):
+        """Every command gets the header's auth code; a fresh nonce rides in the Chal."""
+        cdef Command c
+        cdef str code = self._hdr_code
+        if not give_up:
+            self._issue_nonce(_auth.SCHEME_TYPES[self.config.require_auth], ev)
+        for obj in msg.commands:
+            c = <Command>obj
+            if c.name == "Status" or c.name == "Results" or c.no_resp:
+                if c.name == "Status":
+                    self._on_status(c, ev)      # the device may still tell us about our Cred
+                continue
+            self._add_status(c, code)
+        if give_up:
+            self._finish("auth_failed", f"{self._auth_failures} failed authentication attempts", ev)
+
+    # -- the body --------------------------------------------------------------------------
+
+    cdef _add_status(self, Command c, str code):
+        cdef list trefs = None, srefs = None
+        cdef Item it
+        if self.config.status_refs and c.items is not None:
+            for o in c.items:
+                it = <Item>o
+                if it.target is not None:
+                    if trefs is None:
+                        trefs = []
+                    trefs.append(it.target)
+                if it.source is not None:
+                    if srefs is None:
+                        srefs = []
+                    srefs.append(it.source)
+        self._out_status.append(_status(0, self._in_msg_id_text, c.cmd_id, c.name, trefs, srefs, code))
+
+    cdef _process_body(self, Message msg, list ev, bint aborting):
+        cdef Command c
+        cdef str name
+        cdef bint lo_continued = False
+        for obj in msg.commands:
+            c = <Command>obj
+            name = c.name
+            if name == "Status":
+                self._on_status(c, ev)
+                continue
+            if self._in_lo is not None and not lo_continued:
+                if name == "Results" and self._continues_in_lo(c):
+                    lo_continued = True
+                else:
+                    self._interrupt_in_lo(ev)
+            if name == "Results":
+                self._on_results(c, ev)
+            elif name == "Alert":
+                self._on_alert(c, ev)
+            elif name == "Replace":
+                self._on_replace(c)
+            elif name in _CLIENT_MAY_NOT:
+                self._refuse(c, "405")
+            else:
+                if not c.no_resp:
+                    self._add_status(c, "501")
+        if self._in_lo is not None and not lo_continued and msg.final and not aborting:
+            self._interrupt_in_lo(ev)
+
+    cdef _refuse(self, Command c, str code):
+        if not c.no_resp:
+            self._add_status(c, code)
+        if c.commands is not None:
+            for sub in c.commands:
+                self._refuse(<Command>sub, code)
+
+    cdef _on_replace(self, Command c):
+        cdef Item it
+        cdef str code = "200"
+        if c.items is None:
+            code = "412"
+        elif len(c.items) > self.config.max_items_per_command:
+            code = "413"
+        else:
+            for o in c.items:
+                it = <Item>o
+                if not _is_devinfo(it.source if it.source is not None else it.target):
+                    code = "405"        # the server has no tree the device may change
+                    break
+        if not c.no_resp:
+            self._add_status(c, code)
+
+    cdef _on_alert(self, Command c, list ev):
+        cdef long code = _parse_uint(c.data)
+        cdef str st = "200"
+        cdef Item it
+        cdef Meta m
+        cdef list evs
+        if code < 0:
+            st = "412"
+        elif code == 1200 or code == 1201:
+            st = "200"
+        elif code == 1222 or code == 1223:
+            st = "200"
+        elif code == 1224 or code == 1226:
+            if not c.items:
+                st = "412"
+            elif len(c.items) > self.config.max_items_per_command:
+                st = "413"
+            else:
+                evs = []
+                for o in c.items:
+                    it = <Item>o
+                    m = _meta_of(it, c)
+                    if code == 1226:
+                        if m is None or m.type is None or it.data is None:
+                            st = "412"           # Type, Format and Data are required (§5.2)
+                            break
+                        evs.append(GenericAlert(c.correlator, it.source,
+                                                _normalise_alert_type(m.type), m.format, m.mark,
+                                                it.data))
+                    else:
+                        evs.append(ClientEvent(it.source, m.type if m is not None else None,
+                                               m.format if m is not None else None, it.data))
+                if st == "200":
+                    ev.extend(evs)
+        elif code == 1225:
+            if self._out_lo is not None:
+                ev.append(CommandNotDelivered(self._out_lo.handle,
+                                              "the device reported the chunked object incomplete (1225)"))
+                self._drop_open(self._out_lo.handle)
+                self._out_lo = None
+        elif 1100 <= code <= 1104:
+            st = "405"                           # UI alerts go to the device, not from it
+        else:
+            st = "406"
+        if not c.no_resp:
+            self._add_status(c, st)
+
+    cdef _on_status(self, Command c, list ev):
+        cdef long code = _parse_uint(c.data)
+        cdef str msg_ref, cmd_ref
+        cdef _Sent sent
+        cdef Item it
+        cdef list answers
+        if code < 0:
+            return                               # a Status is never answered; nothing to learn
+        cmd_ref = c.cmd_ref
+        if cmd_ref is None:
+            return
+        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
+        if cmd_ref == "0" or (c.cmd is not None and c.cmd == "SyncHdr"):
+            self._on_hdr_status(c, code, ev)
+            return
+        key = (msg_ref, cmd_ref)
+        obj = self._awaiting.pop(key, None)
+        if obj is None:
+            return                               # not ours (or answered twice): ignore
+        sent = <_Sent>obj
+        self._close_one(sent.handle)
+        if sent.handle is _INTERNAL:
+            return
+        if sent.chunk and not sent.last_chunk:
+            if code == 213:
+                return
+            if self._out_lo is not None and self._out_lo.handle is sent.handle:
+                self._out_lo = None              # the device refused a chunk: stop the object
+        if sent.alert:
+            answers = []
+            if c.items is not None:
+                for o in c.items:
+                    t = _text((<Item>o).data)
+                    if t is not None:
+                        answers.append(t)
+            ev.append(UserAlertAnswered(sent.handle, code, answers, sent.alert))
+            return
+        target = sent.target
+        if c.target_refs:
+            target = c.target_refs[0]
+        ev.append(StatusReceived(sent.handle, sent.name, code, c.items, target, sent.index))
+
+    cdef _on_hdr_status(self, Command c, long code, list ev):
+        cdef Meta m
+        if code == 212:
+            self.server_authenticated = True
+        elif code == 401 or code == 407:
+            self._server_rejects += 1
+            self.server_authenticated = False
+            ev.append(AuthFailed(self.config.server_id, "md5", code,
+                                 "the device refused the server credentials", "server"))
+        if c.chal is not None and c.chal.meta is not None:
+            m = c.chal.meta
+            if m.next_nonce is not None:
+                try:
+                    n = _auth.decode_nonce(m.next_nonce)
+                except DmError:
+                    return
+                self._server_nonce = n
+                ev.append(ServerNonceReceived(self.device_id, n))
+
+    cdef _on_results(self, Command c, list ev):
+        cdef Item it
+        cdef list items
+        cdef Py_ssize_t i, n
+        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
+        key = (msg_ref, c.cmd_ref)
+        handle = self._gets.get(key, _INTERNAL)
+        if c.items is None:
+            self._add_status(c, "412")
+            return
+        if len(c.items) > self.config.max_items_per_command:
+            self._add_status(c, "413")
+            return
+        if self._in_lo is not None and self._in_lo.key == key:
+            self._continue_in_lo(c, ev)
+            return
+        items = []
+        n = len(c.items)
+        for i in range(n):
+            it = <Item>c.items[i]
+            if it.more_data:
+                if i != n - 1:
+                    self._add_status(c, "400")  # only the last Item may be chunked
+                    return
+                self._start_in_lo(c, key, handle, items, ev)
+                return
+            items.append((it.source if it.source is not None else it.target,
+                          _fmt_of(it, c), _type_of(it, c), it.data))
+        if handle is not _INTERNAL:
+            ev.append(ResultsReceived(handle, items))
+
+    # -- large objects from the device ------------------------------------------------------
+
+    cdef bint _continues_in_lo(self, Command c):
+        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
+        return self._in_lo.key == (msg_ref, c.cmd_ref)
+
+    cdef _start_in_lo(self, Command c, tuple key, object handle, list done, list ev):
+        cdef Item it = <Item>c.items[len(c.items) - 1]
+        cdef _InLO lo = _InLO.__new__(_InLO)
+        cdef Meta m = _meta_of(it, c)
+        lo.handle = handle
+        lo.key = key
+        lo.uri = it.source if it.source is not None else it.target
+        lo.format = _fmt_of(it, c)
+        lo.type = _type_of(it, c)
+        lo.parts = []
+        lo.done_items = done
+        lo.expected = -1
+        lo.received = 0
+        size_text = it.meta.size if it.meta is not None and it.meta.size is not None else (
+            c.meta.size if c.meta is not None else None)
+        if size_text is not None:
+            lo.expected = _parse_uint(size_text)
+            if lo.expected < 0:
+                self._add_status(c, "412")
+                return
+        self._in_lo = lo
+        if lo.expected > self.config.max_obj_size:
+            lo.rejected = True
+            self._add_status(c, "413")
+            return
+        self._add_chunk(c, it, ev)
+
+    cdef _continue_in_lo(self, Command c, list ev):
+        cdef Item it = <Item>c.items[0]
+        cdef _InLO lo = self._in_lo
+        if len(c.items) != 1:
+            self._add_status(c, "400")
+            self._fail_in_lo(400, "chunk Results with more than one Item", ev)
+            return
+        if lo.rejected:
+            self._add_status(c, "413")
+            if not it.more_data:
+                self._fail_in_lo(413, f"object larger than MaxObjSize {self.config.max_obj_size}", ev)
+            return
+        self._add_chunk(c, it, ev)
+
+    cdef _add_chunk(self, Command c, Item it, list ev):
+        cdef _InLO lo = self._in_lo
+        data = it.data
+        if data is None:
+            data = ""
+        if isinstance(data, Element):
+            self._add_status(c, "415")
+            self._fail_in_lo(415, "a nested document cannot be chunked", ev)
+            return
+        if type(data) is str:
+            lo.received += len(<str>data)
+        else:
+            lo.received += len(data)
+        if lo.received > self.config.max_obj_size:
+            lo.rejected = True
+            self._add_status(c, "413")
+            if not it.more_data:
+                self._fail_in_lo(413, f"object larger than MaxObjSize {self.config.max_obj_size}", ev)
+            return
+        lo.parts.append(data)
+        if it.more_data:
+            self._add_status(c, "213")
+            return
+        # last chunk: assemble and check the size (PROTOCOL.md §4.3, §12: decoded or b64 length)
+        whole = self._assemble(lo.parts)
+        if lo.expected >= 0 and not self._size_matches(whole, lo.expected, lo.format):
+            self._add_status(c, "424")
+            self._fail_in_lo(424, f"object size does not match Meta Size {lo.expected}", ev)
+            return
+        items = lo.done_items
+        items.append((lo.uri, lo.format, lo.type, whole))
+        self._in_lo = None
+        if lo.handle is not _INTERNAL:
+            ev.append(ResultsReceived(lo.handle, items))
+
+    cdef object _assemble(self, list parts):
+        cdef bint all_str = True
+        for p in parts:
+            if type(p) is not str:
+                all_str = False
+                break
+        if all_str:
+            return "".join(parts)
+        return b"".join([(<str>p).encode("utf-8") if type(p) is str else bytes(p) for p in parts])
+
+    cdef bint _size_matches(self, object whole, long expected, str fmt):
+        cdef bytes raw
+        if type(whole) is str:
+            if len(<str>whole) == expected:
+                return True
+            raw = (<str>whole).encode("utf-8")
+        else:
+            raw = <bytes>whole
+        if len(raw) == expected:
+            return True
+        if fmt is not None and fmt.strip().lower() == "b64":
+            try:
+                return len(base64.b64decode(raw, validate=False)) == expected
+            except (binascii.Error, ValueError):
+                return False
+        return False
+
+    cdef _fail_in_lo(self, int code, str reason, list ev):
+        cdef _InLO lo = self._in_lo
+        self._in_lo = None
+        if lo is not None and lo.handle is not _INTERNAL:
+            ev.append(LargeObjectFailed(lo.handle, lo.uri, code, reason))
+
+    cdef _interrupt_in_lo(self, list ev):
+        """A new command before the object was complete: Alert 1225 naming it (§4.3 rule 6)."""
+        cdef _InLO lo = self._in_lo
+        cdef Command a = Command.__new__(Command)
+        a.name = "Alert"
+        a.data = "1225"
+        a.items = [Item(source=lo.uri)] if lo.uri is not None else None
+        self._own_cmds.append(a)
+        self._fail_in_lo(1225, "the device started something else before the last chunk", ev)
+
+    # -- queueing --------------------------------------------------------------------------
+
+    def queue(self, handle, Command command not None):
+        """Queues a management command for the device; ``handle`` (hashable) comes back in the
+        events about it.  Raises CommandRejected for commands a server cannot send."""
+        if self._state == S_ENDED:
+            raise CommandRejected(f"session {self.session_key} has ended ({self.end_reason})",
+                                  handle=handle)
+        if len(self._queue) >= self.config.max_queued:
+            raise CommandRejected(f"more than {self.config.max_queued} commands queued",
+                                  handle=handle)
+        try:
+            hash(handle)
+        except TypeError:
+            raise CommandRejected("handle must be hashable", handle=None) from None
+        try:
+            _check_command(command, None, 0)
+        except CommandRejected as exc:
+            exc.handle = handle
+            raise
+        self._queue.append((handle, command))
+
+    # -- building replies --------------------------------------------------------------------
+
+    cdef SyncHdr _reply_hdr(self):
+        cdef SyncHdr h = SyncHdr.__new__(SyncHdr)
+        cdef Meta m
+        cdef Cred cr
+        self._out_msg_id += 1
+        h.ver_dtd = "1.2"
+        h.ver_proto = "DM/1.2"
+        h.session_id = self.session_id
+        h.msg_id = _num(self._out_msg_id)
+        h.target = self.device_id
+        h.source = self.config.server_uri
+        h.resp_uri = self.resp_uri
+        if self.config.send_server_cred and not self.server_authenticated:
+            data = self._server_cred()
+            if data is not None:
+                m = Meta.__new__(Meta)
+                m.format = "b64"
+                m.type = _auth.AUTH_MD5
+                cr = Cred.__new__(Cred)
+                cr.meta = m
+                cr.data = data
+                h.cred = cr
+                h.source_name = self._server_name()
+        if not self._sent_meta:
+            m = Meta.__new__(Meta)
+            m.max_msg_size = _num(self.config.max_msg_size)
+            m.max_obj_size = _num(self.config.max_obj_size)
+            h.meta = m
+            self._sent_meta = True
+        return h
+
+    cdef str _server_name(self):
+        acc = self._account
+        if acc is not None and acc.server_id:
+            return acc.server_id
+        return self.config.server_id
+
+    cdef str _server_cred(self):
+        acc = self._account
+        if acc is None or acc.server_secret is None:
+            return None
+        nonce = self._server_nonce if self._server_nonce is not None else b""
+        if self._server_cred_data is None or self._server_cred_nonce != nonce:
+            self._server_cred_data = _auth.server_cred(self._server_name(), acc.server_secret, nonce)
+            self._server_cred_nonce = nonce
+        return self._server_cred_data
+
+    cdef Command _hdr_status(self, Py_ssize_t cmd_id):
+        cdef SyncHdr h = self._in_hdr
+        cdef Command s = _status(cmd_id, self._in_msg_id_text, "0", "SyncHdr",
+                                 [h.target] if h.target is not None else None,
+                                 [h.source] if h.source is not None else None,
+                                 self._hdr_code)
+        s.chal = self._hdr_chal
+        return s
+
+    def reply_hmac_header(self, bytes body not None):
+        """The x-syncml-hmac header value for our encoded reply when the session uses HMAC
+        (server credentials and the device's nonce for us), else None."""
+        if self.auth_scheme != "hmac":
+            return None
+        acc = self._account
+        if acc is None or acc.server_secret is None:
+            return None
+        nonce = self._server_nonce if self._server_nonce is not None else b""
+        name = self._server_name()
+        return _auth.format_hmac_header(name, _auth.hmac_mac(name, acc.server_secret, nonce, body))
+
+    def next_message(self, *, double now):
+        """The reply to the last received message (the same object again for a retransmission)."""
+        cdef int st = self._state
+        cdef int inp, nxt = -1
+        cdef Message m
+        if self._replay:
+            self._replay = False
+            return self._last_reply
+        if st != S_OWE_PACKAGE and st != S_OWE_CONTINUATION and st != S_OWE_NEXT and \
+                st != S_OWE_CHALLENGE and st != S_OWE_ABORT_ACK and st != S_OWE_AUTH_END:
+            if self._last_reply is not None:
+                return self._last_reply
+            raise ProtocolError(f"no reply owed in state {SessionState(st).name}", status=500)
+        if st == S_OWE_PACKAGE or st == S_OWE_CONTINUATION:
+            if st == S_OWE_PACKAGE:
+                self._pkg_cmds = 0
+            m = self._build(True)
+            if not m.final:
+                inp = I_SEND_PARTIAL
+            elif self._pkg_cmds == 0:
+                inp = I_SEND_END
+            else:
+                inp = I_SEND_FINAL
+        elif st == S_OWE_NEXT:
+            m = self._build(False)
+            inp = I_SEND_NEXT
+        else:
+            m = self._build_all(st == S_OWE_CHALLENGE)
+            inp = I_SEND_CHALLENGE if st == S_OWE_CHALLENGE else I_SEND_END
+        self._lookup(inp, &nxt)
+        self._state = nxt
+        self._last_reply = m
+        self._last_reply_to = self._in_msg_id
+        self.messages_sent += 1
+        self.last_activity = now
+        if inp == I_SEND_END and self.end_reason is None:
+            self._finish("completed", "", self._events)
+        return m
+
+    cdef Message _new_reply(self):
+        cdef Message m = Message.__new__(Message)
+        m.hdr = self._reply_hdr()
+        m.commands = [self._hdr_status(1)]
+        m.final = False
+        return m
+
+    cdef Message _build_all(self, bint final):
+        """Challenge / abort acknowledgement / auth end: every owed Status, Final."""
+        cdef Message m = self._new_reply()
+        cdef Py_ssize_t cid = 2
+        cdef Command s
+        for o in self._out_status:
+            s = <Command>o
+            s.cmd_id = _num(cid)
+            cid += 1
+            m.commands.append(s)
+        self._out_status = []
+        m.final = True
+        return m
+
+    cdef Message _build(self, bint package):
+        """A package message (statuses, then commands, Final when all fit) or, with
+        package=False, a 'Next Message' response (statuses + Alert 1222, no Final)."""
+        cdef Message m = self._new_reply()
+        cdef int enc = self._enc
+        cdef Py_ssize_t limit = self.peer_max_msg_size
+        cdef Py_ssize_t est, cost, cid = 2, base, n_status = 0
+        cdef Command s, w, nxt_alert = None
+        cdef list placed = []          # (handle, original command, wire command, chunk record)
+        cdef bint full = False
+        cdef list cmds = m.commands
+        est = _hdr_size(m.hdr, enc) + _command_size(<Command>cmds[0], enc) + _empty("Final", enc)
+        if not package:
+            nxt_alert = self._next_alert()
+            est += _command_size(nxt_alert, enc) + 4
+        base = est
+        # 1. statuses owed to the device
+        while n_status < len(self._out_status):
+            s = <Command>self._out_status[n_status]
+            s.cmd_id = _num(cid)
+            cost = _command_size(s, enc)
+            if limit > 0 and est + cost > limit and n_status > 0:
+                full = True
+                break
+            est += cost
+            cid += 1
+            cmds.append(s)
+            n_status += 1
+        if n_status:
+            del self._out_status[:n_status]
+        # 2. alerts of our own (1225)
+        if not full and self._own_cmds:
+            while self._own_cmds:
+                w = <Command>self._own_cmds[0]
+                w.cmd_id = _num(cid)
+                cost = _command_size(w, enc)
+                if limit > 0 and est + cost > limit:
+                    full = True
+                    break
+                est += cost
+                cid += 1
+                cmds.append(w)
+                placed.append((_INTERNAL, None, w, None))
+                self._own_cmds.pop(0)
+        if package and not full:
+            # 3. the next chunk of a large object in transit, then queued commands
+            if self._out_lo is not None:
+                cid, est, full = self._place_chunk(m, cid, est, limit, base, placed)
+            while not full and self._out_lo is None and self._queue:
+                handle, orig = self._queue[0]
+                w = _wire_copy(<Command>orig)
+                _number(w, cid)
+                cost = _command_size(w, enc)
+                if limit > 0 and est + cost > limit:
+                    if self._chunkable(<Command>orig) and base + cost > limit:
+                        self._queue.popleft()
+                        if self._start_out_lo(handle, <Command>orig):
+                            cid, est, full = self._place_chunk(m, cid, est, limit, base, placed)
+                        continue
+                    if base + cost > limit:
+                        self._queue.popleft()
+                        self._events.append(CommandNotDelivered(
+                            handle, f"command of ~{cost} bytes does not fit the device's "
+                                    f"MaxMsgSize {limit}"))
+                        continue
+                    full = True
+                    break
+                self._queue.popleft()
+                cid = _number(w, cid)
+                est += cost
+                cmds.append(w)
+                placed.append((handle, orig, w, None))
+        if not package:
+            nxt_alert.cmd_id = _num(cid)
+            cmds.append(nxt_alert)
+            placed.append((_INTERNAL, None, nxt_alert, None))
+        else:
+            m.final = not full and not self._out_status and not self._own_cmds and \
+                self._out_lo is None and not self._queue
+        # 4. verify with the real encoder when the estimate comes near the limit
+        if limit > 0 and self._sizer is not None and est > limit * self.config.verify_ratio:
+            self._shrink_to_fit(m, limit, placed, package)
+        self._register(placed)
+        return m
+
+    cdef Command _next_alert(self):
+        cdef Command a = Command.__new__(Command)
+        a.name = "Alert"
+        a.data = "1222"
+        a.items = [Item(target=self.device_id, source=self.config.server_uri)]
+        return a
+
+    cdef _shrink_to_fit(self, Message m, Py_ssize_t limit, list placed, bint package):
+        """Removes commands from the end until the real encoding fits (rarely needed: the
+        estimate is an upper bound; this guards against a codec that writes more)."""
+        cdef Command w
+        cdef _OutLO lo
+        try:
+            size = self._sizer(m)
+        except DmError:
+            return
+        while size > limit and len(m.commands) > 1:
+            w = <Command>m.commands.pop()
+            if placed and (<tuple>placed[len(placed) - 1])[2] is w:
+                handle, orig, _w, chunk = placed.pop()
+                if handle is _INTERNAL and orig is None:
+                    if w.data == "1222":
+                        m.commands.append(w)     # the 1222 must stay; drop the one before it
+                        placed.append((handle, orig, _w, chunk))
+                        if len(m.commands) <= 2:
+                            break
+                        w2 = m.commands.pop(len(m.commands) - 2)
+                        self._unplace(w2, placed)
+                    else:
+                        self._own_cmds.insert(0, w)
+                elif chunk is not None:
+                    lo = <_OutLO>chunk[0]
+                    lo.offset = chunk[1]
+                    self._out_lo = lo
+                else:
+                    self._queue.appendleft((handle, orig))
+            else:
+                self._out_status.insert(0, w)
+            if package:
+                m.final = False
+            try:
+                size = self._sizer(m)
+            except DmError:
+                return
+
+    cdef _unplace(self, Command w, list placed):
+        cdef Py_ssize_t i
+        for i in range(len(placed) - 1, -1, -1):
+            if (<tuple>placed[i])[2] is w:
+                handle, orig, _w, chunk = placed.pop(i)
+                if chunk is not None:
+                    (<_OutLO>chunk[0]).offset = chunk[1]
+                    self._out_lo = <_OutLO>chunk[0]
+                elif orig is not None:
+                    self._queue.appendleft((handle, orig))
+                else:
+                    self._own_cmds.insert(0, w)
+                return
+        self._out_status.insert(0, w)
+
+    cdef _register(self, list placed):
+        cdef Command w
+        cdef str mid = _num(self._out_msg_id)
+        for handle, orig, wobj, chunk in placed:
+            w = <Command>wobj
+            if handle is not _INTERNAL:
+                self._pkg_cmds += 1
+            elif w.data != "1222":
+                self._pkg_cmds += 1
+            if w.data == "1222" and handle is _INTERNAL:
+                self._register_one(mid, w, _INTERNAL, -1, None)
+                continue
+            self._register_one(mid, w, handle, -1, chunk)
+
+    cdef _register_one(self, str mid, Command w, object handle, int index, object chunk):
+        cdef _Sent s
+        cdef Py_ssize_t i
+        if not w.no_resp:
+            s = _Sent.__new__(_Sent)
+            s.handle = handle
+            s.name = w.name
+            s.index = index
+            if w.name == "Alert":
+                code = _parse_uint(w.data)
+                s.alert = code if 1100 <= code <= 1104 else 0
+            if chunk is not None:
+                s.chunk = True
+                s.last_chunk = chunk[2]
+            if w.items is not None and len(w.items) > 0:
+                s.target = (<Item>w.items[0]).target
+            self._awaiting[(mid, w.cmd_id)] = s
+            self._open[handle] = self._open.get(handle, 0) + 1
+            if w.name == "Get":
+                self._gets[(mid, w.cmd_id)] = handle
+        if w.commands is not None:
+            i = 0
+            for sub in w.commands:
+                self._register_one(mid, <Command>sub, handle, i, None)
+                i += 1
+
+    cdef _close_one(self, object handle):
+        n = self._open.get(handle, 0) - 1
+        if n <= 0:
+            self._open.pop(handle, None)
+        else:
+            self._open[handle] = n
+
+    cdef _drop_open(self, object handle):
+        cdef list dead = [k for k, v in self._awaiting.items() if (<_Sent>v).handle is handle]
+        for k in dead:
+            del self._awaiting[k]
+        self._open.pop(handle, None)
+
+    # -- large objects to the device ----------------------------------------------------------
+
+    cdef bint _chunkable(self, Command c):
+        if c.name != "Replace" and c.name != "Add":
+            return False
+        if c.items is None or len(c.items) != 1:
+            return False
+        d = (<Item>c.items[0]).data
+        return type(d) is str or isinstance(d, bytes)
+
+    cdef bint _start_out_lo(self, object handle, Command c):
+        cdef Item it = <Item>c.items[0]
+        cdef _OutLO lo = _OutLO.__new__(_OutLO)
+        cdef long total
+        data = it.data
+        fmt = _fmt_of(it, c)
+        lo.handle = handle
+        lo.cmd = c
+        lo.data = data
+        lo.offset = 0
+        lo.align = 1
+        if type(data) is str:
+            lo.total_units = len(<str>data)
+            if fmt is not None and fmt.strip().lower() == "b64" and PyUnicode_IS_ASCII(data):
+                lo.align = 4
+                raw_len = len(data.strip())
+                pad = len(data) - len(data.rstrip("="))
+                total = (raw_len // 4) * 3 - pad
+            else:
+                total = len((<str>data).encode("utf-8"))
+            if PyUnicode_IS_ASCII(data):
+                lo.unit_cost = 6 if (self._enc == ENC_XML and (('&' in data) or ('<' in data) or ('>' in data))) else 1
+            else:
+                lo.unit_cost = 24 if self._enc == ENC_XML else 4
+        else:
+            data = bytes(data)
+            lo.data = data
+            lo.total_units = len(data)
+            total = len(data)
+            if self._enc == ENC_XML:
+                lo.unit_cost = 2            # base64 is 4/3; 2 keeps a margin
+                lo.align = 3
+            else:
+                lo.unit_cost = 1
+        lo.size_text = str(total)
+        if self.peer_max_obj_size > 0 and total > self.peer_max_obj_size:
+            self._events.append(CommandNotDelivered(
+                handle, f"object of {total} bytes is larger than the device's MaxObjSize "
+                        f"{self.peer_max_obj_size}"))
+            return False
+        self._out_lo = lo
+        return True
+
+    cdef tuple _place_chunk(self, Message m, Py_ssize_t cid, Py_ssize_t est, Py_ssize_t limit,
+                            Py_ssize_t base, list placed):
+        """Puts the next chunk of the object in transit into ``m``; returns (cid, est, full)."""
+        cdef _OutLO lo = self._out_lo
+        cdef Command w
+        cdef Item src = <Item>lo.cmd.items[0]
+        cdef Item it
+        cdef Meta meta
+        cdef Py_ssize_t overhead, avail, units, start = lo.offset
+        cdef bint last
+        w = _wire_copy(lo.cmd)
+        it = Item.__new__(Item)
+        it.target = src.target
+        it.target_name = src.target_name
+        it.source = src.source
+        it.source_name = src.source_name
+        if start == 0:
+            meta = Meta.__new__(Meta)
+            if src.meta is not None:
+                meta.format = src.meta.format
+                meta.type = src.meta.type
+                meta.mark = src.meta.mark
+            meta.size = lo.size_text
+            it.meta = meta
+        else:
+            it.meta = src.meta
+        it.more_data = True
+        it.data = ""
+        w.items = [it]
+        w.cmd_id = _num(cid)
+        overhead = _command_size(w, self._enc) + 16
+        if limit > 0:
+            avail = (limit - est - overhead) // lo.unit_cost
+        else:
+            avail = lo.total_units
+        avail -= avail % lo.align
+        remaining = lo.total_units - start
+        if avail >= remaining:
+            units = remaining
+            last = True
+        else:
+            if avail < self.config.min_chunk and est > base:
+                return cid, est, True             # start it in the next message
+            if avail < lo.align:
+                avail = lo.align                 # make progress even on absurd limits
+            units = avail
+            last = False
+        it.data = lo.data[start:start + units]
+        it.more_data = not last
+        lo.offset = start + units
+        est += _command_size(w, self._enc)
+        m.commands.append(w)
+        placed.append((lo.handle, lo.cmd, w, (lo, start, last)))
+        if last:
+            self._out_lo = None
+        return cid + 1, est, not last
+
+    # -- ending ------------------------------------------------------------------------------
+
+    cdef _finish(self, str reason, str detail, list ev):
+        """End bookkeeping: CommandNotDelivered for everything pending, then SessionEnded."""
+        cdef set seen = set()
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        for handle, _c in self._queue:
+            if handle not in seen:
+                seen.add(handle)
+                ev.append(CommandNotDelivered(handle, "not sent before the session ended"))
+        self._queue.clear()
+        if self._out_lo is not None and self._out_lo.handle not in seen:
+            seen.add(self._out_lo.handle)
+            ev.append(CommandNotDelivered(self._out_lo.handle,
+                                          "large object not completely sent before the session ended"))
+        self._out_lo = None
+        for handle in self._open:
+            if handle is not _INTERNAL and handle not in seen:
+                seen.add(handle)
+                ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
+        self._open.clear()
+        self._awaiting.clear()
+        ev.append(SessionEnded(reason, detail))
+
+    def abort(self, str reason="aborted by server"):
+        """Alert 1223 + Final (with the Status still owed for the last client message)."""
+        cdef int nxt = -1
+        cdef Message m
+        cdef Command a
+        cdef Py_ssize_t cid
+        cdef bint owe
+        self._lookup(I_SERVER_ABORT, &nxt)
+        owe = self._state in (S_OWE_PACKAGE, S_OWE_CONTINUATION, S_OWE_NEXT, S_OWE_CHALLENGE,
+                              S_OWE_ABORT_ACK, S_OWE_AUTH_END)
+        m = Message.__new__(Message)
+        m.hdr = self._reply_hdr()
+        m.commands = []
+        if owe and self._in_hdr is not None:
+            m.commands.append(self._hdr_status(1))
+            for o in self._out_status:
+                m.commands.append(o)
+        self._out_status = []
+        cid = 1
+        for o in m.commands:
+            (<Command>o).cmd_id = _num(cid)
+            cid += 1
+        a = Command.__new__(Command)
+        a.name = "Alert"
+        a.cmd_id = _num(cid)
+        a.data = "1223"
+        m.commands.append(a)
+        m.final = True
+        self._finish("aborted_by_server", reason, self._events)
+        self._state = nxt
+        self._last_reply = m
+        self._last_reply_to = self._in_msg_id
+        self.messages_sent += 1
+        return m
+
+    def close(self, str reason="closed", str detail=""):
+        """Ends the session without a message (idle timeout, shutdown); returns the events."""
+        cdef int nxt = -1
+        cdef list ev = self._events
+        self._events = []
+        if self._state == S_ENDED:
+            return ev
+        self._lookup(I_CLOSE, &nxt)
+        self._finish(reason, detail, ev)
+        self._state = nxt
+        return ev
+
+    def error_reply(self, exc):
+        """The answer to a message receive() refused with ProtocolError ``exc``: Status with
+        ``exc.status`` for its SyncHdr, Alert 1223, Final."""
+        cdef SyncHdr h = self._err_hdr
+        cdef Message m = Message.__new__(Message)
+        cdef SyncHdr rh = SyncHdr.__new__(SyncHdr)
+        cdef Command a
+        status = getattr(exc, "status", 400)
+        self._out_msg_id += 1
+        rh.ver_dtd = "1.2"
+        rh.ver_proto = "DM/1.2"
+        rh.msg_id = _num(self._out_msg_id)
+        rh.source = self.config.server_uri
+        rh.resp_uri = self.resp_uri
+        if h is not None:
+            rh.session_id = h.session_id if h.session_id is not None else (self.session_id or "0")
+            rh.target = h.source if h.source is not None else self.device_id
+        else:
+            rh.session_id = self.session_id or "0"
+            rh.target = self.device_id
+        m.hdr = rh
+        m.commands = []
+        if h is not None:
+            m.commands.append(_status(1, h.msg_id if h.msg_id is not None else "0", "0", "SyncHdr",
+                                      [h.target] if h.target is not None else None,
+                                      [h.source] if h.source is not None else None,
+                                      str(int(status))))
+        a = Command.__new__(Command)
+        a.name = "Alert"
+        a.cmd_id = _num(len(m.commands) + 1)
+        a.data = "1223"
+        m.commands.append(a)
+        m.final = True
+        return m
+
+    def __repr__(self):
+        return (f"<DmSession {self.session_key} device={self.device_id!r} "
+                f"state={SessionState(self._state).name} in={self._in_msg_id} out={self._out_msg_id}>")
