@@ -12,8 +12,8 @@ decodes must also re-encode, and decode again to an equal Message (WBXML).
 The decoders are Cython: atheris only sees coverage of Python code, so libFuzzer cannot
 steer by the decoders' branches.  Each libFuzzer input is therefore used two ways
 (chosen by its first byte): as raw bytes, or as the seed of a random recipe of
-structure-aware mutations (byte flips, WBXML global tokens, huge mb_u_int32s, truncation,
-splices, repeated ranges) applied to one of the seed vectors, which reaches deep into the
+structure-aware mutations (byte flips, WBXML global tokens and huge mb_u_int32s or XML
+markup, entities, CDATA and DTD fragments, truncation, splices, repeated ranges) applied to one of the seed vectors, which reaches deep into the
 decoder whatever libFuzzer's corpus looks like.
 See fuzz/README.md.
 """
@@ -51,10 +51,17 @@ except ImportError:  # pragma: no cover - depends on the checkout
 TOKENS = bytes([0x00, 0x01, 0x02, 0x03, 0x04, 0x40, 0x43, 0x44, 0x80, 0x83, 0x84, 0xC0, 0xC3,
                 0xC4, 0x6D, 0x6C, 0x6B, 0x54, 0x4F, 0x5A, 0x47, 0x53, 0x64, 0x48, 0x12, 0x34,
                 0xFF, 0x8F, 0x7F, 0x6A])
+# XML fragments worth inserting: markup, entities, CDATA, DTDs (refused), namespaces, bad bytes.
+XML_PIECES = [b"<", b">", b"</", b"/>", b"&amp;", b"&#0;", b"&#x110000;", b"&#xD800;", b"&bogus;",
+              b"<![CDATA[", b"]]>", b"<!DOCTYPE SyncML [<!ENTITY a 'b'>]>", b"<!-- c -->", b"<?pi x?>",
+              b' xmlns="syncml:metinf"', b' xmlns:m="syncml:metinf"', b"<m:Format>", b"<Meta>", b"</Item>",
+              b"<Data>", b"</Data>", b"<Sequence>" * 40, b"\xff", b"\x00", b"\xc3\x28", b"\xef\xbb\xbf",
+              b"<?xml version='1.0' encoding='ISO-8859-1'?>", b' a="1"', b"<Final/>"]
 MBUINTS = [b"\x8f\xff\xff\xff\x7f", b"\xff\xff\xff\xff\xff\x7f", b"\x90\x80\x80\x80\x00",
            b"\x81\x00", b"\x7f", b"\x00", b"\x80\x80\x80\x80\x80\x80"]
 
-STATS = {"wbxml_ok": 0, "wbxml_codec_error": 0, "xml_ok": 0, "xml_codec_error": 0, "inputs": 0}
+STATS = {"wbxml_ok": 0, "wbxml_codec_error": 0, "xml_ok": 0, "xml_codec_error": 0,
+         "xml_not_wbxml_encodable": 0, "inputs": 0}
 
 
 def load_seeds(kind: str) -> list[bytes]:
@@ -72,9 +79,10 @@ WBXML_SEEDS: list[bytes] = []
 XML_SEEDS: list[bytes] = []
 
 
-def mutate(seed: bytes, rng: random.Random) -> bytes:
+def mutate(seed: bytes, rng: random.Random, kind: str = "wbxml") -> bytes:
     """1-8 structure-aware mutations of a seed vector, driven by ``rng``."""
     buf = bytearray(seed)
+    seeds = WBXML_SEEDS if kind == "wbxml" else XML_SEEDS
     for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4, 8))):
         if not buf:
             buf.extend(rng.randbytes(4))
@@ -83,10 +91,12 @@ def mutate(seed: bytes, rng: random.Random) -> bytes:
         i = rng.randrange(len(buf))
         if op == 0:
             buf[i] = rng.randrange(256)
-        elif op == 1:
+        elif op == 1 and kind == "wbxml":
             buf[i] = rng.choice(TOKENS)
-        elif op == 2:
+        elif op == 2 and kind == "wbxml":
             buf[i:i] = rng.choice(MBUINTS)
+        elif op in (1, 2):
+            buf[i:i] = rng.choice(XML_PIECES)
         elif op == 3:
             del buf[rng.randrange(len(buf) + 1):]                           # truncate
         elif op == 4:
@@ -95,7 +105,7 @@ def mutate(seed: bytes, rng: random.Random) -> bytes:
             j = rng.randint(i, min(len(buf), i + 64))
             buf[i:i] = buf[i:j] * rng.randint(1, 50)                       # repeat a range
         elif op == 6:
-            other = rng.choice(WBXML_SEEDS)
+            other = rng.choice(seeds)
             buf[i:] = other[rng.randint(0, len(other)):]                   # splice
         elif op == 7:
             buf[i:i] = rng.randbytes(rng.randint(1, 8))
@@ -125,6 +135,25 @@ def check_xml(data: bytes) -> None:
         return
     assert isinstance(msg, Message), type(msg)
     STATS["xml_ok"] += 1
+    # across codecs: what the XML decoder accepts, the WBXML codec encodes (or refuses with
+    # CodecError) and decodes to the same model (TNDS Type rewritten as libwbxml does)
+    try:
+        wbxml = _wbxml.encode(msg)
+    except CodecError:
+        STATS["xml_not_wbxml_encodable"] += 1
+        return
+    assert _tnds_as_xml(_wbxml.decode(wbxml)) == _tnds_as_xml(msg)
+
+
+def _tnds_as_xml(msg: Message) -> Message:
+    def walk(cmds):
+        for c in cmds or []:
+            for m in [c.meta] + [it.meta for it in c.items or []]:
+                if m is not None and m.type == _wbxml.TNDS_WBXML:
+                    m.type = _wbxml.TNDS_XML
+            walk(c.commands)
+    walk(msg.commands)
+    return msg
 
 
 def save_failure(data: bytes, kind: str) -> None:
@@ -166,7 +195,7 @@ def make_target(target: str, runs: int, stats: bool, seed: int):
                 s = rng.choice(seeds)
                 doc = s[:rng.randint(0, len(s))] + data
             else:                                           # structure-aware mutations of a seed
-                doc = mutate(rng.choice(seeds), rng)
+                doc = mutate(rng.choice(seeds), rng, kind)
             run_check(check, doc, kind)
         if stats and STATS["inputs"] == runs:
             print("stats: " + " ".join(f"{k}={v}" for k, v in STATS.items()), flush=True)
