@@ -457,3 +457,22 @@ def test_closed_store_refuses(use: Callable[[Body], Any]) -> None:
 
     with pytest.raises(StoreClosed):   # the runner's own check() after close refuses too
         use(body)
+
+
+def test_an_op_failing_after_writing_is_rolled_back_alone(use: Callable[[Body], Any]) -> None:
+    """The discipline is check-then-write; an op that breaks it anyway (here: on purpose) must
+    leave nothing behind, and ops sharing its transaction must still commit."""
+    async def body(s: Store) -> None:
+        async def bad() -> None:
+            def op(ctx: Any) -> None:
+                ctx.put("devices", b"IMEI:ghost", b"\x80")
+                raise RuntimeError("boom after a write")
+            await s._write(op)  # type: ignore[attr-defined]
+        good = [s.create_device(dev(200 + i)) for i in range(20)]
+        res = await asyncio.gather(bad(), *good, return_exceptions=True)
+        assert isinstance(res[0], RuntimeError)
+        assert all(isinstance(r, Device) for r in res[1:])
+        with pytest.raises(NotFound):
+            await s.get_device("IMEI:ghost")
+        assert (await s.counts())["devices"] == 20
+    use(body)

@@ -474,15 +474,22 @@ class KVStore(Store):
                 continue
             batch.append((i, dev, data))
             if len(batch) >= chunk:
-                await self._write(self._import_op(batch, replace, report))
+                self._tally(report, await self._write(self._import_op(batch, replace, report)))
                 batch = []
         if batch:
-            await self._write(self._import_op(batch, replace, report))
+            self._tally(report, await self._write(self._import_op(batch, replace, report)))
         return report
+
+    @staticmethod
+    def _tally(report: ImportReport, res: Any) -> None:
+        # counted after the commit: a replayed transaction must not count twice
+        report.created += res[0]
+        report.replaced += res[1]
+        report.rejected.extend(res[2])
 
     def _import_op(self, batch: list[tuple[int, Device, bytes]], replace: bool,
                    report: ImportReport) -> Op[None]:
-        def op(ctx: WriteCtx) -> None:
+        def op(ctx: WriteCtx) -> tuple[int, int, list[tuple[int, str | None, str]]]:
             txn = ctx.txn
             created = replaced = 0
             rejected: list[tuple[int, str | None, str]] = []
@@ -510,11 +517,8 @@ class KVStore(Store):
                     for db, k, v in _device_index(dev):
                         ctx.put(db, k, v)
                     created += 1
-            # the report is touched only when the op completed (a replayed op starts afresh)
-            report.created += created
-            report.replaced += replaced
-            report.rejected.extend(rejected)
-        return op
+            return created, replaced, rejected
+        return op   # type: ignore[return-value]
 
     # --- capabilities ------------------------------------------------------------------------
 

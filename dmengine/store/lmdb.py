@@ -221,15 +221,19 @@ class LmdbStore(KVStore):
         self.env = open_env(path, map_size=map_size, max_readers=max_readers)
         self.stale_readers_cleared = self.env.reader_check()
         self._gate = _Gate()
-        self._dbs = open_dbs(self.env)
         self.map_grows = 0
         self.commit_seconds = 0.0     # time spent in commit (write + fsync), for benchmarks
         self.write_seconds = 0.0      # time spent running batches, commits included
         self.batches = 0
         self.ops = 0
-        # schema record / migrations (through the normal write path, grows the map if needed)
-        self.schema = self._run_sync(lambda ctx: ensure_schema(ctx.txn, ctx.now, migrations,
-                                                               schema_version))
+        try:
+            self._dbs = open_dbs(self.env)
+            # schema record / migrations (through the normal write path: grows the map if needed)
+            self.schema = self._run_sync(lambda ctx: ensure_schema(ctx.txn, ctx.now, migrations,
+                                                                   schema_version))
+        except BaseException:
+            self.env.close()
+            raise
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._dead: BaseException | None = None
@@ -272,7 +276,7 @@ class LmdbStore(KVStore):
                     item = None
                 now = time.monotonic()
                 if now >= next_check:
-                    self.env.reader_check()
+                    self.reader_check()
                     next_check = now + self.reader_check_interval
                 if item is None:
                     continue
@@ -442,6 +446,13 @@ class LmdbStore(KVStore):
                 "used_bytes": (i["last_pgno"] + 1) * self.env.stat()["psize"],
                 "map_grows": self.map_grows, "batches": self.batches, "ops": self.ops,
                 "readers": i["num_readers"]}
+
+    def reader_check(self) -> int:
+        """Frees reader slots of dead processes; returns how many.  The writer thread also
+        calls it every ``reader_check_interval`` seconds."""
+        n = self.env.reader_check()
+        self.stale_readers_cleared += n
+        return n
 
     def check_sync(self) -> list[str]:
         return self._read_sync(check_txn)
