@@ -1,0 +1,123 @@
+"""Store benchmark: durable task transitions per second with group commit next to one
+transaction per write (same run, same machine); importing device records; bytes on disk.
+
+A *transition* is the store's ``transition()``: read the task, move its state, append a
+history entry, move its job-state index row and the job's counters, commit with fsync, and only
+then answer the caller.  Many concurrent callers (asyncio tasks on uvloop) each drive their own
+task through NOTIFIED → IN_PROGRESS → PENDING → … so no transition is refused.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+
+import uvloop
+
+from bench.common import Row, write_results
+from dmengine.model import Device, DmAccount, Job, QueryOp, Task, TaskState, UpdateOp
+from dmengine.store.lmdb import LmdbStore
+
+NAME = "store"
+
+MOVES = (TaskState.NOTIFIED, TaskState.IN_PROGRESS, TaskState.PENDING)
+
+
+async def _transitions(path: str, *, callers: int, per_caller: int, batch_size: int,
+                       max_delay: float) -> tuple[float, LmdbStore]:
+    s = LmdbStore(path, batch_size=batch_size, max_delay=max_delay)
+    await s.create_job(Job(job_id="bench-job"))
+    await s.create_tasks([Task(task_id=f"bt{i:07d}", dev_id=f"IMEI:{350000000000000 + i}",
+                               job_id="bench-job", op=UpdateOp(content_id="fw-2"),
+                               correlator=f"corr{i}")
+                          for i in range(callers)])
+
+    async def caller(i: int) -> None:
+        tid = f"bt{i:07d}"
+        for k in range(per_caller):
+            await s.transition(tid, MOVES[k % 3], cause="bench", dm_status=200)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    dt = time.perf_counter() - t0
+    job = await s.get_job("bench-job")
+    assert sum(job.counts.values()) == callers
+    await s.close()
+    return callers * per_caller / dt, s
+
+
+def _device(i: int) -> Device:
+    imei = f"{356938000000000 + i}"
+    return Device(dev_id=f"IMEI:{imei}", imei=imei, msisdn=f"+49170{i:08d}",
+                  capability="cap-x1",
+                  account=DmAccount(server_id="acme-dms", client_name=f"dev{i}",
+                                    client_key="DV4giKozqa1xsMX/tjaQjQ==",
+                                    server_key="qIUiuFQooZcVh8cn6FkGFQ=="))
+
+
+async def _import(path: str, n: int) -> tuple[float, float, dict]:
+    s = LmdbStore(path, map_size=64 << 20)
+    t0 = time.perf_counter()
+    rep = await s.import_devices((_device(i) for i in range(n)), chunk=20_000)
+    dt = time.perf_counter() - t0
+    assert rep.created == n and not rep.rejected
+    info = s.info()
+    await s.close()
+    return n / dt, dt, info
+
+
+async def _task_bytes(path: str, n: int) -> float:
+    s = LmdbStore(path, map_size=64 << 20)
+    await s.create_job(Job(job_id="size-job"))
+    before = s.info()["used_bytes"]
+    for start in range(0, n, 5000):
+        await s.create_tasks([Task(task_id=f"st{i:08d}", dev_id=f"IMEI:{356938000000000 + i}",
+                                   job_id="size-job", op=QueryOp(nodes=["./DevInfo/Mod",
+                                                                        "./DevInfo/FwV"]))
+                              for i in range(start, min(n, start + 5000))])
+    # every task gets three more history entries, the life of a typical task
+    for k, st in enumerate((TaskState.NOTIFIED, TaskState.IN_PROGRESS, TaskState.SUCCEEDED)):
+        await asyncio.gather(*(s.transition(f"st{i:08d}", st, dm_status=200)
+                               for i in range(n)))
+    after = s.info()["used_bytes"]
+    await s.close()
+    return (after - before) / n
+
+
+def run(quick: bool) -> None:
+    rows: list[Row] = []
+    base = tempfile.mkdtemp(prefix="bench-store-")
+    try:
+        callers = 1000
+        per = 15 if quick else 60
+        gc_rate, gs = uvloop.run(_transitions(os.path.join(base, "gc"), callers=callers,
+                                              per_caller=per, batch_size=2000, max_delay=0.002))
+        one_rate, _ = uvloop.run(_transitions(os.path.join(base, "one"), callers=20,
+                                              per_caller=20 if quick else 60, batch_size=1,
+                                              max_delay=0.0))
+        rows.append(Row.versus("task transition, group commit (1000 concurrent callers)",
+                               "durable transitions/s", round(gc_rate), "1/s",
+                               "one transaction per write (20 callers)", round(one_rate)))
+        rows.append(Row("task transition, group commit", "transitions per transaction",
+                        round(gs.ops / max(gs.batches, 1), 1), "ops/txn"))
+        n = 50_000 if quick else 1_000_000
+        rate, secs, info = uvloop.run(_import(os.path.join(base, "import"), n))
+        rows.append(Row(f"import {n:,} devices (validated, 5 index rows each)", "wall time",
+                        round(secs, 2), "s"))
+        rows.append(Row(f"import {n:,} devices", "devices/s", round(rate), "1/s"))
+        rows.append(Row("device record + indexes", "bytes on disk per device",
+                        round(info["used_bytes"] / n, 1), "B"))
+        nt = 20_000 if quick else 100_000
+        per_task = uvloop.run(_task_bytes(os.path.join(base, "tasks"), nt))
+        rows.append(Row("task + 4 history entries + indexes", "bytes on disk per task",
+                        round(per_task, 1), "B"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    write_results(NAME, rows)
+
+
+if __name__ == "__main__":
+    import sys
+    run(quick="--quick" in sys.argv)
