@@ -1,0 +1,767 @@
+"""The deployment broker (L4): IDeploymentBrokerServices for one device at a time.
+
+``doOperation`` creates a task, wakes the device with package #0, and — when the device opens
+its DM session — queues the operation's commands on that session and records the outcome.
+The broker is the device port's ``DeviceHandler``: the server calls :meth:`account_for`
+before a message is checked and :meth:`on_events` with what the session engine reported,
+before the reply is built (so commands queued there go out in that reply).
+
+Task life (DESIGN.md §4): PENDING → NOTIFIED → IN_PROGRESS → (WAITING_USER) → SUCCEEDED |
+FAILED | CANCELLED | EXPIRED.  A FUMO task stays IN_PROGRESS after its Exec until the device's
+Generic Alert 1226 with the task's correlator reports the result, possibly in a later session.
+A task interrupted by a session that ended early goes back to PENDING and is retried with
+backoff; a device that never answers its notifications expires the task.
+
+The broker keeps only per-session bookkeeping in memory; everything a restart needs is in
+the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgspec
+
+from . import auth
+from .devices import CarrierCallback, check_device_policy, imei_of
+from .errors import AlreadyExists, GatewayError, NotFound, ServiceError, StoreError
+from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
+                     ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
+                     UserAlertAnswered)
+from .message import Command, Item, Meta
+from .model import (FINAL_TASK_STATES, BootstrapOp, Capability, Content, DiagOp, DmAccount,
+                    Device, ExecOp, FumoMode, HistoryEntry, OutboxEntry, QueryOp, SetOp, Task,
+                    TaskResult, TaskState, UpdateOp, new_id)
+from .notify.base import Gateway
+from .notify.pkg0 import build_pkg0
+from .status import describe_fumo_result, fumo_result_is_success, status_is_success
+from .store.base import Store
+
+log = logging.getLogger("dmengine.broker")
+
+S = TaskState
+
+#: Seconds between notification attempts: attempt k waits RETRY_DELAYS[min(k, len-1)].
+DEFAULT_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0)
+DEFAULT_MAX_NOTIFICATIONS = 4          #: notifications before a silent device expires the task
+DEFAULT_TASK_TTL = 7 * 86400.0         #: deadline of a task that names none
+DEFAULT_OPTIN_TIMEOUT = 300            #: MAXDT of the opt-in confirm alert, seconds
+DEFAULT_DEFAULT_FUMO_PATH = "./FUMO/1"
+#: Nodes a DIAG reads when the capability names none (DevDetail and DevInfo leaves).
+DEFAULT_DIAG_NODES = ("./DevDetail/FwV", "./DevDetail/SwV", "./DevDetail/HwV",
+                      "./DevDetail/DevTyp", "./DevDetail/OEM", "./DevInfo/Man",
+                      "./DevInfo/Mod", "./DevInfo/Lang")
+
+_FUMO_TYPE_PREFIX = "org.openmobilealliance.dm.firmwareupdate."
+
+
+@dataclass
+class BrokerConfig:
+    server_id: str = "dmengine"
+    content_base_url: str = "http://127.0.0.1:8080/content"
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    max_notifications: int = DEFAULT_MAX_NOTIFICATIONS
+    task_ttl: float = DEFAULT_TASK_TTL
+    optin_timeout: int = DEFAULT_OPTIN_TIMEOUT
+    optin_text: str = "Your operator wants to manage this device. Accept?"
+    default_fumo_path: str = DEFAULT_DEFAULT_FUMO_PATH
+    diag_nodes: tuple[str, ...] = DEFAULT_DIAG_NODES
+    notify_ui_mode: int = 0            #: package-0 ui-mode (2 informative, 3 user interaction)
+    tick_interval: float = 1.0         #: how often the scheduler loop looks for due tasks
+
+
+class TaskData(msgspec.Struct, kw_only=True):
+    """What ``getTaskById`` returns: the seeds' TaskData with ``status`` (``getStatus()``)."""
+
+    task_id: str
+    status: str
+    dev_id: str
+    operation: str
+    job_id: str | None
+    test_cycle: bool
+    attempts: int
+    created: float
+    updated: float
+    finished: float | None
+    cause: str | None
+    result: TaskResult | None
+    record: Task
+
+
+def task_data(task: Task) -> TaskData:
+    return TaskData(task_id=task.task_id, status=task.state.value, dev_id=task.dev_id,
+                    operation=type(task.op).__struct_config__.tag, job_id=task.job_id,
+                    test_cycle=task.test_cycle, attempts=task.attempts, created=task.created,
+                    updated=task.updated, finished=task.finished, cause=task.cause,
+                    result=task.result, record=task)
+
+
+def new_secret(nbytes: int = 12) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# --- per-session bookkeeping --------------------------------------------------------------
+
+
+@dataclass
+class _TaskRun:
+    """One task being worked on in one DM session."""
+
+    task: Task
+    outstanding: int = 0                     # queued commands not answered yet
+    statuses: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+    failed: tuple[str, int] | None = None    # (cause, dm status)
+    waiting_alert: bool = False              # FUMO: Exec accepted, result comes by 1226
+    done: bool = False
+
+
+@dataclass
+class _SessionWork:
+    dev_id: str | None = None                # the record the session stands for
+    runs: dict[str, _TaskRun] = field(default_factory=dict)
+
+
+class Broker:
+    """doOperation / doBootstrap / getTaskById / getTaskHistory / cancelTask, and the device
+    port's handler."""
+
+    def __init__(self, store: Store, gateway: Gateway | None, *,
+                 config: BrokerConfig | None = None,
+                 clock: Callable[[], float] = time.time,
+                 carrier_callback: CarrierCallback | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.config = config or BrokerConfig()
+        self.clock = clock
+        self.carrier_callback = carrier_callback
+        self._rng = rng or random.Random()
+        self._sessions: dict[int, _SessionWork] = {}
+        #: DM user name → device record, for devices we notified: a device that answers with
+        #: another DevId (acceptDevicePolicy) is found through the account it authenticates with.
+        self._by_username: dict[str, str] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- DMWSI operations ------------------------------------------------------------------
+
+    async def resolve_target(self, *, msisdn: str | None = None, imei: str | None = None,
+                             dev_id: str | None = None) -> Device:
+        """The device a request names by MSISDN, IMEI or DevId (exactly one)."""
+        given = [(k, v) for k, v in (("msisdn", msisdn), ("imei", imei), ("dev_id", dev_id)) if v]
+        if len(given) != 1:
+            raise ServiceError("name the target device by exactly one of msisdn, imei, dev_id",
+                               where="target")
+        kind, value = given[0]
+        try:
+            if kind == "msisdn":
+                return await self.store.device_by_msisdn(value)
+            if kind == "imei":
+                return await self.store.device_by_imei(value)
+            return await self.store.get_device(value)
+        except NotFound:
+            raise _not_found(f"no device with {kind} {value!r}", where=f"target.{kind}") from None
+
+    async def do_operation(self, op: Any, *, msisdn: str | None = None, imei: str | None = None,
+                           dev_id: str | None = None, b_optin: bool = False,
+                           accept_device_policy: int = 10, test_cycle: bool = False,
+                           deadline: float | None = None, job_id: str | None = None,
+                           notify: bool = True) -> str:
+        """Creates the task for ``op`` (an UpdateOp/QueryOp/SetOp/ExecOp/DiagOp) on one device,
+        sends the first notification, and returns the task id."""
+        if isinstance(op, BootstrapOp):
+            raise ServiceError("use doBootstrap for BOOTSTRAP", where="operation")
+        device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
+        if isinstance(op, UpdateOp):
+            await self._content_for(op, device)          # refuse a package that cannot fit now
+        now = self.clock()
+        task_id = new_id("t")
+        task = Task(task_id=task_id, dev_id=device.dev_id, op=op, job_id=job_id,
+                    b_optin=b_optin, accept_device_policy=accept_device_policy,  # type: ignore[arg-type]
+                    test_cycle=test_cycle, state=S.PENDING, next_attempt=now,
+                    deadline=deadline if deadline is not None else now + self.config.task_ttl,
+                    correlator=task_id)
+        task = await self.store.create_task(task)
+        if notify:
+            await self.notify(task)
+        return task_id
+
+    async def get_task_by_id(self, task_id: str) -> TaskData:
+        try:
+            return task_data(await self.store.get_task(task_id))
+        except NotFound:
+            raise _not_found(f"no task {task_id!r}", where="taskId") from None
+
+    async def get_task_history(self, task_id: str) -> list[HistoryEntry]:
+        out: list[HistoryEntry] = []
+        cursor = None
+        while True:
+            page = await self.store.task_history(task_id, cursor=cursor)
+            out.extend(page.items)
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
+
+    async def cancel_task(self, task_id: str, *, cause: str = "cancelled by the caller") -> Task:
+        task = await self.store.get_task(task_id)
+        if task.state in FINAL_TASK_STATES:
+            raise ServiceError(f"task {task_id} is already {task.state.value}", where="taskId")
+        task = await self.store.transition(task_id, S.CANCELLED, cause=cause,
+                                           changes={"finished": self.clock(),
+                                                    "next_attempt": None})
+        for work in self._sessions.values():   # a session working on it drops it
+            run = work.runs.get(task_id)
+            if run is not None:
+                run.done = True
+        return task
+
+    async def do_bootstrap(self, *, msisdn: str | None = None, imei: str | None = None,
+                           dev_id: str | None = None, server_id: str | None = None,
+                           client_name: str | None = None) -> tuple[str, DmAccount]:
+        """Gives the device a fresh DM account (generated credentials, stored with the device,
+        never shown by reads).  Returns ``(task_id, account)``; the task is SUCCEEDED when the
+        device first opens a session with the new account (PROTOCOL.md §10: a bootstrap gets
+        no response, success is implied by that session)."""
+        device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
+        account = DmAccount(server_id=server_id or self.config.server_id,
+                            client_name=client_name or f"dm{secrets.token_hex(6)}",
+                            client_password=new_secret(), server_password=new_secret(),
+                            client_nonce=b64(os.urandom(16)), server_nonce=b64(os.urandom(16)))
+        await self.store.update_device(device.dev_id, {"account": account})
+        self._by_username[account.client_name] = device.dev_id
+        now = self.clock()
+        task = Task(task_id=new_id("t"), dev_id=device.dev_id,
+                    op=BootstrapOp(account=account), state=S.PENDING, next_attempt=None,
+                    deadline=now + self.config.task_ttl)
+        task = await self.store.create_task(task)
+        return task.task_id, account
+
+    # --- notification, retries, expiry ---------------------------------------------------
+
+    async def notify(self, task: Task) -> Task:
+        """Sends package #0 for ``task``'s device and moves the task to NOTIFIED (or keeps it
+        PENDING with a later retry when the gateway failed for now)."""
+        now = self.clock()
+        device = await self.store.get_device(task.dev_id)
+        acc = device.account
+        delay = self._retry_delay(task.attempts)
+        if self.gateway is None or not device.msisdn or acc is None:
+            # Nothing to wake it with: the task waits for the device's own session.
+            why = ("no notification gateway" if self.gateway is None else
+                   "device has no MSISDN" if not device.msisdn else "device has no DM account")
+            return await self.store.transition(task.task_id, task.state, cause=f"waiting: {why}",
+                                               changes={"next_attempt": now + delay})
+        if acc.client_name:
+            self._by_username[acc.client_name] = device.dev_id
+        session_id = self._rng.randint(1, 0xFFFF)
+        pkg0 = build_pkg0(acc.server_id, acc.server_password or "",
+                          _nonce(acc.server_nonce), session_id,
+                          ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1)
+        try:
+            delivery = await self.gateway.send(device.msisdn, pkg0)
+        except GatewayError as exc:
+            if exc.retryable:
+                return await self.store.transition(
+                    task.task_id, task.state, cause=f"notification failed, will retry: {exc}",
+                    changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
+            return await self.store.transition(
+                task.task_id, S.FAILED, cause=f"notification refused: {exc}",
+                changes={"finished": now, "next_attempt": None, "attempts": task.attempts + 1})
+        return await self.store.transition(
+            task.task_id, S.NOTIFIED,
+            cause=f"package #0 {delivery.state.value} by {delivery.gateway} (session {session_id:X})",
+            changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
+
+    def _retry_delay(self, attempts: int) -> float:
+        d = self.config.retry_delays
+        return d[min(attempts, len(d) - 1)]
+
+    async def tick(self) -> int:
+        """One scheduler pass: expire tasks past their deadline, re-notify devices that did
+        not connect.  Returns how many tasks it touched."""
+        now = self.clock()
+        touched = 0
+        for task in await self.store.tasks_expiring(now):
+            if task.state in FINAL_TASK_STATES:
+                continue
+            await self._finish(task, S.EXPIRED, "deadline passed before the device answered")
+            touched += 1
+        for task in await self.store.tasks_due(now):
+            if task.state not in (S.PENDING, S.NOTIFIED) or self._in_session(task.task_id):
+                continue
+            if isinstance(task.op, BootstrapOp):
+                continue
+            if task.attempts >= self.config.max_notifications:
+                await self._finish(task, S.EXPIRED,
+                                   f"device did not connect after {task.attempts} notifications")
+            else:
+                await self.notify(task)
+            touched += 1
+        return touched
+
+    async def run(self) -> None:
+        """The scheduler loop (until cancelled)."""
+        while True:
+            try:
+                await self.tick()
+            except StoreError:
+                log.exception("scheduler pass failed")
+            await asyncio.sleep(self.config.tick_interval)
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+
+    def _in_session(self, task_id: str) -> bool:
+        return any(task_id in w.runs and not w.runs[task_id].done
+                   for w in self._sessions.values())
+
+    # --- the device port's handler ---------------------------------------------------------
+
+    async def account_for(self, dev_id: str | None, username: str | None) -> auth.DmAccount | None:
+        device = None
+        if dev_id:
+            try:
+                device = await self.store.get_device(dev_id)
+            except NotFound:
+                device = None
+        if device is None and username and username in self._by_username:
+            try:
+                device = await self.store.get_device(self._by_username[username])
+            except NotFound:
+                device = None
+        if device is None or device.account is None:
+            return None
+        acc = device.account
+        if username and acc.client_name and username != acc.client_name:
+            return None
+        return auth.DmAccount(dev_id=dev_id or device.dev_id, username=acc.client_name,
+                              client_secret=acc.client_password or "",
+                              client_nonce=_nonce(acc.client_nonce) if acc.client_nonce else None,
+                              server_id=acc.server_id,
+                              server_secret=acc.server_password or "",
+                              server_nonce=_nonce(acc.server_nonce) if acc.server_nonce else None)
+
+    async def on_events(self, session: Any, events: list[Any]) -> None:
+        work = self._sessions.setdefault(id(session), _SessionWork())
+        for ev in events:
+            try:
+                await self._on_event(session, work, ev)
+            except StoreError:
+                log.exception("store failed while handling %r", ev)
+
+    async def on_session_closed(self, session: Any, reason: str) -> None:
+        work = self._sessions.pop(id(session), None)
+        if work is not None:
+            await self._settle(work, f"session closed ({reason})")
+
+    async def _on_event(self, session: Any, work: _SessionWork, ev: Any) -> None:
+        if isinstance(ev, DeviceIdentified):
+            await self._on_identified(session, work, ev)
+        elif isinstance(ev, StatusReceived):
+            await self._on_status(session, work, ev)
+        elif isinstance(ev, ResultsReceived):
+            run = self._run_of(work, ev.handle)
+            if run is not None:
+                for uri, _fmt, _typ, data in ev.items:
+                    if uri is not None:
+                        run.nodes[uri] = _text(data)
+        elif isinstance(ev, UserAlertAnswered):
+            await self._on_user_answer(session, work, ev)
+        elif isinstance(ev, GenericAlert):
+            await self._on_generic_alert(session, work, ev)
+        elif isinstance(ev, CommandNotDelivered):
+            run = self._run_of(work, ev.handle)
+            if run is not None and not run.done and run.failed is None:
+                run.failed = (f"command not delivered: {ev.reason}", 0)
+                run.outstanding = 0
+                run.done = True
+                await self._retry_later(run.task, f"session ended before the device answered "
+                                                  f"({ev.reason})")
+        elif isinstance(ev, NonceIssued):
+            await self._save_nonce(work, ev.dev_id, "client_nonce", ev.nonce)
+        elif isinstance(ev, ServerNonceReceived):
+            await self._save_nonce(work, ev.dev_id, "server_nonce", ev.nonce)
+        elif isinstance(ev, SessionEnded):
+            self._sessions.pop(id(session), None)
+            await self._settle(work, f"session ended ({ev.reason})")
+
+    async def _save_nonce(self, work: _SessionWork, dev_id: str | None, slot: str,
+                          nonce: bytes) -> None:
+        target = work.dev_id or dev_id
+        if not target:
+            return
+        try:
+            device = await self.store.get_device(target)
+        except NotFound:
+            return
+        if device.account is None:
+            return
+        acc = msgspec.structs.replace(device.account, **{slot: b64(nonce)})
+        await self.store.update_device(target, {"account": acc})
+
+    async def _on_identified(self, session: Any, work: _SessionWork, ev: DeviceIdentified) -> None:
+        record = await self._record_for(ev.dev_id, session)
+        if record is None:
+            log.info("unknown device %s connected; nothing to do", ev.dev_id)
+            return
+        work.dev_id = record.dev_id
+        now = self.clock()
+        changes: dict[str, Any] = {"last_contact": now,
+                                   "devinfo": {f"./DevInfo/{k}": str(v) for k, v in ev.devinfo.items()}}
+        await self.store.update_device(record.dev_id, changes)
+        tasks = await self._open_tasks(record.dev_id)
+        for task in tasks:
+            if isinstance(task.op, BootstrapOp):
+                # The first session with the bootstrapped account: the bootstrap worked.
+                await self._finish(task, S.SUCCEEDED, "device opened a session with the new account")
+                continue
+            if task.state == S.IN_PROGRESS and _waiting_alert(task):
+                continue                       # FUMO: the result comes as a Generic Alert
+            if ev.dev_id != record.dev_id:
+                decision = await check_device_policy(task.accept_device_policy, record, ev.dev_id,
+                                                     task_id=task.task_id,
+                                                     callback=self.carrier_callback)
+                if not decision.accept:
+                    await self._finish(task, S.FAILED, decision.cause)
+                    continue
+            await self._start_task(session, work, task)
+
+    async def _record_for(self, reported: str, session: Any) -> Device | None:
+        try:
+            return await self.store.get_device(reported)
+        except NotFound:
+            pass
+        imei = imei_of(reported)
+        if imei:
+            try:
+                return await self.store.device_by_imei(imei)
+            except NotFound:
+                pass
+        username = getattr(session, "username", None)
+        if username and username in self._by_username:
+            try:
+                return await self.store.get_device(self._by_username[username])
+            except NotFound:
+                return None
+        return None
+
+    async def _open_tasks(self, dev_id: str) -> list[Task]:
+        out: list[Task] = []
+        cursor = None
+        while True:
+            page = await self.store.tasks_by_device(dev_id, cursor=cursor)
+            out.extend(t for t in page.items if t.state not in FINAL_TASK_STATES)
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
+
+    async def _start_task(self, session: Any, work: _SessionWork, task: Task) -> None:
+        run = _TaskRun(task=task)
+        work.runs[task.task_id] = run
+        if task.b_optin:
+            task = await self.store.transition(task.task_id, S.WAITING_USER,
+                                               cause="asking the user (opt-in)",
+                                               changes={"next_attempt": None})
+            run.task = task
+            params = f"MAXDT={self.config.optin_timeout}&DR=1"
+            session.queue((task.task_id, "optin"), Command(
+                name="Alert", data="1101",
+                items=[Item(data=params), Item(data=self.config.optin_text)]))
+            run.outstanding = 1
+            return
+        task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+                                           cause="device connected; commands sent",
+                                           changes={"next_attempt": None})
+        run.task = task
+        await self._queue_work(session, run)
+
+    async def _queue_work(self, session: Any, run: _TaskRun) -> None:
+        task = run.task
+        try:
+            commands = await self._commands_for(task)
+        except ServiceError as exc:
+            run.done = True
+            await self._finish(task, S.FAILED, str(exc))
+            return
+        for i, cmd in enumerate(commands):
+            session.queue((task.task_id, "cmd", i), cmd)
+        run.outstanding = len(commands)
+        if not commands:
+            run.done = True
+            await self._finish(task, S.SUCCEEDED, "nothing to do")
+
+    async def _commands_for(self, task: Task) -> list[Command]:
+        op = task.op
+        if isinstance(op, QueryOp):
+            return [Command(name="Get", items=[Item(target=u) for u in op.nodes])]
+        if isinstance(op, DiagOp):
+            nodes = list(op.nodes) or list(await self._diag_nodes(task))
+            return [Command(name="Get", items=[Item(target=u) for u in nodes])]
+        if isinstance(op, SetOp):
+            out = []
+            for ch in op.changes:
+                meta = None
+                if ch.format != "chr" or ch.type:
+                    meta = Meta(format=ch.format if ch.format != "chr" else None, type=ch.type)
+                item = Item(target=ch.uri, meta=meta,
+                            data=None if ch.action == "Delete" else (ch.value or ""))
+                out.append(Command(name=ch.action, items=[item]))
+            return out
+        if isinstance(op, ExecOp):
+            return [Command(name="Exec", correlator=task.correlator,
+                            items=[Item(target=op.uri, data=op.data)])]
+        if isinstance(op, UpdateOp):
+            device = await self.store.get_device(task.dev_id)
+            content, fumo, mode = await self._content_for(op, device)
+            url = f"{self.config.content_base_url.rstrip('/')}/{content.content_id}"
+            node = "Download" if mode == FumoMode.DOWNLOAD_THEN_UPDATE else "DownloadAndUpdate"
+            return [
+                Command(name="Replace", items=[Item(target=f"{fumo}/{node}/PkgURL", data=url)]),
+                Command(name="Exec", correlator=task.correlator,
+                        items=[Item(target=f"{fumo}/{node}")]),
+            ]
+        raise ServiceError(f"operation {type(op).__name__} cannot run in a DM session",
+                           where="operation")
+
+    async def _diag_nodes(self, task: Task) -> tuple[str, ...]:
+        device = await self.store.get_device(task.dev_id)
+        cap = await self._capability(device)
+        if cap is not None and "diag" in cap.mo_paths:
+            return tuple(p.strip() for p in cap.mo_paths["diag"].split(",") if p.strip())
+        return self.config.diag_nodes
+
+    async def _capability(self, device: Device) -> Capability | None:
+        if not device.capability:
+            return None
+        try:
+            return await self.store.get_capability(device.capability)
+        except NotFound:
+            return None
+
+    async def _content_for(self, op: UpdateOp, device: Device) -> tuple[Content, str, FumoMode]:
+        """The firmware package of an UPDATE, checked against the device: its capability and
+        (when known) its current firmware version must match the package's."""
+        try:
+            content = await self.store.get_content(op.content_id)
+        except NotFound:
+            raise _not_found(f"no content {op.content_id!r}", where="operation.content_id") from None
+        cap = await self._capability(device)
+        if content.capability and device.capability and content.capability != device.capability:
+            raise ServiceError(f"content {content.content_id} is for capability "
+                               f"{content.capability}, the device is {device.capability}",
+                               where="operation.content_id")
+        fw = device.devdetail.get("./DevDetail/FwV")
+        if content.from_version and fw and fw != content.from_version:
+            raise ServiceError(f"content {content.content_id} updates from {content.from_version};"
+                               f" the device runs {fw}", where="operation.content_id")
+        fumo = op.fumo_path or (cap.mo_paths.get("fumo") if cap else None) \
+            or self.config.default_fumo_path
+        mode = cap.fumo_mode if cap else FumoMode.DOWNLOAD_AND_UPDATE
+        return content, fumo.rstrip("/"), mode
+
+    def _run_of(self, work: _SessionWork, handle: Any) -> _TaskRun | None:
+        if not isinstance(handle, tuple) or not handle:
+            return None
+        run = work.runs.get(handle[0])
+        if run is None or run.done:
+            return None
+        return run
+
+    async def _on_status(self, session: Any, work: _SessionWork, ev: StatusReceived) -> None:
+        run = self._run_of(work, ev.handle)
+        if run is None or ev.handle[1] == "optin":
+            return
+        key = f"{ev.cmd} {ev.target}" if ev.target else ev.cmd
+        if ev.index >= 0:
+            key = f"{key} [{ev.index}]"
+        run.statuses[key] = ev.status
+        if ev.index >= 0:
+            return                              # statuses inside Atomic/Sequence: recorded only
+        run.outstanding -= 1
+        if not status_is_success(ev.status) and run.failed is None:
+            run.failed = (f"{ev.cmd} {ev.target or ''} failed with status {ev.status}".strip(),
+                          ev.status)
+        if ev.cmd == "Exec" and isinstance(run.task.op, UpdateOp) and status_is_success(ev.status):
+            run.waiting_alert = True
+        if run.outstanding <= 0:
+            await self._complete(run)
+
+    async def _complete(self, run: _TaskRun) -> None:
+        run.done = True
+        task = run.task
+        result = TaskResult(statuses=run.statuses, nodes=run.nodes)
+        if run.failed is not None:
+            cause, status = run.failed
+            await self._finish(task, S.FAILED, cause, dm_status=status or None, result=result)
+        elif run.waiting_alert:
+            await self.store.transition(task.task_id, S.IN_PROGRESS,
+                                        cause="firmware update accepted; waiting for the result "
+                                              "alert", changes={"result": result})
+        else:
+            await self._finish(task, S.SUCCEEDED, "all commands succeeded", result=result)
+
+    async def _on_user_answer(self, session: Any, work: _SessionWork,
+                              ev: UserAlertAnswered) -> None:
+        run = self._run_of(work, ev.handle)
+        if run is None:
+            return
+        task = run.task
+        if ev.status == 200:
+            run.task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+                                                   cause="the user accepted", dm_status=200)
+            await self._queue_work(session, run)
+            return
+        run.done = True
+        if ev.status == 304:
+            await self._finish(task, S.FAILED, "declined by the user", dm_status=304)
+        elif ev.status == 408:
+            await self._finish(task, S.EXPIRED, "the user did not answer in time", dm_status=408)
+        elif ev.status == 214:
+            await self._finish(task, S.FAILED, "cancelled by the user", dm_status=214)
+        else:
+            await self._finish(task, S.FAILED, f"the device could not ask the user "
+                                                f"(status {ev.status})", dm_status=ev.status)
+
+    async def _on_generic_alert(self, session: Any, work: _SessionWork, ev: GenericAlert) -> None:
+        if not ev.correlator:
+            log.info("generic alert without correlator from %s: %s", work.dev_id, ev.type)
+            return
+        try:
+            task = await self.store.task_by_correlator(ev.correlator)
+        except NotFound:
+            log.info("generic alert for unknown correlator %r", ev.correlator)
+            return
+        if task.state in FINAL_TASK_STATES:
+            return
+        try:
+            code = int(_text(ev.data).strip())
+        except ValueError:
+            await self._finish(task, S.FAILED, f"unreadable FUMO result {ev.data!r}")
+            return
+        kind = (ev.type or "").removeprefix(_FUMO_TYPE_PREFIX)
+        result = msgspec.structs.replace(task.result or TaskResult(), fumo_result=code)
+        if not fumo_result_is_success(code):
+            await self._finish(task, S.FAILED, f"firmware {kind or 'update'} failed: {code} "
+                                               f"{describe_fumo_result(code)}",
+                               result_code=code, result=result)
+            return
+        if kind == "download" and isinstance(task.op, UpdateOp):
+            # Download then Update: the package is on the device; install it now, in this session.
+            device = await self.store.get_device(task.dev_id)
+            _content, fumo, _mode = await self._content_for(task.op, device)
+            correlator = f"{task.task_id}.u"
+            task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+                                               cause="download complete; installing",
+                                               result_code=code,
+                                               changes={"correlator": correlator,
+                                                        "result": result})
+            run = _TaskRun(task=task, outstanding=1)
+            work.runs[task.task_id] = run
+            session.queue((task.task_id, "cmd", 0), Command(
+                name="Exec", correlator=correlator, items=[Item(target=f"{fumo}/Update")]))
+            return
+        await self._finish(task, S.SUCCEEDED, f"firmware updated: {code} "
+                                              f"{describe_fumo_result(code)}",
+                           result_code=code, result=result)
+
+    async def _settle(self, work: _SessionWork, why: str) -> None:
+        """The session is over: tasks it did not finish go back for a retry."""
+        for run in work.runs.values():
+            if run.done:
+                continue
+            run.done = True
+            if run.outstanding > 0 or run.task.state == S.WAITING_USER:
+                await self._retry_later(run.task, f"{why} before the device answered")
+            else:
+                await self._complete(run)
+
+    async def _retry_later(self, task: Task, cause: str) -> None:
+        try:
+            current = await self.store.get_task(task.task_id)
+        except NotFound:
+            return
+        if current.state in FINAL_TASK_STATES:
+            return
+        if current.state == S.WAITING_USER:
+            # No answer to the opt-in question before the session ended: ask again next time.
+            current = await self.store.transition(task.task_id, S.IN_PROGRESS, cause=cause)
+        await self.store.transition(task.task_id, S.PENDING, cause=cause,
+                                    changes={"next_attempt": self.clock()
+                                             + self._retry_delay(current.attempts)})
+
+    async def _finish(self, task: Task, state: TaskState, cause: str, *,
+                      dm_status: int | None = None, result_code: int | None = None,
+                      result: TaskResult | None = None) -> Task | None:
+        changes: dict[str, Any] = {"finished": self.clock(), "next_attempt": None}
+        if result is not None:
+            changes["result"] = msgspec.structs.replace(result, message=cause)
+        enqueue: list[OutboxEntry] = []
+        if state == S.SUCCEEDED and not task.test_cycle:
+            enqueue.append(OutboxEntry(
+                entry_id=new_id("o"), kind="charging", due=self.clock(),
+                payload={"event": "task_succeeded", "task_id": task.task_id,
+                         "dev_id": task.dev_id,
+                         "operation": type(task.op).__struct_config__.tag,
+                         "job_id": task.job_id}))
+        try:
+            return await self.store.transition(task.task_id, state, cause=cause,
+                                               dm_status=dm_status, result_code=result_code,
+                                               changes=changes, enqueue=enqueue)
+        except StoreError as exc:
+            # A task cancelled meanwhile is final already: its late outcome is dropped.
+            log.info("task %s not moved to %s: %s", task.task_id, state.value, exc)
+            return None
+
+
+def _waiting_alert(task: Task) -> bool:
+    if not isinstance(task.op, UpdateOp) or task.result is None:
+        return False
+    return any(k.startswith("Exec") and status_is_success(v) for k, v in task.result.statuses.items())
+
+
+def _nonce(text: str | None) -> bytes:
+    if not text:
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return text.encode()
+
+
+def _text(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data)
+
+
+def _not_found(msg: str, *, where: str) -> ServiceError:
+    err = ServiceError(msg, where=where)
+    err.code = "not_found"
+    err.http_status = 404
+    return err
+
+
+__all__ = ["Broker", "BrokerConfig", "TaskData", "task_data"]

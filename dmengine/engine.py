@@ -1,0 +1,166 @@
+"""The engine assembled (L6): store, content, broker, device port, API port, metrics.
+
+``dmengine serve`` and the end-to-end tests build the same thing through :class:`Engine`, so
+what the tests drive is what an operator runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from .broker import Broker, BrokerConfig
+from .content import CONTENT_PREFIX, ContentService
+from .devices import http_carrier_callback
+from .errors import ConfigError
+from .metrics import DeviceMetrics
+from .notify.base import Gateway
+from .server import DmServer, ServerConfig
+from .store.base import Store
+from .store.lmdb import LmdbStore
+
+
+@dataclass
+class EngineConfig:
+    data_dir: str = "./var"
+    host: str = "127.0.0.1"
+    device_port: int = 8080
+    api_port: int = 8081
+    device_path: str = "/dm"
+    server_id: str = "dmengine"
+    require_auth: str = "md5"
+    public_url: str | None = None          # how devices reach the device port (RespURI, PkgURL)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    carrier_callback_url: str | None = None
+    api_key: str | None = None              # default: generated once, kept in DATA/api-key
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    server_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_or_create_api_key(data_dir: pathlib.Path) -> str:
+    path = data_dir / "api-key"
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+class Engine:
+    """Starts and stops every part in order (store first up, last down)."""
+
+    def __init__(self, config: EngineConfig, *, gateway: Gateway | None = None,
+                 store: Store | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.store: Store | None = store
+        self.registry = CollectorRegistry()
+        self.metrics = DeviceMetrics(self.registry)
+        self.content: ContentService | None = None
+        self.broker: Broker | None = None
+        self.server: DmServer | None = None
+        self.api_runner: Any = None
+        self.api_port: int | None = None
+        self.api_key: str = ""
+
+    async def start(self) -> "Engine":
+        cfg = self.config
+        data = pathlib.Path(cfg.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.api_key = cfg.api_key or load_or_create_api_key(data)
+        if self.store is None:
+            self.store = LmdbStore(data / "store")
+        self.content = ContentService(self.store, data / "content")
+        scfg = ServerConfig(host=cfg.host, port=cfg.device_port, path=cfg.device_path,
+                            server_id=cfg.server_id, require_auth=cfg.require_auth,
+                            public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                            **cfg.server_overrides)
+        callback = http_carrier_callback(cfg.carrier_callback_url) \
+            if cfg.carrier_callback_url else None
+        self.broker = Broker(self.store, self.gateway, config=cfg.broker,
+                             carrier_callback=callback)
+        self.server = DmServer(scfg, self.broker, metrics=self.metrics)
+        self.content.sweep_temp()    # temp files of uploads a dead process left behind
+        self.server.add_get_route(CONTENT_PREFIX, self.content.device_route())
+        await self.server.start()
+        base = cfg.public_url or self.server.url.rsplit(cfg.device_path, 1)[0]
+        self.broker.config.content_base_url = f"{base.rstrip('/')}/content"
+        self.broker.config.server_id = cfg.server_id
+        from .wsi.app import start_api   # L5 is imported lazily: the API is optional in tests
+        self.api_runner, self.api_port = await start_api(self, cfg.host, cfg.api_port)
+        self.broker.start()
+        return self
+
+    @property
+    def device_url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def api_url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.api_port}/"
+
+    def urls(self) -> list[tuple[str, str]]:
+        api = self.api_url
+        return [("device port", self.device_url), ("API", api), ("docs", api + "docs"),
+                ("metrics", api + "metrics"), ("health", api + "health"),
+                ("content", self.device_url.rsplit(self.config.device_path, 1)[0] + "/content/")]
+
+    async def stop(self) -> None:
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.server is not None:
+            await self.server.shutdown()
+        if self.api_runner is not None:
+            await self.api_runner.cleanup()
+        if self.gateway is not None:
+            await self.gateway.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def __aenter__(self) -> "Engine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def gateway_from_spec(spec: str | None) -> Gateway | None:
+    """``kannel:http://host:port?user=U&password=P``, ``http:URL`` or None."""
+    if not spec:
+        return None
+    kind, _, rest = spec.partition(":")
+    if kind == "kannel":
+        from urllib.parse import parse_qs, urlsplit
+
+        from .notify.kannel import KannelGateway
+        u = urlsplit(rest)
+        q = parse_qs(u.query)
+        return KannelGateway(f"{u.scheme}://{u.netloc}", q.get("user", [""])[0],
+                             q.get("password", [""])[0])
+    if kind == "http":
+        from .notify.http import HttpCallbackGateway
+        return HttpCallbackGateway(rest)
+    raise ConfigError(f"unknown gateway {spec!r} (kannel:URL or http:URL)", key="gateway")
+
+
+async def run_until_signal(engine: Engine) -> None:
+    """Serves until SIGINT/SIGTERM, then shuts down gracefully."""
+    import signal
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await engine.stop()

@@ -1,0 +1,214 @@
+"""The DMWSI API port (L5): aiohttp, JSON bodies as msgspec Structs, one error shape.
+
+This first cut carries the IDeploymentBrokerServices routes issue 7 needs from outside
+(doOperation, getTaskById, getTaskHistory, cancelTask), the device and capability records a
+task needs, content upload, health and Prometheus metrics.  Every route but ``/health`` and
+``/metrics`` needs the API key (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``).
+Errors are ``{"error": code, "message": ..., "where": field or null}``.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Union
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import AlreadyExists, DmError, NotFound, ServiceError, StoreError, ValidationError
+from ..model import Capability, Device, Operation, redact
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+ENGINE: web.AppKey["Engine"] = web.AppKey("engine")
+MAX_JSON_BODY = 1024 * 1024          #: largest JSON request body
+MAX_UPLOAD = 2 * 1024 ** 3           #: largest content upload
+
+_json = msgspec.json.Encoder()
+PUBLIC = frozenset({"/health", "/metrics"})
+
+
+class Target(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    msisdn: Union[str, None] = None
+    imei: Union[str, None] = None
+    dev_id: Union[str, None] = None
+
+
+class DoOperationRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    target: Target
+    operation: Operation
+    bOptin: bool = False
+    acceptDevicePolicy: Literal[10, 20, 30, 40] = 10
+    testCycle: bool = False
+    deadline: Union[float, None] = None
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, where: str | None = None) -> web.Response:
+    return json_response({"error": code, "message": message, "where": where}, status)
+
+
+async def decode_body(request: web.Request, cls: type[Any]) -> Any:
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY,
+                                            actual_size=request.content_length)
+    body = await request.read()
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        i = msg.rfind(" - at `")
+        where = msg[i + 7:-1] if i >= 0 else "$"
+        raise ValidationError(msg, where=where) from None
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"body is not JSON: {exc}", where="$") from None
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+    if request.path not in PUBLIC:
+        key = request.app[ENGINE].api_key
+        given = request.headers.get("X-API-Key") or ""
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.startswith("Bearer "):
+            given = auth[7:]
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+            return error_response(401, "unauthorized", "missing or wrong API key", "X-API-Key")
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return error_response(400, "invalid", str(exc), exc.where)
+    except NotFound as exc:
+        return error_response(404, "not_found", str(exc), None)
+    except AlreadyExists as exc:
+        return error_response(409, "already_exists", str(exc), None)
+    except ServiceError as exc:
+        return error_response(exc.http_status, exc.code, str(exc), exc.where)
+    except StoreError as exc:
+        return error_response(503, "store_error", str(exc), None)
+    except DmError as exc:
+        return error_response(400, "bad_request", str(exc), getattr(exc, "where", None))
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health", name="health")
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/metrics", name="metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[ENGINE].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/docs", name="docs")
+async def docs(request: web.Request) -> web.Response:
+    rows = "".join(f"<li><code>{r.method} {r.resource.canonical}</code> — {r.name}</li>"
+                   for r in request.app.router.routes() if r.name and r.resource is not None)
+    return web.Response(text=f"<!doctype html><title>dmengine API</title><h1>dmengine API</h1>"
+                             f"<p>Send the API key as <code>X-API-Key</code>.</p><ul>{rows}</ul>",
+                        content_type="text/html")
+
+
+@routes.post("/v1/operations", name="doOperation")
+async def do_operation(request: web.Request) -> web.Response:
+    req: DoOperationRequest = await decode_body(request, DoOperationRequest)
+    broker = request.app[ENGINE].broker
+    assert broker is not None
+    task_id = await broker.do_operation(
+        req.operation, msisdn=req.target.msisdn, imei=req.target.imei, dev_id=req.target.dev_id,
+        b_optin=req.bOptin, accept_device_policy=req.acceptDevicePolicy,
+        test_cycle=req.testCycle, deadline=req.deadline)
+    return json_response({"taskId": task_id}, 201)
+
+
+@routes.get("/v1/tasks/{taskId}", name="getTaskById")
+async def get_task_by_id(request: web.Request) -> web.Response:
+    broker = request.app[ENGINE].broker
+    assert broker is not None
+    return json_response(await broker.get_task_by_id(request.match_info["taskId"]))
+
+
+@routes.get("/v1/tasks/{taskId}/history", name="getTaskHistory")
+async def get_task_history(request: web.Request) -> web.Response:
+    broker = request.app[ENGINE].broker
+    assert broker is not None
+    return json_response(await broker.get_task_history(request.match_info["taskId"]))
+
+
+@routes.post("/v1/tasks/{taskId}/cancel", name="cancelTask")
+async def cancel_task(request: web.Request) -> web.Response:
+    broker = request.app[ENGINE].broker
+    assert broker is not None
+    task = await broker.cancel_task(request.match_info["taskId"])
+    return json_response({"taskId": task.task_id, "status": task.state.value})
+
+
+@routes.post("/v1/devices", name="createDeviceInstance")
+async def create_device(request: web.Request) -> web.Response:
+    dev: Device = await decode_body(request, Device)
+    store = request.app[ENGINE].store
+    assert store is not None
+    return json_response(redact(await store.create_device(dev)), 201)
+
+
+@routes.get("/v1/devices/{devId}", name="getDeviceInstanceByDeviceID")
+async def get_device(request: web.Request) -> web.Response:
+    store = request.app[ENGINE].store
+    assert store is not None
+    return json_response(redact(await store.get_device(request.match_info["devId"])))
+
+
+@routes.post("/v1/capabilities", name="createDeviceCapability")
+async def create_capability(request: web.Request) -> web.Response:
+    cap: Capability = await decode_body(request, Capability)
+    store = request.app[ENGINE].store
+    assert store is not None
+    return json_response(await store.create_capability(cap), 201)
+
+
+@routes.post("/v1/content", name="uploadContent")
+async def upload_content(request: web.Request) -> web.Response:
+    """Body: the raw package; metadata in the query (name, sha256, capability, from, to)."""
+    q = request.query
+    if "name" not in q:
+        raise ValidationError("query parameter name is required", where="name")
+    content = request.app[ENGINE].content
+    assert content is not None
+
+    async def chunks() -> Any:
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            yield chunk
+
+    size = request.content_length
+    rec = await content.ingest(chunks(), name=q["name"], sha256=q.get("sha256"), size=size,
+                               capability=q.get("capability"), from_version=q.get("from"),
+                               to_version=q.get("to"),
+                               content_type=q.get("type", "application/octet-stream"))
+    return json_response(rec, 201)
+
+
+def make_app(engine: "Engine") -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_UPLOAD)
+    app[ENGINE] = engine
+    app.add_routes(routes)
+    return app
+
+
+async def start_api(engine: "Engine", host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(make_app(engine), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None and server.sockets
+    return runner, server.sockets[0].getsockname()[1]
