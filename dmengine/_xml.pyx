@@ -1116,6 +1116,8 @@ cdef class _Reader:
             if tok > 0 and tok < 0x100:
                 return tok
             self.fail(f"unknown element <{self.qname(c)}> in the SyncML namespace", c.start)
+        if c.ns == NSK_METINF and lookup(self.b + c.local, c.llen) == S_Meta:
+            return S_Meta       # <Meta xmlns="syncml:metinf"><Type>...: seen from clients
         self.fail(f"element <{self.qname(c)}> in namespace '{self.ns_str(c)}' where a SyncML "
                   "element is expected", c.start, "namespace SYNCML:SYNCML1.2")
 
