@@ -529,3 +529,15 @@ def test_pyi_matches_module():
               if not n.startswith("_") and (callable(v) and getattr(v, "__module__", None) == "dmengine._wbxml"
                                             or n.isupper())}
     assert public <= set(declared), f"missing from _wbxml.pyi: {sorted(public - set(declared))}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shared_strategies.messages(binary=False))
+def test_property_across_codecs(msg):
+    """XML and WBXML of one random message give equal models, also when chained."""
+    from dmengine import xmlcodec
+    via_wbxml = _wbxml.decode(_wbxml.encode(msg))
+    via_xml = xmlcodec.decode(xmlcodec.encode(msg))
+    assert via_wbxml == via_xml == msg
+    assert xmlcodec.decode(xmlcodec.encode(via_wbxml)) == msg
+    assert _wbxml.decode(_wbxml.encode(via_xml, string_table=True)) == msg
