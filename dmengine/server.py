@@ -217,7 +217,7 @@ class MemoryDeviceHandler:
                         acc.client_nonce = ev.nonce
                     else:
                         acc.server_nonce = ev.nonce
-        if dev is not None and self.queue_on_connect:
+        if dev is not None and self.queue_on_connect and not _ended(session):
             cmds = self.queue_on_connect.pop(dev, None)
             if cmds:
                 for i, cmd in enumerate(cmds):

@@ -157,15 +157,15 @@ class HttpClient:
             head.append(f"Content-Length: {len(body)}\r\n")
         head.append("\r\n")
         data = "".join(head).encode("latin-1")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
-        conn.waiter = fut
         assert conn.transport is not None
         if drop_after is not None:
             conn.transport.write(data + body[:drop_after])
             conn.transport.abort()
             conn.closed = True
             raise HttpError("connection dropped by the device (simulated)")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
+        conn.waiter = fut
         conn.transport.write(data + body)
         try:
             status, hdrs, rbody = await asyncio.wait_for(fut, self.timeout)
