@@ -96,6 +96,11 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(HttpError(f"no answer within {timeout} s"))
+
+
 class HttpClient:
     """Keep-alive HTTP/1.1 connections by (scheme, host, port); one request per connection
     at a time.  ``request`` returns ``(status, headers, body)`` or raises ``HttpError``."""
@@ -167,16 +172,17 @@ class HttpClient:
         fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
         conn.waiter = fut
         conn.transport.write(data + body)
+        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
         try:
-            status, hdrs, rbody = await asyncio.wait_for(fut, self.timeout)
+            status, hdrs, rbody = await fut
         except HttpError:
             conn.close()
-            if not fresh:     # a keep-alive connection the server closed meanwhile: retry once
+            if not fresh and not fut.cancelled() and "no answer" not in str(fut.exception()):
+                # a keep-alive connection the server closed meanwhile: retry once
                 return await self.request(method, url, body=body, headers=headers)
             raise
-        except asyncio.TimeoutError:
-            conn.close()
-            raise HttpError(f"no answer within {self.timeout} s") from None
+        finally:
+            timer.cancel()
         if conn.keep_alive and not conn.closed and len(pool) < self.max_idle:
             pool.append(conn)
         else:

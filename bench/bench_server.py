@@ -1,0 +1,389 @@
+"""Device port throughput, latency and memory (``python -m bench server``).
+
+The server runs in a child process pinned to CPU 0, the load in this process pinned to CPU 1
+(``os.sched_setaffinity``).  Measured in one run:
+
+* ``echo``: a raw uvloop + httptools server that answers every POST with its body — the
+  machine's ceiling for one request/response on one core, with the same client;
+* ``dm pkg1->pkg2``: the device port answering package 1 (WBXML, a fresh session each time,
+  DevInfo + Alert 1201, no commands queued, so the reply closes the session): DM messages/s
+  and sessions/s, p50/p99 latency; the ratio to ``echo`` is the target (>= 0.4);
+* ``dm md5 sessions (simulator)``: whole sessions of the real simulator (MD5 challenge,
+  Get + Replace in package 2, Status/Results in package 3): sessions/s, messages/s;
+* ``parked sessions``: RSS growth of the server per open session, with 100k sessions parked
+  after package 2 (each with one Get waiting for its Status), read from a GET route of the
+  server itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import multiprocessing as mp
+import os
+import statistics
+import time
+from typing import Any
+
+from bench.common import Row, write_results
+
+NAME = "server"
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+
+def _pin(cpu: int) -> None:
+    try:
+        if cpu in os.sched_getaffinity(0) or len(os.sched_getaffinity(0)) > cpu:
+            os.sched_setaffinity(0, {cpu})
+    except (AttributeError, OSError):
+        pass
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# --- server processes -------------------------------------------------------------------------
+
+
+def _echo_server(conn: Any) -> None:
+    import httptools
+    import uvloop
+
+    _pin(SERVER_CPU)
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+            self.p = httptools.HttpRequestParser(self)
+            self.body = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            self.p.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.body = bytearray()
+
+        def on_body(self, chunk: bytes) -> None:
+            self.body += chunk
+
+        def on_message_complete(self) -> None:
+            b = bytes(self.body)
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.syncml.dm+wbxml\r\n"
+                         b"Content-Length: %d\r\nCache-Control: no-store, private\r\n\r\n"
+                         % len(b) + b)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(Echo, "127.0.0.1", 0, backlog=1024)
+        conn.send(srv.sockets[0].getsockname()[1])
+        await loop.run_in_executor(None, conn.recv)
+
+    uvloop.run(main())
+
+
+class _BenchHandler:
+    """Accounts derived like the simulator's; optionally parks every session with a Get."""
+
+    def __init__(self, mode: str) -> None:
+        from dmengine.server import MemoryDeviceHandler
+        from dmengine.simulator.device import DeviceProfile
+        from dmengine.simulator.fleet import account_for_username
+        prof = DeviceProfile()
+        self.inner = MemoryDeviceHandler(
+            account_factory=lambda dev, user: account_for_username(user, prof))
+        self.inner.record = False
+        self.mode = mode          # "none": no commands; "some": 20 % get Get+Replace; "park"
+
+    async def account_for(self, dev_id: str | None, username: str | None) -> Any:
+        return await self.inner.account_for(dev_id, username)
+
+    async def on_events(self, session: Any, events: list[Any]) -> None:
+        from dmengine.message import Command, Item
+        await self.inner.on_events(session, events)
+        for ev in events:
+            name = type(ev).__name__
+            if name != "DeviceIdentified" or self.mode == "none":
+                continue
+            if self.mode == "park" or ev.dev_id.endswith(("0", "5")):
+                session.queue(1, Command(name="Get", items=[Item(target="./DevDetail/FwV")]))
+                if self.mode == "some":
+                    session.queue(2, Command(name="Replace", items=[
+                        Item(target="./FUMO/1/PkgName", data="bench")]))
+
+
+def _dm_server(conn: Any, auth: str, mode: str) -> None:
+    import uvloop
+
+    from dmengine.server import DmServer, HttpResponse, ServerConfig
+
+    _pin(SERVER_CPU)
+
+    async def main() -> None:
+        srv = DmServer(ServerConfig(require_auth=auth, max_sessions=300_000,
+                                    max_pending=10_000, session_idle_timeout=3600),
+                       _BenchHandler(mode))
+
+        async def rss(request: Any) -> Any:
+            gc.collect()
+            return HttpResponse(200, f"{_rss_kb()} {len(srv.sessions)}".encode(), "text/plain")
+        srv.add_get_route("/_rss", rss)
+        await srv.start()
+        conn.send(srv.port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+    uvloop.run(main())
+
+
+def _start(target: Any, *args: Any) -> tuple[Any, Any, int]:
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    port = parent.recv()
+    return proc, parent, port
+
+
+def _stop(proc: Any, pipe: Any) -> None:
+    pipe.send("stop")
+    proc.join(10)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+
+
+# --- a lean closed-loop load client -------------------------------------------------------------
+
+
+class _LoadConn(asyncio.Protocol):
+    """Sends the next request from the callback of the previous response: no task, no future."""
+
+    def __init__(self, gen: "_Load") -> None:
+        import httptools
+        self.gen = gen
+        self.parser = httptools.HttpResponseParser(self)
+        self.t0 = 0.0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        if self.gen.stop:
+            self.transport.close()
+            return
+        self.t0 = time.perf_counter()
+        self.transport.write(self.gen.next_request())
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        g = self.gen
+        status = self.parser.get_status_code()
+        if status != 200:
+            g.errors += 1
+        g.done += 1
+        if g.measure:
+            g.lat.append(time.perf_counter() - self.t0)
+        self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gen.closed += 1
+
+
+class _Load:
+    def __init__(self, port: int, requests: list[bytes]) -> None:
+        self.port = port
+        self.requests = requests
+        self.i = 0
+        self.stop = False
+        self.measure = False
+        self.done = 0
+        self.errors = 0
+        self.closed = 0
+        self.lat: list[float] = []
+
+    def next_request(self) -> bytes:
+        r = self.requests[self.i % len(self.requests)]
+        self.i += 1
+        return r
+
+    async def run(self, conns: int, warmup: float, seconds: float) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        for _ in range(conns):
+            await loop.create_connection(lambda: _LoadConn(self), "127.0.0.1", self.port)
+        await asyncio.sleep(warmup)
+        self.measure = True
+        d0, t0 = self.done, time.perf_counter()
+        await asyncio.sleep(seconds)
+        d1, t1 = self.done, time.perf_counter()
+        self.measure = False
+        self.stop = True
+        await asyncio.sleep(0.2)
+        lat = sorted(self.lat)
+        return {"rate": (d1 - d0) / (t1 - t0), "p50": lat[len(lat) // 2] * 1e3,
+                "p99": lat[int(len(lat) * 0.99)] * 1e3, "errors": self.errors}
+
+
+def _post(port: int, body: bytes) -> bytes:
+    return (f"POST /dm HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/vnd.syncml.dm+wbxml\r\nUser-Agent: bench\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _pkg1_bodies(n: int, first: int = 0) -> list[bytes]:
+    from dmengine.simulator.device import DeviceProfile, VirtualDevice
+    prof = DeviceProfile(server_url="http://127.0.0.1/dm", encoding="wbxml", auth="none")
+    out = []
+    for i in range(first, first + n):
+        cs = VirtualDevice(i, prof).session(session_id=format(1 + i % 0xFFFE, "X"))
+        out.append(cs.first().body)
+    return out
+
+
+def _load(port: int, requests: list[bytes], conns: int, warmup: float,
+          seconds: float) -> dict[str, float]:
+    import uvloop
+    return uvloop.run(_Load(port, requests).run(conns, warmup, seconds))
+
+
+async def _get(port: int, path: str) -> str:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await r.readuntil(b"\r\n\r\n")
+    n = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0]
+            .split(b":")[1])
+    body = await r.readexactly(n)
+    w.close()
+    return body.decode()
+
+
+async def _park(port: int, bodies: list[bytes], conns: int) -> None:
+    """Sends every body once (package 1 of a distinct device), ``conns`` at a time."""
+    loop = asyncio.get_running_loop()
+    it = iter(bodies)
+    done = asyncio.Event()
+    active = [conns]
+
+    class P(_LoadConn):
+        def send(self) -> None:
+            b = next(it, None)
+            if b is None:
+                self.transport.close()
+                return
+            self.transport.write(_post(port, b))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            active[0] -= 1
+            if active[0] == 0:
+                done.set()
+
+    class G:
+        stop = False
+        measure = False
+        done = 0
+        errors = 0
+        lat: list[float] = []
+
+    for _ in range(conns):
+        await loop.create_connection(lambda: P(G), "127.0.0.1", port)  # type: ignore[arg-type]
+    await done.wait()
+    if G.errors:
+        raise RuntimeError(f"{G.errors} package-1 requests failed while parking sessions")
+
+
+def run(quick: bool = False) -> None:
+    import uvloop
+
+    _pin(CLIENT_CPU)
+    seconds = 1.5 if quick else 5.0
+    warmup = 0.3 if quick else 1.0
+    conns = 32
+    rows: list[Row] = []
+    bodies = _pkg1_bodies(2000)
+
+    # 1. echo ceiling
+    proc, pipe, port = _start(_echo_server)
+    try:
+        echo = _load(port, [_post(port, b) for b in bodies], conns, warmup, seconds)
+    finally:
+        _stop(proc, pipe)
+    rows.append(Row("echo (raw httptools, same body)", "requests/s", round(echo["rate"]), "req/s"))
+    rows.append(Row("echo (raw httptools, same body)", "latency p50", round(echo["p50"], 3), "ms"))
+    rows.append(Row("echo (raw httptools, same body)", "latency p99", round(echo["p99"], 3), "ms"))
+
+    # 2. DM package 1 -> 2 (a session per request)
+    proc, pipe, port = _start(_dm_server, "none", "none")
+    try:
+        dm = _load(port, [_post(port, b) for b in bodies], conns, warmup, seconds)
+    finally:
+        _stop(proc, pipe)
+    case = "dm pkg1->pkg2 (wbxml, new session each)"
+    rows.append(Row.versus(case, "messages/s", round(dm["rate"]), "msg/s", "echo requests/s",
+                           round(echo["rate"])))
+    rows.append(Row(case, "sessions/s", round(dm["rate"]), "sessions/s"))
+    rows.append(Row.versus(case, "latency p50", round(dm["p50"], 3), "ms", "echo p50",
+                           round(echo["p50"], 3), higher_is_better=False))
+    rows.append(Row.versus(case, "latency p99", round(dm["p99"], 3), "ms", "echo p99",
+                           round(echo["p99"], 3), higher_is_better=False))
+    if dm["errors"]:
+        rows.append(Row(case, "non-200 answers", dm["errors"], "count"))
+
+    # 3. whole MD5 sessions with the real simulator
+    from dmengine.simulator.device import DeviceProfile
+    from dmengine.simulator.fleet import Fleet, HttpClient
+    proc, pipe, port = _start(_dm_server, "md5", "some")
+    try:
+        prof = DeviceProfile(server_url=f"http://127.0.0.1:{port}/dm", encoding="wbxml",
+                             auth="md5")
+
+        async def sim() -> dict[str, Any]:
+            fleet = Fleet(prof, 500, client=HttpClient(timeout=30))
+            fleet.keep_reports = False
+            try:
+                await fleet.run(duration=seconds, concurrency=conns)
+            finally:
+                fleet.close()
+            return fleet.stats.summary()
+        s = uvloop.run(sim())
+    finally:
+        _stop(proc, pipe)
+    case = "dm md5 sessions (simulator, 20% with Get+Replace)"
+    rows.append(Row(case, "sessions/s", s["sessions_per_s"], "sessions/s"))
+    rows.append(Row(case, "messages/s", s["messages_per_s"], "msg/s"))
+    rows.append(Row(case, "latency p50", s["latency_p50_ms"], "ms"))
+    rows.append(Row(case, "latency p99", s["latency_p99_ms"], "ms"))
+    bad = sum(v for k, v in s["outcomes"].items() if k != "completed")
+    rows.append(Row(case, "sessions not completed", bad, "count"))
+
+    # 4. parked sessions: RSS per session
+    n_park = 20_000 if quick else 100_000
+    proc, pipe, port = _start(_dm_server, "none", "park")
+    try:
+        async def park() -> tuple[int, int, int]:
+            before, _ = map(int, (await _get(port, "/_rss")).split())
+            warm = _pkg1_bodies(2000, first=10_000_000)      # warm up allocator and caches
+            await _park(port, warm, 16)
+            base, n0 = map(int, (await _get(port, "/_rss")).split())
+            await _park(port, _pkg1_bodies(n_park), 32)
+            after, n1 = map(int, (await _get(port, "/_rss")).split())
+            return base, after, n1 - n0
+        base, after, parked = uvloop.run(park())
+    finally:
+        _stop(proc, pipe)
+    per = (after - base) * 1024 / max(parked, 1)
+    rows.append(Row(f"parked sessions ({parked:,})", "RSS per session", round(per), "bytes",
+                    "target", 4096.0, round(4096.0 / per, 3) if per else None))
+    rows.append(Row(f"parked sessions ({parked:,})", "server RSS", round(after / 1024, 1), "MB"))
+    write_results(NAME, rows)
+
+
+if __name__ == "__main__":
+    import sys
+    run(quick="--quick" in sys.argv)
