@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import time
 from typing import Annotated, Any, Callable, Literal, TypeVar, Union
 
@@ -28,10 +29,14 @@ SCHEMA_VERSION = 1
 
 # --- field types ------------------------------------------------------------------------
 
-#: Record ids are used inside store keys: printable, no NUL, no separator byte.
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._+@/=-]+$")]
+#: Record ids are used inside store keys.  Their character rule (:data:`ID_PATTERN`) is
+#: checked by :func:`validate` on every write rather than by a ``Meta(pattern=...)``: a regex
+#: in the type would run again on every decode of a stored record (it doubled the cost of
+#: reading a Task), and what is stored has been checked already.
+ID_PATTERN = r"^[A-Za-z0-9:._+@/=-]+$"
+Id = Annotated[str, Meta(min_length=1, max_length=128, extra={"pattern": ID_PATTERN})]
 OptId = Union[Id, None]
-DevId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._+@/=-]+$")]
+DevId = Id
 Imei = Annotated[str, Meta(pattern=r"^[0-9]{14,16}$")]
 Msisdn = Annotated[str, Meta(pattern=r"^\+?[0-9]{5,15}$")]
 Tac = Annotated[str, Meta(pattern=r"^[0-9]{8}$")]
@@ -351,8 +356,26 @@ def where_of(exc: msgspec.ValidationError) -> str | None:
     return msg[i + 7:-1] if i >= 0 and msg.endswith("`") else "$"
 
 
+_ID_RE = re.compile(ID_PATTERN)
+_ID_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _id_fields(cls: type) -> tuple[str, ...]:
+    """Top-level fields of ``cls`` typed ``Id`` / ``OptId`` (found by the Meta extra)."""
+    got = _ID_FIELDS.get(cls)
+    if got is None:
+        out = []
+        for f in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+            t = f.type
+            for sub in (t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)):
+                if (getattr(sub, "extra", None) or {}).get("pattern") == ID_PATTERN:
+                    out.append(f.name)
+        got = _ID_FIELDS[cls] = tuple(out)
+    return got
+
+
 def validate(obj: R) -> bytes:
-    """Checks ``obj`` against its annotations; returns its msgpack bytes.
+    """Checks ``obj`` against its annotations and the id rule; returns its msgpack bytes.
 
     Raises :class:`ValidationError` with ``where`` = the msgspec path (``$.msisdn``).
     """
@@ -364,6 +387,11 @@ def validate(obj: R) -> bytes:
         decoder(type(obj)).decode(data)
     except msgspec.ValidationError as exc:
         raise ValidationError(f"{type(obj).__name__}: {exc}", where=where_of(exc)) from None
+    for name in _id_fields(type(obj)):
+        v = getattr(obj, name)
+        if v is not None and _ID_RE.match(v) is None:
+            raise ValidationError(f"{type(obj).__name__}: Expected `str` matching regex "
+                                  f"{ID_PATTERN!r} - at `$.{name}`", where=f"$.{name}")
     return data
 
 

@@ -59,9 +59,16 @@ SCAN_CHUNK = 5_000
 
 
 class KVTxn(Protocol):
-    """The ordered key-value transaction a backend provides."""
+    """The ordered key-value transaction a backend provides.  ``writes`` counts the puts and
+    deletes made through it (write transactions)."""
+
+    writes: int
 
     def get(self, db: str, key: bytes) -> bytes | None: ...
+
+    def get_many(self, db: str, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The found ones of ``keys`` (one call for many: the import path)."""
+        ...
 
     def put(self, db: str, key: bytes, value: bytes) -> None: ...
 
@@ -173,21 +180,19 @@ class WriteCtx:
     decisions), and a per-transaction cache of jobs whose counters ops change (written
     once at :meth:`finish`)."""
 
-    __slots__ = ("txn", "writes", "jobs", "now")
+    __slots__ = ("txn", "jobs", "now", "put", "delete")
 
     def __init__(self, txn: KVTxn, now: float) -> None:
         self.txn = txn
-        self.writes = 0
         self.jobs: dict[str, Job] = {}
         self.now = now
+        self.put: Callable[[str, bytes, bytes], None] = txn.put      # bound: one call per put
+        self.delete: Callable[[str, bytes], bool] = txn.delete
 
-    def put(self, db: str, key: bytes, value: bytes) -> None:
-        self.writes += 1
-        self.txn.put(db, key, value)
-
-    def delete(self, db: str, key: bytes) -> bool:
-        self.writes += 1
-        return self.txn.delete(db, key)
+    @property
+    def writes(self) -> int:
+        """Puts and deletes so far (the backend's txn counts them)."""
+        return self.txn.writes
 
     def job(self, job_id: str) -> Job:
         """The job for changing (cached for this transaction; counts as a write)."""
@@ -494,29 +499,49 @@ class KVStore(Store):
             created = replaced = 0
             rejected: list[tuple[int, str | None, str]] = []
             now = ctx.now
-            for i, dev, data in batch:
-                key = _e(dev.dev_id)
-                raw = txn.get("devices", key)
+            keys = [_e(d.dev_id) for _, d, _ in batch]
+            # one multi-get per database instead of three lookups per device; the dicts then
+            # follow this chunk's own changes so duplicates inside the chunk are caught too
+            stored: dict[bytes, bytes | None] = dict(txn.get_many("devices", keys))
+            msisdn_owner: dict[bytes, bytes | None] = dict(txn.get_many(
+                "dev_msisdn", [_e(d.msisdn) for _, d, _ in batch if d.msisdn]))
+            imei_owner: dict[bytes, bytes | None] = dict(txn.get_many(
+                "dev_imei", [_e(d.imei) for _, d, _ in batch if d.imei]))
+            put = ctx.put
+            for (i, dev, data), key in zip(batch, keys):
+                raw = stored.get(key)
                 if raw is not None and not replace:
                     rejected.append((i, "$.dev_id", f"device {dev.dev_id!r} already exists"))
                     continue
-                try:
-                    _check_unique(txn, dev)
-                except AlreadyExists as exc:
-                    rejected.append((i, f"$.{exc.kind}", str(exc)))
+                m = _e(dev.msisdn) if dev.msisdn else None
+                im = _e(dev.imei) if dev.imei else None
+                if m is not None and msisdn_owner.get(m) not in (None, key):
+                    rejected.append((i, "$.msisdn", f"msisdn {dev.msisdn!r} already exists"))
+                    continue
+                if im is not None and imei_owner.get(im) not in (None, key):
+                    rejected.append((i, "$.imei", f"imei {dev.imei!r} already exists"))
                     continue
                 if raw is None and not dev.created:
                     dev = msgspec.structs.replace(dev, created=now, updated=now)
                     data = _enc.encode(dev)
-                ctx.put("devices", key, data)
+                put("devices", key, data)
+                stored[key] = data
                 if raw is not None:
                     old = dec(Device, raw, "devices", key)
+                    if old.msisdn:
+                        msisdn_owner[_e(old.msisdn)] = None
+                    if old.imei:
+                        imei_owner[_e(old.imei)] = None
                     _reindex(ctx, _device_index(old), _device_index(dev))
                     replaced += 1
                 else:
                     for db, k, v in _device_index(dev):
-                        ctx.put(db, k, v)
+                        put(db, k, v)
                     created += 1
+                if m is not None:
+                    msisdn_owner[m] = key
+                if im is not None:
+                    imei_owner[im] = key
             return created, replaced, rejected
         return op   # type: ignore[return-value]
 
@@ -827,6 +852,7 @@ class KVStore(Store):
             for e in entries:
                 self._outbox_put(ctx, e)
             return t
+        op.prefetch = (("tasks", key),)   # type: ignore[attr-defined]  # read in bulk by LMDB
         return op
 
     async def transition(self, task_id: str, to_state: TaskState, *, cause: str | None = None,

@@ -44,6 +44,10 @@ class MemTxn:
     def get(self, db: str, key: bytes) -> bytes | None:
         return self.tables[db].data.get(key)
 
+    def get_many(self, db: str, keys: list[bytes]) -> dict[bytes, bytes]:
+        d = self.tables[db].data
+        return {k: d[k] for k in keys if k in d}
+
     def put(self, db: str, key: bytes, value: bytes) -> None:
         t = self.tables[db]
         self.undo.append((db, key, t.data.get(key)))
@@ -67,6 +71,10 @@ class MemTxn:
                 return
             yield k, t.data[k]
             i += 1
+
+    @property
+    def writes(self) -> int:
+        return len(self.undo)
 
     def rollback(self) -> None:
         for db, key, old in reversed(self.undo):
