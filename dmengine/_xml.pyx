@@ -1480,7 +1480,7 @@ cdef class _Reader:
                     self.fail(f"unsupported encoding {value!r}: SyncML DM XML must be UTF-8",
                               i + 1, "UTF-8")
                 seen = 2
-            elif name == "standalone" and seen >= 1:
+            elif name == "standalone" and (seen == 1 or seen == 2):
                 if value not in ("yes", "no"):
                     self.fail("malformed standalone declaration", i + 1, "yes or no")
                 seen = 3

@@ -330,6 +330,8 @@ REJECT = [
     (doc("<Final/>", prolog='<?xml version="2.0"?>'), "unsupported XML version"),
     (b" " + doc("<Final/>", prolog='<?xml version="1.0"?>'), "XML declaration only allowed at the very start"),
     (doc("<Final/>", prolog="<?xml?>"), "XML declaration"),
+    (doc("<Final/>", prolog='<?xml version="1.0" standalone="yes" standalone="no"?>'), "unexpected 'standalone'"),
+    (doc("<Final/>", prolog='<?xml encoding="UTF-8" version="1.0"?>'), "unexpected 'encoding'"),
     ("<SyncML/>".encode("utf-16"), "not UTF-8"),
     (doc("<Alert><Data>\xff</Data></Alert>").replace("\xff".encode(), b"\xff"), "invalid UTF-8"),
     (doc("<Alert><Data>\xe9</Data></Alert>").replace("\xe9".encode(), b"\xc3"), "invalid UTF-8"),
