@@ -12,9 +12,14 @@ DEFAULT_MAX_STRING: int
 ENCODE_MAX_NESTING: int
 """Deepest command / Element nesting encode() follows (guards against cyclic models)."""
 TNDS_WBXML: str
+"""Meta Type of Data holding a nested WBXML TNDS document (decoded into an Element tree)."""
 TNDS_XML: str
+DEVINF_WBXML: str
+"""Meta Type of Data holding a nested WBXML DevInf document (decoded into an Element tree)."""
+DEVINF_XML: str
 DDF_NAMESPACE: str
 DDF_FPI: str
+DEVINF_NAMESPACE: str
 
 def decode(
     data: bytes | bytearray | memoryview,

@@ -5,8 +5,9 @@ decode() accepts WBXML 1.0-1.3, public ids SyncML 1.1 (0x0FD3) and 1.2 (0x1201),
 as a literal FPI in the string table (compared case-insensitively; '_' is read as ' '),
 charset UTF-8 (106) or 0 ("unknown", read as UTF-8 and validated as such), code pages 0
 (SyncML) and 1 (MetInf), STR_I / STR_T / OPAQUE / ENTITY pieces (concatenated), and a nested
-WBXML TNDS document inside an Item's Data when the Meta Type in force (the Item's, else the
-command's) is application/vnd.syncml.dmtnds+wbxml; it becomes an Element tree.  OPAQUE
+WBXML document inside an Item's Data when the Meta Type in force (the Item's, else the
+command's) is application/vnd.syncml.dmtnds+wbxml (TNDS: DM DDF tags, code page 2) or
+application/vnd.syncml-devinf+wbxml (DevInf, code page 0); it becomes an Element tree.  OPAQUE
 Data that is valid UTF-8 becomes str, other OPAQUE Data stays bytes.
 
 Everything else raises CodecError(reason, offset=..., expected=...): truncation, unknown
@@ -16,8 +17,8 @@ mb_u_int32 over 5 bytes or 0xFFFFFFFF, lengths and string-table offsets beyond t
 nesting deeper than max_depth, input over max_size, a string over max_string.
 
 encode() writes WBXML 1.3, public id 0x1201, UTF-8, elements in SyncML DTD order, str as
-STR_I (OPAQUE when it holds a NUL), bytes as OPAQUE, Element Data as a nested TNDS document
-in OPAQUE; string_table=True moves repeated strings to the string table (STR_T).
+STR_I (OPAQUE when it holds a NUL), bytes as OPAQUE, Element Data as a nested TNDS or
+DevInf document in OPAQUE (a +xml Type in force is written as +wbxml, as libwbxml does); string_table=True moves repeated strings to the string table (STR_T).
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -43,8 +44,11 @@ ENCODE_MAX_NESTING = 256            # guards encode() against cyclic models
 
 TNDS_WBXML = "application/vnd.syncml.dmtnds+wbxml"
 TNDS_XML = "application/vnd.syncml.dmtnds+xml"
+DEVINF_WBXML = "application/vnd.syncml-devinf+wbxml"
+DEVINF_XML = "application/vnd.syncml-devinf+xml"
 DDF_NAMESPACE = _tokens.PAGES["dmddf"][2][0]
 DDF_FPI = _tokens.FPIS["DMDDF_1_2"]
+DEVINF_NAMESPACE = _tokens.PAGES["devinf"][0][0]
 
 cdef int K_END = -1      # next_tag(): END consumed
 cdef int K_TEXT = -2     # next_tag(): a text token is next (not consumed)
@@ -52,7 +56,8 @@ cdef int K_ERR = -100    # error return of int functions
 
 cdef enum Lang:
     LANG_SYNCML = 0
-    LANG_DDF = 1
+    LANG_DDF = 1         # nested TNDS document: DM DDF tags on code page 2
+    LANG_DEVINF = 2      # nested DevInf document: DevInf tags on code page 0
 
 
 def _norm_fpi(s):
@@ -64,6 +69,8 @@ _SYNCML_FPIS = {
     _norm_fpi(_tokens.PUBLIC_IDS[PUBID_SYNCML_1_2]): PUBID_SYNCML_1_2,
 }
 _DDF_FPI_NORM = _norm_fpi(DDF_FPI)
+_DEVINF_FPIS = {_norm_fpi(_tokens.PUBLIC_IDS[v]): v
+                for v in (PUBID_DEVINF_1_0, PUBID_DEVINF_1_1, PUBID_DEVINF_1_2)}
 
 
 cdef tuple _names(str lang, int page):
@@ -77,8 +84,10 @@ cdef tuple _names(str lang, int page):
 cdef tuple S_NAMES = _names("syncml", 0)
 cdef tuple M_NAMES = _names("syncml", 1)
 cdef tuple D_NAMES = _names("dmddf", 2)
+cdef tuple V_NAMES = _names("devinf", 0)
 cdef dict M_KEYS = {name: 64 + v for v, name in _tokens.PAGES["syncml"][1][1].items()}
 cdef dict D_KEYS = {name: 128 + v for v, name in _tokens.PAGES["dmddf"][2][1].items()}
+cdef dict V_KEYS = {name: v for v, name in _tokens.PAGES["devinf"][0][1].items()}
 cdef dict S_COMMAND_KEYS = {S_NAMES[k]: k for k in (
     S_Add, S_Alert, S_Atomic, S_Copy, S_Delete, S_Exec, S_Get, S_Replace, S_Sequence,
     S_Status, S_Results)}
@@ -89,11 +98,11 @@ cdef frozenset META_FIELDS = frozenset({
 cdef str EMPTY = ""
 
 
-cdef str _tag_name(int key):
+cdef str _tag_name(int key, int lang=LANG_SYNCML):
     cdef int page = key >> 6, tag = key & 0x3F
     cdef object name = None
     if page == 0:
-        name = S_NAMES[tag]
+        name = V_NAMES[tag] if lang == LANG_DEVINF else S_NAMES[tag]
     elif page == 1:
         name = M_NAMES[tag]
     elif page == 2:
@@ -168,8 +177,11 @@ cdef class _Decoder:
         if self.lang == LANG_SYNCML:
             if p > 1:
                 _raise(f"unknown code page {p}", self.pos + 1, "code page 0 (SyncML) or 1 (MetInf)")
-        elif p != 2 and p != 0:
-            _raise(f"unknown code page {p}", self.pos + 1, "code page 2 (DM DDF)")
+        elif self.lang == LANG_DDF:
+            if p != 2 and p != 0:
+                _raise(f"unknown code page {p}", self.pos + 1, "code page 2 (DM DDF)")
+        elif p != 0:
+            _raise(f"unknown code page {p}", self.pos + 1, "code page 0 (DevInf)")
         self.page = p
         self.pos += 2
         return 0
@@ -391,20 +403,32 @@ cdef class _Decoder:
             fpi = _norm_fpi(self.utf8(self.st + pub_index, n, self.st_pos + pub_index))
             if self.lang == LANG_SYNCML:
                 pub = _SYNCML_FPIS.get(fpi, -1)
+            elif self.lang == LANG_DEVINF:
+                pub = _DEVINF_FPIS.get(fpi, -1)
             elif fpi == _DDF_FPI_NORM:
                 pub = 1
             else:
                 pub = -1
             if pub == -1:
-                _raise(f"unknown public id {fpi!r}", pub_pos,
-                       "SyncML 1.1/1.2" if self.lang == LANG_SYNCML else DDF_FPI)
+                _raise(f"unknown public id {fpi!r}", pub_pos, self.expected_publicid())
         elif self.lang == LANG_SYNCML:
             if pub != PUBID_SYNCML_1_2 and pub != PUBID_SYNCML_1_1:
-                _raise(f"unknown public id 0x{pub:04X}", pub_pos, "SyncML 1.2 (0x1201) or 1.1 (0x0FD3)")
+                _raise(f"unknown public id 0x{pub:04X}", pub_pos, self.expected_publicid())
+        elif self.lang == LANG_DEVINF:
+            if (pub != PUBID_DEVINF_1_2 and pub != PUBID_DEVINF_1_1 and pub != PUBID_DEVINF_1_0
+                    and pub != PUBID_UNKNOWN):
+                _raise(f"unknown public id 0x{pub:04X} for a DevInf document", pub_pos, self.expected_publicid())
         elif pub != PUBID_UNKNOWN:
-            _raise(f"unknown public id 0x{pub:04X} for a TNDS document", pub_pos, DDF_FPI)
+            _raise(f"unknown public id 0x{pub:04X} for a TNDS document", pub_pos, self.expected_publicid())
         self.publicid = pub
         return 0
+
+    cdef str expected_publicid(self):
+        if self.lang == LANG_SYNCML:
+            return "SyncML 1.2 (0x1201) or 1.1 (0x0FD3)"
+        if self.lang == LANG_DEVINF:
+            return "DevInf 1.2 (0x1203), 1.1 (0x0FD4) or 1.0 (0x0FD2)"
+        return DDF_FPI
 
     # --- SyncML structure ---------------------------------------------------------------
 
@@ -710,28 +734,30 @@ cdef class _Decoder:
             if m is not None and m.type is not None:
                 t = m.type
                 if t == TNDS_WBXML or t.lower() == TNDS_WBXML:
-                    item.data = self.nested(op_start, op_len)
+                    item.data = self.nested(op_start, op_len, LANG_DDF)
+                elif t == DEVINF_WBXML or t.lower() == DEVINF_WBXML:
+                    item.data = self.nested(op_start, op_len, LANG_DEVINF)
         self.depth -= 1
         return item
 
-    # --- nested TNDS document -------------------------------------------------------------
+    # --- nested TNDS / DevInf document --------------------------------------------------
 
-    cdef Element nested(self, Py_ssize_t start, Py_ssize_t n):
+    cdef Element nested(self, Py_ssize_t start, Py_ssize_t n, int lang):
         cdef _Decoder sub = _Decoder.__new__(_Decoder)
         cdef Element root
         sub.data = self.data
         sub.buf = self.buf
         sub.pos = start
         sub.end = start + n
-        sub.lang = LANG_DDF
+        sub.lang = lang
         sub.depth = self.depth
         sub.max_depth = self.max_depth
         sub.max_string = self.max_string
         sub.header()
         root = sub.element()
         if sub.pos != sub.end:
-            _raise(f"{sub.end - sub.pos} bytes after the nested TNDS document", sub.pos, "end of Data")
-        root.xmlns = DDF_NAMESPACE
+            _raise(f"{sub.end - sub.pos} bytes after the nested document", sub.pos, "end of Data")
+        root.xmlns = DDF_NAMESPACE if lang == LANG_DDF else DEVINF_NAMESPACE
         return root
 
     cdef Element element(self):
@@ -739,12 +765,15 @@ cdef class _Decoder:
         cdef Element el
         cdef unsigned char b
         cdef Py_ssize_t start
+        cdef int base = 128 if self.lang == LANG_DDF else 0
+        cdef tuple names = D_NAMES if self.lang == LANG_DDF else V_NAMES
+        cdef str what = "a DM DDF element" if self.lang == LANG_DDF else "a DevInf element"
         if key < 0:
-            _raise("expected a DM DDF element", self.pos, "a tag on code page 2")
-        if not (128 <= key < 192) or D_NAMES[key - 128] is None:
-            _raise(f"unexpected {_tag_name(key)} in a TNDS document", self.tagpos, "a DM DDF element")
+            _raise(f"expected {what}", self.pos, what)
+        if not (base <= key < base + 64) or names[key - base] is None:
+            _raise(f"unexpected {_tag_name(key, self.lang)} in a nested document", self.tagpos, what)
         el = Element.__new__(Element)
-        el.tag = <str>D_NAMES[key - 128]
+        el.tag = <str>names[key - base]
         if not self.content:
             return el
         self.enter()
@@ -917,7 +946,7 @@ cdef class _Encoder:
             self.opaque(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
             return self.end_()
         if isinstance(value, Element):
-            b = _encode_tnds(<Element>value)
+            b = _encode_nested(<Element>value)
             self.tag(key, True)
             self.opaque(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
             return self.end_()
@@ -941,8 +970,11 @@ cdef class _Encoder:
         self.tag(S_Meta, True)
         self.text(M_Format, m.format)
         t = m.type
-        if tnds and t is not None and t.lower() == TNDS_XML:
-            t = TNDS_WBXML
+        if tnds and t is not None:
+            if t.lower() == TNDS_XML:
+                t = TNDS_WBXML
+            elif t.lower() == DEVINF_XML:
+                t = DEVINF_WBXML
         self.text(M_Type, t)
         self.text(M_Mark, m.mark)
         self.text(M_Size, m.size)
@@ -1090,10 +1122,12 @@ cdef class _Encoder:
             self.tag(S_MoreData, False)
         return self.end_()
 
-    cdef int element(self, Element el) except -1:
-        key = D_KEYS.get(el.tag)
+    cdef int element(self, Element el, dict keys) except -1:
+        key = keys.get(el.tag)
         if key is None:
-            raise CodecError(f"element {el.tag!r} is not in the DM DDF code page", expected="a DM DDF element")
+            if keys is D_KEYS:
+                raise CodecError(f"element {el.tag!r} is not in the DM DDF code page", expected="a DM DDF element")
+            raise CodecError(f"element {el.tag!r} is not in the DevInf code page", expected="a DevInf element")
         self.nesting += 1
         if self.nesting > ENCODE_MAX_NESTING:
             raise CodecError(f"Element tree deeper than {ENCODE_MAX_NESTING}")
@@ -1107,7 +1141,7 @@ cdef class _Encoder:
                 for child in el.children:
                     if not isinstance(child, Element):
                         raise CodecError(f"Element child of type {type(child).__name__}", expected="Element")
-                    self.element(<Element>child)
+                    self.element(<Element>child, keys)
             self.end_()
         self.nesting -= 1
         return 0
@@ -1159,13 +1193,18 @@ cdef list _string_table(_Encoder enc, object public_id):
     return pieces
 
 
-cdef bytes _encode_tnds(Element root):
-    if root.xmlns is not None and root.xmlns != DDF_NAMESPACE:
-        raise CodecError(f"cannot encode a nested document in namespace {root.xmlns!r}",
-                         expected=DDF_NAMESPACE)
+cdef bytes _encode_nested(Element root):
+    """A nested document as libwbxml writes it: TNDS with the literal DM DDF FPI and its tags
+    on code page 2; DevInf 1.2 with public id 0x1203 and its tags on code page 0."""
     cdef _Encoder enc = _Encoder.__new__(_Encoder)
-    enc.element(root)
-    return enc.document(0x03, DDF_FPI, [DDF_FPI.encode() + b"\0"])
+    if root.xmlns is None or root.xmlns == DDF_NAMESPACE:
+        enc.element(root, D_KEYS)
+        return enc.document(0x03, DDF_FPI, [DDF_FPI.encode() + b"\0"])
+    if root.xmlns == DEVINF_NAMESPACE:
+        enc.element(root, V_KEYS)
+        return enc.document(0x03, PUBID_DEVINF_1_2, None)
+    raise CodecError(f"cannot encode a nested document in namespace {root.xmlns!r}",
+                     expected=f"{DDF_NAMESPACE} or {DEVINF_NAMESPACE}")
 
 
 def encode(msg, *, bint string_table=False, int version=0x03, public_id=PUBID_SYNCML_1_2):
@@ -1186,13 +1225,16 @@ def encode(msg, *, bint string_table=False, int version=0x03, public_id=PUBID_SY
     elif public_id not in (PUBID_SYNCML_1_2, PUBID_SYNCML_1_1):
         raise CodecError(f"unsupported public id {public_id!r}", expected="0x1201 or 0x0FD3")
     enc = _Encoder.__new__(_Encoder)
-    if string_table:
-        enc.counts = {}
+    try:
+        if string_table:
+            enc.counts = {}
+            enc.message(<Message>msg)
+            table = _string_table(enc, public_id)
+            enc.len = 0
+            enc.page = 0
+        elif isinstance(public_id, str):
+            table = [(<str>public_id).encode() + b"\0"]
         enc.message(<Message>msg)
-        table = _string_table(enc, public_id)
-        enc.len = 0
-        enc.page = 0
-    elif isinstance(public_id, str):
-        table = [(<str>public_id).encode() + b"\0"]
-    enc.message(<Message>msg)
+    except TypeError as e:           # e.g. a non-str in target_refs or Element.text
+        raise CodecError(f"cannot encode the message: {e}") from e
     return enc.document(version, public_id, table)

@@ -151,6 +151,8 @@ def _tnds_as_xml(msg: Message) -> Message:
             for m in [c.meta] + [it.meta for it in c.items or []]:
                 if m is not None and m.type == _wbxml.TNDS_WBXML:
                     m.type = _wbxml.TNDS_XML
+                elif m is not None and m.type == _wbxml.DEVINF_WBXML:
+                    m.type = _wbxml.DEVINF_XML
             walk(c.commands)
     walk(msg.commands)
     return msg

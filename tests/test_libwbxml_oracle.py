@@ -28,6 +28,9 @@ METINF = "syncml:metinf"
 DDF = "syncml:dmddf1.2"
 TNDS_WBXML = "application/vnd.syncml.dmtnds+wbxml"
 TNDS_XML = "application/vnd.syncml.dmtnds+xml"
+DEVINF_WBXML = "application/vnd.syncml-devinf+wbxml"
+DEVINF_XML = "application/vnd.syncml-devinf+xml"
+WBXML_TO_XML_TYPE = {TNDS_WBXML: TNDS_XML, DEVINF_WBXML: DEVINF_XML}
 
 XML_SOURCES = sorted(p for p in VECTORS.glob("*.xml") if not p.name.startswith("bad-")) + sorted(
     BENCH_MESSAGES.glob("*.xml"))
@@ -46,6 +49,20 @@ TNDS_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
 </RTProperties><Value>Acme &amp; Co</Value></Node><Node><NodeName>Ext</NodeName><RTProperties>
 <Format><node/></Format></RTProperties></Node></Node></MgmtTree></Data></Item></Results>
 <Final/></SyncBody></SyncML>
+"""
+
+
+# A DevInf document in Data, Type on the command's Meta (libwbxml compiles it into a nested
+# WBXML DevInf 1.2 document, public id 0x1203).
+DEVINF_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
+<SyncML xmlns="SYNCML:SYNCML1.2"><SyncHdr><VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto>
+<SessionID>1</SessionID><MsgID>1</MsgID><Target><LocURI>IMEI:1</LocURI></Target>
+<Source><LocURI>http://x/</LocURI></Source></SyncHdr><SyncBody><Results><CmdID>1</CmdID>
+<MsgRef>1</MsgRef><CmdRef>2</CmdRef><Meta><Type xmlns="syncml:metinf">application/vnd.syncml-devinf+xml</Type>
+</Meta><Item><Source><LocURI>./devinf12</LocURI></Source><Data><DevInf xmlns="syncml:devinf">
+<VerDTD>1.2</VerDTD><Man>Acme</Man><Mod>AM-X200</Mod><OEM>Acme</OEM><FwV>4.2</FwV><SwV>4.2.20</SwV>
+<HwV>B</HwV><DevID>IMEI:356938035643809</DevID><DevTyp>phone</DevTyp><UTC/><SupportLargeObjs/>
+</DevInf></Data></Item></Results><Final/></SyncBody></SyncML>
 """
 
 
@@ -74,8 +91,8 @@ def _xml_node(el) -> tuple:
 
 
 def _normalise(ns, name, text, children) -> tuple:
-    if name == "Type" and ns == METINF and text == TNDS_WBXML:
-        text = TNDS_XML
+    if name == "Type" and ns == METINF and text in WBXML_TO_XML_TYPE:
+        text = WBXML_TO_XML_TYPE[text]
     if name == "Meta" and ns == SYNCML:
         children = sorted(children, key=lambda c: (c[0], c[1]))
     return (ns, name, text, tuple(children))
@@ -171,7 +188,8 @@ def _command(c) -> tuple:
 
 
 def _sources():
-    return [pytest.param(p.read_bytes(), id=p.name) for p in XML_SOURCES] + [pytest.param(TNDS_DOC, id="tnds")]
+    return [pytest.param(p.read_bytes(), id=p.name) for p in XML_SOURCES] + [
+        pytest.param(TNDS_DOC, id="tnds"), pytest.param(DEVINF_DOC, id="devinf")]
 
 
 def xml2wbxml(xml: bytes, tmp_path) -> bytes:
@@ -212,6 +230,15 @@ def test_tnds_is_a_tree_on_our_side(tmp_path):
     assert item.data.children[1].children[1].children[2] == Element(tag="Value", text="Acme & Co")
 
 
+def test_devinf_is_a_tree_on_our_side(tmp_path):
+    msg = _wbxml.decode(xml2wbxml(DEVINF_DOC, tmp_path))
+    res = msg.commands[0]
+    assert res.meta.type == DEVINF_WBXML
+    tree = res.items[0].data
+    assert isinstance(tree, Element) and (tree.tag, tree.xmlns) == ("DevInf", "syncml:devinf")
+    assert tree.children[7] == Element(tag="DevID", text="IMEI:356938035643809")
+
+
 def test_infoset_comparison_can_fail(tmp_path):
     """The helpers see differences: a changed value, a dropped element, reordered commands."""
     xml = (VECTORS / "02-pkg2-server-get-replace-exec.xml").read_bytes()
@@ -234,8 +261,8 @@ def test_infoset_comparison_can_fail(tmp_path):
 def _tnds_as_xml(msg: Message) -> Message:
     """libwbxml's +xml -> +wbxml Type rewrite, undone on a decoded model (in place)."""
     def fix(meta):
-        if meta is not None and meta.type == TNDS_WBXML:
-            meta.type = TNDS_XML
+        if meta is not None and meta.type in WBXML_TO_XML_TYPE:
+            meta.type = WBXML_TO_XML_TYPE[meta.type]
 
     def walk(cmds):
         for c in cmds or []:

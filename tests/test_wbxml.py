@@ -34,6 +34,17 @@ LIBWBXML_TNDS = bytes.fromhex(
     "36d650001010101010101120101")
 
 
+# xml2wbxml 0.11.8 output for a Results whose command Meta Type is application/vnd.syncml-devinf+xml
+# with a DevInf document in the Item's Data: a nested WBXML DevInf 1.2 document (public id 0x1203,
+# code page 0) inside OPAQUE, Type rewritten to +wbxml.
+LIBWBXML_DEVINF = bytes.fromhex(
+    "03a4016a006d6c7103312e3200017203444d2f312e32000165033100015b033100016e5703494d45493a310001"
+    "01675703687474703a2f2f782f000101016b624b033100015c033100014c033200015a000153036170706c6963"
+    "6174696f6e2f766e642e73796e636d6c2d646576696e662b7762786d6c0001010000546757032e2f646576696e"
+    "6631320001014fc32a03a4036a004a6503312e320001510341636d6500014903494d45493a3100014b0370686f"
+    "6e6500012801010101120101")
+
+
 def body(*parts: bytes) -> bytes:
     """HDR + <SyncML><SyncHdr><VerDTD>1.2</VerDTD></SyncHdr><SyncBody> parts </SyncBody></SyncML>."""
     return HDR + MIN_HDR_BODY + b"\x6b" + b"".join(parts) + b"\x01\x01"
@@ -132,6 +143,27 @@ def test_libwbxml_nested_tnds_becomes_element_tree():
     assert nested in again
 
 
+def test_libwbxml_nested_devinf_becomes_element_tree():
+    msg = _wbxml.decode(LIBWBXML_DEVINF)
+    res = msg.commands[0]
+    assert res.meta.type == "application/vnd.syncml-devinf+wbxml"     # on the command: in force
+    assert res.items[0].data == Element(tag="DevInf", xmlns="syncml:devinf", children=[
+        Element(tag="VerDTD", text="1.2"), Element(tag="Man", text="Acme"), Element(tag="DevID", text="IMEI:1"),
+        Element(tag="DevTyp", text="phone"), Element(tag="UTC")])
+    again = _wbxml.encode(msg)
+    assert _wbxml.decode(again) == msg
+    nested = LIBWBXML_DEVINF[LIBWBXML_DEVINF.index(b"\xc3\x2a") + 2:][:0x2a]
+    assert nested in again                                           # byte-identical to libwbxml's
+
+
+def test_devinf_xml_type_is_rewritten_on_encode():
+    tree = Element(tag="DevInf", xmlns="syncml:devinf", children=[Element(tag="Man", text="Acme")])
+    msg = Message(commands=[Command(name="Results", cmd_id="1", items=[
+        Item(meta=Meta(type="application/vnd.syncml-devinf+xml"), data=tree)])])
+    item = _wbxml.decode(_wbxml.encode(msg)).commands[0].items[0]
+    assert item.meta.type == "application/vnd.syncml-devinf+wbxml" and item.data == tree
+
+
 def test_opaque_without_tnds_type_stays_bytes_or_str():
     nested = bytes.fromhex("0300006a00")                              # valid UTF-8 -> str
     msg = _wbxml.decode(body(b"\x46\x4b\x03" b"1\x00\x01\x54\x4f\xc3\x05" + nested + b"\x01\x01\x01"))
@@ -149,6 +181,27 @@ def test_tnds_type_on_command_meta_applies_to_items():
     rep = out.commands[0]
     assert rep.meta.type == "application/vnd.syncml.dmtnds+wbxml"     # rewritten, like libwbxml
     assert rep.items[0].data == tree
+
+
+@pytest.mark.parametrize("nested, reason", [
+    (bytes.fromhex("0300006a05") + b"-//X\x00" + b"\x00\x02\x60\x01", "unknown public id '-//X'"),
+    (bytes.fromhex("03a4016a00") + b"\x00\x02\x60\x01", "unknown public id 0x1201 for a TNDS"),
+    (bytes.fromhex("0301") + b"\x6a\x00\x00\x03\x60\x01", "unknown code page 3"),
+    (bytes.fromhex("0301") + b"\x6a\x00\x6d\x01", "unexpected <SyncML> in a nested document"),
+    (bytes.fromhex("0301") + b"\x6a\x00\x00\x02\x60\x01\x01", "1 bytes after the nested document"),
+    (bytes.fromhex("0301") + b"\x6a\x00\x00\x02\x60", "truncated"),
+])
+def test_nested_document_errors(nested, reason):
+    item = (b"\x54\x5a\x00\x01\x53\x03" + b"application/vnd.syncml.dmtnds+wbxml\x00\x01\x01\x00\x00"
+            b"\x4f\xc3" + bytes([len(nested)]) + nested + b"\x01\x01")
+    assert reason in decode_err(body(b"\x46\x4b\x031\x00\x01" + item + b"\x01")).reason
+
+
+def test_nested_devinf_errors():
+    nested = bytes.fromhex("0301") + b"\x6a\x00\x00\x02\x4a\x01"       # DevInf has no page 2
+    item = (b"\x54\x5a\x00\x01\x53\x03" + b"application/vnd.syncml-devinf+wbxml\x00\x01\x01\x00\x00"
+            b"\x4f\xc3" + bytes([len(nested)]) + nested + b"\x01\x01")
+    assert "unknown code page 2" in decode_err(body(b"\x46\x4b\x031\x00\x01" + item + b"\x01")).reason
 
 
 def test_nested_tnds_errors():
@@ -401,6 +454,9 @@ def test_encode_string_table_and_literal_public_id():
     (Message(commands=[Command(name="Get", meta=Meta(extra=[("Mem", 3)]))]), "must be str or list"),
     (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Bogus"))])]), "not in the DM DDF"),
     (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Node", xmlns="x"))])]), "namespace 'x'"),
+    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Node", xmlns="syncml:devinf"))])]),
+     "not in the DevInf code page"),
+    (Message(commands=[Command(name="Status", target_refs=[1])]), "cannot encode the message"),
 ])
 def test_encode_rejections(msg, reason):
     with pytest.raises(CodecError) as ei:
@@ -456,8 +512,14 @@ def _with_ns(el: Element) -> Element:
 _items = st.builds(Item, target=_opt, target_name=_opt, source=_opt, source_name=_opt,
                    target_parent=_opt, source_parent=_opt, meta=_metas,
                    data=st.none() | _text | _bin, more_data=st.booleans())
+_devinf_tags = sorted(__import__("dmengine._tokens", fromlist=["PAGES"]).PAGES["devinf"][0][1].values())
+_devinf_tree = st.builds(Element, tag=st.just("DevInf"), xmlns=st.just("syncml:devinf"),
+                         children=st.none() | st.lists(st.builds(Element, tag=st.sampled_from(_devinf_tags),
+                                                                 text=st.none() | _text.filter(bool)),
+                                                       min_size=1, max_size=4))
 _tnds_items = st.builds(Item, target=_opt, meta=st.just(Meta(type="application/vnd.syncml.dmtnds+wbxml")),
-                        data=_tree.map(_with_ns))
+                        data=_tree.map(_with_ns)) | st.builds(
+    Item, source=_opt, meta=st.just(Meta(type="application/vnd.syncml-devinf+wbxml")), data=_devinf_tree)
 _refs = st.none() | st.lists(_text, min_size=1, max_size=3)
 _simple = st.builds(
     Command, name=st.sampled_from(["Add", "Alert", "Copy", "Delete", "Exec", "Get", "Replace", "Status", "Results"]),
