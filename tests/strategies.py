@@ -38,7 +38,7 @@ _IN_CONTAINER = ["Add", "Alert", "Copy", "Delete", "Exec", "Get", "Replace"]
 
 def xml_text(min_size: int = 0, max_size: int = 20) -> st.SearchStrategy[str]:
     """Any text XML 1.0 can carry (including whitespace, markup characters, CR, astral chars)."""
-    chars = st.characters(blacklist_categories=("Cs",), blacklist_characters=_NOT_XML)
+    chars = st.characters(exclude_categories=["Cs"], exclude_characters=_NOT_XML)
     return st.text(chars, min_size=min_size, max_size=max_size)
 
 
@@ -76,9 +76,8 @@ def elements() -> st.SearchStrategy[Element]:
 
 def items(*, binary: bool = False, tnds_type: str = TNDS_WBXML) -> st.SearchStrategy[Item]:
     t = xml_text()
-    data = st.none() | t
-    if binary:
-        data = data | _binary()
+    data: st.SearchStrategy[str | bytes | None] = st.one_of(st.none(), t, _binary()) if binary \
+        else st.one_of(st.none(), t)
     plain = st.builds(Item, target=_opt(t), target_name=_opt(t), source=_opt(t),
                       source_name=_opt(t), target_parent=_opt(t), source_parent=_opt(t),
                       meta=_opt(metas()), data=data, more_data=st.booleans())
@@ -90,9 +89,8 @@ def items(*, binary: bool = False, tnds_type: str = TNDS_WBXML) -> st.SearchStra
 
 def _command(names: list[str], binary: bool, tnds_type: str) -> st.SearchStrategy[Command]:
     t = xml_text()
-    data = st.none() | t
-    if binary:
-        data = data | _binary()
+    data: st.SearchStrategy[str | bytes | None] = st.one_of(st.none(), t, _binary()) if binary \
+        else st.one_of(st.none(), t)
     refs = _opt(st.lists(t, min_size=1, max_size=3))
     return st.builds(
         Command, name=st.sampled_from(names), cmd_id=_opt(t), no_resp=st.booleans(),
@@ -117,9 +115,8 @@ def commands(*, binary: bool = False, tnds_type: str = TNDS_WBXML,
 
 def headers(*, binary: bool = False) -> st.SearchStrategy[SyncHdr]:
     t = xml_text()
-    data = st.none() | t
-    if binary:
-        data = data | _binary()
+    data: st.SearchStrategy[str | bytes | None] = st.one_of(st.none(), t, _binary()) if binary \
+        else st.one_of(st.none(), t)
     return st.builds(SyncHdr, ver_dtd=_opt(t), ver_proto=_opt(t), session_id=_opt(t),
                      msg_id=_opt(t), target=_opt(t), target_name=_opt(t), source=_opt(t),
                      source_name=_opt(t), resp_uri=_opt(t), no_resp=st.booleans(),
