@@ -177,6 +177,15 @@ def test_import_devices_reports_bad_records(use: Callable[[Body], Any]) -> None:
         rep = await s.import_devices([dev(10)], replace=False)
         assert rep.created == 0 and rep.rejected[0][1] == "$.dev_id"
         assert (await s.counts())["devices"] == 3
+        # duplicates inside one chunk; a replaced device frees its old MSISDN in the same chunk
+        rep = await s.import_devices([dev(20), dev(21, msisdn="+491700000020"),
+                                      Device(dev_id="IMEI:other22", imei=dev(20).imei),
+                                      dev(13, msisdn="+491700000099"),
+                                      dev(23, msisdn="+491700000013"), dev(20)])
+        assert rep.created == 2 and rep.replaced == 2
+        assert sorted((i, w) for i, w, _ in rep.rejected) == [(1, "$.msisdn"), (2, "$.imei")]
+        assert (await s.device_by_msisdn("+491700000013")).dev_id == dev(23).dev_id
+        assert (await s.device_by_msisdn("+491700000099")).dev_id == dev(13).dev_id
     use(body)
 
 

@@ -78,6 +78,10 @@ class KVTxn(Protocol):
         """Keys in ``[start, end)`` ascending (``end`` None: to the last key)."""
         ...
 
+    def count(self, db: str) -> int:
+        """Entries in ``db``."""
+        ...
+
 
 # --- keys --------------------------------------------------------------------------------
 
@@ -721,9 +725,11 @@ class KVStore(Store):
             except ValidationError as exc:
                 raise ValidationError(f"tasks[{i}]: {exc}",
                                       where=f"$[{i}]{(exc.where or '$')[1:]}") from None
-        ids = [t.task_id for t in tasks]
-        if len(set(ids)) != len(ids):
-            raise AlreadyExists("task", next(i for i in ids if ids.count(i) > 1))
+        seen: set[str] = set()
+        for t in tasks:
+            if t.task_id in seen:
+                raise AlreadyExists("task", t.task_id)
+            seen.add(t.task_id)
 
         def op(ctx: WriteCtx) -> list[Task]:
             for t in tasks:   # checks first, so a refusal writes nothing
@@ -1034,7 +1040,7 @@ class KVStore(Store):
 
     async def counts(self) -> dict[str, int]:
         def fn(txn: KVTxn) -> dict[str, int]:
-            return {db: sum(1 for _ in txn.scan(db, b"", None)) for db in DBS}
+            return {db: txn.count(db) for db in DBS}
         return await self._read(fn, big=True)
 
 

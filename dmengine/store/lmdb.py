@@ -68,6 +68,9 @@ class LmdbTxn:
         finally:
             cur.close()
 
+    def count(self, db: str) -> int:
+        return int(self.t.stat(self.d[db])["entries"])
+
     def put(self, db: str, key: bytes, value: bytes) -> None:
         self.t.put(key, value, db=self.d[db])
 
@@ -448,10 +451,14 @@ class LmdbStore(KVStore):
                     txn = env.begin(buffers=False)
                 except lmdb.MapResizedError:
                     resized = True
+                except lmdb.Error as exc:     # readers full, environment gone …
+                    raise StoreError(f"LMDB read failed: {exc}") from exc
                 else:
                     resized = False
                     try:
                         return fn(LmdbTxn(txn, self._dbs))
+                    except lmdb.Error as exc:
+                        raise StoreError(f"LMDB read failed: {exc}") from exc
                     finally:
                         txn.abort()
             finally:

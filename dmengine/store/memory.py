@@ -72,6 +72,9 @@ class MemTxn:
             yield k, t.data[k]
             i += 1
 
+    def count(self, db: str) -> int:
+        return len(self.tables[db].data)
+
     @property
     def writes(self) -> int:
         return len(self.undo)
