@@ -503,7 +503,7 @@ class KVStore(Store):
             created = replaced = 0
             rejected: list[tuple[int, str | None, str]] = []
             now = ctx.now
-            keys = [_e(d.dev_id) for _, d, _ in batch]
+            keys = [d.dev_id.encode() for _, d, _ in batch]
             # one multi-get per database instead of three lookups per device; the dicts then
             # follow this chunk's own changes so duplicates inside the chunk are caught too
             stored: dict[bytes, bytes | None] = dict(txn.get_many("devices", keys))
@@ -517,8 +517,8 @@ class KVStore(Store):
                 if raw is not None and not replace:
                     rejected.append((i, "$.dev_id", f"device {dev.dev_id!r} already exists"))
                     continue
-                m = _e(dev.msisdn) if dev.msisdn else None
-                im = _e(dev.imei) if dev.imei else None
+                m = dev.msisdn.encode() if dev.msisdn else None
+                im = dev.imei.encode() if dev.imei else None
                 if m is not None and msisdn_owner.get(m) not in (None, key):
                     rejected.append((i, "$.msisdn", f"msisdn {dev.msisdn!r} already exists"))
                     continue
@@ -538,9 +538,14 @@ class KVStore(Store):
                         imei_owner[_e(old.imei)] = None
                     _reindex(ctx, _device_index(old), _device_index(dev))
                     replaced += 1
-                else:
-                    for db, k, v in _device_index(dev):
-                        put(db, k, v)
+                else:   # _device_index, inlined: this loop runs a million times per import
+                    if m is not None:
+                        put("dev_msisdn", m, key)
+                    if im is not None:
+                        put("dev_imei", im, key)
+                        put("dev_tac", im[:8] + SEP + key, EMPTY)
+                    if dev.capability:
+                        put("dev_cap", dev.capability.encode() + SEP + key, EMPTY)
                     created += 1
                 if m is not None:
                     msisdn_owner[m] = key

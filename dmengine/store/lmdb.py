@@ -155,16 +155,18 @@ class LmdbWriteTxn(LmdbTxn):
             if not o:
                 continue
             h = self.d[db]
-            puts = []
-            for k in sorted(o):
-                v = o[k]
-                if v is None:
-                    t.delete(k, db=h)
-                else:
-                    puts.append((k, v))
-            if puts:
+            items = sorted(o.items())
+            if None in o.values():
+                puts = []
+                for k, v in items:
+                    if v is None:
+                        t.delete(k, db=h)
+                    else:
+                        puts.append((k, v))
+                items = puts
+            if items:
                 cur = t.cursor(db=h)
-                cur.putmulti(puts)
+                cur.putmulti(items)
                 cur.close()
         self.over.clear()
 
