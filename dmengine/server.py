@@ -25,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-import secrets
+from base64 import urlsafe_b64encode
 import signal
 import ssl as _ssl
 import time
@@ -71,6 +71,14 @@ ENCODING_BY_TYPE = {
     "application/vnd.syncml+xml": "xml",
     "application/vnd.syncml+wbxml": "wbxml",
 }
+_ENCODING_BY_BTYPE = {k.encode(): v for k, v in ENCODING_BY_TYPE.items()}
+
+# headers the device port reads, by their usual spellings (others are lower-cased first)
+_HEADERS = {b"content-type": 1, b"content-length": 2, b"host": 3, b"x-syncml-hmac": 4,
+            b"expect": 5}
+_HEADERS.update({k.title(): v for k, v in list(_HEADERS.items())})
+_HEADERS[b"X-Syncml-Hmac"] = _HEADERS[b"x-syncml-HMAC"] = _HEADERS[b"X-SyncML-HMAC"] = 4
+_HEADER_LENGTHS = frozenset(len(k) for k in _HEADERS)
 
 _REASONS = {
     200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -80,8 +88,18 @@ _REASONS = {
 }
 
 
+_CODECS: dict[str, tuple[Callable[[bytes], Message], Callable[[Message], bytes]]] = {}
+
+
 def _codecs(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
     """(decode, encode) of the L1 codec for ``encoding`` (fixed names, DESIGN.md §8)."""
+    pair = _CODECS.get(encoding)
+    if pair is None:
+        pair = _CODECS[encoding] = _load_codec(encoding)
+    return pair
+
+
+def _load_codec(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
     if encoding == "wbxml":
         from . import _wbxml as mod  # type: ignore[attr-defined]
     else:
@@ -284,7 +302,7 @@ async def _finish(coro: Any, first: Any) -> Any:
 
 class _Entry:
     """One DM session in the table: kept small, there may be 100k of these parked."""
-    __slots__ = ("session", "token", "key", "deadline", "busy", "encoding")
+    __slots__ = ("session", "token", "key", "deadline", "busy", "inserted", "closed")
 
     def __init__(self, session: Any, token: str, deadline: float) -> None:
         self.session = session
@@ -292,12 +310,13 @@ class _Entry:
         self.key: str | None = None         # "devid\0sessionid" once known
         self.deadline = deadline
         self.busy = 0                       # requests of this session being processed
-        self.encoding: str | None = None
+        self.inserted = False               # in the session table
+        self.closed = False
 
 
 class _Req:
     __slots__ = ("path", "ctype", "clen", "host", "hmac", "expect", "body", "keep_alive",
-                 "method", "t0", "reply", "close_after", "headers")
+                 "method", "t0", "reply", "close_after", "headers", "encoding")
 
     def __init__(self) -> None:
         self.path = b""
@@ -313,6 +332,7 @@ class _Req:
         self.reply: bytes | None = None     # a ready answer (errors, 503)
         self.close_after = False
         self.headers: dict[str, str] | None = None
+        self.encoding: str | None = None
 
 
 def _http(status: int, body: bytes = b"", ctype: bytes = b"text/plain; charset=utf-8", *,
@@ -350,7 +370,7 @@ class DmServer:
         self.draining = False
         self.get_routes: dict[str, GetRoute] = {}
         self._session_factory = session_factory
-        self._new_token = random_token or (lambda: secrets.token_urlsafe(12))
+        self._new_token = random_token or _token
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -363,6 +383,7 @@ class DmServer:
         self._idle_event: asyncio.Event | None = None
         self.scheme = "https" if (config.tls_cert or config.ssl_context) else "http"
         self.port: int | None = None
+        self._bases: dict[bytes | None, str] = {}
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -384,6 +405,19 @@ class DmServer:
         if ":" in host:
             host = f"[{host}]"
         return f"{self.scheme}://{host}:{self.port}{self.config.path}"
+
+    def base_url(self, host: bytes | None) -> str:
+        """``scheme://host/path`` for RespURIs: ``public_url``, else from the Host header."""
+        base = self.config.public_url
+        if base is not None:
+            return base
+        base = self._bases.get(host)
+        if base is None:
+            h = (host or f"{self.config.host}:{self.port}".encode()).decode("latin-1")
+            base = f"{self.scheme}://{h}{self.config.path}"
+            if len(self._bases) < 64:
+                self._bases[host] = base
+        return base
 
     def add_get_route(self, prefix: str, route: GetRoute) -> None:
         """Serve GET (and HEAD) for paths starting with ``prefix`` (e.g. ``/content/``)."""
@@ -434,21 +468,28 @@ class DmServer:
             token = self._new_token()
         resp_uri = f"{base_url}/{token}"
         cfg = self._config_for_sessions(base_url)
-        if self._session_factory is not None:
-            session = self._session_factory(cfg, session_key=token, resp_uri=resp_uri,
-                                            now=now_wall, encoding=encoding)
-        else:
+        factory = self._session_factory
+        if factory is None:
             from ._session import DmSession
-            session = DmSession(cfg, session_key=token, resp_uri=resp_uri, now=now_wall,
-                                encoding=encoding)
+            factory = self._session_factory = DmSession
+            self._take_events = hasattr(DmSession, "take_events")
+        session = factory(cfg, session_key=token, resp_uri=resp_uri, now=now_wall,
+                          encoding=encoding)
         if self._take_events and not hasattr(session, "take_events"):
             self._take_events = False
-        assert self._loop is not None
-        entry = _Entry(session, token, self._loop.time() + self.config.session_idle_timeout)
-        self.sessions[token] = entry
+        # not in the table yet: a session that ends with its first reply never enters it
+        entry = _Entry(session, token, 0.0)
         if self.metrics is not None:
             self.metrics.session_started()
         return entry
+
+    def _insert(self, entry: _Entry) -> None:
+        assert self._loop is not None
+        entry.deadline = self._loop.time() + self.config.session_idle_timeout
+        self.sessions[entry.token] = entry
+        entry.inserted = True
+        if entry.key is not None:
+            self.by_key[entry.key] = entry.token
 
     def _touch(self, entry: _Entry) -> None:
         # re-insert so the table stays ordered by last activity: the sweep stops early
@@ -458,10 +499,19 @@ class DmServer:
         del sessions[entry.token]
         sessions[entry.token] = entry
 
+    def _end_entry(self, entry: _Entry, reason: str) -> None:
+        if entry.inserted:
+            self._end(entry.token, reason)
+        elif not entry.closed:
+            entry.inserted = True        # table bookkeeping only once
+            self.sessions[entry.token] = entry
+            self._end(entry.token, reason)
+
     def _end(self, token: str, reason: str) -> None:
         entry = self.sessions.pop(token, None)
         if entry is None:
             return
+        entry.closed = True
         if entry.key is not None and self.by_key.get(entry.key) == token:
             del self.by_key[entry.key]
         if self.metrics is not None:
@@ -565,7 +615,8 @@ class DmServer:
                 entry = self._new_session(base_url, now_wall, encoding)
             if entry.key is None:
                 entry.key = key
-                self.by_key[key] = entry.token
+                if entry.inserted:
+                    self.by_key[key] = entry.token
         entry.busy += 1
         session = entry.session
         try:
@@ -580,30 +631,39 @@ class DmServer:
                     more = session.take_events()
                     if more:
                         await self.handler.on_events(session, more)
-                self._end(entry.token, "protocol_error")
+                self._end_entry(entry, "protocol_error")
                 return self._reply(encoding, encode, reply, req)
             if events:
                 await self.handler.on_events(session, events)
-            reply = session.next_message(now=time.time())
+            reply = session.next_message(now=now_wall)
             if self._take_events:
                 more = session.take_events()
                 if more:
-                    events = list(events) + list(more)
                     await self.handler.on_events(session, more)
+                    events = more
         except Exception as exc:   # an engine or handler fault ends this session only
             if isinstance(exc, DmError):
                 log.info("session %s failed: %s", entry.token, exc)
             else:
                 log.exception("session %s failed", entry.token)
             reply = _clean_end(msg, base_url, getattr(exc, "status", StatusCode.SERVER_FAILURE))
-            self._end(entry.token, "error")
+            self._end_entry(entry, "error")
             return self._reply(encoding, encode, reply, req)
         finally:
             entry.busy -= 1
         if _ended(session):
-            self._end(entry.token, getattr(session, "end_reason", None) or _end_reason(events))
-        elif entry.token in self.sessions:
-            self._touch(entry)
+            reason = getattr(session, "end_reason", None) or _end_reason(events)
+            if entry.inserted:
+                self._end(entry.token, reason)
+            elif not entry.closed:
+                entry.closed = True
+                if self.metrics is not None:
+                    self.metrics.session_ended(reason)
+        elif entry.inserted:
+            if entry.token in self.sessions:
+                self._touch(entry)
+        elif not entry.closed:
+            self._insert(entry)
         return self._reply(encoding, encode, reply, req, session)
 
     def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message,
@@ -665,6 +725,22 @@ def _read_part(path: str, offset: int, length: int) -> bytes:
     if len(out) != length:
         raise DmError(f"{path}: {len(out)} bytes at {offset}, expected {length}")
     return out
+
+
+async def _ready(out: bytes) -> bytes:
+    return out
+
+
+_TOKEN_POOL: list[str] = []
+
+
+def _token() -> str:
+    """An opaque session token: 96 random bits, URL-safe (16 characters).  Drawn from
+    ``os.urandom`` 256 at a time (one system call instead of one per session)."""
+    if not _TOKEN_POOL:
+        raw = urlsafe_b64encode(os.urandom(12 * 256)).decode("ascii")
+        _TOKEN_POOL.extend(raw[i:i + 16] for i in range(0, len(raw), 16))
+    return _TOKEN_POOL.pop()
 
 
 def _ended(session: Any) -> bool:
@@ -779,7 +855,7 @@ class DeviceConnection(asyncio.Protocol):
             return
         srv.connections.add(self)
         if srv.metrics is not None:
-            srv.metrics.connections.inc()
+            srv.metrics.connection_opened()
         self.deadline = self._loop.time() + srv.config.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -787,7 +863,7 @@ class DeviceConnection(asyncio.Protocol):
         if self in srv.connections:
             srv.connections.discard(self)
             if srv.metrics is not None:
-                srv.metrics.connections.dec()
+                srv.metrics.connection_closed()
         self.closing = True
         if not self.dropped:
             self.dropped = True
@@ -852,22 +928,25 @@ class DeviceConnection(asyncio.Protocol):
         self.hdr_bytes += len(name) + len(value) + 4
         if self.hdr_bytes + len(req.path) > self.server.config.max_header_bytes:
             raise _HttpLimit(431, "request header block too large")
-        n = name.lower()
-        if n == b"content-type":
-            req.ctype = value
-        elif n == b"content-length":
-            try:
-                req.clen = int(value)
-            except ValueError:
-                raise _HttpLimit(400, "bad Content-Length") from None
-        elif n == b"host":
-            req.host = value
-        elif n == b"x-syncml-hmac":
-            req.hmac = value
-        elif n == b"expect":
-            req.expect = value.lower() == b"100-continue"
+        kind = _HEADERS.get(name)
+        if kind is None and len(name) in _HEADER_LENGTHS:
+            kind = _HEADERS.get(name.lower())
+        if kind is not None:
+            if kind == 1:
+                req.ctype = value
+            elif kind == 2:
+                try:
+                    req.clen = int(value)
+                except ValueError:
+                    raise _HttpLimit(400, "bad Content-Length") from None
+            elif kind == 3:
+                req.host = value
+            elif kind == 4:
+                req.hmac = value
+            else:
+                req.expect = value.lower() == b"100-continue"
         if req.headers is not None:
-            req.headers[n.decode("latin-1")] = value.decode("latin-1")
+            req.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -881,7 +960,9 @@ class DeviceConnection(asyncio.Protocol):
         path = req.path.split(b"?", 1)[0]
         if req.method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
             mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
-            if mtype.decode("latin-1") not in ENCODING_BY_TYPE:
+            req.ctype = mtype
+            req.encoding = _ENCODING_BY_BTYPE.get(mtype)
+            if req.encoding is None:
                 req.reply = _http(415, b"unsupported content type\n", close=not req.keep_alive,
                                   extra=[("Accept-Post", ", ".join(ENCODING_BY_TYPE))])
                 self._count(415)
@@ -1045,29 +1126,23 @@ class DeviceConnection(asyncio.Protocol):
             self.paused = False
             transport.resume_reading()
 
-    async def _process(self, req: _Req) -> bytes:
+    def _process(self, req: _Req) -> Any:
+        """The coroutine that answers ``req`` (set up here, without an extra frame)."""
         srv = self.server
         path = req.path.split(b"?", 1)
         p = path[0]
         if req.method in (b"GET", b"HEAD"):
             route = self._route(p)
             assert route is not None
-            return await srv.handle_get(req, route, p.decode("latin-1"),
-                                        path[1].decode("latin-1") if len(path) > 1 else "")
-        mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
-        req.ctype = mtype
-        encoding = ENCODING_BY_TYPE[mtype.decode("latin-1")]
+            return srv.handle_get(req, route, p.decode("latin-1"),
+                                  path[1].decode("latin-1") if len(path) > 1 else "")
         token = None
         if p != srv._path:
             token = p[len(srv._prefix):].decode("latin-1")
             if not token or "/" in token:
                 self._count(404)
-                return _http(404, b"not found\n", close=not req.keep_alive)
-        base = srv.config.public_url
-        if base is None:
-            host = (req.host or f"{srv.config.host}:{srv.port}".encode()).decode("latin-1")
-            base = f"{srv.scheme}://{host}{srv.config.path}"
-        return await srv.handle_dm(req, encoding, token, base)
+                return _ready(_http(404, b"not found\n", close=not req.keep_alive))
+        return srv.handle_dm(req, req.encoding or "xml", token, srv.base_url(req.host))
 
     # --- timeouts and shutdown ---------------------------------------------------------------------
 
