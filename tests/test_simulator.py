@@ -286,3 +286,35 @@ def test_norm_uri():
     assert norm_uri("./DevInfo/Mod/") == "./DevInfo/Mod"
     assert norm_uri("./FUMO/1?list=Struct") == "./FUMO/1"
     assert norm_uri(None) == "."
+
+
+def test_simulate_cli_against_a_device_port_process_then_sigterm(tmp_path, capsys):
+    """`python -m dmengine.server` in a subprocess, `simulate` in this process, then SIGTERM:
+    the server drains and exits 0."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from dmengine.simulator.cli import main
+
+    proc = subprocess.Popen([sys.executable, "-m", "dmengine.server", "--port", "0",
+                             "--shutdown-deadline", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("device port: http://127.0.0.1:"), (line, proc.stderr.read())
+        url = line.split(": ", 1)[1].strip()
+        rc = main(["simulate", "--url", url, "--devices", "6", "--sessions", "2",
+                   "--encoding", "xml", "--concurrency", "3"])
+        summary = json.loads(capsys.readouterr().out)
+        assert rc == 0
+        assert summary["sessions"] == 12 and summary["outcomes"] == {"completed": 12}
+        assert summary["messages"] >= 12 and summary["latency_p99_ms"] is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
