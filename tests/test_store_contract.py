@@ -214,6 +214,19 @@ def test_capabilities(use: Callable[[Body], Any]) -> None:
             await s.capability_by_tac("35693803")
         assert (await s.capability_by_tac("35693805")).oid == "cap-x1"
         assert [x.oid for x in (await s.list_capabilities()).items] == ["cap-x1"]
+        with pytest.raises(NotFound):
+            await s.update_capability("cap-none", {"model": "Z"})
+        with pytest.raises(ValidationError) as ei:
+            await s.update_capability("cap-x1", {"tacs": ["1"]})
+        assert ei.value.where == "$.tacs[0]"
+        with pytest.raises(ValidationError) as ei:
+            await s.update_capability("cap-x1", {"oid": "other"})
+        assert ei.value.where == "$.oid"
+        # concurrent updates of different fields both land (applied inside the transaction)
+        await asyncio.gather(s.update_capability("cap-x1", {"make": "Acme2"}),
+                             s.update_capability("cap-x1", {"firmware_versions": ["2.0"]}))
+        both = await s.get_capability("cap-x1")
+        assert both.make == "Acme2" and both.firmware_versions == ["2.0"]
         await s.delete_capability("cap-x1")
         with pytest.raises(NotFound):
             await s.capability_by_tac("35693805")
@@ -417,6 +430,11 @@ def test_content(use: Callable[[Body], Any]) -> None:
         assert (await s.count_download("fw-2")).downloads == 2
         u = await s.update_content("fw-2", {"path": "/srv/fw/x1-2.0.bin"})
         assert u.downloads == 2 and u.created == c.created
+        with pytest.raises(NotFound):
+            await s.update_content("fw-none", {"path": "/x"})
+        with pytest.raises(ValidationError) as ei:
+            await s.update_content("fw-2", {"size": -5})
+        assert ei.value.where == "$.size"
         assert [x.content_id for x in (await s.list_content()).items] == ["fw-2"]
         await s.delete_content("fw-2")
         with pytest.raises(NotFound):

@@ -556,8 +556,15 @@ class KVStore(Store):
 
     # --- capabilities ------------------------------------------------------------------------
 
-    def _cap_write(self, cap: Capability, mode: str) -> Op[Capability]:
-        model.validate(cap)
+    def _cap_write(self, cap: Capability, mode: str,
+                   changes: Mapping[str, Any] | None = None) -> Op[Capability]:
+        """mode "create" | "put" | "replace"; with ``changes`` they apply to the stored record
+        inside the transaction (no lost update between read and write)."""
+        if changes is None:
+            model.validate(cap)
+        else:
+            changes = dict(changes)
+            replace_fields(cap, changes, _CAP_PROTECTED)     # refuses protected/unknown early
         key = _e(cap.oid)
 
         def op(ctx: WriteCtx) -> Capability:
@@ -567,12 +574,16 @@ class KVStore(Store):
                 raise AlreadyExists("capability", cap.oid)
             if raw is None and mode == "replace":
                 raise NotFound("capability", cap.oid)
-            for tac in cap.tacs:
+            old = dec(Capability, raw, "caps", key) if raw is not None else None
+            new = cap
+            if changes is not None and old is not None:
+                new = replace_fields(old, changes, _CAP_PROTECTED)
+                model.validate(new)
+            for tac in new.tacs:
                 owner = txn.get("cap_tac", _e(tac))
                 if owner is not None and owner != key:
                     raise AlreadyExists("tac", tac)
-            old = dec(Capability, raw, "caps", key) if raw is not None else None
-            c = msgspec.structs.replace(cap, created=old.created if old else (cap.created or ctx.now),
+            c = msgspec.structs.replace(new, created=old.created if old else (new.created or ctx.now),
                                         updated=ctx.now)
             ctx.put("caps", key, _enc.encode(c))
             _reindex(ctx, [("cap_tac", _e(t), key) for t in old.tacs] if old else [],
@@ -587,10 +598,7 @@ class KVStore(Store):
         return await self._write(self._cap_write(cap, "put"))
 
     async def update_capability(self, oid: str, changes: Mapping[str, Any]) -> Capability:
-        cur = await self.get_capability(oid)
-        new = replace_fields(cur, changes, _CAP_PROTECTED)
-        op = self._cap_write(new, "replace")
-        return await self._write(op)
+        return await self._write(self._cap_write(Capability(oid=oid), "replace", changes))
 
     async def get_capability(self, oid: str) -> Capability:
         return await self._get("caps", Capability, oid, "capability")
@@ -912,8 +920,13 @@ class KVStore(Store):
 
     # --- content ------------------------------------------------------------------------------
 
-    def _content_write(self, c: Content, mode: str) -> Op[Content]:
-        model.validate(c)
+    def _content_write(self, c: Content, mode: str,
+                       changes: Mapping[str, Any] | None = None) -> Op[Content]:
+        if changes is None:
+            model.validate(c)
+        else:
+            changes = dict(changes)
+            replace_fields(c, changes, _CONTENT_PROTECTED)
         key = _e(c.content_id)
 
         def op(ctx: WriteCtx) -> Content:
@@ -923,7 +936,11 @@ class KVStore(Store):
             if raw is None and mode == "replace":
                 raise NotFound("content", c.content_id)
             old = dec(Content, raw, "content", key) if raw is not None else None
-            new = msgspec.structs.replace(c, created=old.created if old else (c.created or ctx.now))
+            cur = c
+            if changes is not None and old is not None:
+                cur = replace_fields(old, changes, _CONTENT_PROTECTED)
+                model.validate(cur)
+            new = msgspec.structs.replace(cur, created=old.created if old else (cur.created or ctx.now))
             ctx.put("content", key, _enc.encode(new))
             return new
         return op
@@ -935,9 +952,8 @@ class KVStore(Store):
         return await self._get("content", Content, content_id, "content")
 
     async def update_content(self, content_id: str, changes: Mapping[str, Any]) -> Content:
-        cur = await self.get_content(content_id)
-        new = replace_fields(cur, changes, _CONTENT_PROTECTED)
-        return await self._write(self._content_write(new, "replace"))
+        probe = Content(content_id=content_id, name="", size=0, sha256="0" * 64)
+        return await self._write(self._content_write(probe, "replace", changes))
 
     async def count_download(self, content_id: str) -> Content:
         key = _e(content_id)
