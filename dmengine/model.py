@@ -77,24 +77,24 @@ FINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.
                                TaskState.EXPIRED})
 
 _T = TaskState
+_ACTIVE = frozenset({_T.PENDING, _T.NOTIFIED, _T.IN_PROGRESS, _T.WAITING_USER})
+_STOPS = frozenset({_T.FAILED, _T.CANCELLED, _T.EXPIRED})
 #: Every legal task move (DESIGN.md §4).  Anything else is refused by the store's transition
-#: helper with ``InvalidTransition``.  PENDING→PENDING / NOTIFIED→NOTIFIED / IN_PROGRESS→PENDING
-#: are the retry moves (another notification, a retry after no answer).
+#: helper with ``InvalidTransition``.  An unfinished task may move to any unfinished state (the
+#: same state included: a retry, another notification, a device that connects on its own or
+#: drops the session while the user is asked) and may fail, be cancelled or expire; it can
+#: only succeed from IN_PROGRESS or WAITING_USER; a finished task never moves again.
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    _T.PENDING: frozenset({_T.PENDING, _T.NOTIFIED, _T.IN_PROGRESS, _T.FAILED, _T.CANCELLED,
-                           _T.EXPIRED}),
-    _T.NOTIFIED: frozenset({_T.NOTIFIED, _T.PENDING, _T.IN_PROGRESS, _T.FAILED, _T.CANCELLED,
-                            _T.EXPIRED}),
-    _T.IN_PROGRESS: frozenset({_T.IN_PROGRESS, _T.PENDING, _T.WAITING_USER, _T.SUCCEEDED,
-                               _T.FAILED, _T.CANCELLED, _T.EXPIRED}),
-    _T.WAITING_USER: frozenset({_T.IN_PROGRESS, _T.SUCCEEDED, _T.FAILED, _T.CANCELLED,
-                                _T.EXPIRED}),
+    _T.PENDING: _ACTIVE | _STOPS,
+    _T.NOTIFIED: _ACTIVE | _STOPS,
+    _T.IN_PROGRESS: _ACTIVE | _STOPS | {_T.SUCCEEDED},
+    _T.WAITING_USER: _ACTIVE | _STOPS | {_T.SUCCEEDED},
     _T.SUCCEEDED: frozenset(),
     _T.FAILED: frozenset(),
     _T.CANCELLED: frozenset(),
     _T.EXPIRED: frozenset(),
 }
-del _T
+del _T, _ACTIVE, _STOPS
 
 
 class JobState(enum.StrEnum):

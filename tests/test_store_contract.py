@@ -503,3 +503,24 @@ def test_an_op_failing_after_writing_is_rolled_back_alone(use: Callable[[Body], 
             await s.get_device("IMEI:ghost")
         assert (await s.counts())["devices"] == 20
     use(body)
+
+
+def test_every_state_pair_moves_or_is_refused(use: Callable[[Body], Any]) -> None:
+    from dmengine.model import TASK_TRANSITIONS
+    pairs = [(a, b) for a in TaskState for b in TaskState]
+
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="tbl"))
+        await s.create_tasks([task(f"p-{a}-{b}", job_id="tbl", state=a) for a, b in pairs])
+        res = await asyncio.gather(*(s.transition(f"p-{a}-{b}", b) for a, b in pairs),
+                                   return_exceptions=True)
+        for (a, b), r in zip(pairs, res):
+            if b in TASK_TRANSITIONS[a]:
+                assert isinstance(r, Task) and r.state is b, (a, b, r)
+            else:
+                assert isinstance(r, InvalidTransition), (a, b, r)
+                assert (await s.get_task(f"p-{a}-{b}")).history_len == 1
+        j = await s.get_job("tbl")
+        assert sum(j.counts.values()) == len(pairs)
+        assert j.counts[TaskState.SUCCEEDED] == 8 + 2      # 8 born SUCCEEDED + 2 legal moves
+    use(body)
