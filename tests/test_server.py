@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from dmengine import _wbxml
-from dmengine.message import Command, Item, Message, SyncHdr
+from dmengine.message import Command, Item, Message, Meta, SyncHdr
 from dmengine.metrics import DeviceMetrics
 from dmengine.notify.loopback import LoopbackGateway
 from dmengine.notify.pkg0 import build_pkg0
@@ -477,3 +477,98 @@ def test_tls_session(loop, tmp_path):
     loop.run_until_complete(main())
 
 
+
+
+def test_large_objects_both_ways_over_http(loop):
+    """A 6 KB PkgData from the server to a device advertising MaxMsgSize 1500, and a 5 KB
+    node value back to a server advertising 2048: both travel in chunks with MoreData."""
+    blob = bytes(range(256)) * 24
+
+    async def main():
+        rig = await _rig(1, encoding="wbxml", max_msg_size=2048,
+                         profile_kw={"max_msg_size": 1500})
+        dev = rig.fleet.devices[0]
+        dev._set("./Diag/Log", ("chr", "G", None, "log line\n" * 560))
+        rig.handler.queue_on_connect[dev.dev_id] = [
+            Command(name="Replace", items=[Item(target="./FUMO/1/Update/PkgData",
+                                                meta=Meta(format="bin"), data=blob)]),
+            Command(name="Get", items=[Item(target="./Diag/Log")]),
+        ]
+        try:
+            rep = await rig.fleet.run_session(dev)
+        finally:
+            await rig.close()
+        assert rep.outcome == "completed", rep
+        assert rep.messages >= 6
+        assert dev.pkg_data == blob
+        st = {e.cmd: e.status for e in rig.events("StatusReceived", dev)}
+        assert st == {"Replace": 200, "Get": 200}
+        res = rig.events("ResultsReceived", dev)[0]
+        assert res.items[0][3] == "log line\n" * 560
+    loop.run_until_complete(main())
+
+
+def test_retransmitted_message_gets_the_same_reply_and_bad_version_its_status(loop):
+    async def main():
+        rig = await _rig(1, auth="none")
+        dev = rig.fleet.devices[0]
+        rig.handler.queue_on_connect[dev.dev_id] = [
+            Command(name="Get", items=[Item(target="./DevDetail/FwV")])]
+        body = _wbxml.encode(_raw_pkg1(dev.dev_id, "42"))
+        ctype = "application/vnd.syncml.dm+wbxml"
+        try:
+            (_, _, r1), = await _post(rig.server.port, "/dm", [body], ctype)
+            token = _wbxml.decode(r1).hdr.resp_uri.rsplit("/", 1)[1]
+            again = _raw_pkg1(dev.dev_id, "42", msg_id="1")
+            # the device did not get the answer and sends package 1 again, to its RespURI
+            (_, _, r2), = await _post(rig.server.port, f"/dm/{token}",
+                                      [_wbxml.encode(again)], ctype)
+            old = _raw_pkg1("IMEI:9", "5")
+            old.hdr.ver_dtd, old.hdr.ver_proto = "1.1", "DM/1.1"
+            (s3, _, r3), = await _post(rig.server.port, "/dm", [_wbxml.encode(old)], ctype)
+        finally:
+            await rig.close()
+        assert _wbxml.decode(r2).astuple() == _wbxml.decode(r1).astuple()
+        assert s3 == 200
+        bad = _wbxml.decode(r3)
+        codes = [(c.name, c.data) for c in bad.commands]
+        assert codes[0][0] == "Status" and codes[0][1] in ("505", "513")
+        assert codes[-1] == ("Alert", "1223")
+        assert rig.count("dmengine_device_sessions_ended_total", reason="protocol_error") == 1
+    loop.run_until_complete(main())
+
+
+def test_fumo_download_then_update_in_two_execs(loop):
+    firmware = b"\x7fFW" * 1000
+
+    async def main():
+        app = web.Application()
+
+        async def fw(request):
+            return web.Response(body=firmware)
+        app.router.add_get("/p.bin", fw)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        rig = await _rig(1)
+        dev = rig.fleet.devices[0]
+        rig.handler.queue_on_connect[dev.dev_id] = [
+            Command(name="Replace", items=[Item(target="./FUMO/1/Download/PkgURL",
+                                                data=f"http://127.0.0.1:{port}/p.bin")]),
+            Command(name="Exec", correlator="dl", items=[Item(target="./FUMO/1/Download")])]
+        try:
+            await rig.fleet.run_session(dev)
+            assert dev.fumo_state == 50 and dev.pkg_data == firmware
+            rig.handler.queue_on_connect[dev.dev_id] = [
+                Command(name="Exec", correlator="up", items=[Item(target="./FUMO/1/Update")])]
+            await rig.fleet.run_session(dev)
+        finally:
+            await rig.close()
+            await runner.cleanup()
+        ga = [(e.correlator, e.type.rsplit(".", 1)[1], e.data)
+              for e in rig.events("GenericAlert", dev)]
+        assert ga == [("dl", "download", "200"), ("up", "update", "200")]
+        assert dev.fwv == "2.3.10" and dev.fumo_state == 100
+    loop.run_until_complete(main())

@@ -743,6 +743,7 @@ class ClientSession:
         code, results = self._run(cmd, in_atomic=False)
         out = [self._status_for(cmd, msg_ref, code, results)]
         if isinstance(results, Command) and code == 200:
+            results.msg_ref = msg_ref        # Results carry MsgRef/CmdRef of their Get
             out.append(results)
         return out
 
@@ -804,6 +805,7 @@ class ClientSession:
             out.append(self._status_for(child, msg_ref, code,
                                         res if isinstance(res, list) else None))
             if isinstance(res, Command) and code == 200:
+                res.msg_ref = msg_ref
                 out.append(res)
             if child.name == "Alert" and code in (304, 214, 408):
                 skip = True
