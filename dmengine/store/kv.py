@@ -59,10 +59,7 @@ SCAN_CHUNK = 5_000
 
 
 class KVTxn(Protocol):
-    """The ordered key-value transaction a backend provides.  ``writes`` counts the puts and
-    deletes made through it (write transactions)."""
-
-    writes: int
+    """The ordered key-value transaction a backend provides."""
 
     def get(self, db: str, key: bytes) -> bytes | None: ...
 
@@ -84,6 +81,13 @@ class KVTxn(Protocol):
 
 
 # --- keys --------------------------------------------------------------------------------
+
+
+class KVWriteTxn(KVTxn, Protocol):
+    """A write transaction: ``writes`` counts the puts and deletes made through it."""
+
+    @property
+    def writes(self) -> int: ...
 
 
 def u64(n: int) -> bytes:
@@ -185,8 +189,9 @@ class WriteCtx:
     once at :meth:`finish`)."""
 
     __slots__ = ("txn", "jobs", "now", "put", "delete")
+    txn: KVWriteTxn
 
-    def __init__(self, txn: KVTxn, now: float) -> None:
+    def __init__(self, txn: KVWriteTxn, now: float) -> None:
         self.txn = txn
         self.jobs: dict[str, Job] = {}
         self.now = now
@@ -1181,46 +1186,57 @@ def check_txn(txn: KVTxn, *, max_problems: int = 1000) -> list[str]:
             jk = _e(t.job_id)
             if jk not in jobs:
                 bad(f"tasks: task {t.task_id!r} names missing job {t.job_id!r}")
-            c = counts.setdefault(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
-            side = c["test"] if t.test_cycle else c["counts"]
+            tally = counts.setdefault(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
+            side = tally["test"] if t.test_cycle else tally["counts"]
             side[t.state] = side.get(t.state, 0) + 1
-            c["total"]["n"] += 1
+            tally["total"]["n"] += 1
     expect(exp, ("task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl"))
     seq_raw = txn.get("meta", b"seq:task")
     if max_seq and (seq_raw is None or int.from_bytes(seq_raw, "big") < max_seq):
         bad(f"meta: task sequence {seq_raw!r} behind the largest task seq {max_seq}")
     for jk, j in jobs.items():
-        c = counts.get(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
-        if dict(j.counts) != c["counts"]:
-            bad(f"jobs: job {j.job_id!r} counts {dict(j.counts)} but its tasks say {c['counts']}")
-        if dict(j.test_counts) != c["test"]:
-            bad(f"jobs: job {j.job_id!r} test counts {dict(j.test_counts)} but tasks say {c['test']}")
-        if j.total != c["total"]["n"]:
-            bad(f"jobs: job {j.job_id!r} total {j.total} but it has {c['total']['n']} tasks")
-    # history: entries 1..history_len for each task, last to_state == task state
+        tally = counts.get(jk, {"counts": {}, "test": {}, "total": {"n": 0}})
+        if dict(j.counts) != tally["counts"]:
+            bad(f"jobs: job {j.job_id!r} counts {dict(j.counts)} but its tasks say "
+                f"{tally['counts']}")
+        if dict(j.test_counts) != tally["test"]:
+            bad(f"jobs: job {j.job_id!r} test counts {dict(j.test_counts)} but its tasks say "
+                f"{tally['test']}")
+        if j.total != tally["total"]["n"]:
+            bad(f"jobs: job {j.job_id!r} total {j.total} but it has {tally['total']['n']} tasks")
+    # history: entries 1..history_len for each task, each one starting where the previous
+    # ended, the last one ending in the task's state
     seen_hist: dict[bytes, list[int]] = {}
     last_state: dict[bytes, str] = {}
     for k, v in txn.scan("history", b"", None):
-        tid, sep, n = k[:-5], k[-5:-4], k[-4:]
+        tid, sep, nb = k[:-5], k[-5:-4], k[-4:]
         if len(k) < 6 or sep != SEP:
             bad(f"history: malformed key {k!r}")
             continue
-        seen_hist.setdefault(tid, []).append(int.from_bytes(n, "big"))
+        seq = int.from_bytes(nb, "big")
+        seen_hist.setdefault(tid, []).append(seq)
         try:
             h = dec(HistoryEntry, v, "history", k)
         except CorruptRecord as exc:
             bad(str(exc))
             continue
+        if h.seq != seq or _e(h.task_id) != tid:
+            bad(f"history: key {k!r} holds entry {h.task_id!r}#{h.seq}")
+        prev = last_state.get(tid)
+        if seq > 1 and prev is not None and h.from_state != prev:
+            bad(f"history: task {tid!r} entry {seq} starts at {h.from_state}, "
+                f"entry {seq - 1} ended at {prev}")
         last_state[tid] = h.to_state
-    for tid, n in hist_len.items():
+    for tid, hl in hist_len.items():
         got = seen_hist.pop(tid, [])
-        if got != list(range(1, n + 1)):
-            bad(f"history: task {tid!r} has entries {got[:5]}… but history_len {n}")
-        elif n:
+        if got != list(range(1, hl + 1)):
+            bad(f"history: task {tid!r} has entries {got[:5]}… but history_len {hl}")
+        elif hl:
             raw = txn.get("tasks", tid)
-            t = dec(Task, raw, "tasks", tid) if raw else None
-            if t is not None and last_state.get(tid) != t.state:
-                bad(f"history: task {tid!r} last entry says {last_state.get(tid)}, task is {t.state}")
+            task = dec(Task, raw, "tasks", tid) if raw else None
+            if task is not None and last_state.get(tid) != task.state:
+                bad(f"history: task {tid!r} last entry says {last_state.get(tid)}, "
+                    f"task is {task.state}")
     for tid in seen_hist:
         bad(f"history: entries for missing task {tid!r}")
     # outbox
