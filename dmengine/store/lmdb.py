@@ -344,7 +344,12 @@ class LmdbStore(KVStore):
                         break
                     batch.append(item)
                 last_n = len(batch)
-                self._commit(batch, _deliver_threadsafe)
+                try:
+                    self._commit(batch, _deliver_threadsafe)
+                except Exception as exc:   # a bug in the writer itself: fail this batch only
+                    err = StoreError(f"store writer failed: {exc!r}")
+                    for _, fut, loop in batch:
+                        _deliver_threadsafe(loop, [(fut, None, err)])
         except BaseException as exc:   # the writer must never die silently
             self._dead = exc
             _fail_pending(q, StoreClosed(f"store writer died: {exc!r}"))
