@@ -14,7 +14,7 @@ import time
 import lmdb
 import pytest
 
-from dmengine.errors import StoreError
+from dmengine.errors import NotFound, StoreError
 from dmengine.model import Device, Job, QueryOp, SchemaRecord, Task, TaskState
 from dmengine.store import admin
 from dmengine.store.kv import _enc
@@ -260,3 +260,19 @@ def test_register_cli_adds_the_subcommands() -> None:
     with pytest.raises(SystemExit):
         ap.parse_args(["store", "explode"])
     assert isinstance(lmdb.version(), tuple)
+
+
+def test_a_key_lmdb_refuses_fails_only_its_caller(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "env")
+        long_id = "x" * 1000          # longer than LMDB's key limit (511 bytes)
+        res = await asyncio.gather(s.update_device(long_id, {"tz": "UTC"}),
+                                   *(s.create_job(Job(job_id=f"ok{i}")) for i in range(10)),
+                                   return_exceptions=True)
+        assert isinstance(res[0], StoreError) and not isinstance(res[0], lmdb.Error)
+        assert all(isinstance(r, Job) for r in res[1:])
+        with pytest.raises(NotFound):
+            await s.get_device(long_id)
+        assert (await s.counts())["jobs"] == 10
+        await s.close()
+    asyncio.run(main())

@@ -54,6 +54,8 @@ DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps"
 SEP = b"\x00"
 EMPTY = b""
 SCHEMA_KEY = b"schema"
+#: LMDB's key size limit (the default build); longer keys cannot be stored, so never found.
+MAX_KEY = 511
 #: Rows read per read transaction by big scans (the checker, backups of counts).
 SCAN_CHUNK = 5_000
 
@@ -323,6 +325,8 @@ class KVStore(Store):
 
     async def _get(self, db: str, cls: type[R], key: str, kind: str) -> R:
         k = _e(key)
+        if len(k) > MAX_KEY:
+            raise NotFound(kind, key)
 
         def fn(txn: KVTxn) -> R:
             raw = txn.get(db, k)
@@ -333,6 +337,8 @@ class KVStore(Store):
 
     async def _by_index(self, idx: str, key: str, db: str, cls: type[R], kind: str) -> R:
         k = _e(key)
+        if len(k) > MAX_KEY:
+            raise NotFound(kind, key)
 
         def fn(txn: KVTxn) -> R:
             rid = txn.get(idx, k)

@@ -414,8 +414,11 @@ class LmdbStore(KVStore):
                 w0 = ctx.writes
                 try:
                     results[i] = batch[i][0](ctx)
-                except lmdb.Error:
+                except (lmdb.MapFullError, lmdb.MapResizedError):
                     raise
+                except lmdb.Error as exc:       # e.g. a key LMDB refuses: this op's fault only
+                    errors[i] = StoreError(f"LMDB refused the operation: {exc}")
+                    return "restart"
                 except Exception as exc:
                     errors[i] = exc
                     if ctx.writes != w0 or not isinstance(exc, StoreError):
