@@ -133,7 +133,8 @@ cdef class _Decoder:
     cdef bint content                 # content bit of the tag next_tag() returned
     cdef Py_ssize_t tagpos            # offset of that tag
     cdef Py_ssize_t publicid
-    # the last text() that was exactly one OPAQUE piece (a nested document candidate)
+    # OPAQUE pieces of the last text(); op_single: it was exactly one OPAQUE piece
+    cdef int op_count
     cdef bint op_single
     cdef Py_ssize_t op_start, op_len
     # scratch buffer for text made of several pieces
@@ -331,6 +332,7 @@ cdef class _Decoder:
         cdef int opaque
         self.tmp_len = 0
         opaque = self.pieces()
+        self.op_count = opaque
         if self.buf[self.pos] != TOK_END:
             _raise("element inside a text value", self.pos, "text or END")
         self.pos += 1
@@ -346,6 +348,7 @@ cdef class _Decoder:
         cdef Py_ssize_t start, n, nxt
         cdef const unsigned char* z
         self.op_single = False
+        self.op_count = 0
         if not self.content:
             return EMPTY
         if self.pos < self.end and self.buf[self.pos] == TOK_STR_I:
@@ -694,6 +697,8 @@ cdef class _Decoder:
         cdef int key
         cdef bint single = False
         cdef Py_ssize_t op_start = 0, op_len = 0
+        cdef bytes raw = None
+        cdef int lang
         cdef Meta m
         cdef str t
         if not self.content:
@@ -718,6 +723,10 @@ cdef class _Decoder:
                 single = self.op_single
                 op_start = self.op_start
                 op_len = self.op_len
+                # several pieces, OPAQUE among them: keep their concatenation in case the
+                # Meta Type says it is a nested document
+                raw = (PyBytes_FromStringAndSize(<const char*>self.tmp, self.tmp_len)
+                       if self.op_count and not single else None)
             elif key == S_MoreData:
                 self.flag()
                 item.more_data = True
@@ -729,26 +738,39 @@ cdef class _Decoder:
                 item.target_parent = self.loc_uri
             else:
                 self.unexpected(key, "Item")
-        if single:
+        if single or raw is not None:
+            # Data with OPAQUE in it, under a Meta Type (the Item's, else the command's) that
+            # announces a nested WBXML document: decode it into an Element tree
             m = item.meta if item.meta is not None and item.meta.type is not None else cmd_meta
             if m is not None and m.type is not None:
                 t = m.type
+                lang = -1
                 if t == TNDS_WBXML or t.lower() == TNDS_WBXML:
-                    item.data = self.nested(op_start, op_len, LANG_DDF)
+                    lang = LANG_DDF
                 elif t == DEVINF_WBXML or t.lower() == DEVINF_WBXML:
-                    item.data = self.nested(op_start, op_len, LANG_DEVINF)
+                    lang = LANG_DEVINF
+                if lang >= 0:
+                    item.data = self.nested(raw, op_start, op_len, lang)
         self.depth -= 1
         return item
 
     # --- nested TNDS / DevInf document --------------------------------------------------
 
-    cdef Element nested(self, Py_ssize_t start, Py_ssize_t n, int lang):
+    cdef Element nested(self, bytes raw, Py_ssize_t start, Py_ssize_t n, int lang):
+        """The nested document in buf[start:start+n] (error offsets are the message's), or in
+        ``raw``, the concatenated pieces of a Data (error offsets are then within the Data)."""
         cdef _Decoder sub = _Decoder.__new__(_Decoder)
         cdef Element root
-        sub.data = self.data
-        sub.buf = self.buf
-        sub.pos = start
-        sub.end = start + n
+        if raw is None:
+            sub.data = self.data
+            sub.buf = self.buf
+            sub.pos = start
+            sub.end = start + n
+        else:
+            sub.data = raw
+            sub.buf = <const unsigned char*>PyBytes_AS_STRING(raw)
+            sub.pos = 0
+            sub.end = PyBytes_GET_SIZE(raw)
         sub.lang = lang
         sub.depth = self.depth
         sub.max_depth = self.max_depth
@@ -946,7 +968,11 @@ cdef class _Encoder:
             self.opaque(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
             return self.end_()
         if isinstance(value, Element):
+            if key != S_Item:
+                raise CodecError("Element Data outside an Item",
+                                 expected="str or bytes (only Item Data carries nested documents)")
             b = _encode_nested(<Element>value)
+            key = S_Data
             self.tag(key, True)
             self.opaque(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
             return self.end_()
@@ -1098,7 +1124,7 @@ cdef class _Encoder:
             for obj in cmd.items:
                 if not isinstance(obj, Item):
                     raise CodecError(f"{cmd.name} item of type {type(obj).__name__}", expected="Item")
-                self.item(<Item>obj)
+                self.item(<Item>obj, cmd.meta)
         if cmd.commands:
             if key != S_Atomic and key != S_Sequence:
                 raise CodecError(f"{cmd.name} cannot hold commands", expected="Atomic or Sequence")
@@ -1110,19 +1136,37 @@ cdef class _Encoder:
         self.nesting -= 1
         return self.end_()
 
-    cdef int item(self, Item it) except -1:
+    cdef int item(self, Item it, Meta cmd_meta) except -1:
+        cdef bint tree = isinstance(it.data, Element)
+        cdef str t
+        if tree:
+            # the decoder turns OPAQUE into a tree only under a Meta Type that says so
+            m = it.meta if it.meta is not None and it.meta.type is not None else cmd_meta
+            t = m.type.lower() if m is not None and m.type is not None else None
+            ns = (<Element>it.data).xmlns
+            if ns is None or ns == DDF_NAMESPACE:
+                ok = t == TNDS_XML or t == TNDS_WBXML
+            else:
+                ok = (ns == DEVINF_NAMESPACE) and (t == DEVINF_XML or t == DEVINF_WBXML)
+            if not ok:
+                raise CodecError(f"Element Data (namespace {ns!r}) under Meta Type {t!r}",
+                                 expected=f"Type {TNDS_XML} / {TNDS_WBXML} for a TNDS tree, "
+                                          f"{DEVINF_XML} / {DEVINF_WBXML} for DevInf")
         self.tag(S_Item, True)
         self.loc(S_Target, it.target, it.target_name)
         self.loc(S_Source, it.source, it.source_name)
         self.loc(S_SourceParent, it.source_parent, None)
         self.loc(S_TargetParent, it.target_parent, None)
-        self.meta(it.meta, isinstance(it.data, Element))
-        self.data(S_Data, it.data)
+        self.meta(it.meta, tree)
+        self.data(S_Item if tree else S_Data, it.data)
         if it.more_data:
             self.tag(S_MoreData, False)
         return self.end_()
 
-    cdef int element(self, Element el, dict keys) except -1:
+    cdef int element(self, Element el, dict keys, str ns) except -1:
+        if el.xmlns is not None and el.xmlns != ns:
+            raise CodecError(f"element {el.tag!r} in namespace {el.xmlns!r} inside a {ns} document",
+                             expected=f"namespace {ns} (one code page per nested document)")
         key = keys.get(el.tag)
         if key is None:
             if keys is D_KEYS:
@@ -1141,7 +1185,7 @@ cdef class _Encoder:
                 for child in el.children:
                     if not isinstance(child, Element):
                         raise CodecError(f"Element child of type {type(child).__name__}", expected="Element")
-                    self.element(<Element>child, keys)
+                    self.element(<Element>child, keys, ns)
             self.end_()
         self.nesting -= 1
         return 0
@@ -1198,10 +1242,10 @@ cdef bytes _encode_nested(Element root):
     on code page 2; DevInf 1.2 with public id 0x1203 and its tags on code page 0."""
     cdef _Encoder enc = _Encoder.__new__(_Encoder)
     if root.xmlns is None or root.xmlns == DDF_NAMESPACE:
-        enc.element(root, D_KEYS)
+        enc.element(root, D_KEYS, DDF_NAMESPACE)
         return enc.document(0x03, DDF_FPI, [DDF_FPI.encode() + b"\0"])
     if root.xmlns == DEVINF_NAMESPACE:
-        enc.element(root, V_KEYS)
+        enc.element(root, V_KEYS, DEVINF_NAMESPACE)
         return enc.document(0x03, PUBID_DEVINF_1_2, None)
     raise CodecError(f"cannot encode a nested document in namespace {root.xmlns!r}",
                      expected=f"{DDF_NAMESPACE} or {DEVINF_NAMESPACE}")

@@ -146,13 +146,16 @@ def check_xml(data: bytes) -> None:
 
 
 def _tnds_as_xml(msg: Message) -> Message:
+    """A nested-document Type in canonical +xml spelling (the encoder writes +wbxml, and
+    matches the Type case-insensitively), in place."""
+    canon = {_wbxml.TNDS_WBXML: _wbxml.TNDS_XML, _wbxml.TNDS_XML: _wbxml.TNDS_XML,
+             _wbxml.DEVINF_WBXML: _wbxml.DEVINF_XML, _wbxml.DEVINF_XML: _wbxml.DEVINF_XML}
+
     def walk(cmds):
         for c in cmds or []:
             for m in [c.meta] + [it.meta for it in c.items or []]:
-                if m is not None and m.type == _wbxml.TNDS_WBXML:
-                    m.type = _wbxml.TNDS_XML
-                elif m is not None and m.type == _wbxml.DEVINF_WBXML:
-                    m.type = _wbxml.DEVINF_XML
+                if m is not None and m.type is not None and m.type.lower() in canon:
+                    m.type = canon[m.type.lower()]
             walk(c.commands)
     walk(msg.commands)
     return msg

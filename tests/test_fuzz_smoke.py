@@ -63,3 +63,13 @@ def test_harness_accepts_codec_error_and_messages(harness):
             harness.check_wbxml(doc)
         except CodecError:  # pragma: no cover - check_wbxml swallows these
             raise AssertionError("check_wbxml must swallow CodecError")
+
+
+def test_regression_inputs_replay(harness):
+    """Inputs that once broke the invariant (kept as fuzz/seeds/regress-*) hold it now."""
+    harness.XML_SEEDS.extend(harness.load_seeds("xml"))
+    seeds = sorted((ROOT / "fuzz" / "seeds").glob("regress-*"))
+    assert seeds
+    for path in seeds:
+        check = harness.check_xml if path.suffix == ".xml" else harness.check_wbxml
+        check(path.read_bytes())

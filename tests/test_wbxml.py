@@ -197,6 +197,21 @@ def test_nested_document_errors(nested, reason):
     assert reason in decode_err(body(b"\x46\x4b\x031\x00\x01" + item + b"\x01")).reason
 
 
+def test_nested_document_in_several_pieces():
+    """Data pieces are concatenated before the nested document is decoded."""
+    nested = bytes.fromhex("0301") + b"\x6a\x00\x00\x02\x60\x77\x03" + b"1.2\x00\x01\x01"
+    split = b"\xc3\x04" + nested[:4] + b"\xc3" + bytes([len(nested) - 4]) + nested[4:]
+    item = (b"\x54\x5a\x00\x01\x53\x03" + b"application/vnd.syncml.dmtnds+wbxml\x00\x01\x01\x00\x00"
+            b"\x4f" + split + b"\x01\x01")
+    msg = _wbxml.decode(body(b"\x46\x4b\x031\x00\x01" + item + b"\x01"))
+    assert msg.commands[0].items[0].data == Element(tag="MgmtTree", xmlns="syncml:dmddf1.2",
+                                                    children=[Element(tag="VerDTD", text="1.2")])
+    # a text-only Data under that Type stays text (no OPAQUE, no nested document)
+    item = (b"\x54\x5a\x00\x01\x53\x03" + b"application/vnd.syncml.dmtnds+wbxml\x00\x01\x01\x00\x00"
+            b"\x4f\x03abc\x00\x01\x01")
+    assert _wbxml.decode(body(b"\x46\x4b\x031\x00\x01" + item + b"\x01")).commands[0].items[0].data == "abc"
+
+
 def test_nested_devinf_errors():
     nested = bytes.fromhex("0301") + b"\x6a\x00\x00\x02\x4a\x01"       # DevInf has no page 2
     item = (b"\x54\x5a\x00\x01\x53\x03" + b"application/vnd.syncml-devinf+wbxml\x00\x01\x01\x00\x00"
@@ -441,6 +456,10 @@ def test_encode_string_table_and_literal_public_id():
     assert _wbxml.encode(msg, public_id=0x0FD3)[1:3] == b"\x9f\x53"
 
 
+TNDS = Meta(type="application/vnd.syncml.dmtnds+xml")
+DEVINF = Meta(type="application/vnd.syncml-devinf+wbxml")
+
+
 @pytest.mark.parametrize("msg, reason", [
     ("not a message", "cannot encode str"),
     (Message(commands=[Command(name="Sync")]), "unknown command name 'Sync'"),
@@ -452,10 +471,22 @@ def test_encode_string_table_and_literal_public_id():
     (Message(commands=[Command(name="Get", meta=Meta(extra=[("Bogus", "x")]))]), "not an extra MetInf"),
     (Message(commands=[Command(name="Get", meta=Meta(extra=["x"]))]), "not a (name, value) pair"),
     (Message(commands=[Command(name="Get", meta=Meta(extra=[("Mem", 3)]))]), "must be str or list"),
-    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Bogus"))])]), "not in the DM DDF"),
-    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Node", xmlns="x"))])]), "namespace 'x'"),
-    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="Node", xmlns="syncml:devinf"))])]),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="Bogus"))])]), "not in the DM DDF"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="Node", xmlns="x"))])]),
+     "namespace 'x'"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=DEVINF, data=Element(tag="Node", xmlns="syncml:devinf"))])]),
      "not in the DevInf code page"),
+    # a tree travels only in Item Data, under a Meta Type that announces it (else the decoder
+    # would hand back bytes)
+    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="MgmtTree"))])]), "under Meta Type None"),
+    (Message(commands=[Command(name="Get", meta=Meta(type="text/plain"), items=[Item(data=Element(tag="MgmtTree"))])]),
+     "under Meta Type 'text/plain'"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="DevInf", xmlns="syncml:devinf"))])]),
+     "under Meta Type"),
+    (Message(commands=[Command(name="Alert", data=Element(tag="MgmtTree"))]), "Element Data outside an Item"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(
+        tag="MgmtTree", children=[Element(tag="Node", xmlns="syncml:metinf")]))])]), "in namespace 'syncml:metinf' inside"),
+    (Message(hdr=SyncHdr(cred=Cred(data=Element(tag="MgmtTree")))), "Element Data outside an Item"),
     (Message(commands=[Command(name="Status", target_refs=[1])]), "cannot encode the message"),
 ])
 def test_encode_rejections(msg, reason):
