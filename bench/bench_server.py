@@ -100,9 +100,9 @@ class _BenchHandler:
         self.Command, self.Item = Command, Item
 
     async def account_for(self, dev_id: str | None, username: str | None) -> Any:
-        from dmengine.simulator.fleet import account_for_username
         acc = self.accounts.get(dev_id or "")
         if acc is None and username:
+            from dmengine.simulator.fleet import account_for_username
             acc = account_for_username(username, self.profile)
             if acc is not None:
                 self.accounts[acc.dev_id] = acc

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from base64 import urlsafe_b64encode
@@ -36,7 +37,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 import httptools
 
 from .errors import CodecError, ConfigError, DmError, ProtocolError
-from .message import Command, Item, Message, SyncHdr
+from .message import Command, Message, SyncHdr
 from .metrics import DeviceMetrics
 from .status import AlertCode, StatusCode
 
@@ -1081,7 +1082,7 @@ class DeviceConnection(asyncio.Protocol):
             assert self._loop is not None
             task = self._loop.create_task(_finish(coro, first))
             srv._tasks.add(task)
-            task.add_done_callback(lambda t, r=req: self._done(t, r))
+            task.add_done_callback(functools.partial(self._done, req=req))
             return
         if self.closing and not self.queue and not self.busy and self.transport is not None:
             self.transport.close()
@@ -1091,7 +1092,7 @@ class DeviceConnection(asyncio.Protocol):
             if self.server.draining:
                 self.close_if_idle()
 
-    def _done(self, task: asyncio.Task[Any], req: _Req) -> None:
+    def _done(self, task: asyncio.Task[Any], *, req: _Req) -> None:
         self.server._tasks.discard(task)
         self.busy = False
         if task.cancelled():
@@ -1210,42 +1211,4 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-_ = Item  # re-exported model names used by callers building replies
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dmengine.server``: the device port alone, with an in-memory handler that
-    knows the simulator's devices (``dev<i>`` accounts).  ``dmengine serve`` runs the whole
-    engine; this is for simulator runs and benchmarks.  Prints its URL, stops on SIGTERM."""
-    import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="python -m dmengine.server")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--auth", choices=("md5", "basic", "hmac", "none"), default="md5")
-    ap.add_argument("--server-id", default="dmengine")
-    ap.add_argument("--tls-cert")
-    ap.add_argument("--tls-key")
-    ap.add_argument("--shutdown-deadline", type=float, default=DEFAULT_SHUTDOWN_DEADLINE)
-    args = ap.parse_args(argv)
-    from .simulator.device import DeviceProfile
-    from .simulator.fleet import account_for_username
-    profile = DeviceProfile(server_id=args.server_id)
-    handler = MemoryDeviceHandler(
-        account_factory=lambda dev, user: account_for_username(user, profile))
-    handler.record = False
-    cfg = ServerConfig(host=args.host, port=args.port, require_auth=args.auth,
-                       server_id=args.server_id, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                       shutdown_deadline=args.shutdown_deadline)
-
-    def started(server: DmServer) -> None:
-        print(f"device port: {server.url}", flush=True)
-
-    install_uvloop()
-    asyncio.run(serve_forever(cfg, handler, on_started=started))
-    print("stopped", file=sys.stderr, flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -289,7 +289,7 @@ def test_norm_uri():
 
 
 def test_simulate_cli_against_a_device_port_process_then_sigterm(tmp_path, capsys):
-    """`python -m dmengine.server` in a subprocess, `simulate` in this process, then SIGTERM:
+    """`python -m dmengine.simulator.devport` in a subprocess, `simulate` in this process, then SIGTERM:
     the server drains and exits 0."""
     import json
     import signal
@@ -298,7 +298,7 @@ def test_simulate_cli_against_a_device_port_process_then_sigterm(tmp_path, capsy
 
     from dmengine.simulator.cli import main
 
-    proc = subprocess.Popen([sys.executable, "-m", "dmengine.server", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "dmengine.simulator.devport", "--port", "0",
                              "--shutdown-deadline", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -346,7 +346,7 @@ class Fleet:
         """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured."""
         t0 = time.perf_counter()
         cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
-        out = cs.first()
+        out: Any = cs.first()
         messages = 0
         dropped = False
         retries = 0
