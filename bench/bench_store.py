@@ -92,6 +92,7 @@ async def _task_bytes(path: str, n: int) -> float:
 
 def run(quick: bool) -> None:
     rows: list[Row] = []
+    load_before = os.getloadavg()
     base = tempfile.mkdtemp(prefix="bench-store-")
     try:
         callers = 1000
@@ -124,7 +125,9 @@ def run(quick: bool) -> None:
                         round(per_task, 1), "B"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    write_results(NAME, rows)
+    # the machine is shared: the load average says how much of it this run had
+    write_results(NAME, rows, load_average={"before": load_before, "after": os.getloadavg()},
+                  quick=quick)
 
 
 if __name__ == "__main__":
