@@ -446,6 +446,8 @@ class DmServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._tasks:      # handler hooks still running (e.g. on_session_closed writes)
+            await asyncio.wait(set(self._tasks), timeout=max(0.5, end - loop.time()))
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

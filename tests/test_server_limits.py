@@ -279,3 +279,39 @@ def test_config_limits_are_checked():
     with pytest.raises(ConfigError):
         ServerConfig(max_sessions=0)
     assert ServerConfig(max_msg_size=100, max_body_slack=10).max_body == 110
+
+
+def test_random_bytes_never_break_the_server(loop):
+    """Whatever a connection sends, the server answers with an HTTP status or closes it, and
+    a well-behaved client on another connection is still served afterwards."""
+    import random
+
+    rng = random.Random(5)
+    seeds = [b"POST /dm HTTP/1.1\r\n", b"Content-Type: application/vnd.syncml.dm+wbxml\r\n",
+             b"Content-Length: 12\r\n", b"Transfer-Encoding: chunked\r\n", b"\r\n",
+             b"\x03\x01\x6a\x00\x6d\x6c", b"GET /content/x HTTP/1.0\r\n", b"0\r\n\r\n",
+             b"Expect: 100-continue\r\n", b"\xff\xfe\x00", b"Host: a\r\n"]
+
+    async def one(port: int, data: bytes) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        writer.write_eof()
+        out = await asyncio.wait_for(reader.read(), 5)   # closes after answering or at EOF
+        writer.close()
+        for part in out.split(b"HTTP/1.1 ")[1:]:
+            assert part[:3].isdigit(), out
+
+    async def main():
+        srv, _, _ = await _server(request_timeout=2.0)
+        try:
+            for _ in range(120):
+                data = b"".join(rng.choice(seeds) if rng.random() < 0.7 else
+                                bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40)))
+                                for _ in range(rng.randint(1, 8)))
+                await one(srv.port, data)
+            (status, _, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 405
+            assert srv.pending == 0
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
