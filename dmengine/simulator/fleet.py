@@ -112,6 +112,7 @@ class HttpClient:
         self.max_idle = max_idle_per_host
         self.idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
         self.connects = 0
+        self._splits: dict[str, tuple[tuple[str, str, int], str, str]] = {}
 
     async def connect(self, scheme: str, host: str, port: int) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -127,8 +128,17 @@ class HttpClient:
         self.connects += 1
         return conn
 
+    def split(self, url: str) -> tuple[tuple[str, str, int], str, str]:
+        hit = self._splits.get(url)
+        if hit is None:
+            hit = self._split(url)
+            if len(self._splits) >= 4096:
+                self._splits.clear()
+            self._splits[url] = hit
+        return hit
+
     @staticmethod
-    def split(url: str) -> tuple[tuple[str, str, int], str, str]:
+    def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
         u = urlsplit(url)
         scheme = u.scheme or "http"
         port = u.port or (443 if scheme == "https" else 80)
