@@ -1144,10 +1144,13 @@ cdef class _Encoder:
             m = it.meta if it.meta is not None and it.meta.type is not None else cmd_meta
             t = m.type.lower() if m is not None and m.type is not None else None
             ns = (<Element>it.data).xmlns
-            if ns is None or ns == DDF_NAMESPACE:
+            if ns == DDF_NAMESPACE:
                 ok = t == TNDS_XML or t == TNDS_WBXML
             else:
                 ok = (ns == DEVINF_NAMESPACE) and (t == DEVINF_XML or t == DEVINF_WBXML)
+            if ns != DDF_NAMESPACE and ns != DEVINF_NAMESPACE:
+                raise CodecError(f"Element Data whose root has namespace {ns!r}",
+                                 expected=f"root xmlns {DDF_NAMESPACE} (TNDS) or {DEVINF_NAMESPACE} (DevInf)")
             if not ok:
                 raise CodecError(f"Element Data (namespace {ns!r}) under Meta Type {t!r}",
                                  expected=f"Type {TNDS_XML} / {TNDS_WBXML} for a TNDS tree, "
@@ -1163,10 +1166,11 @@ cdef class _Encoder:
             self.tag(S_MoreData, False)
         return self.end_()
 
-    cdef int element(self, Element el, dict keys, str ns) except -1:
-        if el.xmlns is not None and el.xmlns != ns:
+    cdef int element(self, Element el, dict keys, str ns, bint root=False) except -1:
+        if el.xmlns is not None and not root:
+            # the model keeps xmlns on the root only; a child's own namespace cannot travel
             raise CodecError(f"element {el.tag!r} in namespace {el.xmlns!r} inside a {ns} document",
-                             expected=f"namespace {ns} (one code page per nested document)")
+                             expected="xmlns None below the root (one namespace per nested document)")
         key = keys.get(el.tag)
         if key is None:
             if keys is D_KEYS:
@@ -1241,11 +1245,11 @@ cdef bytes _encode_nested(Element root):
     """A nested document as libwbxml writes it: TNDS with the literal DM DDF FPI and its tags
     on code page 2; DevInf 1.2 with public id 0x1203 and its tags on code page 0."""
     cdef _Encoder enc = _Encoder.__new__(_Encoder)
-    if root.xmlns is None or root.xmlns == DDF_NAMESPACE:
-        enc.element(root, D_KEYS, DDF_NAMESPACE)
+    if root.xmlns == DDF_NAMESPACE:
+        enc.element(root, D_KEYS, DDF_NAMESPACE, True)
         return enc.document(0x03, DDF_FPI, [DDF_FPI.encode() + b"\0"])
     if root.xmlns == DEVINF_NAMESPACE:
-        enc.element(root, V_KEYS, DEVINF_NAMESPACE)
+        enc.element(root, V_KEYS, DEVINF_NAMESPACE, True)
         return enc.document(0x03, PUBID_DEVINF_1_2, None)
     raise CodecError(f"cannot encode a nested document in namespace {root.xmlns!r}",
                      expected=f"{DDF_NAMESPACE} or {DEVINF_NAMESPACE}")

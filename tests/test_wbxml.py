@@ -457,6 +457,7 @@ def test_encode_string_table_and_literal_public_id():
 
 
 TNDS = Meta(type="application/vnd.syncml.dmtnds+xml")
+DDF = "syncml:dmddf1.2"
 DEVINF = Meta(type="application/vnd.syncml-devinf+wbxml")
 
 
@@ -471,21 +472,26 @@ DEVINF = Meta(type="application/vnd.syncml-devinf+wbxml")
     (Message(commands=[Command(name="Get", meta=Meta(extra=[("Bogus", "x")]))]), "not an extra MetInf"),
     (Message(commands=[Command(name="Get", meta=Meta(extra=["x"]))]), "not a (name, value) pair"),
     (Message(commands=[Command(name="Get", meta=Meta(extra=[("Mem", 3)]))]), "must be str or list"),
-    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="Bogus"))])]), "not in the DM DDF"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="Bogus", xmlns=DDF))])]),
+     "not in the DM DDF"),
+    (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="MgmtTree"))])]),
+     "root has namespace None"),
     (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="Node", xmlns="x"))])]),
      "namespace 'x'"),
     (Message(commands=[Command(name="Get", items=[Item(meta=DEVINF, data=Element(tag="Node", xmlns="syncml:devinf"))])]),
      "not in the DevInf code page"),
     # a tree travels only in Item Data, under a Meta Type that announces it (else the decoder
     # would hand back bytes)
-    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="MgmtTree"))])]), "under Meta Type None"),
-    (Message(commands=[Command(name="Get", meta=Meta(type="text/plain"), items=[Item(data=Element(tag="MgmtTree"))])]),
-     "under Meta Type 'text/plain'"),
+    (Message(commands=[Command(name="Get", items=[Item(data=Element(tag="MgmtTree", xmlns=DDF))])]),
+     "under Meta Type None"),
+    (Message(commands=[Command(name="Get", meta=Meta(type="text/plain"), items=[
+        Item(data=Element(tag="MgmtTree", xmlns=DDF))])]), "under Meta Type 'text/plain'"),
     (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(tag="DevInf", xmlns="syncml:devinf"))])]),
      "under Meta Type"),
     (Message(commands=[Command(name="Alert", data=Element(tag="MgmtTree"))]), "Element Data outside an Item"),
     (Message(commands=[Command(name="Get", items=[Item(meta=TNDS, data=Element(
-        tag="MgmtTree", children=[Element(tag="Node", xmlns="syncml:metinf")]))])]), "in namespace 'syncml:metinf' inside"),
+        tag="MgmtTree", xmlns=DDF, children=[Element(tag="Node", xmlns="syncml:metinf")]))])]),
+     "in namespace 'syncml:metinf' inside"),
     (Message(hdr=SyncHdr(cred=Cred(data=Element(tag="MgmtTree")))), "Element Data outside an Item"),
     (Message(commands=[Command(name="Status", target_refs=[1])]), "cannot encode the message"),
 ])
