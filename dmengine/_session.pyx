@@ -655,6 +655,22 @@ cdef _check_command(Command c, str parent, int depth):
         raise CommandRejected("Exec takes exactly one Item")
 
 
+cdef _check_xml_data(Command c):
+    """XML cannot carry binary that is not UTF-8 (send it as Format b64)."""
+    if c.items is not None:
+        for it in c.items:
+            d = (<Item>it).data
+            if isinstance(d, bytes):
+                try:
+                    (<bytes>d).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CommandRejected("binary Data cannot travel in XML; send it with "
+                                          "Format b64") from None
+    if c.commands is not None:
+        for sub in c.commands:
+            _check_xml_data(<Command>sub)
+
+
 cdef Command _wire_copy(Command c):
     """A copy of the caller's command we may number (the caller's object stays untouched)."""
     cdef Command w = Command.__new__(Command)
@@ -775,6 +791,9 @@ cdef class DmSession:
     cdef list _events
     cdef readonly double last_activity
     cdef SyncHdr _err_hdr
+    cdef Py_ssize_t _est
+    cdef double _scale
+    cdef int _stalls
     cdef readonly long messages_received
     cdef readonly long messages_sent
 
@@ -1498,6 +1517,8 @@ cdef class DmSession:
             raise CommandRejected("handle must be hashable", handle=None) from None
         try:
             _check_command(command, None, 0)
+            if self._enc == ENC_XML:
+                _check_xml_data(command)
         except CommandRejected as exc:
             exc.handle = handle
             raise
@@ -1635,65 +1656,72 @@ cdef class DmSession:
 
     cdef Message _build(self, bint package):
         """A package message (statuses, then commands, Final when all fit) or, with
-        package=False, a 'Next Message' response (statuses + Alert 1222, no Final)."""
+        package=False, a 'Next Message' response (statuses + Alert 1222, no Final).
+
+        Sizes: a cheap upper-bound estimate decides while it says "fits"; when it says "does
+        not fit" and a real encoder is known, the real size decides (and calibrates the
+        estimate for the rest of the message); a last real check trims if needed."""
         cdef Message m = self._new_reply()
         cdef int enc = self._enc
         cdef Py_ssize_t limit = self.peer_max_msg_size
-        cdef Py_ssize_t est, cost, cid = 2, base, n_status = 0
-        cdef Command s, w, nxt_alert = None
+        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0
+        cdef Py_ssize_t est_, base
+        cdef Command s, w, tail = None
         cdef list placed = []          # (handle, original command, wire command, chunk record)
         cdef bint full = False
         cdef list cmds = m.commands
-        est = _hdr_size(m.hdr, enc) + _command_size(<Command>cmds[0], enc) + _empty("Final", enc)
+        self._scale = 1.0
+        est_ = _hdr_size(m.hdr, enc) + _command_size(<Command>cmds[0], enc) + _empty("Final", enc)
         if not package:
-            nxt_alert = self._next_alert()
-            est += _command_size(nxt_alert, enc) + 4
-        base = est
-        # 1. statuses owed to the device
+            tail = self._next_alert()
+            est_ += _command_size(tail, enc) + 4
+        base = est_
+        self._est = est_
+        # 1. statuses owed to the device (at least one per message, so they always drain)
         while n_status < len(self._out_status):
             s = <Command>self._out_status[n_status]
             s.cmd_id = _num(cid)
-            cost = _command_size(s, enc)
-            if limit > 0 and est + cost > limit and n_status > 0:
+            if n_status > 0 and not self._fit(m, s, limit, tail):
                 full = True
                 break
-            est += cost
+            if n_status == 0:
+                self._est += _command_size(s, enc)
             cid += 1
             cmds.append(s)
             n_status += 1
         if n_status:
             del self._out_status[:n_status]
         # 2. alerts of our own (1225)
-        if not full and self._own_cmds:
-            while self._own_cmds:
-                w = <Command>self._own_cmds[0]
-                w.cmd_id = _num(cid)
-                cost = _command_size(w, enc)
-                if limit > 0 and est + cost > limit:
-                    full = True
-                    break
-                est += cost
-                cid += 1
-                cmds.append(w)
-                placed.append((_INTERNAL, None, w, None))
-                self._own_cmds.pop(0)
+        while not full and self._own_cmds:
+            w = <Command>self._own_cmds[0]
+            w.cmd_id = _num(cid)
+            if not self._fit(m, w, limit, tail):
+                full = True
+                break
+            cid += 1
+            cmds.append(w)
+            placed.append((_INTERNAL, None, w, None))
+            self._own_cmds.pop(0)
         if package and not full:
             # 3. the next chunk of a large object in transit, then queued commands
             if self._out_lo is not None:
-                cid, est, full = self._place_chunk(m, cid, est, limit, base, placed)
+                n_status = cid
+                cid, full = self._place_chunk(m, cid, limit, base, placed)
+                placed_cmds += cid - n_status
             while not full and self._out_lo is None and self._queue:
                 handle, orig = self._queue[0]
                 w = _wire_copy(<Command>orig)
                 _number(w, cid)
-                cost = _command_size(w, enc)
-                if limit > 0 and est + cost > limit:
-                    if self._chunkable(<Command>orig) and base + cost > limit:
+                if not self._fit(m, w, limit, tail):
+                    cost = _command_size(w, enc)
+                    if base + cost > limit and self._too_big_alone(w, limit):
                         self._queue.popleft()
-                        if self._start_out_lo(handle, <Command>orig):
-                            cid, est, full = self._place_chunk(m, cid, est, limit, base, placed)
-                        continue
-                    if base + cost > limit:
-                        self._queue.popleft()
+                        if self._chunkable(<Command>orig):
+                            if self._start_out_lo(handle, <Command>orig):
+                                n_status = cid
+                                cid, full = self._place_chunk(m, cid, limit, base, placed)
+                                placed_cmds += cid - n_status
+                            continue
                         self._events.append(CommandNotDelivered(
                             handle, f"command of ~{cost} bytes does not fit the device's "
                                     f"MaxMsgSize {limit}"))
@@ -1702,21 +1730,91 @@ cdef class DmSession:
                     break
                 self._queue.popleft()
                 cid = _number(w, cid)
-                est += cost
                 cmds.append(w)
                 placed.append((handle, orig, w, None))
+                placed_cmds += 1
+            if placed_cmds == 0 and (self._queue or self._out_lo is not None):
+                self._stalls += 1
+                if self._stalls >= 3:            # only Status fits beside the header, again and again
+                    self._stalls = 0
+                    if self._out_lo is not None:
+                        self._events.append(CommandNotDelivered(self._out_lo.handle,
+                                            "no room for a chunk beside the Status owed"))
+                        self._out_lo = None
+                    else:
+                        handle, orig = self._queue.popleft()
+                        self._events.append(CommandNotDelivered(
+                            handle, "command does not fit beside the Status owed"))
+            else:
+                self._stalls = 0
         if not package:
-            nxt_alert.cmd_id = _num(cid)
-            cmds.append(nxt_alert)
-            placed.append((_INTERNAL, None, nxt_alert, None))
+            tail.cmd_id = _num(cid)
+            cmds.append(tail)
+            placed.append((_INTERNAL, None, tail, None))
         else:
             m.final = not full and not self._out_status and not self._own_cmds and \
                 self._out_lo is None and not self._queue
-        # 4. verify with the real encoder when the estimate comes near the limit
-        if limit > 0 and self._sizer is not None and est > limit * self.config.verify_ratio:
+        # 4. a last check with the real encoder when the estimate came near the limit
+        if limit > 0 and self._sizer is not None and self._est > limit * self.config.verify_ratio:
             self._shrink_to_fit(m, limit, placed, package)
         self._register(placed)
         return m
+
+    cdef bint _too_big_alone(self, Command w, Py_ssize_t limit) except -1:
+        """True when ``w`` would not fit even in a message holding only the header Status."""
+        cdef Message probe
+        if self._sizer is None:
+            return True
+        probe = Message.__new__(Message)
+        probe.hdr = self._probe_hdr()
+        probe.commands = [self._hdr_status(1), w]
+        probe.final = True
+        r = self._measure(probe)
+        return r < 0 or r > limit
+
+    cdef SyncHdr _probe_hdr(self):
+        """A header like the next one we send (for measuring), without consuming a MsgID."""
+        cdef SyncHdr h = self._reply_hdr()
+        self._out_msg_id -= 1
+        return h
+
+    cdef Py_ssize_t _measure(self, Message m) except -2:
+        try:
+            return self._sizer(m)
+        except DmError:
+            return -1
+
+    cdef bint _fit(self, Message m, Command cand, Py_ssize_t limit, Command tail) except -1:
+        """Does ``cand`` fit after what ``m`` holds?  Updates the running size (self._est)."""
+        cdef Py_ssize_t cost, r
+        cdef list cmds
+        cdef bint old_final
+        cost = <Py_ssize_t>(_command_size(cand, self._enc) * self._scale) + 1
+        if limit <= 0 or self._est + cost <= limit:
+            self._est += cost
+            return True
+        if self._sizer is None:
+            return False
+        cmds = m.commands
+        old_final = m.final
+        m.final = True
+        cmds.append(cand)
+        if tail is not None:
+            cmds.append(tail)
+        r = self._measure(m)
+        if tail is not None:
+            cmds.pop()
+        cmds.pop()
+        m.final = old_final
+        if r < 0:
+            return False
+        if r <= limit:
+            # calibrate: the estimate was too high by this factor (plus 5 % margin)
+            if self._est + cost > 0:
+                self._scale = min(1.0, max(0.2, self._scale * (r / <double>(self._est + cost)) * 1.05))
+            self._est = r
+            return True
+        return False
 
     cdef Command _next_alert(self):
         cdef Command a = Command.__new__(Command)
@@ -1884,15 +1982,15 @@ cdef class DmSession:
         self._out_lo = lo
         return True
 
-    cdef tuple _place_chunk(self, Message m, Py_ssize_t cid, Py_ssize_t est, Py_ssize_t limit,
-                            Py_ssize_t base, list placed):
-        """Puts the next chunk of the object in transit into ``m``; returns (cid, est, full)."""
+    cdef tuple _place_chunk(self, Message m, Py_ssize_t cid, Py_ssize_t limit, Py_ssize_t base,
+                            list placed):
+        """Puts the next chunk of the object in transit into ``m``; returns (cid, full)."""
         cdef _OutLO lo = self._out_lo
         cdef Command w
         cdef Item src = <Item>lo.cmd.items[0]
         cdef Item it
         cdef Meta meta
-        cdef Py_ssize_t overhead, avail, units, start = lo.offset
+        cdef Py_ssize_t overhead, avail, units, start = lo.offset, remaining, r, tries
         cdef bint last
         w = _wire_copy(lo.cmd)
         it = Item.__new__(Item)
@@ -1915,31 +2013,47 @@ cdef class DmSession:
         w.items = [it]
         w.cmd_id = _num(cid)
         overhead = _command_size(w, self._enc) + 16
-        if limit > 0:
-            avail = (limit - est - overhead) // lo.unit_cost
-        else:
-            avail = lo.total_units
-        avail -= avail % lo.align
         remaining = lo.total_units - start
+        if limit > 0 and self._sizer is not None:
+            r = self._measure(m)                 # the real size so far beats the estimate
+            if r >= 0:
+                self._est = r + _empty("Final", self._enc)
+        if limit > 0:
+            avail = (limit - self._est - overhead) // lo.unit_cost
+        else:
+            avail = remaining
+        avail -= avail % lo.align
         if avail >= remaining:
             units = remaining
-            last = True
         else:
-            if avail < self.config.min_chunk and est > base:
-                return cid, est, True             # start it in the next message
-            if avail < lo.align:
-                avail = lo.align                 # make progress even on absurd limits
-            units = avail
-            last = False
-        it.data = lo.data[start:start + units]
-        it.more_data = not last
-        lo.offset = start + units
-        est += _command_size(w, self._enc)
+            if avail < self.config.min_chunk and self._est > base:
+                return cid, True                 # start it in the next message
+            units = avail if avail >= lo.align else lo.align   # progress even on absurd limits
         m.commands.append(w)
+        tries = 0
+        while True:
+            last = units >= remaining
+            it.data = lo.data[start:start + units]
+            it.more_data = not last
+            if limit <= 0 or self._sizer is None:
+                break
+            m.final = last and not self._queue
+            r = self._measure(m)
+            m.final = False
+            if r < 0 or r <= limit or units <= lo.align or tries >= 6:
+                break
+            # too big for real: shrink by the overflow (plus a margin) and try again
+            units -= ((r - limit) // max(1, lo.unit_cost // 2 if lo.unit_cost > 1 else 1)) + 8 * lo.align
+            units -= units % lo.align
+            if units < lo.align:
+                units = lo.align
+            tries += 1
+        lo.offset = start + units
+        self._est += _command_size(w, self._enc)
         placed.append((lo.handle, lo.cmd, w, (lo, start, last)))
         if last:
             self._out_lo = None
-        return cid + 1, est, not last
+        return cid + 1, not last
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -193,10 +193,16 @@ def verify_hmac(header: HmacHeader, username: str, secret: str | bytes, nonce: b
 # --- nonces ------------------------------------------------------------------------------
 
 
+MIN_NONCE_SIZE = 8
+MAX_NONCE_SIZE = 64             # nextnonce <= 64 octets (HTTP binding)
+
+
 def new_nonce(random_bytes: Callable[[int], bytes] = os.urandom, size: int = NONCE_SIZE) -> bytes:
+    """``random_bytes(size)``; a source that returns another length between 8 and 64 bytes is
+    accepted (tests replay fixed vector nonces such as ``b"dmnonce-0002"``)."""
     n = random_bytes(size)
-    if not isinstance(n, bytes) or len(n) != size:
-        raise ValueError(f"random_bytes({size}) must return {size} bytes")
+    if not isinstance(n, bytes) or not MIN_NONCE_SIZE <= len(n) <= MAX_NONCE_SIZE:
+        raise ValueError(f"random_bytes({size}) must return {MIN_NONCE_SIZE}..{MAX_NONCE_SIZE} bytes")
     return n
 
 
