@@ -228,6 +228,7 @@ class WriteCtx:
 
 
 Op = Callable[[WriteCtx], R]
+_TASK_DEC = msgspec.msgpack.Decoder(Task)
 
 
 # --- index helpers ------------------------------------------------------------------------
@@ -820,7 +821,10 @@ class KVStore(Store):
             raw = txn.get("tasks", key)
             if raw is None:
                 raise NotFound("task", task_id)
-            t = dec(Task, raw, "tasks", key)     # a fresh object: changed in place below
+            try:
+                t = _TASK_DEC.decode(raw)         # a fresh object: changed in place below
+            except msgspec.DecodeError as exc:
+                raise CorruptRecord("tasks", key, str(exc)) from None
             frm = t.state
             if expect_state is not None and frm != expect_state:
                 raise Conflict("task", task_id, f"task {task_id!r} is {frm}, not {expect_state}")
@@ -859,7 +863,7 @@ class KVStore(Store):
             elif frm != to_state:   # fast path: only the state-dependent index rows move
                 if job_id:
                     j = _e(job_id) + SEP
-                    sq = SEP + u64(t.seq)
+                    sq = SEP + t.seq.to_bytes(8, "big")
                     ctx.delete("task_jstate", j + _e(frm) + sq)
                     ctx.put("task_jstate", j + _e(to_state) + sq, key)
                 if to_state in FINAL_TASK_STATES and frm not in FINAL_TASK_STATES:
