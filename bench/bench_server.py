@@ -222,21 +222,36 @@ class _Load:
         self.i += 1
         return r
 
-    async def run(self, conns: int, warmup: float, seconds: float) -> dict[str, float]:
+    async def run(self, conns: int, warmup: float, seconds: float,
+                  pid: int | None = None) -> dict[str, float]:
         loop = asyncio.get_running_loop()
         for _ in range(conns):
             await loop.create_connection(lambda: _LoadConn(self), "127.0.0.1", self.port)
         await asyncio.sleep(warmup)
         self.measure = True
-        d0, t0 = self.done, time.perf_counter()
+        d0, t0, c0 = self.done, time.perf_counter(), _cpu(pid)
         await asyncio.sleep(seconds)
-        d1, t1 = self.done, time.perf_counter()
+        d1, t1, c1 = self.done, time.perf_counter(), _cpu(pid)
         self.measure = False
         self.stop = True
         await asyncio.sleep(0.2)
         lat = sorted(self.lat)
         return {"rate": (d1 - d0) / (t1 - t0), "p50": lat[len(lat) // 2] * 1e3,
-                "p99": lat[int(len(lat) * 0.99)] * 1e3, "errors": self.errors}
+                "p99": lat[int(len(lat) * 0.99)] * 1e3, "errors": self.errors,
+                # server CPU seconds per request: immune to how much of its core it got
+                "cpu_us": (c1 - c0) / max(d1 - d0, 1) * 1e6, "cpu_share": (c1 - c0) / (t1 - t0)}
+
+
+def _cpu(pid: int | None) -> float:
+    """user + system CPU seconds of process ``pid`` (0.0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _post(port: int, body: bytes) -> bytes:
@@ -256,9 +271,9 @@ def _pkg1_bodies(n: int, first: int = 0) -> list[bytes]:
 
 
 def _load(port: int, requests: list[bytes], conns: int, warmup: float,
-          seconds: float) -> dict[str, float]:
+          seconds: float, pid: int | None = None) -> dict[str, float]:
     import uvloop
-    return uvloop.run(_Load(port, requests).run(conns, warmup, seconds))
+    return uvloop.run(_Load(port, requests).run(conns, warmup, seconds, pid))
 
 
 async def _get(port: int, path: str) -> str:
@@ -325,17 +340,18 @@ def run(quick: bool = False) -> None:
     try:
         for _ in range(rounds):
             echos.append(_load(echo_port, [_post(echo_port, b) for b in bodies], conns,
-                               warmup, seconds / rounds))
+                               warmup, seconds / rounds, echo_p.pid))
             dms.append(_load(dm_port, [_post(dm_port, b) for b in bodies], conns,
-                             warmup, seconds / rounds))
+                             warmup, seconds / rounds, dm_p.pid))
     finally:
         _stop(echo_p, echo_pipe)
         _stop(dm_p, dm_pipe)
 
     def med(runs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
-    echo = {k: med(echos, k) for k in ("rate", "p50", "p99")}
-    dm = {k: med(dms, k) for k in ("rate", "p50", "p99")}
+    keys = ("rate", "p50", "p99", "cpu_us", "cpu_share")
+    echo = {k: med(echos, k) for k in keys}
+    dm = {k: med(dms, k) for k in keys}
     dm["errors"] = sum(r["errors"] for r in dms)
     case = "echo (raw httptools, same body)"
     rows.append(Row(case, "requests/s", round(echo["rate"]), "req/s"))
@@ -345,6 +361,15 @@ def run(quick: bool = False) -> None:
     rows.append(Row.versus(case, "messages/s", round(dm["rate"]), "msg/s", "echo requests/s",
                            round(echo["rate"])))
     rows.append(Row(case, "sessions/s", round(dm["rate"]), "sessions/s"))
+    # the same comparison per server CPU second (this machine is shared: the wall-clock
+    # ratio moves with whatever else runs on the server's core)
+    if dm["cpu_us"] and echo["cpu_us"]:
+        rows.append(Row.versus(case, "messages per server CPU-second",
+                               round(1e6 / dm["cpu_us"]), "msg/cpu-s",
+                               "echo requests per server CPU-second",
+                               round(1e6 / echo["cpu_us"])))
+        rows.append(Row(case, "server CPU share while measured", round(dm["cpu_share"], 2),
+                        "cores", "echo", round(echo["cpu_share"], 2)))
     rows.append(Row.versus(case, "latency p50", round(dm["p50"], 3), "ms", "echo p50",
                            round(echo["p50"], 3), higher_is_better=False))
     rows.append(Row.versus(case, "latency p99", round(dm["p99"], 3), "ms", "echo p99",
