@@ -28,7 +28,12 @@ def decode(
     max_size: int = ...,
     max_string: int = ...,
 ) -> Message:
-    """Decodes one WBXML SyncML DM message; raises dmengine.errors.CodecError on bad input."""
+    """Decodes one WBXML SyncML DM message; raises dmengine.errors.CodecError on bad input.
+
+    Limits: ``max_depth`` element nesting (SyncML = 1, nested documents included),
+    ``max_size`` bytes of input, ``max_string`` bytes of one text value after its pieces
+    are concatenated.
+    """
 
 def encode(
     msg: Message,
@@ -37,4 +42,12 @@ def encode(
     version: int = 0x03,
     public_id: int | str = 0x1201,
 ) -> bytes:
-    """Encodes a Message as WBXML; raises dmengine.errors.CodecError for a model it cannot encode."""
+    """Encodes a Message as WBXML (default: 1.3, public id 0x1201, UTF-8, no string table).
+
+    ``public_id`` is 0x1201 / 0x0FD3 or a SyncML 1.1/1.2 FPI (written through the string
+    table); ``string_table=True`` moves strings used twice or more into the string table.
+    Element Data is allowed only in an Item, with its root's xmlns ``syncml:dmddf1.2`` (TNDS)
+    or ``syncml:devinf`` (DevInf), children without xmlns, and a matching Meta Type in force
+    (+xml or +wbxml; +xml is written as +wbxml).  Raises dmengine.errors.CodecError for a
+    model it cannot encode.
+    """

@@ -18,7 +18,9 @@ nesting deeper than max_depth, input over max_size, a string over max_string.
 
 encode() writes WBXML 1.3, public id 0x1201, UTF-8, elements in SyncML DTD order, str as
 STR_I (OPAQUE when it holds a NUL), bytes as OPAQUE, Element Data as a nested TNDS or
-DevInf document in OPAQUE (a +xml Type in force is written as +wbxml, as libwbxml does); string_table=True moves repeated strings to the string table (STR_T).
+DevInf document in OPAQUE (a +xml Type in force is written as +wbxml, as libwbxml does;
+Element Data must sit in an Item, under such a Type, with the root's xmlns naming the
+document and no xmlns below it, so that decode() gives the same model back); string_table=True moves repeated strings to the string table (STR_T).
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -670,6 +672,10 @@ cdef class _Decoder:
                     cmd.source_refs = []
                 cmd.source_refs.append(self.text(False))
             elif key == S_Meta:
+                if cmd.items is not None:
+                    # the command's Meta governs how its Items' Data is read (nested documents)
+                    _raise(f"<Meta> after <Item> in <{cmd.name}>", self.tagpos,
+                           "Meta before the Items (SyncML DTD order)")
                 cmd.meta = self.meta()
             elif key == S_Correlator:
                 cmd.correlator = self.text(False)

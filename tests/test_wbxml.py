@@ -298,6 +298,7 @@ def test_opaque_overrun_checked_before_allocating():
     (body(b"\x52\x03x\x00\x01"), "content in empty element <Final>"),
     (body(b"\x46\x54\x67\x59\x01\x01\x01\x01"), "unexpected <MapItem> in <Source>"),
     (body(b"\x53\x46\x01\x01"), "unexpected <Alert> in <Get>"),                     # only in containers
+    (body(b"\x60\x14\x5a\x01\x01"), "<Meta> after <Item> in <Replace>"),            # DTD order
 ])
 def test_rejections(data, reason):
     assert reason in decode_err(data).reason
