@@ -76,13 +76,24 @@ _ENCODING_BY_BTYPE = {k.encode(): v for k, v in ENCODING_BY_TYPE.items()}
 
 # headers the device port reads, by their usual spellings (others are lower-cased first)
 _HEADERS = {b"content-type": 1, b"content-length": 2, b"host": 3, b"x-syncml-hmac": 4,
-            b"expect": 5}
+            b"expect": 5, b"accept-charset": 6}
 _HEADERS.update({k.title(): v for k, v in list(_HEADERS.items())})
 _HEADERS[b"X-Syncml-Hmac"] = _HEADERS[b"x-syncml-HMAC"] = _HEADERS[b"X-SyncML-HMAC"] = 4
 _HEADER_LENGTHS = frozenset(len(k) for k in _HEADERS)
 
+
+def _accepts_utf8(value: bytes) -> bool:
+    """Accept-Charset allows UTF-8 (HTTP binding: else 406 without a DM body)."""
+    for part in value.lower().split(b","):
+        name, _, params = part.strip().partition(b";")
+        if name in (b"utf-8", b"*"):
+            q = params.strip()
+            return not (q.startswith(b"q=") and q[2:].strip() in (b"0", b"0.0", b"0.00",
+                                                                  b"0.000"))
+    return not value.strip()
+
 _REASONS = {
-    200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 406: b"Not Acceptable", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Payload Too Large", 415: b"Unsupported Media Type",
     416: b"Range Not Satisfiable", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     503: b"Service Unavailable",
@@ -946,8 +957,10 @@ class DeviceConnection(asyncio.Protocol):
                 req.host = value
             elif kind == 4:
                 req.hmac = value
-            else:
+            elif kind == 5:
                 req.expect = value.lower() == b"100-continue"
+            elif not _accepts_utf8(value):
+                req.reply = _http(406, b"only UTF-8 replies are available\n")
         if req.headers is not None:
             req.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -961,7 +974,9 @@ class DeviceConnection(asyncio.Protocol):
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
         path = req.path.split(b"?", 1)[0]
-        if req.method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
+        if req.reply is not None:          # 406 from Accept-Charset
+            self._count(406)
+        elif req.method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
             mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
             req.ctype = mtype
             req.encoding = _ENCODING_BY_BTYPE.get(mtype)

@@ -90,6 +90,19 @@ def test_wrong_method_path_and_type_keep_the_connection(loop):
     loop.run_until_complete(main())
 
 
+def test_accept_charset_without_utf8_is_406(loop):
+    async def main():
+        srv, _, _ = await _server()
+        try:
+            res = await _exchange(srv.port, post("/dm", b"x", extra="Accept-Charset: iso-8859-5\r\n")
+                                  + post("/dm", b"x", extra="Accept-Charset: utf-8;q=0\r\n")
+                                  + post("/dm", b"\x00", extra="accept-charset: ISO-8859-1, UTF-8\r\n"), 3)
+            assert [r[0] for r in res] == [406, 406, 400] and res[0][2].startswith(b"only UTF-8")
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
 def test_body_over_max_msg_size_is_413_before_reading_it(loop):
     async def main():
         srv, _, metrics = await _server(max_msg_size=1000, max_body_slack=0)
