@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import random
 from typing import Any, Callable
 
@@ -232,8 +233,8 @@ class VirtualDevice:
     def __init__(self, index: int, profile: DeviceProfile, *, faults: FaultPlan | None = None,
                  dev_id: str | None = None, msisdn: str | None = None,
                  username: str | None = None, client_secret: str | None = None,
-                 server_secret: str | None = None, client_nonce: bytes = b"",
-                 server_nonce: bytes = b"") -> None:
+                 server_secret: str | None = None, client_nonce: bytes | None = None,
+                 server_nonce: bytes | None = None) -> None:
         self.index = index
         self.profile = profile
         self.dev_id = dev_id or f"IMEI:{356938030000000 + index:015d}"
@@ -241,8 +242,12 @@ class VirtualDevice:
         self.username = username or f"dev{index}"
         self.client_secret = client_secret or f"clientpw-{index}"
         self.server_secret = server_secret or f"srvpw-{index}"
-        self.client_nonce = client_nonce
-        self.server_nonce = server_nonce
+        # the nonces a provisioned device starts with (as after a bootstrap); derived from the
+        # index so that a server started separately knows them too (fleet.account_for_username)
+        self.client_nonce = client_nonce if client_nonce is not None else \
+            hashlib.md5(b"client-nonce-%d" % index).digest()
+        self.server_nonce = server_nonce if server_nonce is not None else \
+            hashlib.md5(b"server-nonce-%d" % index).digest()
         self.fwv = profile.fwv
         self.swv = profile.fwv + "_r1"
         self.fumo_state = int(FumoState.IDLE)
