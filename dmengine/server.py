@@ -388,6 +388,7 @@ class DmServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session_config: Any = config.session_config
+        self._session_configs: dict[str, Any] = {}
         self._on_closed = getattr(handler, "on_session_closed", None)
         self._take_events = True     # cleared when the session class has no take_events()
         self._path = config.path.encode()
@@ -469,12 +470,19 @@ class DmServer:
     # --- sessions -------------------------------------------------------------------------------
 
     def _config_for_sessions(self, base_url: str) -> Any:
-        if self._session_config is None:
+        """The SessionConfig given in ServerConfig, else one per base URL (the server URI a
+        device addressed is the one our replies name as Source)."""
+        if self._session_config is not None:
+            return self._session_config
+        cfg = self._session_configs.get(base_url)
+        if cfg is None:
             from ._session import SessionConfig
-            self._session_config = SessionConfig(
+            cfg = SessionConfig(
                 server_id=self.config.server_id, server_uri=base_url,
                 max_msg_size=self.config.max_msg_size, require_auth=self.config.require_auth)
-        return self._session_config
+            if len(self._session_configs) < 64:
+                self._session_configs[base_url] = cfg
+        return cfg
 
     def _new_session(self, base_url: str, now_wall: float, encoding: str) -> _Entry:
         token = self._new_token()
