@@ -327,24 +327,23 @@ class _Entry:
 
 
 class _Req:
-    __slots__ = ("path", "ctype", "clen", "host", "hmac", "expect", "body", "keep_alive",
-                 "method", "t0", "reply", "close_after", "headers", "encoding")
+    """One HTTP request.  Class-level defaults: a request sets only what it carries, which
+    is cheaper than initialising a dozen slots for every message."""
 
-    def __init__(self) -> None:
-        self.path = b""
-        self.ctype: bytes | None = None
-        self.clen = -1
-        self.host: bytes | None = None
-        self.hmac: bytes | None = None
-        self.expect = False
-        self.body: bytearray | None = None
-        self.keep_alive = True
-        self.method = b""
-        self.t0 = 0.0
-        self.reply: bytes | None = None     # a ready answer (errors, 503)
-        self.close_after = False
-        self.headers: dict[str, str] | None = None
-        self.encoding: str | None = None
+    path = b""
+    ctype: bytes | None = None
+    clen = -1
+    host: bytes | None = None
+    hmac: bytes | None = None
+    expect = False
+    body: bytearray | None = None
+    keep_alive = True
+    method = b""
+    t0 = 0.0
+    reply: bytes | None = None     # a ready answer (errors, 503)
+    close_after = False
+    headers: dict[str, str] | None = None
+    encoding: str | None = None
 
 
 def _http(status: int, body: bytes = b"", ctype: bytes = b"text/plain; charset=utf-8", *,
