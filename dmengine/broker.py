@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from . import auth
+from . import auth, bootstrap
 from .devices import CarrierCallback, check_device_policy, imei_of
 from .errors import AlreadyExists, GatewayError, NotFound, ServiceError, StoreError
 from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
@@ -66,6 +66,7 @@ _FUMO_TYPE_PREFIX = "org.openmobilealliance.dm.firmwareupdate."
 class BrokerConfig:
     server_id: str = "dmengine"
     content_base_url: str = "http://127.0.0.1:8080/content"
+    server_url: str = "http://127.0.0.1:8080/dm"     #: the device port, written into bootstraps
     retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     max_notifications: int = DEFAULT_MAX_NOTIFICATIONS
     task_ttl: float = DEFAULT_TASK_TTL
@@ -228,24 +229,54 @@ class Broker:
 
     async def do_bootstrap(self, *, msisdn: str | None = None, imei: str | None = None,
                            dev_id: str | None = None, server_id: str | None = None,
-                           client_name: str | None = None) -> tuple[str, DmAccount]:
-        """Gives the device a fresh DM account (generated credentials, stored with the device,
-        never shown by reads).  Returns ``(task_id, account)``; the task is SUCCEEDED when the
-        device first opens a session with the new account (PROTOCOL.md §10: a bootstrap gets
-        no response, success is implied by that session)."""
+                           client_name: str | None = None, security: str = "NETWORKID",
+                           pin: str | None = None, deliver: bool = True) -> str:
+        """Gives the device a fresh DM account: generated credentials, stored with the device
+        (API reads never show them), delivered as a DM-profile bootstrap message (WBXML with
+        HMAC, PROTOCOL.md §10) through the gateway.  Returns the task id.  A bootstrap gets no
+        response: the task SUCCEEDS when the device first opens a session with the new account.
+
+        The NETWORKID key is the device's IMEI digits (the engine keeps no IMSI)."""
+        if security not in bootstrap.SECURITY_METHODS:
+            raise ServiceError(f"unknown security {security!r}", where="security")
         device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
+        network_id = device.imei or imei_of(device.dev_id)
+        try:
+            key = bootstrap.mac_key(security, network_id=network_id, pin=pin)
+        except ValueError as exc:
+            raise ServiceError(str(exc), where="security") from None
+        client_nonce, server_nonce = os.urandom(16), os.urandom(16)
         account = DmAccount(server_id=server_id or self.config.server_id,
                             client_name=client_name or f"dm{secrets.token_hex(6)}",
                             client_password=new_secret(), server_password=new_secret(),
-                            client_nonce=b64(os.urandom(16)), server_nonce=b64(os.urandom(16)))
+                            client_nonce=b64(client_nonce), server_nonce=b64(server_nonce))
         await self.store.update_device(device.dev_id, {"account": account})
         self._by_username[account.client_name] = device.dev_id
         now = self.clock()
-        task = Task(task_id=new_id("t"), dev_id=device.dev_id,
-                    op=BootstrapOp(account=account), state=S.PENDING, next_attempt=None,
-                    deadline=now + self.config.task_ttl)
-        task = await self.store.create_task(task)
-        return task.task_id, account
+        task = await self.store.create_task(Task(
+            task_id=new_id("t"), dev_id=device.dev_id,
+            op=BootstrapOp(account=account, security=security),  # type: ignore[arg-type]
+            state=S.PENDING, next_attempt=None, deadline=now + self.config.task_ttl))
+        if not deliver:
+            return task.task_id
+        msg = bootstrap.build_message(bootstrap.BootstrapAccount(
+            server_id=account.server_id, server_url=self.config.server_url,
+            client_name=account.client_name, client_password=account.client_password or "",
+            client_nonce=client_nonce, server_password=account.server_password or "",
+            server_nonce=server_nonce), device.dev_id)
+        body, content_type = bootstrap.secure(msg, security, key)
+        if self.gateway is None or not device.msisdn:
+            await self._finish(task, S.FAILED, "no gateway or no MSISDN to deliver the bootstrap")
+            return task.task_id
+        try:
+            delivery = await self.gateway.send_bootstrap(device.msisdn, body, content_type)
+        except GatewayError as exc:
+            await self._finish(task, S.FAILED, f"bootstrap not delivered: {exc}")
+            return task.task_id
+        await self.store.transition(task.task_id, S.NOTIFIED,
+                                    cause=f"bootstrap {delivery.state.value} by {delivery.gateway}",
+                                    changes={"attempts": 1})
+        return task.task_id
 
     # --- notification, retries, expiry ---------------------------------------------------
 
@@ -268,20 +299,25 @@ class Broker:
         pkg0 = build_pkg0(acc.server_id, acc.server_password or "",
                           _nonce(acc.server_nonce), session_id,
                           ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1)
+        # NOTIFIED is written before the send: a fast device may open its session (and move
+        # the task to IN_PROGRESS) before the gateway call returns.
+        task = await self.store.transition(
+            task.task_id, S.NOTIFIED,
+            cause=f"package #0 sent via {self.gateway.name} (session {session_id:X})",
+            changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
         try:
-            delivery = await self.gateway.send(device.msisdn, pkg0)
+            await self.gateway.send(device.msisdn, pkg0)
         except GatewayError as exc:
+            current = await self.store.get_task(task.task_id)
+            if current.state != S.NOTIFIED:
+                return current                 # the device came anyway
             if exc.retryable:
                 return await self.store.transition(
-                    task.task_id, task.state, cause=f"notification failed, will retry: {exc}",
-                    changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
+                    task.task_id, S.PENDING, cause=f"notification failed, will retry: {exc}")
             return await self.store.transition(
                 task.task_id, S.FAILED, cause=f"notification refused: {exc}",
-                changes={"finished": now, "next_attempt": None, "attempts": task.attempts + 1})
-        return await self.store.transition(
-            task.task_id, S.NOTIFIED,
-            cause=f"package #0 {delivery.state.value} by {delivery.gateway} (session {session_id:X})",
-            changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
+                changes={"finished": now, "next_attempt": None})
+        return task
 
     def _retry_delay(self, attempts: int) -> float:
         d = self.config.retry_delays
@@ -386,6 +422,9 @@ class Broker:
                 for uri, _fmt, _typ, data in ev.items:
                     if uri is not None:
                         run.nodes[uri] = _text(data)
+                run.outstanding -= 1            # the Results a successful Get owed
+                if run.outstanding <= 0:
+                    await self._complete(run)
         elif isinstance(ev, UserAlertAnswered):
             await self._on_user_answer(session, work, ev)
         elif isinstance(ev, GenericAlert):
@@ -434,6 +473,8 @@ class Broker:
         for task in tasks:
             if isinstance(task.op, BootstrapOp):
                 # The first session with the bootstrapped account: the bootstrap worked.
+                task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+                                                   cause="device connected with the new account")
                 await self._finish(task, S.SUCCEEDED, "device opened a session with the new account")
                 continue
             if task.state == S.IN_PROGRESS and _waiting_alert(task):
@@ -598,7 +639,10 @@ class Broker:
         run.statuses[key] = ev.status
         if ev.index >= 0:
             return                              # statuses inside Atomic/Sequence: recorded only
-        run.outstanding -= 1
+        if ev.cmd == "Get" and status_is_success(ev.status) and ev.status != 204:
+            pass                                # still owes its Results: counted there
+        else:
+            run.outstanding -= 1
         if not status_is_success(ev.status) and run.failed is None:
             run.failed = (f"{ev.cmd} {ev.target or ''} failed with status {ev.status}".strip(),
                           ev.status)

@@ -94,6 +94,8 @@ class Engine:
         base = cfg.public_url or self.server.url.rsplit(cfg.device_path, 1)[0]
         self.broker.config.content_base_url = f"{base.rstrip('/')}/content"
         self.broker.config.server_id = cfg.server_id
+        self.broker.config.server_url = (f"{cfg.public_url.rstrip('/')}{cfg.device_path}"
+                                         if cfg.public_url else self.server.url)
         from .wsi.app import start_api   # L5 is imported lazily: the API is optional in tests
         self.api_runner, self.api_port = await start_api(self, cfg.host, cfg.api_port)
         self.broker.start()

@@ -209,6 +209,15 @@ class Gateway(abc.ABC):
                             attempts=attempt, detail=delivery.detail,
                             message_id=delivery.message_id, wire=delivery.wire)
 
+    async def send_bootstrap(self, msisdn: str, body: bytes, content_type: str) -> Delivery:
+        """Delivers a DM-profile bootstrap message (WBXML, SEC/MAC in ``content_type``).
+
+        A bootstrap is several hundred bytes: over SMS it needs concatenated WAP push, which
+        the gateways here do not do yet, so the default refuses (not retryable); gateways that
+        can carry it (loopback, HTTP callback) override this."""
+        raise GatewayError(f"{self.name}: cannot deliver a bootstrap message of {len(body)} "
+                           f"bytes (needs concatenated SMS)", retryable=False)
+
     async def close(self) -> None:
         """Release connections; the default has none."""
 

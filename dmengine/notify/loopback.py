@@ -16,14 +16,26 @@ from .base import Delivery, DeliveryState, Gateway
 __all__ = ["LoopbackGateway", "Receiver"]
 
 Receiver = Callable[[str, bytes], Awaitable[object]]
+#: ``bootstrap_callback(msisdn, body, content_type)`` receives DM-profile bootstrap messages.
+BootstrapReceiver = Callable[[str, bytes, str], Awaitable[object]]
 
 
 class LoopbackGateway(Gateway):
     name = "loopback"
 
-    def __init__(self, callback: Receiver, *, rate: float | None = None, **kw: object) -> None:
+    def __init__(self, callback: Receiver, *, rate: float | None = None,
+                 bootstrap_callback: BootstrapReceiver | None = None, **kw: object) -> None:
         super().__init__(rate=rate, **kw)  # type: ignore[arg-type]
         self.callback = callback
+        self.bootstrap_callback = bootstrap_callback
+
+    async def send_bootstrap(self, msisdn: str, body: bytes, content_type: str) -> Delivery:
+        if self.bootstrap_callback is None:
+            return await super().send_bootstrap(msisdn, body, content_type)
+        if await self.bootstrap_callback(msisdn, body, content_type) is False:
+            raise GatewayError(f"loopback receiver has no device {msisdn}", retryable=False)
+        return Delivery(gateway=self.name, msisdn=msisdn, state=DeliveryState.ACCEPTED,
+                        attempts=1, wire={"bootstrap": body, "content_type": content_type.encode()})
 
     async def _send_once(self, msisdn: str, pkg0: bytes) -> Delivery:
         try:
