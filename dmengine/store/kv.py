@@ -316,7 +316,9 @@ class KVStore(Store):
     #: pages larger than this are read off the event loop (LMDB backend)
     inline_read_limit = 200
 
-    async def _write(self, op: Op[R]) -> R:
+    async def _write(self, op: Op[R], prefetch: tuple[str, bytes] | None = None) -> R:
+        """Runs ``op`` in a write transaction; ``prefetch`` names a (db, key) the op will read,
+        so a batching backend can read many in one call."""
         raise NotImplementedError
 
     async def _read(self, fn: Callable[[KVTxn], R], big: bool = False) -> R:
@@ -886,7 +888,6 @@ class KVStore(Store):
             for e in entries:
                 self._outbox_put(ctx, e)
             return t
-        op.prefetch = (("tasks", key),)   # type: ignore[attr-defined]  # read in bulk by LMDB
         return op
 
     async def transition(self, task_id: str, to_state: TaskState, *, cause: str | None = None,
@@ -896,7 +897,8 @@ class KVStore(Store):
                          enqueue: Sequence[OutboxEntry] = ()) -> Task:
         return await self._write(self.transition_op(
             task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
-            expect_state=expect_state, changes=changes, enqueue=enqueue))
+            expect_state=expect_state, changes=changes, enqueue=enqueue),
+            ("tasks", task_id.encode()))
 
     async def tasks_by_job(self, job_id: str, *, state: TaskState | None = None,
                            cursor: str | None = None, limit: int = DEFAULT_PAGE) -> Page[Task]:

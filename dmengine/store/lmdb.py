@@ -64,7 +64,7 @@ class LmdbTxn:
             return {}
         cur = self.t.cursor(db=self.d[db])
         try:
-            return dict(cur.getmulti(sorted(set(keys))))
+            return dict(cur.getmulti(sorted(keys)))
         finally:
             cur.close()
 
@@ -282,14 +282,15 @@ class LmdbStore(KVStore):
 
     # --- writes -----------------------------------------------------------------------------
 
-    def _write(self, op: Op[R]) -> "asyncio.Future[R]":  # type: ignore[override]
+    def _write(self, op: Op[R],  # type: ignore[override]
+               prefetch: tuple[str, bytes] | None = None) -> "asyncio.Future[R]":
         # a plain function returning the future (no coroutine frame: this is the hot path)
         if self._closed or self._dead is not None:
             raise StoreClosed(f"store {self.path!r} is closed"
                               + (f" (writer died: {self._dead!r})" if self._dead else ""))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put((op, fut, loop))
+        self._q.put((op, fut, loop, prefetch))
         return fut
 
     def _run_sync(self, op: Op[R]) -> R:
@@ -298,7 +299,7 @@ class LmdbStore(KVStore):
 
         def deliver(_loop: Any, items: list[tuple[Any, Any, BaseException | None]]) -> None:
             _, box[0], box[1] = items[0]
-        self._commit([(op, None, None)], deliver)
+        self._commit([(op, None, None, None)], deliver)
         if box[1] is not None:
             raise box[1]
         return box[0]   # type: ignore[no-any-return]
@@ -348,14 +349,14 @@ class LmdbStore(KVStore):
                     self._commit(batch, _deliver_threadsafe)
                 except Exception as exc:   # a bug in the writer itself: fail this batch only
                     err = StoreError(f"store writer failed: {exc!r}")
-                    for _, fut, loop in batch:
+                    for _, fut, loop, _ in batch:
                         _deliver_threadsafe(loop, [(fut, None, err)])
         except BaseException as exc:   # the writer must never die silently
             self._dead = exc
             _fail_pending(q, StoreClosed(f"store writer died: {exc!r}"))
             raise
 
-    def _commit(self, batch: list[tuple[Op[Any], Any, Any]],
+    def _commit(self, batch: list[tuple[Op[Any], Any, Any, Any]],
                 deliver: Callable[[Any, list[tuple[Any, Any, BaseException | None]]], None]) -> None:
         n = len(batch)
         results: list[Any] = [None] * n
@@ -385,12 +386,12 @@ class LmdbStore(KVStore):
         self.write_seconds += time.perf_counter() - a0
         self.writer_cpu_seconds += time.thread_time() - c0
         by_loop: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
-        for i, (_, fut, loop) in enumerate(batch):
+        for i, (_, fut, loop, _) in enumerate(batch):
             by_loop.setdefault(loop, []).append((fut, results[i], errors.get(i)))
         for loop, items in by_loop.items():
             deliver(loop, items)
 
-    def _attempt(self, batch: list[tuple[Op[Any], Any, Any]], results: list[Any],
+    def _attempt(self, batch: list[tuple[Op[Any], Any, Any, Any]], results: list[Any],
                  errors: dict[int, BaseException]) -> Any:
         """One try at the batch in one transaction: "done", "restart", "full", "resized" or
         the lmdb.Error that stopped it."""
@@ -401,10 +402,13 @@ class LmdbStore(KVStore):
             wt = LmdbWriteTxn(txn, self._dbs)
             wanted: dict[str, list[bytes]] = {}
             for i, item in enumerate(batch):
-                pf = getattr(item[0], "prefetch", None)
-                if pf and i not in errors:
-                    for db, k in pf:
-                        wanted.setdefault(db, []).append(k)
+                pf = item[3]
+                if pf is not None and i not in errors:
+                    w = wanted.get(pf[0])
+                    if w is None:
+                        wanted[pf[0]] = [pf[1]]
+                    else:
+                        w.append(pf[1])
             if wanted:
                 wt.prefetch(wanted)
             ctx = WriteCtx(wt, time.time())

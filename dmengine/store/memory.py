@@ -98,7 +98,7 @@ class MemoryStore(KVStore):
         txn = MemTxn(self._tables)
         ensure_schema(txn, time.time())
 
-    async def _write(self, op: Op[R]) -> R:
+    async def _write(self, op: Op[R], prefetch: tuple[str, bytes] | None = None) -> R:
         if self._closed:
             raise StoreClosed("memory store is closed")
         txn = MemTxn(self._tables)
