@@ -92,7 +92,7 @@ class SessionConfig:
     send_server_cred: bool         # MD5 Cred of the server in our SyncHdr until the device says 212
     encoding: str                  # "wbxml" | "xml": default encoding used to measure replies
     encoded_size: Callable[[Message], int] | None   # real size of a reply; default: len(codec.encode(msg))
-    verify_ratio: float            # verify with the real encoder when the estimate passes this share of MaxMsgSize
+    verify_ratio: float            # verify with the real encoder when the (upper-bound) estimate passes this share of MaxMsgSize
     max_commands_per_message: int  # more SyncBody children in one client message -> ProtocolError(413)
     max_items_per_command: int     # more Items in one client command -> Status 413
     max_auth_attempts: int         # failed credential checks before the session ends (auth_failed)
@@ -113,7 +113,7 @@ class SessionConfig:
         send_server_cred: bool = True,
         encoding: str = "wbxml",
         encoded_size: Callable[[Message], int] | None = None,
-        verify_ratio: float = 0.5,
+        verify_ratio: float = 1.0,
         max_commands_per_message: int = ...,
         max_items_per_command: int = ...,
         max_auth_attempts: int = ...,

@@ -277,16 +277,23 @@ cdef object _INTERNAL = object()      # handle of commands the session sends on 
 
 
 @cython.final
-cdef class _Sent:
-    """A command we sent and whose Status we wait for."""
-    cdef object handle
-    cdef str name
-    cdef int index
-    cdef int alert           # UI alert code, else 0
-    cdef bint chunk          # a large-object chunk
-    cdef bint last_chunk
-    cdef str target
-    cdef bint is_get
+cdef class _SentMsg:
+    """What we sent in one message, indexed by CmdID: the wire command, the caller's handle,
+    the position inside a container, and whether its Status is still awaited."""
+    cdef list wires
+    cdef list handles
+    cdef list index
+    cdef bytearray awaiting
+    cdef Py_ssize_t n_awaiting
+
+    def __cinit__(self):
+        self.wires = []
+        self.handles = []
+        self.index = []
+        self.awaiting = bytearray()
+
+
+cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
 
 
 @cython.final
@@ -535,7 +542,7 @@ cdef class SessionConfig:
                  Py_ssize_t max_msg_size=DEFAULT_MAX_MSG_SIZE,
                  Py_ssize_t max_obj_size=DEFAULT_MAX_OBJ_SIZE,
                  str require_auth="md5", bint send_server_cred=True,
-                 str encoding="wbxml", encoded_size=None, double verify_ratio=0.5,
+                 str encoding="wbxml", encoded_size=None, double verify_ratio=1.0,
                  Py_ssize_t max_commands_per_message=DEFAULT_MAX_COMMANDS_PER_MESSAGE,
                  Py_ssize_t max_items_per_command=DEFAULT_MAX_ITEMS_PER_COMMAND,
                  int max_auth_attempts=DEFAULT_MAX_AUTH_ATTEMPTS,
@@ -782,9 +789,7 @@ cdef class DmSession:
     cdef list _out_status
     cdef object _queue
     cdef list _own_cmds
-    cdef dict _awaiting
-    cdef dict _gets
-    cdef dict _open
+    cdef dict _sent
     cdef Py_ssize_t _pkg_cmds
     cdef _OutLO _out_lo
     cdef _InLO _in_lo
@@ -817,9 +822,7 @@ cdef class DmSession:
         self._out_status = []
         self._queue = deque()
         self._own_cmds = []
-        self._awaiting = {}
-        self._gets = {}
-        self._open = {}
+        self._sent = {}
         self._events = []
         self.last_activity = now
         self.peer_max_msg_size = config.default_peer_msg_size
@@ -851,8 +854,8 @@ cdef class DmSession:
         if self._out_lo is not None and self._out_lo.handle not in seen:
             seen.add(self._out_lo.handle)
             out.append(self._out_lo.handle)
-        for h in self._open:
-            if h not in seen and h is not _INTERNAL:
+        for h in self._awaited_handles():
+            if h not in seen:
                 seen.add(h)
                 out.append(h)
         return out
@@ -1285,45 +1288,57 @@ cdef class DmSession:
 
     cdef _on_status(self, Command c, list ev):
         cdef long code = _parse_uint(c.data)
-        cdef str msg_ref, cmd_ref
-        cdef _Sent sent
+        cdef long k
+        cdef str cmd_ref
+        cdef _SentMsg sm
+        cdef Command w
         cdef Item it
         cdef list answers
+        cdef int alert
         if code < 0:
             return                               # a Status is never answered; nothing to learn
         cmd_ref = c.cmd_ref
         if cmd_ref is None:
             return
-        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         if cmd_ref == "0" or (c.cmd is not None and c.cmd == "SyncHdr"):
             self._on_hdr_status(c, code, ev)
             return
-        key = (msg_ref, cmd_ref)
-        obj = self._awaiting.pop(key, None)
+        obj = self._sent.get(c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id))
         if obj is None:
-            return                               # not ours (or answered twice): ignore
-        sent = <_Sent>obj
-        self._close_one(sent.handle)
-        if sent.handle is _INTERNAL:
+            return                               # not one of our messages: ignore
+        sm = <_SentMsg>obj
+        k = _parse_uint(cmd_ref)
+        if k < 0 or k >= len(sm.wires) or not sm.awaiting[k]:
+            return                               # not ours, or answered before: ignore
+        sm.awaiting[k] = 0
+        sm.n_awaiting -= 1
+        handle = sm.handles[k]
+        if handle is _INTERNAL:
             return
-        if sent.chunk and not sent.last_chunk:
-            if code == 213:
+        w = <Command>sm.wires[k]
+        if w.items is not None and len(w.items) == 1 and (<Item>w.items[0]).more_data:
+            if code == 213:                      # a chunk of a large object: not an outcome yet
                 return
-            if self._out_lo is not None and self._out_lo.handle is sent.handle:
+            if self._out_lo is not None and self._out_lo.handle is handle:
                 self._out_lo = None              # the device refused a chunk: stop the object
-        if sent.alert:
-            answers = []
-            if c.items is not None:
-                for o in c.items:
-                    t = _text((<Item>o).data)
-                    if t is not None:
-                        answers.append(t)
-            ev.append(UserAlertAnswered(sent.handle, code, answers, sent.alert))
-            return
-        target = sent.target
+        if w.name == "Alert":
+            alert = _parse_uint(w.data)
+            if 1100 <= alert <= 1104:
+                answers = []
+                if c.items is not None:
+                    for o in c.items:
+                        t = _text((<Item>o).data)
+                        if t is not None:
+                            answers.append(t)
+                ev.append(_tnew(UserAlertAnswered, (handle, code, answers, alert)))
+                return
         if c.target_refs:
             target = c.target_refs[0]
-        ev.append(StatusReceived(sent.handle, sent.name, code, c.items, target, sent.index))
+        elif w.items:
+            target = (<Item>w.items[0]).target
+        else:
+            target = None
+        ev.append(_tnew(StatusReceived, (handle, w.name, code, c.items, target, sm.index[k])))
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
         cdef Meta m
@@ -1350,7 +1365,7 @@ cdef class DmSession:
         cdef Py_ssize_t i, n
         msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         key = (msg_ref, c.cmd_ref)
-        handle = self._gets.get(key, _INTERNAL)
+        handle = self._get_handle(msg_ref, c.cmd_ref)
         if c.items is None:
             self._add_status(c, "412")
             return
@@ -1373,7 +1388,23 @@ cdef class DmSession:
             items.append((it.source if it.source is not None else it.target,
                           _fmt_of(it, c), _type_of(it, c), it.data))
         if handle is not _INTERNAL:
-            ev.append(ResultsReceived(handle, items))
+            ev.append(_tnew(ResultsReceived, (handle, items)))
+
+    cdef object _get_handle(self, str msg_ref, str cmd_ref):
+        """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
+        cdef long k
+        cdef _SentMsg sm
+        obj = self._sent.get(msg_ref)
+        if obj is None:
+            return _INTERNAL
+        sm = <_SentMsg>obj
+        k = _parse_uint(cmd_ref)
+        if k < 0 or k >= len(sm.wires):
+            return _INTERNAL
+        w = sm.wires[k]
+        if w is None or (<Command>w).name != "Get":
+            return _INTERNAL
+        return sm.handles[k]
 
     # -- large objects from the device ------------------------------------------------------
 
@@ -1755,7 +1786,8 @@ cdef class DmSession:
             m.final = not full and not self._out_status and not self._own_cmds and \
                 self._out_lo is None and not self._queue
         # 4. a last check with the real encoder when the estimate came near the limit
-        if limit > 0 and self._sizer is not None and self._est > limit * self.config.verify_ratio:
+        if limit > 0 and self._sizer is not None and (
+                self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
             self._shrink_to_fit(m, limit, placed, package)
         self._register(placed)
         return m
@@ -1879,55 +1911,59 @@ cdef class DmSession:
     cdef _register(self, list placed):
         cdef Command w
         cdef str mid = _num(self._out_msg_id)
+        cdef _SentMsg sm = _SentMsg.__new__(_SentMsg)
+        self._sent[mid] = sm
         for handle, orig, wobj, chunk in placed:
             w = <Command>wobj
-            if handle is not _INTERNAL:
+            if handle is not _INTERNAL or w.data != "1222":
                 self._pkg_cmds += 1
-            elif w.data != "1222":
-                self._pkg_cmds += 1
-            if w.data == "1222" and handle is _INTERNAL:
-                self._register_one(mid, w, _INTERNAL, -1, None)
-                continue
-            self._register_one(mid, w, handle, -1, chunk)
+            self._register_one(sm, w, handle, -1)
 
-    cdef _register_one(self, str mid, Command w, object handle, int index, object chunk):
-        cdef _Sent s
+    cdef _register_one(self, _SentMsg sm, Command w, object handle, int index):
+        cdef long k = _parse_uint(w.cmd_id)
         cdef Py_ssize_t i
+        if k < 0:
+            return
+        while len(sm.wires) <= k:
+            sm.wires.append(None)
+            sm.handles.append(None)
+            sm.index.append(-1)
+            sm.awaiting.append(0)
+        sm.wires[k] = w
+        sm.handles[k] = handle
+        sm.index[k] = index
         if not w.no_resp:
-            s = _Sent.__new__(_Sent)
-            s.handle = handle
-            s.name = w.name
-            s.index = index
-            if w.name == "Alert":
-                code = _parse_uint(w.data)
-                s.alert = code if 1100 <= code <= 1104 else 0
-            if chunk is not None:
-                s.chunk = True
-                s.last_chunk = chunk[2]
-            if w.items is not None and len(w.items) > 0:
-                s.target = (<Item>w.items[0]).target
-            self._awaiting[(mid, w.cmd_id)] = s
-            self._open[handle] = self._open.get(handle, 0) + 1
-            if w.name == "Get":
-                self._gets[(mid, w.cmd_id)] = handle
+            sm.awaiting[k] = 1
+            sm.n_awaiting += 1
         if w.commands is not None:
             i = 0
             for sub in w.commands:
-                self._register_one(mid, <Command>sub, handle, i, None)
+                self._register_one(sm, <Command>sub, handle, i)
                 i += 1
 
-    cdef _close_one(self, object handle):
-        n = self._open.get(handle, 0) - 1
-        if n <= 0:
-            self._open.pop(handle, None)
-        else:
-            self._open[handle] = n
+    cdef list _awaited_handles(self):
+        """Caller handles whose Status has not come yet (each once, in sending order)."""
+        cdef _SentMsg sm
+        cdef Py_ssize_t k
+        cdef list out = []
+        for o in self._sent.values():
+            sm = <_SentMsg>o
+            if sm.n_awaiting == 0:
+                continue
+            for k in range(len(sm.wires)):
+                if sm.awaiting[k] and sm.handles[k] is not _INTERNAL and sm.handles[k] not in out:
+                    out.append(sm.handles[k])
+        return out
 
     cdef _drop_open(self, object handle):
-        cdef list dead = [k for k, v in self._awaiting.items() if (<_Sent>v).handle is handle]
-        for k in dead:
-            del self._awaiting[k]
-        self._open.pop(handle, None)
+        cdef _SentMsg sm
+        cdef Py_ssize_t k
+        for o in self._sent.values():
+            sm = <_SentMsg>o
+            for k in range(len(sm.wires)):
+                if sm.awaiting[k] and sm.handles[k] is handle:
+                    sm.awaiting[k] = 0
+                    sm.n_awaiting -= 1
 
     # -- large objects to the device ----------------------------------------------------------
 
@@ -2073,12 +2109,13 @@ cdef class DmSession:
             ev.append(CommandNotDelivered(self._out_lo.handle,
                                           "large object not completely sent before the session ended"))
         self._out_lo = None
-        for handle in self._open:
-            if handle is not _INTERNAL and handle not in seen:
+        for handle in self._awaited_handles():
+            if handle not in seen:
                 seen.add(handle)
                 ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
-        self._open.clear()
-        self._awaiting.clear()
+        for o in self._sent.values():
+            (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
+            (<_SentMsg>o).n_awaiting = 0
         ev.append(SessionEnded(reason, detail))
 
     def abort(self, str reason="aborted by server"):
