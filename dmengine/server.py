@@ -29,6 +29,7 @@ import os
 from base64 import urlsafe_b64encode
 import signal
 import ssl as _ssl
+import threading
 import time
 import types
 from collections import deque
@@ -64,6 +65,7 @@ DEFAULT_SESSION_IDLE_TIMEOUT = 300.0      # DM session without a message
 DEFAULT_RETRY_AFTER = 5                   # seconds, in 503 answers
 DEFAULT_TICK = 1.0                        # period of the timeout sweep
 DEFAULT_SHUTDOWN_DEADLINE = 30.0
+DEFAULT_SEND_CHUNK = 256 * 1024          # bytes per file read when a GET route sends a file part
 
 #: media type (lower case, no parameters) -> encoding
 ENCODING_BY_TYPE = {
@@ -149,6 +151,7 @@ class ServerConfig:
     retry_after: int = DEFAULT_RETRY_AFTER
     tick: float = DEFAULT_TICK
     shutdown_deadline: float = DEFAULT_SHUTDOWN_DEADLINE
+    send_chunk: int = DEFAULT_SEND_CHUNK        # file part reads (GET routes)
     tls_cert: str | None = None
     tls_key: str | None = None
     ssl_context: _ssl.SSLContext | None = None  # overrides tls_cert/tls_key
@@ -159,7 +162,7 @@ class ServerConfig:
         if not self.path.startswith("/") or self.path.endswith("/") or len(self.path) < 2:
             raise ConfigError(f"device path must look like /dm, got {self.path!r}", key="path")
         for key in ("max_msg_size", "max_header_bytes", "max_connections", "max_sessions",
-                    "max_pending", "max_pipeline"):
+                    "max_pending", "max_pipeline", "send_chunk"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive", key=key)
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -344,6 +347,7 @@ class _Req:
     close_after = False
     headers: dict[str, str] | None = None
     encoding: str | None = None
+    part: tuple[str, int, int] | None = None   # GET: (path, offset, length) sent after the head
 
 
 def _http(status: int, body: bytes = b"", ctype: bytes = b"text/plain; charset=utf-8", *,
@@ -713,17 +717,23 @@ class DmServer:
             return _http(400, f"{exc}\n".encode(), close=not req.keep_alive)
         body = getattr(resp, "body", b"") or b""
         fpath = getattr(resp, "path", None)
-        if fpath and not head_only and not getattr(resp, "head", False):
-            offset, length = int(getattr(resp, "offset", 0)), int(getattr(resp, "length", 0))
-            assert self._loop is not None
-            body = await self._loop.run_in_executor(None, _read_part, fpath, offset, length)
+        head_only = head_only or bool(getattr(resp, "head", False))
+        clen = len(body)
+        part = None
+        if fpath:
+            body = b""
+            clen = int(getattr(resp, "length", 0))
+            if clen > 0 and not head_only:
+                # sent after the head, in chunks, by DeviceConnection._send_part: never
+                # read whole into memory
+                part = (fpath, int(getattr(resp, "offset", 0)), clen)
         headers = list(getattr(resp, "headers", None) or [])
         ctype = getattr(resp, "content_type", None)
         names = {k.lower() for k, _ in headers}
         if ctype and "content-type" not in names:
             headers.append(("Content-Type", ctype))
         if "content-length" not in names:
-            headers.append(("Content-Length", str(len(body))))
+            headers.append(("Content-Length", str(clen)))
         if "cache-control" not in names:
             headers.append(("Cache-Control", "no-store, private"))
         lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, b"Status"))]
@@ -732,20 +742,70 @@ class DmServer:
         if not req.keep_alive:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
-        if head_only or getattr(resp, "head", False):
+        if head_only:
             body = b""
+        if part is not None:
+            # close_after routes _write_reply off its common path, to _start_part (which
+            # closes afterwards only if the request asked for it)
+            req.part = part
+            req.close_after = True
         return b"".join(lines) + body
 
 
-def _read_part(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(out) != length:
-        raise DmError(f"{path}: {len(out)} bytes at {offset}, expected {length}")
-    return out
+class _FileReader:
+    """``pread`` in executor threads on a descriptor the loop may give up at any moment
+    (device gone, task cancelled): the descriptor is closed by whoever finishes last, never
+    under a read still running."""
+
+    __slots__ = ("fd", "lock", "users", "closed")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.lock = threading.Lock()
+        self.users = 0
+        self.closed = False
+
+    def open(self, path: str) -> None:          # executor thread
+        with self.lock:
+            if self.closed:
+                return
+            self.users += 1
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            with self.lock:
+                self.users -= 1
+                self.fd = fd
+                self._close_if_unused()
+
+    def read(self, n: int, pos: int) -> bytes:  # executor thread
+        with self.lock:
+            if self.closed or self.fd < 0:
+                return b""
+            self.users += 1
+        try:
+            return os.pread(self.fd, n, pos)
+        finally:
+            with self.lock:
+                self.users -= 1
+                self._close_if_unused()
+
+    def close(self) -> None:                    # loop thread; never waits for a read
+        with self.lock:
+            self.closed = True
+            self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self.closed and not self.users and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Done callback of an abandoned executor read: its error is nobody's business now."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _ready(out: bytes) -> bytes:
@@ -840,7 +900,7 @@ class DeviceConnection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "parser", "req", "queue", "busy", "state", "deadline",
                  "hdr_bytes", "raw_hdr", "in_headers", "closing", "paused", "write_paused", "_loop",
-                 "dropped")
+                 "dropped", "sending", "writable")
 
     def __init__(self, server: DmServer) -> None:
         self.server = server
@@ -858,6 +918,8 @@ class DeviceConnection(asyncio.Protocol):
         self.paused = False       # reading paused: too many queued requests
         self.write_paused = False
         self.dropped = False      # counted out of server.pending already
+        self.sending = False      # a file part is being sent (the connection is busy)
+        self.writable: asyncio.Future[None] | None = None   # the part sender waits on it
         self._loop = server._loop
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
@@ -890,6 +952,8 @@ class DeviceConnection(asyncio.Protocol):
             self.dropped = True
             srv.pending -= len(self.queue)
         self.queue.clear()
+        if self.writable is not None:
+            self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -921,8 +985,16 @@ class DeviceConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.writable is not None:
+            self._wake_writer()
         if not self.closing:
             self._pump()
+
+    def _wake_writer(self) -> None:
+        w = self.writable
+        self.writable = None
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # --- httptools callbacks ---------------------------------------------------------------------
 
@@ -1143,13 +1215,126 @@ class DeviceConnection(asyncio.Protocol):
             return
         transport.write(out)
         if close or req.close_after or not req.keep_alive:
+            if req.part is not None and not close:
+                self._start_part(req)
+                return
             self.closing = True
-            self.queue.clear()
+            self._drop_queue()
             transport.close()
             return
         if self.paused and len(self.queue) <= srv.config.max_pipeline // 2:
             self.paused = False
             transport.resume_reading()
+
+    def _drop_queue(self) -> None:
+        """Requests that will never be answered (the connection closes): out of pending."""
+        if self.queue:
+            if not self.dropped:
+                self.server.pending -= len(self.queue)
+            self.queue.clear()
+
+    # --- file parts (GET routes) -------------------------------------------------------------------
+
+    def _start_part(self, req: _Req) -> None:
+        """The head of ``req`` is written; its file part follows from a task.  The connection
+        stays busy meanwhile: pipelined requests wait their turn."""
+        part = req.part
+        assert part is not None and self._loop is not None
+        req.part = None
+        self.busy = self.sending = True
+        srv = self.server
+        task = self._loop.create_task(self._send_part(part, not req.keep_alive))
+        srv._tasks.add(task)
+        task.add_done_callback(srv._task_done)
+
+    async def _send_part(self, part: tuple[str, int, int], close_after: bool) -> None:
+        """Sends ``length`` bytes of ``path`` from ``offset``: ``send_chunk`` bytes per read
+        in the executor (the next read runs while the device drains the last chunk), and no
+        more while the transport's buffer is above its high-water mark.  A device that reads
+        nothing for ``keepalive_timeout`` after a chunk is cut off.  If the file ends early or
+        cannot be read, the connection is aborted (the head promised ``length`` bytes)."""
+        path, pos, left = part
+        loop = self._loop
+        transport = self.transport
+        assert loop is not None and transport is not None
+        chunk = self.server.config.send_chunk
+        reader = _FileReader()
+        nxt: asyncio.Future[bytes] | None = None
+        complete = False
+        try:
+            await loop.run_in_executor(None, reader.open, path)
+            nxt = loop.run_in_executor(None, reader.read, min(chunk, left), pos)
+            while True:
+                data = await nxt
+                nxt = None
+                if transport.is_closing():
+                    break                       # the device went away during the read
+                if not data:
+                    log.error("%s: ends at byte %d, %d bytes short of the promised length",
+                              path, pos, left)
+                    break
+                transport.write(data)
+                pos += len(data)
+                left -= len(data)
+                if left <= 0:
+                    complete = True
+                    break
+                # the next read runs while the device drains this chunk
+                nxt = loop.run_in_executor(None, reader.read, min(chunk, left), pos)
+                if self.write_paused and not await self._drained():
+                    break
+        except OSError as exc:
+            log.error("cannot send %s: %s", path, exc)
+        finally:
+            if nxt is not None:
+                nxt.add_done_callback(_consume)
+            reader.close()
+            self.busy = self.sending = False
+        self._part_done(complete, close_after)
+
+    async def _drained(self) -> bool:
+        """Waits until the transport takes data again.  False when the connection is gone,
+        or when the device read nothing for ``keepalive_timeout`` (it is then aborted)."""
+        loop = self._loop
+        transport = self.transport
+        assert loop is not None and transport is not None
+        timer = loop.call_later(self.server.config.keepalive_timeout, self._stalled)
+        try:
+            while self.write_paused and not transport.is_closing():
+                self.writable = loop.create_future()
+                await self.writable
+        finally:
+            timer.cancel()
+            self.writable = None
+        return not transport.is_closing()
+
+    def _stalled(self) -> None:
+        log.info("device stopped reading a download for %.0f s: cut off",
+                 self.server.config.keepalive_timeout)
+        self.abort()
+        self._wake_writer()
+
+    def _part_done(self, complete: bool, close_after: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not complete:
+            self.abort()            # the head promised bytes that were never sent
+            return
+        assert self._loop is not None
+        if close_after:
+            self.closing = True
+            self._drop_queue()
+            # a device that stops reading the tail is aborted by the sweep (timed_out)
+            self.deadline = self._loop.time() + self.server.config.keepalive_timeout
+            transport.close()
+            return
+        if self.paused and len(self.queue) <= self.server.config.max_pipeline // 2:
+            self.paused = False
+            transport.resume_reading()
+        self._pump()
+
+    # --- one request --------------------------------------------------------------------------------
 
     def _process(self, req: _Req) -> Any:
         """The coroutine that answers ``req`` (set up here, without an extra frame)."""
@@ -1172,7 +1357,16 @@ class DeviceConnection(asyncio.Protocol):
     # --- timeouts and shutdown ---------------------------------------------------------------------
 
     def timed_out(self) -> None:
-        if self.transport is None or self.closing:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.sending or transport.get_write_buffer_size():
+            # in the middle of a body, or the device does not read what it was sent: a
+            # close would wait for it forever, and no status can be said any more
+            self.deadline = float("inf")
+            self.abort()
+            return
+        if self.closing:
             return
         if self.state == _READING:
             self._count(408)
