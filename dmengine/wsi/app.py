@@ -9,19 +9,30 @@ Errors are ``{"error": code, "message": ..., "where": field or null}``.
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Union
+from typing import Any, Awaitable, Callable, Literal, Protocol, Union
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..broker import Broker
+from ..content import ContentService
 from ..errors import AlreadyExists, DmError, NotFound, ServiceError, StoreError, ValidationError
 from ..model import Capability, Device, Operation, redact
+from ..store.base import Store
 
-if TYPE_CHECKING:
-    from ..engine import Engine
 
-ENGINE: web.AppKey["Engine"] = web.AppKey("engine")
+class Services(Protocol):
+    """What the API needs from the assembled engine (dmengine.engine.Engine provides it)."""
+
+    api_key: str
+    registry: Any                      # prometheus CollectorRegistry
+    broker: Broker | None
+    store: Store | None
+    content: ContentService | None
+
+
+ENGINE: web.AppKey[Services] = web.AppKey("engine")
 MAX_JSON_BODY = 1024 * 1024          #: largest JSON request body
 MAX_UPLOAD = 2 * 1024 ** 3           #: largest content upload
 
@@ -197,14 +208,14 @@ async def upload_content(request: web.Request) -> web.Response:
     return json_response(rec, 201)
 
 
-def make_app(engine: "Engine") -> web.Application:
+def make_app(engine: Services) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_UPLOAD)
     app[ENGINE] = engine
     app.add_routes(routes)
     return app
 
 
-async def start_api(engine: "Engine", host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_api(engine: Services, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(make_app(engine), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
