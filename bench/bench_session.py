@@ -50,6 +50,7 @@ def run(quick: bool) -> None:
         for c in model_b.commands[3:]:
             c.cmd_id = None
             commands.append(c)
+        pairs = list(enumerate(commands))
         cfg = SessionConfig(server_id="acme-dms", server_uri="https://dm.example.com/oma-dm", encoding=enc)
         imei = model_b.hdr.target
         account = auth.DmAccount(dev_id=imei, username=USER, client_secret=SECRET, client_nonce=NONCE,
@@ -66,8 +67,7 @@ def run(quick: bool) -> None:
         def step12():
             s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
             s.receive(pkg1(), now=1.0, account=account)
-            for i, c in enumerate(commands):
-                s.queue(i, c)
+            s.queue_many(pairs)
             return codec.encode(s.next_message(now=1.0))
 
         reply2 = step12()
@@ -87,8 +87,7 @@ def run(quick: bool) -> None:
         def waiting_session():
             s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
             s.receive(pkg1(), now=1.0, account=account)
-            for i, c in enumerate(commands):
-                s.queue(i, c)
+            s.queue_many(pairs)
             s.next_message(now=1.0)
             return s
 

@@ -187,6 +187,9 @@ class DmSession:
         changed).  ``handle`` must be hashable; it comes back in StatusReceived, ResultsReceived,
         UserAlertAnswered, LargeObjectFailed and CommandNotDelivered.  Raises CommandRejected."""
 
+    def queue_many(self, pairs: Any) -> None:
+        """queue() for each (handle, command) pair, in one call (stops at the first rejection)."""
+
     def next_message(self, *, now: float) -> Message:
         """The reply to the last received message: SyncHdr Status (+Chal), Status for every
         device command, then queued commands while they fit the device's MaxMsgSize (large

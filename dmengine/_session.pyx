@@ -1536,6 +1536,16 @@ cdef class DmSession:
     def queue(self, handle, Command command not None):
         """Queues a management command for the device; ``handle`` (hashable) comes back in the
         events about it.  Raises CommandRejected for commands a server cannot send."""
+        self._queue_one(handle, command)
+
+    def queue_many(self, pairs):
+        """queue() for each ``(handle, command)`` of ``pairs`` (stops at the first rejection)."""
+        for handle, command in pairs:
+            if not isinstance(command, Command):
+                raise CommandRejected("queue_many takes (handle, Command) pairs", handle=handle)
+            self._queue_one(handle, <Command>command)
+
+    cdef _queue_one(self, object handle, Command command):
         if self._state == S_ENDED:
             raise CommandRejected(f"session {self.session_key} has ended ({self.end_reason})",
                                   handle=handle)
@@ -1695,7 +1705,7 @@ cdef class DmSession:
         cdef Message m = self._new_reply()
         cdef int enc = self._enc
         cdef Py_ssize_t limit = self.peer_max_msg_size
-        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0
+        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id
         cdef Py_ssize_t est_, base
         cdef Command s, w, tail = None
         cdef list placed = []          # (handle, original command, wire command, chunk record)
@@ -1740,10 +1750,11 @@ cdef class DmSession:
                 cid, full = self._place_chunk(m, cid, limit, base, placed)
                 placed_cmds += cid - n_status
             while not full and self._out_lo is None and self._queue:
-                handle, orig = self._queue[0]
+                handle, orig = self._queue.popleft()
                 w = _wire_copy(<Command>orig)
-                _number(w, cid)
+                nxt_id = _number(w, cid)
                 if not self._fit(m, w, limit, tail):
+                    self._queue.appendleft((handle, orig))
                     cost = _command_size(w, enc)
                     if base + cost > limit and self._too_big_alone(w, limit):
                         self._queue.popleft()
@@ -1759,8 +1770,7 @@ cdef class DmSession:
                         continue
                     full = True
                     break
-                self._queue.popleft()
-                cid = _number(w, cid)
+                cid = nxt_id
                 cmds.append(w)
                 placed.append((handle, orig, w, None))
                 placed_cmds += 1
@@ -1789,7 +1799,7 @@ cdef class DmSession:
         if limit > 0 and self._sizer is not None and (
                 self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
             self._shrink_to_fit(m, limit, placed, package)
-        self._register(placed)
+        self._register(placed, cid + 1)
         return m
 
     cdef bint _too_big_alone(self, Command w, Py_ssize_t limit) except -1:
@@ -1908,10 +1918,14 @@ cdef class DmSession:
                 return
         self._out_status.insert(0, w)
 
-    cdef _register(self, list placed):
+    cdef _register(self, list placed, Py_ssize_t n_ids):
         cdef Command w
         cdef str mid = _num(self._out_msg_id)
         cdef _SentMsg sm = _SentMsg.__new__(_SentMsg)
+        sm.wires = [None] * n_ids
+        sm.handles = [None] * n_ids
+        sm.index = [-1] * n_ids
+        sm.awaiting = bytearray(n_ids)
         self._sent[mid] = sm
         for handle, orig, wobj, chunk in placed:
             w = <Command>wobj

@@ -50,17 +50,11 @@ class DeviceIdentified(NamedTuple):
     devinfo: dict[str, str]      # ./DevInfo leaf name -> value ("DevId", "Man", "Mod", "DmV", "Lang", ...)
     session_id: str              # SyncML SessionID
     alert: int                   # 1200 server-initiated, 1201 client-initiated
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class Authenticated(NamedTuple):
     username: str | None
     scheme: str                  # "basic" | "md5" | "hmac" | "none"
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class AuthFailed(NamedTuple):
@@ -69,9 +63,6 @@ class AuthFailed(NamedTuple):
     status: int                  # 401 wrong credentials, 407 missing credentials
     reason: str
     side: str = "client"         # "client": the device failed; "server": the device refused our Cred
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class NonceIssued(NamedTuple):
@@ -79,9 +70,6 @@ class NonceIssued(NamedTuple):
 
     dev_id: str | None
     nonce: bytes
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class ServerNonceReceived(NamedTuple):
@@ -89,9 +77,6 @@ class ServerNonceReceived(NamedTuple):
 
     dev_id: str | None
     nonce: bytes
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class StatusReceived(NamedTuple):
@@ -100,18 +85,12 @@ class StatusReceived(NamedTuple):
     status: int
     items: list[Any] | None = None   # Status Items as sent (model Items), if any
     target: str | None = None        # first TargetRef of the Status (else the command's target)
-    index: int = -1                  # position inside an Atomic/Sequence, -1 for the command itself
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
+    position: int = -1               # position inside an Atomic/Sequence, -1 for the command itself
 
 
 class ResultsReceived(NamedTuple):
     handle: Any
     items: list[tuple[str | None, str | None, str | None, Any]]   # (uri, format, type, data)
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class UserAlertAnswered(NamedTuple):
@@ -119,9 +98,6 @@ class UserAlertAnswered(NamedTuple):
     status: int                  # 200 yes/ok, 304 no, 214 cancelled, 408 timeout, 406 no UI, ...
     answers: list[str]           # Status Item Data: text input, chosen item numbers
     alert: int = 0               # the UI alert code (1100..1104)
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class GenericAlert(NamedTuple):
@@ -133,9 +109,6 @@ class GenericAlert(NamedTuple):
     format: str | None
     mark: str | None
     data: Any
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class ClientEvent(NamedTuple):
@@ -145,9 +118,6 @@ class ClientEvent(NamedTuple):
     type: str | None
     format: str | None
     data: Any
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class LargeObjectFailed(NamedTuple):
@@ -157,9 +127,6 @@ class LargeObjectFailed(NamedTuple):
     uri: str | None
     status: int
     reason: str
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class CommandNotDelivered(NamedTuple):
@@ -167,22 +134,22 @@ class CommandNotDelivered(NamedTuple):
 
     handle: Any
     reason: str
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 class SessionEnded(NamedTuple):
     reason: str                  # one of END_REASONS
     detail: str = ""
-    __eq__ = _eq
-    __ne__ = _ne
-    __hash__ = tuple.__hash__
 
 
 EVENT_TYPES = (DeviceIdentified, Authenticated, AuthFailed, NonceIssued, ServerNonceReceived,
                StatusReceived, ResultsReceived, UserAlertAnswered, GenericAlert, ClientEvent,
                LargeObjectFailed, CommandNotDelivered, SessionEnded)
+for _cls in EVENT_TYPES:               # equality compares the class too (plain tuples do not)
+    setattr(_cls, "__eq__", _eq)
+    setattr(_cls, "__ne__", _ne)
+    setattr(_cls, "__hash__", tuple.__hash__)
+del _cls
+
 Event = (DeviceIdentified | Authenticated | AuthFailed | NonceIssued | ServerNonceReceived
          | StatusReceived | ResultsReceived | UserAlertAnswered | GenericAlert | ClientEvent
          | LargeObjectFailed | CommandNotDelivered | SessionEnded)
