@@ -85,7 +85,7 @@ class StatusReceived(NamedTuple):
     status: int
     items: list[Any] | None = None   # Status Items as sent (model Items), if any
     target: str | None = None        # first TargetRef of the Status (else the command's target)
-    position: int = -1               # position inside an Atomic/Sequence, -1 for the command itself
+    index: int = -1  # type: ignore[assignment]  # position in an Atomic/Sequence, -1 = the command itself (shadows tuple.index)
 
 
 class ResultsReceived(NamedTuple):
