@@ -5,6 +5,7 @@ Each test runs on uvloop and on the stock asyncio loop; loop errors fail the tes
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 
 import pytest
@@ -325,6 +326,164 @@ def test_random_bytes_never_break_the_server(loop):
             (status, _, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
             assert status == 405
             assert srv.pending == 0
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+# --- file parts of GET routes: streamed, flow-controlled ------------------------------------------
+
+
+def _file_route(path, length=None, offset=0):
+    """A GET route answering like content.ContentResponse: a head, then a file part."""
+    import types
+
+    async def route(request):
+        n = length if length is not None else os.path.getsize(path) - offset
+        return types.SimpleNamespace(status=200, body=b"", path=str(path), offset=offset,
+                                     length=n, head=False,
+                                     headers=[("Content-Type", "application/octet-stream"),
+                                              ("Content-Length", str(n))])
+    return route
+
+
+async def _small_window_connection(port: int):
+    """A client whose receive buffer is small: the server's send buffers fill quickly."""
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=64 * 1024)
+
+
+async def _drain_until_closed(reader: asyncio.StreamReader) -> int:
+    n = 0
+    try:
+        while block := await asyncio.wait_for(reader.read(1 << 20), 5):
+            n += len(block)
+    except ConnectionError:
+        pass
+    return n
+
+
+def _pattern(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256)
+
+
+def test_stalled_download_is_cut_off_buffers_stay_bounded_others_served(loop, tmp_path):
+    """A device that stops reading mid-download: the server stops reading the file (its
+    transport buffer stays near one chunk), cuts the device off after keepalive_timeout, and
+    other connections are served meanwhile, pipelined requests in order."""
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(64 * 1024 * 1024)            # sparse: 64 MB of zeros, no disk used
+    small = tmp_path / "small"
+    data = _pattern(3 * 1024 * 1024 + 512)
+    small.write_bytes(data)
+
+    async def main():
+        chunk = 64 * 1024
+        srv, _, _ = await _server(keepalive_timeout=0.5, send_chunk=chunk)
+        srv.add_get_route("/big", _file_route(big))
+        srv.add_get_route("/small", _file_route(small))
+        try:
+            r, w = await _small_window_connection(srv.port)
+            w.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")     # waits behind the download
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert b"200 OK" in head and b"Content-Length: 67108864" in head
+            await r.readexactly(100_000)
+            # ... and reads nothing more.  The server soon waits for the device:
+            conn = None
+            for _ in range(200):
+                conn = next((c for c in srv.connections if c.sending and c.write_paused), None)
+                if conn is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn is not None, "the sender never saw the transport's buffer full"
+            assert conn.transport.get_write_buffer_size() <= 4 * chunk
+            assert conn.queue and conn.busy           # the pipelined GET /dm waits its turn
+
+            # another device meanwhile: a whole file and a pipelined request, in order
+            r2, w2 = await asyncio.open_connection("127.0.0.1", srv.port)
+            w2.write(b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n")
+            s1, h1, b1 = await _read_response(r2)
+            s2, _, _ = await _read_response(r2)
+            s3, _, b3 = await _read_response(r2)
+            assert (s1, s2, s3) == (200, 405, 200) and b1 == data and b3 == data
+            assert h1["content-length"] == str(len(data))
+
+            # the stalled device is cut off: far less than the file, its GET /dm never answered
+            for _ in range(500):
+                if conn not in srv.connections:
+                    break
+                await asyncio.sleep(0.01)
+            got = await _drain_until_closed(r)
+            assert got < 64 * 1024 * 1024 - 100_000
+            assert conn not in srv.connections and srv.pending == 0
+            w.close()
+            w2.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_file_shorter_than_promised_aborts_the_connection(loop, tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 300_000)
+
+    async def main():
+        srv, _, _ = await _server(send_chunk=64 * 1024)
+        srv.add_get_route("/short", _file_route(path, length=1_000_000))
+        srv.add_get_route("/gone", _file_route(tmp_path / "missing", length=10))
+        try:
+            for url in (b"/short", b"/gone"):
+                r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+                w.write(b"GET " + url + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+                        b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                assert b"200 OK" in head
+                got = await _drain_until_closed(r)     # the body stops short; no 405 after it
+                assert got == (300_000 if url == b"/short" else 0)
+                w.close()
+            # the server is fine
+            (status, _, _), = await _exchange(srv.port, b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 405 and srv.pending == 0
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_streamed_part_with_offset_head_and_connection_close(loop, tmp_path):
+    path = tmp_path / "f"
+    data = _pattern(1_000_000)
+    path.write_bytes(data)
+
+    async def main():
+        srv, _, _ = await _server(send_chunk=100_000)
+        srv.add_get_route("/part", _file_route(path, length=250_001, offset=123_456))
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            w.write(b"HEAD /part HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"GET /part HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"GET /part HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                    b"GET /dm HTTP/1.1\r\nHost: t\r\n\r\n")          # after close: unanswered
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert b"Content-Length: 250001" in head
+            for _ in range(2):
+                status, headers, body = await _read_response(r)
+                assert status == 200 and body == data[123_456:123_456 + 250_001]
+            assert headers["connection"] == "close"
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+            for _ in range(100):
+                if srv.pending == 0 and not srv.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert srv.pending == 0 and not srv.connections
         finally:
             await srv.shutdown(0.1)
     loop.run_until_complete(main())
