@@ -30,8 +30,9 @@ from typing import Any, Callable
 import msgspec
 
 from . import auth, bootstrap
+from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import AlreadyExists, GatewayError, NotFound, ServiceError, StoreError
+from .errors import GatewayError, NotFound, ServiceError, StoreError
 from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
@@ -142,8 +143,10 @@ class Broker:
                  config: BrokerConfig | None = None,
                  clock: Callable[[], float] = time.time,
                  carrier_callback: CarrierCallback | None = None,
+                 content: ContentService | None = None,
                  rng: random.Random | None = None) -> None:
         self.store = store
+        self.content = content
         self.gateway = gateway
         self.config = config or BrokerConfig()
         self.clock = clock
@@ -601,21 +604,32 @@ class Broker:
             return None
 
     async def _content_for(self, op: UpdateOp, device: Device) -> tuple[Content, str, FumoMode]:
-        """The firmware package of an UPDATE, checked against the device: its capability and
-        (when known) its current firmware version must match the package's."""
-        try:
-            content = await self.store.get_content(op.content_id)
-        except NotFound:
-            raise _not_found(f"no content {op.content_id!r}", where="operation.content_id") from None
+        """The firmware package of an UPDATE: the one named, or the one the content store picks
+        for the device's capability and current firmware (the DevDetail/FwV snapshot, learned
+        from its sessions).  Raises ServiceError naming the field when none fits."""
         cap = await self._capability(device)
-        if content.capability and device.capability and content.capability != device.capability:
-            raise ServiceError(f"content {content.content_id} is for capability "
-                               f"{content.capability}, the device is {device.capability}",
-                               where="operation.content_id")
         fw = device.devdetail.get("./DevDetail/FwV")
-        if content.from_version and fw and fw != content.from_version:
-            raise ServiceError(f"content {content.content_id} updates from {content.from_version};"
-                               f" the device runs {fw}", where="operation.content_id")
+        if op.content_id is None and not (fw and device.capability and self.content):
+            raise ServiceError("the device's capability or firmware version is unknown: name the "
+                               "content, or read ./DevDetail/FwV first (QUERY or DIAG)",
+                               where="operation.content_id")
+        if self.content is not None and device.capability and fw:
+            try:
+                content = await self.content.pick_for_update(device.capability, fw, op.content_id)
+            except ServiceError as exc:
+                raise ServiceError(str(exc), where=f"operation.{exc.where or 'content_id'}") \
+                    from None
+        else:
+            try:
+                content = await self.store.get_content(op.content_id)
+            except NotFound:
+                raise _not_found(f"no content {op.content_id!r}",
+                                 where="operation.content_id") from None
+            if content.capability and device.capability and \
+                    content.capability != device.capability:
+                raise ServiceError(f"content {content.content_id} is for capability "
+                                   f"{content.capability}, the device is {device.capability}",
+                                   where="operation.content_id")
         fumo = op.fumo_path or (cap.mo_paths.get("fumo") if cap else None) \
             or self.config.default_fumo_path
         mode = cap.fumo_mode if cap else FumoMode.DOWNLOAD_AND_UPDATE
@@ -654,6 +668,14 @@ class Broker:
     async def _complete(self, run: _TaskRun) -> None:
         run.done = True
         task = run.task
+        learned = {k: v for k, v in run.nodes.items() if k.startswith("./DevDetail/")}
+        if learned:       # keep the device's DevDetail snapshot (firmware version for UPDATE)
+            try:
+                device = await self.store.get_device(task.dev_id)
+                await self.store.update_device(task.dev_id,
+                                               {"devdetail": {**device.devdetail, **learned}})
+            except NotFound:
+                pass
         result = TaskResult(statuses=run.statuses, nodes=run.nodes)
         if run.failed is not None:
             cause, status = run.failed
@@ -725,9 +747,19 @@ class Broker:
             session.queue((task.task_id, "cmd", 0), Command(
                 name="Exec", correlator=correlator, items=[Item(target=f"{fumo}/Update")]))
             return
+        await self._forget_firmware(task.dev_id)   # the old FwV is stale now
         await self._finish(task, S.SUCCEEDED, f"firmware updated: {code} "
                                               f"{describe_fumo_result(code)}",
                            result_code=code, result=result)
+
+    async def _forget_firmware(self, dev_id: str) -> None:
+        try:
+            device = await self.store.get_device(dev_id)
+        except NotFound:
+            return
+        if "./DevDetail/FwV" in device.devdetail:
+            snapshot = {k: v for k, v in device.devdetail.items() if k != "./DevDetail/FwV"}
+            await self.store.update_device(dev_id, {"devdetail": snapshot})
 
     async def _settle(self, work: _SessionWork, why: str) -> None:
         """The session is over: tasks it did not finish go back for a retry."""

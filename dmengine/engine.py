@@ -86,7 +86,7 @@ class Engine:
         callback = http_carrier_callback(cfg.carrier_callback_url) \
             if cfg.carrier_callback_url else None
         self.broker = Broker(self.store, self.gateway, config=cfg.broker,
-                             carrier_callback=callback)
+                             carrier_callback=callback, content=self.content)
         self.server = DmServer(scfg, self.broker, metrics=self.metrics)
         self.content.sweep_temp()    # temp files of uploads a dead process left behind
         self.server.add_get_route(CONTENT_PREFIX, self.content.device_route())

@@ -172,7 +172,7 @@ class Capability(Struct, kw_only=True, omit_defaults=True):
 
 
 class UpdateOp(Struct, tag_field="operation", tag="UPDATE", kw_only=True, omit_defaults=True):
-    content_id: Id
+    content_id: OptId = None                       # None: picked by capability + firmware
     fumo_path: Union[Uri, None] = None             # None: from the capability
 
 

@@ -257,7 +257,32 @@ def test_update_refuses_content_for_another_firmware(tmp_path):
         cid = await upload_firmware(w, from_version="2.3.9")
         with pytest.raises(ServiceError) as ei:
             await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
+        assert ei.value.where == "operation.from_version"
+        assert "updates from firmware '2.3.9'" in str(ei.value)
+    run_world(tmp_path, scenario)
+
+
+def test_update_picks_the_package_by_capability_and_learned_firmware(tmp_path):
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        with pytest.raises(ServiceError) as ei:       # firmware not known yet
+            await w.broker.do_operation(UpdateOp(), msisdn=dev.msisdn)
         assert ei.value.where == "operation.content_id"
+        other = await upload_firmware(w, from_version="1.0")     # does not fit 2.3.9
+        fits = await upload_firmware(w, from_version="2.3.9")
+        assert other != fits
+        # a DIAG/QUERY teaches the engine the firmware version (DevDetail snapshot)
+        q = await w.broker.do_operation(QueryOp(nodes=["./DevDetail/FwV"]), msisdn=dev.msisdn)
+        await w.wait_state(q, {S.SUCCEEDED})
+        assert (await w.store.get_device(dev.dev_id)).devdetail["./DevDetail/FwV"] == "2.3.9"
+        tid = await w.broker.do_operation(UpdateOp(), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        assert (await w.store.get_content(fits)).downloads == 1
+        assert (await w.store.get_content(other)).downloads == 0
+        # the old version is stale after the update: not kept in the snapshot
+        assert "./DevDetail/FwV" not in (await w.store.get_device(dev.dev_id)).devdetail
     run_world(tmp_path, scenario)
 
 
