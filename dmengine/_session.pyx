@@ -463,10 +463,10 @@ cdef Py_ssize_t _command_size(Command c, int enc) except -1:
     n += _leaf("Correlator", c.correlator, enc)
     if c.items is not None:
         for it in c.items:
-            n += _item_size(<Item>it, enc)
+            n += _item_size(<Item?>it, enc)
     if c.commands is not None:
         for sub in c.commands:
-            n += _command_size(<Command>sub, enc)
+            n += _command_size(<Command?>sub, enc)
     return n
 
 
@@ -488,7 +488,7 @@ def estimate_size(Message msg not None, str encoding="wbxml"):
     cdef int enc = ENC_XML if encoding == "xml" else ENC_WBXML
     cdef Py_ssize_t n = _hdr_size(msg.hdr, enc)
     for c in msg.commands:
-        n += _command_size(<Command>c, enc)
+        n += _command_size(<Command?>c, enc)
     if msg.final:
         n += _empty("Final", enc)
     return n
@@ -640,7 +640,7 @@ cdef _check_command(Command c, str parent, int depth):
         for sub in c.commands:
             if not isinstance(sub, Command):
                 raise CommandRejected(f"{name} children must be Command objects")
-            _check_command(<Command>sub, name, depth + 1)
+            _check_command(<Command?>sub, name, depth + 1)
         return
     if name == "Alert":
         code = _parse_uint(c.data)
@@ -656,7 +656,7 @@ cdef _check_command(Command c, str parent, int depth):
     for it in c.items:
         if not isinstance(it, Item):
             raise CommandRejected(f"{name} items must be Item objects")
-        if name != "Copy" and (<Item>it).target is None:
+        if name != "Copy" and (<Item?>it).target is None:
             raise CommandRejected(f"{name} Item needs a Target")
     if name == "Exec" and len(c.items) != 1:
         raise CommandRejected("Exec takes exactly one Item")
@@ -666,7 +666,7 @@ cdef _check_xml_data(Command c):
     """XML cannot carry binary that is not UTF-8 (send it as Format b64)."""
     if c.items is not None:
         for it in c.items:
-            d = (<Item>it).data
+            d = (<Item?>it).data
             if isinstance(d, bytes):
                 try:
                     (<bytes>d).decode("utf-8")
@@ -675,7 +675,7 @@ cdef _check_xml_data(Command c):
                                           "Format b64") from None
     if c.commands is not None:
         for sub in c.commands:
-            _check_xml_data(<Command>sub)
+            _check_xml_data(<Command?>sub)
 
 
 cdef Command _wire_copy(Command c):
@@ -689,7 +689,7 @@ cdef Command _wire_copy(Command c):
     w.correlator = c.correlator
     w.items = c.items
     if c.commands is not None:
-        w.commands = [_wire_copy(<Command>sub) for sub in c.commands]
+        w.commands = [_wire_copy(<Command?>sub) for sub in c.commands]
     return w
 
 
@@ -698,7 +698,7 @@ cdef Py_ssize_t _number(Command w, Py_ssize_t next_id):
     next_id += 1
     if w.commands is not None:
         for sub in w.commands:
-            next_id = _number(<Command>sub, next_id)
+            next_id = _number(<Command?>sub, next_id)
     return next_id
 
 
@@ -917,10 +917,13 @@ cdef class DmSession:
         """
         cdef list ev = []
         try:
-            self._receive(msg, now, account, hmac_header, body, ev)
+            try:
+                self._receive(msg, now, account, hmac_header, body, ev)
+            except TypeError as exc:             # a model object of the wrong class
+                raise ProtocolError(f"malformed message: {exc}", status=400) from exc
         except ProtocolError as exc:
+            self._err_hdr = msg.hdr
             if self._state != S_ENDED:
-                self._err_hdr = msg.hdr
                 self._finish("protocol_error", str(exc), ev)
                 self._state = S_ENDED
             exc.events = ev                  # the same events are also in take_events()
@@ -981,7 +984,7 @@ cdef class DmSession:
         for obj in msg.commands:
             if not isinstance(obj, Command):
                 raise ProtocolError("SyncBody holds something that is not a command", status=400)
-            c = <Command>obj
+            c = <Command?>obj
             if c.name == "Alert":
                 code = _parse_uint(c.data)
                 if code == 1200 or code == 1201:
@@ -1136,14 +1139,14 @@ cdef class DmSession:
         cdef str src
         cdef long code
         for obj in msg.commands:
-            c = <Command>obj
+            c = <Command?>obj
             if c.name == "Alert" and self.alert_code == 0:
                 code = _parse_uint(c.data)
                 if code == 1200 or code == 1201:
                     self.alert_code = code
             elif c.name == "Replace" and c.items is not None:
                 for o in c.items:
-                    it = <Item>o
+                    it = <Item?>o
                     src = it.source if it.source is not None else it.target
                     if _is_devinfo(src):
                         v = _text(it.data)
@@ -1160,7 +1163,7 @@ cdef class DmSession:
         if not give_up:
             self._issue_nonce(_auth.SCHEME_TYPES[self.config.require_auth], ev)
         for obj in msg.commands:
-            c = <Command>obj
+            c = <Command?>obj
             if c.name == "Status" or c.name == "Results" or c.no_resp:
                 if c.name == "Status":
                     self._on_status(c, ev)      # the device may still tell us about our Cred
@@ -1176,7 +1179,7 @@ cdef class DmSession:
         cdef Item it
         if self.config.status_refs and c.items is not None:
             for o in c.items:
-                it = <Item>o
+                it = <Item?>o
                 if it.target is not None:
                     if trefs is None:
                         trefs = []
@@ -1192,7 +1195,7 @@ cdef class DmSession:
         cdef str name
         cdef bint lo_continued = False
         for obj in msg.commands:
-            c = <Command>obj
+            c = <Command?>obj
             name = c.name
             if name == "Status":
                 self._on_status(c, ev)
@@ -1221,7 +1224,7 @@ cdef class DmSession:
             self._add_status(c, code)
         if c.commands is not None:
             for sub in c.commands:
-                self._refuse(<Command>sub, code)
+                self._refuse(<Command?>sub, code)
 
     cdef _on_replace(self, Command c):
         cdef Item it
@@ -1232,7 +1235,7 @@ cdef class DmSession:
             code = "413"
         else:
             for o in c.items:
-                it = <Item>o
+                it = <Item?>o
                 if not _is_devinfo(it.source if it.source is not None else it.target):
                     code = "405"        # the server has no tree the device may change
                     break
@@ -1259,7 +1262,7 @@ cdef class DmSession:
             else:
                 evs = []
                 for o in c.items:
-                    it = <Item>o
+                    it = <Item?>o
                     m = _meta_of(it, c)
                     if code == 1226:
                         if m is None or m.type is None or it.data is None:
@@ -1315,8 +1318,8 @@ cdef class DmSession:
         handle = sm.handles[k]
         if handle is _INTERNAL:
             return
-        w = <Command>sm.wires[k]
-        if w.items is not None and len(w.items) == 1 and (<Item>w.items[0]).more_data:
+        w = <Command?>sm.wires[k]
+        if w.items is not None and len(w.items) == 1 and (<Item?>w.items[0]).more_data:
             if code == 213:                      # a chunk of a large object: not an outcome yet
                 return
             if self._out_lo is not None and self._out_lo.handle is handle:
@@ -1327,7 +1330,7 @@ cdef class DmSession:
                 answers = []
                 if c.items is not None:
                     for o in c.items:
-                        t = _text((<Item>o).data)
+                        t = _text((<Item?>o).data)
                         if t is not None:
                             answers.append(t)
                 ev.append(_tnew(UserAlertAnswered, (handle, code, answers, alert)))
@@ -1335,7 +1338,7 @@ cdef class DmSession:
         if c.target_refs:
             target = c.target_refs[0]
         elif w.items:
-            target = (<Item>w.items[0]).target
+            target = (<Item?>w.items[0]).target
         else:
             target = None
         ev.append(_tnew(StatusReceived, (handle, w.name, code, c.items, target, sm.index[k])))
@@ -1378,7 +1381,7 @@ cdef class DmSession:
         items = []
         n = len(c.items)
         for i in range(n):
-            it = <Item>c.items[i]
+            it = <Item?>c.items[i]
             if it.more_data:
                 if i != n - 1:
                     self._add_status(c, "400")  # only the last Item may be chunked
@@ -1402,7 +1405,7 @@ cdef class DmSession:
         if k < 0 or k >= len(sm.wires):
             return _INTERNAL
         w = sm.wires[k]
-        if w is None or (<Command>w).name != "Get":
+        if w is None or (<Command?>w).name != "Get":
             return _INTERNAL
         return sm.handles[k]
 
@@ -1413,7 +1416,7 @@ cdef class DmSession:
         return self._in_lo.key == (msg_ref, c.cmd_ref)
 
     cdef _start_in_lo(self, Command c, tuple key, object handle, list done, list ev):
-        cdef Item it = <Item>c.items[len(c.items) - 1]
+        cdef Item it = <Item?>c.items[len(c.items) - 1]
         cdef _InLO lo = _InLO.__new__(_InLO)
         cdef Meta m = _meta_of(it, c)
         lo.handle = handle
@@ -1440,7 +1443,7 @@ cdef class DmSession:
         self._add_chunk(c, it, ev)
 
     cdef _continue_in_lo(self, Command c, list ev):
-        cdef Item it = <Item>c.items[0]
+        cdef Item it = <Item?>c.items[0]
         cdef _InLO lo = self._in_lo
         if len(c.items) != 1:
             self._add_status(c, "400")
@@ -1543,7 +1546,7 @@ cdef class DmSession:
         for handle, command in pairs:
             if not isinstance(command, Command):
                 raise CommandRejected("queue_many takes (handle, Command) pairs", handle=handle)
-            self._queue_one(handle, <Command>command)
+            self._queue_one(handle, <Command?>command)
 
     cdef _queue_one(self, object handle, Command command):
         if self._state == S_ENDED:
@@ -1687,7 +1690,7 @@ cdef class DmSession:
         cdef Py_ssize_t cid = 2
         cdef Command s
         for o in self._out_status:
-            s = <Command>o
+            s = <Command?>o
             s.cmd_id = _num(cid)
             cid += 1
             m.commands.append(s)
@@ -1712,7 +1715,7 @@ cdef class DmSession:
         cdef bint full = False
         cdef list cmds = m.commands
         self._scale = 1.0
-        est_ = _hdr_size(m.hdr, enc) + _command_size(<Command>cmds[0], enc) + _empty("Final", enc)
+        est_ = _hdr_size(m.hdr, enc) + _command_size(<Command?>cmds[0], enc) + _empty("Final", enc)
         if not package:
             tail = self._next_alert()
             est_ += _command_size(tail, enc) + 4
@@ -1720,7 +1723,7 @@ cdef class DmSession:
         self._est = est_
         # 1. statuses owed to the device (at least one per message, so they always drain)
         while n_status < len(self._out_status):
-            s = <Command>self._out_status[n_status]
+            s = <Command?>self._out_status[n_status]
             s.cmd_id = _num(cid)
             if n_status > 0 and not self._fit(m, s, limit, tail):
                 full = True
@@ -1734,7 +1737,7 @@ cdef class DmSession:
             del self._out_status[:n_status]
         # 2. alerts of our own (1225)
         while not full and self._own_cmds:
-            w = <Command>self._own_cmds[0]
+            w = <Command?>self._own_cmds[0]
             w.cmd_id = _num(cid)
             if not self._fit(m, w, limit, tail):
                 full = True
@@ -1751,15 +1754,15 @@ cdef class DmSession:
                 placed_cmds += cid - n_status
             while not full and self._out_lo is None and self._queue:
                 handle, orig = self._queue.popleft()
-                w = _wire_copy(<Command>orig)
+                w = _wire_copy(<Command?>orig)
                 nxt_id = _number(w, cid)
                 if not self._fit(m, w, limit, tail):
                     self._queue.appendleft((handle, orig))
                     cost = _command_size(w, enc)
                     if base + cost > limit and self._too_big_alone(w, limit):
                         self._queue.popleft()
-                        if self._chunkable(<Command>orig):
-                            if self._start_out_lo(handle, <Command>orig):
+                        if self._chunkable(<Command?>orig):
+                            if self._start_out_lo(handle, <Command?>orig):
                                 n_status = cid
                                 cid, full = self._place_chunk(m, cid, limit, base, placed)
                                 placed_cmds += cid - n_status
@@ -1875,7 +1878,7 @@ cdef class DmSession:
         except DmError:
             return
         while size > limit and len(m.commands) > 1:
-            w = <Command>m.commands.pop()
+            w = <Command?>m.commands.pop()
             if placed and (<tuple>placed[len(placed) - 1])[2] is w:
                 handle, orig, _w, chunk = placed.pop()
                 if handle is _INTERNAL and orig is None:
@@ -1928,7 +1931,7 @@ cdef class DmSession:
         sm.awaiting = bytearray(n_ids)
         self._sent[mid] = sm
         for handle, orig, wobj, chunk in placed:
-            w = <Command>wobj
+            w = <Command?>wobj
             if handle is not _INTERNAL or w.data != "1222":
                 self._pkg_cmds += 1
             self._register_one(sm, w, handle, -1)
@@ -1952,7 +1955,7 @@ cdef class DmSession:
         if w.commands is not None:
             i = 0
             for sub in w.commands:
-                self._register_one(sm, <Command>sub, handle, i)
+                self._register_one(sm, <Command?>sub, handle, i)
                 i += 1
 
     cdef list _awaited_handles(self):
@@ -1986,11 +1989,11 @@ cdef class DmSession:
             return False
         if c.items is None or len(c.items) != 1:
             return False
-        d = (<Item>c.items[0]).data
+        d = (<Item?>c.items[0]).data
         return type(d) is str or isinstance(d, bytes)
 
     cdef bint _start_out_lo(self, object handle, Command c):
-        cdef Item it = <Item>c.items[0]
+        cdef Item it = <Item?>c.items[0]
         cdef _OutLO lo = _OutLO.__new__(_OutLO)
         cdef long total
         data = it.data
@@ -2037,7 +2040,7 @@ cdef class DmSession:
         """Puts the next chunk of the object in transit into ``m``; returns (cid, full)."""
         cdef _OutLO lo = self._out_lo
         cdef Command w
-        cdef Item src = <Item>lo.cmd.items[0]
+        cdef Item src = <Item?>lo.cmd.items[0]
         cdef Item it
         cdef Meta meta
         cdef Py_ssize_t overhead, avail, units, start = lo.offset, remaining, r, tries
@@ -2152,7 +2155,7 @@ cdef class DmSession:
         self._out_status = []
         cid = 1
         for o in m.commands:
-            (<Command>o).cmd_id = _num(cid)
+            (<Command?>o).cmd_id = _num(cid)
             cid += 1
         a = Command.__new__(Command)
         a.name = "Alert"

@@ -542,3 +542,17 @@ def test_protocol_errors_carry_status_and_end_the_session(vectors_dir, enc):
     s = session(enc)
     with pytest.raises(ProtocolError):     # the first message must open the session
         s.receive(load(vectors_dir, "03-pkg3-client-results", enc), now=1, account=None)
+
+
+def test_wrong_model_objects_are_protocol_errors(enc):
+    bad_items = Message(hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="1", msg_id="1",
+                                    target=SERVER, source=IMEI),
+                        commands=[Command(name="Alert", cmd_id="1", data="1201"),
+                                  Command(name="Replace", cmd_id="2", items=[Command(name="Get")])],
+                        final=True)
+    for msg in (bad_items, Message(hdr=bad_items.hdr, commands=[Item()], final=True)):
+        s = session(enc, require_auth="none")
+        with pytest.raises(ProtocolError) as err:
+            s.receive(msg, now=1, account=None)
+        assert err.value.status == 400 and s.ended
+        CODECS[enc].encode(s.error_reply(err.value))
