@@ -487,3 +487,38 @@ def test_streamed_part_with_offset_head_and_connection_close(loop, tmp_path):
         finally:
             await srv.shutdown(0.1)
     loop.run_until_complete(main())
+
+
+def test_streamed_part_over_tls_and_shutdown_mid_download(loop, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    small = tmp_path / "small"
+    data = _pattern(2 * 1024 * 1024 + 256)
+    small.write_bytes(data)
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(256 * 1024 * 1024)           # sparse
+
+    async def main():
+        srv, _, _ = await _server(tls_cert=str(cert_file), tls_key=str(key_file),
+                                  send_chunk=64 * 1024)
+        srv.add_get_route("/small", _file_route(small))
+        srv.add_get_route("/big", _file_route(big))
+        (status, _, body), = await _exchange(
+            srv.port, b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n", ssl_ctx=client_ctx)
+        assert status == 200 and body == data
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port, ssl=client_ctx)
+        w.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+        await r.readexactly(200_000)
+        await srv.shutdown(0.1)                   # mid-download: the device is cut off
+        assert not srv._tasks and not srv.connections
+        got = await _drain_until_closed(r)
+        assert got < 256 * 1024 * 1024 - 200_000
+        w.close()
+    loop.run_until_complete(main())
