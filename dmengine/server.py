@@ -1370,10 +1370,10 @@ class DeviceConnection(asyncio.Protocol):
             return
         if self.state == _READING:
             self._count(408)
-            self.transport.write(_http(408, b"request too slow\n", close=True))
+            transport.write(_http(408, b"request too slow\n", close=True))
         self.closing = True
         self.deadline = float("inf")
-        self.transport.close()
+        transport.close()
 
     def close_if_idle(self) -> None:
         if not self.queue and not self.busy and self.state == _IDLE and self.transport is not None:
