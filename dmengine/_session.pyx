@@ -293,6 +293,7 @@ cdef class _SentMsg:
         self.awaiting = bytearray()
 
 
+cdef object _b2a = binascii.b2a_base64
 cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
 
 
@@ -1103,7 +1104,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = res.scheme
                 self.username = res.username
-                ev.append(Authenticated(res.username, res.scheme))
+                ev.append(_tnew(Authenticated, (res.username, res.scheme)))
             if res.scheme == "none":
                 self._hdr_code = "200"
             elif res.scheme == "hmac":
@@ -1121,16 +1122,19 @@ cdef class DmSession:
         return I_AUTH_FAIL
 
     cdef _issue_nonce(self, str chal_type, list ev):
-        cdef bytes fresh = _auth.new_nonce(self._random)
+        fresh_obj = self._random(_auth.NONCE_SIZE)
+        if type(fresh_obj) is not bytes or not 8 <= len(<bytes>fresh_obj) <= 64:
+            fresh_obj = _auth.new_nonce(self._random)      # raises with a clear message
+        cdef bytes fresh = <bytes>fresh_obj
         self._client_nonce = fresh
         cdef Meta m = Meta.__new__(Meta)
         m.format = "b64"
         m.type = chal_type
-        m.next_nonce = _auth.nonce_b64(fresh)
+        m.next_nonce = _b2a(fresh, newline=False).decode("ascii")
         cdef Chal ch = Chal.__new__(Chal)
         ch.meta = m
         self._hdr_chal = ch
-        ev.append(NonceIssued(self.device_id, fresh))
+        ev.append(_tnew(NonceIssued, (self.device_id, fresh)))
 
     cdef _act_start(self, Message msg, list ev):
         cdef Command c
@@ -1153,7 +1157,7 @@ cdef class DmSession:
                         if v is not None:
                             info[src[src.index("DevInfo/") + 8:]] = v
         self.devinfo = info
-        ev.append(DeviceIdentified(self.device_id, info, self.session_id, self.alert_code))
+        ev.append(_tnew(DeviceIdentified, (self.device_id, info, self.session_id, self.alert_code)))
         self._process_body(msg, ev, False)
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
@@ -1268,9 +1272,9 @@ cdef class DmSession:
                         if m is None or m.type is None or it.data is None:
                             st = "412"           # Type, Format and Data are required (§5.2)
                             break
-                        evs.append(GenericAlert(c.correlator, it.source,
-                                                _normalise_alert_type(m.type), m.format, m.mark,
-                                                it.data))
+                        evs.append(_tnew(GenericAlert, (c.correlator, it.source,
+                                                        _normalise_alert_type(m.type), m.format,
+                                                        m.mark, it.data)))
                     else:
                         evs.append(ClientEvent(it.source, m.type if m is not None else None,
                                                m.format if m is not None else None, it.data))
@@ -1777,7 +1781,7 @@ cdef class DmSession:
                 cmds.append(w)
                 placed.append((handle, orig, w, None))
                 placed_cmds += 1
-            if placed_cmds == 0 and (self._queue or self._out_lo is not None):
+            if placed_cmds == 0 and (self._queue or self._out_lo is not None) and not self._out_status:
                 self._stalls += 1
                 if self._stalls >= 3:            # only Status fits beside the header, again and again
                     self._stalls = 0
@@ -1834,8 +1838,10 @@ cdef class DmSession:
         cdef Py_ssize_t cost, r
         cdef list cmds
         cdef bint old_final
+        if limit <= 0:
+            return True
         cost = <Py_ssize_t>(_command_size(cand, self._enc) * self._scale) + 1
-        if limit <= 0 or self._est + cost <= limit:
+        if self._est + cost <= limit:
             self._est += cost
             return True
         if self._sizer is None:
@@ -2133,7 +2139,7 @@ cdef class DmSession:
         for o in self._sent.values():
             (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
             (<_SentMsg>o).n_awaiting = 0
-        ev.append(SessionEnded(reason, detail))
+        ev.append(_tnew(SessionEnded, (reason, detail)))
 
     def abort(self, str reason="aborted by server"):
         """Alert 1223 + Final (with the Status still owed for the last client message)."""
