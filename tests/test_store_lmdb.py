@@ -60,6 +60,19 @@ def test_map_limit_is_an_error_not_a_crash(tmp_path: pathlib.Path) -> None:
             await s.import_devices(devices(352, 5000), chunk=5000)
         assert (await s.counts())["devices"] == 0        # the failed chunk left nothing behind
         await s.create_job(Job(job_id="still-works"))
+        # an op too big for the limit sharing a transaction with small ones: they still land
+        def big(ctx) -> None:  # type: ignore[no-untyped-def]
+            for i in range(3000):
+                ctx.put("audit", i.to_bytes(8, "big"), b"x" * 200)
+
+        def small(n: int):  # type: ignore[no-untyped-def]
+            return lambda ctx: ctx.put("meta", b"small%d" % n, b"1")
+        results, errors = s._run([(small(1), None, None, None), (big, None, None, None),
+                                  (small(2), None, None, None)])
+        assert list(errors) == [1] and isinstance(errors[1], StoreError)
+        assert (await s.counts())["audit"] == 0
+        landed = await s._read(lambda t: (t.get("meta", b"small1"), t.get("meta", b"small2")))
+        assert landed == (b"1", b"1")
         assert await s.check() == []
         await s.close()
     asyncio.run(main())

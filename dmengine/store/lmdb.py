@@ -359,28 +359,9 @@ class LmdbStore(KVStore):
     def _commit(self, batch: list[tuple[Op[Any], Any, Any, Any]],
                 deliver: Callable[[Any, list[tuple[Any, Any, BaseException | None]]], None]) -> None:
         n = len(batch)
-        results: list[Any] = [None] * n
-        errors: dict[int, BaseException] = {}
         a0 = time.perf_counter()
         c0 = time.thread_time()
-        while True:
-            outcome = self._attempt(batch, results, errors)
-            if outcome == "done":
-                break
-            if outcome == "full":
-                if not self._grow():
-                    err = StoreError(f"LMDB map full at max_map_size={self.max_map_size}")
-                    for i in range(n):
-                        errors.setdefault(i, err)
-                    break
-            elif outcome == "resized":
-                self._gate.exclusive(lambda: self.env.set_mapsize(0))
-            elif isinstance(outcome, lmdb.Error):   # disk full, I/O error: nothing is durable
-                err = StoreError(f"LMDB write failed: {outcome}")
-                for i in range(n):
-                    errors.setdefault(i, err)
-                break
-            # "restart": an op failed after writing; replay the batch without it
+        results, errors = self._run(batch)
         self.batches += 1
         self.ops += n
         self.write_seconds += time.perf_counter() - a0
@@ -390,6 +371,41 @@ class LmdbStore(KVStore):
             by_loop.setdefault(loop, []).append((fut, results[i], errors.get(i)))
         for loop, items in by_loop.items():
             deliver(loop, items)
+
+    def _run(self, batch: list[tuple[Op[Any], Any, Any, Any]]
+             ) -> tuple[list[Any], dict[int, BaseException]]:
+        """Runs the batch to a commit (growing the map, replaying without failed ops)."""
+        n = len(batch)
+        results: list[Any] = [None] * n
+        errors: dict[int, BaseException] = {}
+        while True:
+            outcome = self._attempt(batch, results, errors)
+            if outcome == "done":
+                break
+            if outcome == "full":
+                if self._grow():
+                    continue
+                live = [i for i in range(n) if i not in errors]
+                if len(live) > 1:   # at the size limit: let every op that fits on its own land
+                    for i in live:
+                        r, e = self._run([batch[i]])
+                        results[i] = r[0]
+                        if e:
+                            errors[i] = e[0]
+                    break
+                err = StoreError(f"LMDB map full at max_map_size={self.max_map_size}")
+                for i in range(n):
+                    errors.setdefault(i, err)
+                break
+            elif outcome == "resized":
+                self._gate.exclusive(lambda: self.env.set_mapsize(0))
+            elif isinstance(outcome, lmdb.Error):   # disk full, I/O error: nothing is durable
+                err = StoreError(f"LMDB write failed: {outcome}")
+                for i in range(n):
+                    errors.setdefault(i, err)
+                break
+            # "restart": an op failed after writing; replay the batch without it
+        return results, errors
 
     def _attempt(self, batch: list[tuple[Op[Any], Any, Any, Any]], results: list[Any],
                  errors: dict[int, BaseException]) -> Any:
