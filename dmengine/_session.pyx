@@ -22,7 +22,6 @@ import base64
 import binascii
 import enum
 import os
-from collections import deque
 from urllib.parse import quote as _url_quote
 
 from dmengine import auth as _auth
@@ -788,7 +787,8 @@ cdef class DmSession:
     cdef bint _sent_meta
     # outbox and bookkeeping
     cdef list _out_status
-    cdef object _queue
+    cdef list _queue                # FIFO of (handle, command); items before _qhead are gone
+    cdef Py_ssize_t _qhead
     cdef list _own_cmds
     cdef dict _sent
     cdef Py_ssize_t _pkg_cmds
@@ -821,7 +821,8 @@ cdef class DmSession:
         self._out_msg_id = 0
         self._last_reply_to = -1
         self._out_status = []
-        self._queue = deque()
+        self._queue = []
+        self._qhead = 0
         self._own_cmds = []
         self._sent = {}
         self._events = []
@@ -848,7 +849,7 @@ cdef class DmSession:
         """Handles queued but not sent, or sent and not yet answered."""
         out = []
         seen = set()
-        for h, _c in self._queue:
+        for h, _c in self._queue[self._qhead:]:
             if h not in seen:
                 seen.add(h)
                 out.append(h)
@@ -1556,7 +1557,7 @@ cdef class DmSession:
         if self._state == S_ENDED:
             raise CommandRejected(f"session {self.session_key} has ended ({self.end_reason})",
                                   handle=handle)
-        if len(self._queue) >= self.config.max_queued:
+        if len(self._queue) - self._qhead >= self.config.max_queued:
             raise CommandRejected(f"more than {self.config.max_queued} commands queued",
                                   handle=handle)
         try:
@@ -1718,6 +1719,9 @@ cdef class DmSession:
         cdef list placed = []          # (handle, original command, wire command, chunk record)
         cdef bint full = False
         cdef list cmds = m.commands
+        if self._qhead > 32 and self._qhead * 2 > len(self._queue):
+            del self._queue[:self._qhead]         # drop what went out
+            self._qhead = 0
         self._scale = 1.0
         est_ = _hdr_size(m.hdr, enc) + _command_size(<Command?>cmds[0], enc) + _empty("Final", enc)
         if not package:
@@ -1756,15 +1760,16 @@ cdef class DmSession:
                 n_status = cid
                 cid, full = self._place_chunk(m, cid, limit, base, placed)
                 placed_cmds += cid - n_status
-            while not full and self._out_lo is None and self._queue:
-                handle, orig = self._queue.popleft()
+            while not full and self._out_lo is None and self._qhead < len(self._queue):
+                handle, orig = self._queue[self._qhead]
+                self._qhead += 1
                 w = _wire_copy(<Command?>orig)
                 nxt_id = _number(w, cid)
                 if not self._fit(m, w, limit, tail):
-                    self._queue.appendleft((handle, orig))
+                    self._qhead -= 1           # back to the front
                     cost = _command_size(w, enc)
                     if base + cost > limit and self._too_big_alone(w, limit):
-                        self._queue.popleft()
+                        self._qhead += 1
                         if self._chunkable(<Command?>orig):
                             if self._start_out_lo(handle, <Command?>orig):
                                 n_status = cid
@@ -1781,7 +1786,8 @@ cdef class DmSession:
                 cmds.append(w)
                 placed.append((handle, orig, w, None))
                 placed_cmds += 1
-            if placed_cmds == 0 and (self._queue or self._out_lo is not None) and not self._out_status:
+            if placed_cmds == 0 and (self._qhead < len(self._queue) or self._out_lo is not None) \
+                    and not self._out_status:
                 self._stalls += 1
                 if self._stalls >= 3:            # only Status fits beside the header, again and again
                     self._stalls = 0
@@ -1790,7 +1796,8 @@ cdef class DmSession:
                                             "no room for a chunk beside the Status owed"))
                         self._out_lo = None
                     else:
-                        handle, orig = self._queue.popleft()
+                        handle, orig = self._queue[self._qhead]
+                        self._qhead += 1
                         self._events.append(CommandNotDelivered(
                             handle, "command does not fit beside the Status owed"))
             else:
@@ -1801,7 +1808,7 @@ cdef class DmSession:
             placed.append((_INTERNAL, None, tail, None))
         else:
             m.final = not full and not self._out_status and not self._own_cmds and \
-                self._out_lo is None and not self._queue
+                self._out_lo is None and self._qhead >= len(self._queue)
         # 4. a last check with the real encoder when the estimate came near the limit
         if limit > 0 and self._sizer is not None and (
                 self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
@@ -1867,6 +1874,13 @@ cdef class DmSession:
             return True
         return False
 
+    cdef _push_front(self, object handle, object orig):
+        if self._qhead > 0:
+            self._qhead -= 1
+            self._queue[self._qhead] = (handle, orig)
+        else:
+            self._queue.insert(0, (handle, orig))
+
     cdef Command _next_alert(self):
         cdef Command a = Command.__new__(Command)
         a.name = "Alert"
@@ -1902,7 +1916,7 @@ cdef class DmSession:
                     lo.offset = chunk[1]
                     self._out_lo = lo
                 else:
-                    self._queue.appendleft((handle, orig))
+                    self._push_front(handle, orig)
             else:
                 self._out_status.insert(0, w)
             if package:
@@ -1921,7 +1935,7 @@ cdef class DmSession:
                     (<_OutLO>chunk[0]).offset = chunk[1]
                     self._out_lo = <_OutLO>chunk[0]
                 elif orig is not None:
-                    self._queue.appendleft((handle, orig))
+                    self._push_front(handle, orig)
                 else:
                     self._own_cmds.insert(0, w)
                 return
@@ -2096,7 +2110,7 @@ cdef class DmSession:
             it.more_data = not last
             if limit <= 0 or self._sizer is None:
                 break
-            m.final = last and not self._queue
+            m.final = last and self._qhead >= len(self._queue)
             r = self._measure(m)
             m.final = False
             if r < 0 or r <= limit or units <= lo.align or tries >= 6:
@@ -2122,11 +2136,12 @@ cdef class DmSession:
         if self.end_reason is not None:
             return
         self.end_reason = reason
-        for handle, _c in self._queue:
+        for handle, _c in self._queue[self._qhead:]:
             if handle not in seen:
                 seen.add(handle)
                 ev.append(CommandNotDelivered(handle, "not sent before the session ended"))
-        self._queue.clear()
+        self._queue = []
+        self._qhead = 0
         if self._out_lo is not None and self._out_lo.handle not in seen:
             seen.add(self._out_lo.handle)
             ev.append(CommandNotDelivered(self._out_lo.handle,
