@@ -37,6 +37,7 @@ from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceI
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
 from .message import Command, Item, Meta
+from .metrics import TaskMetrics
 from .model import (FINAL_TASK_STATES, BootstrapOp, Capability, Content, DiagOp, DmAccount,
                     Device, ExecOp, FumoMode, HistoryEntry, OutboxEntry, QueryOp, SetOp, Task,
                     TaskResult, TaskState, UpdateOp, new_id)
@@ -144,8 +145,10 @@ class Broker:
                  clock: Callable[[], float] = time.time,
                  carrier_callback: CarrierCallback | None = None,
                  content: ContentService | None = None,
+                 metrics: TaskMetrics | None = None,
                  rng: random.Random | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.content = content
         self.gateway = gateway
         self.config = config or BrokerConfig()
@@ -157,6 +160,21 @@ class Broker:
         #: another DevId (acceptDevicePolicy) is found through the account it authenticates with.
         self._by_username: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+
+    # --- every task write goes through these two (metrics) ------------------------------
+
+    async def _create(self, task: Task) -> Task:
+        task = await self.store.create_task(task)
+        if self.metrics is not None:
+            self.metrics.task_created(type(task.op).__struct_config__.tag)
+            self.metrics.task_moved(task.state.value)
+        return task
+
+    async def _move(self, task_id: str, to_state: TaskState, **kw: Any) -> Task:
+        task = await self.store.transition(task_id, to_state, **kw)
+        if self.metrics is not None:
+            self.metrics.task_moved(to_state.value)
+        return task
 
     # --- DMWSI operations ------------------------------------------------------------------
 
@@ -196,7 +214,7 @@ class Broker:
                     test_cycle=test_cycle, state=S.PENDING, next_attempt=now,
                     deadline=deadline if deadline is not None else now + self.config.task_ttl,
                     correlator=task_id)
-        task = await self.store.create_task(task)
+        task = await self._create(task)
         if notify:
             await self.notify(task)
         return task_id
@@ -221,7 +239,7 @@ class Broker:
         task = await self.store.get_task(task_id)
         if task.state in FINAL_TASK_STATES:
             raise ServiceError(f"task {task_id} is already {task.state.value}", where="taskId")
-        task = await self.store.transition(task_id, S.CANCELLED, cause=cause,
+        task = await self._move(task_id, S.CANCELLED, cause=cause,
                                            changes={"finished": self.clock(),
                                                     "next_attempt": None})
         for work in self._sessions.values():   # a session working on it drops it
@@ -256,7 +274,7 @@ class Broker:
         await self.store.update_device(device.dev_id, {"account": account})
         self._by_username[account.client_name] = device.dev_id
         now = self.clock()
-        task = await self.store.create_task(Task(
+        task = await self._create(Task(
             task_id=new_id("t"), dev_id=device.dev_id,
             op=BootstrapOp(account=account, security=security),  # type: ignore[arg-type]
             state=S.PENDING, next_attempt=None, deadline=now + self.config.task_ttl))
@@ -276,7 +294,7 @@ class Broker:
         except GatewayError as exc:
             await self._finish(task, S.FAILED, f"bootstrap not delivered: {exc}")
             return task.task_id
-        await self.store.transition(task.task_id, S.NOTIFIED,
+        await self._move(task.task_id, S.NOTIFIED,
                                     cause=f"bootstrap {delivery.state.value} by {delivery.gateway}",
                                     changes={"attempts": 1})
         return task.task_id
@@ -294,7 +312,7 @@ class Broker:
             # Nothing to wake it with: the task waits for the device's own session.
             why = ("no notification gateway" if self.gateway is None else
                    "device has no MSISDN" if not device.msisdn else "device has no DM account")
-            return await self.store.transition(task.task_id, task.state, cause=f"waiting: {why}",
+            return await self._move(task.task_id, task.state, cause=f"waiting: {why}",
                                                changes={"next_attempt": now + delay})
         if acc.client_name:
             self._by_username[acc.client_name] = device.dev_id
@@ -304,22 +322,26 @@ class Broker:
                           ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1)
         # NOTIFIED is written before the send: a fast device may open its session (and move
         # the task to IN_PROGRESS) before the gateway call returns.
-        task = await self.store.transition(
+        task = await self._move(
             task.task_id, S.NOTIFIED,
             cause=f"package #0 sent via {self.gateway.name} (session {session_id:X})",
             changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
         try:
             await self.gateway.send(device.msisdn, pkg0)
         except GatewayError as exc:
+            if self.metrics is not None:
+                self.metrics.notification("failed")
             current = await self.store.get_task(task.task_id)
             if current.state != S.NOTIFIED:
                 return current                 # the device came anyway
             if exc.retryable:
-                return await self.store.transition(
+                return await self._move(
                     task.task_id, S.PENDING, cause=f"notification failed, will retry: {exc}")
-            return await self.store.transition(
+            return await self._move(
                 task.task_id, S.FAILED, cause=f"notification refused: {exc}",
                 changes={"finished": now, "next_attempt": None})
+        if self.metrics is not None:
+            self.metrics.notification("sent")
         return task
 
     def _retry_delay(self, attempts: int) -> float:
@@ -476,7 +498,7 @@ class Broker:
         for task in tasks:
             if isinstance(task.op, BootstrapOp):
                 # The first session with the bootstrapped account: the bootstrap worked.
-                task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+                task = await self._move(task.task_id, S.IN_PROGRESS,
                                                    cause="device connected with the new account")
                 await self._finish(task, S.SUCCEEDED, "device opened a session with the new account")
                 continue
@@ -524,7 +546,7 @@ class Broker:
         run = _TaskRun(task=task)
         work.runs[task.task_id] = run
         if task.b_optin:
-            task = await self.store.transition(task.task_id, S.WAITING_USER,
+            task = await self._move(task.task_id, S.WAITING_USER,
                                                cause="asking the user (opt-in)",
                                                changes={"next_attempt": None})
             run.task = task
@@ -534,7 +556,7 @@ class Broker:
                 items=[Item(data=params), Item(data=self.config.optin_text)]))
             run.outstanding = 1
             return
-        task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+        task = await self._move(task.task_id, S.IN_PROGRESS,
                                            cause="device connected; commands sent",
                                            changes={"next_attempt": None})
         run.task = task
@@ -681,7 +703,7 @@ class Broker:
             cause, status = run.failed
             await self._finish(task, S.FAILED, cause, dm_status=status or None, result=result)
         elif run.waiting_alert:
-            await self.store.transition(task.task_id, S.IN_PROGRESS,
+            await self._move(task.task_id, S.IN_PROGRESS,
                                         cause="firmware update accepted; waiting for the result "
                                               "alert", changes={"result": result})
         else:
@@ -694,7 +716,7 @@ class Broker:
             return
         task = run.task
         if ev.status == 200:
-            run.task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+            run.task = await self._move(task.task_id, S.IN_PROGRESS,
                                                    cause="the user accepted", dm_status=200)
             await self._queue_work(session, run)
             return
@@ -737,7 +759,7 @@ class Broker:
             device = await self.store.get_device(task.dev_id)
             _content, fumo, _mode = await self._content_for(task.op, device)
             correlator = f"{task.task_id}.u"
-            task = await self.store.transition(task.task_id, S.IN_PROGRESS,
+            task = await self._move(task.task_id, S.IN_PROGRESS,
                                                cause="download complete; installing",
                                                result_code=code,
                                                changes={"correlator": correlator,
@@ -781,8 +803,8 @@ class Broker:
             return
         if current.state == S.WAITING_USER:
             # No answer to the opt-in question before the session ended: ask again next time.
-            current = await self.store.transition(task.task_id, S.IN_PROGRESS, cause=cause)
-        await self.store.transition(task.task_id, S.PENDING, cause=cause,
+            current = await self._move(task.task_id, S.IN_PROGRESS, cause=cause)
+        await self._move(task.task_id, S.PENDING, cause=cause,
                                     changes={"next_attempt": self.clock()
                                              + self._retry_delay(current.attempts)})
 
@@ -801,7 +823,7 @@ class Broker:
                          "operation": type(task.op).__struct_config__.tag,
                          "job_id": task.job_id}))
         try:
-            return await self.store.transition(task.task_id, state, cause=cause,
+            return await self._move(task.task_id, state, cause=cause,
                                                dm_status=dm_status, result_code=result_code,
                                                changes=changes, enqueue=enqueue)
         except StoreError as exc:

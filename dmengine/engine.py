@@ -18,7 +18,7 @@ from .broker import Broker, BrokerConfig
 from .content import CONTENT_PREFIX, ContentService
 from .devices import http_carrier_callback
 from .errors import ConfigError
-from .metrics import DeviceMetrics
+from .metrics import DeviceMetrics, TaskMetrics
 from .notify.base import Gateway
 from .server import DmServer, ServerConfig
 from .store.base import Store
@@ -64,6 +64,7 @@ class Engine:
         self.store: Store | None = store
         self.registry = CollectorRegistry()
         self.metrics = DeviceMetrics(self.registry)
+        self.task_metrics = TaskMetrics(self.registry)
         self.content: ContentService | None = None
         self.broker: Broker | None = None
         self.server: DmServer | None = None
@@ -86,7 +87,8 @@ class Engine:
         callback = http_carrier_callback(cfg.carrier_callback_url) \
             if cfg.carrier_callback_url else None
         self.broker = Broker(self.store, self.gateway, config=cfg.broker,
-                             carrier_callback=callback, content=self.content)
+                             carrier_callback=callback, content=self.content,
+                             metrics=self.task_metrics)
         self.server = DmServer(scfg, self.broker, metrics=self.metrics)
         self.content.sweep_temp()    # temp files of uploads a dead process left behind
         self.server.add_get_route(CONTENT_PREFIX, self.content.device_route())

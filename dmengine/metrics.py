@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
-__all__ = ["DeviceMetrics", "ENCODINGS", "LATENCY_BUCKETS"]
+__all__ = ["DeviceMetrics", "TaskMetrics", "ENCODINGS", "LATENCY_BUCKETS"]
 
 ENCODINGS = ("xml", "wbxml")
 
@@ -148,3 +148,45 @@ class DeviceMetrics:
         yield HistogramMetricFamily(
             f"{p}_request_seconds", "time from a complete request to its reply being written",
             buckets=cum, sum_value=self.latency_sum)
+
+
+class TaskMetrics:
+    """Task counters of the deployment broker, same pattern as :class:`DeviceMetrics`
+    (plain integers, one collector):
+
+    * ``dmengine_tasks_created_total{operation}``
+    * ``dmengine_task_transitions_total{state}`` (every move, by the state entered)
+    * ``dmengine_notifications_total{result}`` (package #0: ``sent`` / ``failed``)
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
+        self.prefix = prefix
+        self.created: dict[str, int] = {}
+        self.transitions: dict[str, int] = {}
+        self.notifications: dict[str, int] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def task_created(self, operation: str) -> None:
+        self.created[operation] = self.created.get(operation, 0) + 1
+
+    def task_moved(self, state: str) -> None:
+        self.transitions[state] = self.transitions.get(state, 0) + 1
+
+    def notification(self, result: str) -> None:
+        self.notifications[result] = self.notifications.get(result, 0) + 1
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        for name, doc, label, values in (
+                ("tasks_created", "tasks created, by operation", "operation", self.created),
+                ("task_transitions", "task state changes, by the state entered", "state",
+                 self.transitions),
+                ("notifications", "package #0 notifications, by result", "result",
+                 self.notifications)):
+            fam = CounterMetricFamily(f"{p}_{name}", doc, labels=[label])
+            for key, v in sorted(values.items()):
+                fam.add_metric([key], v)
+            yield fam
