@@ -92,7 +92,9 @@ class SessionConfig:
     send_server_cred: bool         # MD5 Cred of the server in our SyncHdr until the device says 212
     encoding: str                  # "wbxml" | "xml": default encoding used to measure replies
     encoded_size: Callable[[Message], int] | None   # real size of a reply; default: len(codec.encode(msg))
-    verify_ratio: float            # verify with the real encoder when the (upper-bound) estimate passes this share of MaxMsgSize
+    verify_ratio: float            # verify with the real encoder when the estimate passes this share of MaxMsgSize;
+                                   # 1.0 suits the project's codecs (the estimate is an upper bound of their output),
+                                   # lower it for an encoded_size that can exceed the estimate (pretty printers)
     max_commands_per_message: int  # more SyncBody children in one client message -> ProtocolError(413)
     max_items_per_command: int     # more Items in one client command -> Status 413
     max_auth_attempts: int         # failed credential checks before the session ends (auth_failed)

@@ -556,3 +556,29 @@ def test_wrong_model_objects_are_protocol_errors(enc):
             s.receive(msg, now=1, account=None)
         assert err.value.status == 400 and s.ended
         CODECS[enc].encode(s.error_reply(err.value))
+
+
+@pytest.mark.parametrize("inflate", [1.3, 2.0])
+def test_a_codec_bigger_than_the_estimate_is_trimmed(vectors_dir, inflate):
+    """encoded_size says more than the estimate (e.g. a pretty-printing encoder): with
+    verify_ratio < 1 the session measures and takes commands back until the message fits."""
+    sizer = lambda m: int(len(xmlcodec.encode(m)) * inflate)   # noqa: E731
+    s = session("xml", encoded_size=sizer, verify_ratio=0.3)
+    m1 = load(vectors_dir, "01-pkg1-client-init", "xml")
+    m1.hdr.meta.max_msg_size = "5000"
+    s.receive(m1, now=1, account=account())
+    for i in range(30):
+        s.queue(i, Command(name="Replace", items=[Item(target=f"./Vendor/Acme/N{i}", data=f"v{i}" * 20)]))
+    got, msg_id, outcomes = [], 2, []
+    reply = s.next_message(now=2)
+    while True:
+        assert sizer(reply) <= 5000
+        got += [c.items[0].target for c in reply.commands if c.name == "Replace"]
+        if reply.final:
+            break
+        outcomes += s.receive(answer(reply, msg_id), now=msg_id, account=None)
+        msg_id += 1
+        reply = s.next_message(now=msg_id)
+    assert got == [f"./Vendor/Acme/N{i}" for i in range(30)]
+    outcomes += s.receive(answer(reply, msg_id), now=msg_id, account=None)
+    assert sorted(e.handle for e in outcomes if isinstance(e, StatusReceived)) == list(range(30))
