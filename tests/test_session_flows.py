@@ -582,3 +582,18 @@ def test_a_codec_bigger_than_the_estimate_is_trimmed(vectors_dir, inflate):
     assert got == [f"./Vendor/Acme/N{i}" for i in range(30)]
     outcomes += s.receive(answer(reply, msg_id), now=msg_id, account=None)
     assert sorted(e.handle for e in outcomes if isinstance(e, StatusReceived)) == list(range(30))
+
+
+def test_idle_timeout_close_and_pending_handles(vectors_dir, enc):
+    s = session(enc, idle_timeout=30)
+    s.receive(load(vectors_dir, "01-pkg1-client-init", enc), now=100, account=account())
+    s.queue("sent", Command(name="Get", items=[Item(target="./DevInfo/Mod")]))
+    s.next_message(now=101)
+    s.queue("waiting", Command(name="Get", items=[Item(target="./DevInfo/Lang")]))
+    assert s.pending_handles == ["waiting", "sent"]
+    assert not s.expired(120) and s.expired(132)
+    ev = s.close("timeout", "no message for 30 s")
+    assert ev == [CommandNotDelivered("waiting", "not sent before the session ended"),
+                  CommandNotDelivered("sent", "no Status before the session ended"),
+                  SessionEnded("timeout", "no message for 30 s")]
+    assert s.ended and s.pending_handles == [] and s.close("timeout") == []
