@@ -698,7 +698,9 @@ class Broker:
                                                {"devdetail": {**device.devdetail, **learned}})
             except NotFound:
                 pass
-        result = TaskResult(statuses=run.statuses, nodes=run.nodes)
+        before = task.result or TaskResult()        # earlier sessions of the same task
+        result = TaskResult(statuses={**before.statuses, **run.statuses},
+                            nodes={**before.nodes, **run.nodes}, fumo_result=before.fumo_result)
         if run.failed is not None:
             cause, status = run.failed
             await self._finish(task, S.FAILED, cause, dm_status=status or None, result=result)

@@ -542,3 +542,83 @@ def test_api_do_operation_and_get_task(tmp_path):
                 text = await r.text()
                 assert "dmengine_device_messages_received_total" in text
     run_world(tmp_path, scenario)
+
+
+def test_set_add_replace_delete_and_exec_with_data(tmp_path):
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        tid = await w.broker.do_operation(SetOp(changes=[
+            NodeChange(uri="./DMAcc/1/Ext", action="Add", format="node"),
+            NodeChange(uri="./DMAcc/1/Ext/Note", action="Add", value="hello"),
+            NodeChange(uri="./DMAcc/1/Name", action="Replace", value="X"),
+        ]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        assert dev.value("./DMAcc/1/Ext/Note") == "hello"
+        tid = await w.broker.do_operation(SetOp(changes=[
+            NodeChange(uri="./DMAcc/1/Ext/Note", action="Delete")]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        assert dev.node("./DMAcc/1/Ext/Note") is None
+        tid = await w.broker.do_operation(ExecOp(uri="./Diag/Ping", data="8.8.8.8"),
+                                          msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.state == S.SUCCEEDED and task.result.statuses == {"Exec ./Diag/Ping": 200}
+    run_world(tmp_path, scenario)
+
+
+def test_update_download_then_update_capability(tmp_path):
+    async def scenario(w: World) -> None:
+        from dmengine.model import FumoMode
+        await w.store.update_capability("cap-ex100",
+                                        {"fumo_mode": FumoMode.DOWNLOAD_THEN_UPDATE})
+        dev = w.device(0)
+        await w.register(dev)
+        cid = await upload_firmware(w)
+        tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED}, timeout=20)
+        assert task.state == S.SUCCEEDED, task.cause
+        causes = [h.cause for h in await w.broker.get_task_history(tid)]
+        assert any("download complete; installing" in (c or "") for c in causes), causes
+        assert task.correlator == f"{tid}.u"          # the Update's own correlator
+        assert dev.fwv != "2.3.9"
+        assert task.result.statuses.get("Replace ./FUMO/1/Download/PkgURL") == 200
+    run_world(tmp_path, scenario)
+
+
+def test_gateway_failure_is_retried_by_the_scheduler(tmp_path):
+    async def scenario(w: World) -> None:
+        from dmengine.errors import GatewayError
+        from dmengine.notify.base import RetryPolicy
+        dev = w.device(0)
+        await w.register(dev)
+        gw = w.engine.gateway
+        gw.retry = RetryPolicy(attempts=2, base_delay=0.01)
+        real = gw.callback
+        calls: list[str] = []
+
+        async def flaky(msisdn: str, pkg0: bytes) -> object:
+            calls.append(msisdn)
+            if len(calls) <= 2:                        # the SMSC is down for the first send
+                raise GatewayError("SMSC down", retryable=True)
+            return await real(msisdn, pkg0)
+        gw.callback = flaky
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED, S.EXPIRED})
+        assert task.state == S.SUCCEEDED, task.cause
+        causes = [h.cause for h in await w.broker.get_task_history(tid)]
+        assert any("notification failed, will retry" in (c or "") for c in causes), causes
+        assert len(calls) == 3
+        assert w.engine.task_metrics.notifications == {"failed": 1, "sent": 1}
+    run_world(tmp_path, scenario)
+
+
+def test_non_retryable_gateway_refusal_fails_the_task(tmp_path):
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev, msisdn="+4915199999999")     # no phone with that number
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), dev_id=dev.dev_id)
+        task = await w.wait_state(tid, {S.FAILED})
+        assert "notification refused" in task.cause
+    run_world(tmp_path, scenario)

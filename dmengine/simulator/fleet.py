@@ -410,7 +410,11 @@ class Fleet:
         if later_jobs:
             for job in later_jobs:
                 await self.run_job(dev, job)
-            self.spawn(self.run_session(dev, alert=1201))   # report in a new session
+        if later_jobs or (dev.pending_alerts and rep.outcome == "completed"):
+            # Results the session could not carry (a job that finished after the device's
+            # last message, or jobs run after the session) go out in a new session, as a
+            # phone reports a FUMO result after its update.
+            self.spawn(self.run_session(dev, alert=1201))
         return rep
 
     async def run_job(self, dev: VirtualDevice, job: Job) -> int:
