@@ -11,6 +11,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from .broker import BrokerConfig
+    from .errors import ConfigError
     from .engine import Engine, EngineConfig, gateway_from_spec, run_until_signal
 
     cfg = EngineConfig(data_dir=args.data, host=args.host, device_port=args.device_port,
@@ -21,7 +22,12 @@ def _serve(args: argparse.Namespace) -> int:
                        broker=BrokerConfig(server_id=args.server_id))
 
     async def main() -> None:
-        engine = await Engine(cfg, gateway=gateway_from_spec(args.gateway)).start()
+        engine = Engine(cfg, gateway=gateway_from_spec(args.gateway))
+        try:
+            await engine.start()
+        except OSError as exc:          # port taken, data dir not writable, ...
+            await engine.stop()
+            raise ConfigError(f"cannot start: {exc}") from None
         for label, url in engine.urls():
             print(f"{label}: {url}", flush=True)
         print(f"API key: {engine.api_key}", flush=True)
@@ -73,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import ConfigError
     args = build_parser().parse_args(argv)
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:      # a wrong option: say which, no traceback
+        where = f" ({exc.key})" if exc.key else ""
+        print(f"dmengine: configuration error{where}: {exc}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
