@@ -29,7 +29,7 @@ __all__ = [
     "AUTH_BASIC", "AUTH_MD5", "AUTH_MAC", "SCHEME_TYPES", "TYPE_SCHEMES", "NONCE_SIZE",
     "DmAccount", "AuthResult", "HmacHeader",
     "md5_key", "md5_digest", "basic_cred", "hmac_mac", "parse_hmac_header", "format_hmac_header",
-    "verify_basic", "verify_md5", "verify_hmac", "new_nonce", "nonce_b64", "decode_nonce",
+    "verify_basic", "verify_md5", "verify_md5_key", "verify_hmac", "new_nonce", "nonce_b64", "decode_nonce",
     "check_client", "server_cred",
 ]
 
@@ -54,7 +54,7 @@ class DmAccount:
     """
 
     __slots__ = ("dev_id", "username", "client_secret", "client_nonce", "server_id",
-                 "server_secret", "server_nonce")
+                 "server_secret", "server_nonce", "_kc", "_sc")
 
     def __init__(self, *, dev_id: str, username: str, client_secret: str | bytes,
                  client_nonce: bytes | None = None, server_id: str | None = None,
@@ -66,6 +66,28 @@ class DmAccount:
         self.server_id = server_id
         self.server_secret = server_secret
         self.server_nonce = server_nonce
+        self._kc: tuple | None = None    # (username, client_secret, K) for the device's digests
+        self._sc: tuple | None = None    # (server_id, server_secret, nonce, Cred/Data) we send
+
+    def client_key(self) -> bytes:
+        """``K = B64(MD5(username ":" client_secret))`` (what MD5 and HMAC verification need),
+        computed once and recomputed only when the name or the secret changes."""
+        kc = self._kc
+        if kc is not None and kc[0] is self.username and kc[1] is self.client_secret:
+            return kc[2]
+        k = md5_key(self.username, self.client_secret)
+        self._kc = (self.username, self.client_secret, k)
+        return k
+
+    def server_cred_for(self, server_id: str, nonce: bytes) -> str:
+        """Our MD5 Cred/Data for ``nonce`` (the device's nonce for us): computed once per
+        nonce, again whenever the nonce, the name or the secret changes."""
+        sc = self._sc
+        if sc is not None and sc[0] == server_id and sc[1] is self.server_secret and sc[2] == nonce:
+            return sc[3]
+        d = server_cred(server_id, self.server_secret or b"", nonce)
+        self._sc = (server_id, self.server_secret, nonce, d)
+        return d
 
     def __repr__(self) -> str:  # never print secrets
         return f"DmAccount(dev_id={self.dev_id!r}, username={self.username!r}, server_id={self.server_id!r})"
@@ -184,6 +206,11 @@ def verify_md5(cred_data: str | bytes, username: str, secret: str | bytes, nonce
     return _eq(_b(cred_data).strip(), md5_digest(username, secret, nonce).encode("ascii"))
 
 
+def verify_md5_key(cred_data: str | bytes, key: bytes, nonce: bytes) -> bool:
+    """verify_md5 with ``K`` already known (DmAccount.client_key()); one MD5 per check."""
+    return _eq(_b(cred_data).strip(), base64.b64encode(md5(key + b":" + nonce).digest()))
+
+
 def verify_hmac(header: HmacHeader, username: str, secret: str | bytes, nonce: bytes, body: bytes) -> bool:
     name_ok = _eq(header.username, username)
     mac_ok = _eq(header.mac.strip(), hmac_mac(username, secret, nonce, body))
@@ -267,7 +294,7 @@ def check_client(require: str, *, cred_type: str | None, cred_data: str | bytes 
     else:
         if nonce is None:
             return AuthResult(False, StatusCode.INVALID_CREDENTIALS, scheme, account.username, "no nonce issued yet")
-        ok = verify_md5(cred_data, account.username, account.client_secret, nonce)
+        ok = verify_md5_key(cred_data, account.client_key(), nonce)
     if not ok:
         return AuthResult(False, StatusCode.INVALID_CREDENTIALS, scheme, account.username,
                           "digest mismatch (wrong secret or stale nonce)" if scheme == "md5" else "wrong password")
