@@ -127,7 +127,7 @@ class _BenchHandler:
 def _dm_server(conn: Any, auth: str, mode: str) -> None:
     import uvloop
 
-    from dmengine.server import DmServer, HttpResponse, ServerConfig
+    from dmengine.server import DmServer, HttpResponse, ServerConfig, tune_gc
 
     _pin(SERVER_CPU)
 
@@ -141,6 +141,7 @@ def _dm_server(conn: Any, auth: str, mode: str) -> None:
             return HttpResponse(200, f"{_rss_kb()} {len(srv.sessions)}".encode(), "text/plain")
         srv.add_get_route("/_rss", rss)
         await srv.start()
+        tune_gc()                         # what serve_forever does after start-up
         conn.send(srv.port)
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 

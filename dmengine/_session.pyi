@@ -137,7 +137,8 @@ class DmSession:
     device_id: str | None          # Source LocURI of the device (set by its first message)
     session_id: str | None         # SyncML SessionID
     alert_code: int                # 1200 / 1201 once package 1 was accepted, else 0
-    devinfo: dict[str, str] | None # ./DevInfo leaves of package 1
+    devinfo: dict[str, str] | None # ./DevInfo leaves of package 1, until the reply to it is
+                                   # built (then only in the DeviceIdentified event)
     authenticated: bool
     auth_scheme: str | None        # "md5" | "basic" | "hmac" | "none" once authenticated
     username: str | None
@@ -196,6 +197,15 @@ class DmSession:
         """The reply to the last received message: SyncHdr Status (+Chal), Status for every
         device command, then queued commands while they fit the device's MaxMsgSize (large
         Add/Replace values are chunked with MoreData), Final when everything went out."""
+
+    def keep_reply_bytes(self, encoded: bytes) -> None:
+        """The encoding of the reply next_message()/abort() just returned: the session keeps
+        these bytes for a retransmission instead of the Message (a retransmission still gets
+        an equal Message from next_message(), decoded from the bytes)."""
+
+    def replay_bytes(self) -> bytes | None:
+        """After receive() took a retransmission: the kept bytes to send again (the
+        retransmission is then answered; no next_message() call), else None."""
 
     def take_events(self) -> list[Event]:
         """Events made by next_message(), abort(), close() and a failed receive() since the

@@ -792,8 +792,11 @@ cdef class DmSession:
     cdef str _in_msg_id_text
     cdef SyncHdr _in_hdr
     cdef Message _last_reply
+    cdef bytes _last_bytes          # the encoded reply, when the caller gave it (keep_reply_bytes)
     cdef long _last_reply_to
-    cdef object _last_fingerprint
+    cdef Py_hash_t _fp_hash         # fingerprint of the last message: hash(body), commands, Final
+    cdef Py_ssize_t _fp_ncmd
+    cdef int _fp_flags
     cdef bint _replay
     # authentication
     cdef readonly bint authenticated
@@ -968,7 +971,8 @@ cdef class DmSession:
         cdef int inp, action, nxt = -1
         cdef bint has_start = False, has_abort = False, has_next = False
         cdef Command c
-        cdef object fingerprint
+        cdef Py_hash_t fp_hash = 0
+        cdef int fp_flags
         cdef Py_ssize_t ncmd
         if h is None:
             raise ProtocolError("message without SyncHdr", status=400)
@@ -997,10 +1001,12 @@ cdef class DmSession:
         if ncmd > self.config.max_commands_per_message:
             raise ProtocolError(f"{ncmd} commands in one message (limit "
                                 f"{self.config.max_commands_per_message})", status=413)
-        fingerprint = (hash(body) if body is not None else None, ncmd, msg.final)
+        fp_flags = (1 if msg.final else 0) | (2 if body is not None else 0)
+        if body is not None:
+            fp_hash = hash(body)
         # retransmission of the message we last answered (or are answering)
         if msg_id == self._in_msg_id:
-            if fingerprint != self._last_fingerprint:
+            if fp_flags != self._fp_flags or fp_hash != self._fp_hash or ncmd != self._fp_ncmd:
                 raise ProtocolError(f"MsgID {msg_id} reused for a different message", status=400)
             action = self._lookup(I_RETRANSMIT, &nxt)
             if self._last_reply_to != msg_id:
@@ -1059,7 +1065,9 @@ cdef class DmSession:
         self._in_msg_id = msg_id
         self._in_msg_id_text = h.msg_id.strip()
         self._in_hdr = h
-        self._last_fingerprint = fingerprint
+        self._fp_hash = fp_hash
+        self._fp_flags = fp_flags
+        self._fp_ncmd = ncmd
         self.last_activity = now
         self.messages_received += 1
         if h.meta is not None:
@@ -1717,11 +1725,11 @@ cdef class DmSession:
         cdef Message m
         if self._replay:
             self._replay = False
-            return self._last_reply
+            return self._reply_again()
         if st != S_OWE_PACKAGE and st != S_OWE_CONTINUATION and st != S_OWE_NEXT and \
                 st != S_OWE_CHALLENGE and st != S_OWE_ABORT_ACK and st != S_OWE_AUTH_END:
-            if self._last_reply is not None:
-                return self._last_reply
+            if self._last_reply is not None or self._last_bytes is not None:
+                return self._reply_again()
             raise ProtocolError(f"no reply owed in state {SessionState(st).name}", status=500)
         if st == S_OWE_PACKAGE or st == S_OWE_CONTINUATION:
             if st == S_OWE_PACKAGE:
@@ -1742,12 +1750,45 @@ cdef class DmSession:
         self._lookup(inp, &nxt)
         self._state = nxt
         self._last_reply = m
+        self._last_bytes = None
         self._last_reply_to = self._in_msg_id
+        self._in_hdr = None             # its Status is in the reply; a parked session stays small
+        self.devinfo = None             # in the DeviceIdentified event
+        if self._qhead >= len(self._queue) and self._qhead:
+            self._queue = []            # what went out is in _sent, not in the queue
+            self._qhead = 0
         self.messages_sent += 1
         self.last_activity = now
         if inp == I_SEND_END and self.end_reason is None:
             self._finish("completed", "", self._events)
         return m
+
+    cdef Message _reply_again(self):
+        """The last reply again (decoded from its bytes when the caller kept only those)."""
+        if self._last_reply is None and self._last_bytes is not None:
+            if self._enc == ENC_WBXML:
+                from dmengine import _wbxml as codec
+            else:
+                from dmengine import xmlcodec as codec
+            return codec.decode(self._last_bytes)
+        return self._last_reply
+
+    def keep_reply_bytes(self, bytes encoded not None):
+        """Hands the session the encoding of the reply next_message()/abort() just returned.
+        The session then keeps these bytes for a retransmission instead of the Message (a
+        parked session holds a few hundred bytes rather than the reply's model)."""
+        if self._last_reply is None and self._last_bytes is None:
+            raise ValueError("no reply to keep")
+        self._last_bytes = encoded
+        self._last_reply = None
+
+    def replay_bytes(self):
+        """After receive() took a retransmission: the kept bytes of the reply to send again
+        (and the retransmission counts as answered), else None (call next_message())."""
+        if self._replay and self._last_bytes is not None:
+            self._replay = False
+            return self._last_bytes
+        return None
 
     cdef Message _new_reply(self):
         cdef Message m = Message.__new__(Message)
@@ -2254,7 +2295,9 @@ cdef class DmSession:
         self._finish("aborted_by_server", reason, self._events)
         self._state = nxt
         self._last_reply = m
+        self._last_bytes = None
         self._last_reply_to = self._in_msg_id
+        self._in_hdr = None
         self.messages_sent += 1
         return m
 

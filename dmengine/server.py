@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import os
 from base64 import urlsafe_b64encode
@@ -44,7 +45,7 @@ from .status import AlertCode, StatusCode
 
 __all__ = [
     "ServerConfig", "DeviceHandler", "MemoryDeviceHandler", "DmServer", "DeviceConnection",
-    "HttpResponse", "ENCODING_BY_TYPE", "start_server", "serve_forever",
+    "HttpResponse", "ENCODING_BY_TYPE", "start_server", "serve_forever", "tune_gc",
 ]
 
 log = logging.getLogger("dmengine.server")
@@ -394,6 +395,7 @@ class DmServer:
         self._session_configs: dict[str, Any] = {}
         self._on_closed = getattr(handler, "on_session_closed", None)
         self._take_events = True     # cleared when the session class has no take_events()
+        self._keep_bytes = True      # the session keeps the encoded reply (keep_reply_bytes)
         self._path = config.path.encode()
         self._prefix = self._path + b"/"
         self._idle_event: asyncio.Event | None = None
@@ -502,6 +504,8 @@ class DmServer:
                           encoding=encoding)
         if self._take_events and not hasattr(session, "take_events"):
             self._take_events = False
+        if self._keep_bytes and not hasattr(session, "keep_reply_bytes"):
+            self._keep_bytes = False
         # not in the table yet: a session that ends with its first reply never enters it
         entry = _Entry(session, token, 0.0)
         if self.metrics is not None:
@@ -660,6 +664,11 @@ class DmServer:
                 return self._reply(encoding, encode, reply, req)
             if events:
                 await self.handler.on_events(session, events)
+            out = session.replay_bytes() if self._keep_bytes else None
+            if out is not None:       # a retransmission: the same bytes again
+                if entry.inserted and entry.token in self.sessions:
+                    self._touch(entry)
+                return self._reply(encoding, encode, None, req, session, out)
             reply = session.next_message(now=now_wall)
             if self._take_events:
                 more = session.take_events()
@@ -689,11 +698,16 @@ class DmServer:
                 self._touch(entry)
         elif not entry.closed:
             self._insert(entry)
-        return self._reply(encoding, encode, reply, req, session)
-
-    def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message,
-               req: _Req, session: Any = None) -> bytes:
         out = encode(reply)
+        if self._keep_bytes and not entry.closed:
+            session.keep_reply_bytes(out)      # kept for a retransmission instead of the model
+        return self._reply(encoding, encode, reply, req, session, out)
+
+    def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message | None,
+               req: _Req, session: Any = None, out: bytes | None = None) -> bytes:
+        if out is None:
+            assert reply is not None
+            out = encode(reply)
         if self.metrics is not None:
             self.metrics.message_out(encoding, len(out))
         ctype = req.ctype or b"application/vnd.syncml.dm+xml"
@@ -1410,6 +1424,7 @@ async def serve_forever(config: ServerConfig, handler: Any, *,
     server = await start_server(config, handler, metrics=metrics)
     if on_started is not None:
         on_started(server)
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1420,6 +1435,21 @@ async def serve_forever(config: ServerConfig, handler: Any, *,
     await stop.wait()
     log.info("stopping: draining %d sessions", len(server.sessions))
     await server.shutdown()
+
+
+DEFAULT_GC_THRESHOLDS = (20_000, 20, 20)   # gen0 allocations; gen1, gen2 collection ratios
+
+
+def tune_gc(thresholds: tuple[int, int, int] = DEFAULT_GC_THRESHOLDS, *, freeze: bool = True) -> None:
+    """For a server process, once start-up is done: ``gc.freeze()`` moves everything alive
+    (modules, codec tables, configuration) out of the collector's sight, and a higher
+    generation-0 threshold makes collections rarer (a DM request allocates a few hundred
+    short-lived objects, nearly all freed by reference counting; parked sessions hold no
+    cycles).  The process-wide setting is why only the entry points call it."""
+    gc.collect()
+    if freeze:
+        gc.freeze()
+    gc.set_threshold(*thresholds)
 
 
 def install_uvloop() -> None:

@@ -156,6 +156,29 @@ def test_retransmission_gets_the_same_reply(vectors_dir, enc):
     assert err.value.status == 400
 
 
+def test_retransmission_from_kept_reply_bytes(vectors_dir, enc):
+    codec = _wbxml if enc == "wbxml" else xmlcodec
+    s = session(enc)
+    m1 = load(vectors_dir, "01-pkg1-client-init", enc)
+    s.receive(m1, now=1, account=account())
+    assert s.devinfo is not None
+    s.queue("g", Command(name="Get", items=[Item(target="./DevDetail/FwV")]))
+    r1 = s.next_message(now=2)
+    assert s.devinfo is None                      # the DeviceIdentified event keeps it
+    out = codec.encode(r1)
+    s.keep_reply_bytes(out)
+    assert s.replay_bytes() is None               # nothing to replay yet
+    assert s.receive(m1, now=3, account=account()) == []
+    assert s.replay_bytes() is out                # the same bytes again, no rebuild
+    assert s.replay_bytes() is None
+    assert s.receive(m1, now=4, account=account()) == []
+    assert s.next_message(now=5).astuple() == r1.astuple()   # decoded from the bytes
+    ev = s.receive(answer(r1, 2), now=6, account=account())
+    assert [type(e) for e in ev] == [StatusReceived]
+    with pytest.raises(ValueError):
+        session(enc).keep_reply_bytes(b"x")      # no reply yet
+
+
 # --- challenge: 04a / 04 / 07 (session 5F0) ---------------------------------------------
 
 def test_storyline_04a_04_07(vectors_dir, enc):
