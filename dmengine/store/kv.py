@@ -43,6 +43,7 @@ from ..errors import (AlreadyExists, Conflict, CorruptRecord, InvalidTransition,
 from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, AuditEntry, Capability, Content,
                      Device, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
                      TaskState)
+from ._kv import Transition, check_transition_args
 from .base import DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, MAX_PAGE, ImportReport, Page, Store
 
 R = TypeVar("R")
@@ -814,8 +815,7 @@ class KVStore(Store):
             if bad:
                 f = sorted(bad)[0]
                 raise ValidationError(f"{f} cannot be changed by a transition", where=f"$.{f}")
-        if cause is not None and len(cause) > 1024:
-            raise ValidationError("cause longer than 1024", where="$.cause")
+        check_transition_args(to_state, cause, dm_status, result_code)
         entries = [self._outbox_prep(e) for e in enqueue] if enqueue else ()
 
         def op(ctx: WriteCtx) -> Task:
@@ -895,6 +895,11 @@ class KVStore(Store):
                          expect_state: TaskState | None = None,
                          changes: Mapping[str, Any] | None = None,
                          enqueue: Sequence[OutboxEntry] = ()) -> Task:
+        if not changes and not enqueue:
+            # the common case: one small Cython op (store/_kv.pyx), same checks and writes
+            to_state = check_transition_args(to_state, cause, dm_status, result_code)
+            op = Transition(task_id, to_state, cause, dm_status, result_code, expect_state)
+            return await self._write(op)      # the writer prefetches its task (op.key)
         return await self._write(self.transition_op(
             task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
             expect_state=expect_state, changes=changes, enqueue=enqueue),

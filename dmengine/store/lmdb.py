@@ -22,9 +22,9 @@ and every ``reader_check_interval`` seconds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import pathlib
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from ..errors import StoreClosed, StoreError
+from ._kv import WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
 from .kv import DBS, KVStore, Op, WriteCtx, check_txn, ensure_schema
 
 R = TypeVar("R")
@@ -45,6 +46,9 @@ DEFAULT_MAX_DELAY = 0.002             #: seconds the writer lingers for more ops
 DEFAULT_MAX_READERS = 256
 DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
 DEFAULT_READ_THREADS = 2
+
+#: exceptions an op may raise that concern the whole transaction, not the op
+_PASS = (lmdb.MapFullError, lmdb.MapResizedError)
 
 
 class LmdbTxn:
@@ -90,85 +94,9 @@ class LmdbTxn:
             cur.close()
 
 
-class LmdbWriteTxn(LmdbTxn):
-    """A write transaction that buffers puts and deletes in a dict and applies them at
-    :meth:`flush` (sorted, ``putmulti`` per database).  py-lmdb releases the GIL around every
-    single call; with the event loop busy in another thread, each release costs a thread switch,
-    so the writer makes as few calls as it can.  Reads see the buffer first."""
-
-    __slots__ = ("over", "writes", "pre")
-
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        super().__init__(txn, dbs)
-        self.over: dict[str, dict[bytes, bytes | None]] = {}
-        self.pre: dict[str, dict[bytes, bytes | None]] = {}
-        self.writes = 0
-
-    def prefetch(self, wanted: dict[str, list[bytes]]) -> None:
-        """Reads many keys with one ``getmulti`` per database (ops declare them)."""
-        for db, keys in wanted.items():
-            found = LmdbTxn.get_many(self, db, keys)
-            self.pre[db] = {k: found.get(k) for k in keys}
-
-    def get(self, db: str, key: bytes) -> bytes | None:
-        o = self.over.get(db)
-        if o is not None and key in o:
-            return o[key]
-        p = self.pre.get(db)
-        if p is not None and key in p:
-            return p[key]
-        return self.t.get(key, db=self.d[db])
-
-    def get_many(self, db: str, keys: list[bytes]) -> dict[bytes, bytes]:
-        o = self.over.get(db) or {}
-        out = LmdbTxn.get_many(self, db, [k for k in keys if k not in o])
-        for k in keys:
-            if k in o:
-                v = o[k]
-                if v is not None:
-                    out[k] = v
-        return out
-
-    def put(self, db: str, key: bytes, value: bytes) -> None:
-        self.writes += 1
-        o = self.over.get(db)
-        if o is None:
-            o = self.over[db] = {}
-        o[key] = value
-
-    def delete(self, db: str, key: bytes) -> bool:
-        self.writes += 1
-        o = self.over.get(db)
-        if o is None:
-            o = self.over[db] = {}
-        o[key] = None
-        return True
-
-    def scan(self, db: str, start: bytes, end: bytes | None):  # type: ignore[no-untyped-def]
-        self.flush()
-        return super().scan(db, start, end)
-
-    def flush(self) -> None:
-        self.pre.clear()      # flushed writes now live in LMDB; prefetched values may be stale
-        t = self.t
-        for db, o in self.over.items():
-            if not o:
-                continue
-            h = self.d[db]
-            items = sorted(o.items())
-            if None in o.values():
-                puts = []
-                for k, v in items:
-                    if v is None:
-                        t.delete(k, db=h)
-                    else:
-                        puts.append((k, v))
-                items = puts
-            if items:
-                cur = t.cursor(db=h)
-                cur.putmulti(items)
-                cur.close()
-        self.over.clear()
+#: The buffered write transaction (puts and deletes applied sorted at flush, reads see them
+#: first): a Cython class, ``store/_kv.pyx``, since it is on every write's path.
+LmdbWriteTxn = WriteBuffer
 
 
 class _Gate:
@@ -204,9 +132,6 @@ class _Gate:
             finally:
                 self._resizing = False
                 self._cond.notify_all()
-
-
-_STOP = object()
 
 
 def open_env(path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
@@ -263,6 +188,8 @@ class LmdbStore(KVStore):
         self.commit_seconds = 0.0     # time spent in commit (write + fsync), for benchmarks
         self.write_seconds = 0.0      # time spent running batches, commits included
         self.writer_cpu_seconds = 0.0  # CPU time of the writer thread in batches
+        #: writer CPU seconds by phase: prefetch, running ops, flushing puts, commit (+fsync)
+        self.phase_cpu = [0.0, 0.0, 0.0, 0.0]
         self.batches = 0
         self.ops = 0
         try:
@@ -273,7 +200,13 @@ class LmdbStore(KVStore):
         except BaseException:
             self.env.close()
             raise
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: queued (op, future, loop, prefetch): appended on the callers' threads, taken by
+        #: the writer (deque append/popleft are atomic)
+        self._pending: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()    # set when the first op is queued after a pause
+        self._full = threading.Event()    # set when a full batch is queued (ends a linger)
+        self._stopping = False
+        self._want = 0     # while the writer lingers: the queue length that ends the linger
         self._closed = False
         self._dead: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="lmdb-read")
@@ -290,74 +223,77 @@ class LmdbStore(KVStore):
                               + (f" (writer died: {self._dead!r})" if self._dead else ""))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put((op, fut, loop, prefetch))
+        p = self._pending
+        p.append((op, fut, loop, prefetch))
+        # wake the writer once per batch, not once per op: a queue put per op woke the writer
+        # thread (a futex wake and a GIL fight) for every single caller
+        n = len(p)
+        if n <= 1:
+            self._wake.set()
+        elif n == self._want:
+            self._full.set()
         return fut
 
     def _run_sync(self, op: Op[R]) -> R:
         """Runs one op in its own transaction on the calling thread (open/migrations)."""
         box: list[Any] = [None, None]
 
-        def deliver(_loop: Any, items: list[tuple[Any, Any, BaseException | None]]) -> None:
-            _, box[0], box[1] = items[0]
+        def deliver(_loop: Any, _futs: list[Any], res: list[Any],
+                    errs: dict[int, BaseException]) -> None:
+            box[0], box[1] = res[0], errs.get(0)
         self._commit([(op, None, None, None)], deliver)
         if box[1] is not None:
             raise box[1]
         return box[0]   # type: ignore[no-any-return]
 
     def _writer(self) -> None:
-        q = self._q
+        pending = self._pending
+        wake = self._wake
+        full = self._full
         last_n = 0
         next_check = time.monotonic() + self.reader_check_interval
-        stop = False
         try:
-            while not stop:
-                try:
-                    item = q.get(timeout=self.reader_check_interval)
-                except queue.Empty:
-                    item = None
+            while True:
+                if not pending:
+                    if self._stopping:
+                        break
+                    wake.wait(self.reader_check_interval)
+                    wake.clear()
                 now = time.monotonic()
                 if now >= next_check:
                     self.reader_check()
                     next_check = now + self.reader_check_interval
-                if item is None:
+                if not pending:
                     continue
-                if item is _STOP:
-                    break
-                batch = [item]
-                deadline = 0.0
-                while len(batch) < self.batch_size:
-                    try:
-                        item = q.get_nowait()
-                    except queue.Empty:
-                        if last_n <= 1 or self.max_delay <= 0:
-                            break          # no concurrency seen: do not make a lone caller wait
-                        if not deadline:
-                            deadline = time.monotonic() + self.max_delay
-                        rem = deadline - time.monotonic()
-                        if rem <= 0:
-                            break
-                        try:
-                            item = q.get(timeout=rem)
-                        except queue.Empty:
-                            break
-                    if item is _STOP:
-                        stop = True
-                        break
-                    batch.append(item)
+                # callers are writing concurrently: linger (up to max_delay) so they share
+                # the transaction, but only until as many ops are queued as the last batch
+                # had (the callers it answered are back) or a full batch is; a lone caller
+                # never waits
+                want = min(last_n, self.batch_size)
+                if want > 1 and self.max_delay > 0 and len(pending) < want \
+                        and not self._stopping:
+                    full.clear()
+                    self._want = want
+                    if len(pending) < want:
+                        full.wait(self.max_delay)
+                    self._want = 0
+                pop = pending.popleft
+                batch = [pop() for _ in range(min(len(pending), self.batch_size))]
                 last_n = len(batch)
                 try:
                     self._commit(batch, _deliver_threadsafe)
                 except Exception as exc:   # a bug in the writer itself: fail this batch only
                     err = StoreError(f"store writer failed: {exc!r}")
                     for _, fut, loop, _ in batch:
-                        _deliver_threadsafe(loop, [(fut, None, err)])
+                        _deliver_threadsafe(loop, [fut], [None], {0: err})
         except BaseException as exc:   # the writer must never die silently
             self._dead = exc
-            _fail_pending(q, StoreClosed(f"store writer died: {exc!r}"))
+            _fail_pending(pending, StoreClosed(f"store writer died: {exc!r}"))
             raise
 
     def _commit(self, batch: list[tuple[Op[Any], Any, Any, Any]],
-                deliver: Callable[[Any, list[tuple[Any, Any, BaseException | None]]], None]) -> None:
+                deliver: Callable[[Any, list[Any], list[Any], dict[int, BaseException]], None]
+                ) -> None:
         n = len(batch)
         a0 = time.perf_counter()
         c0 = time.thread_time()
@@ -366,11 +302,8 @@ class LmdbStore(KVStore):
         self.ops += n
         self.write_seconds += time.perf_counter() - a0
         self.writer_cpu_seconds += time.thread_time() - c0
-        by_loop: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
-        for i, (_, fut, loop, _) in enumerate(batch):
-            by_loop.setdefault(loop, []).append((fut, results[i], errors.get(i)))
-        for loop, items in by_loop.items():
-            deliver(loop, items)
+        for loop, futs, res, errs in split_by_loop(batch, results, errors):
+            deliver(loop, futs, res, errs)
 
     def _run(self, batch: list[tuple[Op[Any], Any, Any, Any]]
              ) -> tuple[list[Any], dict[int, BaseException]]:
@@ -415,40 +348,30 @@ class LmdbStore(KVStore):
         txn = None
         try:
             txn = self.env.begin(write=True)
-            wt = LmdbWriteTxn(txn, self._dbs)
-            wanted: dict[str, list[bytes]] = {}
-            for i, item in enumerate(batch):
-                pf = item[3]
-                if pf is not None and i not in errors:
-                    w = wanted.get(pf[0])
-                    if w is None:
-                        wanted[pf[0]] = [pf[1]]
-                    else:
-                        w.append(pf[1])
+            wt = WriteBuffer(txn, self._dbs)
+            wanted = collect_prefetch(batch, errors)
+            tt = time.thread_time
+            ph = self.phase_cpu
+            c0 = tt()
             if wanted:
                 wt.prefetch(wanted)
+            c1 = tt()
+            ph[0] += c1 - c0
             ctx = WriteCtx(wt, time.time())
-            for i in range(len(batch)):
-                if i in errors:
-                    continue
-                w0 = ctx.writes
-                try:
-                    results[i] = batch[i][0](ctx)
-                except (lmdb.MapFullError, lmdb.MapResizedError):
-                    raise
-                except lmdb.Error as exc:       # e.g. a key LMDB refuses: this op's fault only
-                    errors[i] = StoreError(f"LMDB refused the operation: {exc}")
-                    return "restart"
-                except Exception as exc:
-                    errors[i] = exc
-                    if ctx.writes != w0 or not isinstance(exc, StoreError):
-                        return "restart"    # it may have written: roll everything back
+            if run_ops(batch, ctx, results, errors, _PASS, lmdb.Error, StoreError):
+                return "restart"
             ctx.finish()
+            c2 = tt()
             wt.flush()
+            c3 = tt()
             t, txn = txn, None
-            c0 = time.perf_counter()
+            a0 = time.perf_counter()
             t.commit()
-            self.commit_seconds += time.perf_counter() - c0
+            self.commit_seconds += time.perf_counter() - a0
+            c4 = tt()
+            ph[1] += c2 - c1
+            ph[2] += c3 - c2
+            ph[3] += c4 - c3
             return "done"
         except lmdb.MapFullError:
             return "full"
@@ -545,7 +468,8 @@ class LmdbStore(KVStore):
         if self._closed:
             return
         self._closed = True
-        self._q.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._shutdown()
 
@@ -554,7 +478,8 @@ class LmdbStore(KVStore):
         if self._closed:
             return
         self._closed = True
-        self._q.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join()
         self._shutdown()
 
@@ -563,32 +488,21 @@ class LmdbStore(KVStore):
         self._gate.exclusive(self.env.close)
 
 
-def _deliver_threadsafe(loop: Any, items: list[tuple[Any, Any, BaseException | None]]) -> None:
+def _deliver_threadsafe(loop: Any, futs: list[Any], results: list[Any],
+                       errors: dict[int, BaseException]) -> None:
     try:
-        loop.call_soon_threadsafe(_resolve, items)
+        loop.call_soon_threadsafe(resolve, futs, results, errors)
     except RuntimeError:   # the caller's loop is closed: nobody is waiting any more
         pass
 
 
-def _resolve(items: list[tuple[Any, Any, BaseException | None]]) -> None:
-    for fut, res, exc in items:
-        if fut.done():
-            continue
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(res)
-
-
-def _fail_pending(q: "queue.SimpleQueue[Any]", exc: BaseException) -> None:
+def _fail_pending(pending: "collections.deque[Any]", exc: BaseException) -> None:
     while True:
         try:
-            item = q.get_nowait()
-        except queue.Empty:
+            item = pending.popleft()
+        except IndexError:
             return
-        if item is _STOP:
-            continue
-        _deliver_threadsafe(item[2], [(item[1], None, exc)])
+        _deliver_threadsafe(item[2], [item[1]], [None], {0: exc})
 
 
 __all__ = ["LmdbStore", "open_env", "open_dbs", "LmdbTxn", "DEFAULT_MAP_SIZE",
