@@ -35,8 +35,13 @@ from dmengine.events import (
     StatusReceived, UserAlertAnswered,
 )
 
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_INCREF
+
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
+    object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t n)
+    void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
 
 __all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionInput", "Action",
            "TRANSITIONS", "ui_alert",
@@ -297,6 +302,48 @@ cdef class _SentMsg:
 cdef object _b2a = binascii.b2a_base64
 cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
 cdef object _cmp = _hmac.compare_digest
+
+
+# Events are NamedTuples (tuple subclasses without extra fields).  These build one in a single
+# allocation, as tuple.__new__(cls, iterable) does inside (type->tp_alloc, then the items),
+# without the argument tuple in between.
+cdef inline object _ev2(type cls, object a, object b):
+    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(t, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(t, 1, b)
+    return t
+
+
+cdef inline object _ev4(type cls, object a, object b, object c, object d):
+    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 4)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(t, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(t, 1, b)
+    Py_INCREF(c)
+    PyTuple_SET_ITEM(t, 2, c)
+    Py_INCREF(d)
+    PyTuple_SET_ITEM(t, 3, d)
+    return t
+
+
+cdef inline object _ev6(type cls, object a, object b, object c, object d, object e, object f):
+    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 6)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(t, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(t, 1, b)
+    Py_INCREF(c)
+    PyTuple_SET_ITEM(t, 2, c)
+    Py_INCREF(d)
+    PyTuple_SET_ITEM(t, 3, d)
+    Py_INCREF(e)
+    PyTuple_SET_ITEM(t, 4, e)
+    Py_INCREF(f)
+    PyTuple_SET_ITEM(t, 5, f)
+    return t
 cdef object _urandom = os.urandom
 
 # Nonces from os.urandom, drawn 4 KiB at a time (one system call per 256 nonces instead of one
@@ -822,6 +869,8 @@ cdef class DmSession:
     cdef Py_ssize_t _qhead
     cdef list _own_cmds
     cdef dict _sent
+    cdef _SentMsg _last_sm          # the _sent entry the last Status found, and its MsgRef
+    cdef str _last_sm_ref
     cdef Py_ssize_t _pkg_cmds
     cdef _OutLO _out_lo
     cdef _InLO _in_lo
@@ -979,9 +1028,9 @@ cdef class DmSession:
         if body is not None and len(body) > self.config.max_msg_size:
             raise ProtocolError(f"message of {len(body)} bytes is larger than MaxMsgSize "
                                 f"{self.config.max_msg_size}", status=413)
-        if h.ver_dtd is None or h.ver_dtd.strip() != "1.2":
+        if h.ver_dtd is None or (h.ver_dtd != "1.2" and h.ver_dtd.strip() != "1.2"):
             raise ProtocolError(f"VerDTD {h.ver_dtd!r} not supported (need 1.2)", status=505)
-        if h.ver_proto is None or h.ver_proto.strip().upper() != "DM/1.2":
+        if h.ver_proto is None or (h.ver_proto != "DM/1.2" and h.ver_proto.strip().upper() != "DM/1.2"):
             raise ProtocolError(f"VerProto {h.ver_proto!r} not supported (need DM/1.2)", status=513)
         msg_id = _parse_uint(h.msg_id)
         if msg_id < 0:
@@ -1139,7 +1188,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = "md5"
                 self.username = account.username
-                ev.append(_tnew(Authenticated, (account.username, "md5")))
+                ev.append(_ev2(Authenticated, account.username, "md5"))
             self._hdr_code = "212"
             self._issue_nonce(_auth.AUTH_MD5, ev)
             return inp
@@ -1155,7 +1204,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = res.scheme
                 self.username = res.username
-                ev.append(_tnew(Authenticated, (res.username, res.scheme)))
+                ev.append(_ev2(Authenticated, res.username, res.scheme))
             if res.scheme == "none":
                 self._hdr_code = "200"
             elif res.scheme == "hmac":
@@ -1206,7 +1255,7 @@ cdef class DmSession:
         cdef Chal ch = Chal.__new__(Chal)
         ch.meta = m
         self._hdr_chal = ch
-        ev.append(_tnew(NonceIssued, (self.device_id, fresh)))
+        ev.append(_ev2(NonceIssued, self.device_id, fresh))
 
     cdef _act_start(self, Message msg, list ev):
         cdef Command c
@@ -1229,7 +1278,7 @@ cdef class DmSession:
                         if v is not None:
                             info[src[src.index("DevInfo/") + 8:]] = v
         self.devinfo = info
-        ev.append(_tnew(DeviceIdentified, (self.device_id, info, self.session_id, self.alert_code)))
+        ev.append(_ev4(DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
         self._process_body(msg, ev, False)
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
@@ -1344,9 +1393,9 @@ cdef class DmSession:
                         if m is None or m.type is None or it.data is None:
                             st = "412"           # Type, Format and Data are required (§5.2)
                             break
-                        evs.append(_tnew(GenericAlert, (c.correlator, it.source,
+                        evs.append(_ev6(GenericAlert, c.correlator, it.source,
                                                         _normalise_alert_type(m.type), m.format,
-                                                        m.mark, it.data)))
+                                                        m.mark, it.data))
                     else:
                         evs.append(ClientEvent(it.source, m.type if m is not None else None,
                                                m.format if m is not None else None, it.data))
@@ -1379,14 +1428,20 @@ cdef class DmSession:
         cmd_ref = c.cmd_ref
         if cmd_ref is None:
             return
-        if cmd_ref == "0" or (c.cmd is not None and c.cmd == "SyncHdr"):
+        k = _parse_uint(cmd_ref)
+        if (k == 0 and cmd_ref == "0") or (c.cmd is not None and c.cmd == "SyncHdr"):
             self._on_hdr_status(c, code, ev)
             return
-        obj = self._sent.get(c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id))
-        if obj is None:
-            return                               # not one of our messages: ignore
-        sm = <_SentMsg>obj
-        k = _parse_uint(cmd_ref)
+        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
+        if self._last_sm is not None and msg_ref == self._last_sm_ref:
+            sm = self._last_sm                   # Statuses come in runs for one message
+        else:
+            obj = self._sent.get(msg_ref)
+            if obj is None:
+                return                           # not one of our messages: ignore
+            sm = <_SentMsg>obj
+            self._last_sm = sm
+            self._last_sm_ref = msg_ref
         if k < 0 or k >= len(sm.wires) or not sm.awaiting[k]:
             return                               # not ours, or answered before: ignore
         sm.awaiting[k] = 0
@@ -1409,7 +1464,7 @@ cdef class DmSession:
                         t = _text((<Item?>o).data)
                         if t is not None:
                             answers.append(t)
-                ev.append(_tnew(UserAlertAnswered, (handle, code, answers, alert)))
+                ev.append(_ev4(UserAlertAnswered, handle, code, answers, alert))
                 return
         if c.target_refs:
             target = c.target_refs[0]
@@ -1417,7 +1472,7 @@ cdef class DmSession:
             target = (<Item?>w.items[0]).target
         else:
             target = None
-        ev.append(_tnew(StatusReceived, (handle, w.name, code, c.items, target, sm.index[k])))
+        ev.append(_ev6(StatusReceived, handle, w.name, code, c.items, target, sm.index[k]))
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
         cdef Meta m
@@ -1467,7 +1522,7 @@ cdef class DmSession:
             items.append((it.source if it.source is not None else it.target,
                           _fmt_of(it, c), _type_of(it, c), it.data))
         if handle is not _INTERNAL:
-            ev.append(_tnew(ResultsReceived, (handle, items)))
+            ev.append(_ev2(ResultsReceived, handle, items))
 
     cdef object _get_handle(self, str msg_ref, str cmd_ref):
         """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
@@ -2058,6 +2113,7 @@ cdef class DmSession:
         sm.index = [-1] * n_ids
         sm.awaiting = bytearray(n_ids)
         self._sent[mid] = sm
+        self._last_sm = None
         for handle, orig, wobj, chunk in placed:
             w = <Command?>wobj
             if handle is not _INTERNAL or w.data != "1222":
@@ -2262,7 +2318,7 @@ cdef class DmSession:
         for o in self._sent.values():
             (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
             (<_SentMsg>o).n_awaiting = 0
-        ev.append(_tnew(SessionEnded, (reason, detail)))
+        ev.append(_ev2(SessionEnded, reason, detail))
 
     def abort(self, str reason="aborted by server"):
         """Alert 1223 + Final (with the Status still owed for the last client message)."""
