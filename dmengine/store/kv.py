@@ -30,8 +30,10 @@ batch without it (``WriteCtx.writes`` tells the two cases apart), so nothing is 
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -490,19 +492,51 @@ class KVStore(Store):
                              chunk: int = DEFAULT_IMPORT_CHUNK) -> ImportReport:
         report = ImportReport()
         batch: list[tuple[int, Device, bytes]] = []
-        for i, dev in enumerate(devices):
-            try:
-                data = model.validate(dev)
-            except ValidationError as exc:
-                report.rejected.append((i, exc.where, str(exc)))
-                continue
-            batch.append((i, dev, data))
-            if len(batch) >= chunk:
-                self._tally(report, await self._write(self._import_op(batch, replace, report)))
-                batch = []
-        if batch:
-            self._tally(report, await self._write(self._import_op(batch, replace, report)))
+        # one chunk is written while the next is validated (the writer thread runs the LMDB
+        # work and the fsync without the GIL); chunks commit in order, each one sees the last
+        in_flight: Any = None
+        try:
+            now = time.time()
+            for i, dev in enumerate(devices):
+                if not dev.created:   # stamped before validation: its bytes are final here
+                    dev = msgspec.structs.replace(dev, created=now, updated=now)
+                try:
+                    data = model.validate(dev)
+                except ValidationError as exc:
+                    report.rejected.append((i, exc.where, str(exc)))
+                    continue
+                batch.append((i, dev, data))
+                if len(batch) >= chunk:
+                    nxt = await self._submit(self._import_op(batch, replace))
+                    if in_flight is not None:
+                        self._tally(report, await in_flight)
+                    in_flight, batch = nxt, []
+                    now = time.time()
+            if batch:
+                nxt = await self._submit(self._import_op(batch, replace))
+                if in_flight is not None:
+                    self._tally(report, await in_flight)
+                in_flight = nxt
+            if in_flight is not None:
+                fut, in_flight = in_flight, None
+                self._tally(report, await fut)
+        finally:
+            if in_flight is not None:     # the caller's iterator failed: still wait for it
+                await asyncio.wait([in_flight])
         return report
+
+    async def _submit(self, op: Op[R]) -> "asyncio.Future[R]":
+        """Queues ``op`` and returns its future without waiting for it (a backend whose
+        ``_write`` is a coroutine, the memory store, runs it right here, as ``await`` would)."""
+        w = self._write(op)
+        if asyncio.isfuture(w):
+            return w
+        f: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        try:
+            f.set_result(await w)
+        except Exception as exc:
+            f.set_exception(exc)
+        return f
 
     @staticmethod
     def _tally(report: ImportReport, res: Any) -> None:
@@ -511,8 +545,7 @@ class KVStore(Store):
         report.replaced += res[1]
         report.rejected.extend(res[2])
 
-    def _import_op(self, batch: list[tuple[int, Device, bytes]], replace: bool,
-                   report: ImportReport) -> Op[None]:
+    def _import_op(self, batch: list[tuple[int, Device, bytes]], replace: bool) -> Op[None]:
         def op(ctx: WriteCtx) -> tuple[int, int, list[tuple[int, str | None, str]]]:
             txn = ctx.txn
             created = replaced = 0
@@ -540,13 +573,15 @@ class KVStore(Store):
                 if im is not None and imei_owner.get(im) not in (None, key):
                     rejected.append((i, "$.imei", f"imei {dev.imei!r} already exists"))
                     continue
-                if raw is None and not dev.created:
-                    dev = msgspec.structs.replace(dev, created=now, updated=now)
+                if raw is not None:
+                    old = dec(Device, raw, "devices", key)
+                    # a replaced device keeps its creation time
+                    dev = msgspec.structs.replace(dev, created=old.created or dev.created,
+                                                  updated=now)
                     data = _enc.encode(dev)
                 put("devices", key, data)
                 stored[key] = data
                 if raw is not None:
-                    old = dec(Device, raw, "devices", key)
                     if old.msisdn:
                         msisdn_owner[_e(old.msisdn)] = None
                     if old.imei:

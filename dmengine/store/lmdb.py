@@ -46,6 +46,7 @@ DEFAULT_MAX_DELAY = 0.002             #: seconds the writer lingers for more ops
 DEFAULT_MAX_READERS = 256
 DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
 DEFAULT_READ_THREADS = 2
+GROW_AT = 0.8                         #: map fill ratio at which the writer grows it early
 
 #: exceptions an op may raise that concern the whole transaction, not the op
 _PASS = (lmdb.MapFullError, lmdb.MapResizedError)
@@ -183,6 +184,7 @@ class LmdbStore(KVStore):
         self.reader_check_interval = reader_check_interval
         self.env = open_env(path, map_size=map_size, max_readers=max_readers)
         self.stale_readers_cleared = self.env.reader_check()
+        self._psize = int(self.env.stat()["psize"])
         self._gate = _Gate()
         self.map_grows = 0
         self.commit_seconds = 0.0     # time spent in commit (write + fsync), for benchmarks
@@ -298,6 +300,7 @@ class LmdbStore(KVStore):
         a0 = time.perf_counter()
         c0 = time.thread_time()
         results, errors = self._run(batch)
+        self._grow_early()
         self.batches += 1
         self.ops += n
         self.write_seconds += time.perf_counter() - a0
@@ -383,6 +386,14 @@ class LmdbStore(KVStore):
             if txn is not None:
                 txn.abort()
             self._gate.leave()
+
+    def _grow_early(self) -> None:
+        """Grows the map between batches once it is ``GROW_AT`` full, so that a batch rarely
+        meets MDB_MAP_FULL (which costs running it twice)."""
+        i = self.env.info()
+        if (i["last_pgno"] + 1) * self._psize > i["map_size"] * GROW_AT \
+                and i["map_size"] < self.max_map_size:
+            self._grow()
 
     def _grow(self) -> bool:
         cur = self.env.info()["map_size"]
