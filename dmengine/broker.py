@@ -504,6 +504,8 @@ class Broker:
                 continue
             if task.state == S.IN_PROGRESS and _waiting_alert(task):
                 continue                       # FUMO: the result comes as a Generic Alert
+            if self._in_session(task.task_id):
+                continue                       # another live session of the device has it
             if ev.dev_id != record.dev_id:
                 decision = await check_device_policy(task.accept_device_policy, record, ev.dev_id,
                                                      task_id=task.task_id,
