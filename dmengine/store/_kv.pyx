@@ -421,3 +421,92 @@ def split_by_loop(list batch, list results, dict errors):
         (<list>g[0]).append(item[1])
         (<list>g[1]).append(results[i])
     return [(lp, g[0], g[1], g[2]) for lp, g in groups.items()]
+
+
+# --- bulk import ---------------------------------------------------------------------------
+
+cdef str DEVICES = "devices"
+cdef str MSISDN = "dev_msisdn"
+cdef str IMEI = "dev_imei"
+cdef str TAC = "dev_tac"
+cdef str CAP = "dev_cap"
+
+
+def import_row(Py_ssize_t i, dev, bytes data):
+    """What the import keeps of a validated device until its chunk is written: its position,
+    key parts and record bytes, all plain bytes (a tuple of them leaves the cyclic GC's
+    watch; holding 20,000 Device structs per chunk made full collections most of an
+    import's time)."""
+    m = dev.msisdn
+    im = dev.imei
+    cap = dev.capability
+    return (i, (<str>dev.dev_id).encode(), (<str>m).encode() if m else None,
+            (<str>im).encode() if im else None, (<str>cap).encode() if cap else None, data)
+
+
+def import_chunk(ctx, list rows, bint replace, on_replace):
+    """Writes a chunk of :func:`import_row` rows: a device whose id exists is replaced (or
+    refused when ``replace`` is false), a MSISDN or IMEI owned by another device (stored, or
+    earlier in this chunk) is refused.  New devices get their four index rows here;
+    ``on_replace(ctx, key, raw_old, data)`` writes a replaced one's index changes and returns
+    (new record bytes, old msisdn or None, old imei or None).  Returns
+    (created, replaced, [(position, where, message)])."""
+    cdef Py_ssize_t created = 0, replaced = 0
+    cdef list rejected = []
+    cdef tuple row
+    txn = ctx.txn
+    keys = [(<tuple>r)[1] for r in rows]
+    # one multi-get per database instead of three lookups per device; the dicts then follow
+    # this chunk's own changes so duplicates inside the chunk are caught too
+    cdef dict stored = dict(txn.get_many(DEVICES, keys))
+    cdef dict msisdn_owner = dict(txn.get_many(
+        MSISDN, [(<tuple>r)[2] for r in rows if (<tuple>r)[2] is not None]))
+    cdef dict imei_owner = dict(txn.get_many(
+        IMEI, [(<tuple>r)[3] for r in rows if (<tuple>r)[3] is not None]))
+    put = ctx.put
+    for r in rows:
+        row = <tuple>r
+        i = row[0]
+        key = <bytes>row[1]
+        m = row[2]
+        im = row[3]
+        cap = row[4]
+        data = row[5]
+        raw = stored.get(key)
+        if raw is not None and not replace:
+            rejected.append((i, "$.dev_id", f"device {key.decode()!r} already exists"))
+            continue
+        if m is not None:
+            owner = msisdn_owner.get(m)
+            if owner is not None and owner != key:
+                rejected.append((i, "$.msisdn", f"msisdn {m.decode()!r} already exists"))
+                continue
+        if im is not None:
+            owner = imei_owner.get(im)
+            if owner is not None and owner != key:
+                rejected.append((i, "$.imei", f"imei {im.decode()!r} already exists"))
+                continue
+        if raw is not None:
+            data, old_m, old_im = on_replace(ctx, key, raw, data)
+            put(DEVICES, key, data)
+            if old_m is not None:
+                msisdn_owner[old_m] = None
+            if old_im is not None:
+                imei_owner[old_im] = None
+            replaced += 1
+        else:
+            put(DEVICES, key, data)
+            if m is not None:
+                put(MSISDN, m, key)
+            if im is not None:
+                put(IMEI, im, key)
+                put(TAC, (<bytes>im)[:8] + SEP + key, EMPTY)
+            if cap is not None:
+                put(CAP, <bytes>cap + SEP + key, EMPTY)
+            created += 1
+        stored[key] = data
+        if m is not None:
+            msisdn_owner[m] = key
+        if im is not None:
+            imei_owner[im] = key
+    return created, replaced, rejected

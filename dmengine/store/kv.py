@@ -45,7 +45,7 @@ from ..errors import (AlreadyExists, Conflict, CorruptRecord, InvalidTransition,
 from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, AuditEntry, Capability, Content,
                      Device, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
                      TaskState)
-from ._kv import Transition, check_transition_args
+from ._kv import Transition, check_transition_args, import_chunk, import_row
 from .base import DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, MAX_PAGE, ImportReport, Page, Store
 
 R = TypeVar("R")
@@ -281,6 +281,18 @@ def _reindex(ctx: WriteCtx, old: list[tuple[str, bytes, bytes]],
             ctx.put(dk[0], dk[1], v)
 
 
+def _replace_imported(ctx: WriteCtx, key: bytes, raw: bytes, data: bytes
+                      ) -> tuple[bytes, bytes | None, bytes | None]:
+    """An imported device over a stored one: it keeps its creation time, its index rows
+    follow.  Returns (record bytes, old msisdn, old imei) for ``_kv.import_chunk``."""
+    old = dec(Device, raw, "devices", key)
+    dev = dec(Device, data, "devices", key)
+    dev = msgspec.structs.replace(dev, created=old.created or dev.created, updated=ctx.now)
+    _reindex(ctx, _device_index(old), _device_index(dev))
+    return (_enc.encode(dev), _e(old.msisdn) if old.msisdn else None,
+            _e(old.imei) if old.imei else None)
+
+
 def _check_unique(txn: KVTxn, d: Device) -> None:
     """MSISDN and IMEI must not belong to another device."""
     if d.msisdn:
@@ -491,7 +503,7 @@ class KVStore(Store):
     async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
                              chunk: int = DEFAULT_IMPORT_CHUNK) -> ImportReport:
         report = ImportReport()
-        batch: list[tuple[int, Device, bytes]] = []
+        batch: list[tuple[Any, ...]] = []
         # one chunk is written while the next is validated (the writer thread runs the LMDB
         # work and the fsync without the GIL); chunks commit in order, each one sees the last
         in_flight: Any = None
@@ -505,7 +517,7 @@ class KVStore(Store):
                 except ValidationError as exc:
                     report.rejected.append((i, exc.where, str(exc)))
                     continue
-                batch.append((i, dev, data))
+                batch.append(import_row(i, dev, data))
                 if len(batch) >= chunk:
                     nxt = await self._submit(self._import_op(batch, replace))
                     if in_flight is not None:
@@ -545,64 +557,10 @@ class KVStore(Store):
         report.replaced += res[1]
         report.rejected.extend(res[2])
 
-    def _import_op(self, batch: list[tuple[int, Device, bytes]], replace: bool) -> Op[None]:
+    def _import_op(self, rows: list[tuple[Any, ...]], replace: bool) -> Op[Any]:
         def op(ctx: WriteCtx) -> tuple[int, int, list[tuple[int, str | None, str]]]:
-            txn = ctx.txn
-            created = replaced = 0
-            rejected: list[tuple[int, str | None, str]] = []
-            now = ctx.now
-            keys = [d.dev_id.encode() for _, d, _ in batch]
-            # one multi-get per database instead of three lookups per device; the dicts then
-            # follow this chunk's own changes so duplicates inside the chunk are caught too
-            stored: dict[bytes, bytes | None] = dict(txn.get_many("devices", keys))
-            msisdn_owner: dict[bytes, bytes | None] = dict(txn.get_many(
-                "dev_msisdn", [_e(d.msisdn) for _, d, _ in batch if d.msisdn]))
-            imei_owner: dict[bytes, bytes | None] = dict(txn.get_many(
-                "dev_imei", [_e(d.imei) for _, d, _ in batch if d.imei]))
-            put = ctx.put
-            for (i, dev, data), key in zip(batch, keys):
-                raw = stored.get(key)
-                if raw is not None and not replace:
-                    rejected.append((i, "$.dev_id", f"device {dev.dev_id!r} already exists"))
-                    continue
-                m = dev.msisdn.encode() if dev.msisdn else None
-                im = dev.imei.encode() if dev.imei else None
-                if m is not None and msisdn_owner.get(m) not in (None, key):
-                    rejected.append((i, "$.msisdn", f"msisdn {dev.msisdn!r} already exists"))
-                    continue
-                if im is not None and imei_owner.get(im) not in (None, key):
-                    rejected.append((i, "$.imei", f"imei {dev.imei!r} already exists"))
-                    continue
-                if raw is not None:
-                    old = dec(Device, raw, "devices", key)
-                    # a replaced device keeps its creation time
-                    dev = msgspec.structs.replace(dev, created=old.created or dev.created,
-                                                  updated=now)
-                    data = _enc.encode(dev)
-                put("devices", key, data)
-                stored[key] = data
-                if raw is not None:
-                    if old.msisdn:
-                        msisdn_owner[_e(old.msisdn)] = None
-                    if old.imei:
-                        imei_owner[_e(old.imei)] = None
-                    _reindex(ctx, _device_index(old), _device_index(dev))
-                    replaced += 1
-                else:   # _device_index, inlined: this loop runs a million times per import
-                    if m is not None:
-                        put("dev_msisdn", m, key)
-                    if im is not None:
-                        put("dev_imei", im, key)
-                        put("dev_tac", im[:8] + SEP + key, EMPTY)
-                    if dev.capability:
-                        put("dev_cap", dev.capability.encode() + SEP + key, EMPTY)
-                    created += 1
-                if m is not None:
-                    msisdn_owner[m] = key
-                if im is not None:
-                    imei_owner[im] = key
-            return created, replaced, rejected
-        return op   # type: ignore[return-value]
+            return import_chunk(ctx, rows, replace, _replace_imported)   # store/_kv.pyx
+        return op
 
     # --- capabilities ------------------------------------------------------------------------
 
