@@ -292,12 +292,6 @@ cdef class _SentMsg:
     cdef bytearray awaiting
     cdef Py_ssize_t n_awaiting
 
-    def __cinit__(self):
-        self.wires = []
-        self.handles = []
-        self.index = []
-        self.awaiting = bytearray()
-
 
 cdef object _b2a = binascii.b2a_base64
 cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
@@ -791,6 +785,13 @@ cdef Command _status(Py_ssize_t cmd_id, str msg_ref, str cmd_ref, str cmd, list 
     return s
 
 
+cdef inline tuple _entry(tuple entry):
+    """(handle, original, chunk record) of an entry of a message's ``placed`` list."""
+    if len(entry) == 2:
+        return (entry[0], entry[1], None)
+    return (entry[0], entry[1], entry[3])
+
+
 cdef Meta _meta_of(Item it, Command c):
     if it.meta is not None:
         return it.meta
@@ -1178,6 +1179,14 @@ cdef class DmSession:
                     cred_data = None       # DM credentials are always b64
             if cred_type is None and cred_data is not None:
                 cred_type = _auth.AUTH_BASIC   # SyncML default Type for Cred
+        if require == "none":
+            if first:
+                self.authenticated = True
+                self.auth_scheme = "none"
+                self.username = h.source_name
+                ev.append(_ev2(Authenticated, h.source_name, "none"))
+            self._hdr_code = "200"
+            return inp
         if (require == "md5" or require == "basic") and type(account) is DmAccount \
                 and nonce is not None and type(cred_data) is str and cred_type is not None \
                 and (account.dev_id is None or account.dev_id == h.source) \
@@ -1879,7 +1888,12 @@ cdef class DmSession:
         cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id
         cdef Py_ssize_t est_, base
         cdef Command s, w, tail = None
-        cdef list placed = []          # (handle, original command, wire command, chunk record)
+        # what this message carries besides Status, in order: the queue's (handle, command)
+        # pair for a queued command, else (handle, original or None, wire, chunk record);
+        # pw holds the wire command of each entry
+        cdef list placed = []
+        cdef list pw = []
+        cdef tuple pair
         cdef bint full = False
         cdef list cmds = m.commands
         if self._qhead > 32 and self._qhead * 2 > len(self._queue):
@@ -1916,15 +1930,18 @@ cdef class DmSession:
             cid += 1
             cmds.append(w)
             placed.append((_INTERNAL, None, w, None))
+            pw.append(w)
             self._own_cmds.pop(0)
         if package and not full:
             # 3. the next chunk of a large object in transit, then queued commands
             if self._out_lo is not None:
                 n_status = cid
-                cid, full = self._place_chunk(m, cid, limit, base, placed)
+                cid, full = self._place_chunk(m, cid, limit, base, placed, pw)
                 placed_cmds += cid - n_status
             while not full and self._out_lo is None and self._qhead < len(self._queue):
-                handle, orig = self._queue[self._qhead]
+                pair = <tuple>self._queue[self._qhead]
+                handle = pair[0]
+                orig = pair[1]
                 self._qhead += 1
                 w = _wire_copy(<Command?>orig)
                 nxt_id = _number(w, cid)
@@ -1936,7 +1953,7 @@ cdef class DmSession:
                         if self._chunkable(<Command?>orig):
                             if self._start_out_lo(handle, <Command?>orig):
                                 n_status = cid
-                                cid, full = self._place_chunk(m, cid, limit, base, placed)
+                                cid, full = self._place_chunk(m, cid, limit, base, placed, pw)
                                 placed_cmds += cid - n_status
                             continue
                         self._events.append(CommandNotDelivered(
@@ -1947,7 +1964,8 @@ cdef class DmSession:
                     break
                 cid = nxt_id
                 cmds.append(w)
-                placed.append((handle, orig, w, None))
+                placed.append(pair)
+                pw.append(w)
                 placed_cmds += 1
             if placed_cmds == 0 and (self._qhead < len(self._queue) or self._out_lo is not None) \
                     and not self._out_status:
@@ -1969,14 +1987,16 @@ cdef class DmSession:
             tail.cmd_id = _num(cid)
             cmds.append(tail)
             placed.append((_INTERNAL, None, tail, None))
+            pw.append(tail)
         else:
             m.final = not full and not self._out_status and not self._own_cmds and \
                 self._out_lo is None and self._qhead >= len(self._queue)
         # 4. a last check with the real encoder when the estimate came near the limit
         if limit > 0 and self._sizer is not None and (
                 self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
-            self._shrink_to_fit(m, limit, placed, package)
-        self._register(placed, cid + 1)
+            self._shrink_to_fit(m, limit, placed, pw, package)
+        if placed:
+            self._register(placed, pw, cid + 1)   # (Status alone: nothing will answer it)
         return m
 
     cdef bint _too_big_alone(self, Command w, Py_ssize_t limit) except -1:
@@ -2051,7 +2071,7 @@ cdef class DmSession:
         a.items = [Item(target=self.device_id, source=self.config.server_uri)]
         return a
 
-    cdef _shrink_to_fit(self, Message m, Py_ssize_t limit, list placed, bint package):
+    cdef _shrink_to_fit(self, Message m, Py_ssize_t limit, list placed, list pw, bint package):
         """Removes commands from the end until the real encoding fits (rarely needed: the
         estimate is an upper bound; this guards against a codec that writes more)."""
         cdef Command w
@@ -2062,16 +2082,19 @@ cdef class DmSession:
             return
         while size > limit and len(m.commands) > 1:
             w = <Command?>m.commands.pop()
-            if placed and (<tuple>placed[len(placed) - 1])[2] is w:
-                handle, orig, _w, chunk = placed.pop()
+            if pw and pw[len(pw) - 1] is w:
+                entry = placed.pop()
+                pw.pop()
+                handle, orig, chunk = _entry(entry)
                 if handle is _INTERNAL and orig is None:
                     if w.data == "1222":
                         m.commands.append(w)     # the 1222 must stay; drop the one before it
-                        placed.append((handle, orig, _w, chunk))
+                        placed.append(entry)
+                        pw.append(w)
                         if len(m.commands) <= 2:
                             break
                         w2 = m.commands.pop(len(m.commands) - 2)
-                        self._unplace(w2, placed)
+                        self._unplace(w2, placed, pw)
                     else:
                         self._own_cmds.insert(0, w)
                 elif chunk is not None:
@@ -2089,11 +2112,12 @@ cdef class DmSession:
             except DmError:
                 return
 
-    cdef _unplace(self, Command w, list placed):
+    cdef _unplace(self, Command w, list placed, list pw):
         cdef Py_ssize_t i
-        for i in range(len(placed) - 1, -1, -1):
-            if (<tuple>placed[i])[2] is w:
-                handle, orig, _w, chunk = placed.pop(i)
+        for i in range(len(pw) - 1, -1, -1):
+            if pw[i] is w:
+                pw.pop(i)
+                handle, orig, chunk = _entry(placed.pop(i))
                 if chunk is not None:
                     (<_OutLO>chunk[0]).offset = chunk[1]
                     self._out_lo = <_OutLO>chunk[0]
@@ -2104,7 +2128,7 @@ cdef class DmSession:
                 return
         self._out_status.insert(0, w)
 
-    cdef _register(self, list placed, Py_ssize_t n_ids):
+    cdef _register(self, list placed, list pw, Py_ssize_t n_ids):
         cdef Command w
         cdef str mid = _num(self._out_msg_id)
         cdef _SentMsg sm = _SentMsg.__new__(_SentMsg)
@@ -2114,8 +2138,10 @@ cdef class DmSession:
         sm.awaiting = bytearray(n_ids)
         self._sent[mid] = sm
         self._last_sm = None
-        for handle, orig, wobj, chunk in placed:
-            w = <Command?>wobj
+        cdef Py_ssize_t i
+        for i in range(len(placed)):
+            w = <Command?>pw[i]
+            handle = (<tuple>placed[i])[0]
             if handle is not _INTERNAL or w.data != "1222":
                 self._pkg_cmds += 1
             self._register_one(sm, w, handle, -1)
@@ -2220,7 +2246,7 @@ cdef class DmSession:
         return True
 
     cdef tuple _place_chunk(self, Message m, Py_ssize_t cid, Py_ssize_t limit, Py_ssize_t base,
-                            list placed):
+                            list placed, list pw):
         """Puts the next chunk of the object in transit into ``m``; returns (cid, full)."""
         cdef _OutLO lo = self._out_lo
         cdef Command w
@@ -2288,6 +2314,7 @@ cdef class DmSession:
         lo.offset = start + units
         self._est += _command_size(w, self._enc)
         placed.append((lo.handle, lo.cmd, w, (lo, start, last)))
+        pw.append(w)
         if last:
             self._out_lo = None
         return cid + 1, not last
@@ -2316,8 +2343,9 @@ cdef class DmSession:
                 seen.add(handle)
                 ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
         for o in self._sent.values():
-            (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
-            (<_SentMsg>o).n_awaiting = 0
+            if (<_SentMsg>o).n_awaiting:
+                (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
+                (<_SentMsg>o).n_awaiting = 0
         ev.append(_ev2(SessionEnded, reason, detail))
 
     def abort(self, str reason="aborted by server"):
