@@ -150,7 +150,7 @@ def scan_page(txn: KVTxn, db: str, prefix: bytes, cursor: str | None, limit: int
         if not ck.startswith(prefix) or ck < start:
             raise ValidationError("cursor does not belong to this listing", where="cursor")
         start = ck + b"\x00"
-    rows = []
+    rows: list[tuple[bytes, bytes]] = []
     for k, v in txn.scan(db, start, end):
         if len(rows) == limit:
             return rows, encode_cursor(rows[-1][0])
@@ -180,7 +180,7 @@ def replace_fields(obj: R, changes: Mapping[str, Any], protected: frozenset[str]
         f = sorted(bad)[0]
         raise ValidationError(f"{f} cannot be changed here", where=f"$.{f}")
     try:
-        return msgspec.structs.replace(obj, **changes)
+        return msgspec.structs.replace(obj, **changes)  # type: ignore[type-var]
     except TypeError as exc:
         raise ValidationError(str(exc), where="$") from None
 
@@ -400,7 +400,7 @@ class KVStore(Store):
         hi = us(now) + b"\xff"
 
         def fn(txn: KVTxn) -> list[R]:
-            out = []
+            out: list[R] = []
             for k, _ in txn.scan(idx, b"", hi):
                 if len(out) == limit:
                     break
