@@ -58,11 +58,15 @@ cdef class WriteBuffer:
         self.writes = 0
 
     def prefetch(self, dict wanted):
-        """Reads many keys with one ``getmulti`` per database (ops declare them)."""
-        cdef dict found
+        """Reads many keys with one ``getmulti`` per database (ops declare them; a key not
+        found is looked up again by the op that wants it)."""
         for db, keys in wanted.items():
-            found = self._lmdb_many(db, keys)
-            self.pre[db] = {k: found.get(k) for k in keys}
+            if keys:
+                cur = self.t.cursor(db=self.d[db])
+                try:
+                    self.pre[db] = dict(cur.getmulti(keys))
+                finally:
+                    cur.close()
 
     cdef dict _lmdb_many(self, str db, list keys):
         if not keys:
