@@ -40,6 +40,7 @@ from cpython.ref cimport Py_INCREF
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
+    const unsigned char* PyUnicode_1BYTE_DATA(object o)
     object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t n)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
 
@@ -404,10 +405,22 @@ cdef Py_ssize_t _WBXML_MSG_OVERHEAD = 48    # header, public id, charset, string
 cdef Py_ssize_t _METINF_NS = 22             # ' xmlns="syncml:metinf"'
 
 
+cdef inline bint _xml_escaped(str s, Py_ssize_t n):
+    """An ASCII string holds a character XML escapes (& < > " ' CR)."""
+    cdef const unsigned char* p = PyUnicode_1BYTE_DATA(s)
+    cdef Py_ssize_t i
+    cdef unsigned char ch
+    for i in range(n):
+        ch = p[i]
+        if ch <= 62 and (ch == 38 or ch == 60 or ch == 62 or ch == 34 or ch == 39 or ch == 13):
+            return True
+    return False
+
+
 cdef inline Py_ssize_t _str_bytes(str s, int enc):
     cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
     if PyUnicode_IS_ASCII(s):
-        if enc == ENC_XML and ((u'&' in s) or (u'<' in s) or (u'>' in s) or (u'"' in s) or (u"'" in s) or (u'\r' in s)):
+        if enc == ENC_XML and _xml_escaped(s, n):
             return 6 * n
         return n
     if enc == ENC_XML:
@@ -693,8 +706,35 @@ _IN_SEQUENCE = frozenset({"Add", "Replace", "Delete", "Copy", "Atomic", "Get", "
 _CLIENT_MAY_NOT = frozenset({"Add", "Delete", "Copy", "Exec", "Get", "Atomic", "Sequence"})
 
 
+# interned names: the codecs and Python source give the same objects, so "is" finds them first
+cdef str _N_GET = "Get"
+cdef str _N_REPLACE = "Replace"
+cdef str _N_ADD = "Add"
+cdef str _N_DELETE = "Delete"
+cdef str _N_EXEC = "Exec"
+
+
+cdef bint _plain_leaf(Command c):
+    """Get/Replace/Add/Delete/Exec (one Item) with Items that all have a Target: valid as is (a fast path;
+    False sends the command through the full check)."""
+    cdef str name = c.name
+    cdef list items
+    if not (name is _N_GET or name is _N_REPLACE or name is _N_ADD or name is _N_DELETE or
+            name is _N_EXEC):
+        return False
+    items = c.items
+    if not items or c.commands is not None or (name is _N_EXEC and len(items) != 1):
+        return False
+    for it in items:
+        if type(it) is not Item or (<Item>it).target is None:
+            return False
+    return True
+
+
 cdef _check_command(Command c, str parent, int depth):
     cdef str name = c.name
+    if parent is None and _plain_leaf(c):
+        return
     if depth > 8:
         raise CommandRejected("Atomic/Sequence nested deeper than 8")
     if name not in _ALLOWED:
