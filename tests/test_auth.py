@@ -275,3 +275,32 @@ def test_device_refuses_server_cred_and_sends_new_nonce():
     assert any(type(e).__name__ == "ServerNonceReceived" and e.nonce == fresh for e in ev)
     r = s.next_message(now=4)
     assert r.hdr.cred.data == auth.server_cred("acme-dms", "srv-secret-42", fresh)
+
+
+def test_account_caches_follow_secret_and_nonce_changes():
+    acc = _account()
+    k1 = acc.client_key()
+    assert k1 == auth.md5_key("dmclient01", "clientpw-1") and acc.client_key() is k1
+    acc.client_secret = "clientpw-2"                      # a new secret: K computed again
+    assert acc.client_key() == auth.md5_key("dmclient01", "clientpw-2")
+    assert auth.verify_md5_key(auth.md5_digest("dmclient01", "clientpw-2", N01), acc.client_key(), N01)
+    assert not auth.verify_md5_key(auth.md5_digest("dmclient01", "clientpw-1", N01), acc.client_key(), N01)
+    c1 = acc.server_cred_for("acme-dms", N02)
+    assert c1 == auth.server_cred("acme-dms", "srv-secret-42", N02)
+    assert acc.server_cred_for("acme-dms", N05) == auth.server_cred("acme-dms", "srv-secret-42", N05)
+    acc.server_secret = "srv-secret-43"
+    assert acc.server_cred_for("acme-dms", N05) == auth.server_cred("acme-dms", "srv-secret-43", N05)
+
+
+def test_md5_digest_for_another_nonce_or_name_fails_with_cached_key():
+    acc = _account()
+    s = DmSession(_cfg(), session_key="k", resp_uri=None, now=0)
+    assert Authenticated("dmclient01", "md5") in s.receive(_pkg1(cred=_md5(N01)), now=1, account=acc)
+    # K is cached on the account now; a digest over another nonce, or a right digest under
+    # another LocName, still fails
+    s2 = DmSession(_cfg(), session_key="k2", resp_uri=None, now=0)
+    ev = s2.receive(_pkg1(cred=_md5(N05)), now=1, account=acc)
+    assert [e.status for e in ev if isinstance(e, AuthFailed)] == [401]
+    s3 = DmSession(_cfg(), session_key="k3", resp_uri=None, now=0)
+    ev = s3.receive(_pkg1(cred=_md5(N01), name="someone"), now=1, account=acc)
+    assert [e.status for e in ev if isinstance(e, AuthFailed)] == [401]
