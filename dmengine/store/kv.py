@@ -510,6 +510,10 @@ class KVStore(Store):
         try:
             now = time.time()
             for i, dev in enumerate(devices):
+                if dev.__class__ is not Device:
+                    report.rejected.append((i, "$", f"expected a Device, got "
+                                                    f"{type(dev).__name__}"))
+                    continue
                 if not dev.created:   # stamped before validation: its bytes are final here
                     dev = msgspec.structs.replace(dev, created=now, updated=now)
                 try:
