@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3
+# (boundscheck, wraparound, initializedcheck and cdivision come from setup.py, so that
+#  DMENGINE_DEBUG=1 can turn the checks on; build with `make build`, not bare cythonize)
 """WBXML codec for SyncML DM messages (L1): bytes <-> dmengine.message.Message.
 
 decode() accepts WBXML 1.0-1.3, public ids SyncML 1.1 (0x0FD3) and 1.2 (0x1201), numeric or

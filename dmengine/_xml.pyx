@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: language_level=3
+# (boundscheck, wraparound, initializedcheck and cdivision come from setup.py, so that
+#  DMENGINE_DEBUG=1 can turn the checks on; build with `make build`, not bare cythonize)
 """SyncML DM XML codec (L1): bytes <-> the message model of ``dmengine._message``.
 
 The decoder is one pass over the bytes of the message: a scanner that reads start tags, end
