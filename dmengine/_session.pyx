@@ -36,6 +36,7 @@ from dmengine.events import (
 )
 
 from cpython.object cimport PyTypeObject
+from libc.string cimport memcmp
 from cpython.ref cimport Py_INCREF
 
 cdef extern from "Python.h":
@@ -263,10 +264,29 @@ cdef inline str _text(object v):
     return None
 
 
+cdef Py_ssize_t _devinfo_at(str uri):
+    """Where "DevInfo/" starts in ./DevInfo/..., DevInfo/... or /DevInfo/... (else -1)."""
+    cdef Py_ssize_t n, start
+    cdef const unsigned char* p
+    if uri is None or not PyUnicode_IS_ASCII(uri):
+        if uri is not None and (uri.startswith("./DevInfo/") or uri.startswith("DevInfo/")
+                                or uri.startswith("/DevInfo/")):
+            return uri.index("DevInfo/")
+        return -1
+    n = PyUnicode_GET_LENGTH(uri)
+    p = PyUnicode_1BYTE_DATA(uri)
+    start = 0
+    if n >= 2 and p[0] == 46 and p[1] == 47:         # "./"
+        start = 2
+    elif n >= 1 and p[0] == 47:                      # "/"
+        start = 1
+    if n - start < 8 or memcmp(p + start, b"DevInfo/", 8) != 0:
+        return -1
+    return start
+
+
 cdef inline bint _is_devinfo(str uri):
-    if uri is None:
-        return False
-    return uri.startswith("./DevInfo/") or uri.startswith("DevInfo/") or uri.startswith("/DevInfo/")
+    return _devinfo_at(uri) >= 0
 
 
 _RDN_PREFIX = "reversed-domain-name:"
@@ -1312,6 +1332,7 @@ cdef class DmSession:
         cdef dict info = {}
         cdef str src
         cdef long code
+        cdef Py_ssize_t at
         for obj in msg.commands:
             c = <Command?>obj
             if c.name == "Alert" and self.alert_code == 0:
@@ -1322,10 +1343,11 @@ cdef class DmSession:
                 for o in c.items:
                     it = <Item?>o
                     src = it.source if it.source is not None else it.target
-                    if _is_devinfo(src):
+                    at = _devinfo_at(src)
+                    if at >= 0:
                         v = _text(it.data)
                         if v is not None:
-                            info[src[src.index("DevInfo/") + 8:]] = v
+                            info[src[at + 8:]] = v
         self.devinfo = info
         ev.append(_ev4(DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
         self._process_body(msg, ev, False)
