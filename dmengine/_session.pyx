@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3
+# (boundscheck, wraparound, initializedcheck and cdivision come from setup.py, so that
+#  DMENGINE_DEBUG=1 can turn the checks on; build with `make build`, not bare cythonize)
 """One OMA DM 1.2 session, server side, as a sans-IO state machine (L2).
 
 Two phases, like h2: ``receive(message)`` processes a decoded client message and returns events;

@@ -28,6 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
         except OSError as exc:          # port taken, data dir not writable, ...
             await engine.stop()
             raise ConfigError(f"cannot start: {exc}") from None
+        from .server import tune_gc
+        tune_gc()                       # start-up objects out of the collector's sight
         for label, url in engine.urls():
             print(f"{label}: {url}", flush=True)
         print(f"API key: {engine.api_key}", flush=True)

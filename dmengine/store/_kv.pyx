@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3
+# (boundscheck, wraparound, initializedcheck and cdivision come from setup.py, so that
+#  DMENGINE_DEBUG=1 can turn the checks on; build with `make build`, not bare cythonize)
 """The store's write hot path in Cython (L3): the buffered LMDB write transaction and the
 task transition's common case (no field changes, no outbox entries).
 
