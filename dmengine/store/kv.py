@@ -30,6 +30,8 @@ batch without it (``WriteCtx.writes`` tells the two cases apart), so nothing is 
 """
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import base64
 import binascii
@@ -331,13 +333,14 @@ class KVStore(Store):
     #: pages larger than this are read off the event loop (LMDB backend)
     inline_read_limit = 200
 
+    @abc.abstractmethod
     async def _write(self, op: Op[R], prefetch: tuple[str, bytes] | None = None) -> R:
         """Runs ``op`` in a write transaction; ``prefetch`` names a (db, key) the op will read,
         so a batching backend can read many in one call."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def _read(self, fn: Callable[[KVTxn], R], big: bool = False) -> R:
-        raise NotImplementedError
+        """Runs ``fn`` in a read transaction (off the event loop when ``big``)."""
 
     # --- generic record helpers ---------------------------------------------------------
 
