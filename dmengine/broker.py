@@ -32,7 +32,7 @@ import msgspec
 from . import auth, bootstrap
 from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import GatewayError, NotFound, ServiceError, StoreError
+from .errors import GatewayError, InvalidRequest, NotFound, ServiceError, StoreError
 from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
@@ -183,7 +183,7 @@ class Broker:
         """The device a request names by MSISDN, IMEI or DevId (exactly one)."""
         given = [(k, v) for k, v in (("msisdn", msisdn), ("imei", imei), ("dev_id", dev_id)) if v]
         if len(given) != 1:
-            raise ServiceError("name the target device by exactly one of msisdn, imei, dev_id",
+            raise InvalidRequest("name the target device by exactly one of msisdn, imei, dev_id",
                                where="target")
         kind, value = given[0]
         try:
@@ -203,7 +203,7 @@ class Broker:
         """Creates the task for ``op`` (an UpdateOp/QueryOp/SetOp/ExecOp/DiagOp) on one device,
         sends the first notification, and returns the task id."""
         if isinstance(op, BootstrapOp):
-            raise ServiceError("use doBootstrap for BOOTSTRAP", where="operation")
+            raise InvalidRequest("use doBootstrap for BOOTSTRAP", where="operation")
         device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
         if isinstance(op, UpdateOp):
             await self._content_for(op, device)          # refuse a package that cannot fit now
@@ -259,13 +259,13 @@ class Broker:
 
         The NETWORKID key is the device's IMEI digits (the engine keeps no IMSI)."""
         if security not in bootstrap.SECURITY_METHODS:
-            raise ServiceError(f"unknown security {security!r}", where="security")
+            raise InvalidRequest(f"unknown security {security!r}", where="security")
         device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
         network_id = device.imei or imei_of(device.dev_id)
         try:
             key = bootstrap.mac_key(security, network_id=network_id, pin=pin)
         except ValueError as exc:
-            raise ServiceError(str(exc), where="security") from None
+            raise InvalidRequest(str(exc), where="security") from None
         client_nonce, server_nonce = os.urandom(16), os.urandom(16)
         account = DmAccount(server_id=server_id or self.config.server_id,
                             client_name=client_name or f"dm{secrets.token_hex(6)}",

@@ -234,3 +234,10 @@ class UnsupportedContentType(CodecError):
         super().__init__(msg, expected=expected)
         self.content_type = content_type
         self.what = what
+
+
+class InvalidRequest(ServiceError):
+    """A DMWSI request parameter is wrong (HTTP 400); ``where`` names it."""
+
+    code = "invalid"
+    http_status = 400

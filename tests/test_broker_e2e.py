@@ -484,6 +484,20 @@ def test_bootstrap_then_first_session_with_the_new_account(tmp_path):
         assert record.account.client_password == dev.client_secret != old_secret
         # an old credential no longer works: the device record only knows the new account
         assert (await w.broker.account_for(dev.dev_id, "dev0")) is None
+        # the same through the API (doBootstrap), USERPIN without a PIN is refused by field
+        hdrs = {"X-API-Key": w.engine.api_key}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(w.engine.api_url + "v1/bootstrap", headers=hdrs, json={
+                    "target": {"msisdn": dev.msisdn}, "security": "USERPIN"}) as r:
+                body = await r.json()
+                assert r.status == 400 and body["where"] == "security"
+            async with http.post(w.engine.api_url + "v1/bootstrap", headers=hdrs, json={
+                    "target": {"msisdn": dev.msisdn}}) as r:
+                assert r.status == 201
+                tid2 = (await r.json())["taskId"]
+        task2 = await w.wait_state(tid2, {S.SUCCEEDED, S.FAILED})
+        assert task2.state == S.SUCCEEDED, task2.cause
+        assert len(received) == 2
     run_world(tmp_path, scenario, bootstrap_receiver=device_side)
 
 

@@ -142,6 +142,24 @@ async def do_operation(request: web.Request) -> web.Response:
     return json_response({"taskId": task_id}, 201)
 
 
+class DoBootstrapRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    target: Target
+    security: Literal["NETWORKID", "USERPIN", "USERPIN_NETWORKID", "NONE"] = "NETWORKID"
+    pin: Union[str, None] = None
+    serverId: Union[str, None] = None
+
+
+@routes.post("/v1/bootstrap", name="doBootstrap")
+async def do_bootstrap(request: web.Request) -> web.Response:
+    req: DoBootstrapRequest = await decode_body(request, DoBootstrapRequest)
+    broker = request.app[ENGINE].broker
+    assert broker is not None
+    task_id = await broker.do_bootstrap(msisdn=req.target.msisdn, imei=req.target.imei,
+                                        dev_id=req.target.dev_id, server_id=req.serverId,
+                                        security=req.security, pin=req.pin)
+    return json_response({"taskId": task_id}, 201)
+
+
 @routes.get("/v1/tasks/{taskId}", name="getTaskById")
 async def get_task_by_id(request: web.Request) -> web.Response:
     broker = request.app[ENGINE].broker
