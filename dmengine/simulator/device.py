@@ -23,6 +23,8 @@ import base64
 import dataclasses
 import hashlib
 import random
+from base64 import b64encode
+from hashlib import md5
 from typing import Any, Callable
 
 from .. import auth
@@ -52,14 +54,21 @@ class SimulatorError(DmError):
     """The server's message made the virtual device give up the session."""
 
 
+_CODECS: dict[str, tuple[Callable[[bytes], Message], Callable[[Message], bytes]]] = {}
+
+
 def _codec(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
+    hit = _CODECS.get(encoding)
+    if hit is not None:
+        return hit
     if encoding == "wbxml":
         from .. import _wbxml as mod  # type: ignore[attr-defined]
     elif encoding == "xml":
         from .. import xmlcodec as mod  # type: ignore[no-redef]
     else:
         raise SimulatorError(f"encoding must be xml or wbxml, not {encoding!r}")
-    return mod.decode, mod.encode
+    hit = _CODECS[encoding] = (mod.decode, mod.encode)
+    return hit
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ class VirtualDevice:
     __slots__ = ("index", "dev_id", "msisdn", "username", "client_secret", "server_secret",
                  "client_nonce", "server_nonce", "fwv", "swv", "fumo_state", "overlay",
                  "profile", "faults", "pending_alerts", "jobs", "sessions", "pkg_data",
-                 "cell_id", "log")
+                 "cell_id", "log", "_devinfo", "_md5k")
 
     def __init__(self, index: int, profile: DeviceProfile, *, faults: FaultPlan | None = None,
                  dev_id: str | None = None, msisdn: str | None = None,
@@ -259,6 +268,8 @@ class VirtualDevice:
         self.pkg_data: bytes | None = None
         self.cell_id = f"{262 + index % 7:03d}-{index % 4096:04X}"
         self.log: list[tuple[str, Any]] | None = None
+        self._devinfo: tuple[tuple[str, str, str, str], list[Item]] | None = None
+        self._md5k: tuple[str, str, bytes] | None = None
 
     # attribute values used by the template
     @property
@@ -287,6 +298,26 @@ class VirtualDevice:
                               client_secret=self.client_secret, client_nonce=self.client_nonce,
                               server_id=self.profile.server_id, server_secret=self.server_secret,
                               server_nonce=self.server_nonce)
+
+    def devinfo_items(self) -> list[Item]:
+        """The ./DevInfo Replace items of package 1 (built once; DevInfo leaves are read-only,
+        so only a profile change makes new ones)."""
+        prof = self.profile
+        key = (self.dev_id, prof.man, prof.mod, prof.lang)
+        hit = self._devinfo
+        if hit is None or hit[0] != key:
+            items = [Item(source=f"./DevInfo/{leaf}", data=self.value(f"./DevInfo/{leaf}"))
+                     for leaf in ("DevId", "Man", "Mod", "DmV", "Lang")]
+            hit = self._devinfo = (key, items)
+        return hit[1]
+
+    def md5_cred(self, secret: str) -> str:
+        """Cred/Data of syncml:auth-md5 for the current client nonce; K = B64(MD5(name ":"
+        secret)) is computed once per (name, secret)."""
+        k = self._md5k
+        if k is None or k[0] != self.username or k[1] != secret:
+            k = self._md5k = (self.username, secret, auth.md5_key(self.username, secret))
+        return b64encode(md5(k[2] + b":" + self.client_nonce).digest()).decode("ascii")
 
     # --- tree -------------------------------------------------------------------------------------
 
@@ -395,14 +426,40 @@ def _next_version(v: str) -> str:
 
 
 class _Outgoing:
-    __slots__ = ("body", "content_type", "headers", "url")
+    """One message to POST: ``headers`` are the device's own, ``wire_headers`` add the
+    Content-Type (what the HTTP client sends)."""
+    __slots__ = ("body", "content_type", "headers", "url", "wire_headers")
 
-    def __init__(self, body: bytes, content_type: str, headers: list[tuple[str, str]],
+    def __init__(self, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...],
                  url: str) -> None:
         self.body = body
         self.content_type = content_type
         self.headers = headers
         self.url = url
+        self.wire_headers = headers + (("Content-Type", content_type),)
+
+
+_HEADERS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+_HDR_META: dict[tuple[int, int], Meta] = {}
+_CRED_META = {"md5": Meta(type=auth.AUTH_MD5, format="b64"),
+              "basic": Meta(type=auth.AUTH_BASIC, format="b64")}
+
+
+def _base_headers(user_agent: str, content_type: str) -> tuple[tuple[str, str], ...]:
+    hit = _HEADERS.get((user_agent, content_type))
+    if hit is None:
+        hit = _HEADERS[(user_agent, content_type)] = (("User-Agent", user_agent),
+                                                      ("Accept", content_type))
+    return hit
+
+
+def _hdr_meta(max_msg: int, max_obj: int) -> Meta:
+    """The SyncHdr Meta of a profile (shared: encoders only read it)."""
+    hit = _HDR_META.get((max_msg, max_obj))
+    if hit is None:
+        hit = _HDR_META[(max_msg, max_obj)] = Meta(max_msg_size=str(max_msg),
+                                                   max_obj_size=str(max_obj))
+    return hit
 
 
 class ClientSession:
@@ -422,7 +479,7 @@ class ClientSession:
         self.device = device
         self.profile = prof
         self.rng = rng or random.Random()
-        self.session_id = session_id or format(self.rng.randint(1, 0xFFFF), "X")
+        self.session_id = session_id or format(self.rng.getrandbits(16) % 0xFFFF + 1, "X")
         self.alert = alert
         self.url = url or prof.server_url
         self.encoding = prof.encoding
@@ -459,29 +516,26 @@ class ClientSession:
     def _hdr(self) -> SyncHdr:
         dev = self.device
         self.msg_id += 1
+        prof = self.profile
         hdr = SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id=self.session_id,
                       msg_id=str(self.msg_id), target=self.url, source=dev.dev_id,
-                      meta=Meta(max_msg_size=str(self.profile.max_msg_size),
-                                max_obj_size=str(self.profile.max_obj_size)))
+                      meta=_hdr_meta(prof.max_msg_size, prof.max_obj_size))
         scheme = self.auth_scheme
         if scheme != "none":
             hdr.source_name = dev.username
         if not self.authenticated or scheme == "hmac":
             secret = dev.client_secret + ("-wrong" if dev.faults.wrong_credentials else "")
             if scheme == "md5":
-                hdr.cred = Cred(meta=Meta(type=auth.AUTH_MD5, format="b64"),
-                                data=auth.md5_digest(dev.username, secret, dev.client_nonce))
+                hdr.cred = Cred(meta=_CRED_META["md5"], data=dev.md5_cred(secret))
             elif scheme == "basic":
-                hdr.cred = Cred(meta=Meta(type=auth.AUTH_BASIC, format="b64"),
+                hdr.cred = Cred(meta=_CRED_META["basic"],
                                 data=auth.basic_cred(dev.username, secret))
         return hdr
 
     def _package1(self) -> list[Command]:
         dev = self.device
         cmds = [Command(name="Alert", data=str(self.alert))]
-        items = [Item(source=f"./DevInfo/{leaf}", data=dev.value(f"./DevInfo/{leaf}"))
-                 for leaf in ("DevId", "Man", "Mod", "DmV", "Lang")]
-        cmds.append(Command(name="Replace", items=items))
+        cmds.append(Command(name="Replace", items=dev.devinfo_items()))
         if dev.pending_alerts:
             cmds.extend(dev.pending_alerts)
             self.sent_alerts = list(dev.pending_alerts)
@@ -581,13 +635,12 @@ class ClientSession:
         return first, rest
 
     def _finish(self, data: bytes) -> _Outgoing:
-        headers = [("User-Agent", self.profile.user_agent),
-                   ("Accept", self.content_type)]
+        headers = _base_headers(self.profile.user_agent, self.content_type)
         if self.auth_scheme == "hmac":
             dev = self.device
             secret = dev.client_secret + ("-wrong" if dev.faults.wrong_credentials else "")
             mac = auth.hmac_mac(dev.username, secret, dev.client_nonce, data)
-            headers.append(("x-syncml-hmac", auth.format_hmac_header(dev.username, mac)))
+            headers = headers + (("x-syncml-hmac", auth.format_hmac_header(dev.username, mac)),)
         self.messages_sent += 1
         out = _Outgoing(data, self.content_type, headers, self.url)
         self.last_sent = out

@@ -38,19 +38,21 @@ class HttpError(DmError):
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "waiter", "status", "headers", "body", "closed",
-                 "keep_alive", "_loop")
+    __slots__ = ("transport", "parser", "waiter", "status", "headers", "chunks", "size",
+                 "closed", "keep_alive", "deadline", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self.waiter: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]] | None = None
         self.status = 0
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []     # raw; decoded only when asked for
+        self.chunks: list[bytes] = []
+        self.size = 0
         self.closed = False
         self.keep_alive = True
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -71,24 +73,29 @@ class _Conn(asyncio.Protocol):
             self.close()
 
     def on_message_begin(self) -> None:
-        self.headers = {}
-        self.body = bytearray()
+        self.headers = []
+        self.chunks = []
+        self.size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.headers.append((name, value))
 
     def on_body(self, chunk: bytes) -> None:
-        self.body += chunk
-        if len(self.body) > MAX_RESPONSE:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        if self.size > MAX_RESPONSE:
             raise HttpError("response too large")
 
     def on_message_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+        parser = self.parser
+        self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
         w = self.waiter
         self.waiter = None
         if w is not None and not w.done():
-            w.set_result((self.status, self.headers, bytes(self.body)))
+            chunks = self.chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            w.set_result((self.status, self.headers, body))
 
     def close(self) -> None:
         self.closed = True
@@ -96,14 +103,25 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(HttpError(f"no answer within {timeout} s"))
+def _header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in raw}
+
+
+def _retry_after(raw: list[tuple[bytes, bytes]]) -> str:
+    for n, v in raw:
+        if n.lower() == b"retry-after":
+            return v.decode("latin-1")
+    return "1"
 
 
 class HttpClient:
     """Keep-alive HTTP/1.1 connections by (scheme, host, port); one request per connection
-    at a time.  ``request`` returns ``(status, headers, body)`` or raises ``HttpError``."""
+    at a time.  ``request`` returns ``(status, headers, body)`` or raises ``HttpError``.
+
+    Per message it costs a future, one write and a parse: the request head is built once per
+    (method, URL, headers) and reused; timeouts are checked by one sweeper per client (a
+    request times out between ``timeout`` and ``timeout`` + ``timeout``/4, at most 1 s late)
+    instead of a timer per request."""
 
     def __init__(self, *, ssl_context: _ssl.SSLContext | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_idle_per_host: int = 1024) -> None:
@@ -113,6 +131,12 @@ class HttpClient:
         self.idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
         self.connects = 0
         self._splits: dict[str, tuple[tuple[str, str, int], str, str]] = {}
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]],
+                          tuple[tuple[str, str, int], bytes, bool]] = {}
+        self._waiting: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_every = max(0.01, min(1.0, timeout / 4))
 
     async def connect(self, scheme: str, host: str, port: int) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -149,12 +173,52 @@ class HttpClient:
         hosthdr = u.netloc
         return (scheme, host, port), path, hosthdr
 
+    def _head(self, method: str, url: str,
+              headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, int], bytes, bool]:
+        """(pool key, request head up to the Content-Length value, whether to send one)."""
+        ck = (method, url, headers)
+        hit = self._heads.get(ck)
+        if hit is None:
+            key, path, hosthdr = self.split(url)
+            head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
+            for k, v in headers:
+                head.append(f"{k}: {v}\r\n")
+            hit = (key, "".join(head).encode("latin-1"), method == "POST")
+            if len(self._heads) >= 4096:
+                self._heads.clear()
+            self._heads[ck] = hit
+        return hit
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        waiting = self._waiting
+        if not waiting:
+            return
+        loop = self._sweep_loop
+        assert loop is not None
+        now = loop.time()
+        for c in [c for c in waiting if c.deadline <= now]:
+            waiting.discard(c)
+            w = c.waiter
+            if w is not None and not w.done():
+                w.set_exception(HttpError(f"no answer within {self.timeout} s"))
+        if waiting:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
     async def request(self, method: str, url: str, *, body: bytes = b"",
-                      headers: list[tuple[str, str]] | tuple[()] = (),
+                      headers: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
                       drop_after: int | None = None) -> tuple[int, dict[str, str], bytes]:
         """One exchange.  ``drop_after`` sends only that many body bytes, then closes
         (a device losing coverage mid-upload); it raises ``HttpError``."""
-        key, path, hosthdr = self.split(url)
+        status, raw, rbody = await self.exchange(method, url, body, tuple(headers), drop_after)
+        return status, _header_dict(raw), rbody
+
+    async def exchange(self, method: str, url: str, body: bytes,
+                       headers: tuple[tuple[str, str], ...],
+                       drop_after: int | None = None
+                       ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """``request`` with the response headers as raw ``(name, value)`` byte pairs."""
+        key, head, post = self._head(method, url, headers)
         pool = self.idle[key]
         conn = None
         while pool:
@@ -165,45 +229,53 @@ class HttpClient:
         fresh = conn is None
         if conn is None:
             conn = await self.connect(*key)
-        head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
-        for k, v in headers:
-            head.append(f"{k}: {v}\r\n")
-        if body or method == "POST":
-            head.append(f"Content-Length: {len(body)}\r\n")
-        head.append("\r\n")
-        data = "".join(head).encode("latin-1")
-        assert conn.transport is not None
+        if body or post:
+            data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
+        else:
+            data = head + b"\r\n"
+        transport = conn.transport
+        assert transport is not None
         if drop_after is not None:
-            conn.transport.write(data + body[:drop_after])
-            conn.transport.abort()
+            transport.write(data[:len(data) - len(body) + drop_after])
+            transport.abort()
             conn.closed = True
             raise HttpError("connection dropped by the device (simulated)")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = loop.create_future()
+        loop = conn._loop
+        fut: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]] = loop.create_future()
         conn.waiter = fut
-        conn.transport.write(data + body)
-        timer = loop.call_later(self.timeout, _expire, fut, self.timeout)
+        transport.write(data)
+        conn.deadline = loop.time() + self.timeout
+        waiting = self._waiting
+        waiting.add(conn)
+        if self._sweeper is None or self._sweep_loop is not loop:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweep_loop = loop
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         try:
-            status, hdrs, rbody = await fut
+            result = await fut
         except HttpError:
             conn.close()
             if not fresh and not fut.cancelled() and "no answer" not in str(fut.exception()):
                 # a keep-alive connection the server closed meanwhile: retry once
-                return await self.request(method, url, body=body, headers=headers)
+                return await self.exchange(method, url, body, headers)
             raise
         finally:
-            timer.cancel()
+            waiting.discard(conn)
         if conn.keep_alive and not conn.closed and len(pool) < self.max_idle:
             pool.append(conn)
         else:
             conn.close()
-        return status, hdrs, rbody
+        return result
 
     def close(self) -> None:
         for pool in self.idle.values():
             for c in pool:
                 c.close()
         self.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 # --- the fleet ----------------------------------------------------------------------------------------
@@ -362,6 +434,7 @@ class Fleet:
         retries = 0
         later_jobs: list[Job] = []
         stats = self.stats
+        exchange = self.client.exchange
         while out is not None:
             drop_after = None
             if dev.faults.drop and not dropped and messages == 1:
@@ -369,10 +442,8 @@ class Fleet:
                 dropped = True
             t1 = time.perf_counter()
             try:
-                status, hdrs, body = await self.client.request(
-                    "POST", out.url, body=out.body,
-                    headers=out.headers + [("Content-Type", out.content_type)],
-                    drop_after=drop_after)
+                status, hdrs, body = await exchange("POST", out.url, out.body,
+                                                    out.wire_headers, drop_after)
             except HttpError as exc:
                 if drop_after is not None:
                     continue                  # reconnect and send the same message again
@@ -385,7 +456,7 @@ class Fleet:
             if status == 503 and retries < self.retry_503:
                 stats.rejected_503 += 1
                 retries += 1
-                await asyncio.sleep(min(float(hdrs.get("retry-after", "1") or 1), 5.0)
+                await asyncio.sleep(min(float(_retry_after(hdrs) or 1), 5.0)
                                     * self.rng.uniform(0.05, 0.2))
                 continue
             if status != 200:
