@@ -436,10 +436,19 @@ class _Outgoing:
         self.content_type = content_type
         self.headers = headers
         self.url = url
-        self.wire_headers = headers + (("Content-Type", content_type),)
+        self.wire_headers = _WIRE.get(headers) or _wire(headers, content_type)
 
 
 _HEADERS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+_WIRE: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+
+
+def _wire(headers: tuple[tuple[str, str], ...],
+          content_type: str) -> tuple[tuple[str, str], ...]:
+    wire = headers + (("Content-Type", content_type),)
+    if len(headers) == 2:             # only the constant ones are kept (not HMAC headers)
+        _WIRE[headers] = wire
+    return wire
 _HDR_META: dict[tuple[int, int], Meta] = {}
 _CRED_META = {"md5": Meta(type=auth.AUTH_MD5, format="b64"),
               "basic": Meta(type=auth.AUTH_BASIC, format="b64")}
@@ -759,10 +768,11 @@ class ClientSession:
         code = _int(st.data)
         chal = st.chal
         if chal is not None and chal.meta is not None:
-            if chal.meta.next_nonce:
+            nn = chal.meta.next_nonce
+            if nn:
                 try:
-                    self.device.client_nonce = auth.decode_nonce(chal.meta.next_nonce)
-                except DmError:
+                    self.device.client_nonce = base64.b64decode(nn.strip(), validate=True)
+                except ValueError:       # binascii.Error: not base64, the nonce stays
                     pass
             scheme = auth.TYPE_SCHEMES.get((chal.meta.type or "").lower())
             if scheme is not None and code in (401, 407):

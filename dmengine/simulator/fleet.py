@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import random
 import ssl as _ssl
 import statistics
@@ -28,6 +29,7 @@ __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "
 
 DEFAULT_TIMEOUT = 30.0
 MAX_RESPONSE = 64 * 1024 * 1024
+DEFAULT_GC_THRESHOLD0 = 20_000     # generation-0 threshold while Fleet.run drives load
 
 
 class HttpError(DmError):
@@ -163,6 +165,18 @@ class HttpClient:
 
     @staticmethod
     def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
+        if url.startswith("http://"):
+            # the common case (a RespURI per session): no urlsplit
+            slash = url.find("/", 7)
+            netloc = url[7:] if slash < 0 else url[7:slash]
+            path = "/" if slash < 0 else url[slash:]
+            host, sep, port = netloc.rpartition(":")
+            if netloc and "@" not in netloc and "[" not in netloc and "?" not in netloc \
+                    and "#" not in url and \
+                    (not sep or (port.isdigit() and host)):
+                if not sep:
+                    host, port = netloc, "80"
+                return ("http", host.lower(), int(port)), path, netloc
         u = urlsplit(url)
         scheme = u.scheme or "http"
         port = u.port or (443 if scheme == "https" else 80)
@@ -373,6 +387,7 @@ class Fleet:
         self.keep_latencies = keep_latencies
         self.keep_reports = True
         self.retry_503 = retry_503
+        self.gc_threshold0 = DEFAULT_GC_THRESHOLD0     # 0: leave the collector alone
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def accounts(self) -> list[Any]:
@@ -520,27 +535,33 @@ class Fleet:
                   concurrency: int = 100) -> FleetStats:
         """Client-initiated sessions: each device runs ``sessions_per_device`` sessions (or
         sessions until ``duration`` seconds passed), ``concurrency`` devices at a time."""
-        queue: asyncio.Queue[VirtualDevice] = asyncio.Queue()
+        queue: collections.deque[VirtualDevice] = collections.deque()
         for _ in range(sessions_per_device if duration is None else 1):
-            for d in self.devices:
-                queue.put_nowait(d)
+            queue.extend(self.devices)
         end = None if duration is None else time.perf_counter() + duration
         self.stats.started = time.perf_counter()
+        run_session = self.run_session
 
         async def worker() -> None:
-            while True:
-                if end is not None and time.perf_counter() >= end:
+            clock = time.perf_counter
+            while queue:
+                if end is not None and clock() >= end:
                     return
-                try:
-                    dev = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await self.run_session(dev)
+                dev = queue.popleft()
+                await run_session(dev)
                 if end is not None:
-                    queue.put_nowait(dev)
+                    queue.append(dev)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-        await self.wait_idle(timeout=30.0)
+        # a session allocates many short-lived objects that reference counting frees: rarer
+        # generation-0 collections while the load runs (restored afterwards)
+        thresholds = gc.get_threshold()
+        if self.gc_threshold0 and thresholds[0] < self.gc_threshold0:
+            gc.set_threshold(self.gc_threshold0, *thresholds[1:])
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+            await self.wait_idle(timeout=30.0)
+        finally:
+            gc.set_threshold(*thresholds)
         return self.stats
 
     def close(self) -> None:
