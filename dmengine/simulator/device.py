@@ -481,6 +481,14 @@ class ClientSession:
     ``error``.
     """
 
+    __slots__ = ("device", "profile", "rng", "session_id", "alert", "url", "encoding",
+                 "content_type", "_decode", "_encode", "msg_id", "server_msg_id",
+                 "server_max_msg", "server_max_obj", "auth_scheme", "authenticated",
+                 "auth_attempts", "outbox", "hdr_status", "done", "outcome", "detail", "jobs",
+                 "in_chunk", "out_chunks", "want_final", "package1_pending", "sent_alerts",
+                 "messages_sent", "messages_received", "results", "server_authenticated",
+                 "_continuations", "server_final", "last_sent")
+
     def __init__(self, device: VirtualDevice, *, session_id: str | None = None,
                  alert: int = 1201, url: str | None = None,
                  rng: random.Random | None = None) -> None:

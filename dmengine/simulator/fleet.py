@@ -41,7 +41,7 @@ class HttpError(DmError):
 
 class _Conn(asyncio.Protocol):
     __slots__ = ("transport", "parser", "waiter", "status", "headers", "chunks", "size",
-                 "closed", "keep_alive", "deadline", "_loop")
+                 "closed", "keep_alive", "deadline", "pool", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -55,6 +55,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.keep_alive = True
         self.deadline = 0.0
+        self.pool: list[_Conn] | None = None      # where it goes back after a fast-path POST
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -74,11 +75,6 @@ class _Conn(asyncio.Protocol):
                 w.set_exception(HttpError(f"bad HTTP response: {exc}"))
             self.close()
 
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.chunks = []
-        self.size = 0
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -94,10 +90,14 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         w = self.waiter
         self.waiter = None
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        headers = self.headers
+        self.headers = []              # ready for the next response on this connection
+        self.chunks = []
+        self.size = 0
         if w is not None and not w.done():
-            chunks = self.chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            w.set_result((self.status, self.headers, body))
+            w.set_result((self.status, headers, body))
 
     def close(self) -> None:
         self.closed = True
@@ -262,10 +262,7 @@ class HttpClient:
         waiting = self._waiting
         waiting.add(conn)
         if self._sweeper is None or self._sweep_loop is not loop:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-            self._sweep_loop = loop
-            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+            self._arm(loop)
         try:
             result = await fut
         except HttpError:
@@ -281,6 +278,57 @@ class HttpClient:
         else:
             conn.close()
         return result
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_loop = loop
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    def post_now(self, url: str, body: bytes,
+                 headers: tuple[tuple[str, str], ...]) -> _Conn | None:
+        """The fast path of a POST: sends on an idle keep-alive connection and returns it;
+        the caller awaits ``conn.waiter``, then calls ``release(conn)`` (or ``recover`` on
+        ``HttpError``).  None when no connection is idle (use ``exchange``)."""
+        key, head, _ = self._head("POST", url, headers)
+        pool = self.idle[key]
+        while pool:
+            conn = pool.pop()
+            if not conn.closed:
+                break
+        else:
+            return None
+        loop = conn._loop
+        conn.waiter = loop.create_future()
+        conn.pool = pool
+        conn.transport.write(b"%sContent-Length: %d\r\n\r\n%s"  # type: ignore[union-attr]
+                             % (head, len(body), body))
+        conn.deadline = loop.time() + self.timeout
+        self._waiting.add(conn)
+        if self._sweeper is None or self._sweep_loop is not loop:
+            self._arm(loop)
+        return conn
+
+    def release(self, conn: _Conn) -> None:
+        """A fast-path connection whose answer arrived: back to its pool (or closed)."""
+        self._waiting.discard(conn)
+        pool = conn.pool
+        if conn.keep_alive and not conn.closed and pool is not None and \
+                len(pool) < self.max_idle:
+            pool.append(conn)
+        else:
+            conn.close()
+
+    async def recover(self, conn: _Conn, fut: asyncio.Future[Any], exc: HttpError,
+                      url: str, body: bytes, headers: tuple[tuple[str, str], ...]
+                      ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A fast-path POST failed: a keep-alive connection the server closed meanwhile is
+        retried once on a new one (as ``exchange`` does); a timeout is raised."""
+        self._waiting.discard(conn)
+        conn.close()
+        if fut.cancelled() or "no answer" in str(exc):
+            raise exc
+        return await self.exchange("POST", url, body, headers)
 
     def close(self) -> None:
         for pool in self.idle.values():
@@ -449,7 +497,8 @@ class Fleet:
         retries = 0
         later_jobs: list[Job] = []
         stats = self.stats
-        exchange = self.client.exchange
+        client = self.client
+        exchange, post_now, release = client.exchange, client.post_now, client.release
         while out is not None:
             drop_after = None
             if dev.faults.drop and not dropped and messages == 1:
@@ -457,8 +506,21 @@ class Fleet:
                 dropped = True
             t1 = time.perf_counter()
             try:
-                status, hdrs, body = await exchange("POST", out.url, out.body,
-                                                    out.wire_headers, drop_after)
+                conn = post_now(out.url, out.body, out.wire_headers) \
+                    if drop_after is None else None
+                if conn is not None:
+                    fut = conn.waiter
+                    assert fut is not None
+                    try:
+                        status, hdrs, body = await fut
+                    except HttpError as exc:
+                        status, hdrs, body = await client.recover(
+                            conn, fut, exc, out.url, out.body, out.wire_headers)
+                    else:
+                        release(conn)
+                else:
+                    status, hdrs, body = await exchange("POST", out.url, out.body,
+                                                        out.wire_headers, drop_after)
             except HttpError as exc:
                 if drop_after is not None:
                     continue                  # reconnect and send the same message again
