@@ -23,7 +23,7 @@ import base64
 import dataclasses
 import hashlib
 import random
-from base64 import b64encode
+from binascii import a2b_base64, b2a_base64
 from hashlib import md5
 from typing import Any, Callable
 
@@ -317,7 +317,8 @@ class VirtualDevice:
         k = self._md5k
         if k is None or k[0] != self.username or k[1] != secret:
             k = self._md5k = (self.username, secret, auth.md5_key(self.username, secret))
-        return b64encode(md5(k[2] + b":" + self.client_nonce).digest()).decode("ascii")
+        return b2a_base64(md5(k[2] + b":" + self.client_nonce).digest(),
+                          newline=False).decode("ascii")
 
     # --- tree -------------------------------------------------------------------------------------
 
@@ -439,6 +440,7 @@ class _Outgoing:
         self.wire_headers = _WIRE.get(headers) or _wire(headers, content_type)
 
 
+_SESSION_ABORT = str(int(AlertCode.SESSION_ABORT))
 _HEADERS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 _WIRE: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
 
@@ -712,9 +714,7 @@ class ClientSession:
             if hdr.meta.max_obj_size and hdr.meta.max_obj_size.isdigit():
                 self.server_max_obj = int(hdr.meta.max_obj_size)
         hdr_code = self._check_server(hdr)
-        self.hdr_status = _status(hdr.msg_id, "0", "SyncHdr", hdr_code,
-                                  targets=[hdr.target] if hdr.target else None,
-                                  sources=[hdr.source] if hdr.source else None)
+        self.hdr_status = None          # built below unless the session ends here
         had_commands = False
         challenged = False
         aborted = False
@@ -730,10 +730,16 @@ class ClientSession:
             if name == "Results":
                 continue
             had_commands = True
-            if name == "Alert" and cmd.data == str(int(AlertCode.SESSION_ABORT)):
+            if name == "Alert" and cmd.data == _SESSION_ABORT:
                 aborted = True
                 continue
             replies.extend(self._execute(cmd, hdr.msg_id))
+        nothing_to_do = not (aborted or self.done or challenged or replies or self.outbox
+                             or self.out_chunks or had_commands or (not msg.final and not sending))
+        if not nothing_to_do:
+            self.hdr_status = _status(hdr.msg_id, "0", "SyncHdr", hdr_code,
+                                      targets=[hdr.target] if hdr.target else None,
+                                      sources=[hdr.source] if hdr.source else None)
         if aborted:
             self._end("aborted", "server sent Alert 1223")
             return
@@ -750,9 +756,8 @@ class ClientSession:
         if not msg.final and not sending:
             # the server's package goes on: ask for the next message
             self.outbox.append(Command(name="Alert", data=str(int(AlertCode.NEXT_MESSAGE))))
-        elif not had_commands and not self.outbox and not self.out_chunks:
+        elif nothing_to_do:
             # a package with nothing to do ends the session; no bare Status goes back
-            self.hdr_status = None
             if not (self.profile.report_in_same_session and self.device.pending_alerts
                     and not self.sent_alerts):
                 self._end("completed")
@@ -779,8 +784,8 @@ class ClientSession:
             nn = chal.meta.next_nonce
             if nn:
                 try:
-                    self.device.client_nonce = base64.b64decode(nn.strip(), validate=True)
-                except ValueError:       # binascii.Error: not base64, the nonce stays
+                    self.device.client_nonce = a2b_base64(nn.strip(), strict_mode=True)
+                except ValueError:       # binascii.Error / non-ASCII: the nonce stays
                     pass
             scheme = auth.TYPE_SCHEMES.get((chal.meta.type or "").lower())
             if scheme is not None and code in (401, 407):

@@ -363,7 +363,7 @@ class FaultShares:
             fail_update=self.fail_update_code if rng.random() < self.fail_update else None)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class SessionReport:
     dev_id: str
     outcome: str
@@ -499,12 +499,15 @@ class Fleet:
         stats = self.stats
         client = self.client
         exchange, post_now, release = client.exchange, client.post_now, client.release
+        faults = dev.faults
+        keep_latencies = self.keep_latencies
+        clock = time.perf_counter
         while out is not None:
             drop_after = None
-            if dev.faults.drop and not dropped and messages == 1:
+            if faults.drop and not dropped and messages == 1:
                 drop_after = len(out.body) // 2
                 dropped = True
-            t1 = time.perf_counter()
+            t1 = clock()
             try:
                 conn = post_now(out.url, out.body, out.wire_headers) \
                     if drop_after is None else None
@@ -526,8 +529,8 @@ class Fleet:
                     continue                  # reconnect and send the same message again
                 return self._report(SessionReport(dev.dev_id, "http_error", messages,
                                                   time.perf_counter() - t0, str(exc), alert))
-            if self.keep_latencies:
-                stats.latencies.append(time.perf_counter() - t1)
+            if keep_latencies:
+                stats.latencies.append(clock() - t1)
             messages += 1
             stats.messages += 1
             if status == 503 and retries < self.retry_503:
@@ -548,7 +551,7 @@ class Fleet:
                         await self.run_job(dev, job)
                 else:
                     later_jobs.extend(jobs)
-            if dev.faults.timeout and messages >= 1 and not cs.done:
+            if faults.timeout and messages >= 1 and not cs.done:
                 return self._report(SessionReport(dev.dev_id, "device_timeout", messages,
                                                   time.perf_counter() - t0,
                                                   "stopped answering (simulated)", alert))
