@@ -103,6 +103,9 @@ _REASONS = {
 }
 
 
+#: media type -> "HTTP/1.1 200 OK ... Content-Length: " of DM replies (built on first use)
+_HEADS: dict[bytes, bytes] = {}
+
 _CODECS: dict[str, tuple[Callable[[bytes], Message], Callable[[Message], bytes]]] = {}
 
 
@@ -340,7 +343,7 @@ class _Req:
     host: bytes | None = None
     hmac: bytes | None = None
     expect = False
-    body: bytearray | None = None
+    body: bytes | bytearray | None = None
     keep_alive = True
     method = b""
     t0 = 0.0
@@ -396,6 +399,7 @@ class DmServer:
         self._on_closed = getattr(handler, "on_session_closed", None)
         self._take_events = True     # cleared when the session class has no take_events()
         self._keep_bytes = True      # the session keeps the encoded reply (keep_reply_bytes)
+        self._checked_cls: type | None = None
         self._path = config.path.encode()
         self._prefix = self._path + b"/"
         self._idle_event: asyncio.Event | None = None
@@ -502,10 +506,13 @@ class DmServer:
             self._take_events = hasattr(DmSession, "take_events")
         session = factory(cfg, session_key=token, resp_uri=resp_uri, now=now_wall,
                           encoding=encoding)
-        if self._take_events and not hasattr(session, "take_events"):
-            self._take_events = False
-        if self._keep_bytes and not hasattr(session, "keep_reply_bytes"):
-            self._keep_bytes = False
+        cls = type(session)
+        if cls is not self._checked_cls:       # what the engine offers: once per class
+            self._checked_cls = cls
+            if self._take_events and not hasattr(session, "take_events"):
+                self._take_events = False
+            if self._keep_bytes and not hasattr(session, "keep_reply_bytes"):
+                self._keep_bytes = False
         # not in the table yet: a session that ends with its first reply never enters it
         entry = _Entry(session, token, 0.0)
         if self.metrics is not None:
@@ -609,7 +616,7 @@ class DmServer:
         body = bytes(req.body) if req.body is not None else b""
         if metrics is not None:
             metrics.message_in(encoding, len(body))
-        decode, encode = _codecs(encoding)
+        decode, encode = _CODECS.get(encoding) or _codecs(encoding)
         try:
             msg = decode(body)
         except CodecError as exc:
@@ -711,14 +718,18 @@ class DmServer:
         if self.metrics is not None:
             self.metrics.message_out(encoding, len(out))
         ctype = req.ctype or b"application/vnd.syncml.dm+xml"
+        head = _HEADS.get(ctype)
+        if head is None:            # the head up to the length, built once per media type
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+            if len(_HEADS) < 16:
+                _HEADS[ctype] = head
         extra = b"" if req.keep_alive else b"Connection: close\r\n"
         if session is not None and getattr(session, "auth_scheme", None) == "hmac":
             mac = session.reply_hmac_header(out)
             if mac is not None:
                 extra += b"x-syncml-hmac: " + mac.encode("latin-1") + b"\r\n"
-        return (b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype
-                + b"\r\nContent-Length: %d\r\nCache-Control: no-store, private\r\n%s\r\n"
-                % (len(out), extra)) + out
+        return b"%b%d\r\nCache-Control: no-store, private\r\n%b\r\n%b" % (
+            head, len(out), extra, out)
 
     async def handle_get(self, req: _Req, route: GetRoute, path: str, query: str) -> bytes:
         """Runs a GET route.  The route answers with an object carrying ``status``,
@@ -914,7 +925,8 @@ class DeviceConnection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "parser", "req", "queue", "busy", "state", "deadline",
                  "hdr_bytes", "raw_hdr", "in_headers", "closing", "paused", "write_paused", "_loop",
-                 "dropped", "sending", "writable")
+                 "dropped", "sending", "writable", "_max_hdr", "_max_body", "_req_timeout",
+                 "_max_pipeline", "_keepalive")
 
     def __init__(self, server: DmServer) -> None:
         self.server = server
@@ -935,6 +947,12 @@ class DeviceConnection(asyncio.Protocol):
         self.sending = False      # a file part is being sent (the connection is busy)
         self.writable: asyncio.Future[None] | None = None   # the part sender waits on it
         self._loop = server._loop
+        cfg = server.config              # limits read on every request: cached once
+        self._max_hdr = cfg.max_header_bytes
+        self._max_body = cfg.max_body
+        self._req_timeout = cfg.request_timeout
+        self._max_pipeline = cfg.max_pipeline
+        self._keepalive = cfg.keepalive_timeout
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -988,7 +1006,7 @@ class DeviceConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(400, f"bad HTTP request: {exc}\n".encode())
         else:
-            if self.in_headers and self.raw_hdr > self.server.config.max_header_bytes:
+            if self.in_headers and self.raw_hdr > self._max_hdr:
                 self._fail(431, b"request header block too large\n")
         self._pump()
 
@@ -1015,15 +1033,14 @@ class DeviceConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         req = self.req = _Req()
         self.state = _READING
-        assert self._loop is not None
-        req.t0 = self._loop.time()
-        self.deadline = req.t0 + self.server.config.request_timeout
+        t0 = req.t0 = self._loop.time()  # type: ignore[union-attr]
+        self.deadline = t0 + self._req_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
-        req.path += url
-        if len(req.path) > self.server.config.max_header_bytes:
+        path = req.path = req.path + url
+        if len(path) > self._max_hdr:
             raise _HttpLimit(431, "request line too long")
         if self.server.get_routes and req.headers is None \
                 and self.parser.get_method() in (b"GET", b"HEAD"):
@@ -1032,8 +1049,8 @@ class DeviceConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        self.hdr_bytes += len(name) + len(value) + 4
-        if self.hdr_bytes + len(req.path) > self.server.config.max_header_bytes:
+        n = self.hdr_bytes = self.hdr_bytes + len(name) + len(value) + 4
+        if n + len(req.path) > self._max_hdr:
             raise _HttpLimit(431, "request header block too large")
         kind = _HEADERS.get(name)
         if kind is None and len(name) in _HEADER_LENGTHS:
@@ -1064,28 +1081,35 @@ class DeviceConnection(asyncio.Protocol):
         cfg = srv.config
         self.in_headers = False
         self.hdr_bytes = self.raw_hdr = 0
-        req.method = self.parser.get_method()
-        req.keep_alive = self.parser.should_keep_alive()
-        path = req.path.split(b"?", 1)[0]
+        parser = self.parser
+        method = req.method = parser.get_method()
+        if not parser.should_keep_alive():
+            req.keep_alive = False
+        path = req.path
+        if b"?" in path:
+            path = path.split(b"?", 1)[0]
         if req.reply is not None:          # 406 from Accept-Charset
             self._count(406)
-        elif req.method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
-            mtype = (req.ctype or b"").split(b";", 1)[0].strip().lower()
-            req.ctype = mtype
-            req.encoding = _ENCODING_BY_BTYPE.get(mtype)
-            if req.encoding is None:
+        elif method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
+            ctype = req.ctype
+            encoding = _ENCODING_BY_BTYPE.get(ctype)   # type: ignore[arg-type]
+            if encoding is None:           # parameters, spaces or another spelling
+                ctype = req.ctype = (ctype or b"").split(b";", 1)[0].strip().lower()
+                encoding = _ENCODING_BY_BTYPE.get(ctype)
+            req.encoding = encoding
+            if encoding is None:
                 req.reply = _http(415, b"unsupported content type\n", close=not req.keep_alive,
                                   extra=[("Accept-Post", ", ".join(ENCODING_BY_TYPE))])
                 self._count(415)
-            elif req.clen > cfg.max_body:
+            elif req.clen > self._max_body:
                 self._count(413)
-                raise _HttpLimit(413, f"body larger than {cfg.max_body} bytes")
+                raise _HttpLimit(413, f"body larger than {self._max_body} bytes")
             elif srv.pending >= cfg.max_pending:
                 req.reply = self._overloaded("pending")
             elif path == srv._path and (len(srv.sessions) >= cfg.max_sessions or srv.draining):
                 req.reply = self._overloaded("sessions")
             else:
-                req.body = bytearray()
+                req.body = b""            # on_body keeps the first chunk as it is
                 if req.expect and self.transport is not None:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif req.method in (b"GET", b"HEAD") and self._route(path) is not None:
@@ -1109,10 +1133,15 @@ class DeviceConnection(asyncio.Protocol):
         body = req.body
         if body is None:
             return            # an answer is ready already; the body is read and dropped
-        if len(body) + len(chunk) > self.server.config.max_body:
+        if len(body) + len(chunk) > self._max_body:
             self._count(413)
-            raise _HttpLimit(413, f"body larger than {self.server.config.max_body} bytes")
-        body += chunk
+            raise _HttpLimit(413, f"body larger than {self._max_body} bytes")
+        if not body:
+            req.body = chunk              # the usual case: one chunk, kept without a copy
+        elif type(body) is bytes:
+            req.body = bytearray(body) + chunk
+        else:
+            body += chunk
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -1122,9 +1151,10 @@ class DeviceConnection(asyncio.Protocol):
         self.in_headers = True
         self.hdr_bytes = self.raw_hdr = 0
         self.deadline = float("inf")
-        self.queue.append(req)
+        queue = self.queue
+        queue.append(req)
         self.server.pending += 1
-        if len(self.queue) > self.server.config.max_pipeline and self.transport is not None \
+        if len(queue) > self._max_pipeline and self.transport is not None \
                 and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -1172,8 +1202,9 @@ class DeviceConnection(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Answer queued requests in order while they finish without waiting."""
-        while self.queue and not self.busy and not self.write_paused:
-            req = self.queue[0]
+        queue = self.queue
+        while queue and not self.busy and not self.write_paused:
+            req = queue[0]
             if req.reply is not None:
                 self._write_reply(req.reply, req)
                 continue
@@ -1194,11 +1225,13 @@ class DeviceConnection(asyncio.Protocol):
             srv._tasks.add(task)
             task.add_done_callback(functools.partial(self._done, req=req))
             return
-        if self.closing and not self.queue and not self.busy and self.transport is not None:
-            self.transport.close()
-        if not self.queue and not self.busy and self.state == _IDLE and not self.closing:
-            assert self._loop is not None
-            self.deadline = self._loop.time() + self.server.config.keepalive_timeout
+        if queue or self.busy:
+            return
+        if self.closing:
+            if self.transport is not None:
+                self.transport.close()
+        elif self.state == _IDLE:
+            self.deadline = self._loop.time() + self._keepalive  # type: ignore[union-attr]
             if self.server.draining:
                 self.close_if_idle()
 
@@ -1216,15 +1249,16 @@ class DeviceConnection(asyncio.Protocol):
         self._pump()
 
     def _write_reply(self, out: bytes, req: _Req, *, close: bool = False) -> None:
-        if self.queue and self.queue[0] is req:
-            self.queue.popleft()
-            if not self.dropped:
-                self.server.pending -= 1
-        transport = self.transport
+        queue = self.queue
         srv = self.server
-        if srv.metrics is not None and req.t0:
-            assert self._loop is not None
-            srv.metrics.observe_latency(self._loop.time() - req.t0)
+        if queue and queue[0] is req:
+            queue.popleft()
+            if not self.dropped:
+                srv.pending -= 1
+        transport = self.transport
+        metrics = srv.metrics
+        if metrics is not None and req.t0:
+            metrics.observe_latency(self._loop.time() - req.t0)  # type: ignore[union-attr]
         if transport is None or transport.is_closing():
             return
         transport.write(out)
@@ -1236,7 +1270,7 @@ class DeviceConnection(asyncio.Protocol):
             self._drop_queue()
             transport.close()
             return
-        if self.paused and len(self.queue) <= srv.config.max_pipeline // 2:
+        if self.paused and len(queue) <= self._max_pipeline // 2:
             self.paused = False
             transport.resume_reading()
 
@@ -1353,7 +1387,10 @@ class DeviceConnection(asyncio.Protocol):
     def _process(self, req: _Req) -> Any:
         """The coroutine that answers ``req`` (set up here, without an extra frame)."""
         srv = self.server
-        path = req.path.split(b"?", 1)
+        p = req.path
+        if p == srv._path and req.method == b"POST":    # the common case: package 1 etc.
+            return srv.handle_dm(req, req.encoding or "xml", None, srv.base_url(req.host))
+        path = p.split(b"?", 1)
         p = path[0]
         if req.method in (b"GET", b"HEAD"):
             route = self._route(p)
@@ -1421,17 +1458,19 @@ async def serve_forever(config: ServerConfig, handler: Any, *,
                         metrics: DeviceMetrics | None = None,
                         on_started: Callable[[DmServer], None] | None = None) -> None:
     """Runs the device port until SIGTERM/SIGINT, then shuts down gracefully."""
-    server = await start_server(config, handler, metrics=metrics)
-    if on_started is not None:
-        on_started(server)
-    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # handlers first: a SIGTERM right after on_started (which announces the port) must
+    # already mean "shut down gracefully", not the default "die"
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    server = await start_server(config, handler, metrics=metrics)
+    tune_gc()
+    if on_started is not None:
+        on_started(server)
     await stop.wait()
     log.info("stopping: draining %d sessions", len(server.sessions))
     await server.shutdown()
