@@ -669,10 +669,19 @@ class ClientSession:
 
     def first(self) -> _Outgoing:
         """Package 1."""
-        self.device.sessions += 1
-        self.outbox = self._package1()
+        dev = self.device
+        dev.sessions += 1
         self.package1_pending = False
-        return self._build()
+        if dev.pending_alerts or self.hdr_status is not None or self.outbox or \
+                self.out_chunks or self.server_max_msg:
+            self.outbox = self._package1()
+            return self._build()
+        # the common case, in one go: Alert and the DevInfo Replace under a fresh header
+        hdr = self._hdr()
+        cmds = [Command(name="Alert", cmd_id="1", data=str(self.alert)),
+                Command(name="Replace", cmd_id="2", items=dev.devinfo_items())]
+        return self._finish(self._encode(Message(hdr=hdr, commands=cmds,
+                                                 final=self.server_final)))
 
     def next(self) -> _Outgoing | None:
         """The next message to send, or None when the session is over."""
@@ -713,18 +722,19 @@ class ClientSession:
                 self.server_max_msg = int(hdr.meta.max_msg_size)
             if hdr.meta.max_obj_size and hdr.meta.max_obj_size.isdigit():
                 self.server_max_obj = int(hdr.meta.max_obj_size)
-        hdr_code = self._check_server(hdr)
+        hdr_code = 200 if hdr.cred is None else self._check_server(hdr)
         self.hdr_status = None          # built below unless the session ends here
         had_commands = False
         challenged = False
         aborted = False
         replies: list[Command] = []
+        sent_alerts = self.sent_alerts
         for cmd in msg.commands or ():
             name = cmd.name
             if name == "Status":
                 if cmd.cmd_ref == "0":
                     challenged = self._on_hdr_status(cmd) or challenged
-                else:
+                elif sent_alerts and cmd.cmd == "Alert":
                     self._on_status(cmd)
                 continue
             if name == "Results":
@@ -1149,12 +1159,13 @@ def _status(msg_ref: str | None, cmd_ref: str | None, cmd: str | None, code: int
                    target_refs=targets, source_refs=sources, data=str(code))
 
 
+_IDS = [str(i) for i in range(1, 257)]
+
+
 def _number(cmds: list[Command]) -> None:
-    i = 0
-    stack = list(cmds)
-    for c in stack:
-        i += 1
-        c.cmd_id = str(i)
+    ids = _IDS
+    for i, c in enumerate(cmds):
+        c.cmd_id = ids[i] if i < 256 else str(i + 1)
 
 
 def _copy_cmd(cmd: Command, item: Item) -> Command:
