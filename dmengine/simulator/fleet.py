@@ -486,9 +486,25 @@ class Fleet:
             self.reports.append(rep)
         return rep
 
+    def _ended(self, want: bool, dev: VirtualDevice, outcome: str, messages: int, t0: float,
+               detail: str, alert: int) -> SessionReport | None:
+        """Counts a finished session; the report object only when someone wants it."""
+        seconds = time.perf_counter() - t0
+        if want or self.keep_reports:
+            return self._report(SessionReport(dev.dev_id, outcome, messages, seconds, detail,
+                                              alert))
+        stats = self.stats
+        stats.sessions += 1
+        stats.outcomes[outcome] += 1
+        if self.keep_latencies:
+            stats.session_seconds.append(seconds)
+        return None
+
     async def run_session(self, dev: VirtualDevice, *, alert: int = 1201,
-                          session_id: str | None = None) -> SessionReport:
-        """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured."""
+                          session_id: str | None = None,
+                          _want: bool = True) -> SessionReport:
+        """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured.
+        (``_want=False``: no report object unless ``keep_reports``; ``Fleet.run`` uses it.)"""
         t0 = time.perf_counter()
         cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
         out: Any = cs.first()
@@ -527,8 +543,8 @@ class Fleet:
             except HttpError as exc:
                 if drop_after is not None:
                     continue                  # reconnect and send the same message again
-                return self._report(SessionReport(dev.dev_id, "http_error", messages,
-                                                  time.perf_counter() - t0, str(exc), alert))
+                return self._ended(_want, dev, "http_error", messages, t0,  # type: ignore
+                                   str(exc), alert)
             if keep_latencies:
                 stats.latencies.append(clock() - t1)
             messages += 1
@@ -540,9 +556,8 @@ class Fleet:
                                     * self.rng.uniform(0.05, 0.2))
                 continue
             if status != 200:
-                return self._report(SessionReport(dev.dev_id, f"http_{status}", messages,
-                                                  time.perf_counter() - t0,
-                                                  body[:200].decode("latin-1"), alert))
+                return self._ended(_want, dev, f"http_{status}", messages, t0,  # type: ignore
+                                   body[:200].decode("latin-1"), alert)
             cs.receive(body)
             if cs.jobs:
                 jobs, cs.jobs = cs.jobs, []
@@ -552,21 +567,20 @@ class Fleet:
                 else:
                     later_jobs.extend(jobs)
             if faults.timeout and messages >= 1 and not cs.done:
-                return self._report(SessionReport(dev.dev_id, "device_timeout", messages,
-                                                  time.perf_counter() - t0,
-                                                  "stopped answering (simulated)", alert))
+                return self._ended(_want, dev, "device_timeout", messages, t0,  # type: ignore
+                                   "stopped answering (simulated)", alert)
             out = cs.next()
-        rep = self._report(SessionReport(dev.dev_id, cs.outcome or "completed", messages,
-                                         time.perf_counter() - t0, cs.detail, alert))
+        outcome = cs.outcome or "completed"
+        rep = self._ended(_want, dev, outcome, messages, t0, cs.detail, alert)
         if later_jobs:
             for job in later_jobs:
                 await self.run_job(dev, job)
-        if later_jobs or (dev.pending_alerts and rep.outcome == "completed"):
+        if later_jobs or (dev.pending_alerts and outcome == "completed"):
             # Results the session could not carry (a job that finished after the device's
             # last message, or jobs run after the session) go out in a new session, as a
             # phone reports a FUMO result after its update.
             self.spawn(self.run_session(dev, alert=1201))
-        return rep
+        return rep  # type: ignore[return-value]
 
     async def run_job(self, dev: VirtualDevice, job: Job) -> int:
         """Download (and install) a FUMO package; records the result on the device."""
@@ -613,7 +627,7 @@ class Fleet:
                 if end is not None and clock() >= end:
                     return
                 dev = queue.popleft()
-                await run_session(dev)
+                await run_session(dev, _want=False)
                 if end is not None:
                     queue.append(dev)
 
