@@ -29,6 +29,7 @@ __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "
 
 DEFAULT_TIMEOUT = 30.0
 MAX_RESPONSE = 64 * 1024 * 1024
+MAX_HEAD = 64 * 1024               # response head bytes kept for header look-ups
 DEFAULT_GC_THRESHOLD0 = 20_000     # generation-0 threshold while Fleet.run drives load
 
 
@@ -40,16 +41,20 @@ class HttpError(DmError):
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "waiter", "status", "headers", "chunks", "size",
-                 "closed", "keep_alive", "deadline", "pool", "_loop")
+    """One keep-alive connection.  The response head is kept as raw bytes and split into
+    headers only when someone asks (``_header_dict``): no parser callback per header."""
+
+    __slots__ = ("transport", "parser", "waiter", "status", "head", "head_done", "chunks",
+                 "size", "closed", "keep_alive", "deadline", "pool", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]] | None = None
+        self.waiter: asyncio.Future[tuple[int, bytes, bytes]] | None = None
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []     # raw; decoded only when asked for
+        self.head = b""              # the response's status line and headers, raw
+        self.head_done = False
         self.chunks: list[bytes] = []
         self.size = 0
         self.closed = False
@@ -67,6 +72,15 @@ class _Conn(asyncio.Protocol):
             w.set_exception(HttpError(f"connection lost: {exc or 'closed by server'}"))
 
     def data_received(self, data: bytes) -> None:
+        if not self.head_done:
+            head = self.head + data if self.head else data
+            end = head.find(b"\r\n\r\n")
+            if end >= 0:
+                self.head_done = True
+                head = head[:end]
+            elif len(head) > MAX_HEAD:
+                head = head[:MAX_HEAD]         # httptools refuses such a head anyway
+            self.head = head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -74,9 +88,6 @@ class _Conn(asyncio.Protocol):
             if w is not None and not w.done():
                 w.set_exception(HttpError(f"bad HTTP response: {exc}"))
             self.close()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_body(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -92,8 +103,9 @@ class _Conn(asyncio.Protocol):
         self.waiter = None
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        headers = self.headers
-        self.headers = []              # ready for the next response on this connection
+        headers = self.head
+        self.head = b""                # ready for the next response on this connection
+        self.head_done = False
         self.chunks = []
         self.size = 0
         if w is not None and not w.done():
@@ -105,15 +117,18 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-def _header_dict(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in raw}
+def _header_dict(head: bytes) -> dict[str, str]:
+    """Raw response head (status line and header lines) → {lower-case name: value}."""
+    out: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
+    return out
 
 
-def _retry_after(raw: list[tuple[bytes, bytes]]) -> str:
-    for n, v in raw:
-        if n.lower() == b"retry-after":
-            return v.decode("latin-1")
-    return "1"
+def _retry_after(head: bytes) -> str:
+    return _header_dict(head).get("retry-after", "1")
 
 
 class HttpClient:
@@ -230,8 +245,8 @@ class HttpClient:
     async def exchange(self, method: str, url: str, body: bytes,
                        headers: tuple[tuple[str, str], ...],
                        drop_after: int | None = None
-                       ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """``request`` with the response headers as raw ``(name, value)`` byte pairs."""
+                       ) -> tuple[int, bytes, bytes]:
+        """``request`` with the response head as raw bytes (``_header_dict`` splits it)."""
         key, head, post = self._head(method, url, headers)
         pool = self.idle[key]
         conn = None
@@ -255,7 +270,7 @@ class HttpClient:
             conn.closed = True
             raise HttpError("connection dropped by the device (simulated)")
         loop = conn._loop
-        fut: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]] = loop.create_future()
+        fut: asyncio.Future[tuple[int, bytes, bytes]] = loop.create_future()
         conn.waiter = fut
         transport.write(data)
         conn.deadline = loop.time() + self.timeout
@@ -321,7 +336,7 @@ class HttpClient:
 
     async def recover(self, conn: _Conn, fut: asyncio.Future[Any], exc: HttpError,
                       url: str, body: bytes, headers: tuple[tuple[str, str], ...]
-                      ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                      ) -> tuple[int, bytes, bytes]:
         """A fast-path POST failed: a keep-alive connection the server closed meanwhile is
         retried once on a new one (as ``exchange`` does); a timeout is raised."""
         self._waiting.discard(conn)
