@@ -494,11 +494,13 @@ class DmServer:
         return cfg
 
     def _new_session(self, base_url: str, now_wall: float, encoding: str) -> _Entry:
-        token = self._new_token()
+        token = _TOKEN_POOL.pop() if self._new_token is _token and _TOKEN_POOL \
+            else self._new_token()
         while token in self.sessions:
             token = self._new_token()
         resp_uri = f"{base_url}/{token}"
-        cfg = self._config_for_sessions(base_url)
+        cfg = self._session_config or self._session_configs.get(base_url) \
+            or self._config_for_sessions(base_url)
         factory = self._session_factory
         if factory is None:
             from ._session import DmSession
@@ -613,7 +615,9 @@ class DmServer:
     async def handle_dm(self, req: _Req, encoding: str, token: str | None, base_url: str) -> bytes:
         """Decode, run the session, encode.  Returns the whole HTTP response."""
         metrics = self.metrics
-        body = bytes(req.body) if req.body is not None else b""
+        body = req.body
+        if type(body) is not bytes:
+            body = bytes(body) if body is not None else b""
         if metrics is not None:
             metrics.message_in(encoding, len(body))
         decode, encode = _CODECS.get(encoding) or _codecs(encoding)
@@ -624,8 +628,6 @@ class DmServer:
                 metrics.http_error(400)
             return _http(400, f"not a SyncML DM message: {exc}\n".encode(), close=False)
         hdr = msg.hdr
-        loop = self._loop
-        assert loop is not None
         now_wall = time.time()
         entry: _Entry | None = None
         if token is not None:
@@ -692,7 +694,7 @@ class DmServer:
             return self._reply(encoding, encode, reply, req)
         finally:
             entry.busy -= 1
-        if _ended(session):
+        if getattr(session, "ended", False):
             reason = getattr(session, "end_reason", None) or _end_reason(events)
             if entry.inserted:
                 self._end(entry.token, reason)
@@ -1208,7 +1210,13 @@ class DeviceConnection(asyncio.Protocol):
             if req.reply is not None:
                 self._write_reply(req.reply, req)
                 continue
-            coro = self._process(req)
+            srv = self.server
+            if req.method == b"POST" and req.path == srv._path:    # the common case
+                base = srv._bases.get(req.host) if srv.config.public_url is None else None
+                coro = srv.handle_dm(req, req.encoding or "xml", None,
+                                     base or srv.base_url(req.host))
+            else:
+                coro = self._process(req)
             try:
                 first = coro.send(None)
             except StopIteration as stop:
@@ -1219,7 +1227,6 @@ class DeviceConnection(asyncio.Protocol):
                 self._write_reply(_http(500, b"internal error\n", close=True), req, close=True)
                 continue
             self.busy = True
-            srv = self.server
             assert self._loop is not None
             task = self._loop.create_task(_finish(coro, first))
             srv._tasks.add(task)
