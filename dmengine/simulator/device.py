@@ -543,7 +543,8 @@ class ClientSession:
         if scheme != "none":
             hdr.source_name = dev.username
         if not self.authenticated or scheme == "hmac":
-            secret = dev.client_secret + ("-wrong" if dev.faults.wrong_credentials else "")
+            secret = dev.client_secret + "-wrong" if dev.faults.wrong_credentials \
+                else dev.client_secret
             if scheme == "md5":
                 hdr.cred = Cred(meta=_CRED_META["md5"], data=dev.md5_cred(secret))
             elif scheme == "basic":

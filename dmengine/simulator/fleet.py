@@ -72,12 +72,10 @@ class _Conn(asyncio.Protocol):
             w.set_exception(HttpError(f"connection lost: {exc or 'closed by server'}"))
 
     def data_received(self, data: bytes) -> None:
-        if not self.head_done:
+        if not self.head_done:        # the head is cut at its end only when asked for
             head = self.head + data if self.head else data
-            end = head.find(b"\r\n\r\n")
-            if end >= 0:
+            if b"\r\n\r\n" in head:
                 self.head_done = True
-                head = head[:end]
             elif len(head) > MAX_HEAD:
                 head = head[:MAX_HEAD]         # httptools refuses such a head anyway
             self.head = head
@@ -120,7 +118,7 @@ class _Conn(asyncio.Protocol):
 def _header_dict(head: bytes) -> dict[str, str]:
     """Raw response head (status line and header lines) → {lower-case name: value}."""
     out: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
         if sep:
             out[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
@@ -148,8 +146,8 @@ class HttpClient:
         self.idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
         self.connects = 0
         self._splits: dict[str, tuple[tuple[str, str, int], str, str]] = {}
-        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]],
-                          tuple[tuple[str, str, int], bytes, bool]] = {}
+        self._heads: dict[str, tuple[str, tuple[tuple[str, str], ...],
+                                     tuple[tuple[str, str, int], bytes, bool]]] = {}
         self._waiting: set[_Conn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_loop: asyncio.AbstractEventLoop | None = None
@@ -204,18 +202,21 @@ class HttpClient:
 
     def _head(self, method: str, url: str,
               headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, int], bytes, bool]:
-        """(pool key, request head up to the Content-Length value, whether to send one)."""
-        ck = (method, url, headers)
-        hit = self._heads.get(ck)
-        if hit is None:
-            key, path, hosthdr = self.split(url)
-            head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
-            for k, v in headers:
-                head.append(f"{k}: {v}\r\n")
-            hit = (key, "".join(head).encode("latin-1"), method == "POST")
-            if len(self._heads) >= 4096:
-                self._heads.clear()
-            self._heads[ck] = hit
+        """(pool key, request head up to the Content-Length value, whether to send one).
+
+        Kept by URL with the method and headers it was built for (a device's headers are one
+        shared tuple, so the check is an identity test)."""
+        got = self._heads.get(url)
+        if got is not None and got[1] is headers and got[0] == method:
+            return got[2]
+        key, path, hosthdr = self.split(url)
+        head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
+        for k, v in headers:
+            head.append(f"{k}: {v}\r\n")
+        hit = (key, "".join(head).encode("latin-1"), method == "POST")
+        if len(self._heads) >= 4096:
+            self._heads.clear()
+        self._heads[url] = (method, headers, hit)
         return hit
 
     def _sweep(self) -> None:
