@@ -45,7 +45,8 @@ class _Conn(asyncio.Protocol):
     headers only when someone asks (``_header_dict``): no parser callback per header."""
 
     __slots__ = ("transport", "parser", "waiter", "status", "head", "head_done", "chunks",
-                 "size", "closed", "keep_alive", "deadline", "pool", "_loop")
+                 "size", "closed", "keep_alive", "deadline", "pool", "client_waiting",
+                 "max_idle", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -61,6 +62,8 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.deadline = 0.0
         self.pool: list[_Conn] | None = None      # where it goes back after a fast-path POST
+        self.client_waiting: set[_Conn] = set()    # the client's set of awaited connections
+        self.max_idle = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -106,6 +109,14 @@ class _Conn(asyncio.Protocol):
         self.head_done = False
         self.chunks = []
         self.size = 0
+        pool = self.pool
+        if pool is not None:           # a fast-path POST: back to the pool at once
+            self.pool = None
+            self.client_waiting.discard(self)
+            if self.keep_alive and not self.closed and len(pool) < self.max_idle:
+                pool.append(self)
+            else:
+                self.close()
         if w is not None and not w.done():
             w.set_result((self.status, headers, body))
 
@@ -304,8 +315,9 @@ class HttpClient:
     def post_now(self, url: str, body: bytes,
                  headers: tuple[tuple[str, str], ...]) -> _Conn | None:
         """The fast path of a POST: sends on an idle keep-alive connection and returns it;
-        the caller awaits ``conn.waiter``, then calls ``release(conn)`` (or ``recover`` on
-        ``HttpError``).  None when no connection is idle (use ``exchange``)."""
+        the caller awaits ``conn.waiter`` (the connection goes back to its pool when the
+        answer is complete) and calls ``recover`` on ``HttpError``.  None when no connection
+        is idle (use ``exchange``)."""
         key, head, _ = self._head("POST", url, headers)
         pool = self.idle[key]
         while pool:
@@ -317,6 +329,8 @@ class HttpClient:
         loop = conn._loop
         conn.waiter = loop.create_future()
         conn.pool = pool
+        conn.client_waiting = self._waiting
+        conn.max_idle = self.max_idle
         conn.transport.write(b"%sContent-Length: %d\r\n\r\n%s"  # type: ignore[union-attr]
                              % (head, len(body), body))
         conn.deadline = loop.time() + self.timeout
@@ -325,22 +339,13 @@ class HttpClient:
             self._arm(loop)
         return conn
 
-    def release(self, conn: _Conn) -> None:
-        """A fast-path connection whose answer arrived: back to its pool (or closed)."""
-        self._waiting.discard(conn)
-        pool = conn.pool
-        if conn.keep_alive and not conn.closed and pool is not None and \
-                len(pool) < self.max_idle:
-            pool.append(conn)
-        else:
-            conn.close()
-
     async def recover(self, conn: _Conn, fut: asyncio.Future[Any], exc: HttpError,
                       url: str, body: bytes, headers: tuple[tuple[str, str], ...]
                       ) -> tuple[int, bytes, bytes]:
         """A fast-path POST failed: a keep-alive connection the server closed meanwhile is
         retried once on a new one (as ``exchange`` does); a timeout is raised."""
         self._waiting.discard(conn)
+        conn.pool = None
         conn.close()
         if fut.cancelled() or "no answer" in str(exc):
             raise exc
@@ -530,7 +535,7 @@ class Fleet:
         later_jobs: list[Job] = []
         stats = self.stats
         client = self.client
-        exchange, post_now, release = client.exchange, client.post_now, client.release
+        exchange, post_now = client.exchange, client.post_now
         faults = dev.faults
         keep_latencies = self.keep_latencies
         clock = time.perf_counter
@@ -547,12 +552,10 @@ class Fleet:
                     fut = conn.waiter
                     assert fut is not None
                     try:
-                        status, hdrs, body = await fut
+                        status, hdrs, body = await fut   # the connection is back in its pool
                     except HttpError as exc:
                         status, hdrs, body = await client.recover(
                             conn, fut, exc, out.url, out.body, out.wire_headers)
-                    else:
-                        release(conn)
                 else:
                     status, hdrs, body = await exchange("POST", out.url, out.body,
                                                         out.wire_headers, drop_after)
