@@ -30,10 +30,12 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot start: {exc}") from None
         from .server import tune_gc
         tune_gc()                       # start-up objects out of the collector's sight
-        for label, url in engine.urls():
-            print(f"{label}: {url}", flush=True)
-        print(f"API key: {engine.api_key}", flush=True)
-        await run_until_signal(engine)
+
+        def announce() -> None:
+            for label, url in engine.urls():
+                print(f"{label}: {url}", flush=True)
+            print(f"API key: {engine.api_key}", flush=True)
+        await run_until_signal(engine, on_ready=announce)
 
     uvloop.run(main())
     return 0

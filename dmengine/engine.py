@@ -157,13 +157,16 @@ def gateway_from_spec(spec: str | None) -> Gateway | None:
     raise ConfigError(f"unknown gateway {spec!r} (kannel:URL or http:URL)", key="gateway")
 
 
-async def run_until_signal(engine: Engine) -> None:
-    """Serves until SIGINT/SIGTERM, then shuts down gracefully."""
+async def run_until_signal(engine: Engine, on_ready: Any = None) -> None:
+    """Serves until SIGINT/SIGTERM, then shuts down gracefully.  ``on_ready()`` runs once the
+    handlers are installed (so a signal right after the URLs are announced is still graceful)."""
     import signal
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
