@@ -318,3 +318,46 @@ def test_simulate_cli_against_a_device_port_process_then_sigterm(tmp_path, capsy
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the per-message shortcuts keep the results of the slow paths ---------------------------------
+
+
+def test_device_caches_follow_their_inputs():
+    """The cached MD5 key / DevInfo items give what auth.md5_digest / the tree give, also after
+    the nonce, the secret or the profile changed."""
+    dev = _dev()
+    for nonce in (b"\x01\x02", b"n2"):
+        dev.client_nonce = nonce
+        assert dev.md5_cred(dev.client_secret) == md5_digest(dev.username, dev.client_secret,
+                                                             nonce)
+    assert dev.md5_cred("other") == md5_digest(dev.username, "other", b"n2")
+    assert [i.data for i in dev.devinfo_items()] == [dev.dev_id, "Acme", "EX100", "1.2", "en-US"]
+    dev.profile.mod = "EX200"
+    assert dev.devinfo_items()[2].data == "EX200"
+    msg = _wbxml.decode(dev.session(session_id="1").first().body)
+    replace = msg.commands[1]
+    assert replace.name == "Replace" and replace.cmd_id == "2" and \
+        replace.items[2].data == "EX200"
+
+
+def test_http_split_fast_path_matches_urlsplit():
+    from dmengine.simulator.fleet import HttpClient
+    from urllib.parse import urlsplit
+    for url in ("http://127.0.0.1:8080/dm", "http://Host.Example/dm?s=1A-2", "http://h:80",
+                "http://h", "http://h?x=1", "http://u:p@h:81/x", "http://[::1]:8080/dm",
+                "https://dm.example.com/dm", "http://h:81/a#frag"):
+        u = urlsplit(url)
+        path = (u.path or "/") + ("?" + u.query if u.query else "")
+        scheme = u.scheme
+        want = ((scheme, u.hostname, u.port or (443 if scheme == "https" else 80)), path,
+                u.netloc)
+        assert HttpClient._split(url) == want, url
+
+
+
+def test_raw_response_head_split_into_headers():
+    from dmengine.simulator.fleet import _header_dict, _retry_after
+    head = b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nX-A:  b c \r\n\r\nbody: not a header"
+    assert _header_dict(head) == {"retry-after": "5", "x-a": "b c"}
+    assert _retry_after(head) == "5" and _retry_after(b"HTTP/1.1 503 Busy\r\n\r\n") == "1"
