@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 from typing import Any
@@ -79,6 +80,10 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     fleet = Fleet(profile, args.devices, faults=faults, seed=args.seed,
                   first_index=args.first_index, client=client)
     fleet.keep_reports = False
+    # as the server's entry point does (server.tune_gc): the devices built above are long-lived,
+    # so the collector stops scanning them; Fleet.run raises the generation-0 threshold
+    gc.collect()
+    gc.freeze()
     try:
         stats = await fleet.run(duration=args.duration, sessions_per_device=args.sessions,
                                 concurrency=args.concurrency)
