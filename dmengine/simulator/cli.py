@@ -88,6 +88,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         stats = await fleet.run(duration=args.duration, sessions_per_device=args.sessions,
                                 concurrency=args.concurrency)
     finally:
+        gc.unfreeze()
         fleet.close()
     return stats.summary()
 

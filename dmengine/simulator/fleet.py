@@ -318,7 +318,11 @@ class HttpClient:
         the caller awaits ``conn.waiter`` (the connection goes back to its pool when the
         answer is complete) and calls ``recover`` on ``HttpError``.  None when no connection
         is idle (use ``exchange``)."""
-        key, head, _ = self._head("POST", url, headers)
+        got = self._heads.get(url)
+        if got is not None and got[1] is headers and got[0] == "POST":
+            key, head, _ = got[2]
+        else:
+            key, head, _ = self._head("POST", url, headers)
         pool = self.idle[key]
         while pool:
             conn = pool.pop()
