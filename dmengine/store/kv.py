@@ -471,17 +471,23 @@ class KVStore(Store):
     async def get_device(self, dev_id: str) -> Device:
         return await self._get("devices", Device, dev_id, "device")
 
-    async def delete_device(self, dev_id: str) -> None:
-        key = _e(dev_id)
+    async def _delete(self, db: str, cls: type[R], ident: str, kind: str,
+                      unindex: Callable[[WriteCtx, R], None]) -> None:
+        """Deletes one record and, through ``unindex``, its index rows (NotFound if absent)."""
+        key = _e(ident)
 
         def op(ctx: WriteCtx) -> None:
-            raw = ctx.txn.get("devices", key)
+            raw = ctx.txn.get(db, key)
             if raw is None:
-                raise NotFound("device", dev_id)
-            old = dec(Device, raw, "devices", key)
-            ctx.delete("devices", key)
-            _reindex(ctx, _device_index(old), [])
+                raise NotFound(kind, ident)
+            old = dec(cls, raw, db, key)
+            ctx.delete(db, key)
+            unindex(ctx, old)
         await self._write(op)
+
+    async def delete_device(self, dev_id: str) -> None:
+        await self._delete("devices", Device, dev_id, "device",
+                           lambda ctx, old: _reindex(ctx, _device_index(old), []))
 
     async def device_by_msisdn(self, msisdn: str) -> Device:
         return await self._by_index("dev_msisdn", msisdn, "devices", Device, "device with msisdn")
@@ -619,17 +625,10 @@ class KVStore(Store):
         return await self._get("caps", Capability, oid, "capability")
 
     async def delete_capability(self, oid: str) -> None:
-        key = _e(oid)
-
-        def op(ctx: WriteCtx) -> None:
-            raw = ctx.txn.get("caps", key)
-            if raw is None:
-                raise NotFound("capability", oid)
-            old = dec(Capability, raw, "caps", key)
-            ctx.delete("caps", key)
+        def unindex(ctx: WriteCtx, old: Capability) -> None:
             for t in old.tacs:
                 ctx.delete("cap_tac", _e(t))
-        await self._write(op)
+        await self._delete("caps", Capability, oid, "capability", unindex)
 
     async def capability_by_tac(self, tac: str) -> Capability:
         return await self._by_index("cap_tac", tac, "caps", Capability, "capability with tac")
