@@ -25,14 +25,15 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import msgspec
 
 from . import auth, bootstrap
 from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import GatewayError, InvalidRequest, NotFound, ServiceError, StoreError
+from .errors import (GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
+                     UnknownResource)
 from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
@@ -44,7 +45,7 @@ from .model import (FINAL_TASK_STATES, BootstrapOp, Capability, Content, DiagOp,
 from .notify.base import Gateway
 from .notify.pkg0 import build_pkg0
 from .status import describe_fumo_result, fumo_result_is_success, status_is_success
-from .store.base import Store
+from .store.base import Store, all_pages
 
 log = logging.getLogger("dmengine.broker")
 
@@ -98,9 +99,14 @@ class TaskData(msgspec.Struct, kw_only=True):
     record: Task
 
 
+def operation_name(op: Any) -> str:
+    """The DMWSI name of an operation record (its msgspec tag: UPDATE, QUERY, ...)."""
+    return str(type(op).__struct_config__.tag)
+
+
 def task_data(task: Task) -> TaskData:
     return TaskData(task_id=task.task_id, status=task.state.value, dev_id=task.dev_id,
-                    operation=type(task.op).__struct_config__.tag, job_id=task.job_id,
+                    operation=operation_name(task.op), job_id=task.job_id,
                     test_cycle=task.test_cycle, attempts=task.attempts, created=task.created,
                     updated=task.updated, finished=task.finished, cause=task.cause,
                     result=task.result, record=task)
@@ -166,7 +172,7 @@ class Broker:
     async def _create(self, task: Task) -> Task:
         task = await self.store.create_task(task)
         if self.metrics is not None:
-            self.metrics.task_created(type(task.op).__struct_config__.tag)
+            self.metrics.task_created(operation_name(task.op))
             self.metrics.task_moved(task.state.value)
         return task
 
@@ -193,7 +199,8 @@ class Broker:
                 return await self.store.device_by_imei(value)
             return await self.store.get_device(value)
         except NotFound:
-            raise _not_found(f"no device with {kind} {value!r}", where=f"target.{kind}") from None
+            raise UnknownResource(f"no device with {kind} {value!r}",
+                                  where=f"target.{kind}") from None
 
     async def do_operation(self, op: Any, *, msisdn: str | None = None, imei: str | None = None,
                            dev_id: str | None = None, b_optin: bool = False,
@@ -223,17 +230,10 @@ class Broker:
         try:
             return task_data(await self.store.get_task(task_id))
         except NotFound:
-            raise _not_found(f"no task {task_id!r}", where="taskId") from None
+            raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
 
     async def get_task_history(self, task_id: str) -> list[HistoryEntry]:
-        out: list[HistoryEntry] = []
-        cursor = None
-        while True:
-            page = await self.store.task_history(task_id, cursor=cursor)
-            out.extend(page.items)
-            if page.next_cursor is None:
-                return out
-            cursor = page.next_cursor
+        return await all_pages(lambda c: self.store.task_history(task_id, cursor=c))
 
     async def cancel_task(self, task_id: str, *, cause: str = "cancelled by the caller") -> Task:
         task = await self.store.get_task(task_id)
@@ -400,17 +400,7 @@ class Broker:
     # --- the device port's handler ---------------------------------------------------------
 
     async def account_for(self, dev_id: str | None, username: str | None) -> auth.DmAccount | None:
-        device = None
-        if dev_id:
-            try:
-                device = await self.store.get_device(dev_id)
-            except NotFound:
-                device = None
-        if device is None and username and username in self._by_username:
-            try:
-                device = await self.store.get_device(self._by_username[username])
-            except NotFound:
-                device = None
+        device = await self._record_for(dev_id, username)
         if device is None or device.account is None:
             return None
         acc = device.account
@@ -485,7 +475,7 @@ class Broker:
         await self.store.update_device(target, {"account": acc})
 
     async def _on_identified(self, session: Any, work: _SessionWork, ev: DeviceIdentified) -> None:
-        record = await self._record_for(ev.dev_id, session)
+        record = await self._record_for(ev.dev_id, getattr(session, "username", None))
         if record is None:
             log.info("unknown device %s connected; nothing to do", ev.dev_id)
             return
@@ -515,34 +505,27 @@ class Broker:
                     continue
             await self._start_task(session, work, task)
 
-    async def _record_for(self, reported: str, session: Any) -> Device | None:
-        try:
-            return await self.store.get_device(reported)
-        except NotFound:
-            pass
-        imei = imei_of(reported)
-        if imei:
-            try:
-                return await self.store.device_by_imei(imei)
-            except NotFound:
-                pass
-        username = getattr(session, "username", None)
+    async def _record_for(self, reported: str | None, username: str | None) -> Device | None:
+        """The device record a connecting device stands for: by its DevId, by the IMEI in it,
+        or (a replaced phone answering a notification) by the DM account it authenticates with."""
+        candidates: list[Callable[[], Awaitable[Device]]] = []
+        if reported:
+            candidates.append(lambda: self.store.get_device(reported))
+            imei = imei_of(reported)
+            if imei:
+                candidates.append(lambda: self.store.device_by_imei(imei))
         if username and username in self._by_username:
+            candidates.append(lambda: self.store.get_device(self._by_username[username]))
+        for lookup in candidates:
             try:
-                return await self.store.get_device(self._by_username[username])
+                return await lookup()
             except NotFound:
-                return None
+                continue
         return None
 
     async def _open_tasks(self, dev_id: str) -> list[Task]:
-        out: list[Task] = []
-        cursor = None
-        while True:
-            page = await self.store.tasks_by_device(dev_id, cursor=cursor)
-            out.extend(t for t in page.items if t.state not in FINAL_TASK_STATES)
-            if page.next_cursor is None:
-                return out
-            cursor = page.next_cursor
+        tasks = await all_pages(lambda c: self.store.tasks_by_device(dev_id, cursor=c))
+        return [t for t in tasks if t.state not in FINAL_TASK_STATES]
 
     async def _start_task(self, session: Any, work: _SessionWork, task: Task) -> None:
         run = _TaskRun(task=task)
@@ -644,11 +627,13 @@ class Broker:
                 raise ServiceError(str(exc), where=f"operation.{exc.where or 'content_id'}") \
                     from None
         else:
+            content_id = op.content_id
+            assert content_id is not None      # None without a known firmware raised above
             try:
-                content = await self.store.get_content(op.content_id)
+                content = await self.store.get_content(content_id)
             except NotFound:
-                raise _not_found(f"no content {op.content_id!r}",
-                                 where="operation.content_id") from None
+                raise UnknownResource(f"no content {content_id!r}",
+                                      where="operation.content_id") from None
             if content.capability and device.capability and \
                     content.capability != device.capability:
                 raise ServiceError(f"content {content.content_id} is for capability "
@@ -824,7 +809,7 @@ class Broker:
                 entry_id=new_id("o"), kind="charging", due=self.clock(),
                 payload={"event": "task_succeeded", "task_id": task.task_id,
                          "dev_id": task.dev_id,
-                         "operation": type(task.op).__struct_config__.tag,
+                         "operation": operation_name(task.op),
                          "job_id": task.job_id}))
         try:
             return await self._move(task.task_id, state, cause=cause,
@@ -857,13 +842,6 @@ def _text(data: Any) -> str:
     if isinstance(data, bytes):
         return data.decode("utf-8", "replace")
     return str(data)
-
-
-def _not_found(msg: str, *, where: str) -> ServiceError:
-    err = ServiceError(msg, where=where)
-    err.code = "not_found"
-    err.http_status = 404
-    return err
 
 
 __all__ = ["Broker", "BrokerConfig", "TaskData", "task_data"]

@@ -50,6 +50,7 @@ import msgspec
 from .errors import (ContentError, ContentMismatch, ContentTooLarge, NoContentFits, NotFound,
                      ValidationError)
 from .model import Content, new_id, validate
+from .store.base import all_pages
 
 __all__ = [
     "ContentService", "ContentResponse", "ByteRange", "parse_range", "iter_body",
@@ -403,14 +404,7 @@ class ContentService:
         await loop.run_in_executor(None, _unlink_quiet, path)
 
     async def all_content(self) -> list[Content]:
-        out: list[Content] = []
-        cursor = None
-        while True:
-            page = await self.store.list_content(cursor=cursor)
-            out.extend(page.items)
-            cursor = page.next_cursor
-            if cursor is None:
-                return out
+        return await all_pages(lambda c: self.store.list_content(cursor=c))
 
     # --- FUMO package choice ------------------------------------------------------------------
 

@@ -241,3 +241,10 @@ class InvalidRequest(ServiceError):
 
     code = "invalid"
     http_status = 400
+
+
+class UnknownResource(ServiceError):
+    """A request names a device, task or content that does not exist (HTTP 404)."""
+
+    code = "not_found"
+    http_status = 404

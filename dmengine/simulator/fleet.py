@@ -203,13 +203,12 @@ class HttpClient:
                 return ("http", host.lower(), int(port)), path, netloc
         u = urlsplit(url)
         scheme = u.scheme or "http"
-        port = u.port or (443 if scheme == "https" else 80)
+        port_number = u.port or (443 if scheme == "https" else 80)
         host = u.hostname or "127.0.0.1"
         path = u.path or "/"
         if u.query:
             path += "?" + u.query
-        hosthdr = u.netloc
-        return (scheme, host, port), path, hosthdr
+        return (scheme, host, port_number), path, u.netloc
 
     def _head(self, method: str, url: str,
               headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, int], bytes, bool]:

@@ -20,7 +20,7 @@ Rules every method follows:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -256,4 +256,20 @@ class Store(abc.ABC):
         """Entries per named database."""
 
 
-__all__ = ["Store", "Page", "ImportReport", "DEFAULT_PAGE", "MAX_PAGE", "DEFAULT_IMPORT_CHUNK"]
+async def all_pages(fetch: Callable[[str | None], Awaitable[Page[T]]]) -> list[T]:
+    """Every item of a cursor-paged listing, page after page::
+
+        history = await all_pages(lambda c: store.task_history(task_id, cursor=c))
+    """
+    out: list[T] = []
+    cursor: str | None = None
+    while True:
+        page = await fetch(cursor)
+        out.extend(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            return out
+
+
+__all__ = ["Store", "Page", "ImportReport", "all_pages", "DEFAULT_PAGE", "MAX_PAGE",
+           "DEFAULT_IMPORT_CHUNK"]

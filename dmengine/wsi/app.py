@@ -238,6 +238,4 @@ async def start_api(engine: Services, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    return runner, server.sockets[0].getsockname()[1]
+    return runner, runner.addresses[0][1]
