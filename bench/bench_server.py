@@ -322,6 +322,72 @@ async def _park(port: int, bodies: list[bytes], conns: int) -> None:
         raise RuntimeError(f"{G.errors} package-1 requests failed while parking sessions")
 
 
+def simulator_rows(seconds: float, warmup: float, conns: int, sim_rounds: int) -> list[Row]:
+    """Whole MD5 sessions of the real simulator against the device port (CPU 0), the
+    simulator in this process (CPU 1)."""
+    import uvloop
+
+    rows: list[Row] = []
+    from dmengine.simulator.device import DeviceProfile
+    from dmengine.simulator.fleet import Fleet, HttpClient
+    proc, pipe, port = _start(_dm_server, "md5", "some")
+    try:
+        prof = DeviceProfile(server_url=f"http://127.0.0.1:{port}/dm", encoding="wbxml",
+                             auth="md5")
+
+        async def sim() -> tuple[dict[str, Any], list[dict[str, float]]]:
+            # a warm-up run, then rounds: messages, simulator (this process) CPU and server
+            # CPU of each round; the ratio of the two CPU times is the simulator's CPU per
+            # message relative to the server's (target <= 1: one simulator core drives one
+            # server core)
+            fleet = Fleet(prof, 500, client=HttpClient(timeout=30))
+            fleet.keep_reports = False
+            per: list[dict[str, float]] = []
+            try:
+                await fleet.run(duration=warmup, concurrency=conns)
+                fleet.stats = type(fleet.stats)()
+                for _ in range(sim_rounds):
+                    st = fleet.stats
+                    m0, n0, t0 = st.messages, st.sessions, time.perf_counter()
+                    c0, s0 = time.process_time(), _cpu(proc.pid)
+                    await fleet.run(duration=seconds / sim_rounds, concurrency=conns)
+                    c1, s1 = time.process_time(), _cpu(proc.pid)
+                    m, n, t = st.messages - m0, st.sessions - n0, time.perf_counter() - t0
+                    per.append({"sim_us": (c1 - c0) / max(m, 1) * 1e6,
+                                "srv_us": (s1 - s0) / max(m, 1) * 1e6,
+                                "msg_s": m / t, "sess_s": n / t})
+            finally:
+                fleet.close()
+            return fleet.stats.summary(), per
+        s, per = uvloop.run(sim())
+    finally:
+        _stop(proc, pipe)
+    case = "dm md5 sessions (simulator, 20% with Get+Replace)"
+    rows.append(Row(case, "sessions/s", round(statistics.median(r["sess_s"] for r in per), 1),
+                    "sessions/s"))
+    rows.append(Row(case, "messages/s", round(statistics.median(r["msg_s"] for r in per), 1),
+                    "msg/s"))
+    rows.append(Row(case, "latency p50", s["latency_p50_ms"], "ms"))
+    rows.append(Row(case, "latency p99", s["latency_p99_ms"], "ms"))
+    bad = sum(v for k, v in s["outcomes"].items() if k != "completed")
+    rows.append(Row(case, "sessions not completed", bad, "count"))
+    ratios = [r["sim_us"] / r["srv_us"] for r in per if r["srv_us"]]
+    if ratios:
+        sim_us = statistics.median(r["sim_us"] for r in per)
+        srv_us = statistics.median(r["srv_us"] for r in per)
+        rows.append(Row(case, "simulator CPU per message", round(sim_us, 2), "us"))
+        rows.append(Row(case, "server CPU per message", round(srv_us, 2), "us"))
+        # median over rounds of (simulator CPU / server CPU) on the same round; the target is
+        # <= 1 (one simulator core drives one server core); "ratio" is target / value
+        r = statistics.median(ratios)
+        rows.append(Row(case, "simulator CPU / server CPU per message", round(r, 3), "x",
+                        "target", 1.0, round(1.0 / r, 3)))
+        rows.append(Row(case, "simulator/server CPU ratio, rounds min-max",
+                        round(min(ratios), 3), "x", "max", round(max(ratios), 3)))
+
+    return rows
+
+
 def run(quick: bool = False) -> None:
     import uvloop
 
@@ -379,31 +445,7 @@ def run(quick: bool = False) -> None:
         rows.append(Row(case, "non-200 answers", dm["errors"], "count"))
 
     # 3. whole MD5 sessions with the real simulator
-    from dmengine.simulator.device import DeviceProfile
-    from dmengine.simulator.fleet import Fleet, HttpClient
-    proc, pipe, port = _start(_dm_server, "md5", "some")
-    try:
-        prof = DeviceProfile(server_url=f"http://127.0.0.1:{port}/dm", encoding="wbxml",
-                             auth="md5")
-
-        async def sim() -> dict[str, Any]:
-            fleet = Fleet(prof, 500, client=HttpClient(timeout=30))
-            fleet.keep_reports = False
-            try:
-                await fleet.run(duration=seconds, concurrency=conns)
-            finally:
-                fleet.close()
-            return fleet.stats.summary()
-        s = uvloop.run(sim())
-    finally:
-        _stop(proc, pipe)
-    case = "dm md5 sessions (simulator, 20% with Get+Replace)"
-    rows.append(Row(case, "sessions/s", s["sessions_per_s"], "sessions/s"))
-    rows.append(Row(case, "messages/s", s["messages_per_s"], "msg/s"))
-    rows.append(Row(case, "latency p50", s["latency_p50_ms"], "ms"))
-    rows.append(Row(case, "latency p99", s["latency_p99_ms"], "ms"))
-    bad = sum(v for k, v in s["outcomes"].items() if k != "completed")
-    rows.append(Row(case, "sessions not completed", bad, "count"))
+    rows += simulator_rows(seconds, warmup, conns, 3 if quick else 5)
 
     # 4. parked sessions: RSS per session
     n_park = 20_000 if quick else 100_000

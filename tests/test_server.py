@@ -450,6 +450,104 @@ def test_many_devices_concurrently_with_faults(loop):
     loop.run_until_complete(main())
 
 
+def test_fleet_run_lanes_match_run_session_outcomes(loop):
+    """Fleet.run's callback lanes hand every unusual session to the coroutine path: wrong
+    credentials, a device that stops answering, a dropped connection, FUMO jobs and plain
+    sessions end as run_session ends them; a second run reuses (or replaces) the pooled
+    connections the server closed meanwhile."""
+    async def main():
+        from aiohttp import web
+        firmware = b"F" * 3000
+
+        async def fw(request):
+            return web.Response(body=firmware)
+        app = web.Application()
+        app.router.add_get("/fw/pkg.bin", fw)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        rig = await _rig(12, session_idle_timeout=30, keepalive_timeout=0.2)
+        devs = rig.fleet.devices
+        devs[0].faults = FaultPlan(wrong_credentials=True)
+        devs[1].faults = FaultPlan(timeout=True)
+        devs[2].faults = FaultPlan(drop=True)
+        for dev in devs[1:6]:
+            rig.handler.queue_on_connect[dev.dev_id] = [
+                Command(name="Get", items=[Item(target="./DevDetail/FwV")])]
+        rig.handler.queue_on_connect[devs[6].dev_id] = [
+            Command(name="Replace", items=[Item(target="./FUMO/1/DownloadAndUpdate/PkgURL",
+                                                data=f"http://127.0.0.1:{port}/fw/pkg.bin")]),
+            Command(name="Exec", correlator="j", items=[Item(target="./FUMO/1/DownloadAndUpdate")])]
+        try:
+            stats = await rig.fleet.run(sessions_per_device=1, concurrency=4)
+            first = dict(stats.outcomes)
+            await asyncio.sleep(0.5)                  # the server closes the idle connections
+            await rig.fleet.run(sessions_per_device=1, concurrency=4)
+            await rig.fleet.wait_idle(10)
+        finally:
+            await rig.close()
+            await runner.cleanup()
+        assert first == {"completed": 10, "auth_failed": 1, "device_timeout": 1}, first
+        by_dev: dict[str, list[str]] = {}
+        for r in rig.fleet.reports:
+            by_dev.setdefault(r.dev_id, []).append(r.outcome)
+        assert by_dev[devs[0].dev_id] == ["auth_failed"] * 2
+        assert by_dev[devs[1].dev_id] == ["device_timeout", "completed"]   # Get only once
+        assert all(o == ["completed"] * 2 for d, o in by_dev.items()
+                   if d not in (devs[0].dev_id, devs[1].dev_id))
+        assert len(rig.events("ResultsReceived")) == 4           # devices 2-5, once each
+        ga = rig.events("GenericAlert", devs[6])
+        assert len(ga) == 1 and ga[0].data == "200" and rig.fleet.stats.downloads == 1
+        assert rig.fleet.stats.messages == sum(r.messages for r in rig.fleet.reports)
+        assert rig.fleet.client.connects >= 5                    # new ones after the close
+    loop.run_until_complete(main())
+
+
+def test_fleet_run_lane_503_retries_and_errors_surface(loop):
+    """A 503 answer on a lane goes to the coroutine path (retried there); an exception in
+    the device's code surfaces from Fleet.run instead of vanishing in a callback."""
+    async def main():
+        handler = SlowHandler()
+        handler.gate.set()
+        srv = await DmServer(ServerConfig(require_auth="none", max_pending=1, tick=0.05),
+                             handler).start()
+        fleet = Fleet(DeviceProfile(server_url=srv.url, auth="none"), 6, retry_503=50)
+        resumed: list[tuple] = []
+        drive = fleet._drive
+
+        def spy(*args):
+            resumed.append(args[7:])
+            return drive(*args)
+        fleet._drive = spy  # type: ignore[method-assign]
+        try:
+            await fleet.run(sessions_per_device=1, concurrency=6)   # connections now pooled
+            handler.gate.clear()
+            asyncio.get_running_loop().call_later(0.2, handler.gate.set)
+            stats = await fleet.run(sessions_per_device=2, concurrency=6)
+            assert stats.outcomes == {"completed": 18}, stats.outcomes
+            assert stats.rejected_503 > 0
+            assert stats.messages == 18 + stats.rejected_503
+            assert any(r and r[0] and r[0][0] == "response" and r[0][1] == 503 for r in resumed)
+
+            def boom(self, body):
+                raise RuntimeError("device bug")
+            from dmengine.simulator.device import ClientSession
+            orig = ClientSession.receive
+            ClientSession.receive = boom
+            try:
+                with pytest.raises(RuntimeError, match="device bug"):
+                    await fleet.run(sessions_per_device=1, concurrency=2)
+            finally:
+                ClientSession.receive = orig
+            await fleet.wait_idle(5)
+        finally:
+            fleet.close()
+            await srv.shutdown(0.5)
+    loop.run_until_complete(main())
+
+
 def test_tls_session(loop, tmp_path):
     import ssl
 

@@ -237,7 +237,7 @@ class VirtualDevice:
     __slots__ = ("index", "dev_id", "msisdn", "username", "client_secret", "server_secret",
                  "client_nonce", "server_nonce", "fwv", "swv", "fumo_state", "overlay",
                  "profile", "faults", "pending_alerts", "jobs", "sessions", "pkg_data",
-                 "cell_id", "log", "_devinfo", "_md5k")
+                 "cell_id", "log", "_devinfo", "_md5k", "_pkg1")
 
     def __init__(self, index: int, profile: DeviceProfile, *, faults: FaultPlan | None = None,
                  dev_id: str | None = None, msisdn: str | None = None,
@@ -270,6 +270,7 @@ class VirtualDevice:
         self.log: list[tuple[str, Any]] | None = None
         self._devinfo: tuple[tuple[str, str, str, str], list[Item]] | None = None
         self._md5k: tuple[str, str, bytes] | None = None
+        self._pkg1: tuple[tuple[Any, ...], _Template | None] | None = None
 
     # attribute values used by the template
     @property
@@ -424,6 +425,26 @@ def _next_version(v: str) -> str:
 
 
 # --- the client session engine ----------------------------------------------------------------------
+
+
+class _Template:
+    """An encoded package 1 in pieces around its session ID, Cred Data and alert code."""
+    __slots__ = ("parts", "with_cred", "alerts")
+
+    def __init__(self, parts: tuple[bytes, ...], with_cred: bool) -> None:
+        self.parts = parts
+        self.with_cred = with_cred
+        self.alerts: dict[int, bytes] = {}
+
+    def fill(self, session_id: str, cred: str | None, alert: int) -> bytes:
+        a = self.alerts.get(alert)
+        if a is None:
+            a = self.alerts[alert] = str(alert).encode()
+        p = self.parts
+        if self.with_cred:
+            return b"".join((p[0], session_id.encode(), p[1], cred.encode(),  # type: ignore
+                             p[2], a, p[3]))
+        return b"".join((p[0], session_id.encode(), p[1], a, p[2]))
 
 
 class _Outgoing:
@@ -677,12 +698,82 @@ class ClientSession:
                 self.out_chunks or self.server_max_msg:
             self.outbox = self._package1()
             return self._build()
-        # the common case, in one go: Alert and the DevInfo Replace under a fresh header
+        # the common case: Alert and the DevInfo Replace under a fresh header, from the
+        # device's encoded template with the session ID, credentials and alert code filled in
+        scheme = self.auth_scheme
+        prof = self.profile
+        key = (self.url, scheme, self.encoding, prof.max_msg_size, prof.max_obj_size,
+               prof.man, prof.mod, prof.lang, dev.username, dev.dev_id)
+        hit = dev._pkg1
+        if hit is None or hit[0] != key:
+            hit = dev._pkg1 = (key, self._pkg1_template())
+        tpl = hit[1]
+        if tpl is None:
+            return self._finish(self._encode(self._pkg1_message(self.session_id, None,
+                                                                str(self.alert))))
+        self.msg_id = 1
+        if scheme == "md5":
+            cred: str | None = dev.md5_cred(dev.client_secret + "-wrong"
+                                            if dev.faults.wrong_credentials
+                                            else dev.client_secret)
+        elif scheme == "basic":
+            cred = auth.basic_cred(dev.username, dev.client_secret + "-wrong"
+                                   if dev.faults.wrong_credentials else dev.client_secret)
+        else:
+            cred = None
+        return self._finish(tpl.fill(self.session_id, cred, self.alert))
+
+    def _pkg1_message(self, session_id: str, cred: str | None, alert: str) -> Message:
+        """Package 1 in the common case (no pending alerts, nothing else queued), with the
+        given session ID, Cred Data (None: as the scheme says) and alert code."""
+        dev = self.device
+        prof = self.profile
+        self.msg_id = 0
         hdr = self._hdr()
-        cmds = [Command(name="Alert", cmd_id="1", data=str(self.alert)),
+        if cred is not None:
+            hdr.cred = Cred(meta=_CRED_META[self.auth_scheme], data=cred)
+        hdr.session_id = session_id
+        cmds = [Command(name="Alert", cmd_id="1", data=alert),
                 Command(name="Replace", cmd_id="2", items=dev.devinfo_items())]
-        return self._finish(self._encode(Message(hdr=hdr, commands=cmds,
-                                                 final=self.server_final)))
+        return Message(hdr=hdr, commands=cmds, final=True)
+
+    def _pkg1_template(self) -> "_Template | None":
+        """The encoded package 1 of this device cut around its session ID, Cred Data and
+        alert code; None when the encoding does not allow it (checked against the encoder
+        with two sets of values)."""
+        scheme = self.auth_scheme
+        with_cred = scheme in ("md5", "basic")
+        if scheme not in ("md5", "basic", "none", "hmac"):
+            return None
+        sentinels = ("QzSIDzQ", "QzCREDzQ" if with_cred else None, "QzALERTzQ")
+        msg_id = self.msg_id
+        try:
+            data = self._encode(self._pkg1_message(*sentinels))  # type: ignore[arg-type]
+            cuts = []
+            for s in sentinels:
+                if s is None:
+                    continue
+                b = s.encode()
+                if data.count(b) != 1:
+                    return None
+                cuts.append((data.index(b), len(b)))
+            if [c[0] for c in cuts] != sorted(c[0] for c in cuts):
+                return None
+            parts = []
+            pos = 0
+            for at, n in cuts:
+                parts.append(data[pos:at])
+                pos = at + n
+            parts.append(data[pos:])
+            tpl = _Template(tuple(parts), with_cred)
+            for sid, cred, alert in (("1", "AAAA", 1200), ("FFFE", "x/y+z" * 5 + "==", 1201)):
+                want = self._encode(self._pkg1_message(sid, cred if with_cred else None,
+                                                       str(alert)))
+                if tpl.fill(sid, cred if with_cred else None, alert) != want:
+                    return None
+            return tpl
+        finally:
+            self.msg_id = msg_id
 
     def next(self) -> _Outgoing | None:
         """The next message to send, or None when the session is over."""

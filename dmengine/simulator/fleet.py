@@ -22,108 +22,18 @@ from urllib.parse import urlsplit
 import httptools
 
 from ..errors import CodecError, DmError
+from ._lane import MAX_HEAD, MAX_RESPONSE, Conn, HttpError, Lane
 from .device import ClientSession, DeviceProfile, FaultPlan, Job, VirtualDevice
 
 __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "FleetStats",
            "account_for_username"]
 
 DEFAULT_TIMEOUT = 30.0
-MAX_RESPONSE = 64 * 1024 * 1024
-MAX_HEAD = 64 * 1024               # response head bytes kept for header look-ups
 DEFAULT_GC_THRESHOLD0 = 20_000     # generation-0 threshold while Fleet.run drives load
 
 
-class HttpError(DmError):
-    """The HTTP exchange failed (connection refused, reset, timeout, bad response)."""
-
-
-# --- a small keep-alive HTTP/1.1 client ------------------------------------------------------------
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection.  The response head is kept as raw bytes and split into
-    headers only when someone asks (``_header_dict``): no parser callback per header."""
-
-    __slots__ = ("transport", "parser", "waiter", "status", "head", "head_done", "chunks",
-                 "size", "closed", "keep_alive", "deadline", "pool", "client_waiting",
-                 "max_idle", "_loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[tuple[int, bytes, bytes]] | None = None
-        self.status = 0
-        self.head = b""              # the response's status line and headers, raw
-        self.head_done = False
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.closed = False
-        self.keep_alive = True
-        self.deadline = 0.0
-        self.pool: list[_Conn] | None = None      # where it goes back after a fast-path POST
-        self.client_waiting: set[_Conn] = set()    # the client's set of awaited connections
-        self.max_idle = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_exception(HttpError(f"connection lost: {exc or 'closed by server'}"))
-
-    def data_received(self, data: bytes) -> None:
-        if not self.head_done:        # the head is cut at its end only when asked for
-            head = self.head + data if self.head else data
-            if b"\r\n\r\n" in head:
-                self.head_done = True
-            elif len(head) > MAX_HEAD:
-                head = head[:MAX_HEAD]         # httptools refuses such a head anyway
-            self.head = head
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            w = self.waiter
-            if w is not None and not w.done():
-                w.set_exception(HttpError(f"bad HTTP response: {exc}"))
-            self.close()
-
-    def on_body(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.size += len(chunk)
-        if self.size > MAX_RESPONSE:
-            raise HttpError("response too large")
-
-    def on_message_complete(self) -> None:
-        parser = self.parser
-        self.status = parser.get_status_code()
-        self.keep_alive = parser.should_keep_alive()
-        w = self.waiter
-        self.waiter = None
-        chunks = self.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        headers = self.head
-        self.head = b""                # ready for the next response on this connection
-        self.head_done = False
-        self.chunks = []
-        self.size = 0
-        pool = self.pool
-        if pool is not None:           # a fast-path POST: back to the pool at once
-            self.pool = None
-            self.client_waiting.discard(self)
-            if self.keep_alive and not self.closed and len(pool) < self.max_idle:
-                pool.append(self)
-            else:
-                self.close()
-        if w is not None and not w.done():
-            w.set_result((self.status, headers, body))
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+# the connection (``_Conn``) and the load lanes are compiled: dmengine/simulator/_lane.pyx
+_Conn = Conn
 
 
 def _header_dict(head: bytes) -> dict[str, str]:
@@ -242,6 +152,11 @@ class HttpClient:
             w = c.waiter
             if w is not None and not w.done():
                 w.set_exception(HttpError(f"no answer within {self.timeout} s"))
+            d = c.driver
+            if d is not None:
+                c.driver = None
+                c.close()
+                d.failed(c, HttpError(f"no answer within {self.timeout} s"))
         if waiting:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
@@ -528,11 +443,18 @@ class Fleet:
                           session_id: str | None = None,
                           _want: bool = True) -> SessionReport:
         """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured.
-        (``_want=False``: no report object unless ``keep_reports``; ``Fleet.run`` uses it.)"""
+        (``_want=False``: no report object unless ``keep_reports``.)"""
         t0 = time.perf_counter()
         cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
-        out: Any = cs.first()
-        messages = 0
+        return await self._drive(dev, cs, cs.first(), t0, alert, _want)  # type: ignore
+
+    async def _drive(self, dev: VirtualDevice, cs: ClientSession, out: Any, t0: float,
+                     alert: int, _want: bool, messages: int = 0,
+                     resume: tuple[Any, ...] | None = None) -> SessionReport | None:
+        """The session loop from message ``out`` on.  ``resume`` picks up a session a
+        ``_lane.Lane`` started: ``("response", status, head, body)`` (an answer to ``out`` that
+        arrived and was counted, not yet looked at) or ``("received",)`` (``cs`` took the
+        answer and has jobs to run)."""
         dropped = False
         retries = 0
         later_jobs: list[Job] = []
@@ -543,44 +465,49 @@ class Fleet:
         keep_latencies = self.keep_latencies
         clock = time.perf_counter
         while out is not None:
-            drop_after = None
-            if faults.drop and not dropped and messages == 1:
-                drop_after = len(out.body) // 2
-                dropped = True
-            t1 = clock()
-            try:
-                conn = post_now(out.url, out.body, out.wire_headers) \
-                    if drop_after is None else None
-                if conn is not None:
-                    fut = conn.waiter
-                    assert fut is not None
-                    try:
-                        status, hdrs, body = await fut   # the connection is back in its pool
-                    except HttpError as exc:
-                        status, hdrs, body = await client.recover(
-                            conn, fut, exc, out.url, out.body, out.wire_headers)
-                else:
-                    status, hdrs, body = await exchange("POST", out.url, out.body,
-                                                        out.wire_headers, drop_after)
-            except HttpError as exc:
-                if drop_after is not None:
-                    continue                  # reconnect and send the same message again
-                return self._ended(_want, dev, "http_error", messages, t0,  # type: ignore
-                                   str(exc), alert)
-            if keep_latencies:
-                stats.latencies.append(clock() - t1)
-            messages += 1
-            stats.messages += 1
-            if status == 503 and retries < self.retry_503:
-                stats.rejected_503 += 1
-                retries += 1
-                await asyncio.sleep(min(float(_retry_after(hdrs) or 1), 5.0)
-                                    * self.rng.uniform(0.05, 0.2))
-                continue
-            if status != 200:
-                return self._ended(_want, dev, f"http_{status}", messages, t0,  # type: ignore
-                                   body[:200].decode("latin-1"), alert)
-            cs.receive(body)
+            if resume is None:
+                drop_after = None
+                if faults.drop and not dropped and messages == 1:
+                    drop_after = len(out.body) // 2
+                    dropped = True
+                t1 = clock()
+                try:
+                    conn = post_now(out.url, out.body, out.wire_headers) \
+                        if drop_after is None else None
+                    if conn is not None:
+                        fut = conn.waiter
+                        assert fut is not None
+                        try:
+                            status, hdrs, body = await fut   # the connection is back in its pool
+                        except HttpError as exc:
+                            status, hdrs, body = await client.recover(
+                                conn, fut, exc, out.url, out.body, out.wire_headers)
+                    else:
+                        status, hdrs, body = await exchange("POST", out.url, out.body,
+                                                            out.wire_headers, drop_after)
+                except HttpError as exc:
+                    if drop_after is not None:
+                        continue                  # reconnect and send the same message again
+                    return self._ended(_want, dev, "http_error", messages, t0, str(exc), alert)
+                if keep_latencies:
+                    stats.latencies.append(clock() - t1)
+                messages += 1
+                stats.messages += 1
+            elif resume[0] == "response":
+                status, hdrs, body = resume[1:]
+            if resume is None or resume[0] == "response":
+                resume = None
+                if status == 503 and retries < self.retry_503:
+                    stats.rejected_503 += 1
+                    retries += 1
+                    await asyncio.sleep(min(float(_retry_after(hdrs) or 1), 5.0)
+                                        * self.rng.uniform(0.05, 0.2))
+                    continue
+                if status != 200:
+                    return self._ended(_want, dev, f"http_{status}", messages, t0,
+                                       body[:200].decode("latin-1"), alert)
+                cs.receive(body)
+            resume = None
             if cs.jobs:
                 jobs, cs.jobs = cs.jobs, []
                 if self.profile.report_in_same_session:
@@ -589,7 +516,7 @@ class Fleet:
                 else:
                     later_jobs.extend(jobs)
             if faults.timeout and messages >= 1 and not cs.done:
-                return self._ended(_want, dev, "device_timeout", messages, t0,  # type: ignore
+                return self._ended(_want, dev, "device_timeout", messages, t0,
                                    "stopped answering (simulated)", alert)
             out = cs.next()
         outcome = cs.outcome or "completed"
@@ -602,7 +529,27 @@ class Fleet:
             # last message, or jobs run after the session) go out in a new session, as a
             # phone reports a FUMO result after its update.
             self.spawn(self.run_session(dev, alert=1201))
-        return rep  # type: ignore[return-value]
+        return rep
+
+    async def _lane_retry(self, exc: HttpError, dev: VirtualDevice, cs: ClientSession,
+                          out: Any, messages: int, t0: float) -> None:
+        """A lane's exchange failed: as ``HttpClient.recover``, a keep-alive connection the
+        server closed meanwhile is retried once on a new one; a timeout ends the session."""
+        if "no answer" in str(exc):
+            self._ended(False, dev, "http_error", messages, t0, str(exc), 1201)
+            return
+        t1 = time.perf_counter()
+        try:
+            status, head, body = await self.client.exchange("POST", out.url, out.body,
+                                                            out.wire_headers)
+        except HttpError as exc2:
+            self._ended(False, dev, "http_error", messages, t0, str(exc2), 1201)
+            return
+        if self.keep_latencies:
+            self.stats.latencies.append(time.perf_counter() - t1)
+        self.stats.messages += 1
+        await self._drive(dev, cs, out, t0, 1201, False, messages + 1,
+                          ("response", status, head, body))
 
     async def run_job(self, dev: VirtualDevice, job: Job) -> int:
         """Download (and install) a FUMO package; records the result on the device."""
@@ -635,38 +582,66 @@ class Fleet:
     async def run(self, *, duration: float | None = None, sessions_per_device: int = 1,
                   concurrency: int = 100) -> FleetStats:
         """Client-initiated sessions: each device runs ``sessions_per_device`` sessions (or
-        sessions until ``duration`` seconds passed), ``concurrency`` devices at a time."""
+        sessions until ``duration`` seconds passed), ``concurrency`` devices at a time.
+
+        Each of the ``concurrency`` lanes is a ``_lane.Lane``: driven by the response callbacks of
+        its keep-alive connection (no task, future or coroutine per message or session);
+        anything out of the ordinary goes to ``_drive``."""
         queue: collections.deque[VirtualDevice] = collections.deque()
         for _ in range(sessions_per_device if duration is None else 1):
             queue.extend(self.devices)
         end = None if duration is None else time.perf_counter() + duration
         self.stats.started = time.perf_counter()
-        run_session = self.run_session
-
-        async def worker() -> None:
-            clock = time.perf_counter
-            while queue:
-                if end is not None and clock() >= end:
-                    return
-                dev = queue.popleft()
-                await run_session(dev, _want=False)
-                if end is not None:
-                    queue.append(dev)
-
+        run = _Run(self, queue, end, max(1, concurrency))
         # a session allocates many short-lived objects that reference counting frees: rarer
         # generation-0 collections while the load runs (restored afterwards)
         thresholds = gc.get_threshold()
         if self.gc_threshold0 and thresholds[0] < self.gc_threshold0:
             gc.set_threshold(self.gc_threshold0, *thresholds[1:])
         try:
-            await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+            for lane in run.lanes:
+                lane.next_session()
+            await run.done
             await self.wait_idle(timeout=30.0)
         finally:
             gc.set_threshold(*thresholds)
+            run.close()
         return self.stats
 
     def close(self) -> None:
         self.client.close()
+
+
+# --- callback-driven load lanes (Fleet.run) ---------------------------------------------------------
+
+
+class _Run:
+    """One ``Fleet.run``: the device queue, the deadline, its lanes and their end."""
+
+    __slots__ = ("fleet", "queue", "end", "lanes", "active", "done")
+
+    def __init__(self, fleet: Fleet, queue: collections.deque[VirtualDevice],
+                 end: float | None, n: int) -> None:
+        self.fleet = fleet
+        self.queue = queue
+        self.end = end
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lanes = [Lane(self) for _ in range(n)]
+        self.active = n
+
+    def lane_done(self) -> None:
+        """A lane ran out of work."""
+        self.active -= 1
+        if self.active == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.park()
 
 
 def _finish(dev: VirtualDevice, job: Job, result: int) -> int:
