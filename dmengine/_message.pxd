@@ -85,5 +85,10 @@ cdef class Message:
     cdef public SyncHdr hdr
     cdef public list commands      # list[Command], SyncBody children in order
     cdef public bint final
+    # Not content (outside _fields, equality and pickling): an instruction to the encoders.
+    # True: a command without CmdID gets the number after the previous command's (depth
+    # first; the first gets 1).  The session engine sends one shared Command object to many
+    # devices this way instead of a numbered copy per session.
+    cdef public bint number_commands
 
     cpdef tuple astuple(self)

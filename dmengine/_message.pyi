@@ -95,6 +95,9 @@ class Message:
     hdr: SyncHdr
     commands: list[Command]
     final: bool
+    number_commands: bool
+    """Encoder instruction, not content: commands without CmdID are numbered after the
+    previous command's (depth first)."""
     def __init__(self, *, hdr: SyncHdr | None = None, commands: list[Command] | None = None, final: bool = False) -> None: ...
     def astuple(self) -> tuple[Any, ...]: ...
 

@@ -128,6 +128,17 @@ class SessionConfig:
     ) -> None: ...
 
 
+class PreparedCommand:
+    """A command checked and sized once (prepare()), for queueing to many sessions."""
+    @property
+    def command(self) -> Command: ...
+    @property
+    def shared(self) -> bool:
+        """True: it goes out as this very object (no Atomic/Sequence inside)."""
+
+def prepare(command: Command) -> PreparedCommand:
+    """Checks and sizes ``command`` once; raises CommandRejected like DmSession.queue()."""
+
 class DmSession:
     """The server side of one DM session (no I/O, no clock: pass ``now`` in)."""
     config: SessionConfig
@@ -184,11 +195,14 @@ class DmSession:
         belong to the session (bad VerDTD 505 / VerProto 513, wrong SessionID or Source, MsgID
         going backwards, message out of order, too many commands 413, body > max_msg_size 413)."""
 
-    def queue(self, handle: Any, command: Command) -> None:
+    def queue(self, handle: Any, command: Command | PreparedCommand) -> None:
         """Queues Get/Replace/Add/Delete/Copy/Exec/Atomic/Sequence/Alert 1100-1104 (built with
-        the model; CmdIDs are assigned by the session on a copy, the caller's object is not
-        changed).  ``handle`` must be hashable; it comes back in StatusReceived, ResultsReceived,
-        UserAlertAnswered, LargeObjectFailed and CommandNotDelivered.  Raises CommandRejected."""
+        the model, or prepared once with prepare() to queue to many sessions).  The caller's
+        object is never numbered: a plain command goes out as is, numbered by the encoder
+        (Message.number_commands), Atomic/Sequence as a numbered copy — so it must not change
+        while queued.  ``handle`` must be hashable; it comes back in StatusReceived,
+        ResultsReceived, UserAlertAnswered, LargeObjectFailed and CommandNotDelivered.
+        Raises CommandRejected."""
 
     def queue_many(self, pairs: Any) -> None:
         """queue() for each (handle, command) pair, in one call (stops at the first rejection)."""

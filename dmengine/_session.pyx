@@ -48,7 +48,7 @@ cdef extern from "Python.h":
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
 
 __all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionInput", "Action",
-           "TRANSITIONS", "ui_alert",
+           "TRANSITIONS", "ui_alert", "PreparedCommand", "prepare",
            "DEFAULT_MAX_MSG_SIZE", "DEFAULT_MAX_OBJ_SIZE", "DEFAULT_MAX_COMMANDS_PER_MESSAGE",
            "DEFAULT_MAX_ITEMS_PER_COMMAND", "DEFAULT_MAX_AUTH_ATTEMPTS", "DEFAULT_IDLE_TIMEOUT",
            "DEFAULT_MAX_QUEUED", "DEFAULT_MIN_PEER_MSG_SIZE"]
@@ -218,14 +218,43 @@ cdef enum:
 
 cdef list _NUM = [str(i) for i in range(4096)]
 
+cdef inline bint _is(str a, str b):
+    """a == b for names: the decoders hand out interned names, so mostly an identity test,
+    and a length test rules out most of the rest before any compare."""
+    if a is b:
+        return True
+    if a is None or b is None or PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b):
+        return False
+    return a == b
+
+
 cdef inline str _num(Py_ssize_t i):
     if 0 <= i < 4096:
         return <str>_NUM[i]
     return str(i)
 
 
-cdef long _parse_uint(object s):
+cdef inline long _parse_uint(object s):
     """Decimal text -> value; -1 when not a non-negative decimal below 10**15."""
+    cdef Py_ssize_t n, i
+    cdef long v = 0
+    cdef const unsigned char* p
+    cdef unsigned char ch
+    if type(s) is str and PyUnicode_IS_ASCII(s):
+        n = PyUnicode_GET_LENGTH(s)
+        if 0 < n <= 15:
+            p = PyUnicode_1BYTE_DATA(s)
+            for i in range(n):
+                ch = p[i]
+                if ch < 48 or ch > 57:
+                    return _parse_uint_slow(s)
+                v = v * 10 + (ch - 48)
+            return v
+    return _parse_uint_slow(s)
+
+
+cdef long _parse_uint_slow(object s):
+    """_parse_uint for what its fast path does not take (spaces, non-ASCII, bytes)."""
     cdef str t
     cdef Py_ssize_t n
     cdef long v = 0
@@ -305,17 +334,118 @@ cdef str _normalise_alert_type(str t):
 cdef object _INTERNAL = object()      # handle of commands the session sends on its own
 
 
+DEF _CMDID_ROOM = "4294967295"      # the widest CmdID a size estimate makes room for
+
+
 @cython.final
 cdef class _SentMsg:
-    """What we sent in one message, indexed by CmdID: the wire command, the caller's handle,
-    the position inside a container, and whether its Status is still awaited."""
-    cdef list wires
-    cdef list handles
-    cdef list index
+    """What we sent in one message, by CmdID (entries[k - first]): the queue's own
+    ``(handle, PreparedCommand)`` pair for a shared command, else ``(handle, wire command,
+    position inside its container)``; None for an id that is not ours.  ``awaiting[k - first]``
+    says whether its Status is still to come."""
+    cdef Py_ssize_t first
+    cdef list entries
     cdef bytearray awaiting
     cdef Py_ssize_t n_awaiting
 
+    cdef inline tuple at(self, long k):
+        k -= self.first
+        if k < 0 or k >= len(self.entries):
+            return None
+        return <tuple>self.entries[k]
 
+
+cdef inline Command _entry_wire(tuple e):
+    w = e[1]
+    if type(w) is PreparedCommand:
+        return (<PreparedCommand>w).command
+    return <Command>w
+
+
+cdef object _NO_INDEX = -1
+
+cdef inline object _entry_index(tuple e):
+    return e[2] if len(e) > 2 else _NO_INDEX
+
+
+@cython.final
+cdef class PreparedCommand:
+    """A management command checked and sized once, for queueing to many sessions (the
+    template of a campaign): ``DmSession.queue(handle, prepared)`` then costs a list append,
+    and a plain command (no Atomic/Sequence) goes out as this very object, numbered by the
+    encoder (Message.number_commands) instead of copied per session.  The command must not
+    be changed after prepare()."""
+    cdef readonly Command command
+    cdef Py_ssize_t est_wbxml       # upper bound of its encoded size, CmdIDs included (-1: not yet)
+    cdef Py_ssize_t est_xml
+    cdef readonly bint shared       # goes out as is (else a numbered copy per message)
+    cdef int xml_ok                 # XML can carry its Data: 1 yes, 0 no, -1 not checked yet
+
+    def __repr__(self):
+        return f"PreparedCommand({self.command!r})"
+
+    cdef Py_ssize_t est(self, int enc) except -1:
+        """The size estimate in encoding ``enc``, computed on first use."""
+        if enc == ENC_XML:
+            if self.est_xml < 0:
+                self.est_xml = _command_size(self.command, ENC_XML) + \
+                    _n_ids(self.command) * _leaf("CmdID", _CMDID_ROOM, ENC_XML)
+            return self.est_xml
+        if self.est_wbxml < 0:
+            self.est_wbxml = _command_size(self.command, ENC_WBXML) + \
+                _n_ids(self.command) * _leaf("CmdID", _CMDID_ROOM, ENC_WBXML)
+        return self.est_wbxml
+
+    cdef bint fits_xml(self) except -1:
+        if self.xml_ok < 0:
+            try:
+                _check_xml_data(self.command)
+                self.xml_ok = 1
+            except CommandRejected:
+                self.xml_ok = 0
+        return self.xml_ok
+
+
+
+
+cdef Py_ssize_t _n_ids(Command c):
+    cdef Py_ssize_t n = 1
+    if c.commands is not None:
+        for sub in c.commands:
+            n += _n_ids(<Command?>sub)
+    return n
+
+
+cdef PreparedCommand _prepare(Command command):
+    cdef PreparedCommand p = PreparedCommand.__new__(PreparedCommand)
+    cdef Command c = command
+    _check_command(c, None, 0)
+    if (c.cmd_id is not None or c.msg_ref is not None or c.cmd_ref is not None or c.cmd is not None
+            or c.target_refs is not None or c.source_refs is not None or c.chal is not None):
+        c = _wire_copy(c)            # once here, not per session: only what a command sends
+    p.command = c
+    p.shared = c.commands is None
+    p.est_wbxml = -1
+    p.est_xml = -1
+    p.xml_ok = -1
+    return p
+
+
+def prepare(Command command not None):
+    """The command checked and sized once (PreparedCommand), to queue to any number of
+    sessions.  Raises CommandRejected for a command a server cannot send."""
+    return _prepare(command)
+
+
+# the event classes, looked up once (not in the module dict per event)
+cdef type _T_Authenticated = Authenticated
+cdef type _T_NonceIssued = NonceIssued
+cdef type _T_ResultsReceived = ResultsReceived
+cdef type _T_SessionEnded = SessionEnded
+cdef type _T_DeviceIdentified = DeviceIdentified
+cdef type _T_UserAlertAnswered = UserAlertAnswered
+cdef type _T_GenericAlert = GenericAlert
+cdef type _T_StatusReceived = StatusReceived
 cdef object _b2a = binascii.b2a_base64
 cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
 cdef object _cmp = _hmac.compare_digest
@@ -593,8 +723,19 @@ def estimate_size(Message msg not None, str encoding="wbxml"):
     cdef Py_ssize_t n = _hdr_size(msg.hdr, enc)
     for c in msg.commands:
         n += _command_size(<Command?>c, enc)
+        if msg.number_commands:
+            n += _unnumbered(<Command>c) * _leaf("CmdID", _CMDID_ROOM, enc)
     if msg.final:
         n += _empty("Final", enc)
+    return n
+
+
+cdef Py_ssize_t _unnumbered(Command c):
+    """How many commands in ``c`` (itself included) have no CmdID of their own."""
+    cdef Py_ssize_t n = 1 if c.cmd_id is None else 0
+    if c.commands is not None:
+        for sub in c.commands:
+            n += _unnumbered(<Command?>sub)
     return n
 
 
@@ -1133,7 +1274,7 @@ cdef class DmSession:
             if not isinstance(obj, Command):
                 raise ProtocolError("SyncBody holds something that is not a command", status=400)
             c = <Command?>obj
-            if c.name == "Alert":
+            if _is(c.name, "Alert"):
                 code = _parse_uint(c.data)
                 if code == 1200 or code == 1201:
                     has_start = True
@@ -1246,7 +1387,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = "none"
                 self.username = h.source_name
-                ev.append(_ev2(Authenticated, h.source_name, "none"))
+                ev.append(_ev2(_T_Authenticated, h.source_name, "none"))
             self._hdr_code = "200"
             return inp
         if (require == "md5" or require == "basic") and type(account) is DmAccount \
@@ -1259,7 +1400,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = "md5"
                 self.username = account.username
-                ev.append(_ev2(Authenticated, account.username, "md5"))
+                ev.append(_ev2(_T_Authenticated, account.username, "md5"))
             self._hdr_code = "212"
             self._issue_nonce(_auth.AUTH_MD5, ev)
             return inp
@@ -1275,7 +1416,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = res.scheme
                 self.username = res.username
-                ev.append(_ev2(Authenticated, res.username, res.scheme))
+                ev.append(_ev2(_T_Authenticated, res.username, res.scheme))
             if res.scheme == "none":
                 self._hdr_code = "200"
             elif res.scheme == "hmac":
@@ -1326,7 +1467,7 @@ cdef class DmSession:
         cdef Chal ch = Chal.__new__(Chal)
         ch.meta = m
         self._hdr_chal = ch
-        ev.append(_ev2(NonceIssued, self.device_id, fresh))
+        ev.append(_ev2(_T_NonceIssued, self.device_id, fresh))
 
     cdef _act_start(self, Message msg, list ev):
         cdef Command c
@@ -1337,11 +1478,11 @@ cdef class DmSession:
         cdef Py_ssize_t at
         for obj in msg.commands:
             c = <Command?>obj
-            if c.name == "Alert" and self.alert_code == 0:
+            if _is(c.name, "Alert") and self.alert_code == 0:
                 code = _parse_uint(c.data)
                 if code == 1200 or code == 1201:
                     self.alert_code = code
-            elif c.name == "Replace" and c.items is not None:
+            elif _is(c.name, "Replace") and c.items is not None:
                 for o in c.items:
                     it = <Item?>o
                     src = it.source if it.source is not None else it.target
@@ -1351,7 +1492,7 @@ cdef class DmSession:
                         if v is not None:
                             info[src[at + 8:]] = v
         self.devinfo = info
-        ev.append(_ev4(DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
+        ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
         self._process_body(msg, ev, False)
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
@@ -1362,8 +1503,8 @@ cdef class DmSession:
             self._issue_nonce(_auth.SCHEME_TYPES[self.config.require_auth], ev)
         for obj in msg.commands:
             c = <Command?>obj
-            if c.name == "Status" or c.name == "Results" or c.no_resp:
-                if c.name == "Status":
+            if _is(c.name, "Status") or _is(c.name, "Results") or c.no_resp:
+                if _is(c.name, "Status"):
                     self._on_status(c, ev)      # the device may still tell us about our Cred
                 continue
             self._add_status(c, code)
@@ -1395,19 +1536,19 @@ cdef class DmSession:
         for obj in msg.commands:
             c = <Command?>obj
             name = c.name
-            if name == "Status":
+            if _is(name, "Status"):
                 self._on_status(c, ev)
                 continue
             if self._in_lo is not None and not lo_continued:
-                if name == "Results" and self._continues_in_lo(c):
+                if _is(name, "Results") and self._continues_in_lo(c):
                     lo_continued = True
                 else:
                     self._interrupt_in_lo(ev)
-            if name == "Results":
+            if _is(name, "Results"):
                 self._on_results(c, ev)
-            elif name == "Alert":
+            elif _is(name, "Alert"):
                 self._on_alert(c, ev)
-            elif name == "Replace":
+            elif _is(name, "Replace"):
                 self._on_replace(c)
             elif name in _CLIENT_MAY_NOT:
                 self._refuse(c, "405")
@@ -1466,7 +1607,7 @@ cdef class DmSession:
                         if m is None or m.type is None or it.data is None:
                             st = "412"           # Type, Format and Data are required (§5.2)
                             break
-                        evs.append(_ev6(GenericAlert, c.correlator, it.source,
+                        evs.append(_ev6(_T_GenericAlert, c.correlator, it.source,
                                                         _normalise_alert_type(m.type), m.format,
                                                         m.mark, it.data))
                     else:
@@ -1502,11 +1643,11 @@ cdef class DmSession:
         if cmd_ref is None:
             return
         k = _parse_uint(cmd_ref)
-        if (k == 0 and cmd_ref == "0") or (c.cmd is not None and c.cmd == "SyncHdr"):
+        if k == 0 or _is(c.cmd, "SyncHdr"):
             self._on_hdr_status(c, code, ev)
             return
-        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
-        if self._last_sm is not None and msg_ref == self._last_sm_ref:
+        cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
+        if self._last_sm is not None and _is(msg_ref, self._last_sm_ref):
             sm = self._last_sm                   # Statuses come in runs for one message
         else:
             obj = self._sent.get(msg_ref)
@@ -1515,20 +1656,21 @@ cdef class DmSession:
             sm = <_SentMsg>obj
             self._last_sm = sm
             self._last_sm_ref = msg_ref
-        if k < 0 or k >= len(sm.wires) or not sm.awaiting[k]:
+        entry = sm.at(k)
+        if entry is None or not sm.awaiting[k - sm.first]:
             return                               # not ours, or answered before: ignore
-        sm.awaiting[k] = 0
+        sm.awaiting[k - sm.first] = 0
         sm.n_awaiting -= 1
-        handle = sm.handles[k]
+        handle = entry[0]
         if handle is _INTERNAL:
             return
-        w = <Command?>sm.wires[k]
+        w = _entry_wire(entry)
         if w.items is not None and len(w.items) == 1 and (<Item?>w.items[0]).more_data:
             if code == 213:                      # a chunk of a large object: not an outcome yet
                 return
             if self._out_lo is not None and self._out_lo.handle is handle:
                 self._out_lo = None              # the device refused a chunk: stop the object
-        if w.name == "Alert":
+        if _is(w.name, "Alert"):
             alert = _parse_uint(w.data)
             if 1100 <= alert <= 1104:
                 answers = []
@@ -1537,7 +1679,7 @@ cdef class DmSession:
                         t = _text((<Item?>o).data)
                         if t is not None:
                             answers.append(t)
-                ev.append(_ev4(UserAlertAnswered, handle, code, answers, alert))
+                ev.append(_ev4(_T_UserAlertAnswered, handle, code, answers, alert))
                 return
         if c.target_refs:
             target = c.target_refs[0]
@@ -1545,7 +1687,7 @@ cdef class DmSession:
             target = (<Item?>w.items[0]).target
         else:
             target = None
-        ev.append(_ev6(StatusReceived, handle, w.name, code, c.items, target, sm.index[k]))
+        ev.append(_ev6(_T_StatusReceived, handle, w.name, code, c.items, target, _entry_index(entry)))
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
         cdef Meta m
@@ -1595,7 +1737,7 @@ cdef class DmSession:
             items.append((it.source if it.source is not None else it.target,
                           _fmt_of(it, c), _type_of(it, c), it.data))
         if handle is not _INTERNAL:
-            ev.append(_ev2(ResultsReceived, handle, items))
+            ev.append(_ev2(_T_ResultsReceived, handle, items))
 
     cdef object _get_handle(self, str msg_ref, str cmd_ref):
         """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
@@ -1605,13 +1747,10 @@ cdef class DmSession:
         if obj is None:
             return _INTERNAL
         sm = <_SentMsg>obj
-        k = _parse_uint(cmd_ref)
-        if k < 0 or k >= len(sm.wires):
+        entry = sm.at(_parse_uint(cmd_ref))
+        if entry is None or not _is(_entry_wire(entry).name, "Get"):
             return _INTERNAL
-        w = sm.wires[k]
-        if w is None or (<Command?>w).name != "Get":
-            return _INTERNAL
-        return sm.handles[k]
+        return entry[0]
 
     # -- large objects from the device ------------------------------------------------------
 
@@ -1740,39 +1879,49 @@ cdef class DmSession:
 
     # -- queueing --------------------------------------------------------------------------
 
-    def queue(self, handle, Command command not None):
-        """Queues a management command for the device; ``handle`` (hashable) comes back in the
-        events about it.  Raises CommandRejected for commands a server cannot send."""
+    def queue(self, handle, command):
+        """Queues a management command (Command or PreparedCommand) for the device;
+        ``handle`` (hashable) comes back in the events about it.  Raises CommandRejected for
+        commands a server cannot send."""
         self._queue_one(handle, command, None)
 
     def queue_many(self, pairs):
         """queue() for each ``(handle, command)`` of ``pairs`` (stops at the first rejection)."""
         for pair in pairs:
-            handle, command = pair
-            if not isinstance(command, Command):
-                raise CommandRejected("queue_many takes (handle, Command) pairs", handle=handle)
-            self._queue_one(handle, <Command?>command,
-                            <tuple>pair if type(pair) is tuple else None)
+            if type(pair) is tuple and len(<tuple>pair) == 2:
+                self._queue_one((<tuple>pair)[0], (<tuple>pair)[1], <tuple>pair)
+            else:
+                handle, command = pair
+                self._queue_one(handle, command, None)
 
-    cdef _queue_one(self, object handle, Command command, tuple pair):
+    cdef _queue_one(self, object handle, object command, tuple pair):
+        cdef PreparedCommand p
         if self._state == S_ENDED:
             raise CommandRejected(f"session {self.session_key} has ended ({self.end_reason})",
                                   handle=handle)
         if len(self._queue) - self._qhead >= self.config.max_queued:
             raise CommandRejected(f"more than {self.config.max_queued} commands queued",
                                   handle=handle)
-        try:
-            hash(handle)
-        except TypeError:
-            raise CommandRejected("handle must be hashable", handle=None) from None
-        try:
-            _check_command(command, None, 0)
-            if self._enc == ENC_XML:
-                _check_xml_data(command)
-        except CommandRejected as exc:
-            exc.handle = handle
-            raise
-        self._queue.append(pair if pair is not None else (handle, command))
+        if type(handle) is not int and type(handle) is not str:
+            try:
+                hash(handle)
+            except TypeError:
+                raise CommandRejected("handle must be hashable", handle=None) from None
+        if type(command) is PreparedCommand:
+            p = <PreparedCommand>command
+        elif isinstance(command, Command):
+            try:
+                p = _prepare(<Command>command)
+            except CommandRejected as exc:
+                exc.handle = handle
+                raise
+            pair = None
+        else:
+            raise CommandRejected("queue takes a Command or a PreparedCommand", handle=handle)
+        if self._enc == ENC_XML and not p.fits_xml():
+            raise CommandRejected("binary Data cannot travel in XML; send it with Format b64",
+                                  handle=handle)
+        self._queue.append(pair if pair is not None else (handle, p))
 
     # -- building replies --------------------------------------------------------------------
 
@@ -1920,6 +2069,7 @@ cdef class DmSession:
 
     cdef Message _new_reply(self):
         cdef Message m = Message.__new__(Message)
+        m.number_commands = True          # shared PreparedCommands carry no CmdID of their own
         m.hdr = self._reply_hdr()
         m.commands = [self._hdr_status(1)]
         m.final = False
@@ -1949,8 +2099,9 @@ cdef class DmSession:
         cdef Message m = self._new_reply()
         cdef int enc = self._enc
         cdef Py_ssize_t limit = self.peer_max_msg_size
-        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id
+        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id, first_placed
         cdef Py_ssize_t est_, base
+        cdef PreparedCommand prep
         cdef Command s, w, tail = None
         # what this message carries besides Status, in order: the queue's (handle, command)
         # pair for a queued command, else (handle, original or None, wire, chunk record);
@@ -1984,6 +2135,7 @@ cdef class DmSession:
             n_status += 1
         if n_status:
             del self._out_status[:n_status]
+        first_placed = cid                # what follows is registered from this CmdID on
         # 2. alerts of our own (1225)
         while not full and self._own_cmds:
             w = <Command?>self._own_cmds[0]
@@ -2005,17 +2157,24 @@ cdef class DmSession:
             while not full and self._out_lo is None and self._qhead < len(self._queue):
                 pair = <tuple>self._queue[self._qhead]
                 handle = pair[0]
-                orig = pair[1]
+                prep = <PreparedCommand>pair[1]
                 self._qhead += 1
-                w = _wire_copy(<Command?>orig)
-                nxt_id = _number(w, cid)
-                if not self._fit(m, w, limit, tail):
+                if prep.shared:
+                    w = prep.command           # the encoder numbers it (cid)
+                    nxt_id = cid + 1
+                    cost = prep.est(enc)
+                else:
+                    w = _wire_copy(prep.command)
+                    nxt_id = _number(w, cid)
+                    cost = -1
+                if not self._fit(m, w, limit, tail, cost):
                     self._qhead -= 1           # back to the front
-                    cost = _command_size(w, enc)
+                    if cost < 0:
+                        cost = _command_size(w, enc)
                     if base + cost > limit and self._too_big_alone(w, limit):
                         self._qhead += 1
-                        if self._chunkable(<Command?>orig):
-                            if self._start_out_lo(handle, <Command?>orig):
+                        if self._chunkable(prep.command):
+                            if self._start_out_lo(handle, prep.command):
                                 n_status = cid
                                 cid, full = self._place_chunk(m, cid, limit, base, placed, pw)
                                 placed_cmds += cid - n_status
@@ -2060,7 +2219,7 @@ cdef class DmSession:
                 self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
             self._shrink_to_fit(m, limit, placed, pw, package)
         if placed:
-            self._register(placed, pw, cid + 1)   # (Status alone: nothing will answer it)
+            self._register(placed, pw, first_placed)   # (Status alone: nothing will answer it)
         return m
 
     cdef bint _too_big_alone(self, Command w, Py_ssize_t limit) except -1:
@@ -2069,6 +2228,7 @@ cdef class DmSession:
         if self._sizer is None:
             return True
         probe = Message.__new__(Message)
+        probe.number_commands = True
         probe.hdr = self._probe_hdr()
         probe.commands = [self._hdr_status(1), w]
         probe.final = True
@@ -2087,14 +2247,18 @@ cdef class DmSession:
         except DmError:
             return -1
 
-    cdef bint _fit(self, Message m, Command cand, Py_ssize_t limit, Command tail) except -1:
-        """Does ``cand`` fit after what ``m`` holds?  Updates the running size (self._est)."""
+    cdef bint _fit(self, Message m, Command cand, Py_ssize_t limit, Command tail,
+                   Py_ssize_t raw_cost=-1) except -1:
+        """Does ``cand`` fit after what ``m`` holds?  Updates the running size (self._est).
+        ``raw_cost``: its size estimate when known (a PreparedCommand's), else computed."""
         cdef Py_ssize_t cost, r
         cdef list cmds
         cdef bint old_final
         if limit <= 0:
             return True
-        cost = <Py_ssize_t>(_command_size(cand, self._enc) * self._scale) + 1
+        if raw_cost < 0:
+            raw_cost = _command_size(cand, self._enc)
+        cost = <Py_ssize_t>(raw_cost * self._scale) + 1
         if self._est + cost <= limit:
             self._est += cost
             return True
@@ -2192,45 +2356,63 @@ cdef class DmSession:
                 return
         self._out_status.insert(0, w)
 
-    cdef _register(self, list placed, list pw, Py_ssize_t n_ids):
+    cdef _register(self, list placed, list pw, Py_ssize_t first_id):
+        """Records what this message carries by CmdID, the way the encoder numbers it: a
+        command without CmdID gets the one after the previous command's."""
         cdef Command w
-        cdef str mid = _num(self._out_msg_id)
+        cdef tuple entry
         cdef _SentMsg sm = _SentMsg.__new__(_SentMsg)
-        sm.wires = [None] * n_ids
-        sm.handles = [None] * n_ids
-        sm.index = [-1] * n_ids
-        sm.awaiting = bytearray(n_ids)
-        self._sent[mid] = sm
-        self._last_sm = None
-        cdef Py_ssize_t i
+        cdef list entries = []
+        cdef Py_ssize_t i, n, prev = first_id - 1
+        cdef long k
+        cdef bint quiet = False          # some entry has NoResp (or a gap): fix awaiting after
         for i in range(len(placed)):
+            entry = <tuple>placed[i]
             w = <Command?>pw[i]
-            handle = (<tuple>placed[i])[0]
+            handle = entry[0]
             if handle is not _INTERNAL or w.data != "1222":
                 self._pkg_cmds += 1
-            self._register_one(sm, w, handle, -1)
+            if w.cmd_id is None and len(entry) == 2:
+                entries.append(entry)             # a shared PreparedCommand
+                prev += 1
+                if w.no_resp:
+                    quiet = True
+            else:
+                prev = self._register_tree(entries, first_id, w, handle, -1, prev)
+                quiet = True
+        sm.first = first_id
+        sm.entries = entries
+        n = len(entries)
+        sm.awaiting = bytearray(b"\x01") * n
+        sm.n_awaiting = n
+        if quiet:
+            for i in range(n):
+                entry = <tuple>entries[i]
+                if entry is None or _entry_wire(entry).no_resp:
+                    sm.awaiting[i] = 0
+                    sm.n_awaiting -= 1
+        self._sent[_num(self._out_msg_id)] = sm
+        self._last_sm = None
 
-    cdef _register_one(self, _SentMsg sm, Command w, object handle, int index):
-        cdef long k = _parse_uint(w.cmd_id)
+    cdef Py_ssize_t _register_tree(self, list entries, Py_ssize_t first_id, Command w,
+                                   object handle, int index, Py_ssize_t prev) except -2:
+        cdef long k = _parse_uint(w.cmd_id) if w.cmd_id is not None else prev + 1
         cdef Py_ssize_t i
-        if k < 0:
-            return
-        while len(sm.wires) <= k:
-            sm.wires.append(None)
-            sm.handles.append(None)
-            sm.index.append(-1)
-            sm.awaiting.append(0)
-        sm.wires[k] = w
-        sm.handles[k] = handle
-        sm.index[k] = index
-        if not w.no_resp:
-            sm.awaiting[k] = 1
-            sm.n_awaiting += 1
+        if k < first_id:
+            return prev
+        while len(entries) < k - first_id:
+            entries.append(None)                  # an id that is not ours
+        if len(entries) == k - first_id:
+            entries.append((handle, w, index))
+        else:
+            entries[k - first_id] = (handle, w, index)
+        prev = k
         if w.commands is not None:
             i = 0
             for sub in w.commands:
-                self._register_one(sm, <Command?>sub, handle, i)
+                prev = self._register_tree(entries, first_id, <Command?>sub, handle, i, prev)
                 i += 1
+        return prev
 
     cdef list _awaited_handles(self):
         """Caller handles whose Status has not come yet (each once, in sending order)."""
@@ -2241,9 +2423,11 @@ cdef class DmSession:
             sm = <_SentMsg>o
             if sm.n_awaiting == 0:
                 continue
-            for k in range(len(sm.wires)):
-                if sm.awaiting[k] and sm.handles[k] is not _INTERNAL and sm.handles[k] not in out:
-                    out.append(sm.handles[k])
+            for k in range(len(sm.entries)):
+                if sm.awaiting[k]:
+                    h = (<tuple>sm.entries[k])[0]
+                    if h is not _INTERNAL and h not in out:
+                        out.append(h)
         return out
 
     cdef _drop_open(self, object handle):
@@ -2251,8 +2435,8 @@ cdef class DmSession:
         cdef Py_ssize_t k
         for o in self._sent.values():
             sm = <_SentMsg>o
-            for k in range(len(sm.wires)):
-                if sm.awaiting[k] and sm.handles[k] is handle:
+            for k in range(len(sm.entries)):
+                if sm.awaiting[k] and (<tuple>sm.entries[k])[0] is handle:
                     sm.awaiting[k] = 0
                     sm.n_awaiting -= 1
 
@@ -2408,9 +2592,9 @@ cdef class DmSession:
                 ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
         for o in self._sent.values():
             if (<_SentMsg>o).n_awaiting:
-                (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).wires))
+                (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).entries))
                 (<_SentMsg>o).n_awaiting = 0
-        ev.append(_ev2(SessionEnded, reason, detail))
+        ev.append(_ev2(_T_SessionEnded, reason, detail))
 
     def abort(self, str reason="aborted by server"):
         """Alert 1223 + Final (with the Status still owed for the last client message)."""

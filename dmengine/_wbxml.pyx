@@ -867,6 +867,7 @@ cdef class _Encoder:
     cdef int nesting
     cdef dict strtab        # str -> string-table offset (None: no string table)
     cdef dict counts        # collect pass: str -> occurrences (None: not collecting)
+    cdef long next_id       # Message.number_commands: the CmdID for a command without one (0: off)
 
     def __dealloc__(self):
         if self.buf != NULL:
@@ -1056,9 +1057,48 @@ cdef class _Encoder:
         self.data(S_Data, c.data)
         return self.end_()
 
+    cdef int cmd_id(self, str given) except -1:
+        """CmdID under Message.number_commands: the given one (numbering goes on after it)
+        or the next number, written without a str in between."""
+        cdef char digits[24]
+        cdef long v, n = 0
+        cdef Py_ssize_t i
+        if given is not None:
+            v = 0
+            for i in range(len(given)):
+                if not (u'0' <= given[i] <= u'9') or v > 100000000:
+                    v = -1
+                    break
+                v = v * 10 + (<long>given[i] - 48)
+            if v >= 0 and len(given):
+                self.next_id = v + 1
+            else:
+                self.next_id += 1
+            return self.text(S_CmdID, given)
+        v = self.next_id
+        self.next_id += 1
+        while True:
+            digits[n] = <char>(48 + v % 10)
+            n += 1
+            v //= 10
+            if v == 0:
+                break
+        self.tag(S_CmdID, True)
+        self.reserve(n + 3)
+        self.buf[self.len] = TOK_STR_I
+        self.len += 1
+        while n > 0:
+            n -= 1
+            self.buf[self.len] = digits[n]
+            self.len += 1
+        self.buf[self.len] = 0
+        self.len += 1
+        return self.byte(TOK_END)
+
     cdef int message(self, Message msg) except -1:
         cdef SyncHdr h = msg.hdr
         cdef Command cmd
+        self.next_id = 1 if msg.number_commands else 0
         self.tag(S_SyncML, True)
         if h is None:
             h = SyncHdr.__new__(SyncHdr)
@@ -1105,7 +1145,10 @@ cdef class _Encoder:
                         (<Item>obj).meta is None or (<Item>obj).meta.type is None):
                     tnds = True
         self.tag(key, True)
-        self.text(S_CmdID, cmd.cmd_id)
+        if self.next_id > 0:
+            self.cmd_id(cmd.cmd_id)
+        else:
+            self.text(S_CmdID, cmd.cmd_id)
         if cmd.no_resp:
             self.tag(S_NoResp, False)
         self.text(S_MsgRef, cmd.msg_ref)

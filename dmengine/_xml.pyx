@@ -1664,6 +1664,7 @@ cdef class _Writer:
     cdef Py_ssize_t n
     cdef Py_ssize_t cap
     cdef int nest
+    cdef long next_id       # Message.number_commands: the CmdID for a command without one (0: off)
 
     cdef int enter(self) except -1:
         self.nest += 1
@@ -1957,7 +1958,9 @@ cdef class _Writer:
         self.lit("<")
         self.lit(name)
         self.lit(">")
-        if c.cmd_id is not None:
+        if self.next_id > 0:
+            self.cmd_id(c.cmd_id)
+        elif c.cmd_id is not None:
             self.leaf("CmdID", c.cmd_id)
         if c.no_resp:
             self.lit("<NoResp/>")
@@ -2004,10 +2007,44 @@ cdef class _Writer:
         self.nest -= 1
         return 0
 
+    cdef int cmd_id(self, str given) except -1:
+        """CmdID under Message.number_commands: the given one (numbering goes on after it)
+        or the next number."""
+        cdef char digits[24]
+        cdef long v, n = 0
+        cdef Py_ssize_t i
+        if given is not None:
+            v = 0
+            for i in range(len(given)):
+                if not (u'0' <= given[i] <= u'9') or v > 100000000:
+                    v = -1
+                    break
+                v = v * 10 + (<long>given[i] - 48)
+            if v >= 0 and len(given):
+                self.next_id = v + 1
+            else:
+                self.next_id += 1
+            return self.leaf("CmdID", given)
+        v = self.next_id
+        self.next_id += 1
+        while True:
+            digits[n] = <char>(48 + v % 10)
+            n += 1
+            v //= 10
+            if v == 0:
+                break
+        self.lit("<CmdID>")
+        while n > 0:
+            n -= 1
+            self.raw(&digits[n], 1)
+        self.lit("</CmdID>")
+        return 0
+
     cdef int message(self, Message m) except -1:
         cdef SyncHdr h = m.hdr
         if h is None:
             raise CodecError("Message.hdr is None")
+        self.next_id = 1 if m.number_commands else 0
         self.lit('<?xml version="1.0" encoding="UTF-8"?>')
         if h.ver_dtd == "1.1":
             self.lit('<SyncML xmlns="SYNCML:SYNCML1.1"><SyncHdr>')
