@@ -255,7 +255,13 @@ cdef class Lane:
             dev = self.dev
             fleet = self.fleet
             outcome = cs.outcome or "completed"
-            fleet._ended(False, dev, outcome, self.messages, self.t0, cs.detail, 1201)
+            if fleet.keep_reports:
+                fleet._ended(False, dev, outcome, self.messages, self.t0, cs.detail, 1201)
+            else:                            # Fleet._ended without a report, inline
+                stats.sessions += 1
+                stats.outcomes[outcome] += 1
+                if self.keep_latencies:
+                    stats.session_seconds.append(_perf_counter() - self.t0)
             if dev.pending_alerts and outcome == "completed":
                 fleet.spawn(fleet.run_session(dev, alert=1201))
             self.cs = self.dev = self.out = None

@@ -462,6 +462,7 @@ class _Outgoing:
 
 
 _SESSION_ABORT = str(int(AlertCode.SESSION_ABORT))
+_NEXT_MESSAGE = str(int(AlertCode.NEXT_MESSAGE))
 _HEADERS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 _WIRE: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
 
@@ -797,24 +798,34 @@ class ClientSession:
     def receive(self, body: bytes) -> None:
         """Processes one server message; afterwards call ``next()`` (after running ``jobs``)."""
         self.messages_received += 1
-        sending = bool(self.outbox or self.out_chunks)   # our own package is still going out
+        outbox = self.outbox
+        sending = bool(outbox or self.out_chunks)   # our own package is still going out
         try:
             msg = self._decode(body)
         except CodecError as exc:
             self._end("error", f"undecodable server message: {exc}")
             return
         hdr = msg.hdr
-        self.server_msg_id = hdr.msg_id
+        msg_id = self.server_msg_id = hdr.msg_id
+        final = msg.final
         if not sending:   # "next message" answers to our own package don't reopen theirs
-            self.server_final = bool(msg.final)
+            self.server_final = bool(final)
         if hdr.resp_uri:
             self.url = hdr.resp_uri
-        if hdr.meta is not None:
-            if hdr.meta.max_msg_size and hdr.meta.max_msg_size.isdigit():
-                self.server_max_msg = int(hdr.meta.max_msg_size)
-            if hdr.meta.max_obj_size and hdr.meta.max_obj_size.isdigit():
-                self.server_max_obj = int(hdr.meta.max_obj_size)
-        hdr_code = 200 if hdr.cred is None else self._check_server(hdr)
+        meta = hdr.meta
+        if meta is not None:
+            v = meta.max_msg_size
+            if v and v.isdigit():
+                self.server_max_msg = int(v)
+            v = meta.max_obj_size
+            if v and v.isdigit():
+                self.server_max_obj = int(v)
+        if hdr.cred is None:
+            hdr_code = 200
+        elif not self.profile.verify_server:
+            hdr_code = 212                # AUTHENTICATION_ACCEPTED, as _check_server says
+        else:
+            hdr_code = self._check_server(hdr)
         self.hdr_status = None          # built below unless the session ends here
         had_commands = False
         challenged = False
@@ -835,17 +846,22 @@ class ClientSession:
             if name == "Alert" and cmd.data == _SESSION_ABORT:
                 aborted = True
                 continue
-            replies.extend(self._execute(cmd, hdr.msg_id))
-        nothing_to_do = not (aborted or self.done or challenged or replies or self.outbox
-                             or self.out_chunks or had_commands or (not msg.final and not sending))
-        if not nothing_to_do:
-            self.hdr_status = _status(hdr.msg_id, "0", "SyncHdr", hdr_code,
-                                      targets=[hdr.target] if hdr.target else None,
-                                      sources=[hdr.source] if hdr.source else None)
+            replies.extend(self._execute(cmd, msg_id))
+        done = self.done
+        if not (aborted or done or challenged or replies or outbox or self.out_chunks
+                or had_commands or (not final and not sending)):
+            # a package with nothing to do ends the session; no bare Status goes back
+            if not (self.device.pending_alerts and self.profile.report_in_same_session
+                    and not sent_alerts):
+                self._end("completed")
+            return
+        self.hdr_status = _status(msg_id, "0", "SyncHdr", hdr_code,
+                                  targets=[hdr.target] if hdr.target else None,
+                                  sources=[hdr.source] if hdr.source else None)
         if aborted:
             self._end("aborted", "server sent Alert 1223")
             return
-        if self.done:
+        if done:
             return
         if challenged:
             if self.auth_attempts >= MAX_AUTH_ATTEMPTS:
@@ -855,14 +871,9 @@ class ClientSession:
             self.outbox = self._package1() + self.outbox
             return
         self.outbox.extend(replies)
-        if not msg.final and not sending:
+        if not final and not sending:
             # the server's package goes on: ask for the next message
-            self.outbox.append(Command(name="Alert", data=str(int(AlertCode.NEXT_MESSAGE))))
-        elif nothing_to_do:
-            # a package with nothing to do ends the session; no bare Status goes back
-            if not (self.profile.report_in_same_session and self.device.pending_alerts
-                    and not self.sent_alerts):
-                self._end("completed")
+            self.outbox.append(Command(name="Alert", data=_NEXT_MESSAGE))
 
     # --- server side checks --------------------------------------------------------------------------
 
@@ -880,18 +891,22 @@ class ClientSession:
 
     def _on_hdr_status(self, st: Command) -> bool:
         """Our SyncHdr's status: returns True when the server challenged us."""
-        code = _int(st.data)
+        data = st.data
+        code = 212 if data == "212" else _int(data)
         chal = st.chal
-        if chal is not None and chal.meta is not None:
-            nn = chal.meta.next_nonce
-            if nn:
-                try:
-                    self.device.client_nonce = a2b_base64(nn.strip(), strict_mode=True)
-                except ValueError:       # binascii.Error / non-ASCII: the nonce stays
-                    pass
-            scheme = auth.TYPE_SCHEMES.get((chal.meta.type or "").lower())
-            if scheme is not None and code in (401, 407):
-                self.auth_scheme = scheme
+        if chal is not None:
+            cmeta = chal.meta
+            if cmeta is not None:
+                nn = cmeta.next_nonce
+                if nn:
+                    try:
+                        self.device.client_nonce = a2b_base64(nn.strip(), strict_mode=True)
+                    except ValueError:       # binascii.Error / non-ASCII: the nonce stays
+                        pass
+                if code == 401 or code == 407:
+                    scheme = auth.TYPE_SCHEMES.get((cmeta.type or "").lower())
+                    if scheme is not None:
+                        self.auth_scheme = scheme
         if code == 212:
             self.authenticated = True
         elif code == 200:
