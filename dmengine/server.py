@@ -38,6 +38,15 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import httptools
 
+from ._devport import ENCODING_BY_TYPE, ConnBase
+from ._devport import HEADER_LENGTHS as _HEADER_LENGTHS  # noqa: F401  (kept for importers)
+from ._devport import HEADERS as _HEADERS  # noqa: F401
+from ._devport import REASONS as _REASONS  # noqa: F401
+from ._devport import HttpLimit as _HttpLimit
+from ._devport import Req as _Req
+from ._devport import _ENCODING_BY_BTYPE  # noqa: F401
+from ._devport import accepts_utf8 as _accepts_utf8  # noqa: F401
+from ._devport import http as _http
 from .errors import CodecError, ConfigError, DmError, ProtocolError
 from .message import Command, Message, SyncHdr
 from .metrics import DeviceMetrics
@@ -68,39 +77,8 @@ DEFAULT_TICK = 1.0                        # period of the timeout sweep
 DEFAULT_SHUTDOWN_DEADLINE = 30.0
 DEFAULT_SEND_CHUNK = 256 * 1024          # bytes per file read when a GET route sends a file part
 
-#: media type (lower case, no parameters) -> encoding
-ENCODING_BY_TYPE = {
-    "application/vnd.syncml.dm+xml": "xml",
-    "application/vnd.syncml.dm+wbxml": "wbxml",
-    "application/vnd.syncml+xml": "xml",
-    "application/vnd.syncml+wbxml": "wbxml",
-}
-_ENCODING_BY_BTYPE = {k.encode(): v for k, v in ENCODING_BY_TYPE.items()}
-
-# headers the device port reads, by their usual spellings (others are lower-cased first)
-_HEADERS = {b"content-type": 1, b"content-length": 2, b"host": 3, b"x-syncml-hmac": 4,
-            b"expect": 5, b"accept-charset": 6}
-_HEADERS.update({k.title(): v for k, v in list(_HEADERS.items())})
-_HEADERS[b"X-Syncml-Hmac"] = _HEADERS[b"x-syncml-HMAC"] = _HEADERS[b"X-SyncML-HMAC"] = 4
-_HEADER_LENGTHS = frozenset(len(k) for k in _HEADERS)
-
-
-def _accepts_utf8(value: bytes) -> bool:
-    """Accept-Charset allows UTF-8 (HTTP binding: else 406 without a DM body)."""
-    for part in value.lower().split(b","):
-        name, _, params = part.strip().partition(b";")
-        if name in (b"utf-8", b"*"):
-            q = params.strip()
-            return not (q.startswith(b"q=") and q[2:].strip() in (b"0", b"0.0", b"0.00",
-                                                                  b"0.000"))
-    return not value.strip()
-
-_REASONS = {
-    200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 406: b"Not Acceptable", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Payload Too Large", 415: b"Unsupported Media Type",
-    416: b"Range Not Satisfiable", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    503: b"Service Unavailable",
-}
+# ENCODING_BY_TYPE (media type -> encoding), the header tables, _http, _Req and the hot
+# path of a connection live in _devport.pyx
 
 
 #: media type -> "HTTP/1.1 200 OK ... Content-Length: " of DM replies (built on first use)
@@ -331,41 +309,6 @@ class _Entry:
         self.busy = 0                       # requests of this session being processed
         self.inserted = False               # in the session table
         self.closed = False
-
-
-class _Req:
-    """One HTTP request.  Class-level defaults: a request sets only what it carries, which
-    is cheaper than initialising a dozen slots for every message."""
-
-    path = b""
-    ctype: bytes | None = None
-    clen = -1
-    host: bytes | None = None
-    hmac: bytes | None = None
-    expect = False
-    body: bytes | bytearray | None = None
-    keep_alive = True
-    method = b""
-    t0 = 0.0
-    reply: bytes | None = None     # a ready answer (errors, 503)
-    close_after = False
-    headers: dict[str, str] | None = None
-    encoding: str | None = None
-    part: tuple[str, int, int] | None = None   # GET: (path, offset, length) sent after the head
-
-
-def _http(status: int, body: bytes = b"", ctype: bytes = b"text/plain; charset=utf-8", *,
-          close: bool = False, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
-            b"Content-Type: " + ctype + b"\r\n",
-            b"Content-Length: %d\r\n" % len(body),
-            b"Cache-Control: no-store, private\r\n"]
-    for k, v in extra:
-        head.append(f"{k}: {v}\r\n".encode("latin-1"))
-    if close:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    return b"".join(head) + body
 
 
 class DmServer:
@@ -922,13 +865,12 @@ def _error_reply(session: Any, msg: Message, server_uri: str, exc: ProtocolError
 _IDLE, _READING, _BUSY = 0, 1, 2
 
 
-class DeviceConnection(asyncio.Protocol):
-    """One device TCP connection: parse, queue in order, answer in order."""
+class DeviceConnection(ConnBase, asyncio.Protocol):
+    """One device TCP connection: parse, queue in order, answer in order.  The state and
+    the per-request path (parser callbacks, ``data_received``, ``_pump``, ``_write_reply``)
+    are compiled in ``_devport.ConnBase``; the rest is here."""
 
-    __slots__ = ("server", "transport", "parser", "req", "queue", "busy", "state", "deadline",
-                 "hdr_bytes", "raw_hdr", "in_headers", "closing", "paused", "write_paused", "_loop",
-                 "dropped", "sending", "writable", "_max_hdr", "_max_body", "_req_timeout",
-                 "_max_pipeline", "_keepalive")
+    __slots__ = ()
 
     def __init__(self, server: DmServer) -> None:
         self.server = server
@@ -989,29 +931,6 @@ class DeviceConnection(asyncio.Protocol):
         if self.writable is not None:
             self._wake_writer()
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self.in_headers:
-            self.raw_hdr += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _HttpLimit):
-                self._fail(cause.status, str(cause).encode() + b"\n")
-            else:
-                log.error("parser callback failed", exc_info=cause)
-                self._fail(500, b"internal error\n")
-        except httptools.HttpParserUpgrade:
-            self._fail(400, b"upgrade not supported\n")
-        except httptools.HttpParserError as exc:
-            self._fail(400, f"bad HTTP request: {exc}\n".encode())
-        else:
-            if self.in_headers and self.raw_hdr > self._max_hdr:
-                self._fail(431, b"request header block too large\n")
-        self._pump()
-
     def pause_writing(self) -> None:
         # the device does not read its replies: answer nothing more until it does (the
         # pipeline cap then stops reading its requests too)
@@ -1029,137 +948,6 @@ class DeviceConnection(asyncio.Protocol):
         self.writable = None
         if w is not None and not w.done():
             w.set_result(None)
-
-    # --- httptools callbacks ---------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        req = self.req = _Req()
-        self.state = _READING
-        t0 = req.t0 = self._loop.time()  # type: ignore[union-attr]
-        self.deadline = t0 + self._req_timeout
-
-    def on_url(self, url: bytes) -> None:
-        req = self.req
-        assert req is not None
-        path = req.path = req.path + url
-        if len(path) > self._max_hdr:
-            raise _HttpLimit(431, "request line too long")
-        if self.server.get_routes and req.headers is None \
-                and self.parser.get_method() in (b"GET", b"HEAD"):
-            req.headers = {}       # extra GET routes see all headers (Range, If-Range, …)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        req = self.req
-        assert req is not None
-        n = self.hdr_bytes = self.hdr_bytes + len(name) + len(value) + 4
-        if n + len(req.path) > self._max_hdr:
-            raise _HttpLimit(431, "request header block too large")
-        kind = _HEADERS.get(name)
-        if kind is None and len(name) in _HEADER_LENGTHS:
-            kind = _HEADERS.get(name.lower())
-        if kind is not None:
-            if kind == 1:
-                req.ctype = value
-            elif kind == 2:
-                try:
-                    req.clen = int(value)
-                except ValueError:
-                    raise _HttpLimit(400, "bad Content-Length") from None
-            elif kind == 3:
-                req.host = value
-            elif kind == 4:
-                req.hmac = value
-            elif kind == 5:
-                req.expect = value.lower() == b"100-continue"
-            elif not _accepts_utf8(value):
-                req.reply = _http(406, b"only UTF-8 replies are available\n")
-        if req.headers is not None:
-            req.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        req = self.req
-        assert req is not None
-        srv = self.server
-        cfg = srv.config
-        self.in_headers = False
-        self.hdr_bytes = self.raw_hdr = 0
-        parser = self.parser
-        method = req.method = parser.get_method()
-        if not parser.should_keep_alive():
-            req.keep_alive = False
-        path = req.path
-        if b"?" in path:
-            path = path.split(b"?", 1)[0]
-        if req.reply is not None:          # 406 from Accept-Charset
-            self._count(406)
-        elif method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
-            ctype = req.ctype
-            encoding = _ENCODING_BY_BTYPE.get(ctype)   # type: ignore[arg-type]
-            if encoding is None:           # parameters, spaces or another spelling
-                ctype = req.ctype = (ctype or b"").split(b";", 1)[0].strip().lower()
-                encoding = _ENCODING_BY_BTYPE.get(ctype)
-            req.encoding = encoding
-            if encoding is None:
-                req.reply = _http(415, b"unsupported content type\n", close=not req.keep_alive,
-                                  extra=[("Accept-Post", ", ".join(ENCODING_BY_TYPE))])
-                self._count(415)
-            elif req.clen > self._max_body:
-                self._count(413)
-                raise _HttpLimit(413, f"body larger than {self._max_body} bytes")
-            elif srv.pending >= cfg.max_pending:
-                req.reply = self._overloaded("pending")
-            elif path == srv._path and (len(srv.sessions) >= cfg.max_sessions or srv.draining):
-                req.reply = self._overloaded("sessions")
-            else:
-                req.body = b""            # on_body keeps the first chunk as it is
-                if req.expect and self.transport is not None:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        elif req.method in (b"GET", b"HEAD") and self._route(path) is not None:
-            if req.headers is None:
-                req.headers = {}
-        elif path == srv._path or path.startswith(srv._prefix):
-            req.reply = _http(405, b"method not allowed\n", close=not req.keep_alive,
-                              extra=[("Allow", "POST")])
-            self._count(405)
-        elif self._route(path) is not None:
-            req.reply = _http(405, b"method not allowed\n", close=not req.keep_alive,
-                              extra=[("Allow", "GET, HEAD")])
-            self._count(405)
-        else:
-            req.reply = _http(404, b"not found\n", close=not req.keep_alive)
-            self._count(404)
-
-    def on_body(self, chunk: bytes) -> None:
-        req = self.req
-        assert req is not None
-        body = req.body
-        if body is None:
-            return            # an answer is ready already; the body is read and dropped
-        if len(body) + len(chunk) > self._max_body:
-            self._count(413)
-            raise _HttpLimit(413, f"body larger than {self._max_body} bytes")
-        if not body:
-            req.body = chunk              # the usual case: one chunk, kept without a copy
-        elif type(body) is bytes:
-            req.body = bytearray(body) + chunk
-        else:
-            body += chunk
-
-    def on_message_complete(self) -> None:
-        req = self.req
-        assert req is not None
-        self.req = None
-        self.state = _IDLE
-        self.in_headers = True
-        self.hdr_bytes = self.raw_hdr = 0
-        self.deadline = float("inf")
-        queue = self.queue
-        queue.append(req)
-        self.server.pending += 1
-        if len(queue) > self._max_pipeline and self.transport is not None \
-                and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
 
     # --- processing --------------------------------------------------------------------------------
 
@@ -1202,45 +990,13 @@ class DeviceConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    def _pump(self) -> None:
-        """Answer queued requests in order while they finish without waiting."""
-        queue = self.queue
-        while queue and not self.busy and not self.write_paused:
-            req = queue[0]
-            if req.reply is not None:
-                self._write_reply(req.reply, req)
-                continue
-            srv = self.server
-            if req.method == b"POST" and req.path == srv._path:    # the common case
-                base = srv._bases.get(req.host) if srv.config.public_url is None else None
-                coro = srv.handle_dm(req, req.encoding or "xml", None,
-                                     base or srv.base_url(req.host))
-            else:
-                coro = self._process(req)
-            try:
-                first = coro.send(None)
-            except StopIteration as stop:
-                self._write_reply(stop.value, req)
-                continue
-            except Exception:
-                log.exception("request failed")
-                self._write_reply(_http(500, b"internal error\n", close=True), req, close=True)
-                continue
-            self.busy = True
-            assert self._loop is not None
-            task = self._loop.create_task(_finish(coro, first))
-            srv._tasks.add(task)
-            task.add_done_callback(functools.partial(self._done, req=req))
-            return
-        if queue or self.busy:
-            return
-        if self.closing:
-            if self.transport is not None:
-                self.transport.close()
-        elif self.state == _IDLE:
-            self.deadline = self._loop.time() + self._keepalive  # type: ignore[union-attr]
-            if self.server.draining:
-                self.close_if_idle()
+    def _spawn_request(self, coro: Any, first: Any, req: _Req) -> None:
+        """``_pump``: the request's coroutine waits (it yielded ``first``); a task finishes it."""
+        assert self._loop is not None
+        srv = self.server
+        task = self._loop.create_task(_finish(coro, first))
+        srv._tasks.add(task)
+        task.add_done_callback(functools.partial(self._done, req=req))
 
     def _done(self, task: asyncio.Task[Any], *, req: _Req) -> None:
         self.server._tasks.discard(task)
@@ -1254,32 +1010,6 @@ class DeviceConnection(asyncio.Protocol):
         else:
             self._write_reply(task.result(), req)
         self._pump()
-
-    def _write_reply(self, out: bytes, req: _Req, *, close: bool = False) -> None:
-        queue = self.queue
-        srv = self.server
-        if queue and queue[0] is req:
-            queue.popleft()
-            if not self.dropped:
-                srv.pending -= 1
-        transport = self.transport
-        metrics = srv.metrics
-        if metrics is not None and req.t0:
-            metrics.observe_latency(self._loop.time() - req.t0)  # type: ignore[union-attr]
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out)
-        if close or req.close_after or not req.keep_alive:
-            if req.part is not None and not close:
-                self._start_part(req)
-                return
-            self.closing = True
-            self._drop_queue()
-            transport.close()
-            return
-        if self.paused and len(queue) <= self._max_pipeline // 2:
-            self.paused = False
-            transport.resume_reading()
 
     def _drop_queue(self) -> None:
         """Requests that will never be answered (the connection closes): out of pending."""
@@ -1442,14 +1172,6 @@ class DeviceConnection(asyncio.Protocol):
         if self.transport is not None:
             self.closing = True
             self.transport.abort()
-
-
-class _HttpLimit(DmError):
-    """Raised inside a parser callback: the request breaks an HTTP-level limit."""
-
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
 
 
 # --- entry points ---------------------------------------------------------------------------------

@@ -1,0 +1,340 @@
+# cython: language_level=3
+"""The device port's per-request HTTP path, compiled (L3, with ``server.py``).
+
+``ConnBase`` holds the state of one device connection and its hot path: the httptools
+callbacks (``on_message_begin`` … ``on_message_complete``), ``data_received``, the in-order
+answering loop ``_pump`` and ``_write_reply``.  ``server.DeviceConnection`` subclasses it
+with everything else (connection set-up and loss, flow control, errors, GET routes and
+file parts, timeouts); ``_pump`` calls back into it for the uncommon requests and for a
+request whose coroutine has to wait (``_spawn_request``).  ``Req`` is one HTTP request.
+"""
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
+import logging
+
+import httptools
+
+from .errors import DmError
+
+log = logging.getLogger("dmengine.server")
+
+#: media type (lower case, no parameters) -> encoding
+ENCODING_BY_TYPE = {
+    "application/vnd.syncml.dm+xml": "xml",
+    "application/vnd.syncml.dm+wbxml": "wbxml",
+    "application/vnd.syncml+xml": "xml",
+    "application/vnd.syncml+wbxml": "wbxml",
+}
+_ENCODING_BY_BTYPE = {k.encode(): v for k, v in ENCODING_BY_TYPE.items()}
+_ACCEPT_POST = ", ".join(ENCODING_BY_TYPE)
+
+# headers the device port reads, by their usual spellings (others are lower-cased first)
+HEADERS = {b"content-type": 1, b"content-length": 2, b"host": 3, b"x-syncml-hmac": 4,
+           b"expect": 5, b"accept-charset": 6}
+HEADERS.update({k.title(): v for k, v in list(HEADERS.items())})
+HEADERS[b"X-Syncml-Hmac"] = HEADERS[b"x-syncml-HMAC"] = HEADERS[b"X-SyncML-HMAC"] = 4
+HEADER_LENGTHS = frozenset(len(k) for k in HEADERS)
+cdef dict _HEADERS = HEADERS
+cdef frozenset _HEADER_LENGTHS = HEADER_LENGTHS
+
+REASONS = {
+    200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 406: b"Not Acceptable",
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 503: b"Service Unavailable",
+}
+
+IDLE, READING, BUSY = 0, 1, 2
+cdef int _IDLE = 0
+cdef int _READING = 1
+
+cdef object _ParserCallbackError = httptools.HttpParserCallbackError
+cdef object _ParserUpgrade = httptools.HttpParserUpgrade
+cdef object _ParserError = httptools.HttpParserError
+cdef double _INF = float("inf")
+
+
+def accepts_utf8(value: bytes) -> bool:
+    """Accept-Charset allows UTF-8 (HTTP binding: else 406 without a DM body)."""
+    for part in value.lower().split(b","):
+        name, _, params = part.strip().partition(b";")
+        if name in (b"utf-8", b"*"):
+            q = params.strip()
+            return not (q.startswith(b"q=") and q[2:].strip() in (b"0", b"0.0", b"0.00",
+                                                                  b"0.000"))
+    return not value.strip()
+
+
+def http(int status, bytes body=b"", bytes ctype=b"text/plain; charset=utf-8", *,
+         bint close=False, extra=()):
+    """A whole HTTP/1.1 response."""
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+            b"Content-Type: " + ctype + b"\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Cache-Control: no-store, private\r\n"]
+    for k, v in extra:
+        head.append(f"{k}: {v}\r\n".encode("latin-1"))
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+class HttpLimit(DmError):
+    """Raised inside a parser callback: the request breaks an HTTP-level limit."""
+
+    def __init__(self, status, msg):
+        super().__init__(msg)
+        self.status = status
+
+
+cdef class Req:
+    """One HTTP request (fields a request does not carry keep their defaults)."""
+
+    cdef public bytes path, method
+    cdef public object ctype, host, hmac, body, reply, headers, encoding, part
+    cdef public Py_ssize_t clen
+    cdef public bint expect, keep_alive, close_after
+    cdef public double t0
+
+    def __cinit__(self):
+        self.path = b""
+        self.method = b""
+        self.clen = -1
+        self.keep_alive = True
+        # ctype, host, hmac, body, reply (a ready answer: errors, 503), headers, encoding
+        # and part (GET: (path, offset, length) sent after the head) start as None
+
+
+cdef class ConnBase:
+    """State and hot path of one device connection (see the module's doc)."""
+
+    cdef public object server, transport, parser, req, queue, writable, _loop
+    cdef public bint busy, in_headers, closing, paused, write_paused, dropped, sending
+    cdef public int state
+    cdef public double deadline, _req_timeout, _keepalive
+    cdef public Py_ssize_t hdr_bytes, raw_hdr, _max_hdr, _max_body, _max_pipeline
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def data_received(self, bytes data):
+        if self.closing:
+            return
+        if self.in_headers:
+            self.raw_hdr += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _ParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpLimit):
+                self._fail(cause.status, str(cause).encode() + b"\n")
+            else:
+                log.error("parser callback failed", exc_info=cause)
+                self._fail(500, b"internal error\n")
+        except _ParserUpgrade:
+            self._fail(400, b"upgrade not supported\n")
+        except _ParserError as exc:
+            self._fail(400, f"bad HTTP request: {exc}\n".encode())
+        else:
+            if self.in_headers and self.raw_hdr > self._max_hdr:
+                self._fail(431, b"request header block too large\n")
+        self._pump()
+
+    # --- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self):
+        cdef Req req = Req()
+        self.req = req
+        self.state = _READING
+        cdef double t0 = self._loop.time()
+        req.t0 = t0
+        self.deadline = t0 + self._req_timeout
+
+    def on_url(self, bytes url):
+        cdef Req req = self.req
+        path = req.path = req.path + url
+        if len(path) > self._max_hdr:
+            raise HttpLimit(431, "request line too long")
+        if self.server.get_routes and req.headers is None \
+                and self.parser.get_method() in (b"GET", b"HEAD"):
+            req.headers = {}       # extra GET routes see all headers (Range, If-Range, …)
+
+    def on_header(self, bytes name, bytes value):
+        cdef Req req = self.req
+        cdef Py_ssize_t n = self.hdr_bytes + len(name) + len(value) + 4
+        self.hdr_bytes = n
+        if n + len(req.path) > self._max_hdr:
+            raise HttpLimit(431, "request header block too large")
+        kind = _HEADERS.get(name)
+        if kind is None and len(name) in _HEADER_LENGTHS:
+            kind = _HEADERS.get(name.lower())
+        if kind is not None:
+            if kind == 1:
+                req.ctype = value
+            elif kind == 2:
+                try:
+                    clen = int(value)
+                except ValueError:
+                    raise HttpLimit(400, "bad Content-Length") from None
+                req.clen = clen if clen < PY_SSIZE_T_MAX else PY_SSIZE_T_MAX
+            elif kind == 3:
+                req.host = value
+            elif kind == 4:
+                req.hmac = value
+            elif kind == 5:
+                req.expect = value.lower() == b"100-continue"
+            elif not accepts_utf8(value):
+                req.reply = http(406, b"only UTF-8 replies are available\n")
+        if req.headers is not None:
+            req.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self):
+        cdef Req req = self.req
+        srv = self.server
+        cfg = srv.config
+        self.in_headers = False
+        self.hdr_bytes = self.raw_hdr = 0
+        parser = self.parser
+        cdef bytes method = parser.get_method()
+        req.method = method
+        if not parser.should_keep_alive():
+            req.keep_alive = False
+        cdef bytes path = req.path
+        if b"?" in path:
+            path = path.split(b"?", 1)[0]
+        if req.reply is not None:          # 406 from Accept-Charset
+            self._count(406)
+        elif method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
+            ctype = req.ctype
+            encoding = _ENCODING_BY_BTYPE.get(ctype)
+            if encoding is None:           # parameters, spaces or another spelling
+                ctype = req.ctype = (ctype or b"").split(b";", 1)[0].strip().lower()
+                encoding = _ENCODING_BY_BTYPE.get(ctype)
+            req.encoding = encoding
+            if encoding is None:
+                req.reply = http(415, b"unsupported content type\n", close=not req.keep_alive,
+                                 extra=[("Accept-Post", _ACCEPT_POST)])
+                self._count(415)
+            elif req.clen > self._max_body:
+                self._count(413)
+                raise HttpLimit(413, f"body larger than {self._max_body} bytes")
+            elif srv.pending >= cfg.max_pending:
+                req.reply = self._overloaded("pending")
+            elif path == srv._path and (len(srv.sessions) >= cfg.max_sessions or srv.draining):
+                req.reply = self._overloaded("sessions")
+            else:
+                req.body = b""            # on_body keeps the first chunk as it is
+                if req.expect and self.transport is not None:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif method in (b"GET", b"HEAD") and self._route(path) is not None:
+            if req.headers is None:
+                req.headers = {}
+        elif path == srv._path or path.startswith(srv._prefix):
+            req.reply = http(405, b"method not allowed\n", close=not req.keep_alive,
+                             extra=[("Allow", "POST")])
+            self._count(405)
+        elif self._route(path) is not None:
+            req.reply = http(405, b"method not allowed\n", close=not req.keep_alive,
+                             extra=[("Allow", "GET, HEAD")])
+            self._count(405)
+        else:
+            req.reply = http(404, b"not found\n", close=not req.keep_alive)
+            self._count(404)
+
+    def on_body(self, bytes chunk):
+        cdef Req req = self.req
+        body = req.body
+        if body is None:
+            return            # an answer is ready already; the body is read and dropped
+        if len(body) + len(chunk) > self._max_body:
+            self._count(413)
+            raise HttpLimit(413, f"body larger than {self._max_body} bytes")
+        if not body:
+            req.body = chunk              # the usual case: one chunk, kept without a copy
+        elif type(body) is bytes:
+            req.body = bytearray(body) + chunk
+        else:
+            body += chunk
+
+    def on_message_complete(self):
+        req = self.req
+        self.req = None
+        self.state = _IDLE
+        self.in_headers = True
+        self.hdr_bytes = self.raw_hdr = 0
+        self.deadline = _INF
+        queue = self.queue
+        queue.append(req)
+        srv = self.server
+        srv.pending += 1
+        if len(queue) > self._max_pipeline and self.transport is not None \
+                and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # --- processing ----------------------------------------------------------------------------
+
+    def _pump(self):
+        """Answer queued requests in order while they finish without waiting."""
+        cdef Req req
+        queue = self.queue
+        while queue and not self.busy and not self.write_paused:
+            req = queue[0]
+            if req.reply is not None:
+                self._write_reply(req.reply, req)
+                continue
+            srv = self.server
+            if req.method == b"POST" and req.path == srv._path:    # the common case
+                base = srv._bases.get(req.host) if srv.config.public_url is None else None
+                coro = srv.handle_dm(req, req.encoding or "xml", None,
+                                     base or srv.base_url(req.host))
+            else:
+                coro = self._process(req)
+            try:
+                first = coro.send(None)
+            except StopIteration as stop:
+                self._write_reply(stop.value, req)
+                continue
+            except Exception:
+                log.exception("request failed")
+                self._write_reply(http(500, b"internal error\n", close=True), req, close=True)
+                continue
+            self.busy = True
+            self._spawn_request(coro, first, req)
+            return
+        if queue or self.busy:
+            return
+        if self.closing:
+            if self.transport is not None:
+                self.transport.close()
+        elif self.state == _IDLE:
+            self.deadline = self._loop.time() + self._keepalive
+            if self.server.draining:
+                self.close_if_idle()
+
+    def _write_reply(self, out, Req req, *, bint close=False):
+        queue = self.queue
+        srv = self.server
+        if queue and queue[0] is req:
+            queue.popleft()
+            if not self.dropped:
+                srv.pending -= 1
+        transport = self.transport
+        metrics = srv.metrics
+        if metrics is not None and req.t0:
+            metrics.observe_latency(self._loop.time() - req.t0)
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out)
+        if close or req.close_after or not req.keep_alive:
+            if req.part is not None and not close:
+                self._start_part(req)
+                return
+            self.closing = True
+            self._drop_queue()
+            transport.close()
+            return
+        if self.paused and len(queue) <= self._max_pipeline // 2:
+            self.paused = False
+            transport.resume_reading()
