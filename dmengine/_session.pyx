@@ -1,4 +1,5 @@
 # cython: language_level=3
+# distutils: libraries = crypto
 # (boundscheck, wraparound, initializedcheck and cdivision come from setup.py, so that
 #  DMENGINE_DEBUG=1 can turn the checks on; build with `make build`, not bare cythonize)
 """One OMA DM 1.2 session, server side, as a sans-IO state machine (L2).
@@ -38,14 +39,29 @@ from dmengine.events import (
 )
 
 from cpython.object cimport PyTypeObject
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 from cpython.ref cimport Py_INCREF
 
+# MD5 and base64 of the digest-auth hot path straight from OpenSSL's libcrypto (the library
+# hashlib uses too), without hashlib's object per digest and binascii's keyword call.
+cdef extern from "openssl/md5.h":
+    unsigned char* MD5(const unsigned char* d, size_t n, unsigned char* md) nogil
+cdef extern from "openssl/evp.h":
+    int EVP_EncodeBlock(unsigned char* t, const unsigned char* f, int n) nogil
+cdef extern from "openssl/crypto.h":
+    int CRYPTO_memcmp(const void* a, const void* b, size_t n) nogil
+
 cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+    object PyUnicode_FromStringAndSize(const char* s, Py_ssize_t n)
+    object PyBytes_FromStringAndSize(const char* s, Py_ssize_t n)
+    char* PyBytes_AS_STRING(object o)
     bint PyUnicode_IS_ASCII(object o)
     const unsigned char* PyUnicode_1BYTE_DATA(object o)
     object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t n)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
+    list PyList_New(Py_ssize_t n)
+    void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
 
 __all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionInput", "Action",
            "TRANSITIONS", "ui_alert", "PreparedCommand", "prepare",
@@ -228,10 +244,31 @@ cdef inline bint _is(str a, str b):
     return a == b
 
 
+cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
+
 cdef inline str _num(Py_ssize_t i):
     if 0 <= i < 4096:
         return <str>_NUM[i]
-    return str(i)
+    return _num_big(i)
+
+
+cdef Py_ssize_t _big_a = -1, _big_b = -1     # the last two, checked before the dict
+cdef str _big_as = None, _big_bs = None
+
+cdef str _num_big(Py_ssize_t i):
+    global _big_a, _big_b, _big_as, _big_bs
+    if i == _big_a:
+        return _big_as
+    if i == _big_b:
+        return _big_bs
+    cdef object t = _NUM_BIG.get(i)
+    if t is None:
+        t = str(i)
+        if len(_NUM_BIG) < 256:
+            _NUM_BIG[i] = t
+    _big_b, _big_bs = _big_a, _big_as
+    _big_a, _big_as = i, <str>t
+    return <str>t
 
 
 cdef inline long _parse_uint(object s):
@@ -505,7 +542,7 @@ cdef bytes _pooled_random(Py_ssize_t n):
     if _pool_pos + n > len(_pool):
         _pool = _urandom(_POOL_BYTES)
         _pool_pos = 0
-    cdef bytes out = _pool[_pool_pos:_pool_pos + n]
+    cdef bytes out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(_pool) + _pool_pos, n)
     _pool_pos += n
     return out
 
@@ -988,6 +1025,13 @@ cdef Command _status(Py_ssize_t cmd_id, str msg_ref, str cmd_ref, str cmd, list 
     return s
 
 
+cdef inline Command _placed_wire(tuple entry):
+    """The command an entry of a message's ``placed`` list put on the wire."""
+    if len(entry) == 2:
+        return (<PreparedCommand>entry[1]).command
+    return <Command>entry[2]
+
+
 cdef inline tuple _entry(tuple entry):
     """(handle, original, chunk record) of an entry of a message's ``placed`` list."""
     if len(entry) == 2:
@@ -1107,7 +1151,7 @@ cdef class DmSession:
         self._out_status = []
         self._queue = []
         self._qhead = 0
-        self._own_cmds = []
+        self._own_cmds = None           # made when the session first needs an Alert 1225
         self._sent = {}
         self._events = []
         self.last_activity = now
@@ -1441,15 +1485,46 @@ cdef class DmSession:
         cdef bytes user
         if t != _auth.AUTH_MD5 and t.strip().lower() != _auth.AUTH_MD5:
             return False
+        cdef const char* u
+        cdef const char* l
+        cdef const char* d
+        cdef Py_ssize_t nu, nl, nd, nk, nn
+        cdef unsigned char buf[160]
+        cdef unsigned char digest[16]
+        cdef unsigned char b64[32]
         uname = account.username
         if type(uname) is not str:
             return False
-        user = (<str>uname).encode("utf-8")
-        if loc_name is not None and not _cmp(loc_name.encode("utf-8"), user):
+        if loc_name is not None:
+            u = PyUnicode_AsUTF8AndSize(uname, &nu)
+            l = PyUnicode_AsUTF8AndSize(loc_name, &nl)
+            if nu != nl or CRYPTO_memcmp(u, l, nu) != 0:
+                return False
+        kc = account._kc                   # DmAccount.client_key()'s cache, read in place
+        if kc is not None and (<tuple>kc)[0] is uname and (<tuple>kc)[1] is account.client_secret:
+            key = (<tuple>kc)[2]
+        else:
+            key = account.client_key()
+        nk = len(<bytes>key)
+        nn = len(nonce)
+        if nk + 1 + nn > 160:
+            expected = _b2a(_md5(key + b":" + nonce).digest(), newline=False)
+            return _cmp(cred_data.strip().encode("ascii", "replace"), expected)
+        memcpy(buf, PyBytes_AS_STRING(key), nk)
+        buf[nk] = 58                       # ":"
+        memcpy(buf + nk + 1, PyBytes_AS_STRING(nonce), nn)
+        MD5(buf, nk + 1 + nn, digest)
+        EVP_EncodeBlock(b64, digest, 16)   # 24 characters and a NUL
+        if not PyUnicode_IS_ASCII(cred_data):
             return False
-        key = account.client_key()
-        expected = _b2a(_md5(key + b":" + nonce).digest(), newline=False)
-        return _cmp(cred_data.strip().encode("ascii", "replace"), expected)
+        d = <const char*>PyUnicode_1BYTE_DATA(cred_data)
+        nd = PyUnicode_GET_LENGTH(cred_data)
+        while nd > 0 and (d[0] == 32 or d[0] == 9 or d[0] == 10 or d[0] == 13):
+            d += 1
+            nd -= 1
+        while nd > 0 and (d[nd - 1] == 32 or d[nd - 1] == 9 or d[nd - 1] == 10 or d[nd - 1] == 13):
+            nd -= 1
+        return nd == 24 and CRYPTO_memcmp(d, b64, 24) == 0
 
     cdef _issue_nonce(self, str chal_type, list ev):
         if self._random is _urandom:
@@ -1460,10 +1535,13 @@ cdef class DmSession:
             fresh_obj = _auth.new_nonce(self._random)      # raises with a clear message
         cdef bytes fresh = <bytes>fresh_obj
         self._client_nonce = fresh
+        cdef unsigned char b64[96]
+        cdef int nb = EVP_EncodeBlock(b64, <const unsigned char*>PyBytes_AS_STRING(fresh),
+                                      <int>len(fresh))
         cdef Meta m = Meta.__new__(Meta)
         m.format = "b64"
         m.type = chal_type
-        m.next_nonce = _b2a(fresh, newline=False).decode("ascii")
+        m.next_nonce = PyUnicode_FromStringAndSize(<const char*>b64, nb)
         cdef Chal ch = Chal.__new__(Chal)
         ch.meta = m
         self._hdr_chal = ch
@@ -1874,6 +1952,8 @@ cdef class DmSession:
         a.name = "Alert"
         a.data = "1225"
         a.items = [Item(source=lo.uri)] if lo.uri is not None else None
+        if self._own_cmds is None:
+            self._own_cmds = []
         self._own_cmds.append(a)
         self._fail_in_lo(1225, "the device started something else before the last chunk", ev)
 
@@ -1887,6 +1967,25 @@ cdef class DmSession:
 
     def queue_many(self, pairs):
         """queue() for each ``(handle, command)`` of ``pairs`` (stops at the first rejection)."""
+        cdef Py_ssize_t i, n
+        cdef tuple pair_t
+        cdef bint xml = self._enc == ENC_XML
+        if type(pairs) is list and self._state != S_ENDED and \
+                len(self._queue) - self._qhead + len(<list>pairs) <= self.config.max_queued:
+            # a campaign's prepared pairs: checked here, then taken in one extend
+            n = len(<list>pairs)
+            for i in range(n):
+                p = (<list>pairs)[i]
+                if type(p) is not tuple or len(<tuple>p) != 2:
+                    break
+                pair_t = <tuple>p
+                h = pair_t[0]
+                if type(pair_t[1]) is not PreparedCommand or (type(h) is not int and type(h) is not str) \
+                        or (xml and not (<PreparedCommand>pair_t[1]).fits_xml()):
+                    break
+            else:
+                self._queue.extend(<list>pairs)
+                return
         for pair in pairs:
             if type(pair) is tuple and len(<tuple>pair) == 2:
                 self._queue_one((<tuple>pair)[0], (<tuple>pair)[1], <tuple>pair)
@@ -1968,7 +2067,12 @@ cdef class DmSession:
             return None
         nonce = self._server_nonce if self._server_nonce is not None else b""
         if type(acc) is DmAccount:              # cached on the account, per nonce
-            return (<object>acc).server_cred_for(self._server_name(), nonce)
+            name = self._server_name()
+            sc = (<object>acc)._sc              # server_cred_for()'s cache, read in place
+            if sc is not None and (<tuple>sc)[1] is (<object>acc).server_secret \
+                    and (<tuple>sc)[0] == name and (<tuple>sc)[2] == nonce:
+                return (<tuple>sc)[3]
+            return (<object>acc).server_cred_for(name, nonce)
         if self._server_cred_data is None or self._server_cred_nonce != nonce:
             self._server_cred_data = _auth.server_cred(self._server_name(), acc.server_secret, nonce)
             self._server_cred_nonce = nonce
@@ -2103,13 +2207,13 @@ cdef class DmSession:
         cdef Py_ssize_t est_, base
         cdef PreparedCommand prep
         cdef Command s, w, tail = None
-        # what this message carries besides Status, in order: the queue's (handle, command)
-        # pair for a queued command, else (handle, original or None, wire, chunk record);
-        # pw holds the wire command of each entry
+        # what this message carries besides Status, in order: the queue's (handle, prepared)
+        # pair for a shared command, else (handle, original or None, wire, chunk record)
         cdef list placed = []
-        cdef list pw = []
         cdef tuple pair
         cdef bint full = False
+        cdef bint plain = True            # placed holds shared pairs only, none with NoResp
+        cdef double scale
         cdef list cmds = m.commands
         if self._qhead > 32 and self._qhead * 2 > len(self._queue):
             del self._queue[:self._qhead]         # drop what went out
@@ -2146,27 +2250,47 @@ cdef class DmSession:
             cid += 1
             cmds.append(w)
             placed.append((_INTERNAL, None, w, None))
-            pw.append(w)
+            plain = False
             self._own_cmds.pop(0)
         if package and not full:
             # 3. the next chunk of a large object in transit, then queued commands
             if self._out_lo is not None:
                 n_status = cid
-                cid, full = self._place_chunk(m, cid, limit, base, placed, pw)
+                cid, full = self._place_chunk(m, cid, limit, base, placed)
                 placed_cmds += cid - n_status
+                plain = False
             while not full and self._out_lo is None and self._qhead < len(self._queue):
+                nxt_id = self._take_run(cmds, placed, limit)
+                if nxt_id:
+                    cid += nxt_id
+                    placed_cmds += nxt_id
+                    if self._qhead >= len(self._queue):
+                        break
                 pair = <tuple>self._queue[self._qhead]
-                handle = pair[0]
                 prep = <PreparedCommand>pair[1]
                 self._qhead += 1
                 if prep.shared:
                     w = prep.command           # the encoder numbers it (cid)
+                    cost = prep.est_xml if enc == ENC_XML else prep.est_wbxml
+                    if cost < 0:
+                        cost = prep.est(enc)
+                    scale = self._scale
+                    if limit <= 0 or self._est + <Py_ssize_t>(cost * scale) + 1 <= limit:
+                        # fits by the estimate: the common case, without the general path
+                        self._est += <Py_ssize_t>(cost * scale) + 1
+                        cid += 1
+                        cmds.append(w)
+                        placed.append(pair)
+                        if w.no_resp:
+                            plain = False
+                        placed_cmds += 1
+                        continue
                     nxt_id = cid + 1
-                    cost = prep.est(enc)
                 else:
                     w = _wire_copy(prep.command)
                     nxt_id = _number(w, cid)
                     cost = -1
+                handle = pair[0]
                 if not self._fit(m, w, limit, tail, cost):
                     self._qhead -= 1           # back to the front
                     if cost < 0:
@@ -2176,8 +2300,9 @@ cdef class DmSession:
                         if self._chunkable(prep.command):
                             if self._start_out_lo(handle, prep.command):
                                 n_status = cid
-                                cid, full = self._place_chunk(m, cid, limit, base, placed, pw)
+                                cid, full = self._place_chunk(m, cid, limit, base, placed)
                                 placed_cmds += cid - n_status
+                                plain = False
                             continue
                         self._events.append(CommandNotDelivered(
                             handle, f"command of ~{cost} bytes does not fit the device's "
@@ -2187,8 +2312,13 @@ cdef class DmSession:
                     break
                 cid = nxt_id
                 cmds.append(w)
-                placed.append(pair)
-                pw.append(w)
+                if prep.shared:
+                    placed.append(pair)
+                    if w.no_resp:
+                        plain = False
+                else:
+                    placed.append((handle, prep, w, None))
+                    plain = False
                 placed_cmds += 1
             if placed_cmds == 0 and (self._qhead < len(self._queue) or self._out_lo is not None) \
                     and not self._out_status:
@@ -2210,17 +2340,53 @@ cdef class DmSession:
             tail.cmd_id = _num(cid)
             cmds.append(tail)
             placed.append((_INTERNAL, None, tail, None))
-            pw.append(tail)
+            plain = False
         else:
             m.final = not full and not self._out_status and not self._own_cmds and \
                 self._out_lo is None and self._qhead >= len(self._queue)
         # 4. a last check with the real encoder when the estimate came near the limit
         if limit > 0 and self._sizer is not None and (
                 self._scale < 1.0 or self._est > limit * self.config.verify_ratio):
-            self._shrink_to_fit(m, limit, placed, pw, package)
+            self._shrink_to_fit(m, limit, placed, package)
         if placed:
-            self._register(placed, pw, first_placed)   # (Status alone: nothing will answer it)
+            self._register(placed, first_placed, plain)   # (Status alone: nothing will answer it)
         return m
+
+    cdef Py_ssize_t _take_run(self, list cmds, list placed, Py_ssize_t limit) except -1:
+        """Places the run of shared commands (no NoResp) at the head of the queue that fits
+        by the estimate, in bulk; returns how many (each takes one CmdID)."""
+        cdef list q = self._queue
+        cdef Py_ssize_t i = self._qhead, end = len(q), n, k, c
+        cdef Py_ssize_t est = self._est
+        cdef double scale = self._scale
+        cdef PreparedCommand prep
+        cdef list wires
+        cdef Command w
+        while i < end:
+            prep = <PreparedCommand>(<tuple>q[i])[1]
+            if not prep.shared or prep.command.no_resp:
+                break
+            c = prep.est_xml if self._enc == ENC_XML else prep.est_wbxml
+            if c < 0:
+                c = prep.est(self._enc)
+            c = <Py_ssize_t>(c * scale) + 1
+            if limit > 0 and est + c > limit:
+                break
+            est += c
+            i += 1
+        n = i - self._qhead
+        if n == 0:
+            return 0
+        placed.extend(q[self._qhead:i])
+        wires = PyList_New(n)
+        for k in range(n):
+            w = (<PreparedCommand>(<tuple>q[self._qhead + k])[1]).command
+            Py_INCREF(w)
+            PyList_SET_ITEM(wires, k, w)
+        cmds.extend(wires)
+        self._qhead = i
+        self._est = est
+        return n
 
     cdef bint _too_big_alone(self, Command w, Py_ssize_t limit) except -1:
         """True when ``w`` would not fit even in a message holding only the header Status."""
@@ -2299,7 +2465,7 @@ cdef class DmSession:
         a.items = [Item(target=self.device_id, source=self.config.server_uri)]
         return a
 
-    cdef _shrink_to_fit(self, Message m, Py_ssize_t limit, list placed, list pw, bint package):
+    cdef _shrink_to_fit(self, Message m, Py_ssize_t limit, list placed, bint package):
         """Removes commands from the end until the real encoding fits (rarely needed: the
         estimate is an upper bound; this guards against a codec that writes more)."""
         cdef Command w
@@ -2310,20 +2476,20 @@ cdef class DmSession:
             return
         while size > limit and len(m.commands) > 1:
             w = <Command?>m.commands.pop()
-            if pw and pw[len(pw) - 1] is w:
+            if placed and _placed_wire(<tuple>placed[len(placed) - 1]) is w:
                 entry = placed.pop()
-                pw.pop()
                 handle, orig, chunk = _entry(entry)
                 if handle is _INTERNAL and orig is None:
                     if w.data == "1222":
                         m.commands.append(w)     # the 1222 must stay; drop the one before it
                         placed.append(entry)
-                        pw.append(w)
                         if len(m.commands) <= 2:
                             break
                         w2 = m.commands.pop(len(m.commands) - 2)
-                        self._unplace(w2, placed, pw)
+                        self._unplace(w2, placed)
                     else:
+                        if self._own_cmds is None:
+                            self._own_cmds = []
                         self._own_cmds.insert(0, w)
                 elif chunk is not None:
                     lo = <_OutLO>chunk[0]
@@ -2340,11 +2506,10 @@ cdef class DmSession:
             except DmError:
                 return
 
-    cdef _unplace(self, Command w, list placed, list pw):
+    cdef _unplace(self, Command w, list placed):
         cdef Py_ssize_t i
-        for i in range(len(pw) - 1, -1, -1):
-            if pw[i] is w:
-                pw.pop(i)
+        for i in range(len(placed) - 1, -1, -1):
+            if _placed_wire(<tuple>placed[i]) is w:
                 handle, orig, chunk = _entry(placed.pop(i))
                 if chunk is not None:
                     (<_OutLO>chunk[0]).offset = chunk[1]
@@ -2352,34 +2517,41 @@ cdef class DmSession:
                 elif orig is not None:
                     self._push_front(handle, orig)
                 else:
+                    if self._own_cmds is None:
+                        self._own_cmds = []
                     self._own_cmds.insert(0, w)
                 return
         self._out_status.insert(0, w)
 
-    cdef _register(self, list placed, list pw, Py_ssize_t first_id):
+    cdef _register(self, list placed, Py_ssize_t first_id, bint plain):
         """Records what this message carries by CmdID, the way the encoder numbers it: a
-        command without CmdID gets the one after the previous command's."""
+        command without CmdID gets the one after the previous command's.  ``plain``: only
+        shared pairs without NoResp, one CmdID each — ``placed`` itself is the record."""
         cdef Command w
         cdef tuple entry
         cdef _SentMsg sm = _SentMsg.__new__(_SentMsg)
-        cdef list entries = []
+        cdef list entries
         cdef Py_ssize_t i, n, prev = first_id - 1
-        cdef long k
         cdef bint quiet = False          # some entry has NoResp (or a gap): fix awaiting after
-        for i in range(len(placed)):
-            entry = <tuple>placed[i]
-            w = <Command?>pw[i]
-            handle = entry[0]
-            if handle is not _INTERNAL or w.data != "1222":
-                self._pkg_cmds += 1
-            if w.cmd_id is None and len(entry) == 2:
-                entries.append(entry)             # a shared PreparedCommand
-                prev += 1
-                if w.no_resp:
+        if plain:
+            entries = placed
+            self._pkg_cmds += len(placed)
+        else:
+            entries = []
+            for i in range(len(placed)):
+                entry = <tuple>placed[i]
+                w = _placed_wire(entry)
+                handle = entry[0]
+                if handle is not _INTERNAL or w.data != "1222":
+                    self._pkg_cmds += 1
+                if w.cmd_id is None and len(entry) == 2:
+                    entries.append(entry)             # a shared PreparedCommand
+                    prev += 1
+                    if w.no_resp:
+                        quiet = True
+                else:
+                    prev = self._register_tree(entries, first_id, w, handle, -1, prev)
                     quiet = True
-            else:
-                prev = self._register_tree(entries, first_id, w, handle, -1, prev)
-                quiet = True
         sm.first = first_id
         sm.entries = entries
         n = len(entries)
@@ -2494,7 +2666,7 @@ cdef class DmSession:
         return True
 
     cdef tuple _place_chunk(self, Message m, Py_ssize_t cid, Py_ssize_t limit, Py_ssize_t base,
-                            list placed, list pw):
+                            list placed):
         """Puts the next chunk of the object in transit into ``m``; returns (cid, full)."""
         cdef _OutLO lo = self._out_lo
         cdef Command w
@@ -2562,7 +2734,6 @@ cdef class DmSession:
         lo.offset = start + units
         self._est += _command_size(w, self._enc)
         placed.append((lo.handle, lo.cmd, w, (lo, start, last)))
-        pw.append(w)
         if last:
             self._out_lo = None
         return cid + 1, not last
