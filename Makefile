@@ -4,7 +4,7 @@ PY        ?= python3
 VENV      := .venv
 VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-DEB_PARTS := libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus
+DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus
 PYTEST_ARGS ?=
 
 .PHONY: run test bench fuzz deps venv build clean debug typecheck
