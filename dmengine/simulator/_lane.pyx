@@ -14,6 +14,7 @@ import time
 import httptools
 
 from ..errors import DmError
+from .device import ClientSession as _ClientSession
 
 MAX_RESPONSE = 64 * 1024 * 1024
 MAX_HEAD = 64 * 1024               # response head bytes kept for header look-ups
@@ -153,7 +154,7 @@ cdef class Lane:
     cdef public double t0, t1
     cdef public int messages
     cdef public bint finished
-    cdef object queue, heads, idle, waiting
+    cdef object queue, heads, idle, waiting, rng
     cdef bint keep_latencies
 
     def __init__(self, run):
@@ -166,6 +167,7 @@ cdef class Lane:
         self.idle = self.client.idle
         self.waiting = self.client._waiting
         self.keep_latencies = run.fleet.keep_latencies
+        self.rng = run.fleet.rng
         self.conn = None
         self.key = None
         self.dev = self.cs = self.out = None
@@ -189,7 +191,7 @@ cdef class Lane:
             return
         self.dev = dev
         self.t0 = _perf_counter()
-        cs = self.cs = dev.session(rng=self.fleet.rng)
+        cs = self.cs = _ClientSession(dev, rng=self.rng)
         self.messages = 0
         self.send(cs.first())
 

@@ -519,13 +519,15 @@ class ClientSession:
         prof = device.profile
         self.device = device
         self.profile = prof
-        self.rng = rng or random.Random()
-        self.session_id = session_id or format(self.rng.getrandbits(16) % 0xFFFF + 1, "X")
+        if rng is None:
+            rng = random.Random()
+        self.rng = rng
+        self.session_id = session_id or format(rng.getrandbits(16) % 0xFFFF + 1, "X")
         self.alert = alert
         self.url = url or prof.server_url
-        self.encoding = prof.encoding
-        self.content_type = CONTENT_TYPES[prof.encoding]
-        self._decode, self._encode = _codec(prof.encoding)
+        enc = self.encoding = prof.encoding
+        self.content_type = CONTENT_TYPES[enc]
+        self._decode, self._encode = _CODECS.get(enc) or _codec(enc)
         self.msg_id = 0
         self.server_msg_id: str | None = None
         self.server_max_msg = 0              # server's MaxMsgSize (0 = unknown)
