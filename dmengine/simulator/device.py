@@ -29,14 +29,19 @@ from typing import Any, Callable
 
 from .. import auth
 from ..errors import CodecError, DmError
+from ._client import CODECS as _CODECS
+from ._client import CONTENT_TYPES, MAX_AUTH_ATTEMPTS, ClientBase
+from ._client import Outgoing as _Outgoing
+from ._client import Template as _Template
+from ._client import base_headers as _base_headers
+from ._client import codec as _codec
+from ._client import status as _status
 from ..message import Chal, Command, Cred, Item, Message, Meta, SyncHdr
 from ..status import AlertCode, FumoResult, FumoState, StatusCode
 
 __all__ = ["DeviceProfile", "FaultPlan", "VirtualDevice", "ClientSession", "Job",
            "CONTENT_TYPES", "FUMO_ALERT_TYPES", "SimulatorError"]
 
-CONTENT_TYPES = {"xml": "application/vnd.syncml.dm+xml",
-                 "wbxml": "application/vnd.syncml.dm+wbxml"}
 
 FUMO_ROOT = "./FUMO/1"
 FUMO_ALERT_TYPES = {
@@ -47,28 +52,10 @@ FUMO_ALERT_TYPES = {
 
 DEFAULT_MAX_MSG_SIZE = 16 * 1024       # what the device advertises
 DEFAULT_MAX_OBJ_SIZE = 1024 * 1024
-MAX_AUTH_ATTEMPTS = 3                  # package 1 re-sent at most this often after a challenge
 
 
 class SimulatorError(DmError):
     """The server's message made the virtual device give up the session."""
-
-
-_CODECS: dict[str, tuple[Callable[[bytes], Message], Callable[[Message], bytes]]] = {}
-
-
-def _codec(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
-    hit = _CODECS.get(encoding)
-    if hit is not None:
-        return hit
-    if encoding == "wbxml":
-        from .. import _wbxml as mod  # type: ignore[attr-defined]
-    elif encoding == "xml":
-        from .. import xmlcodec as mod  # type: ignore[no-redef]
-    else:
-        raise SimulatorError(f"encoding must be xml or wbxml, not {encoding!r}")
-    hit = _CODECS[encoding] = (mod.decode, mod.encode)
-    return hit
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -427,63 +414,9 @@ def _next_version(v: str) -> str:
 # --- the client session engine ----------------------------------------------------------------------
 
 
-class _Template:
-    """An encoded package 1 in pieces around its session ID, Cred Data and alert code."""
-    __slots__ = ("parts", "with_cred", "alerts")
-
-    def __init__(self, parts: tuple[bytes, ...], with_cred: bool) -> None:
-        self.parts = parts
-        self.with_cred = with_cred
-        self.alerts: dict[int, bytes] = {}
-
-    def fill(self, session_id: str, cred: str | None, alert: int) -> bytes:
-        a = self.alerts.get(alert)
-        if a is None:
-            a = self.alerts[alert] = str(alert).encode()
-        p = self.parts
-        if self.with_cred:
-            return b"".join((p[0], session_id.encode(), p[1], cred.encode(),  # type: ignore
-                             p[2], a, p[3]))
-        return b"".join((p[0], session_id.encode(), p[1], a, p[2]))
-
-
-class _Outgoing:
-    """One message to POST: ``headers`` are the device's own, ``wire_headers`` add the
-    Content-Type (what the HTTP client sends)."""
-    __slots__ = ("body", "content_type", "headers", "url", "wire_headers")
-
-    def __init__(self, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...],
-                 url: str) -> None:
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers
-        self.url = url
-        self.wire_headers = _WIRE.get(headers) or _wire(headers, content_type)
-
-
-_SESSION_ABORT = str(int(AlertCode.SESSION_ABORT))
-_NEXT_MESSAGE = str(int(AlertCode.NEXT_MESSAGE))
-_HEADERS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
-_WIRE: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
-
-
-def _wire(headers: tuple[tuple[str, str], ...],
-          content_type: str) -> tuple[tuple[str, str], ...]:
-    wire = headers + (("Content-Type", content_type),)
-    if len(headers) == 2:             # only the constant ones are kept (not HMAC headers)
-        _WIRE[headers] = wire
-    return wire
 _HDR_META: dict[tuple[int, int], Meta] = {}
 _CRED_META = {"md5": Meta(type=auth.AUTH_MD5, format="b64"),
               "basic": Meta(type=auth.AUTH_BASIC, format="b64")}
-
-
-def _base_headers(user_agent: str, content_type: str) -> tuple[tuple[str, str], ...]:
-    hit = _HEADERS.get((user_agent, content_type))
-    if hit is None:
-        hit = _HEADERS[(user_agent, content_type)] = (("User-Agent", user_agent),
-                                                      ("Accept", content_type))
-    return hit
 
 
 def _hdr_meta(max_msg: int, max_obj: int) -> Meta:
@@ -495,7 +428,7 @@ def _hdr_meta(max_msg: int, max_obj: int) -> Meta:
     return hit
 
 
-class ClientSession:
+class ClientSession(ClientBase):
     """One DM session, client side, sans-IO.
 
     ``first()`` → bytes of package 1; then repeatedly ``receive(reply_body)`` and, when
@@ -505,54 +438,7 @@ class ClientSession:
     ``error``.
     """
 
-    __slots__ = ("device", "profile", "rng", "session_id", "alert", "url", "encoding",
-                 "content_type", "_decode", "_encode", "msg_id", "server_msg_id",
-                 "server_max_msg", "server_max_obj", "auth_scheme", "authenticated",
-                 "auth_attempts", "outbox", "hdr_status", "done", "outcome", "detail", "jobs",
-                 "in_chunk", "out_chunks", "want_final", "package1_pending", "sent_alerts",
-                 "messages_sent", "messages_received", "results", "server_authenticated",
-                 "_continuations", "server_final", "last_sent")
-
-    def __init__(self, device: VirtualDevice, *, session_id: str | None = None,
-                 alert: int = 1201, url: str | None = None,
-                 rng: random.Random | None = None) -> None:
-        prof = device.profile
-        self.device = device
-        self.profile = prof
-        if rng is None:
-            rng = random.Random()
-        self.rng = rng
-        self.session_id = session_id or format(rng.getrandbits(16) % 0xFFFF + 1, "X")
-        self.alert = alert
-        self.url = url or prof.server_url
-        enc = self.encoding = prof.encoding
-        self.content_type = CONTENT_TYPES[enc]
-        self._decode, self._encode = _CODECS.get(enc) or _codec(enc)
-        self.msg_id = 0
-        self.server_msg_id: str | None = None
-        self.server_max_msg = 0              # server's MaxMsgSize (0 = unknown)
-        self.server_max_obj = 0
-        self.auth_scheme = prof.auth
-        self.authenticated = prof.auth == "none"
-        self.auth_attempts = 0
-        self.outbox: list[Command] = []      # commands waiting for the next message(s)
-        self.hdr_status: Command | None = None
-        self.done = False
-        self.outcome: str | None = None
-        self.detail = ""
-        self.jobs: list[Job] = []            # jobs created in this session, not yet run
-        self.in_chunk: tuple[str, int | None, list[Any], Command, Item] | None = None
-        self.out_chunks: list[Command] = []
-        self.want_final = True               # our package is complete after this message
-        self.package1_pending = True         # package 1 (Alert + DevInfo) must be (re)sent
-        self.sent_alerts: list[Command] = []
-        self.messages_sent = 0
-        self.messages_received = 0
-        self.results: list[tuple[str, int]] = []   # (cmd name, status) we answered, for tests
-        self.server_authenticated: bool | None = None
-        self._continuations: set[int] = set()   # ids of large-object remainders
-        self.server_final = True             # no Final from us while the server's package goes on
-        self.last_sent: _Outgoing | None = None
+    __slots__ = ()      # the state and the per-message methods: _client.ClientBase
 
     # --- building messages ---------------------------------------------------------------------------
 
@@ -678,53 +564,7 @@ class ClientSession:
         self._continuations.add(id(rest))
         return first, rest
 
-    def _finish(self, data: bytes) -> _Outgoing:
-        headers = _base_headers(self.profile.user_agent, self.content_type)
-        if self.auth_scheme == "hmac":
-            dev = self.device
-            secret = dev.client_secret + ("-wrong" if dev.faults.wrong_credentials else "")
-            mac = auth.hmac_mac(dev.username, secret, dev.client_nonce, data)
-            headers = headers + (("x-syncml-hmac", auth.format_hmac_header(dev.username, mac)),)
-        self.messages_sent += 1
-        out = _Outgoing(data, self.content_type, headers, self.url)
-        self.last_sent = out
-        return out
-
     # --- the API ------------------------------------------------------------------------------------
-
-    def first(self) -> _Outgoing:
-        """Package 1."""
-        dev = self.device
-        dev.sessions += 1
-        self.package1_pending = False
-        if dev.pending_alerts or self.hdr_status is not None or self.outbox or \
-                self.out_chunks or self.server_max_msg:
-            self.outbox = self._package1()
-            return self._build()
-        # the common case: Alert and the DevInfo Replace under a fresh header, from the
-        # device's encoded template with the session ID, credentials and alert code filled in
-        scheme = self.auth_scheme
-        prof = self.profile
-        key = (self.url, scheme, self.encoding, prof.max_msg_size, prof.max_obj_size,
-               prof.man, prof.mod, prof.lang, dev.username, dev.dev_id)
-        hit = dev._pkg1
-        if hit is None or hit[0] != key:
-            hit = dev._pkg1 = (key, self._pkg1_template())
-        tpl = hit[1]
-        if tpl is None:
-            return self._finish(self._encode(self._pkg1_message(self.session_id, None,
-                                                                str(self.alert))))
-        self.msg_id = 1
-        if scheme == "md5":
-            cred: str | None = dev.md5_cred(dev.client_secret + "-wrong"
-                                            if dev.faults.wrong_credentials
-                                            else dev.client_secret)
-        elif scheme == "basic":
-            cred = auth.basic_cred(dev.username, dev.client_secret + "-wrong"
-                                   if dev.faults.wrong_credentials else dev.client_secret)
-        else:
-            cred = None
-        return self._finish(tpl.fill(self.session_id, cred, self.alert))
 
     def _pkg1_message(self, session_id: str, cred: str | None, alert: str) -> Message:
         """Package 1 in the common case (no pending alerts, nothing else queued), with the
@@ -778,105 +618,6 @@ class ClientSession:
         finally:
             self.msg_id = msg_id
 
-    def next(self) -> _Outgoing | None:
-        """The next message to send, or None when the session is over."""
-        if self.done:
-            return None
-        if self.profile.report_in_same_session and self.device.pending_alerts and \
-                not self.sent_alerts:
-            self.outbox.extend(self.device.pending_alerts)
-            self.sent_alerts = list(self.device.pending_alerts)
-        if not self.outbox and not self.out_chunks and self.hdr_status is None:
-            self._end("completed")
-            return None
-        return self._build()
-
-    def _end(self, outcome: str, detail: str = "") -> None:
-        if not self.done:
-            self.done = True
-            self.outcome = outcome
-            self.detail = detail
-
-    def receive(self, body: bytes) -> None:
-        """Processes one server message; afterwards call ``next()`` (after running ``jobs``)."""
-        self.messages_received += 1
-        outbox = self.outbox
-        sending = bool(outbox or self.out_chunks)   # our own package is still going out
-        try:
-            msg = self._decode(body)
-        except CodecError as exc:
-            self._end("error", f"undecodable server message: {exc}")
-            return
-        hdr = msg.hdr
-        msg_id = self.server_msg_id = hdr.msg_id
-        final = msg.final
-        if not sending:   # "next message" answers to our own package don't reopen theirs
-            self.server_final = bool(final)
-        if hdr.resp_uri:
-            self.url = hdr.resp_uri
-        meta = hdr.meta
-        if meta is not None:
-            v = meta.max_msg_size
-            if v and v.isdigit():
-                self.server_max_msg = int(v)
-            v = meta.max_obj_size
-            if v and v.isdigit():
-                self.server_max_obj = int(v)
-        if hdr.cred is None:
-            hdr_code = 200
-        elif not self.profile.verify_server:
-            hdr_code = 212                # AUTHENTICATION_ACCEPTED, as _check_server says
-        else:
-            hdr_code = self._check_server(hdr)
-        self.hdr_status = None          # built below unless the session ends here
-        had_commands = False
-        challenged = False
-        aborted = False
-        replies: list[Command] = []
-        sent_alerts = self.sent_alerts
-        for cmd in msg.commands or ():
-            name = cmd.name
-            if name == "Status":
-                if cmd.cmd_ref == "0":
-                    challenged = self._on_hdr_status(cmd) or challenged
-                elif sent_alerts and cmd.cmd == "Alert":
-                    self._on_status(cmd)
-                continue
-            if name == "Results":
-                continue
-            had_commands = True
-            if name == "Alert" and cmd.data == _SESSION_ABORT:
-                aborted = True
-                continue
-            replies.extend(self._execute(cmd, msg_id))
-        done = self.done
-        if not (aborted or done or challenged or replies or outbox or self.out_chunks
-                or had_commands or (not final and not sending)):
-            # a package with nothing to do ends the session; no bare Status goes back
-            if not (self.device.pending_alerts and self.profile.report_in_same_session
-                    and not sent_alerts):
-                self._end("completed")
-            return
-        self.hdr_status = _status(msg_id, "0", "SyncHdr", hdr_code,
-                                  targets=[hdr.target] if hdr.target else None,
-                                  sources=[hdr.source] if hdr.source else None)
-        if aborted:
-            self._end("aborted", "server sent Alert 1223")
-            return
-        if done:
-            return
-        if challenged:
-            if self.auth_attempts >= MAX_AUTH_ATTEMPTS:
-                self._end("auth_failed", "still challenged after re-sending credentials")
-                return
-            # back to package 1 with the new credentials (PROTOCOL.md §4)
-            self.outbox = self._package1() + self.outbox
-            return
-        self.outbox.extend(replies)
-        if not final and not sending:
-            # the server's package goes on: ask for the next message
-            self.outbox.append(Command(name="Alert", data=_NEXT_MESSAGE))
-
     # --- server side checks --------------------------------------------------------------------------
 
     def _check_server(self, hdr: SyncHdr) -> int:
@@ -890,34 +631,6 @@ class ClientSession:
         ok = auth.verify_md5(data, dev.profile.server_id, dev.server_secret, dev.server_nonce)
         self.server_authenticated = ok
         return int(StatusCode.AUTHENTICATION_ACCEPTED if ok else StatusCode.INVALID_CREDENTIALS)
-
-    def _on_hdr_status(self, st: Command) -> bool:
-        """Our SyncHdr's status: returns True when the server challenged us."""
-        data = st.data
-        code = 212 if data == "212" else _int(data)
-        chal = st.chal
-        if chal is not None:
-            cmeta = chal.meta
-            if cmeta is not None:
-                nn = cmeta.next_nonce
-                if nn:
-                    try:
-                        self.device.client_nonce = a2b_base64(nn.strip(), strict_mode=True)
-                    except ValueError:       # binascii.Error / non-ASCII: the nonce stays
-                        pass
-                if code == 401 or code == 407:
-                    scheme = auth.TYPE_SCHEMES.get((cmeta.type or "").lower())
-                    if scheme is not None:
-                        self.auth_scheme = scheme
-        if code == 212:
-            self.authenticated = True
-        elif code == 200:
-            self.authenticated = self.auth_scheme != "hmac" and self.authenticated
-        elif code in (401, 407):
-            self.authenticated = False
-            self.auth_attempts += 1
-            return True
-        return False
 
     def _on_status(self, st: Command) -> None:
         code = _int(st.data)
@@ -1260,12 +973,6 @@ def _int(text: Any) -> int:
         return int(text)
     except (TypeError, ValueError):
         return 0
-
-
-def _status(msg_ref: str | None, cmd_ref: str | None, cmd: str | None, code: int, *,
-            targets: list[str] | None = None, sources: list[str] | None = None) -> Command:
-    return Command(name="Status", msg_ref=msg_ref, cmd_ref=cmd_ref, cmd=cmd,
-                   target_refs=targets, source_refs=sources, data=str(code))
 
 
 _IDS = [str(i) for i in range(1, 257)]
