@@ -39,7 +39,8 @@ from dmengine.events import (
 )
 
 from cpython.object cimport PyTypeObject
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport malloc, free
 from cpython.ref cimport Py_INCREF
 
 # MD5 and base64 of the digest-auth hot path straight from OpenSSL's libcrypto (the library
@@ -382,8 +383,20 @@ cdef class _SentMsg:
     says whether its Status is still to come."""
     cdef Py_ssize_t first
     cdef list entries
-    cdef bytearray awaiting
+    cdef unsigned char* awaiting    # one flag per entry (malloc'd: a parked session stays small)
     cdef Py_ssize_t n_awaiting
+
+    def __dealloc__(self):
+        free(self.awaiting)
+
+    cdef int await_all(self, Py_ssize_t n) except -1:
+        free(self.awaiting)
+        self.awaiting = <unsigned char*>malloc(n if n > 0 else 1)
+        if self.awaiting == NULL:
+            raise MemoryError()
+        memset(self.awaiting, 1, n)
+        self.n_awaiting = n
+        return 0
 
     cdef inline tuple at(self, long k):
         k -= self.first
@@ -417,6 +430,11 @@ cdef class PreparedCommand:
     cdef Py_ssize_t est_xml
     cdef readonly bint shared       # goes out as is (else a numbered copy per message)
     cdef int xml_ok                 # XML can carry its Data: 1 yes, 0 no, -1 not checked yet
+    # what the Status/Results of a shared command needs, worked out once
+    cdef int ui_alert               # 1100..1104 for a UI alert, else 0
+    cdef bint one_chunked_item      # a single Item with MoreData (answered 213 per chunk)
+    cdef bint is_get
+    cdef str target                 # the first Item's Target
 
     def __repr__(self):
         return f"PreparedCommand({self.command!r})"
@@ -462,6 +480,13 @@ cdef PreparedCommand _prepare(Command command):
         c = _wire_copy(c)            # once here, not per session: only what a command sends
     p.command = c
     p.shared = c.commands is None
+    if _is(c.name, "Alert"):
+        code = _parse_uint(c.data)
+        p.ui_alert = code if 1100 <= code <= 1104 else 0
+    p.is_get = _is(c.name, "Get")
+    if c.items:
+        p.target = (<Item?>c.items[0]).target
+        p.one_chunked_item = len(c.items) == 1 and (<Item?>c.items[0]).more_data
     p.est_wbxml = -1
     p.est_xml = -1
     p.xml_ok = -1
@@ -798,6 +823,9 @@ cdef object _resolve_sizer(str encoding):
 
 # --- configuration -----------------------------------------------------------------------
 
+cdef Meta _MD5_CRED_META = Meta(format="b64", type=_auth.AUTH_MD5)   # shared by every reply
+
+
 cdef class SessionConfig:
     """Limits and identity of the server side of a DM session (keyword constructor)."""
 
@@ -819,6 +847,7 @@ cdef class SessionConfig:
     cdef public Py_ssize_t default_peer_msg_size
     cdef public Py_ssize_t min_chunk
     cdef public bint status_refs
+    cdef Meta _limits                # MaxMsgSize/MaxObjSize of our first header, shared
 
     def __init__(self, *, str server_id not None, str server_uri not None,
                  Py_ssize_t max_msg_size=DEFAULT_MAX_MSG_SIZE,
@@ -858,6 +887,19 @@ cdef class SessionConfig:
         self.default_peer_msg_size = default_peer_msg_size
         self.min_chunk = min_chunk
         self.status_refs = status_refs
+
+    cdef Meta _limits_meta(self):
+        """The Meta with our MaxMsgSize/MaxObjSize, built once per value and shared by the
+        headers of every session (replies are read-only for their users)."""
+        cdef Meta m = self._limits
+        cdef str mms = _num(self.max_msg_size)
+        cdef str mos = _num(self.max_obj_size)
+        if m is None or m.max_msg_size != mms or m.max_obj_size != mos:
+            m = Meta.__new__(Meta)
+            m.max_msg_size = mms
+            m.max_obj_size = mos
+            self._limits = m
+        return m
 
     def __repr__(self):
         return (f"SessionConfig(server_id={self.server_id!r}, server_uri={self.server_uri!r}, "
@@ -1742,6 +1784,14 @@ cdef class DmSession:
         handle = entry[0]
         if handle is _INTERNAL:
             return
+        first = entry[1]
+        if type(first) is PreparedCommand and not (<PreparedCommand>first).one_chunked_item \
+                and not (<PreparedCommand>first).ui_alert:
+            # a shared command's outcome: what it needs was worked out by prepare()
+            ev.append(_ev6(_T_StatusReceived, handle, (<PreparedCommand>first).command.name, code,
+                           c.items, c.target_refs[0] if c.target_refs else
+                           (<PreparedCommand>first).target, _NO_INDEX))
+            return
         w = _entry_wire(entry)
         if w.items is not None and len(w.items) == 1 and (<Item?>w.items[0]).more_data:
             if code == 213:                      # a chunk of a large object: not an outcome yet
@@ -1790,8 +1840,7 @@ cdef class DmSession:
         cdef Item it
         cdef list items
         cdef Py_ssize_t i, n
-        msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
-        key = (msg_ref, c.cmd_ref)
+        cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         handle = self._get_handle(msg_ref, c.cmd_ref)
         if c.items is None:
             self._add_status(c, "412")
@@ -1799,7 +1848,7 @@ cdef class DmSession:
         if len(c.items) > self.config.max_items_per_command:
             self._add_status(c, "413")
             return
-        if self._in_lo is not None and self._in_lo.key == key:
+        if self._in_lo is not None and self._in_lo.key == (msg_ref, c.cmd_ref):
             self._continue_in_lo(c, ev)
             return
         items = []
@@ -1810,7 +1859,7 @@ cdef class DmSession:
                 if i != n - 1:
                     self._add_status(c, "400")  # only the last Item may be chunked
                     return
-                self._start_in_lo(c, key, handle, items, ev)
+                self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, items, ev)
                 return
             items.append((it.source if it.source is not None else it.target,
                           _fmt_of(it, c), _type_of(it, c), it.data))
@@ -1821,12 +1870,21 @@ cdef class DmSession:
         """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
         cdef long k
         cdef _SentMsg sm
-        obj = self._sent.get(msg_ref)
-        if obj is None:
-            return _INTERNAL
-        sm = <_SentMsg>obj
+        if self._last_sm is not None and _is(msg_ref, self._last_sm_ref):
+            sm = self._last_sm
+        else:
+            obj = self._sent.get(msg_ref)
+            if obj is None:
+                return _INTERNAL
+            sm = <_SentMsg>obj
         entry = sm.at(_parse_uint(cmd_ref))
-        if entry is None or not _is(_entry_wire(entry).name, "Get"):
+        if entry is None:
+            return _INTERNAL
+        first = entry[1]
+        if type(first) is PreparedCommand:
+            if not (<PreparedCommand>first).is_get:
+                return _INTERNAL
+        elif not _is(_entry_wire(entry).name, "Get"):
             return _INTERNAL
         return entry[0]
 
@@ -2039,19 +2097,13 @@ cdef class DmSession:
         if self.config.send_server_cred and not self.server_authenticated:
             data = self._server_cred()
             if data is not None:
-                m = Meta.__new__(Meta)
-                m.format = "b64"
-                m.type = _auth.AUTH_MD5
                 cr = Cred.__new__(Cred)
-                cr.meta = m
+                cr.meta = _MD5_CRED_META
                 cr.data = data
                 h.cred = cr
                 h.source_name = self._server_name()
         if not self._sent_meta:
-            m = Meta.__new__(Meta)
-            m.max_msg_size = _num(self.config.max_msg_size)
-            m.max_obj_size = _num(self.config.max_obj_size)
-            h.meta = m
+            h.meta = self.config._limits_meta()
             self._sent_meta = True
         return h
 
@@ -2555,8 +2607,7 @@ cdef class DmSession:
         sm.first = first_id
         sm.entries = entries
         n = len(entries)
-        sm.awaiting = bytearray(b"\x01") * n
-        sm.n_awaiting = n
+        sm.await_all(n)
         if quiet:
             for i in range(n):
                 entry = <tuple>entries[i]
@@ -2763,7 +2814,7 @@ cdef class DmSession:
                 ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
         for o in self._sent.values():
             if (<_SentMsg>o).n_awaiting:
-                (<_SentMsg>o).awaiting = bytearray(len((<_SentMsg>o).entries))
+                memset((<_SentMsg>o).awaiting, 0, len((<_SentMsg>o).entries))
                 (<_SentMsg>o).n_awaiting = 0
         ev.append(_ev2(_T_SessionEnded, reason, detail))
 
