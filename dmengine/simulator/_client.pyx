@@ -10,6 +10,8 @@ case.  Also here: the small helpers both need (``Outgoing``, ``Template``, heade
 """
 import random
 from binascii import a2b_base64
+from binascii import b2a_base64 as _b2a_base64
+from hashlib import md5 as _md5
 
 from .. import auth
 from ..errors import CodecError
@@ -100,13 +102,14 @@ cdef class Template:
         self.alerts = {}
 
     def fill(self, str session_id, cred, alert):
+        """The package with these values (``cred``: str, or bytes already encoded)."""
         a = self.alerts.get(alert)
         if a is None:
             a = self.alerts[alert] = str(alert).encode()
         p = self.parts
         if self.with_cred:
-            return b"".join((p[0], session_id.encode(), p[1], (<str>cred).encode(), p[2], a,
-                             p[3]))
+            c = cred if type(cred) is bytes else (<str>cred).encode()
+            return b"".join((p[0], session_id.encode(), p[1], c, p[2], a, p[3]))
         return b"".join((p[0], session_id.encode(), p[1], a, p[2]))
 
 
@@ -204,8 +207,15 @@ cdef class ClientBase:
                                                                 str(self.alert))))
         self.msg_id = 1
         if scheme == "md5":
-            cred = dev.md5_cred(dev.client_secret + "-wrong" if dev.faults.wrong_credentials
-                                else dev.client_secret)
+            secret = dev.client_secret + "-wrong" if dev.faults.wrong_credentials \
+                else dev.client_secret
+            k = dev._md5k
+            if k is not None and k[1] == secret and k[0] == dev.username:
+                # VirtualDevice.md5_cred inline, as bytes for the template
+                cred = _b2a_base64(_md5((<bytes>k[2]) + b":" + dev.client_nonce).digest(),
+                                   newline=False)
+            else:
+                cred = dev.md5_cred(secret)
         elif scheme == "basic":
             cred = auth.basic_cred(dev.username, dev.client_secret + "-wrong"
                                    if dev.faults.wrong_credentials else dev.client_secret)

@@ -61,7 +61,7 @@ class SimulatorError(DmError):
 # --- configuration ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class FaultPlan:
     """Faults one device shows (the fleet assigns them by share)."""
 
@@ -72,7 +72,7 @@ class FaultPlan:
     fail_update: int | None = None  # FUMO result code of the update (e.g. 410)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class DeviceProfile:
     """Behaviour shared by a fleet (one object for all devices)."""
 
