@@ -354,6 +354,17 @@ cdef Py_ssize_t _devinfo_at(str uri):
     return start
 
 
+cdef dict _DEVINFO_KEYS = {}    # "./DevInfo/Man" -> "Man": the same few URIs in every package 1
+
+cdef str _devinfo_key(str uri, Py_ssize_t at):
+    cdef object k = _DEVINFO_KEYS.get(uri)
+    if k is None:
+        k = uri[at + 8:]
+        if len(_DEVINFO_KEYS) < 64:
+            _DEVINFO_KEYS[uri] = k
+    return <str>k
+
+
 cdef inline bint _is_devinfo(str uri):
     return _devinfo_at(uri) >= 0
 
@@ -1464,7 +1475,7 @@ cdef class DmSession:
             if (<Cred>cred).meta is not None:
                 cred_type = (<Cred>cred).meta.type
                 fmt = (<Cred>cred).meta.format
-                if fmt is not None and fmt.strip().lower() != "b64":
+                if fmt is not None and not _is(fmt, "b64") and fmt.strip().lower() != "b64":
                     cred_data = None       # DM credentials are always b64
             if cred_type is None and cred_data is not None:
                 cred_type = _auth.AUTH_BASIC   # SyncML default Type for Cred
@@ -1610,7 +1621,7 @@ cdef class DmSession:
                     if at >= 0:
                         v = _text(it.data)
                         if v is not None:
-                            info[src[at + 8:]] = v
+                            info[_devinfo_key(src, at)] = v
         self.devinfo = info
         ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
         self._process_body(msg, ev, False)
