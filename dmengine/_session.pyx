@@ -1135,6 +1135,7 @@ cdef class DmSession:
     cdef readonly str session_id
     cdef readonly int alert_code
     cdef readonly dict devinfo
+    cdef dict _pkg1_info            # DevInfo so far while package 1 spans several messages
     cdef long _in_msg_id
     cdef long _out_msg_id
     cdef str _in_msg_id_text
@@ -1425,6 +1426,8 @@ cdef class DmSession:
         if action == A_START:
             self._act_start(msg, ev)
         elif action == A_PROCESS:
+            if self._pkg1_info is not None:
+                self._more_pkg1(msg, ev)
             self._process_body(msg, ev, False)
         elif action == A_CHALLENGE:
             self._act_challenge(msg, False, ev)
@@ -1601,9 +1604,21 @@ cdef class DmSession:
         ev.append(_ev2(_T_NonceIssued, self.device_id, fresh))
 
     cdef _act_start(self, Message msg, list ev):
+        cdef dict info = {}
+        self._collect_devinfo(msg, info)
+        if msg.final:
+            self.devinfo = info
+            ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
+        else:
+            # package 1 goes on in more messages: DeviceIdentified, with all of DevInfo, when
+            # its last message (Final) arrives
+            self._pkg1_info = info
+        self._process_body(msg, ev, False)
+
+    cdef _collect_devinfo(self, Message msg, dict info):
+        """The Alert 1200/1201 code and the DevInfo items of Replace commands in ``msg``."""
         cdef Command c
         cdef Item it
-        cdef dict info = {}
         cdef str src
         cdef long code
         cdef Py_ssize_t at
@@ -1622,9 +1637,16 @@ cdef class DmSession:
                         v = _text(it.data)
                         if v is not None:
                             info[_devinfo_key(src, at)] = v
-        self.devinfo = info
-        ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
-        self._process_body(msg, ev, False)
+
+    cdef _more_pkg1(self, Message msg, list ev):
+        """A later message of a multi-message package 1: more DevInfo; the last one (Final)
+        identifies the device."""
+        cdef dict info = self._pkg1_info
+        self._collect_devinfo(msg, info)
+        if msg.final:
+            self._pkg1_info = None
+            self.devinfo = info
+            ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
         """Every command gets the header's auth code; a fresh nonce rides in the Chal."""

@@ -627,3 +627,37 @@ def test_idle_timeout_close_and_pending_handles(vectors_dir, enc):
                   CommandNotDelivered("sent", "no Status before the session ended"),
                   SessionEnded("timeout", "no message for 30 s")]
     assert s.ended and s.pending_handles == [] and s.close("timeout") == []
+
+
+# --- package 1 in two messages ----------------------------------------------------------------
+
+def test_package_1_in_two_messages_identifies_the_device_with_all_of_devinfo(enc):
+    """Package 1 without Final, then the rest of DevInfo with Final: DeviceIdentified comes
+    once, when package 1 is complete, and carries the DevInfo of both messages."""
+    codec = CODECS[enc]
+    s = session(enc, require_auth="none")
+
+    def msg(msg_id, cmds, final):
+        return codec.decode(codec.encode(Message(
+            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="77", msg_id=str(msg_id),
+                        target=SERVER, source=IMEI), commands=cmds, final=final)))
+
+    first = msg(1, [Command(name="Alert", cmd_id="1", data="1201"),
+                    Command(name="Replace", cmd_id="2", items=[
+                        Item(source="./DevInfo/DevId", data=IMEI), Item(source="./DevInfo/Man", data="ExampleCorp")])],
+                False)
+    ev = s.receive(first, now=1)
+    assert not [e for e in ev if isinstance(e, DeviceIdentified)]
+    reply = roundtrip(enc, s.next_message(now=1))          # statuses + "send the rest" (1222)
+    assert not reply.final and any(c.name == "Alert" and c.data == "1222" for c in reply.commands)
+    second = msg(2, [Command(name="Replace", cmd_id="1", items=[
+        Item(source="./DevInfo/Mod", data="EX-100"), Item(source="./DevInfo/DmV", data="1.2"),
+        Item(source="./DevInfo/Lang", data="en-US")])], True)
+    ev = s.receive(second, now=2)
+    ident = [e for e in ev if isinstance(e, DeviceIdentified)]
+    assert ident == [DeviceIdentified(IMEI, {"DevId": IMEI, "Man": "ExampleCorp", "Mod": "EX-100",
+                                             "DmV": "1.2", "Lang": "en-US"}, "77", 1201)]
+    s.queue("fw", Command(name="Get", items=[Item(target="./DevDetail/FwV")]))
+    pkg2 = on_wire(s.next_message(now=2))
+    assert pkg2.final and [c.name for c in pkg2.commands] == ["Status", "Status", "Get"]
+    assert s.state is SessionState.WAIT_CLIENT
