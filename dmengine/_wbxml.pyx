@@ -31,6 +31,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
 from dmengine._message cimport Chal, Command, Cred, Element, Item, Message, Meta, SyncHdr
+from dmengine._decimal cimport decimal_value, decimal_digits
 
 from dmengine import _tokens
 from dmengine.errors import CodecError
@@ -1061,38 +1062,18 @@ cdef class _Encoder:
         """CmdID under Message.number_commands: the given one (numbering goes on after it)
         or the next number, written without a str in between."""
         cdef char digits[24]
-        cdef long v, n = 0
-        cdef Py_ssize_t i
+        cdef long v
+        cdef int n
         if given is not None:
-            v = 0
-            for i in range(len(given)):
-                if not (u'0' <= given[i] <= u'9') or v > 100000000:
-                    v = -1
-                    break
-                v = v * 10 + (<long>given[i] - 48)
-            if v >= 0 and len(given):
-                self.next_id = v + 1
-            else:
-                self.next_id += 1
+            v = decimal_value(given)
+            self.next_id = v + 1 if v >= 0 else self.next_id + 1
             return self.text(S_CmdID, given)
-        v = self.next_id
+        n = decimal_digits(self.next_id, digits)
         self.next_id += 1
-        while True:
-            digits[n] = <char>(48 + v % 10)
-            n += 1
-            v //= 10
-            if v == 0:
-                break
         self.tag(S_CmdID, True)
-        self.reserve(n + 3)
-        self.buf[self.len] = TOK_STR_I
-        self.len += 1
-        while n > 0:
-            n -= 1
-            self.buf[self.len] = digits[n]
-            self.len += 1
-        self.buf[self.len] = 0
-        self.len += 1
+        self.byte(TOK_STR_I)
+        self.raw(digits, n)
+        self.byte(0)
         return self.byte(TOK_END)
 
     cdef int message(self, Message msg) except -1:

@@ -34,6 +34,7 @@ from libc.string cimport memchr, memcmp, memcpy, strlen
 from libc.stdlib cimport malloc, realloc, free
 
 from dmengine._message cimport Message, SyncHdr, Command, Item, Meta, Cred, Chal, Element
+from dmengine._decimal cimport decimal_value, decimal_digits
 
 from dmengine.errors import CodecError
 
@@ -2011,34 +2012,17 @@ cdef class _Writer:
         """CmdID under Message.number_commands: the given one (numbering goes on after it)
         or the next number."""
         cdef char digits[24]
-        cdef long v, n = 0
-        cdef Py_ssize_t i
+        cdef long v
+        cdef int n
         if given is not None:
-            v = 0
-            for i in range(len(given)):
-                if not (u'0' <= given[i] <= u'9') or v > 100000000:
-                    v = -1
-                    break
-                v = v * 10 + (<long>given[i] - 48)
-            if v >= 0 and len(given):
-                self.next_id = v + 1
-            else:
-                self.next_id += 1
+            v = decimal_value(given)
+            self.next_id = v + 1 if v >= 0 else self.next_id + 1
             return self.leaf("CmdID", given)
-        v = self.next_id
+        n = decimal_digits(self.next_id, digits)
         self.next_id += 1
-        while True:
-            digits[n] = <char>(48 + v % 10)
-            n += 1
-            v //= 10
-            if v == 0:
-                break
         self.lit("<CmdID>")
-        while n > 0:
-            n -= 1
-            self.raw(&digits[n], 1)
-        self.lit("</CmdID>")
-        return 0
+        self.raw(digits, n)
+        return self.lit("</CmdID>")
 
     cdef int message(self, Message m) except -1:
         cdef SyncHdr h = m.hdr
