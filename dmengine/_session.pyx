@@ -1303,8 +1303,8 @@ cdef class DmSession:
         try:
             try:
                 self._receive(msg, now, account, hmac_header, body, ev)
-            except TypeError as exc:             # a model object of the wrong class
-                raise ProtocolError(f"malformed message: {exc}", status=400) from exc
+            except (TypeError, UnicodeEncodeError) as exc:   # a model object of the wrong class,
+                raise ProtocolError(f"malformed message: {exc}", status=400) from exc  # a lone surrogate
         except ProtocolError as exc:
             self._err_hdr = msg.hdr
             if self._state != S_ENDED:
@@ -1552,8 +1552,11 @@ cdef class DmSession:
         if type(uname) is not str:
             return False
         if loc_name is not None:
-            u = PyUnicode_AsUTF8AndSize(uname, &nu)
-            l = PyUnicode_AsUTF8AndSize(loc_name, &nl)
+            try:
+                u = PyUnicode_AsUTF8AndSize(uname, &nu)
+                l = PyUnicode_AsUTF8AndSize(loc_name, &nl)
+            except UnicodeEncodeError:          # a lone surrogate: no name of ours
+                return False
             if nu != nl or CRYPTO_memcmp(u, l, nu) != 0:
                 return False
         kc = account._kc                   # DmAccount.client_key()'s cache, read in place

@@ -165,3 +165,19 @@ def test_size_estimate_counts_the_cmdids_the_encoder_adds(enc):
                             source=SERVER), commands=cmds, final=True)
     m.number_commands = True
     assert estimate_size(m, enc) >= len(codec.encode(m))
+
+
+def test_md5_cred_with_a_lone_surrogate_in_the_name_is_a_protocol_error():
+    from dmengine import auth
+    from dmengine._message import Cred
+    acc = auth.DmAccount(dev_id=IMEI, username="dev", client_secret="pw", client_nonce=b"n" * 16)
+    s = DmSession(SessionConfig(server_id="acme", server_uri=SERVER, require_auth="md5"), session_key="x",
+                  resp_uri=SERVER, now=0)
+    hdr = SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="1", msg_id="1", target=SERVER, source=IMEI,
+                  source_name="de\udc80v", cred=Cred(meta=Meta(format="b64", type=auth.AUTH_MD5),
+                                                   data=auth.md5_digest("dev", "pw", b"n" * 16)))
+    from dmengine.errors import ProtocolError
+    with pytest.raises(ProtocolError) as info:        # only a model built in Python can hold one
+        s.receive(Message(hdr=hdr, commands=[Command(name="Alert", cmd_id="1", data="1201")], final=True),
+                  now=0, account=acc)
+    assert info.value.status == 400 and not s.authenticated
