@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dmengine import _wbxml
-from dmengine.auth import decode_nonce, md5_digest
+from dmengine.auth import basic_cred, decode_nonce, md5_digest
 from dmengine.message import Chal, Command, Item, Message, Meta, SyncHdr
 from dmengine.simulator.device import (ClientSession, DeviceProfile, FaultPlan, VirtualDevice,
                                        norm_uri)
@@ -361,3 +361,35 @@ def test_raw_response_head_split_into_headers():
     head = b"HTTP/1.1 503 Busy\r\nRetry-After: 5\r\nX-A:  b c \r\n\r\nbody: not a header"
     assert _header_dict(head) == {"retry-after": "5", "x-a": "b c"}
     assert _retry_after(head) == "5" and _retry_after(b"HTTP/1.1 503 Busy\r\n\r\n") == "1"
+
+
+@pytest.mark.parametrize("encoding", ["wbxml", "xml"])
+@pytest.mark.parametrize("scheme", ["md5", "basic", "hmac", "none"])
+def test_package1_template_gives_what_the_encoder_gives(encoding, scheme):
+    """first() fills the device's encoded package-1 template; the bytes are those of the
+    message built and encoded in full, for every auth scheme, after the nonce, a fault or
+    the profile changed, and with an alert of a different length."""
+    dev = _dev(encoding, auth=scheme)
+    for i, (nonce, alert) in enumerate(((b"\x01\x02", 1201), (b"n" * 16, 1200),
+                                        (b"\xff", 1201))):
+        dev.client_nonce = nonce
+        if i == 2:
+            dev.faults = FaultPlan(wrong_credentials=True)
+            dev.profile.mod = "EX2000-long-model-name"
+        cs = dev.session(session_id=format(0xA + 0x1111 * i, "X"), alert=alert)
+        out = cs.first()
+        cred = None
+        if scheme in ("md5", "basic"):
+            secret = dev.client_secret + ("-wrong" if dev.faults.wrong_credentials else "")
+            cred = dev.md5_cred(secret) if scheme == "md5" else \
+                basic_cred(dev.username, secret)
+        ref = dev.session(session_id=cs.session_id, alert=alert)
+        want = ref._encode(ref._pkg1_message(cs.session_id, cred, str(alert)))
+        assert out.body == want
+        assert cs.msg_id == 1 and cs.messages_sent == 1
+        msg = CODECS[encoding].decode(out.body)
+        assert msg.hdr.session_id == cs.session_id and msg.commands[0].data == str(alert)
+        assert msg.commands[1].items[2].data == dev.profile.mod
+        if scheme == "hmac":
+            assert any(k == "x-syncml-hmac" for k, _ in out.headers)
+    assert dev._pkg1 is not None and dev._pkg1[1] is not None     # the template was used
