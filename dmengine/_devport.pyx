@@ -107,10 +107,40 @@ cdef class Req:
         # and part (GET: (path, offset, length) sent after the head) start as None
 
 
+cdef class Flusher:
+    """Replies written during one turn of the event loop go out together at its end (one
+    ``call_soon`` per turn): a device that sent several requests, or several devices, get
+    their answers in one burst instead of one wake-up of theirs per answer."""
+
+    cdef list conns
+    cdef bint scheduled
+
+    def __cinit__(self):
+        self.conns = []
+        self.scheduled = False
+
+    cdef add(self, ConnBase conn, loop):
+        self.conns.append(conn)
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self.run)
+
+    def run(self):
+        """Writes what every connection queued (in the order they queued it)."""
+        cdef ConnBase conn
+        conns = self.conns
+        self.conns = []
+        self.scheduled = False
+        for conn in conns:
+            conn.flush_out()
+
+
 cdef class ConnBase:
     """State and hot path of one device connection (see the module's doc)."""
 
     cdef public object server, transport, parser, req, queue, writable, _loop
+    cdef public Flusher flusher
+    cdef list out                      # replies queued for the end of this loop turn
     cdef public bint busy, in_headers, closing, paused, write_paused, dropped, sending
     cdef public int state
     cdef public double deadline, _req_timeout, _keepalive
@@ -226,6 +256,7 @@ cdef class ConnBase:
             else:
                 req.body = b""            # on_body keeps the first chunk as it is
                 if req.expect and self.transport is not None:
+                    self.flush_out()
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif method in (b"GET", b"HEAD") and self._route(path) is not None:
             if req.headers is None:
@@ -307,6 +338,7 @@ cdef class ConnBase:
             return
         if self.closing:
             if self.transport is not None:
+                self.flush_out()
                 self.transport.close()
         elif self.state == _IDLE:
             self.deadline = self._loop.time() + self._keepalive
@@ -326,6 +358,22 @@ cdef class ConnBase:
             metrics.observe_latency(self._loop.time() - req.t0)
         if transport is None or transport.is_closing():
             return
+        if not (close or req.close_after or not req.keep_alive):
+            # the usual answer: out at the end of this loop turn, with the others
+            if self.out is None:
+                self.out = [out]
+                flusher = self.flusher
+                if flusher is not None:
+                    flusher.add(self, self._loop)
+                else:
+                    self.flush_out()
+            else:
+                self.out.append(out)
+            if self.paused and len(queue) <= self._max_pipeline // 2:
+                self.paused = False
+                transport.resume_reading()
+            return
+        self.flush_out()
         transport.write(out)
         if close or req.close_after or not req.keep_alive:
             if req.part is not None and not close:
@@ -338,3 +386,22 @@ cdef class ConnBase:
         if self.paused and len(queue) <= self._max_pipeline // 2:
             self.paused = False
             transport.resume_reading()
+
+    cpdef flush_out(self):
+        """Writes the replies queued for the end of this loop turn (before anything else is
+        written or the connection closes)."""
+        out = self.out
+        if out is None:
+            return
+        self.out = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(<list>out) == 1:
+            transport.write((<list>out)[0])
+        else:
+            transport.write(b"".join(out))
+
+    def drop_out(self):
+        """The connection is gone: queued replies are dropped."""
+        self.out = None

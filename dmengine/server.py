@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import httptools
 
-from ._devport import ENCODING_BY_TYPE, ConnBase
+from ._devport import ENCODING_BY_TYPE, ConnBase, Flusher
 from ._devport import HEADER_LENGTHS as _HEADER_LENGTHS  # noqa: F401  (kept for importers)
 from ._devport import HEADERS as _HEADERS  # noqa: F401
 from ._devport import REASONS as _REASONS  # noqa: F401
@@ -337,6 +337,7 @@ class DmServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._flusher = Flusher()    # replies go out together at the end of a loop turn
         self._session_config: Any = config.session_config
         self._session_configs: dict[str, Any] = {}
         self._on_closed = getattr(handler, "on_session_closed", None)
@@ -891,6 +892,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         self.sending = False      # a file part is being sent (the connection is busy)
         self.writable: asyncio.Future[None] | None = None   # the part sender waits on it
         self._loop = server._loop
+        self.flusher = getattr(server, "_flusher", None)
         cfg = server.config              # limits read on every request: cached once
         self._max_hdr = cfg.max_header_bytes
         self._max_body = cfg.max_body
@@ -924,6 +926,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
             if srv.metrics is not None:
                 srv.metrics.connection_closed()
         self.closing = True
+        self.drop_out()
         if not self.dropped:
             self.dropped = True
             srv.pending -= len(self.queue)
@@ -1025,6 +1028,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         stays busy meanwhile: pipelined requests wait their turn."""
         part = req.part
         assert part is not None and self._loop is not None
+        self.flush_out()
         req.part = None
         self.busy = self.sending = True
         srv = self.server
@@ -1112,6 +1116,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
             self._drop_queue()
             # a device that stops reading the tail is aborted by the sweep (timed_out)
             self.deadline = self._loop.time() + self.server.config.keepalive_timeout
+            self.flush_out()
             transport.close()
             return
         if self.paused and len(self.queue) <= self.server.config.max_pipeline // 2:
@@ -1148,6 +1153,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self.flush_out()
         if self.sending or transport.get_write_buffer_size():
             # in the middle of a body, or the device does not read what it was sent: a
             # close would wait for it forever, and no status can be said any more
@@ -1166,6 +1172,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
     def close_if_idle(self) -> None:
         if not self.queue and not self.busy and self.state == _IDLE and self.transport is not None:
             self.closing = True
+            self.flush_out()
             self.transport.close()
 
     def abort(self) -> None:

@@ -522,3 +522,25 @@ def test_streamed_part_over_tls_and_shutdown_mid_download(loop, tmp_path):
         assert got < 256 * 1024 * 1024 - 200_000
         w.close()
     loop.run_until_complete(main())
+
+
+def test_replies_queued_for_the_loop_turn_keep_their_order(loop):
+    """Keep-alive replies go out at the end of the loop turn (one burst); a reply that
+    closes the connection, and the close itself, still come after the replies queued
+    before it."""
+    async def main():
+        srv, _, _ = await _server()
+        try:
+            raw = (post("/dm", b"x", "text/plain") + post("/elsewhere", b"y")
+                   + post("/dm", b"x", "text/plain")
+                   + b"GET /nowhere HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(raw)
+            got = [await _read_response(reader) for _ in range(4)]
+            assert [r[0] for r in got] == [415, 404, 415, 404]
+            assert got[3][1].get("connection") == "close"
+            assert await reader.read() == b""                    # closed after the last
+            writer.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
