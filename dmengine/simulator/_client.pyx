@@ -78,7 +78,6 @@ cdef class Outgoing:
     """One message to POST: ``headers`` are the device's own, ``wire_headers`` add the
     Content-Type (what the HTTP client sends)."""
 
-    cdef public object body, content_type, headers, url, wire_headers
 
     def __init__(self, body, content_type, headers, url):
         self.body = body
@@ -92,9 +91,6 @@ cdef class Outgoing:
 cdef class Template:
     """An encoded package 1 in pieces around its session ID, Cred Data and alert code."""
 
-    cdef public tuple parts
-    cdef public bint with_cred
-    cdef public dict alerts
 
     def __init__(self, tuple parts, bint with_cred):
         self.parts = parts
@@ -114,16 +110,9 @@ cdef class Template:
 
 
 cdef class ClientBase:
-    """State and per-message methods of a ``device.ClientSession`` (see the module's doc)."""
+    """State and per-message methods of a ``device.ClientSession`` (see the module's doc).
+    Its fields are declared in _client.pxd."""
 
-    cdef public object device, profile, rng, session_id, alert, url, encoding, content_type
-    cdef public object _decode, _encode, server_msg_id, auth_scheme, hdr_status, outcome
-    cdef public object detail, in_chunk, server_authenticated, last_sent
-    cdef public list outbox, jobs, out_chunks, sent_alerts, results
-    cdef public set _continuations
-    cdef public Py_ssize_t msg_id, server_max_msg, server_max_obj, auth_attempts
-    cdef public Py_ssize_t messages_sent, messages_received
-    cdef public bint authenticated, done, want_final, package1_pending, server_final
 
     def __init__(self, device, *, session_id=None, alert=1201, url=None, rng=None):
         prof = device.profile

@@ -16,6 +16,8 @@ import httptools
 from ..errors import DmError
 from .device import ClientSession as _ClientSession
 
+from ._client cimport ClientBase, Outgoing
+
 MAX_RESPONSE = 64 * 1024 * 1024
 MAX_HEAD = 64 * 1024               # response head bytes kept for header look-ups
 
@@ -154,7 +156,7 @@ cdef class Lane:
     cdef public double t0, t1
     cdef public int messages
     cdef public bint finished
-    cdef object queue, heads, idle, waiting, rng
+    cdef object queue, heads, idle, waiting, rng, latencies
     cdef bint keep_latencies
 
     def __init__(self, run):
@@ -168,6 +170,7 @@ cdef class Lane:
         self.waiting = self.client._waiting
         self.keep_latencies = run.fleet.keep_latencies
         self.rng = run.fleet.rng
+        self.latencies = self.stats.latencies
         self.conn = None
         self.key = None
         self.dev = self.cs = self.out = None
@@ -195,7 +198,7 @@ cdef class Lane:
         self.messages = 0
         self.send(cs.first())
 
-    cdef send(self, out):
+    cdef send(self, Outgoing out):
         self.out = out
         url = out.url
         headers = out.wire_headers
@@ -232,11 +235,12 @@ cdef class Lane:
             client._arm(loop)
 
     cdef on_response(self, Conn conn, int status, bint keep_alive, bytes head, bytes body):
+        cdef ClientBase cs
         try:
             self.waiting.discard(conn)
             stats = self.stats
             if self.keep_latencies:
-                stats.latencies.append(_perf_counter() - self.t1)
+                self.latencies.append(_perf_counter() - self.t1)
             self.messages += 1
             stats.messages += 1
             if not keep_alive:
@@ -245,7 +249,7 @@ cdef class Lane:
             if status != 200:
                 self._handoff(("response", status, head, body))
                 return
-            cs = self.cs
+            cs = <ClientBase>self.cs
             cs.receive(body)
             if cs.jobs:
                 self._handoff(("received",))

@@ -312,7 +312,7 @@ class SessionReport:
     alert: int = 1201
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class FleetStats:
     sessions: int = 0
     messages: int = 0
