@@ -358,7 +358,8 @@ def simulator_rows(seconds: float, warmup: float, conns: int, sim_rounds: int) -
                     m, n, t = st.messages - m0, st.sessions - n0, time.perf_counter() - t0
                     per.append({"sim_us": (c1 - c0) / max(m, 1) * 1e6,
                                 "srv_us": (s1 - s0) / max(m, 1) * 1e6,
-                                "msg_s": m / t, "sess_s": n / t})
+                                "msg_s": m / t, "sess_s": n / t,
+                                "sim_share": (c1 - c0) / t, "srv_share": (s1 - s0) / t})
             finally:
                 fleet.close()
             return fleet.stats.summary(), per
@@ -387,6 +388,11 @@ def simulator_rows(seconds: float, warmup: float, conns: int, sim_rounds: int) -
                         "target", 1.0, round(1.0 / r, 3)))
         rows.append(Row(case, "simulator/server CPU ratio, rounds min-max",
                         round(min(ratios), 3), "x", "max", round(max(ratios), 3)))
+        # one simulator core drives one server core: the server's core is busy while the
+        # simulator's is not
+        rows.append(Row(case, "server CPU share while driven", round(statistics.median(
+            r["srv_share"] for r in per), 2), "cores", "simulator", round(statistics.median(
+                r["sim_share"] for r in per), 2)))
         # each process's least-disturbed round (another job on this shared machine inflates
         # the CPU time of whichever process shares its core)
         lo = min(r["sim_us"] for r in per) / min(r["srv_us"] for r in per)
