@@ -393,3 +393,18 @@ def test_package1_template_gives_what_the_encoder_gives(encoding, scheme):
         if scheme == "hmac":
             assert any(k == "x-syncml-hmac" for k, _ in out.headers)
     assert dev._pkg1 is not None and dev._pkg1[1] is not None     # the template was used
+
+
+def test_request_heads_from_the_server_base_match_a_fresh_build():
+    """A session's RespURI gets its request head from its server's cached base (not kept by
+    URL); the bytes are those built from scratch for that URL."""
+    from dmengine.simulator.fleet import HttpClient
+    headers = (("User-Agent", "sim"), ("Accept", "a"), ("Content-Type", "b"))
+    client = HttpClient()
+    urls = ["http://127.0.0.1:8080/dm", "http://127.0.0.1:8080/dm/tok1",
+            "http://127.0.0.1:8080/dm/tok2?s=1", "http://Host.Example/dm", "http://Host.Example/x",
+            "http://h:81/a#frag", "http://h:81/b", "https://s/dm", "https://s/dm/t"]
+    for url in urls * 2:
+        for method in ("POST", "GET"):
+            fresh = HttpClient()._head(method, url, headers)
+            assert client._head(method, url, headers) == fresh, (method, url)

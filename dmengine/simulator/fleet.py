@@ -69,6 +69,9 @@ class HttpClient:
         self._splits: dict[str, tuple[tuple[str, str, int], str, str]] = {}
         self._heads: dict[str, tuple[str, tuple[tuple[str, str], ...],
                                      tuple[tuple[str, str, int], bytes, bool]]] = {}
+        # "http://netloc" -> (headers, method, pool key, head after the path)
+        self._bases: dict[str, tuple[tuple[tuple[str, str], ...], str, tuple[str, str, int],
+                                     bytes]] = {}
         self._waiting: set[_Conn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_loop: asyncio.AbstractEventLoop | None = None
@@ -129,14 +132,27 @@ class HttpClient:
         got = self._heads.get(url)
         if got is not None and got[1] is headers and got[0] == method:
             return got[2]
+        slash = url.find("/", 7) if url.startswith("http://") else -1
+        if slash > 7 and "#" not in url:
+            # a session's RespURI: the server's head, with this path (not kept by URL)
+            base = self._bases.get(url[:slash])
+            if base is not None and base[0] is headers and base[1] == method:
+                return (base[2], b"%s %s%s" % (method.encode(), url[slash:].encode("latin-1"),
+                                                base[3]), method == "POST")
         key, path, hosthdr = self.split(url)
-        head = [f"{method} {path} HTTP/1.1\r\nHost: {hosthdr}\r\n"]
+        tail = [f" HTTP/1.1\r\nHost: {hosthdr}\r\n"]
         for k, v in headers:
-            head.append(f"{k}: {v}\r\n")
-        hit = (key, "".join(head).encode("latin-1"), method == "POST")
+            tail.append(f"{k}: {v}\r\n")
+        tail_b = "".join(tail).encode("latin-1")
+        hit = (key, f"{method} {path}".encode("latin-1") + tail_b, method == "POST")
         if len(self._heads) >= 4096:
             self._heads.clear()
         self._heads[url] = (method, headers, hit)
+        if slash > 7 and "#" not in url and path == url[slash:] and \
+                (hosthdr == url[7:slash]):
+            if len(self._bases) >= 256:
+                self._bases.clear()
+            self._bases[url[:slash]] = (headers, method, key, tail_b)
         return hit
 
     def _sweep(self) -> None:
