@@ -670,3 +670,39 @@ def test_fumo_download_then_update_in_two_execs(loop):
         assert ga == [("dl", "download", "200"), ("up", "update", "200")]
         assert dev.fwv == "2.3.10" and dev.fumo_state == 100
     loop.run_until_complete(main())
+
+
+def test_fleet_run_lanes_survive_timeouts_and_lost_connections(loop):
+    """A lane whose exchange gets no answer in time, or whose connection is lost, ends that
+    session as http_error (after one retry on a new connection, as run_session does) and the
+    run still ends."""
+    async def main():
+        handler = SlowHandler()
+        handler.gate.set()
+        srv = await DmServer(ServerConfig(require_auth="none", tick=0.05), handler).start()
+        fleet = Fleet(DeviceProfile(server_url=srv.url, auth="none"), 8,
+                      client=HttpClient(timeout=0.3))
+        try:
+            await fleet.run(sessions_per_device=1, concurrency=4)    # connections pooled
+            assert fleet.stats.outcomes == {"completed": 8}
+            handler.gate.clear()                  # the server stops answering: timeouts
+            await asyncio.wait_for(fleet.run(sessions_per_device=1, concurrency=4), 10)
+            assert fleet.stats.outcomes["http_error"] == 8, fleet.stats.outcomes
+            assert any("no answer" in r.detail for r in fleet.reports)
+            handler.gate.set()
+            await fleet.run(sessions_per_device=1, concurrency=4)    # fine again
+            assert fleet.stats.outcomes["completed"] == 16, fleet.stats.outcomes
+            # the server goes away with requests in flight: lost, retried, refused
+            handler.gate.clear()
+            run = asyncio.ensure_future(fleet.run(sessions_per_device=1, concurrency=4))
+            await asyncio.sleep(0.1)
+            await srv.shutdown(0.0)
+            handler.gate.set()
+            await asyncio.wait_for(run, 10)
+            assert fleet.stats.sessions == 32
+            assert fleet.stats.outcomes["completed"] + fleet.stats.outcomes["http_error"] \
+                + fleet.stats.outcomes.get("http_503", 0) == 32, fleet.stats.outcomes
+        finally:
+            fleet.close()
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
