@@ -27,7 +27,6 @@ import functools
 import gc
 import logging
 import os
-from base64 import urlsafe_b64encode
 import signal
 import ssl as _ssl
 import threading
@@ -47,10 +46,12 @@ from ._devport import Req as _Req
 from ._devport import _ENCODING_BY_BTYPE  # noqa: F401
 from ._devport import accepts_utf8 as _accepts_utf8  # noqa: F401
 from ._devport import http as _http
-from .errors import CodecError, ConfigError, DmError, ProtocolError
-from .message import Command, Message, SyncHdr
+from ._dmcore import Entry as _Entry
+from ._dmcore import ServerCore
+from ._dmcore import (_HEADS, _CODECS, _TOKEN_POOL, _clean_end, _codecs,  # noqa: F401  (shared)
+                      _end_reason, _ended, _error_reply, _is_package1, _load_codec, _token)
+from .errors import ConfigError, DmError
 from .metrics import DeviceMetrics
-from .status import AlertCode, StatusCode
 
 __all__ = [
     "ServerConfig", "DeviceHandler", "MemoryDeviceHandler", "DmServer", "DeviceConnection",
@@ -82,30 +83,6 @@ DEFAULT_SEND_CHUNK = 256 * 1024          # bytes per file read when a GET route 
 
 
 #: media type -> "HTTP/1.1 200 OK ... Content-Length: " of DM replies (built on first use)
-_HEADS: dict[bytes, bytes] = {}
-
-_CODECS: dict[str, tuple[Callable[[bytes], Message], Callable[[Message], bytes]]] = {}
-
-
-def _codecs(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
-    """(decode, encode) of the L1 codec for ``encoding`` (fixed names, DESIGN.md §8)."""
-    pair = _CODECS.get(encoding)
-    if pair is None:
-        pair = _CODECS[encoding] = _load_codec(encoding)
-    return pair
-
-
-def _load_codec(encoding: str) -> tuple[Callable[[bytes], Message], Callable[[Message], bytes]]:
-    if encoding == "wbxml":
-        from . import _wbxml as mod  # type: ignore[attr-defined]
-    else:
-        try:
-            from . import xmlcodec as mod  # type: ignore[no-redef]
-        except ImportError:             # the XML codec may be the Cython one only
-            from . import _xml as mod  # type: ignore[no-redef]
-    return mod.decode, mod.encode
-
-
 # --- configuration -------------------------------------------------------------------------
 
 
@@ -297,21 +274,7 @@ async def _finish(coro: Any, first: Any) -> Any:
 # --- the session table -------------------------------------------------------------------------
 
 
-class _Entry:
-    """One DM session in the table: kept small, there may be 100k of these parked."""
-    __slots__ = ("session", "token", "key", "deadline", "busy", "inserted", "closed")
-
-    def __init__(self, session: Any, token: str, deadline: float) -> None:
-        self.session = session
-        self.token = token
-        self.key: str | None = None         # "devid\0sessionid" once known
-        self.deadline = deadline
-        self.busy = 0                       # requests of this session being processed
-        self.inserted = False               # in the session table
-        self.closed = False
-
-
-class DmServer:
+class DmServer(ServerCore):
     """The device port: listening sockets, the session table, admission control.
 
     Use ``await DmServer(config, handler).start()`` then ``await server.shutdown()``; or
@@ -422,49 +385,6 @@ class DmServer:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def _config_for_sessions(self, base_url: str) -> Any:
-        """The SessionConfig given in ServerConfig, else one per base URL (the server URI a
-        device addressed is the one our replies name as Source)."""
-        if self._session_config is not None:
-            return self._session_config
-        cfg = self._session_configs.get(base_url)
-        if cfg is None:
-            from ._session import SessionConfig
-            cfg = SessionConfig(
-                server_id=self.config.server_id, server_uri=base_url,
-                max_msg_size=self.config.max_msg_size, require_auth=self.config.require_auth)
-            if len(self._session_configs) < 64:
-                self._session_configs[base_url] = cfg
-        return cfg
-
-    def _new_session(self, base_url: str, now_wall: float, encoding: str) -> _Entry:
-        token = _TOKEN_POOL.pop() if self._new_token is _token and _TOKEN_POOL \
-            else self._new_token()
-        while token in self.sessions:
-            token = self._new_token()
-        resp_uri = f"{base_url}/{token}"
-        cfg = self._session_config or self._session_configs.get(base_url) \
-            or self._config_for_sessions(base_url)
-        factory = self._session_factory
-        if factory is None:
-            from ._session import DmSession
-            factory = self._session_factory = DmSession
-            self._take_events = hasattr(DmSession, "take_events")
-        session = factory(cfg, session_key=token, resp_uri=resp_uri, now=now_wall,
-                          encoding=encoding)
-        cls = type(session)
-        if cls is not self._checked_cls:       # what the engine offers: once per class
-            self._checked_cls = cls
-            if self._take_events and not hasattr(session, "take_events"):
-                self._take_events = False
-            if self._keep_bytes and not hasattr(session, "keep_reply_bytes"):
-                self._keep_bytes = False
-        # not in the table yet: a session that ends with its first reply never enters it
-        entry = _Entry(session, token, 0.0)
-        if self.metrics is not None:
-            self.metrics.session_started()
-        return entry
-
     def _insert(self, entry: _Entry) -> None:
         assert self._loop is not None
         entry.deadline = self._loop.time() + self.config.session_idle_timeout
@@ -555,127 +475,6 @@ class DmServer:
         self._sweeper = loop.call_later(self.config.tick, self._sweep)
 
     # --- one DM request ---------------------------------------------------------------------------
-
-    async def handle_dm(self, req: _Req, encoding: str, token: str | None, base_url: str) -> bytes:
-        """Decode, run the session, encode.  Returns the whole HTTP response."""
-        metrics = self.metrics
-        body = req.body
-        if type(body) is not bytes:
-            body = bytes(body) if body is not None else b""
-        if metrics is not None:
-            metrics.message_in(encoding, len(body))
-        decode, encode = _CODECS.get(encoding) or _codecs(encoding)
-        try:
-            msg = decode(body)
-        except CodecError as exc:
-            if metrics is not None:
-                metrics.http_error(400)
-            return _http(400, f"not a SyncML DM message: {exc}\n".encode(), close=False)
-        hdr = msg.hdr
-        now_wall = time.time()
-        entry: _Entry | None = None
-        if token is not None:
-            entry = self.sessions.get(token)
-            if entry is None:
-                if _is_package1(msg) and not self.draining and hdr.msg_id == "1":
-                    entry = self._new_session(base_url, now_wall, encoding)   # a fresh start
-                else:
-                    return self._reply(encoding, encode,
-                                       _clean_end(msg, base_url, StatusCode.NOT_FOUND), req)
-        else:
-            key = f"{hdr.source}\0{hdr.session_id}"
-            old = self.by_key.get(key)
-            if old is not None:
-                if _is_package1(msg) and hdr.msg_id == "1":
-                    self._end(old, "restarted")
-                else:
-                    entry = self.sessions.get(old)
-            if entry is None:
-                if self.draining:
-                    return _http(503, b"shutting down\n", close=True,
-                                 extra=[("Retry-After", str(self.config.retry_after))])
-                entry = self._new_session(base_url, now_wall, encoding)
-            if entry.key is None:
-                entry.key = key
-                if entry.inserted:
-                    self.by_key[key] = entry.token
-        entry.busy += 1
-        session = entry.session
-        try:
-            hmac = req.hmac.decode("latin-1") if req.hmac is not None else None
-            account = await self.handler.account_for(hdr.source, hdr.source_name)
-            try:
-                events = session.receive(msg, now=now_wall, account=account,
-                                         hmac_header=hmac, body=body)
-            except ProtocolError as exc:
-                reply = _error_reply(session, msg, base_url, exc)
-                if self._take_events:
-                    more = session.take_events()
-                    if more:
-                        await self.handler.on_events(session, more)
-                self._end_entry(entry, "protocol_error")
-                return self._reply(encoding, encode, reply, req)
-            if events:
-                await self.handler.on_events(session, events)
-            out = session.replay_bytes() if self._keep_bytes else None
-            if out is not None:       # a retransmission: the same bytes again
-                if entry.inserted and entry.token in self.sessions:
-                    self._touch(entry)
-                return self._reply(encoding, encode, None, req, session, out)
-            reply = session.next_message(now=now_wall)
-            if self._take_events:
-                more = session.take_events()
-                if more:
-                    await self.handler.on_events(session, more)
-                    events = more
-        except Exception as exc:   # an engine or handler fault ends this session only
-            if isinstance(exc, DmError):
-                log.info("session %s failed: %s", entry.token, exc)
-            else:
-                log.exception("session %s failed", entry.token)
-            reply = _clean_end(msg, base_url, getattr(exc, "status", StatusCode.SERVER_FAILURE))
-            self._end_entry(entry, "error")
-            return self._reply(encoding, encode, reply, req)
-        finally:
-            entry.busy -= 1
-        if getattr(session, "ended", False):
-            reason = getattr(session, "end_reason", None) or _end_reason(events)
-            if entry.inserted:
-                self._end(entry.token, reason)
-            elif not entry.closed:
-                entry.closed = True
-                if self.metrics is not None:
-                    self.metrics.session_ended(reason)
-        elif entry.inserted:
-            if entry.token in self.sessions:
-                self._touch(entry)
-        elif not entry.closed:
-            self._insert(entry)
-        out = encode(reply)
-        if self._keep_bytes and not entry.closed:
-            session.keep_reply_bytes(out)      # kept for a retransmission instead of the model
-        return self._reply(encoding, encode, reply, req, session, out)
-
-    def _reply(self, encoding: str, encode: Callable[[Message], bytes], reply: Message | None,
-               req: _Req, session: Any = None, out: bytes | None = None) -> bytes:
-        if out is None:
-            assert reply is not None
-            out = encode(reply)
-        if self.metrics is not None:
-            self.metrics.message_out(encoding, len(out))
-        ctype = req.ctype or b"application/vnd.syncml.dm+xml"
-        head = _HEADS.get(ctype)
-        if head is None:            # the head up to the length, built once per media type
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-            if len(_HEADS) < 16:
-                _HEADS[ctype] = head
-        extra = b"" if req.keep_alive else b"Connection: close\r\n"
-        if session is not None and getattr(session, "auth_scheme", None) == "hmac":
-            mac = session.reply_hmac_header(out)
-            if mac is not None:
-                extra += b"x-syncml-hmac: " + mac.encode("latin-1") + b"\r\n"
-        return b"%b%d\r\nCache-Control: no-store, private\r\n%b\r\n%b" % (
-            head, len(out), extra, out)
 
     async def handle_get(self, req: _Req, route: GetRoute, path: str, query: str) -> bytes:
         """Runs a GET route.  The route answers with an object carrying ``status``,
@@ -781,84 +580,6 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 
 async def _ready(out: bytes) -> bytes:
     return out
-
-
-_TOKEN_POOL: list[str] = []
-
-
-def _token() -> str:
-    """An opaque session token: 96 random bits, URL-safe (16 characters).  Drawn from
-    ``os.urandom`` 256 at a time (one system call instead of one per session)."""
-    if not _TOKEN_POOL:
-        raw = urlsafe_b64encode(os.urandom(12 * 256)).decode("ascii")
-        _TOKEN_POOL.extend(raw[i:i + 16] for i in range(0, len(raw), 16))
-    return _TOKEN_POOL.pop()
-
-
-def _ended(session: Any) -> bool:
-    return bool(getattr(session, "ended", False))
-
-
-def _end_reason(events: list[Any]) -> str:
-    for ev in events or ():
-        if type(ev).__name__ == "SessionEnded":
-            reason = getattr(ev, "reason", None)
-            if reason:
-                return str(reason)
-    return "completed"
-
-
-def _is_package1(msg: Message) -> bool:
-    for cmd in msg.commands or ():
-        if cmd.name == "Alert" and cmd.data in ("1200", "1201"):
-            return True
-    return False
-
-
-def _clean_end(msg: Message, server_uri: str, status: int) -> Message:
-    """A reply that ends the device's session cleanly: Status for its SyncHdr + Alert 1223."""
-    hdr = msg.hdr
-    return Message(
-        hdr=SyncHdr(ver_dtd=hdr.ver_dtd or "1.2", ver_proto=hdr.ver_proto or "DM/1.2",
-                    session_id=hdr.session_id, msg_id="1", target=hdr.source,
-                    source=server_uri),
-        commands=[
-            Command(name="Status", cmd_id="1", msg_ref=hdr.msg_id, cmd_ref="0", cmd="SyncHdr",
-                    target_refs=[hdr.target] if hdr.target else None,
-                    source_refs=[hdr.source] if hdr.source else None, data=str(int(status))),
-            Command(name="Alert", cmd_id="2", data=str(int(AlertCode.SESSION_ABORT))),
-        ],
-        final=True)
-
-
-def _error_reply(session: Any, msg: Message, server_uri: str, exc: ProtocolError) -> Message:
-    """The engine's error reply (Status with the status it named, Alert 1223, Final)."""
-    error_reply = getattr(session, "error_reply", None)
-    if error_reply is not None:
-        try:
-            return error_reply(exc)
-        except Exception:
-            log.debug("error_reply failed", exc_info=True)
-    status = str(int(exc.status))
-    try:
-        reply = session.abort(str(exc))
-    except Exception:
-        return _clean_end(msg, server_uri, exc.status)
-    cmds = reply.commands or []
-    for cmd in cmds:
-        if cmd.name == "Status" and cmd.cmd_ref == "0":
-            cmd.data = status
-            break
-    else:
-        hdr = msg.hdr
-        cmds.insert(0, Command(name="Status", cmd_id="0", msg_ref=hdr.msg_id, cmd_ref="0",
-                               cmd="SyncHdr",
-                               target_refs=[hdr.target] if hdr.target else None,
-                               source_refs=[hdr.source] if hdr.source else None, data=status))
-        for i, cmd in enumerate(cmds, 1):
-            cmd.cmd_id = str(i)
-        reply.commands = cmds
-    return reply
 
 
 # --- one connection ---------------------------------------------------------------------------
