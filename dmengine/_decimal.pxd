@@ -27,3 +27,17 @@ cdef inline int decimal_digits(long v, char* out):
     for i in range(n):
         out[i] = tmp[n - 1 - i]
     return n
+
+
+cdef inline int next_cmd_id(long* next_id, str given, char* out):
+    """Message.number_commands bookkeeping for one command.  With a ``given`` CmdID the
+    numbering goes on after it and 0 is returned (the encoder writes ``given``); without one,
+    the next number goes into ``out`` (20 bytes at least) and its length is returned."""
+    cdef long v
+    if given is not None:
+        v = decimal_value(given)
+        next_id[0] = v + 1 if v >= 0 else next_id[0] + 1
+        return 0
+    v = next_id[0]
+    next_id[0] = v + 1
+    return decimal_digits(v, out)

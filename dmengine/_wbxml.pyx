@@ -31,7 +31,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
 from dmengine._message cimport Chal, Command, Cred, Element, Item, Message, Meta, SyncHdr
-from dmengine._decimal cimport decimal_value, decimal_digits
+from dmengine._decimal cimport next_cmd_id
 
 from dmengine import _tokens
 from dmengine.errors import CodecError
@@ -1059,17 +1059,12 @@ cdef class _Encoder:
         return self.end_()
 
     cdef int cmd_id(self, str given) except -1:
-        """CmdID under Message.number_commands: the given one (numbering goes on after it)
-        or the next number, written without a str in between."""
+        """CmdID under Message.number_commands: the given one or the next number (written
+        without a str in between)."""
         cdef char digits[24]
-        cdef long v
-        cdef int n
-        if given is not None:
-            v = decimal_value(given)
-            self.next_id = v + 1 if v >= 0 else self.next_id + 1
+        cdef int n = next_cmd_id(&self.next_id, given, digits)
+        if n == 0:
             return self.text(S_CmdID, given)
-        n = decimal_digits(self.next_id, digits)
-        self.next_id += 1
         self.tag(S_CmdID, True)
         self.byte(TOK_STR_I)
         self.raw(digits, n)

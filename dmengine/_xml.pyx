@@ -34,7 +34,7 @@ from libc.string cimport memchr, memcmp, memcpy, strlen
 from libc.stdlib cimport malloc, realloc, free
 
 from dmengine._message cimport Message, SyncHdr, Command, Item, Meta, Cred, Chal, Element
-from dmengine._decimal cimport decimal_value, decimal_digits
+from dmengine._decimal cimport next_cmd_id
 
 from dmengine.errors import CodecError
 
@@ -2009,17 +2009,11 @@ cdef class _Writer:
         return 0
 
     cdef int cmd_id(self, str given) except -1:
-        """CmdID under Message.number_commands: the given one (numbering goes on after it)
-        or the next number."""
+        """CmdID under Message.number_commands: the given one or the next number."""
         cdef char digits[24]
-        cdef long v
-        cdef int n
-        if given is not None:
-            v = decimal_value(given)
-            self.next_id = v + 1 if v >= 0 else self.next_id + 1
+        cdef int n = next_cmd_id(&self.next_id, given, digits)
+        if n == 0:
             return self.leaf("CmdID", given)
-        n = decimal_digits(self.next_id, digits)
-        self.next_id += 1
         self.lit("<CmdID>")
         self.raw(digits, n)
         return self.lit("</CmdID>")
