@@ -1904,7 +1904,6 @@ cdef class DmSession:
 
     cdef object _get_handle(self, str msg_ref, str cmd_ref):
         """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
-        cdef long k
         cdef _SentMsg sm
         if self._last_sm is not None and _is(msg_ref, self._last_sm_ref):
             sm = self._last_sm
@@ -2291,7 +2290,7 @@ cdef class DmSession:
         cdef Message m = self._new_reply()
         cdef int enc = self._enc
         cdef Py_ssize_t limit = self.peer_max_msg_size
-        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id, first_placed
+        cdef Py_ssize_t cost, cid = 2, n_status = 0, placed_cmds = 0, nxt_id, first_placed, taken
         cdef Py_ssize_t est_, base
         cdef PreparedCommand prep
         cdef Command s, w, tail = None
@@ -2348,10 +2347,10 @@ cdef class DmSession:
                 placed_cmds += cid - n_status
                 plain = False
             while not full and self._out_lo is None and self._qhead < len(self._queue):
-                nxt_id = self._take_run(cmds, placed, limit)
-                if nxt_id:
-                    cid += nxt_id
-                    placed_cmds += nxt_id
+                taken = self._take_run(cmds, placed, limit)
+                if taken:
+                    cid += taken
+                    placed_cmds += taken
                     if self._qhead >= len(self._queue):
                         break
                 pair = <tuple>self._queue[self._qhead]
