@@ -89,6 +89,9 @@ class HttpLimit(DmError):
         self.status = status
 
 
+cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 cdef class Req:
     """One HTTP request (fields a request does not carry keep their defaults)."""
 
@@ -142,6 +145,9 @@ cdef class ConnBase:
     cdef public Flusher flusher
     cdef list out                      # replies queued for the end of this loop turn
     cdef public bint busy, in_headers, closing, paused, write_paused, dropped, sending
+    # a 100 Continue owed to the request being read, held back until the replies to the
+    # requests before it are out (an interim response before them would read as theirs)
+    cdef public bint continue_owed
     cdef public int state
     cdef public double deadline, _req_timeout, _keepalive
     cdef public Py_ssize_t hdr_bytes, raw_hdr, _max_hdr, _max_body, _max_pipeline
@@ -256,8 +262,11 @@ cdef class ConnBase:
             else:
                 req.body = b""            # on_body keeps the first chunk as it is
                 if req.expect and self.transport is not None:
-                    self.flush_out()
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if self.queue or self.busy:
+                        self.continue_owed = True     # after the earlier replies
+                    else:
+                        self.flush_out()
+                        self.transport.write(_CONTINUE)
         elif method in (b"GET", b"HEAD") and self._route(path) is not None:
             if req.headers is None:
                 req.headers = {}
@@ -291,6 +300,7 @@ cdef class ConnBase:
     def on_message_complete(self):
         req = self.req
         self.req = None
+        self.continue_owed = False    # the body came without it
         self.state = _IDLE
         self.in_headers = True
         self.hdr_bytes = self.raw_hdr = 0
@@ -369,6 +379,13 @@ cdef class ConnBase:
                     self.flush_out()
             else:
                 self.out.append(out)
+            if self.continue_owed and not queue:
+                # every request before the one being read is answered: its 100 Continue now
+                self.continue_owed = False
+                if self.out is None:
+                    transport.write(_CONTINUE)
+                else:
+                    self.out.append(_CONTINUE)
             if self.paused and len(queue) <= self._max_pipeline // 2:
                 self.paused = False
                 transport.resume_reading()

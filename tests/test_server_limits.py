@@ -544,3 +544,67 @@ def test_replies_queued_for_the_loop_turn_keep_their_order(loop):
         finally:
             await srv.shutdown(0.1)
     loop.run_until_complete(main())
+
+
+def test_100_continue_waits_for_the_replies_to_earlier_pipelined_requests(loop):
+    """Expect: 100-continue on a request pipelined behind one still being answered: the
+    interim 100 goes out after that answer (before it, the client would take it as the
+    first request's), then the body is read and answered."""
+    from dmengine import _wbxml
+    from dmengine.message import Command, Item, Message, SyncHdr
+
+    class SlowFirst(MemoryDeviceHandler):
+        calls = 0
+
+        async def account_for(self, dev_id, username):
+            SlowFirst.calls += 1
+            if SlowFirst.calls == 1:
+                await asyncio.sleep(0.1)        # the first request is still being answered
+            return None
+
+    def pkg1(dev: str) -> bytes:
+        return _wbxml.encode(Message(
+            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="1", msg_id="1",
+                        target="http://t/dm", source=dev),
+            commands=[Command(name="Alert", cmd_id="1", data="1201"),
+                      Command(name="Replace", cmd_id="2", items=[Item(source="./DevInfo/DevId", data=dev)])],
+            final=True))
+
+    async def main():
+        srv = DmServer(ServerConfig(host="127.0.0.1", port=0, require_auth="none"), SlowFirst())
+        await srv.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            second = pkg1("IMEI:2")
+            writer.write(post("/dm", pkg1("IMEI:1")) +
+                         (f"POST /dm HTTP/1.1\r\nHost: t\r\nContent-Type: {WBXML}\r\n"
+                          f"Content-Length: {len(second)}\r\nExpect: 100-continue\r\n\r\n").encode())
+            first = await _read_response(reader)
+            assert first[0] == 200                  # not preceded by the second request's 100
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(second)
+            status, _, body = await _read_response(reader)
+            assert status == 200 and _wbxml.decode(body).hdr.target == "IMEI:2"
+            writer.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
+
+
+def test_100_continue_at_once_when_nothing_is_ahead(loop):
+    async def main():
+        srv, _, _ = await _server()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write((f"POST /dm HTTP/1.1\r\nHost: t\r\nContent-Type: {WBXML}\r\n"
+                          f"Content-Length: 3\r\nExpect: 100-continue\r\n\r\n").encode())
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"abc")
+            status, _, _ = await _read_response(reader)
+            assert status == 400                    # not a SyncML message: but read and answered
+            writer.close()
+        finally:
+            await srv.shutdown(0.1)
+    loop.run_until_complete(main())
