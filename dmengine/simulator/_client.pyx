@@ -16,6 +16,8 @@ try:                                   # CPython's own MD5: less per-call overhe
 except ImportError:
     from hashlib import md5 as _md5
 
+from dmengine._message cimport Chal, Command as _Command, Message, Meta, SyncHdr
+
 from .. import auth
 from ..errors import CodecError
 from ..message import Command
@@ -73,8 +75,15 @@ def wire(tuple headers, content_type):
 
 
 def status(msg_ref, cmd_ref, cmd, code, *, targets=None, sources=None):
-    return Command(name="Status", msg_ref=msg_ref, cmd_ref=cmd_ref, cmd=cmd,
-                   target_refs=targets, source_refs=sources, data=str(code))
+    cdef _Command st = _Command.__new__(_Command)      # Command(...) without its keywords
+    st.name = "Status"
+    st.msg_ref = msg_ref
+    st.cmd_ref = cmd_ref
+    st.cmd = cmd
+    st.target_refs = targets
+    st.source_refs = sources
+    st.data = str(code)
+    return st
 
 
 cdef class Outgoing:
@@ -240,6 +249,11 @@ cdef class ClientBase:
         self.messages_received += 1
         cdef list outbox = self.outbox
         cdef bint sending = bool(outbox or self.out_chunks)  # our package is still going out
+        cdef Message msg
+        cdef SyncHdr hdr
+        cdef Meta meta
+        cdef _Command cmd
+        cdef str name
         try:
             msg = self._decode(body)
         except CodecError as exc:
@@ -275,7 +289,8 @@ cdef class ClientBase:
         cdef list sent_alerts = self.sent_alerts
         commands = msg.commands
         if commands:
-            for cmd in commands:
+            for o in commands:
+                cmd = <_Command?>o
                 name = cmd.name
                 if name == "Status":
                     if cmd.cmd_ref == "0":
@@ -321,8 +336,10 @@ cdef class ClientBase:
             # the server's package goes on: ask for the next message
             self.outbox.append(Command(name="Alert", data=_NEXT_MESSAGE))
 
-    def _on_hdr_status(self, st):
+    def _on_hdr_status(self, _Command st):
         """Our SyncHdr's status: returns True when the server challenged us."""
+        cdef Chal chal
+        cdef Meta cmeta
         data = st.data
         cdef long code = 212 if data == "212" else _int(data)
         chal = st.chal
