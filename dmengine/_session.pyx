@@ -371,6 +371,12 @@ cdef inline bint _is_devinfo(str uri):
 
 _RDN_PREFIX = "reversed-domain-name:"
 
+cdef tuple _alert_lo_key(Command c):
+    """What the chunks of one generic alert share: code, the chunked Item's Source, Correlator."""
+    cdef Item it = <Item?>c.items[len(c.items) - 1] if c.items else None
+    return (c.data, it.source if it is not None else None, c.correlator)
+
+
 cdef str _normalise_alert_type(str t):
     if t is None:
         return None
@@ -606,14 +612,18 @@ cdef class _OutLO:
 
 @cython.final
 cdef class _InLO:
-    """A large object the device is sending us in chunks (Results)."""
+    """A large object the device is sending us in chunks: the last Item of a Results, or of
+    an Alert 1224/1226 (a generic alert with a large Data)."""
     cdef object handle
-    cdef tuple key           # (MsgRef, CmdRef) of the Get it answers
+    cdef tuple key           # Results: (MsgRef, CmdRef) of the Get; Alert: (code, Source, Correlator)
+    cdef int alert_code      # 0 for Results
+    cdef str correlator
+    cdef str mark
     cdef str uri
     cdef str format
     cdef str type
     cdef list parts
-    cdef list done_items     # complete items of the same Results before the chunked one
+    cdef list done_items     # complete items (Results) or their events (Alert) before the chunked one
     cdef long expected       # Meta Size, -1 if absent
     cdef Py_ssize_t received
     cdef bint rejected       # 413 given: drop the rest
@@ -1696,8 +1706,11 @@ cdef class DmSession:
                 self._on_status(c, ev)
                 continue
             if self._in_lo is not None and not lo_continued:
-                if _is(name, "Results") and self._continues_in_lo(c):
+                if self._continues_in_lo(c):
                     lo_continued = True
+                    if self._in_lo.alert_code:        # the next chunk of a generic alert
+                        self._continue_in_lo(c, ev)
+                        continue
                 else:
                     self._interrupt_in_lo(ev)
             if _is(name, "Results"):
@@ -1743,6 +1756,7 @@ cdef class DmSession:
         cdef Item it
         cdef Meta m
         cdef list evs
+        cdef Py_ssize_t i, n
         if code < 0:
             st = "412"
         elif code == 1200 or code == 1201:
@@ -1756,9 +1770,20 @@ cdef class DmSession:
                 st = "413"
             else:
                 evs = []
-                for o in c.items:
-                    it = <Item?>o
+                n = len(c.items)
+                for i in range(n):
+                    it = <Item?>c.items[i]
                     m = _meta_of(it, c)
+                    if it.more_data:
+                        if i != n - 1:
+                            st = "400"           # only the last Item may be chunked
+                            break
+                        if code == 1226 and (m is None or m.type is None):
+                            st = "412"
+                            break
+                        # a generic alert with a large Data: its events when the last chunk is in
+                        self._start_in_lo(c, _alert_lo_key(c), _INTERNAL, evs, ev, code)
+                        return
                     if code == 1226:
                         if m is None or m.type is None or it.data is None:
                             st = "412"           # Type, Format and Data are required (§5.2)
@@ -1926,15 +1951,24 @@ cdef class DmSession:
     # -- large objects from the device ------------------------------------------------------
 
     cdef bint _continues_in_lo(self, Command c):
+        cdef _InLO lo = self._in_lo
+        if lo.alert_code:
+            return _is(c.name, "Alert") and lo.key == _alert_lo_key(c)
+        if not _is(c.name, "Results"):
+            return False
         msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
-        return self._in_lo.key == (msg_ref, c.cmd_ref)
+        return lo.key == (msg_ref, c.cmd_ref)
 
-    cdef _start_in_lo(self, Command c, tuple key, object handle, list done, list ev):
+    cdef _start_in_lo(self, Command c, tuple key, object handle, list done, list ev,
+                      int alert_code=0):
         cdef Item it = <Item?>c.items[len(c.items) - 1]
         cdef _InLO lo = _InLO.__new__(_InLO)
         cdef Meta m = _meta_of(it, c)
         lo.handle = handle
         lo.key = key
+        lo.alert_code = alert_code
+        lo.correlator = c.correlator
+        lo.mark = m.mark if m is not None else None
         lo.uri = it.source if it.source is not None else it.target
         lo.format = _fmt_of(it, c)
         lo.type = _type_of(it, c)
@@ -1961,7 +1995,7 @@ cdef class DmSession:
         cdef _InLO lo = self._in_lo
         if len(c.items) != 1:
             self._add_status(c, "400")
-            self._fail_in_lo(400, "chunk Results with more than one Item", ev)
+            self._fail_in_lo(400, "a chunk with more than one Item", ev)
             return
         if lo.rejected:
             self._add_status(c, "413")
@@ -1999,9 +2033,19 @@ cdef class DmSession:
             self._add_status(c, "424")
             self._fail_in_lo(424, f"object size does not match Meta Size {lo.expected}", ev)
             return
+        self._in_lo = None
+        if lo.alert_code:
+            if not c.no_resp:
+                self._add_status(c, "200")
+            ev.extend(lo.done_items)
+            if lo.alert_code == 1226:
+                ev.append(_ev6(_T_GenericAlert, lo.correlator, lo.uri, _normalise_alert_type(lo.type),
+                               lo.format, lo.mark, whole))
+            else:
+                ev.append(ClientEvent(lo.uri, lo.type, lo.format, whole))
+            return
         items = lo.done_items
         items.append((lo.uri, lo.format, lo.type, whole))
-        self._in_lo = None
         if lo.handle is not _INTERNAL:
             ev.append(ResultsReceived(lo.handle, items))
 

@@ -661,3 +661,63 @@ def test_package_1_in_two_messages_identifies_the_device_with_all_of_devinfo(enc
     pkg2 = on_wire(s.next_message(now=2))
     assert pkg2.final and [c.name for c in pkg2.commands] == ["Status", "Status", "Get"]
     assert s.state is SessionState.WAIT_CLIENT
+
+
+# --- a generic alert with a large Data (MoreData from the device) -----------------------------
+
+def _chunked_alert_session(enc, first_data, rest_data, size):
+    codec = CODECS[enc]
+    s = session(enc, require_auth="none")
+
+    def msg(msg_id, cmds, final):
+        return codec.decode(codec.encode(Message(
+            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="78", msg_id=str(msg_id),
+                        target=SERVER, source=IMEI), commands=cmds, final=final)))
+
+    meta = Meta(type="org.openmobilealliance.dm.diag.log", format="chr", size=str(size))
+    one = msg(1, [Command(name="Alert", cmd_id="1", data="1201"),
+                  Command(name="Replace", cmd_id="2", items=[Item(source="./DevInfo/DevId", data=IMEI)]),
+                  Command(name="Alert", cmd_id="3", data="1226", correlator="c-9", items=[
+                      Item(source="./Diag/Log", meta=meta, data=first_data, more_data=True)])], False)
+    ev1 = s.receive(one, now=1)
+    r1 = roundtrip(enc, s.next_message(now=1))
+    two = msg(2, [Command(name="Alert", cmd_id="1", data="1226", correlator="c-9", items=[
+        Item(source="./Diag/Log", meta=Meta(type=meta.type, format="chr"), data=rest_data)])], True)
+    ev2 = s.receive(two, now=2)
+    r2 = roundtrip(enc, s.next_message(now=2))
+    return ev1, r1, ev2, r2
+
+
+def test_generic_alert_data_in_two_chunks_is_reassembled(enc):
+    log = "line of the device log\n" * 60
+    ev1, r1, ev2, r2 = _chunked_alert_session(enc, log[:700], log[700:], len(log))
+    assert not [e for e in ev1 if isinstance(e, GenericAlert)]
+    chunk_status = [c for c in r1.commands if c.name == "Status" and c.cmd == "Alert" and c.cmd_ref == "3"]
+    assert [c.data for c in chunk_status] == ["213"]            # chunk accepted and buffered
+    alerts = [e for e in ev2 if isinstance(e, GenericAlert)]
+    assert alerts == [GenericAlert("c-9", "./Diag/Log", "org.openmobilealliance.dm.diag.log", "chr", None, log)]
+    assert [c.data for c in r2.commands if c.name == "Status" and c.cmd == "Alert"] == ["200"]
+
+
+def test_generic_alert_chunks_that_do_not_add_up_get_424(enc):
+    ev1, r1, ev2, r2 = _chunked_alert_session(enc, "a" * 100, "b" * 10, 500)
+    assert not [e for e in ev2 if isinstance(e, GenericAlert)]
+    assert [c.data for c in r2.commands if c.name == "Status" and c.cmd == "Alert"] == ["424"]
+
+
+def test_generic_alert_interrupted_by_another_command_gets_1225(enc):
+    codec = CODECS[enc]
+    s = session(enc, require_auth="none")
+    hdr = dict(ver_dtd="1.2", ver_proto="DM/1.2", session_id="79", target=SERVER, source=IMEI)
+    s.receive(codec.decode(codec.encode(Message(hdr=SyncHdr(msg_id="1", **hdr), commands=[
+        Command(name="Alert", cmd_id="1", data="1201"),
+        Command(name="Alert", cmd_id="2", data="1226", items=[
+            Item(source="./Diag/Log", meta=Meta(type="t.x", format="chr", size="900"), data="x" * 300,
+                 more_data=True)])], final=False))), now=1)
+    s.next_message(now=1)
+    ev = s.receive(codec.decode(codec.encode(Message(hdr=SyncHdr(msg_id="2", **hdr), commands=[
+        Command(name="Alert", cmd_id="1", data="1226", items=[
+            Item(source="./Other", meta=Meta(type="t.y", format="chr"), data="small")])], final=True))), now=2)
+    assert [e.source for e in ev if isinstance(e, GenericAlert)] == ["./Other"]   # the new one only
+    reply = roundtrip(enc, s.next_message(now=2))
+    assert [(c.name, c.data) for c in reply.commands if c.name == "Alert"] == [("Alert", "1225")]
