@@ -154,7 +154,7 @@ cdef class ServerCore:
     cdef public object _session_config, _new_token, _session_factory, _checked_cls
     cdef public bint draining, _take_events, _keep_bytes
 
-    def _config_for_sessions(self, str base_url):
+    cpdef _config_for_sessions(self, str base_url):
         """The SessionConfig given in ServerConfig, else one per base URL (the server URI a
         device addressed is the one our replies name as Source)."""
         if self._session_config is not None:
@@ -178,11 +178,7 @@ cdef class ServerCore:
         while token in self.sessions:
             token = self._new_token()
         resp_uri = f"{base_url}/{token}"
-        cfg = self._session_config
-        if cfg is None:
-            cfg = self._session_configs.get(base_url)
-            if cfg is None:
-                cfg = self._config_for_sessions(base_url)
+        cfg = self._config_for_sessions(base_url)
         factory = self._session_factory
         if factory is None:
             from dmengine._session import DmSession

@@ -61,6 +61,14 @@ def on_wire(msg):
     return _wbxml.decode(_wbxml.encode(msg)) if msg.number_commands else msg
 
 
+def device_message(enc, session_id, msg_id, cmds, final):
+    """A message from the device as the server reads it (through the real codec)."""
+    codec = CODECS[enc]
+    return codec.decode(codec.encode(Message(
+        hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id=session_id, msg_id=str(msg_id),
+                    target=SERVER, source=IMEI), commands=cmds, final=final)))
+
+
 def strip_ids(cmd):
     cmd.cmd_id = None
     for sub in cmd.commands or ():
@@ -634,13 +642,10 @@ def test_idle_timeout_close_and_pending_handles(vectors_dir, enc):
 def test_package_1_in_two_messages_identifies_the_device_with_all_of_devinfo(enc):
     """Package 1 without Final, then the rest of DevInfo with Final: DeviceIdentified comes
     once, when package 1 is complete, and carries the DevInfo of both messages."""
-    codec = CODECS[enc]
     s = session(enc, require_auth="none")
 
     def msg(msg_id, cmds, final):
-        return codec.decode(codec.encode(Message(
-            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="77", msg_id=str(msg_id),
-                        target=SERVER, source=IMEI), commands=cmds, final=final)))
+        return device_message(enc, "77", msg_id, cmds, final)
 
     first = msg(1, [Command(name="Alert", cmd_id="1", data="1201"),
                     Command(name="Replace", cmd_id="2", items=[
@@ -666,13 +671,10 @@ def test_package_1_in_two_messages_identifies_the_device_with_all_of_devinfo(enc
 # --- a generic alert with a large Data (MoreData from the device) -----------------------------
 
 def _chunked_alert_session(enc, first_data, rest_data, size):
-    codec = CODECS[enc]
     s = session(enc, require_auth="none")
 
     def msg(msg_id, cmds, final):
-        return codec.decode(codec.encode(Message(
-            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="78", msg_id=str(msg_id),
-                        target=SERVER, source=IMEI), commands=cmds, final=final)))
+        return device_message(enc, "78", msg_id, cmds, final)
 
     meta = Meta(type="org.openmobilealliance.dm.diag.log", format="chr", size=str(size))
     one = msg(1, [Command(name="Alert", cmd_id="1", data="1201"),
