@@ -79,6 +79,43 @@ def rate(fn: Callable[[], object], *, min_time: float = 0.2, repeats: int = 7,
     return statistics.median(samples)
 
 
+def paired(step: Callable[[int], object], base: Callable[[], object], *, batch: int, pairs: int,
+           clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, float]]:
+    """Times ``step`` and ``base`` in many short alternating batches: ``pairs`` times,
+    ``batch`` calls of each, the order flipped every other pair (so neither always runs on
+    the cache the other warmed).  Returns (seconds per step call, seconds per base call) for
+    every pair.  ``step`` gets a running call number (to take the next object of a pool).
+
+    On a shared, noisy machine a disturbance lands in one short batch and moves one pair's
+    ratio; the median over many pairs then compares like with like, where a few long
+    alternating rounds let one disturbed round of either side move the whole result."""
+    out = []
+    k = 0
+    for p in range(pairs):
+        def run_step() -> float:
+            nonlocal k
+            t0 = clock()
+            for _ in range(batch):
+                step(k)
+                k += 1
+            return (clock() - t0) / batch
+
+        def run_base() -> float:
+            t0 = clock()
+            for _ in range(batch):
+                base()
+            return (clock() - t0) / batch
+
+        if p % 2:
+            b = run_base()
+            a = run_step()
+        else:
+            a = run_step()
+            b = run_base()
+        out.append((a, b))
+    return out
+
+
 def write_results(name: str, rows: list[Row], **extra: Any) -> pathlib.Path:
     """Writes ``bench/results/NAME.json`` in the shape DESIGN.md §8 fixes, and prints a table."""
     RESULTS.mkdir(parents=True, exist_ok=True)

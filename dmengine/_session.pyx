@@ -32,13 +32,14 @@ from urllib.parse import quote as _url_quote
 from dmengine import auth as _auth
 from dmengine.auth import DmAccount
 from dmengine.errors import CommandRejected, DmError, ProtocolError
-from dmengine.events import (
-    Authenticated, AuthFailed, ClientEvent, CommandNotDelivered, DeviceIdentified, GenericAlert,
-    LargeObjectFailed, NonceIssued, ResultsReceived, ServerNonceReceived, SessionEnded,
-    StatusReceived, UserAlertAnswered,
+from dmengine._events cimport (
+    new_AuthFailed, new_Authenticated, new_ClientEvent, new_CommandNotDelivered,
+    new_DeviceIdentified, new_GenericAlert, new_LargeObjectFailed, new_NonceIssued,
+    new_ResultsReceived, new_ServerNonceReceived, new_SessionEnded, new_StatusReceived,
+    new_UserAlertAnswered,
 )
 
-from cpython.object cimport PyTypeObject
+from cpython.object cimport PyObject, PyTypeObject
 from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, free
 from cpython.ref cimport Py_INCREF
@@ -59,10 +60,14 @@ cdef extern from "Python.h":
     char* PyBytes_AS_STRING(object o)
     bint PyUnicode_IS_ASCII(object o)
     const unsigned char* PyUnicode_1BYTE_DATA(object o)
-    object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t n)
+    tuple PyTuple_New(Py_ssize_t n)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
     list PyList_New(Py_ssize_t n)
     void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
+    PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
+    PyTypeObject* Py_TYPE(PyObject* o)
+    Py_ssize_t Py_SIZE(PyObject* o)
+    PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject* p, Py_ssize_t i)  # borrowed
 
 __all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionInput", "Action",
            "TRANSITIONS", "ui_alert", "PreparedCommand", "prepare",
@@ -243,6 +248,15 @@ cdef inline bint _is(str a, str b):
     if a is None or b is None or PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b):
         return False
     return a == b
+
+
+cdef inline bint _is_synchdr(str name):
+    """name == "SyncHdr", deciding on the first letters first ("Replace" has its length)."""
+    cdef const unsigned char* p
+    if name is None or PyUnicode_GET_LENGTH(name) != 7 or not PyUnicode_IS_ASCII(name):
+        return False
+    p = PyUnicode_1BYTE_DATA(name)
+    return p[0] == 83 and p[1] == 121 and memcmp(p, b"SyncHdr", 7) == 0
 
 
 cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
@@ -446,6 +460,7 @@ cdef class PreparedCommand:
     cdef Py_ssize_t est_wbxml       # upper bound of its encoded size, CmdIDs included (-1: not yet)
     cdef Py_ssize_t est_xml
     cdef readonly bint shared       # goes out as is (else a numbered copy per message)
+    cdef bint bulk                  # shared and answered (no NoResp): placed in runs (_take_run)
     cdef int xml_ok                 # XML can carry its Data: 1 yes, 0 no, -1 not checked yet
     # what the Status/Results of a shared command needs, worked out once
     cdef int ui_alert               # 1100..1104 for a UI alert, else 0
@@ -497,6 +512,7 @@ cdef PreparedCommand _prepare(Command command):
         c = _wire_copy(c)            # once here, not per session: only what a command sends
     p.command = c
     p.shared = c.commands is None
+    p.bulk = p.shared and not c.no_resp
     if _is(c.name, "Alert"):
         code = _parse_uint(c.data)
         p.ui_alert = code if 1100 <= code <= 1104 else 0
@@ -517,59 +533,10 @@ def prepare(Command command not None):
 
 
 # the event classes, looked up once (not in the module dict per event)
-cdef type _T_Authenticated = Authenticated
-cdef type _T_NonceIssued = NonceIssued
-cdef type _T_ResultsReceived = ResultsReceived
-cdef type _T_SessionEnded = SessionEnded
-cdef type _T_DeviceIdentified = DeviceIdentified
-cdef type _T_UserAlertAnswered = UserAlertAnswered
-cdef type _T_GenericAlert = GenericAlert
-cdef type _T_StatusReceived = StatusReceived
 cdef object _b2a = binascii.b2a_base64
-cdef object _tnew = tuple.__new__      # builds NamedTuple events without their Python __new__
 cdef object _cmp = _hmac.compare_digest
 
 
-# Events are NamedTuples (tuple subclasses without extra fields).  These build one in a single
-# allocation, as tuple.__new__(cls, iterable) does inside (type->tp_alloc, then the items),
-# without the argument tuple in between.
-cdef inline object _ev2(type cls, object a, object b):
-    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
-    Py_INCREF(a)
-    PyTuple_SET_ITEM(t, 0, a)
-    Py_INCREF(b)
-    PyTuple_SET_ITEM(t, 1, b)
-    return t
-
-
-cdef inline object _ev4(type cls, object a, object b, object c, object d):
-    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 4)
-    Py_INCREF(a)
-    PyTuple_SET_ITEM(t, 0, a)
-    Py_INCREF(b)
-    PyTuple_SET_ITEM(t, 1, b)
-    Py_INCREF(c)
-    PyTuple_SET_ITEM(t, 2, c)
-    Py_INCREF(d)
-    PyTuple_SET_ITEM(t, 3, d)
-    return t
-
-
-cdef inline object _ev6(type cls, object a, object b, object c, object d, object e, object f):
-    cdef object t = PyType_GenericAlloc(<PyTypeObject*>cls, 6)
-    Py_INCREF(a)
-    PyTuple_SET_ITEM(t, 0, a)
-    Py_INCREF(b)
-    PyTuple_SET_ITEM(t, 1, b)
-    Py_INCREF(c)
-    PyTuple_SET_ITEM(t, 2, c)
-    Py_INCREF(d)
-    PyTuple_SET_ITEM(t, 3, d)
-    Py_INCREF(e)
-    PyTuple_SET_ITEM(t, 4, e)
-    Py_INCREF(f)
-    PyTuple_SET_ITEM(t, 5, f)
-    return t
 cdef object _urandom = os.urandom
 
 # Nonces from os.urandom, drawn 4 KiB at a time (one system call per 256 nonces instead of one
@@ -845,6 +812,9 @@ cdef object _resolve_sizer(str encoding):
 # --- configuration -----------------------------------------------------------------------
 
 cdef Meta _MD5_CRED_META = Meta(format="b64", type=_auth.AUTH_MD5)   # shared by every reply
+cdef str _AUTH_MD5 = _auth.AUTH_MD5       # read per package 1: module attributes cost a dict lookup
+cdef str _AUTH_BASIC = _auth.AUTH_BASIC
+cdef Py_ssize_t _NONCE_SIZE = _auth.NONCE_SIZE
 
 
 cdef class SessionConfig:
@@ -1491,13 +1461,13 @@ cdef class DmSession:
                 if fmt is not None and not _is(fmt, "b64") and fmt.strip().lower() != "b64":
                     cred_data = None       # DM credentials are always b64
             if cred_type is None and cred_data is not None:
-                cred_type = _auth.AUTH_BASIC   # SyncML default Type for Cred
+                cred_type = _AUTH_BASIC        # SyncML default Type for Cred
         if require == "none":
             if first:
                 self.authenticated = True
                 self.auth_scheme = "none"
                 self.username = h.source_name
-                ev.append(_ev2(_T_Authenticated, h.source_name, "none"))
+                ev.append(new_Authenticated(h.source_name, "none"))
             self._hdr_code = "200"
             return inp
         if (require == "md5" or require == "basic") and type(account) is DmAccount \
@@ -1510,9 +1480,9 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = "md5"
                 self.username = account.username
-                ev.append(_ev2(_T_Authenticated, account.username, "md5"))
+                ev.append(new_Authenticated(account.username, "md5"))
             self._hdr_code = "212"
-            self._issue_nonce(_auth.AUTH_MD5, ev)
+            self._issue_nonce(_AUTH_MD5, ev)
             return inp
         if account is not None and account.dev_id is not None and account.dev_id != h.source:
             res = _auth.AuthResult(False, 401, require, h.source_name,
@@ -1526,7 +1496,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = res.scheme
                 self.username = res.username
-                ev.append(_ev2(_T_Authenticated, res.username, res.scheme))
+                ev.append(new_Authenticated(res.username, res.scheme))
             if res.scheme == "none":
                 self._hdr_code = "200"
             elif res.scheme == "hmac":
@@ -1538,7 +1508,7 @@ cdef class DmSession:
             return inp
         self._auth_failures += 1
         self._hdr_code = _num(res.status)
-        ev.append(AuthFailed(res.username, res.scheme, int(res.status), res.reason))
+        ev.append(new_AuthFailed(res.username, res.scheme, int(res.status), res.reason, "client"))
         if self._auth_failures >= self.config.max_auth_attempts:
             return I_AUTH_EXHAUSTED
         return I_AUTH_FAIL
@@ -1549,7 +1519,7 @@ cdef class DmSession:
         comparisons; K cached on the account, the digest computed for this nonce)."""
         cdef str t = cred_type
         cdef bytes user
-        if t != _auth.AUTH_MD5 and t.strip().lower() != _auth.AUTH_MD5:
+        if not _is(t, _AUTH_MD5) and t.strip().lower() != _AUTH_MD5:
             return False
         cdef const char* u
         cdef const char* l
@@ -1597,9 +1567,9 @@ cdef class DmSession:
 
     cdef _issue_nonce(self, str chal_type, list ev):
         if self._random is _urandom:
-            fresh_obj = _pooled_random(_auth.NONCE_SIZE)
+            fresh_obj = _pooled_random(_NONCE_SIZE)
         else:
-            fresh_obj = self._random(_auth.NONCE_SIZE)
+            fresh_obj = self._random(_NONCE_SIZE)
         if type(fresh_obj) is not bytes or not 8 <= len(<bytes>fresh_obj) <= 64:
             fresh_obj = _auth.new_nonce(self._random)      # raises with a clear message
         cdef bytes fresh = <bytes>fresh_obj
@@ -1614,14 +1584,14 @@ cdef class DmSession:
         cdef Chal ch = Chal.__new__(Chal)
         ch.meta = m
         self._hdr_chal = ch
-        ev.append(_ev2(_T_NonceIssued, self.device_id, fresh))
+        ev.append(new_NonceIssued(self.device_id, fresh))
 
     cdef _act_start(self, Message msg, list ev):
         cdef dict info = {}
         self._collect_devinfo(msg, info)
         if msg.final:
             self.devinfo = info
-            ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
+            ev.append(new_DeviceIdentified(self.device_id, info, self.session_id, self.alert_code))
         else:
             # package 1 goes on in more messages: DeviceIdentified, with all of DevInfo, when
             # its last message (Final) arrives
@@ -1659,7 +1629,7 @@ cdef class DmSession:
         if msg.final:
             self._pkg1_info = None
             self.devinfo = info
-            ev.append(_ev4(_T_DeviceIdentified, self.device_id, info, self.session_id, self.alert_code))
+            ev.append(new_DeviceIdentified(self.device_id, info, self.session_id, self.alert_code))
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
         """Every command gets the header's auth code; a fresh nonce rides in the Chal."""
@@ -1788,17 +1758,17 @@ cdef class DmSession:
                         if m is None or m.type is None or it.data is None:
                             st = "412"           # Type, Format and Data are required (§5.2)
                             break
-                        evs.append(_ev6(_T_GenericAlert, c.correlator, it.source,
+                        evs.append(new_GenericAlert(c.correlator, it.source,
                                                         _normalise_alert_type(m.type), m.format,
                                                         m.mark, it.data))
                     else:
-                        evs.append(ClientEvent(it.source, m.type if m is not None else None,
+                        evs.append(new_ClientEvent(it.source, m.type if m is not None else None,
                                                m.format if m is not None else None, it.data))
                 if st == "200":
                     ev.extend(evs)
         elif code == 1225:
             if self._out_lo is not None:
-                ev.append(CommandNotDelivered(self._out_lo.handle,
+                ev.append(new_CommandNotDelivered(self._out_lo.handle,
                                               "the device reported the chunked object incomplete (1225)"))
                 self._drop_open(self._out_lo.handle)
                 self._out_lo = None
@@ -1824,7 +1794,7 @@ cdef class DmSession:
         if cmd_ref is None:
             return
         k = _parse_uint(cmd_ref)
-        if k == 0 or _is(c.cmd, "SyncHdr"):
+        if k == 0 or _is_synchdr(c.cmd):
             self._on_hdr_status(c, code, ev)
             return
         cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
@@ -1849,7 +1819,7 @@ cdef class DmSession:
         if type(first) is PreparedCommand and not (<PreparedCommand>first).one_chunked_item \
                 and not (<PreparedCommand>first).ui_alert:
             # a shared command's outcome: what it needs was worked out by prepare()
-            ev.append(_ev6(_T_StatusReceived, handle, (<PreparedCommand>first).command.name, code,
+            ev.append(new_StatusReceived(handle, (<PreparedCommand>first).command.name, code,
                            c.items, c.target_refs[0] if c.target_refs else
                            (<PreparedCommand>first).target, _NO_INDEX))
             return
@@ -1868,7 +1838,7 @@ cdef class DmSession:
                         t = _text((<Item?>o).data)
                         if t is not None:
                             answers.append(t)
-                ev.append(_ev4(_T_UserAlertAnswered, handle, code, answers, alert))
+                ev.append(new_UserAlertAnswered(handle, code, answers, alert))
                 return
         if c.target_refs:
             target = c.target_refs[0]
@@ -1876,7 +1846,7 @@ cdef class DmSession:
             target = (<Item?>w.items[0]).target
         else:
             target = None
-        ev.append(_ev6(_T_StatusReceived, handle, w.name, code, c.items, target, _entry_index(entry)))
+        ev.append(new_StatusReceived(handle, w.name, code, c.items, target, _entry_index(entry)))
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
         cdef Meta m
@@ -1885,7 +1855,7 @@ cdef class DmSession:
         elif code == 401 or code == 407:
             self._server_rejects += 1
             self.server_authenticated = False
-            ev.append(AuthFailed(self.config.server_id, "md5", code,
+            ev.append(new_AuthFailed(self.config.server_id, "md5", code,
                                  "the device refused the server credentials", "server"))
         if c.chal is not None and c.chal.meta is not None:
             m = c.chal.meta
@@ -1895,7 +1865,7 @@ cdef class DmSession:
                 except DmError:
                     return
                 self._server_nonce = n
-                ev.append(ServerNonceReceived(self.device_id, n))
+                ev.append(new_ServerNonceReceived(self.device_id, n))
 
     cdef _on_results(self, Command c, list ev):
         cdef Item it
@@ -1912,20 +1882,22 @@ cdef class DmSession:
         if self._in_lo is not None and self._in_lo.key == (msg_ref, c.cmd_ref):
             self._continue_in_lo(c, ev)
             return
-        items = []
         n = len(c.items)
+        items = PyList_New(n)            # filled in order; an unfilled slot is NULL (freed safely)
         for i in range(n):
             it = <Item?>c.items[i]
             if it.more_data:
                 if i != n - 1:
                     self._add_status(c, "400")  # only the last Item may be chunked
                     return
-                self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, items, ev)
+                self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, items[:i], ev)
                 return
-            items.append((it.source if it.source is not None else it.target,
-                          _fmt_of(it, c), _type_of(it, c), it.data))
+            t = (it.source if it.source is not None else it.target,
+                 _fmt_of(it, c), _type_of(it, c), it.data)
+            Py_INCREF(t)
+            PyList_SET_ITEM(items, i, t)
         if handle is not _INTERNAL:
-            ev.append(_ev2(_T_ResultsReceived, handle, items))
+            ev.append(new_ResultsReceived(handle, items))
 
     cdef object _get_handle(self, str msg_ref, str cmd_ref):
         """The handle of the Get a Results answers (_INTERNAL when it is not one of ours)."""
@@ -2039,15 +2011,15 @@ cdef class DmSession:
                 self._add_status(c, "200")
             ev.extend(lo.done_items)
             if lo.alert_code == 1226:
-                ev.append(_ev6(_T_GenericAlert, lo.correlator, lo.uri, _normalise_alert_type(lo.type),
+                ev.append(new_GenericAlert(lo.correlator, lo.uri, _normalise_alert_type(lo.type),
                                lo.format, lo.mark, whole))
             else:
-                ev.append(ClientEvent(lo.uri, lo.type, lo.format, whole))
+                ev.append(new_ClientEvent(lo.uri, lo.type, lo.format, whole))
             return
         items = lo.done_items
         items.append((lo.uri, lo.format, lo.type, whole))
         if lo.handle is not _INTERNAL:
-            ev.append(ResultsReceived(lo.handle, items))
+            ev.append(new_ResultsReceived(lo.handle, items))
 
     cdef object _assemble(self, list parts):
         cdef bint all_str = True
@@ -2080,7 +2052,7 @@ cdef class DmSession:
         cdef _InLO lo = self._in_lo
         self._in_lo = None
         if lo is not None and lo.handle is not _INTERNAL:
-            ev.append(LargeObjectFailed(lo.handle, lo.uri, code, reason))
+            ev.append(new_LargeObjectFailed(lo.handle, lo.uri, code, reason))
 
     cdef _interrupt_in_lo(self, list ev):
         """A new command before the object was complete: Alert 1225 naming it (§4.3 rule 6)."""
@@ -2105,20 +2077,24 @@ cdef class DmSession:
     def queue_many(self, pairs):
         """queue() for each ``(handle, command)`` of ``pairs`` (stops at the first rejection)."""
         cdef Py_ssize_t i, n
-        cdef tuple pair_t
+        cdef PyObject* pp
+        cdef PyObject* pc
+        cdef PyTypeObject* ph
         cdef bint xml = self._enc == ENC_XML
         if type(pairs) is list and self._state != S_ENDED and \
                 len(self._queue) - self._qhead + len(<list>pairs) <= self.config.max_queued:
             # a campaign's prepared pairs: checked here, then taken in one extend
             n = len(<list>pairs)
-            for i in range(n):
-                p = (<list>pairs)[i]
-                if type(p) is not tuple or len(<tuple>p) != 2:
+            for i in range(n):          # borrowed pointers: the list holds what is checked
+                pp = _list_item(pairs, i)
+                if Py_TYPE(pp) is not <PyTypeObject*>tuple or Py_SIZE(pp) != 2:
                     break
-                pair_t = <tuple>p
-                h = pair_t[0]
-                if type(pair_t[1]) is not PreparedCommand or (type(h) is not int and type(h) is not str) \
-                        or (xml and not (<PreparedCommand>pair_t[1]).fits_xml()):
+                ph = Py_TYPE(_tuple_item(pp, 0))
+                pc = _tuple_item(pp, 1)
+                if Py_TYPE(pc) is not <PyTypeObject*>PreparedCommand \
+                        or (ph is not <PyTypeObject*>int and ph is not <PyTypeObject*>str) \
+                        or (xml and (<PreparedCommand>pc).xml_ok != 1
+                            and not (<PreparedCommand>pc).fits_xml()):
                     break
             else:
                 self._queue.extend(<list>pairs)
@@ -2435,7 +2411,7 @@ cdef class DmSession:
                                 placed_cmds += cid - n_status
                                 plain = False
                             continue
-                        self._events.append(CommandNotDelivered(
+                        self._events.append(new_CommandNotDelivered(
                             handle, f"command of ~{cost} bytes does not fit the device's "
                                     f"MaxMsgSize {limit}"))
                         continue
@@ -2457,13 +2433,13 @@ cdef class DmSession:
                 if self._stalls >= 3:            # only Status fits beside the header, again and again
                     self._stalls = 0
                     if self._out_lo is not None:
-                        self._events.append(CommandNotDelivered(self._out_lo.handle,
+                        self._events.append(new_CommandNotDelivered(self._out_lo.handle,
                                             "no room for a chunk beside the Status owed"))
                         self._out_lo = None
                     else:
                         handle, orig = self._queue[self._qhead]
                         self._qhead += 1
-                        self._events.append(CommandNotDelivered(
+                        self._events.append(new_CommandNotDelivered(
                             handle, "command does not fit beside the Status owed"))
             else:
                 self._stalls = 0
@@ -2487,33 +2463,37 @@ cdef class DmSession:
         """Places the run of shared commands (no NoResp) at the head of the queue that fits
         by the estimate, in bulk; returns how many (each takes one CmdID)."""
         cdef list q = self._queue
-        cdef Py_ssize_t i = self._qhead, end = len(q), n, k, c
+        cdef Py_ssize_t start = self._qhead, i = start, end = len(q), n, k, c
         cdef Py_ssize_t est = self._est
         cdef double scale = self._scale
-        cdef PreparedCommand prep
+        cdef int enc = self._enc
+        cdef PyObject* pp
         cdef list wires
         cdef Command w
+        # borrowed pointers: the queue holds the pairs, the pairs their PreparedCommands
         while i < end:
-            prep = <PreparedCommand>(<tuple>q[i])[1]
-            if not prep.shared or prep.command.no_resp:
+            pp = _tuple_item(_list_item(q, i), 1)
+            if not (<PreparedCommand>pp).bulk:
                 break
-            c = prep.est_xml if self._enc == ENC_XML else prep.est_wbxml
+            c = (<PreparedCommand>pp).est_xml if enc == ENC_XML else (<PreparedCommand>pp).est_wbxml
             if c < 0:
-                c = prep.est(self._enc)
-            c = <Py_ssize_t>(c * scale) + 1
+                c = (<PreparedCommand>pp).est(enc)
+            if scale != 1.0:
+                c = <Py_ssize_t>(c * scale)
+            c += 1
             if limit > 0 and est + c > limit:
                 break
             est += c
             i += 1
-        n = i - self._qhead
+        n = i - start
         if n == 0:
             return 0
-        placed.extend(q[self._qhead:i])
         wires = PyList_New(n)
         for k in range(n):
-            w = (<PreparedCommand>(<tuple>q[self._qhead + k])[1]).command
+            w = (<PreparedCommand>_tuple_item(_list_item(q, start + k), 1)).command
             Py_INCREF(w)
             PyList_SET_ITEM(wires, k, w)
+        placed.extend(q[start:i])
         cmds.extend(wires)
         self._qhead = i
         self._est = est
@@ -2788,7 +2768,7 @@ cdef class DmSession:
                 lo.unit_cost = 1
         lo.size_text = str(total)
         if self.peer_max_obj_size > 0 and total > self.peer_max_obj_size:
-            self._events.append(CommandNotDelivered(
+            self._events.append(new_CommandNotDelivered(
                 handle, f"object of {total} bytes is larger than the device's MaxObjSize "
                         f"{self.peer_max_obj_size}"))
             return False
@@ -2879,23 +2859,23 @@ cdef class DmSession:
         for handle, _c in self._queue[self._qhead:]:
             if handle not in seen:
                 seen.add(handle)
-                ev.append(CommandNotDelivered(handle, "not sent before the session ended"))
+                ev.append(new_CommandNotDelivered(handle, "not sent before the session ended"))
         self._queue = []
         self._qhead = 0
         if self._out_lo is not None and self._out_lo.handle not in seen:
             seen.add(self._out_lo.handle)
-            ev.append(CommandNotDelivered(self._out_lo.handle,
+            ev.append(new_CommandNotDelivered(self._out_lo.handle,
                                           "large object not completely sent before the session ended"))
         self._out_lo = None
         for handle in self._awaited_handles():
             if handle not in seen:
                 seen.add(handle)
-                ev.append(CommandNotDelivered(handle, "no Status before the session ended"))
+                ev.append(new_CommandNotDelivered(handle, "no Status before the session ended"))
         for o in self._sent.values():
             if (<_SentMsg>o).n_awaiting:
                 memset((<_SentMsg>o).awaiting, 0, len((<_SentMsg>o).entries))
                 (<_SentMsg>o).n_awaiting = 0
-        ev.append(_ev2(_T_SessionEnded, reason, detail))
+        ev.append(new_SessionEnded(reason, detail))
 
     def abort(self, str reason="aborted by server"):
         """Alert 1223 + Final (with the Status still owed for the last client message)."""
