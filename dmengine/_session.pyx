@@ -66,6 +66,10 @@ cdef extern from "Python.h":
     void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
     PyTypeObject* Py_TYPE(PyObject* o)
+    Py_ssize_t _lsize "PyList_GET_SIZE"(object p)
+    Py_ssize_t _ulen "PyUnicode_GET_LENGTH"(PyObject* o)
+    bint _uascii "PyUnicode_IS_ASCII"(PyObject* o)
+    const void* _udata "PyUnicode_DATA"(PyObject* o)
     Py_ssize_t Py_SIZE(PyObject* o)
     PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject* p, Py_ssize_t i)  # borrowed
 
@@ -368,15 +372,22 @@ cdef Py_ssize_t _devinfo_at(str uri):
     return start
 
 
-cdef dict _DEVINFO_KEYS = {}    # "./DevInfo/Man" -> "Man": the same few URIs in every package 1
+# the leaf names every package 1 carries, as shared strings: the key of a DevInfo item is
+# found by comparing the URI's tail with these (no hashing of the freshly decoded URI)
+cdef tuple _DEVINFO_NAMES = ("DevId", "Man", "Mod", "DmV", "Lang")
+
 
 cdef str _devinfo_key(str uri, Py_ssize_t at):
-    cdef object k = _DEVINFO_KEYS.get(uri)
-    if k is None:
-        k = uri[at + 8:]
-        if len(_DEVINFO_KEYS) < 64:
-            _DEVINFO_KEYS[uri] = k
-    return <str>k
+    cdef Py_ssize_t start = at + 8, n = PyUnicode_GET_LENGTH(uri) - start
+    cdef const unsigned char* p
+    cdef str name
+    if PyUnicode_IS_ASCII(uri):
+        p = PyUnicode_1BYTE_DATA(uri) + start
+        for o in _DEVINFO_NAMES:
+            name = <str>o
+            if PyUnicode_GET_LENGTH(name) == n and memcmp(p, PyUnicode_1BYTE_DATA(name), n) == 0:
+                return name
+    return uri[start:]
 
 
 cdef inline bint _is_devinfo(str uri):
@@ -1139,6 +1150,7 @@ cdef class DmSession:
     cdef bytes _server_nonce
     cdef str _server_cred_data
     cdef bytes _server_cred_nonce
+    cdef str _cred_name            # the LocName our Cred is for (set by _server_cred)
     cdef readonly bint server_authenticated
     cdef int _server_rejects
     # peer limits
@@ -1797,6 +1809,8 @@ cdef class DmSession:
         if k == 0 or _is_synchdr(c.cmd):
             self._on_hdr_status(c, code, ev)
             return
+        if self._status_fast(c, k, code, ev):
+            return
         cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         if self._last_sm is not None and _is(msg_ref, self._last_sm_ref):
             sm = self._last_sm                   # Statuses come in runs for one message
@@ -1847,6 +1861,44 @@ cdef class DmSession:
         else:
             target = None
         ev.append(new_StatusReceived(handle, w.name, code, c.items, target, _entry_index(entry)))
+
+    cdef bint _status_fast(self, Command c, long k, long code, list ev) except -1:
+        """The common Status: for a shared command (no chunks, no UI alert) of the message
+        the last Status was for, answered the first time.  Read through borrowed pointers
+        (no reference counting until the event holds its fields); False leaves the Status
+        to the general path, which decides every other case."""
+        cdef PyObject* smp = <PyObject*>self._last_sm
+        cdef PyObject* mr = <PyObject*>c.msg_ref
+        cdef PyObject* lr = <PyObject*>self._last_sm_ref
+        cdef PyObject* ep
+        cdef PyObject* fp
+        cdef PyObject* tr
+        cdef Py_ssize_t i, n
+        if smp == <PyObject*>None or mr == <PyObject*>None or lr == <PyObject*>None:
+            return False
+        if mr != lr:                          # MsgRef: a decoded copy of the same digits
+            n = _ulen(mr)
+            if n != _ulen(lr) or not _uascii(mr) or not _uascii(lr) \
+                    or memcmp(_udata(mr), _udata(lr), n) != 0:
+                return False
+        i = k - (<_SentMsg>smp).first
+        if i < 0 or i >= _lsize((<_SentMsg>smp).entries) or not (<_SentMsg>smp).awaiting[i]:
+            return False
+        ep = _list_item((<_SentMsg>smp).entries, i)
+        if ep == <PyObject*>None:
+            return False
+        fp = _tuple_item(ep, 1)
+        if Py_TYPE(fp) is not <PyTypeObject*>PreparedCommand or _tuple_item(ep, 0) == <PyObject*>_INTERNAL \
+                or (<PreparedCommand>fp).one_chunked_item or (<PreparedCommand>fp).ui_alert:
+            return False
+        (<_SentMsg>smp).awaiting[i] = 0
+        (<_SentMsg>smp).n_awaiting -= 1
+        tr = <PyObject*>c.target_refs
+        ev.append(new_StatusReceived(<object>_tuple_item(ep, 0), (<PreparedCommand>fp).command.name, code,
+                                     c.items,
+                                     <object>_list_item(<object>tr, 0) if tr != <PyObject*>None and _lsize(<object>tr)
+                                     else (<PreparedCommand>fp).target, _NO_INDEX))
+        return True
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
         cdef Meta m
@@ -2156,7 +2208,7 @@ cdef class DmSession:
                 cr.meta = _MD5_CRED_META
                 cr.data = data
                 h.cred = cr
-                h.source_name = self._server_name()
+                h.source_name = self._cred_name
         if not self._sent_meta:
             h.meta = self.config._limits_meta()
             self._sent_meta = True
@@ -2169,19 +2221,29 @@ cdef class DmSession:
         return self.config.server_id
 
     cdef str _server_cred(self):
+        """The Data of our Cred for the device (None without a server secret); sets
+        _cred_name, the name it is for (the Cred's LocName)."""
         acc = self._account
-        if acc is None or acc.server_secret is None:
+        if acc is None:
             return None
         nonce = self._server_nonce if self._server_nonce is not None else b""
         if type(acc) is DmAccount:              # cached on the account, per nonce
-            name = self._server_name()
+            secret = (<object>acc).server_secret
+            if secret is None:
+                return None
+            sid = (<object>acc).server_id
+            name = sid if sid else self.config.server_id
+            self._cred_name = name
             sc = (<object>acc)._sc              # server_cred_for()'s cache, read in place
-            if sc is not None and (<tuple>sc)[1] is (<object>acc).server_secret \
+            if sc is not None and (<tuple>sc)[1] is secret \
                     and (<tuple>sc)[0] == name and (<tuple>sc)[2] == nonce:
                 return (<tuple>sc)[3]
             return (<object>acc).server_cred_for(name, nonce)
+        if acc.server_secret is None:
+            return None
+        self._cred_name = self._server_name()
         if self._server_cred_data is None or self._server_cred_nonce != nonce:
-            self._server_cred_data = _auth.server_cred(self._server_name(), acc.server_secret, nonce)
+            self._server_cred_data = _auth.server_cred(self._cred_name, acc.server_secret, nonce)
             self._server_cred_nonce = nonce
         return self._server_cred_data
 
