@@ -62,7 +62,7 @@ def _run(quick: bool, tune_gc) -> None:
     from dmengine._session import DmSession, SessionConfig, prepare
 
     batch = 20                    # calls per timed batch (~0.2-0.7 ms)
-    n_pairs, pools = (40, 1) if quick else (600, 6)
+    n_pairs, pools = (40, 1) if quick else (1500, 10)
     pool_size = 200 if quick else 1000      # sessions waiting for package 3, visited once each
     rows: list[Row] = []
     summary: dict[str, dict] = {}
