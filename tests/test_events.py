@@ -58,3 +58,17 @@ def test_recycled_events_start_clean():
         fresh = [SessionEnded("completed") for _ in range(600)]
         assert all(e.reason == "completed" and e.detail == "" and len(e) == 2 for e in fresh)
         assert all(type(e) is SessionEnded for e in fresh)
+
+
+def test_generated_files_are_current():
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gen_events", root / "tools" / "gen_events.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for name, text in gen.render().items():
+        checked_in = (root / "dmengine" / name).read_text()
+        assert gen.HEADER in checked_in, f"dmengine/{name}: missing 'do not edit' header"
+        assert checked_in == text, f"dmengine/{name} is stale: run tools/gen_events.py"
+    assert gen.main(["--check"]) == 0
