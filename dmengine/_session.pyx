@@ -31,6 +31,7 @@ from urllib.parse import quote as _url_quote
 
 from dmengine import auth as _auth
 from dmengine.auth import DmAccount
+from dmengine._account cimport DmAccount as _Account   # the same type, its fields read directly
 from dmengine.errors import CommandRejected, DmError, ProtocolError
 from dmengine._events cimport (
     new_AuthFailed, new_Authenticated, new_ClientEvent, new_CommandNotDelivered,
@@ -1454,10 +1455,13 @@ cdef class DmSession:
         if account is not None:
             self._account = account
             if self._server_nonce is None:
-                self._server_nonce = account.server_nonce
+                self._server_nonce = (<_Account>account).server_nonce if type(account) is _Account \
+                    else account.server_nonce
         account = self._account
         if self._client_nonce is not None:
             nonce = self._client_nonce
+        elif type(account) is _Account:
+            nonce = (<_Account>account).client_nonce
         elif account is not None:
             nonce = account.client_nonce
         else:
@@ -1482,17 +1486,17 @@ cdef class DmSession:
                 ev.append(new_Authenticated(h.source_name, "none"))
             self._hdr_code = "200"
             return inp
-        if (require == "md5" or require == "basic") and type(account) is DmAccount \
+        if (require == "md5" or require == "basic") and type(account) is _Account \
                 and nonce is not None and type(cred_data) is str and cred_type is not None \
-                and (account.dev_id is None or account.dev_id == h.source) \
-                and self._md5_ok(<str>cred_data, cred_type, h.source_name, account, nonce):
+                and ((<_Account>account).dev_id is None or (<_Account>account).dev_id == h.source) \
+                and self._md5_ok(<str>cred_data, cred_type, h.source_name, <_Account>account, nonce):
             # the common case (a right MD5 digest) without the general check_client path;
             # anything else goes through check_client, which names the failure
             if first:
                 self.authenticated = True
                 self.auth_scheme = "md5"
-                self.username = account.username
-                ev.append(new_Authenticated(account.username, "md5"))
+                self.username = (<_Account>account).username
+                ev.append(new_Authenticated((<_Account>account).username, "md5"))
             self._hdr_code = "212"
             self._issue_nonce(_AUTH_MD5, ev)
             return inp
@@ -1525,7 +1529,7 @@ cdef class DmSession:
             return I_AUTH_EXHAUSTED
         return I_AUTH_FAIL
 
-    cdef bint _md5_ok(self, str cred_data, str cred_type, str loc_name, object account,
+    cdef bint _md5_ok(self, str cred_data, str cred_type, str loc_name, _Account account,
                       bytes nonce) except -1:
         """A syncml:auth-md5 Cred that is right for ``account`` and ``nonce`` (constant-time
         comparisons; K cached on the account, the digest computed for this nonce)."""
@@ -2227,18 +2231,18 @@ cdef class DmSession:
         if acc is None:
             return None
         nonce = self._server_nonce if self._server_nonce is not None else b""
-        if type(acc) is DmAccount:              # cached on the account, per nonce
-            secret = (<object>acc).server_secret
+        if type(acc) is _Account:               # cached on the account, per nonce
+            secret = (<_Account>acc).server_secret
             if secret is None:
                 return None
-            sid = (<object>acc).server_id
+            sid = (<_Account>acc).server_id
             name = sid if sid else self.config.server_id
             self._cred_name = name
-            sc = (<object>acc)._sc              # server_cred_for()'s cache, read in place
+            sc = (<_Account>acc)._sc            # server_cred_for()'s cache, read in place
             if sc is not None and (<tuple>sc)[1] is secret \
                     and (<tuple>sc)[0] == name and (<tuple>sc)[2] == nonce:
                 return (<tuple>sc)[3]
-            return (<object>acc).server_cred_for(name, nonce)
+            return (<_Account>acc).server_cred_for(name, nonce)
         if acc.server_secret is None:
             return None
         self._cred_name = self._server_name()

@@ -22,6 +22,7 @@ import os
 from hashlib import md5
 from typing import Callable
 
+from ._account import DmAccount  # compiled: the session reads it for every package 1
 from .errors import AuthError
 from .status import StatusCode
 
@@ -44,53 +45,6 @@ MAX_HMAC_HEADER = 1024          # longer x-syncml-hmac values are refused outrig
 
 def _b(v: str | bytes) -> bytes:
     return v.encode("utf-8") if isinstance(v, str) else v
-
-
-class DmAccount:
-    """What authentication needs for one device; the caller loads it from its store.
-
-    ``client_nonce``: the nonce the device must use next (the last one we issued).
-    ``server_nonce``: the nonce the device gave us for authenticating ourselves.
-    """
-
-    __slots__ = ("dev_id", "username", "client_secret", "client_nonce", "server_id",
-                 "server_secret", "server_nonce", "_kc", "_sc")
-
-    def __init__(self, *, dev_id: str, username: str, client_secret: str | bytes,
-                 client_nonce: bytes | None = None, server_id: str | None = None,
-                 server_secret: str | bytes | None = None, server_nonce: bytes | None = None) -> None:
-        self.dev_id = dev_id
-        self.username = username
-        self.client_secret = client_secret
-        self.client_nonce = client_nonce
-        self.server_id = server_id
-        self.server_secret = server_secret
-        self.server_nonce = server_nonce
-        self._kc: tuple | None = None    # (username, client_secret, K) for the device's digests
-        self._sc: tuple | None = None    # (server_id, server_secret, nonce, Cred/Data) we send
-
-    def client_key(self) -> bytes:
-        """``K = B64(MD5(username ":" client_secret))`` (what MD5 and HMAC verification need),
-        computed once and recomputed only when the name or the secret changes."""
-        kc = self._kc
-        if kc is not None and kc[0] is self.username and kc[1] is self.client_secret:
-            return kc[2]
-        k = md5_key(self.username, self.client_secret)
-        self._kc = (self.username, self.client_secret, k)
-        return k
-
-    def server_cred_for(self, server_id: str, nonce: bytes) -> str:
-        """Our MD5 Cred/Data for ``nonce`` (the device's nonce for us): computed once per
-        nonce, again whenever the nonce, the name or the secret changes."""
-        sc = self._sc
-        if sc is not None and sc[0] == server_id and sc[1] is self.server_secret and sc[2] == nonce:
-            return sc[3]
-        d = server_cred(server_id, self.server_secret or b"", nonce)
-        self._sc = (server_id, self.server_secret, nonce, d)
-        return d
-
-    def __repr__(self) -> str:  # never print secrets
-        return f"DmAccount(dev_id={self.dev_id!r}, username={self.username!r}, server_id={self.server_id!r})"
 
 
 class AuthResult:
