@@ -67,6 +67,10 @@ cdef extern from "Python.h":
     void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
     PyTypeObject* Py_TYPE(PyObject* o)
+    ctypedef struct _ListObj "PyListObject":
+        PyObject** ob_item
+        Py_ssize_t allocated
+    void Py_SET_SIZE(PyObject* o, Py_ssize_t n)
     Py_ssize_t _lsize "PyList_GET_SIZE"(object p)
     Py_ssize_t _ulen "PyUnicode_GET_LENGTH"(PyObject* o)
     bint _uascii "PyUnicode_IS_ASCII"(PyObject* o)
@@ -262,6 +266,21 @@ cdef inline bint _is_synchdr(str name):
         return False
     p = PyUnicode_1BYTE_DATA(name)
     return p[0] == 83 and p[1] == 121 and memcmp(p, b"SyncHdr", 7) == 0
+
+
+cdef inline void _swap_lists(list a, list b):
+    """Exchanges the items of two lists in O(1) (their arrays change hands: no references
+    are taken or dropped)."""
+    cdef _ListObj* x = <_ListObj*>a
+    cdef _ListObj* y = <_ListObj*>b
+    cdef PyObject** items = x.ob_item
+    cdef Py_ssize_t allocated = x.allocated, size = Py_SIZE(<PyObject*>a)
+    x.ob_item = y.ob_item
+    x.allocated = y.allocated
+    Py_SET_SIZE(<PyObject*>a, Py_SIZE(<PyObject*>b))
+    y.ob_item = items
+    y.allocated = allocated
+    Py_SET_SIZE(<PyObject*>b, size)
 
 
 cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
@@ -1162,6 +1181,12 @@ cdef class DmSession:
     cdef list _out_status
     cdef list _queue                # FIFO of (handle, command); items before _qhead are gone
     cdef Py_ssize_t _qhead
+    # a run of shared, answered commands queue_many() put into the empty queue, with their
+    # summed size estimate: placed whole without looking at each again (valid while the
+    # queue is that list at that length and nothing was pushed back to its front)
+    cdef list _run_list
+    cdef Py_ssize_t _run_len
+    cdef Py_ssize_t _run_est
     cdef list _own_cmds
     cdef dict _sent
     cdef _SentMsg _last_sm          # the _sent entry the last Status found, and its MsgRef
@@ -2132,15 +2157,16 @@ cdef class DmSession:
 
     def queue_many(self, pairs):
         """queue() for each ``(handle, command)`` of ``pairs`` (stops at the first rejection)."""
-        cdef Py_ssize_t i, n
+        cdef Py_ssize_t i, n, c, total = 0
         cdef PyObject* pp
         cdef PyObject* pc
         cdef PyTypeObject* ph
-        cdef bint xml = self._enc == ENC_XML
+        cdef bint xml = self._enc == ENC_XML, run
         if type(pairs) is list and self._state != S_ENDED and \
                 len(self._queue) - self._qhead + len(<list>pairs) <= self.config.max_queued:
             # a campaign's prepared pairs: checked here, then taken in one extend
             n = len(<list>pairs)
+            run = len(self._queue) == 0       # into an empty queue: may become a bulk run
             for i in range(n):          # borrowed pointers: the list holds what is checked
                 pp = _list_item(pairs, i)
                 if Py_TYPE(pp) is not <PyTypeObject*>tuple or Py_SIZE(pp) != 2:
@@ -2152,8 +2178,22 @@ cdef class DmSession:
                         or (xml and (<PreparedCommand>pc).xml_ok != 1
                             and not (<PreparedCommand>pc).fits_xml()):
                     break
+                if run:
+                    if not (<PreparedCommand>pc).bulk:
+                        run = False
+                    else:
+                        c = (<PreparedCommand>pc).est_xml if xml else (<PreparedCommand>pc).est_wbxml
+                        if c < 0:
+                            c = (<PreparedCommand>pc).est(self._enc)
+                        total += c + 1
             else:
                 self._queue.extend(<list>pairs)
+                if run and n:
+                    self._run_list = self._queue
+                    self._run_len = n
+                    self._run_est = total
+                else:
+                    self._run_list = None
                 return
         for pair in pairs:
             if type(pair) is tuple and len(<tuple>pair) == 2:
@@ -2190,6 +2230,7 @@ cdef class DmSession:
             raise CommandRejected("binary Data cannot travel in XML; send it with Format b64",
                                   handle=handle)
         self._queue.append(pair if pair is not None else (handle, p))
+        self._run_list = None
 
     # -- building replies --------------------------------------------------------------------
 
@@ -2391,6 +2432,7 @@ cdef class DmSession:
         if self._qhead > 32 and self._qhead * 2 > len(self._queue):
             del self._queue[:self._qhead]         # drop what went out
             self._qhead = 0
+            self._run_list = None
         self._scale = 1.0
         est_ = _hdr_size(m.hdr, enc) + _command_size(<Command?>cmds[0], enc) + _empty("Final", enc)
         if not package:
@@ -2536,6 +2578,10 @@ cdef class DmSession:
         cdef PyObject* pp
         cdef list wires
         cdef Command w
+        if start == 0 and q is self._run_list and end == self._run_len and scale == 1.0 \
+                and (limit <= 0 or est + self._run_est <= limit):
+            i = end                         # the run queue_many() summed up fits whole
+            est += self._run_est
         # borrowed pointers: the queue holds the pairs, the pairs their PreparedCommands
         while i < end:
             pp = _tuple_item(_list_item(q, i), 1)
@@ -2559,7 +2605,11 @@ cdef class DmSession:
             w = (<PreparedCommand>_tuple_item(_list_item(q, start + k), 1)).command
             Py_INCREF(w)
             PyList_SET_ITEM(wires, k, w)
-        placed.extend(q[start:i])
+        if start == 0 and i == end and len(placed) == 0:
+            _swap_lists(placed, q)          # the whole queue goes: it becomes the placed list
+            i = 0
+        else:
+            placed.extend(q[start:i])
         cmds.extend(wires)
         self._qhead = i
         self._est = est
@@ -2629,6 +2679,7 @@ cdef class DmSession:
         return False
 
     cdef _push_front(self, object handle, object orig):
+        self._run_list = None
         if self._qhead > 0:
             self._qhead -= 1
             self._queue[self._qhead] = (handle, orig)

@@ -38,10 +38,13 @@ def code_for(cmd_id):
     return "500" if int(cmd_id) % 5 == 0 else "200"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cmds=st.lists(commands(), min_size=1, max_size=12), enc=st.sampled_from(["xml", "wbxml"]),
-       max_msg=st.integers(900, 6000), share=st.booleans(), twice=st.booleans())
-def test_each_queued_command_gets_its_own_outcome(cmds, enc, max_msg, share, twice):
+       max_msg=st.integers(900, 6000), share=st.booleans(), twice=st.booleans(),
+       many=st.sampled_from([0, 1, 2]))
+def test_each_queued_command_gets_its_own_outcome(cmds, enc, max_msg, share, twice, many):
+    # many: 0 = queue() each, 1 = one queue_many() (a campaign's run: placed whole when it
+    # fits), 2 = two queue_many() calls (the second into a queue that is not empty)
     codec = CODECS[enc]
     s = DmSession(SessionConfig(server_id="acme", server_uri=SERVER, encoding=enc, require_auth="none"),
                   session_key="o", resp_uri=SERVER, now=0)
@@ -49,13 +52,22 @@ def test_each_queued_command_gets_its_own_outcome(cmds, enc, max_msg, share, twi
     s.receive(Message(hdr=SyncHdr(msg_id="1", meta=Meta(max_msg_size=str(max_msg)), **hdr),
                       commands=[Command(name="Alert", cmd_id="1", data="1201")], final=True), now=0)
     queued = []
+    pairs = []
     for i, (kind, c) in enumerate(cmds):
         obj = prepare(c) if share else c
-        s.queue(i, obj)
+        pairs.append((i, obj))
         queued.append((i, kind, c))
         if twice and kind == "get":                        # one PreparedCommand, two handles
-            s.queue((i, "again"), obj)
-            queued.append(((i, "again"), kind, c))
+            pairs.append((f"{i} again", obj))
+            queued.append((f"{i} again", kind, c))
+    if many == 0:
+        for h, obj in pairs:
+            s.queue(h, obj)
+    elif many == 1:
+        s.queue_many(pairs)
+    else:
+        s.queue_many(pairs[:len(pairs) // 2])
+        s.queue_many(pairs[len(pairs) // 2:])
     outcomes: dict = {}
     msg_id = 1
     for _ in range(3000):            # (a 4 kB object in 900-byte XML messages takes ~90)
