@@ -1062,14 +1062,30 @@ cdef class _Encoder:
         """CmdID under Message.number_commands: the given one or the next number (written
         without a str in between)."""
         cdef char digits[24]
-        cdef int n = next_cmd_id(&self.next_id, given, digits)
-        if n == 0:
+        cdef unsigned char* p
+        cdef long v, t
+        cdef int n = 1, i
+        if given is not None:
+            next_cmd_id(&self.next_id, given, digits)     # the numbering goes on after it
             return self.text(S_CmdID, given)
+        v = self.next_id
+        self.next_id = v + 1
+        t = v
+        while t >= 10:
+            t //= 10
+            n += 1
         self.tag(S_CmdID, True)
-        self.byte(TOK_STR_I)
-        self.raw(digits, n)
-        self.byte(0)
-        return self.byte(TOK_END)
+        if self.len + n + 3 > self.cap:     # STR_I, the digits, NUL, END: one check
+            self.reserve(n + 3)
+        p = self.buf + self.len
+        p[0] = TOK_STR_I
+        for i in range(n, 0, -1):           # the digits, written in place from the last
+            p[i] = <unsigned char>(48 + v % 10)
+            v //= 10
+        p[n + 1] = 0
+        p[n + 2] = TOK_END
+        self.len += n + 3
+        return 0
 
     cdef int message(self, Message msg) except -1:
         cdef SyncHdr h = msg.hdr
