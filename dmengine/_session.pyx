@@ -283,6 +283,14 @@ cdef inline void _swap_lists(list a, list b):
     Py_SET_SIZE(<PyObject*>b, size)
 
 
+cdef inline list _list_with_room(Py_ssize_t n):
+    """An empty list with room for ``n`` appends (at most 1,024): a package 3 answering 50
+    commands makes ~70 events, which would otherwise grow the list nine times."""
+    cdef list out = PyList_New(n if n <= 1024 else 1024)    # slots NULL, never read
+    Py_SET_SIZE(<PyObject*>out, 0)
+    return out
+
+
 cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
 
 cdef inline str _num(Py_ssize_t i):
@@ -1317,7 +1325,7 @@ cdef class DmSession:
         events of the failure, among them SessionEnded("protocol_error")) when the message
         cannot be part of this session; error_reply(exc) builds the answer.
         """
-        cdef list ev = []
+        cdef list ev = _list_with_room(len(<list>msg.commands) + 4 if type(msg.commands) is list else 4)
         try:
             try:
                 self._receive(msg, now, account, hmac_header, body, ev)
@@ -1714,7 +1722,8 @@ cdef class DmSession:
             c = <Command?>obj
             name = c.name
             if _is(name, "Status"):
-                self._on_status(c, ev)
+                if not self._status_fast(c, ev):
+                    self._on_status(c, ev)
                 continue
             if self._in_lo is not None and not lo_continued:
                 if self._continues_in_lo(c):
@@ -1838,8 +1847,6 @@ cdef class DmSession:
         if k == 0 or _is_synchdr(c.cmd):
             self._on_hdr_status(c, code, ev)
             return
-        if self._status_fast(c, k, code, ev):
-            return
         cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         if self._last_sm is not None and _is(msg_ref, self._last_sm_ref):
             sm = self._last_sm                   # Statuses come in runs for one message
@@ -1891,11 +1898,18 @@ cdef class DmSession:
             target = None
         ev.append(new_StatusReceived(handle, w.name, code, c.items, target, _entry_index(entry)))
 
-    cdef bint _status_fast(self, Command c, long k, long code, list ev) except -1:
+    cdef bint _status_fast(self, Command c, list ev) except -1:
         """The common Status: for a shared command (no chunks, no UI alert) of the message
         the last Status was for, answered the first time.  Read through borrowed pointers
         (no reference counting until the event holds its fields); False leaves the Status
-        to the general path, which decides every other case."""
+        to the general path (_on_status), which decides every other case."""
+        cdef long code = _parse_uint(c.data)
+        cdef long k
+        if code < 0 or c.cmd_ref is None:
+            return False
+        k = _parse_uint(c.cmd_ref)
+        if k <= 0 or _is_synchdr(c.cmd):
+            return False
         cdef PyObject* smp = <PyObject*>self._last_sm
         cdef PyObject* mr = <PyObject*>c.msg_ref
         cdef PyObject* lr = <PyObject*>self._last_sm_ref

@@ -181,3 +181,10 @@ def test_md5_cred_with_a_lone_surrogate_in_the_name_is_a_protocol_error():
         s.receive(Message(hdr=hdr, commands=[Command(name="Alert", cmd_id="1", data="1201")], final=True),
                   now=0, account=acc)
     assert info.value.status == 400 and not s.authenticated
+
+
+def test_session_object_stays_a_small_allocation():
+    # CPython's small-object allocator serves requests up to 512 bytes; a session (created
+    # per device session, thousands parked) must stay below, GC header (16 bytes) included
+    from dmengine._session import DmSession
+    assert DmSession.__basicsize__ + 16 <= 512, DmSession.__basicsize__
