@@ -30,9 +30,10 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from . import auth, bootstrap
+from ._session import DmSession, prepare
 from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import (GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
+from .errors import (CommandRejected, GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
                      UnknownResource)
 from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
@@ -57,6 +58,7 @@ DEFAULT_MAX_NOTIFICATIONS = 4          #: notifications before a silent device e
 DEFAULT_TASK_TTL = 7 * 86400.0         #: deadline of a task that names none
 DEFAULT_OPTIN_TIMEOUT = 300            #: MAXDT of the opt-in confirm alert, seconds
 DEFAULT_DEFAULT_FUMO_PATH = "./FUMO/1"
+TEMPLATE_CACHE_SIZE = 1024             #: distinct operations whose prepared commands are kept
 #: Nodes a DIAG reads when the capability names none (DevDetail and DevInfo leaves).
 DEFAULT_DIAG_NODES = ("./DevDetail/FwV", "./DevDetail/SwV", "./DevDetail/HwV",
                       "./DevDetail/DevTyp", "./DevDetail/OEM", "./DevInfo/Man",
@@ -166,6 +168,10 @@ class Broker:
         #: another DevId (acceptDevicePolicy) is found through the account it authenticates with.
         self._by_username: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        #: operation -> its commands prepared once (checked and sized) and shared by the DM
+        #: sessions of every task that runs it: a campaign's million tasks of one SET or QUERY
+        #: cost one prepare, not a million (see _session_commands)
+        self._templates: dict[tuple[Any, ...], list[Any]] = {}
 
     # --- every task write goes through these two (metrics) ------------------------------
 
@@ -550,7 +556,7 @@ class Broker:
     async def _queue_work(self, session: Any, run: _TaskRun) -> None:
         task = run.task
         try:
-            commands = await self._commands_for(task)
+            commands = await self._session_commands(session, task)
         except ServiceError as exc:
             run.done = True
             await self._finish(task, S.FAILED, str(exc))
@@ -561,6 +567,38 @@ class Broker:
         if not commands:
             run.done = True
             await self._finish(task, S.SUCCEEDED, "nothing to do")
+
+    @staticmethod
+    def _template_key(task: Task) -> tuple[Any, ...] | None:
+        """What a task's commands depend on, when that is the operation alone (QUERY, SET,
+        EXEC with its correlator, DIAG naming its nodes); None when they depend on the device
+        too (UPDATE: its content and FUMO node; DIAG from the capability)."""
+        op = task.op
+        if isinstance(op, (QueryOp, SetOp)) or (isinstance(op, DiagOp) and op.nodes):
+            return (msgspec.msgpack.encode(op),)
+        if isinstance(op, ExecOp):
+            return (msgspec.msgpack.encode(op), task.correlator)
+        return None
+
+    async def _session_commands(self, session: Any, task: Task) -> list[Any]:
+        """The commands to queue for ``task``: for our own session engine, the operation's
+        prepared commands, shared with every other task of the same operation."""
+        key = self._template_key(task) if isinstance(session, DmSession) else None
+        if key is not None:
+            hit = self._templates.get(key)
+            if hit is not None:
+                return hit
+        commands = await self._commands_for(task)
+        if key is None:
+            return commands
+        try:
+            prepared = [prepare(c) for c in commands]
+        except CommandRejected:
+            return commands                     # queue() refuses them and says why
+        if len(self._templates) >= TEMPLATE_CACHE_SIZE:
+            del self._templates[next(iter(self._templates))]     # the oldest
+        self._templates[key] = prepared
+        return prepared
 
     async def _commands_for(self, task: Task) -> list[Command]:
         op = task.op
