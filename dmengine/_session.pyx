@@ -252,10 +252,16 @@ cdef list _NUM = [str(i) for i in range(4096)]
 cdef inline bint _is(str a, str b):
     """a == b for names: the decoders hand out interned names, so mostly an identity test,
     and a length test rules out most of the rest before any compare."""
+    cdef Py_ssize_t n
     if a is b:
         return True
-    if a is None or b is None or PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b):
+    if a is None or b is None:
         return False
+    n = PyUnicode_GET_LENGTH(a)
+    if n != PyUnicode_GET_LENGTH(b):
+        return False
+    if PyUnicode_IS_ASCII(a) and PyUnicode_IS_ASCII(b):   # (str == str is a library call)
+        return memcmp(PyUnicode_1BYTE_DATA(a), PyUnicode_1BYTE_DATA(b), n) == 0
     return a == b
 
 
@@ -832,8 +838,9 @@ cdef dict _SIZERS = {}
 
 cdef object _resolve_sizer(str encoding):
     """``len(encode(msg))`` with the real codec of the encoding, or None if it is not importable."""
-    if encoding in _SIZERS:
-        return _SIZERS[encoding]
+    sizer = _SIZERS.get(encoding, _SIZERS)         # (the dict itself: "not resolved yet")
+    if sizer is not _SIZERS:
+        return sizer
     sizer = None
     try:
         if encoding == "wbxml":
@@ -1219,9 +1226,9 @@ cdef class DmSession:
         self._random = random_bytes if random_bytes is not None else _urandom
         self._state = S_IDLE
         enc = encoding if encoding is not None else config.encoding
-        if enc not in ("xml", "wbxml"):
+        if type(enc) is not str or (not _is(<str>enc, "wbxml") and not _is(<str>enc, "xml")):
             raise ValueError(f"encoding must be xml or wbxml, not {enc!r}")
-        self._enc = ENC_XML if enc == "xml" else ENC_WBXML
+        self._enc = ENC_XML if _is(<str>enc, "xml") else ENC_WBXML
         self._sizer = config.encoded_size if config.encoded_size is not None else _resolve_sizer(enc)
         self.end_reason = None
         self.devinfo = None
@@ -1356,9 +1363,10 @@ cdef class DmSession:
         if body is not None and len(body) > self.config.max_msg_size:
             raise ProtocolError(f"message of {len(body)} bytes is larger than MaxMsgSize "
                                 f"{self.config.max_msg_size}", status=413)
-        if h.ver_dtd is None or (h.ver_dtd != "1.2" and h.ver_dtd.strip() != "1.2"):
+        if h.ver_dtd is None or (not _is(h.ver_dtd, "1.2") and h.ver_dtd.strip() != "1.2"):
             raise ProtocolError(f"VerDTD {h.ver_dtd!r} not supported (need 1.2)", status=505)
-        if h.ver_proto is None or (h.ver_proto != "DM/1.2" and h.ver_proto.strip().upper() != "DM/1.2"):
+        if h.ver_proto is None or (not _is(h.ver_proto, "DM/1.2")
+                                   and h.ver_proto.strip().upper() != "DM/1.2"):
             raise ProtocolError(f"VerProto {h.ver_proto!r} not supported (need DM/1.2)", status=513)
         msg_id = _parse_uint(h.msg_id)
         if msg_id < 0:
@@ -1366,10 +1374,10 @@ cdef class DmSession:
         if not h.session_id or not h.source:
             raise ProtocolError("SyncHdr needs SessionID and Source", status=400)
         if self.device_id is not None:
-            if h.session_id != self.session_id:
+            if not _is(h.session_id, self.session_id):
                 raise ProtocolError(f"SessionID {h.session_id!r} does not belong to session "
                                     f"{self.session_id!r}", status=400)
-            if h.source != self.device_id:
+            if not _is(h.source, self.device_id):
                 raise ProtocolError(f"Source {h.source!r} is not the device of this session",
                                     status=400)
         if msg.commands is None:
@@ -1511,7 +1519,7 @@ cdef class DmSession:
                     cred_data = None       # DM credentials are always b64
             if cred_type is None and cred_data is not None:
                 cred_type = _AUTH_BASIC        # SyncML default Type for Cred
-        if require == "none":
+        if _is(require, "none"):
             if first:
                 self.authenticated = True
                 self.auth_scheme = "none"
@@ -1519,7 +1527,7 @@ cdef class DmSession:
                 ev.append(new_Authenticated(h.source_name, "none"))
             self._hdr_code = "200"
             return inp
-        if (require == "md5" or require == "basic") and type(account) is _Account \
+        if (_is(require, "md5") or _is(require, "basic")) and type(account) is _Account \
                 and nonce is not None and type(cred_data) is str and cred_type is not None \
                 and ((<_Account>account).dev_id is None or (<_Account>account).dev_id == h.source) \
                 and self._md5_ok(<str>cred_data, cred_type, h.source_name, <_Account>account, nonce):
@@ -1734,7 +1742,8 @@ cdef class DmSession:
                 else:
                     self._interrupt_in_lo(ev)
             if _is(name, "Results"):
-                self._on_results(c, ev)
+                if not self._results_fast(c, ev):
+                    self._on_results(c, ev)
             elif _is(name, "Alert"):
                 self._on_alert(c, ev)
             elif _is(name, "Replace"):
@@ -1898,6 +1907,29 @@ cdef class DmSession:
             target = None
         ev.append(new_StatusReceived(handle, w.name, code, c.items, target, _entry_index(entry)))
 
+    cdef PyObject* _last_entry(self, Command c, long k):
+        """The sent-message entry for CmdRef ``k`` when the command's MsgRef names the message
+        the last Status was for (borrowed; NULL otherwise: the general path decides)."""
+        cdef PyObject* smp = <PyObject*>self._last_sm
+        cdef PyObject* mr = <PyObject*>c.msg_ref
+        cdef PyObject* lr = <PyObject*>self._last_sm_ref
+        cdef PyObject* ep
+        cdef Py_ssize_t i, n
+        if smp == <PyObject*>None or mr == <PyObject*>None or lr == <PyObject*>None:
+            return NULL
+        if mr != lr:                          # MsgRef: a decoded copy of the same digits
+            n = _ulen(mr)
+            if n != _ulen(lr) or not _uascii(mr) or not _uascii(lr) \
+                    or memcmp(_udata(mr), _udata(lr), n) != 0:
+                return NULL
+        i = k - (<_SentMsg>smp).first
+        if i < 0 or i >= _lsize((<_SentMsg>smp).entries):
+            return NULL
+        ep = _list_item((<_SentMsg>smp).entries, i)
+        if ep == <PyObject*>None:
+            return NULL
+        return ep
+
     cdef bint _status_fast(self, Command c, list ev) except -1:
         """The common Status: for a shared command (no chunks, no UI alert) of the message
         the last Status was for, answered the first time.  Read through borrowed pointers
@@ -1905,42 +1937,73 @@ cdef class DmSession:
         to the general path (_on_status), which decides every other case."""
         cdef long code = _parse_uint(c.data)
         cdef long k
+        cdef PyObject* ep
+        cdef PyObject* fp
+        cdef PyObject* tr
+        cdef _SentMsg sm
         if code < 0 or c.cmd_ref is None:
             return False
         k = _parse_uint(c.cmd_ref)
         if k <= 0 or _is_synchdr(c.cmd):
             return False
-        cdef PyObject* smp = <PyObject*>self._last_sm
-        cdef PyObject* mr = <PyObject*>c.msg_ref
-        cdef PyObject* lr = <PyObject*>self._last_sm_ref
-        cdef PyObject* ep
-        cdef PyObject* fp
-        cdef PyObject* tr
-        cdef Py_ssize_t i, n
-        if smp == <PyObject*>None or mr == <PyObject*>None or lr == <PyObject*>None:
-            return False
-        if mr != lr:                          # MsgRef: a decoded copy of the same digits
-            n = _ulen(mr)
-            if n != _ulen(lr) or not _uascii(mr) or not _uascii(lr) \
-                    or memcmp(_udata(mr), _udata(lr), n) != 0:
-                return False
-        i = k - (<_SentMsg>smp).first
-        if i < 0 or i >= _lsize((<_SentMsg>smp).entries) or not (<_SentMsg>smp).awaiting[i]:
-            return False
-        ep = _list_item((<_SentMsg>smp).entries, i)
-        if ep == <PyObject*>None:
+        ep = self._last_entry(c, k)
+        if ep == NULL:
             return False
         fp = _tuple_item(ep, 1)
         if Py_TYPE(fp) is not <PyTypeObject*>PreparedCommand or _tuple_item(ep, 0) == <PyObject*>_INTERNAL \
                 or (<PreparedCommand>fp).one_chunked_item or (<PreparedCommand>fp).ui_alert:
             return False
-        (<_SentMsg>smp).awaiting[i] = 0
-        (<_SentMsg>smp).n_awaiting -= 1
+        sm = self._last_sm
+        if not sm.awaiting[k - sm.first]:
+            return False                      # answered before: the general path ignores it
+        sm.awaiting[k - sm.first] = 0
+        sm.n_awaiting -= 1
         tr = <PyObject*>c.target_refs
         ev.append(new_StatusReceived(<object>_tuple_item(ep, 0), (<PreparedCommand>fp).command.name, code,
                                      c.items,
                                      <object>_list_item(<object>tr, 0) if tr != <PyObject*>None and _lsize(<object>tr)
                                      else (<PreparedCommand>fp).target, _NO_INDEX))
+        return True
+
+    cdef bint _results_fast(self, Command c, list ev) except -1:
+        """The common Results: for a shared Get of the message the last Status was for, whole
+        (no MoreData), no large object from the device in progress.  False leaves it to the
+        general path (_on_results)."""
+        cdef PyObject* ep
+        cdef PyObject* fp
+        cdef PyObject* ip = <PyObject*>c.items
+        cdef Item it
+        cdef list items
+        cdef Py_ssize_t i, n
+        cdef long k
+        if self._in_lo is not None or c.cmd_ref is None or ip == <PyObject*>None:
+            return False
+        n = _lsize(<object>ip)
+        if n == 0 or n > self.config.max_items_per_command:
+            return False
+        for i in range(n):
+            if Py_TYPE(_list_item(<object>ip, i)) is not <PyTypeObject*>Item \
+                    or (<Item>_list_item(<object>ip, i)).more_data:
+                return False
+        k = _parse_uint(c.cmd_ref)
+        if k <= 0:
+            return False
+        ep = self._last_entry(c, k)
+        if ep == NULL:
+            return False
+        fp = _tuple_item(ep, 1)
+        if Py_TYPE(fp) is not <PyTypeObject*>PreparedCommand or not (<PreparedCommand>fp).is_get:
+            return False
+        if _tuple_item(ep, 0) == <PyObject*>_INTERNAL:
+            return True                       # a Get of our own: nothing to report
+        items = PyList_New(n)
+        for i in range(n):
+            it = <Item>_list_item(<object>ip, i)
+            t = (it.source if it.source is not None else it.target,
+                 _fmt_of(it, c), _type_of(it, c), it.data)
+            Py_INCREF(t)
+            PyList_SET_ITEM(items, i, t)
+        ev.append(new_ResultsReceived(<object>_tuple_item(ep, 0), items))
         return True
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
