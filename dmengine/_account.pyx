@@ -12,10 +12,13 @@ cdef class DmAccount:
 
     ``client_nonce``: the nonce the device must use next (the last one we issued).
     ``server_nonce``: the nonce the device gave us for authenticating ourselves.
+    ``resync``: the server sent this device a package #0 signed with the re-synchronisation
+    nonce (PROTOCOL.md §8.2), so its package 1 may carry a digest made with that nonce; only
+    the caller knows, and it should say so only while such a notification is recent.
     """
 
     def __init__(self, *, dev_id, username, client_secret, client_nonce=None, server_id=None,
-                 server_secret=None, server_nonce=None):
+                 server_secret=None, server_nonce=None, resync=False):
         self.dev_id = dev_id
         self.username = username
         self.client_secret = client_secret
@@ -23,6 +26,7 @@ cdef class DmAccount:
         self.server_id = server_id
         self.server_secret = server_secret
         self.server_nonce = server_nonce
+        self.resync = resync
         self._kc = None
         self._sc = None
 

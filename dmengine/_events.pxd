@@ -68,10 +68,11 @@ cdef inline DeviceIdentified new_DeviceIdentified(object dev_id, object devinfo,
     return e
 
 
-cdef inline Authenticated new_Authenticated(object username, object scheme):
+cdef inline Authenticated new_Authenticated(object username, object scheme, object resync_nonce):
     cdef Authenticated e = Authenticated.__new__(Authenticated)
     e._0 = username
     e._1 = scheme
+    e._2 = resync_nonce
     return e
 
 

@@ -93,16 +93,18 @@ cdef class DeviceIdentified(EventBase):
 
 @cython.final
 cdef class Authenticated(EventBase):
-    """The device authenticated."""
+    """The device authenticated; ``resync_nonce`` is the re-synchronisation nonce its digest used
+    (package #0 sent with it, PROTOCOL.md §8.2), else None."""
 
-    _fields = ('username', 'scheme',)
+    _fields = ('username', 'scheme', 'resync_nonce',)
 
-    def __init__(self, username, scheme):
+    def __init__(self, username, scheme, resync_nonce=None):
         self._0 = username
         self._1 = scheme
+        self._2 = resync_nonce
 
     cdef tuple _values(self):
-        return (self._0, self._1,)
+        return (self._0, self._1, self._2,)
 
     @property
     def username(self):
@@ -111,6 +113,10 @@ cdef class Authenticated(EventBase):
     @property
     def scheme(self):
         return self._1
+
+    @property
+    def resync_nonce(self):
+        return self._2
 
 
 @cython.final

@@ -861,6 +861,7 @@ cdef Meta _MD5_CRED_META = Meta(format="b64", type=_auth.AUTH_MD5)   # shared by
 cdef str _AUTH_MD5 = _auth.AUTH_MD5       # read per package 1: module attributes cost a dict lookup
 cdef str _AUTH_BASIC = _auth.AUTH_BASIC
 cdef Py_ssize_t _NONCE_SIZE = _auth.NONCE_SIZE
+cdef tuple _RESYNC_NONCES = _auth.RESYNC_NONCES
 
 
 cdef class SessionConfig:
@@ -1524,20 +1525,29 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = "none"
                 self.username = h.source_name
-                ev.append(new_Authenticated(h.source_name, "none"))
+                ev.append(new_Authenticated(h.source_name, "none", None))
             self._hdr_code = "200"
             return inp
+        resync = None
         if (_is(require, "md5") or _is(require, "basic")) and type(account) is _Account \
-                and nonce is not None and type(cred_data) is str and cred_type is not None \
+                and type(cred_data) is str and cred_type is not None \
                 and ((<_Account>account).dev_id is None or (<_Account>account).dev_id == h.source) \
-                and self._md5_ok(<str>cred_data, cred_type, h.source_name, <_Account>account, nonce):
+                and ((nonce is not None and self._md5_ok(<str>cred_data, cred_type, h.source_name,
+                                                         <_Account>account, nonce))
+                     or (first and (<_Account>account).resync
+                         and (resync := self._resync_nonce(<str>cred_data, cred_type, h.source_name,
+                                                           <_Account>account)) is not None)):
             # the common case (a right MD5 digest) without the general check_client path;
-            # anything else goes through check_client, which names the failure
+            # anything else goes through check_client, which names the failure.  After a
+            # re-synchronisation package #0 the digest may use the well-known nonce; we then
+            # authenticate ourselves with it too, and the Chal below gives the device a fresh one
             if first:
                 self.authenticated = True
                 self.auth_scheme = "md5"
                 self.username = (<_Account>account).username
-                ev.append(new_Authenticated((<_Account>account).username, "md5"))
+                ev.append(new_Authenticated((<_Account>account).username, "md5", resync))
+                if resync is not None:
+                    self._server_nonce = resync
             self._hdr_code = "212"
             self._issue_nonce(_AUTH_MD5, ev)
             return inp
@@ -1553,7 +1563,7 @@ cdef class DmSession:
                 self.authenticated = True
                 self.auth_scheme = res.scheme
                 self.username = res.username
-                ev.append(new_Authenticated(res.username, res.scheme))
+                ev.append(new_Authenticated(res.username, res.scheme, None))
             if res.scheme == "none":
                 self._hdr_code = "200"
             elif res.scheme == "hmac":
@@ -1621,6 +1631,14 @@ cdef class DmSession:
         while nd > 0 and (d[nd - 1] == 32 or d[nd - 1] == 9 or d[nd - 1] == 10 or d[nd - 1] == 13):
             nd -= 1
         return nd == 24 and CRYPTO_memcmp(d, b64, 24) == 0
+
+    cdef object _resync_nonce(self, str cred_data, str cred_type, str loc_name, _Account account):
+        """The re-synchronisation nonce (either reading) ``cred_data`` is the MD5 digest for,
+        else None."""
+        for n in _RESYNC_NONCES:
+            if self._md5_ok(cred_data, cred_type, loc_name, account, <bytes>n):
+                return n
+        return None
 
     cdef _issue_nonce(self, str chal_type, list ev):
         if self._random is _urandom:

@@ -28,6 +28,7 @@ from .status import StatusCode
 
 __all__ = [
     "AUTH_BASIC", "AUTH_MD5", "AUTH_MAC", "SCHEME_TYPES", "TYPE_SCHEMES", "NONCE_SIZE",
+    "RESYNC_NONCE_BYTES", "RESYNC_NONCE_ASCII", "RESYNC_NONCES",
     "DmAccount", "AuthResult", "HmacHeader",
     "md5_key", "md5_digest", "basic_cred", "hmac_mac", "parse_hmac_header", "format_hmac_header",
     "verify_basic", "verify_md5", "verify_md5_key", "verify_hmac", "new_nonce", "nonce_b64", "decode_nonce",
@@ -40,6 +41,11 @@ AUTH_MAC = "syncml:auth-MAC"
 SCHEME_TYPES = {"basic": AUTH_BASIC, "md5": AUTH_MD5, "hmac": AUTH_MAC}
 TYPE_SCHEMES = {AUTH_BASIC.lower(): "basic", AUTH_MD5.lower(): "md5", AUTH_MAC.lower(): "hmac"}
 NONCE_SIZE = 16                 # RECOMMENDED 16 random octets (PROTOCOL.md §7.2)
+# Nonce re-synchronisation (PROTOCOL.md §8.2 and §12.2): the spec's "0x00000000" is read
+# either as four zero bytes or as the ten ASCII characters; clients differ.
+RESYNC_NONCE_BYTES = b"\x00\x00\x00\x00"
+RESYNC_NONCE_ASCII = b"0x00000000"
+RESYNC_NONCES = (RESYNC_NONCE_ASCII, RESYNC_NONCE_BYTES)
 MAX_HMAC_HEADER = 1024          # longer x-syncml-hmac values are refused outright
 
 

@@ -35,7 +35,7 @@ from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
 from .errors import (CommandRejected, GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
                      UnknownResource)
-from .events import (CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
+from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
 from .message import Command, Item, Meta
@@ -80,6 +80,13 @@ class BrokerConfig:
     default_fumo_path: str = DEFAULT_DEFAULT_FUMO_PATH
     diag_nodes: tuple[str, ...] = DEFAULT_DIAG_NODES
     notify_ui_mode: int = 0            #: package-0 ui-mode (2 informative, 3 user interaction)
+    #: notifications of a task signed with the device's stored nonce before package #0 goes out
+    #: signed with the re-synchronisation nonce (PROTOCOL.md §8.2): a device that lost its
+    #: nonces drops the first ones as forged; None: never re-synchronise
+    resync_after: int | None = 2
+    resync_window: float = 86400.0     #: how long the device may then open with that nonce
+    #: the reading of "0x00000000" our package #0 uses (the session accepts both)
+    resync_nonce: bytes = auth.RESYNC_NONCE_ASCII
     tick_interval: float = 1.0         #: how often the scheduler loop looks for due tasks
 
 
@@ -323,14 +330,22 @@ class Broker:
         if acc.client_name:
             self._by_username[acc.client_name] = device.dev_id
         session_id = self._rng.randint(1, 0xFFFF)
+        resync = self.config.resync_after is not None and task.attempts >= self.config.resync_after
+        if resync:
+            # the device may have lost its nonces: sign with the well-known one and let its
+            # package 1 use it too for a while (the session then hands out fresh nonces)
+            acc = msgspec.structs.replace(acc, resync_until=now + self.config.resync_window)
+            await self.store.update_device(device.dev_id, {"account": acc})
         pkg0 = build_pkg0(acc.server_id, acc.server_password or "",
-                          _nonce(acc.server_nonce), session_id,
+                          self.config.resync_nonce if resync else _nonce(acc.server_nonce),
+                          session_id,
                           ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1)
         # NOTIFIED is written before the send: a fast device may open its session (and move
         # the task to IN_PROGRESS) before the gateway call returns.
         task = await self._move(
             task.task_id, S.NOTIFIED,
-            cause=f"package #0 sent via {self.gateway.name} (session {session_id:X})",
+            cause=f"package #0{' (nonce re-synchronisation)' if resync else ''} sent via "
+                  f"{self.gateway.name} (session {session_id:X})",
             changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
         try:
             await self.gateway.send(device.msisdn, pkg0)
@@ -417,7 +432,8 @@ class Broker:
                               client_nonce=_nonce(acc.client_nonce) if acc.client_nonce else None,
                               server_id=acc.server_id,
                               server_secret=acc.server_password or "",
-                              server_nonce=_nonce(acc.server_nonce) if acc.server_nonce else None)
+                              server_nonce=_nonce(acc.server_nonce) if acc.server_nonce else None,
+                              resync=acc.resync_until is not None and self.clock() < acc.resync_until)
 
     async def on_events(self, session: Any, events: list[Any]) -> None:
         work = self._sessions.setdefault(id(session), _SessionWork())
@@ -458,6 +474,8 @@ class Broker:
                 run.done = True
                 await self._retry_later(run.task, f"session ended before the device answered "
                                                   f"({ev.reason})")
+        elif isinstance(ev, Authenticated):
+            await self._on_authenticated(session, ev)
         elif isinstance(ev, NonceIssued):
             await self._save_nonce(work, ev.dev_id, "client_nonce", ev.nonce)
         elif isinstance(ev, ServerNonceReceived):
@@ -465,6 +483,22 @@ class Broker:
         elif isinstance(ev, SessionEnded):
             self._sessions.pop(id(session), None)
             await self._settle(work, f"session ended ({ev.reason})")
+
+    async def _on_authenticated(self, session: Any, ev: Authenticated) -> None:
+        """A re-synchronisation is over once the device authenticated: it holds the nonce the
+        session issued (NonceIssued), and for us the well-known one it used, until it sends
+        another (ServerNonceReceived)."""
+        record = await self._record_for(getattr(session, "device_id", None), ev.username)
+        if record is None or record.account is None:
+            return
+        acc = record.account
+        if ev.resync_nonce is not None:
+            acc = msgspec.structs.replace(acc, server_nonce=b64(ev.resync_nonce), resync_until=None)
+        elif acc.resync_until is not None:
+            acc = msgspec.structs.replace(acc, resync_until=None)
+        else:
+            return
+        await self.store.update_device(record.dev_id, {"account": acc})
 
     async def _save_nonce(self, work: _SessionWork, dev_id: str | None, slot: str,
                           nonce: bytes) -> None:

@@ -136,6 +136,9 @@ class DmAccount(Struct, kw_only=True, omit_defaults=True):
     server_password: Union[Secret, None] = None
     server_key: Union[Secret, None] = None
     server_nonce: Union[Annotated[str, Meta(max_length=256)], None] = None   # base64, device issued it
+    # until when a package 1 may authenticate with the re-synchronisation nonce: set when a
+    # package #0 went out signed with it, cleared when the device next authenticates
+    resync_until: Union[float, None] = None
 
 
 class Device(Struct, kw_only=True, omit_defaults=True):

@@ -304,3 +304,36 @@ def test_md5_digest_for_another_nonce_or_name_fails_with_cached_key():
     s3 = DmSession(_cfg(), session_key="k3", resp_uri=None, now=0)
     ev = s3.receive(_pkg1(cred=_md5(N01), name="someone"), now=1, account=acc)
     assert [e.status for e in ev if isinstance(e, AuthFailed)] == [401]
+
+
+# --- nonce re-synchronisation (PROTOCOL.md §8.2) ------------------------------------------
+
+@pytest.mark.parametrize("resync_nonce", [auth.RESYNC_NONCE_ASCII, auth.RESYNC_NONCE_BYTES])
+def test_resync_nonce_accepted_after_a_resync_notification(resync_nonce):
+    acc = _account(nonce=N05)                  # we think the device holds N05; it lost it
+    acc.resync = True                           # ... and we sent it a resync package #0
+    s = DmSession(_cfg(), session_key="k", resp_uri=None, now=0)
+    ev = s.receive(_pkg1(cred=_md5(resync_nonce)), now=1, account=acc)
+    assert Authenticated("dmclient01", "md5", resync_nonce) in ev
+    fresh = next(e.nonce for e in ev if isinstance(e, NonceIssued))
+    assert fresh not in auth.RESYNC_NONCES
+    reply = s.next_message(now=2)
+    st = reply.commands[0]
+    assert st.data == "212" and auth.decode_nonce(st.chal.meta.next_nonce) == fresh
+    # we authenticate ourselves with the same well-known nonce (the device holds no other)
+    assert reply.hdr.cred.data == auth.server_cred("acme-dms", "srv-secret-42", resync_nonce)
+
+
+def test_resync_nonce_refused_without_a_resync_notification():
+    s = DmSession(_cfg(), session_key="k", resp_uri=None, now=0)
+    ev = s.receive(_pkg1(cred=_md5(auth.RESYNC_NONCE_ASCII)), now=1, account=_account(nonce=N05))
+    assert not any(isinstance(e, Authenticated) for e in ev)
+    assert any(isinstance(e, AuthFailed) and e.status == 401 for e in ev)
+    # and the stored nonce still wins when the device did not lose it
+    acc = _account(nonce=N05)
+    acc.resync = True
+    s = DmSession(_cfg(), session_key="k2", resp_uri=None, now=0)
+    ev = s.receive(_pkg1(cred=_md5(N05)), now=1, account=acc)
+    assert Authenticated("dmclient01", "md5", None) in ev
+    assert s.next_message(now=2).hdr.cred.data == auth.server_cred("acme-dms", "srv-secret-42", N02)
+

@@ -299,7 +299,9 @@ def test_device_never_connects_retries_then_expires(tmp_path):
         assert task.state == S.EXPIRED
         assert task.attempts == 3
         causes = [h.cause for h in await w.broker.get_task_history(tid)]
-        assert sum("package #0 sent via loopback" in (c or "") for c in causes) == 3
+        assert sum("sent via loopback" in (c or "") for c in causes) == 3
+        # the third one (resync_after=2) is signed with the re-synchronisation nonce
+        assert sum("package #0 (nonce re-synchronisation)" in (c or "") for c in causes) == 1
         assert "did not connect after 3 notifications" in causes[-1]
     run_world(tmp_path, scenario,
               broker=BrokerConfig(retry_delays=(0.2,), max_notifications=3, tick_interval=0.05))
@@ -636,3 +638,49 @@ def test_non_retryable_gateway_refusal_fails_the_task(tmp_path):
         task = await w.wait_state(tid, {S.FAILED})
         assert "notification refused" in task.cause
     run_world(tmp_path, scenario)
+
+
+def test_device_that_lost_its_nonces_is_resynchronised(tmp_path):
+    # a device that forgot its nonces (a factory reset) drops our package #0 as forged; after
+    # resync_after notifications package #0 is signed with the well-known nonce, the device
+    # opens its session with it, and the session hands out fresh nonces (PROTOCOL.md §8.2)
+    from dmengine import auth
+
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        dev.client_nonce, dev.server_nonce = b"forgotten-client", b"forgotten-server"
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        causes = [h.cause or "" for h in await w.broker.get_task_history(tid)]
+        sent = [c for c in causes if "sent via loopback" in c]
+        assert len(sent) == 3 and "re-synchronisation" in sent[2]
+        assert not any("re-synchronisation" in c for c in sent[:2])
+        assert w.fleet.stats.outcomes["pkg0_rejected"] == 2
+        rec = await w.store.get_device(dev.dev_id)
+        assert rec.account.resync_until is None
+        assert dev.client_nonce not in auth.RESYNC_NONCES            # the session's fresh one
+        assert base64.b64decode(rec.account.client_nonce) == dev.client_nonce
+        # in step again: the next task needs one plain package #0
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevDetail/FwV"]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        causes = [h.cause or "" for h in await w.broker.get_task_history(tid)]
+        assert [c for c in causes if "sent via loopback" in c][0].startswith("package #0 sent")
+        assert not any("re-synchronisation" in c for c in causes)
+    run_world(tmp_path, scenario, broker=BrokerConfig(retry_delays=(0.2,), tick_interval=0.05))
+
+
+def test_device_without_resync_support_still_expires(tmp_path):
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        dev.client_nonce, dev.server_nonce = b"forgotten-client", b"forgotten-server"
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+        assert task.state == S.EXPIRED and w.fleet.stats.outcomes["pkg0_rejected"] == 3
+        rec = await w.store.get_device(dev.dev_id)
+        assert rec.account.resync_until is not None       # it would have been let in
+    run_world(tmp_path, scenario, profile=DeviceProfile(resync=False),
+              broker=BrokerConfig(retry_delays=(0.2,), max_notifications=3, tick_interval=0.05))

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from dmengine.auth import RESYNC_NONCE_ASCII, RESYNC_NONCE_BYTES  # (the session accepts them too)
 from dmengine.errors import CodecError
 
 __all__ = [
@@ -60,10 +61,6 @@ ACCEPTED_VERSIONS: tuple[int, ...] = (11, 12)    # PROTOCOL.md §12.1: send 11, 
 MAX_SESSION_ID = 0xFFFF
 MAX_SERVER_ID_LEN = 0xFF
 
-# Nonce re-synchronisation (PROTOCOL.md §8.2 and §12.2): the spec's "0x00000000" is read
-# either as four zero bytes or as the ten ASCII characters; clients differ.
-RESYNC_NONCE_BYTES = b"\x00\x00\x00\x00"
-RESYNC_NONCE_ASCII = b"0x00000000"
 
 UI_NOT_SPECIFIED = 0
 UI_BACKGROUND = 1

@@ -90,6 +90,7 @@ class DeviceProfile:
     text_answer: str = "ok"
     report_in_same_session: bool = True      # FUMO 1226 in the session of the Exec, else later
     verify_server: bool = False              # check the server's Cred when it sends one
+    resync: bool = True                      # follow a package #0 signed with the resync nonce
     user_agent: str = "dmengine-sim/1.0"
 
 

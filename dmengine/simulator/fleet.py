@@ -413,6 +413,14 @@ class Fleet:
         except CodecError as exc:
             self._report(SessionReport(dev.dev_id, "pkg0_rejected", 0, 0.0, str(exc), 1200))
             return True
+        if p.resync and dev.profile.resync:
+            # the server re-synchronises: this session runs on the well-known nonce both
+            # ways, and the server's Chal gives us a fresh one (PROTOCOL.md §8.2)
+            dev.client_nonce = dev.server_nonce = p.nonce
+        elif p.resync:
+            self._report(SessionReport(dev.dev_id, "pkg0_rejected", 0, 0.0,
+                                       "re-synchronisation nonce (not supported)", 1200))
+            return True
         self.spawn(self.run_session(dev, alert=1200, session_id=p.session_id_text))
         return True
 
