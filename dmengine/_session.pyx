@@ -289,14 +289,6 @@ cdef inline void _swap_lists(list a, list b):
     Py_SET_SIZE(<PyObject*>b, size)
 
 
-cdef inline list _list_with_room(Py_ssize_t n):
-    """An empty list with room for ``n`` appends (at most 1,024): a package 3 answering 50
-    commands makes ~70 events, which would otherwise grow the list nine times."""
-    cdef list out = PyList_New(n if n <= 1024 else 1024)    # slots NULL, never read
-    Py_SET_SIZE(<PyObject*>out, 0)
-    return out
-
-
 cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
 
 cdef inline str _num(Py_ssize_t i):
@@ -1333,7 +1325,7 @@ cdef class DmSession:
         events of the failure, among them SessionEnded("protocol_error")) when the message
         cannot be part of this session; error_reply(exc) builds the answer.
         """
-        cdef list ev = _list_with_room(len(<list>msg.commands) + 4 if type(msg.commands) is list else 4)
+        cdef list ev = []
         try:
             try:
                 self._receive(msg, now, account, hmac_header, body, ev)
