@@ -640,6 +640,15 @@ def test_non_retryable_gateway_refusal_fails_the_task(tmp_path):
     run_world(tmp_path, scenario)
 
 
+async def _query_after_factory_reset(w: World) -> tuple[VirtualDevice, Any]:
+    """Device 0 forgets the nonces its record holds; a QUERY for it runs to a final state."""
+    dev = w.device(0)
+    await w.register(dev)
+    dev.client_nonce, dev.server_nonce = b"forgotten-client", b"forgotten-server"
+    tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
+    return dev, await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+
+
 def test_device_that_lost_its_nonces_is_resynchronised(tmp_path):
     # a device that forgot its nonces (a factory reset) drops our package #0 as forged; after
     # resync_after notifications package #0 is signed with the well-known nonce, the device
@@ -647,11 +656,8 @@ def test_device_that_lost_its_nonces_is_resynchronised(tmp_path):
     from dmengine import auth
 
     async def scenario(w: World) -> None:
-        dev = w.device(0)
-        await w.register(dev)
-        dev.client_nonce, dev.server_nonce = b"forgotten-client", b"forgotten-server"
-        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
-        task = await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+        dev, task = await _query_after_factory_reset(w)
+        tid = task.task_id
         assert task.state == S.SUCCEEDED, task.cause
         causes = [h.cause or "" for h in await w.broker.get_task_history(tid)]
         sent = [c for c in causes if "sent via loopback" in c]
@@ -674,11 +680,7 @@ def test_device_that_lost_its_nonces_is_resynchronised(tmp_path):
 
 def test_device_without_resync_support_still_expires(tmp_path):
     async def scenario(w: World) -> None:
-        dev = w.device(0)
-        await w.register(dev)
-        dev.client_nonce, dev.server_nonce = b"forgotten-client", b"forgotten-server"
-        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
-        task = await w.wait_state(tid, {S.SUCCEEDED, S.EXPIRED, S.FAILED})
+        dev, task = await _query_after_factory_reset(w)
         assert task.state == S.EXPIRED and w.fleet.stats.outcomes["pkg0_rejected"] == 3
         rec = await w.store.get_device(dev.dev_id)
         assert rec.account.resync_until is not None       # it would have been let in
