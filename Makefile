@@ -43,7 +43,7 @@ fuzz: deps build
 	$(VPY) fuzz/run.py --runs 1000000
 
 typecheck: build
-	$(VPY) -m mypy dmengine/_wbxml.pyi dmengine/_message.pyi
+	$(VPY) -m mypy dmengine/_wbxml.pyi dmengine/_message.pyi dmengine/_events.pyi dmengine/_account.pyi dmengine/events.py
 
 clean:
 	rm -rf build dmengine/*.so dmengine/*.c dmengine/*/*.so dmengine/*/*.c
