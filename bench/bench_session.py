@@ -92,21 +92,17 @@ def _run(quick: bool, tune_gc) -> None:
                 m.hdr.meta.max_msg_size = big
             return m
 
-        def step12():
-            s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
-            s.receive(pkg1(), now=1.0, account=account)
-            s.queue_many(pairs)
-            out = codec.encode(s.next_message(now=1.0))
-            s.keep_reply_bytes(out)           # as the device port does with a session that goes on
-            return out
+        def step12_with(queued):
+            def step12():
+                s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
+                s.receive(pkg1(), now=1.0, account=account)
+                s.queue_many(queued)
+                out = codec.encode(s.next_message(now=1.0))
+                s.keep_reply_bytes(out)       # as the device port does with a session that goes on
+                return out
+            return step12
 
-        def step12_plain():
-            s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
-            s.receive(pkg1(), now=1.0, account=account)
-            s.queue_many(plain_pairs)
-            out = codec.encode(s.next_message(now=1.0))
-            s.keep_reply_bytes(out)
-            return out
+        step12, step12_plain = step12_with(pairs), step12_with(plain_pairs)
 
         reply2 = step12()
         n_reply2 = len(codec.decode(reply2).commands)
