@@ -1141,6 +1141,16 @@ cdef inline str _type_of(Item it, Command c):
     return None
 
 
+cdef inline str _item_uri(Item it):
+    """Where an Item from the device is about: its Source, else its Target."""
+    return it.source if it.source is not None else it.target
+
+
+cdef inline tuple _result_item(Item it, Command c):
+    """One ResultsReceived item: (uri, format, type, data), Meta inherited from the command."""
+    return (_item_uri(it), _fmt_of(it, c), _type_of(it, c), it.data)
+
+
 # --- the session -------------------------------------------------------------------------
 
 cdef object _StateOf = SessionState
@@ -1689,7 +1699,7 @@ cdef class DmSession:
             elif _is(c.name, "Replace") and c.items is not None:
                 for o in c.items:
                     it = <Item?>o
-                    src = it.source if it.source is not None else it.target
+                    src = _item_uri(it)
                     at = _devinfo_at(src)
                     if at >= 0:
                         v = _text(it.data)
@@ -1791,7 +1801,7 @@ cdef class DmSession:
         else:
             for o in c.items:
                 it = <Item?>o
-                if not _is_devinfo(it.source if it.source is not None else it.target):
+                if not _is_devinfo(_item_uri(it)):
                     code = "405"        # the server has no tree the device may change
                     break
         if not c.no_resp:
@@ -2017,8 +2027,7 @@ cdef class DmSession:
         items = PyList_New(n)
         for i in range(n):
             it = <Item>_list_item(<object>ip, i)
-            t = (it.source if it.source is not None else it.target,
-                 _fmt_of(it, c), _type_of(it, c), it.data)
+            t = _result_item(it, c)
             Py_INCREF(t)
             PyList_SET_ITEM(items, i, t)
         ev.append(new_ResultsReceived(<object>_tuple_item(ep, 0), items))
@@ -2068,8 +2077,7 @@ cdef class DmSession:
                     return
                 self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, items[:i], ev)
                 return
-            t = (it.source if it.source is not None else it.target,
-                 _fmt_of(it, c), _type_of(it, c), it.data)
+            t = _result_item(it, c)
             Py_INCREF(t)
             PyList_SET_ITEM(items, i, t)
         if handle is not _INTERNAL:
@@ -2117,7 +2125,7 @@ cdef class DmSession:
         lo.alert_code = alert_code
         lo.correlator = c.correlator
         lo.mark = m.mark if m is not None else None
-        lo.uri = it.source if it.source is not None else it.target
+        lo.uri = _item_uri(it)
         lo.format = _fmt_of(it, c)
         lo.type = _type_of(it, c)
         lo.parts = []
