@@ -149,6 +149,7 @@ class _TaskRun:
 class _SessionWork:
     dev_id: str | None = None                # the record the session stands for
     runs: dict[str, _TaskRun] = field(default_factory=dict)
+    authenticated: Authenticated | None = None   # until DeviceIdentified writes the record
 
 
 class Broker:
@@ -475,7 +476,7 @@ class Broker:
                 await self._retry_later(run.task, f"session ended before the device answered "
                                                   f"({ev.reason})")
         elif isinstance(ev, Authenticated):
-            await self._on_authenticated(session, ev)
+            work.authenticated = ev          # its account change goes with _on_identified's write
         elif isinstance(ev, NonceIssued):
             await self._save_nonce(work, ev.dev_id, "client_nonce", ev.nonce)
         elif isinstance(ev, ServerNonceReceived):
@@ -484,21 +485,19 @@ class Broker:
             self._sessions.pop(id(session), None)
             await self._settle(work, f"session ended ({ev.reason})")
 
-    async def _on_authenticated(self, session: Any, ev: Authenticated) -> None:
-        """A re-synchronisation is over once the device authenticated: it holds the nonce the
-        session issued (NonceIssued), and for us the well-known one it used, until it sends
-        another (ServerNonceReceived)."""
-        record = await self._record_for(getattr(session, "device_id", None), ev.username)
-        if record is None or record.account is None:
-            return
-        acc = record.account
+    @staticmethod
+    def _after_authentication(acc: DmAccount | None, ev: Authenticated | None) -> DmAccount | None:
+        """The account once the device authenticated, when that changes it (else None): a
+        re-synchronisation is over; the device holds the nonce the session issued
+        (NonceIssued), and for us the well-known one it used, until it sends another
+        (ServerNonceReceived)."""
+        if acc is None or ev is None:
+            return None
         if ev.resync_nonce is not None:
-            acc = msgspec.structs.replace(acc, server_nonce=b64(ev.resync_nonce), resync_until=None)
-        elif acc.resync_until is not None:
-            acc = msgspec.structs.replace(acc, resync_until=None)
-        else:
-            return
-        await self.store.update_device(record.dev_id, {"account": acc})
+            return msgspec.structs.replace(acc, server_nonce=b64(ev.resync_nonce), resync_until=None)
+        if acc.resync_until is not None:
+            return msgspec.structs.replace(acc, resync_until=None)
+        return None
 
     async def _save_nonce(self, work: _SessionWork, dev_id: str | None, slot: str,
                           nonce: bytes) -> None:
@@ -523,6 +522,10 @@ class Broker:
         now = self.clock()
         changes: dict[str, Any] = {"last_contact": now,
                                    "devinfo": {f"./DevInfo/{k}": str(v) for k, v in ev.devinfo.items()}}
+        account = self._after_authentication(record.account, work.authenticated)
+        if account is not None:
+            changes["account"] = account
+        work.authenticated = None
         await self.store.update_device(record.dev_id, changes)
         tasks = await self._open_tasks(record.dev_id)
         for task in tasks:
