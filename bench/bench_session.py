@@ -93,7 +93,7 @@ def _run(quick: bool, tune_gc) -> None:
             return m
 
         def step12_with(queued):
-            def step12():
+            def step12(_k=0):             # (paired() passes a call number)
                 s = DmSession(cfg, session_key="b", resp_uri="https://dm.example.com/oma-dm/b", now=0.0)
                 s.receive(pkg1(), now=1.0, account=account)
                 s.queue_many(queued)
@@ -118,8 +118,8 @@ def _run(quick: bool, tune_gc) -> None:
         # the machine is shared, so each pair compares like with like and the median over
         # the pairs leaves the disturbed ones out
         tune_gc()                 # as the server runs (after start-up: frozen, threshold 20k)
-        r12 = paired(lambda _k: step12(), codec12, batch=batch, pairs=n_pairs, clock=cpu)
-        r12p = paired(lambda _k: step12_plain(), codec12, batch=batch, pairs=max(20, n_pairs // 4),
+        r12 = paired(step12, codec12, batch=batch, pairs=n_pairs, clock=cpu)
+        r12p = paired(step12_plain, codec12, batch=batch, pairs=max(20, n_pairs // 4),
                       clock=cpu)
 
         # --- package 3 -> 4: sessions waiting for msg_c --------------------------------
@@ -136,10 +136,6 @@ def _run(quick: bool, tune_gc) -> None:
         reply4 = probe.next_message(now=2.0)
         assert probe.ended and len(reply4.commands) == 1
 
-        def step34(s):
-            s.receive(codec.decode(raw_c), now=2.0, account=account)
-            return codec.encode(s.next_message(now=2.0))
-
         def codec34():
             codec.decode(raw_c)
             return codec.encode(reply4)
@@ -148,8 +144,13 @@ def _run(quick: bool, tune_gc) -> None:
         for _ in range(pools):
             pool = [waiting_session() for _ in range(pool_size)]
             gc.collect()          # the pool's own garbage is not the step's cost (GC stays on)
-            r34 += paired(lambda k: step34(pool[k]), codec34, batch=batch, pairs=pool_size // batch,
-                          clock=cpu)
+
+            def step34(k, pool=pool):     # (no wrapper call: the codec side has none either)
+                s = pool[k]
+                s.receive(codec.decode(raw_c), now=2.0, account=account)
+                return codec.encode(s.next_message(now=2.0))
+
+            r34 += paired(step34, codec34, batch=batch, pairs=pool_size // batch, clock=cpu)
             del pool
 
         for case, runs in ((f"pkg1->2 {enc}", r12), (f"pkg3->4 {enc}", r34),
