@@ -24,6 +24,11 @@ if DEBUG:
     directives.update(linetrace=True, profile=True)
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
 
+# Types whose objects other modules create by the thousand (``T.__new__(T)`` from another
+# module calls ``T->tp_new``): with Cython's vectorcall tp_new that slot is a wrapper that
+# re-packs the (empty) arguments for the real constructor, ~50 instructions per object.
+PLAIN_TP_NEW = {"dmengine._events"}
+
 extensions = []
 for path in sorted(glob.glob("dmengine/**/*.pyx", recursive=True)):
     name = path[:-4].replace(os.sep, ".")
@@ -31,7 +36,7 @@ for path in sorted(glob.glob("dmengine/**/*.pyx", recursive=True)):
         Extension(
             name,
             [path],
-            define_macros=macros,
+            define_macros=macros + ([("CYTHON_VECTORCALL_TPNEW", "0")] if name in PLAIN_TP_NEW else []),
             extra_compile_args=["-O0", "-g"] if DEBUG else ["-O2"],
         )
     )

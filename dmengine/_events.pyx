@@ -244,7 +244,7 @@ cdef class StatusReceived(EventBase):
 
 @cython.final
 cdef class ResultsReceived(EventBase):
-    """The device's Results for a queued Get: (uri, format, type, data) per Item."""
+    """The device's Results for a queued Get: (uri, format, type, data) per Item, in a tuple."""
 
     _fields = ('handle', 'items',)
 

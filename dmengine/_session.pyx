@@ -63,6 +63,8 @@ cdef extern from "Python.h":
     const unsigned char* PyUnicode_1BYTE_DATA(object o)
     list PyList_New(Py_ssize_t n)
     void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
+    tuple PyTuple_New(Py_ssize_t n)
+    void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
     PyTypeObject* Py_TYPE(PyObject* o)
     ctypedef struct _ListObj "PyListObject":
@@ -285,6 +287,27 @@ cdef inline void _swap_lists(list a, list b):
     y.ob_item = items
     y.allocated = allocated
     Py_SET_SIZE(<PyObject*>b, size)
+
+
+cdef inline list _list_with_room(Py_ssize_t n):
+    """An empty list with room for ``n`` items (appended with _push, no reallocation)."""
+    cdef list out = PyList_New(n)             # n NULL slots: nothing to release
+    Py_SET_SIZE(<PyObject*>out, 0)
+    return out
+
+
+cdef inline int _push(list a, object o) except -1:
+    """a.append(o) into room made beforehand (list.append would first shrink a list whose
+    room is over twice its length, then grow it again)."""
+    cdef _ListObj* x = <_ListObj*>a
+    cdef Py_ssize_t n = Py_SIZE(<PyObject*>a)
+    if n < x.allocated:
+        Py_INCREF(o)
+        x.ob_item[n] = <PyObject*>o
+        Py_SET_SIZE(<PyObject*>a, n + 1)
+        return 0
+    a.append(o)
+    return 0
 
 
 cdef dict _NUM_BIG = {}        # larger numbers we print again and again (MaxMsgSize, MaxObjSize)
@@ -1343,7 +1366,8 @@ cdef class DmSession:
         events of the failure, among them SessionEnded("protocol_error")) when the message
         cannot be part of this session; error_reply(exc) builds the answer.
         """
-        cdef list ev = []
+        # room for an event per command and a few more: a package 3 makes one per Status/Results
+        cdef list ev = _list_with_room(len(msg.commands) + 4 if msg.commands is not None else 4)
         try:
             try:
                 self._receive(msg, now, account, hmac_header, body, ev)
@@ -1987,7 +2011,7 @@ cdef class DmSession:
         sm.awaiting[k - sm.first] = 0
         sm.n_awaiting -= 1
         tr = <PyObject*>c.target_refs
-        ev.append(new_StatusReceived(<object>_tuple_item(ep, 0), (<PreparedCommand>fp).command.name, code,
+        _push(ev, new_StatusReceived(<object>_tuple_item(ep, 0), (<PreparedCommand>fp).command.name, code,
                                      c.items,
                                      <object>_list_item(<object>tr, 0) if tr != <PyObject*>None and _lsize(<object>tr)
                                      else (<PreparedCommand>fp).target, _NO_INDEX))
@@ -2001,7 +2025,7 @@ cdef class DmSession:
         cdef PyObject* fp
         cdef PyObject* ip = <PyObject*>c.items
         cdef Item it
-        cdef list items
+        cdef tuple items
         cdef Py_ssize_t i, n
         cdef long k
         if self._in_lo is not None or c.cmd_ref is None or ip == <PyObject*>None:
@@ -2024,13 +2048,13 @@ cdef class DmSession:
             return False
         if _tuple_item(ep, 0) == <PyObject*>_INTERNAL:
             return True                       # a Get of our own: nothing to report
-        items = PyList_New(n)
+        items = PyTuple_New(n)
         for i in range(n):
             it = <Item>_list_item(<object>ip, i)
             t = _result_item(it, c)
             Py_INCREF(t)
-            PyList_SET_ITEM(items, i, t)
-        ev.append(new_ResultsReceived(<object>_tuple_item(ep, 0), items))
+            PyTuple_SET_ITEM(items, i, t)
+        _push(ev, new_ResultsReceived(<object>_tuple_item(ep, 0), items))
         return True
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
@@ -2054,7 +2078,7 @@ cdef class DmSession:
 
     cdef _on_results(self, Command c, list ev):
         cdef Item it
-        cdef list items
+        cdef tuple items
         cdef Py_ssize_t i, n
         cdef str msg_ref = c.msg_ref if c.msg_ref is not None else _num(self._out_msg_id)
         handle = self._get_handle(msg_ref, c.cmd_ref)
@@ -2068,18 +2092,18 @@ cdef class DmSession:
             self._continue_in_lo(c, ev)
             return
         n = len(c.items)
-        items = PyList_New(n)            # filled in order; an unfilled slot is NULL (freed safely)
+        items = PyTuple_New(n)           # filled in order; an unfilled slot is NULL (freed safely)
         for i in range(n):
             it = <Item?>c.items[i]
             if it.more_data:
                 if i != n - 1:
                     self._add_status(c, "400")  # only the last Item may be chunked
                     return
-                self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, items[:i], ev)
+                self._start_in_lo(c, (msg_ref, c.cmd_ref), handle, list(items[:i]), ev)
                 return
             t = _result_item(it, c)
             Py_INCREF(t)
-            PyList_SET_ITEM(items, i, t)
+            PyTuple_SET_ITEM(items, i, t)
         if handle is not _INTERNAL:
             ev.append(new_ResultsReceived(handle, items))
 
@@ -2200,10 +2224,9 @@ cdef class DmSession:
             else:
                 ev.append(new_ClientEvent(lo.uri, lo.type, lo.format, whole))
             return
-        items = lo.done_items
-        items.append((lo.uri, lo.format, lo.type, whole))
+        lo.done_items.append((lo.uri, lo.format, lo.type, whole))
         if lo.handle is not _INTERNAL:
-            ev.append(new_ResultsReceived(lo.handle, items))
+            ev.append(new_ResultsReceived(lo.handle, tuple(lo.done_items)))
 
     cdef object _assemble(self, list parts):
         cdef bint all_str = True
@@ -2532,11 +2555,17 @@ cdef class DmSession:
         cdef bint plain = True            # placed holds shared pairs only, none with NoResp
         cdef double scale
         cdef list cmds = m.commands
+        self._scale = 1.0
+        if package and not self._out_status and not self._own_cmds and self._out_lo is None \
+                and self._qhead >= len(self._queue):
+            # the header's Status alone (the last message of a session): nothing to size
+            self._stalls = 0
+            m.final = True
+            return m
         if self._qhead > 32 and self._qhead * 2 > len(self._queue):
             del self._queue[:self._qhead]         # drop what went out
             self._qhead = 0
             self._run_list = None
-        self._scale = 1.0
         est_ = _hdr_size(m.hdr, enc) + _command_size(<Command?>cmds[0], enc) + _empty("Final", enc)
         if not package:
             tail = self._next_alert()
@@ -2916,6 +2945,12 @@ cdef class DmSession:
                 i += 1
         return prev
 
+    cdef bint _awaiting_any(self):
+        for o in self._sent.values():
+            if (<_SentMsg>o).n_awaiting:
+                return True
+        return False
+
     cdef list _awaited_handles(self):
         """Caller handles whose Status has not come yet (each once, in sending order)."""
         cdef _SentMsg sm
@@ -3072,10 +3107,16 @@ cdef class DmSession:
 
     cdef _finish(self, str reason, str detail, list ev):
         """End bookkeeping: CommandNotDelivered for everything pending, then SessionEnded."""
-        cdef set seen = set()
+        cdef set seen
         if self.end_reason is not None:
             return
         self.end_reason = reason
+        if self._qhead >= len(self._queue) and self._out_lo is None and not self._awaiting_any():
+            self._queue = []                 # every command went out and was answered
+            self._qhead = 0
+            ev.append(new_SessionEnded(reason, detail))
+            return
+        seen = set()
         for handle, _c in self._queue[self._qhead:]:
             if handle not in seen:
                 seen.add(handle)

@@ -33,7 +33,7 @@ EVENTS = [
  ("ServerNonceReceived", [("dev_id",None),("nonce",None)], "The device's Chal for us: persist it as the account's ``server_nonce``.", ["str | None","bytes"]),
  ("StatusReceived", [("handle",None),("cmd",None),("status",None),("items","None"),("target","None"),("index","-1")],
   "The device's Status for a queued command.", ["Any","str","int","list[Any] | None","str | None","int"]),
- ("ResultsReceived", [("handle",None),("items",None)], "The device's Results for a queued Get: (uri, format, type, data) per Item.", ["Any","list[tuple[str | None, str | None, str | None, Any]]"]),
+ ("ResultsReceived", [("handle",None),("items",None)], "The device's Results for a queued Get: (uri, format, type, data) per Item, in a tuple.", ["Any","tuple[tuple[str | None, str | None, str | None, Any], ...]"]),
  ("UserAlertAnswered", [("handle",None),("status",None),("answers",None),("alert","0")], "The device's answer to a UI alert.", ["Any","int","list[str]","int"]),
  ("GenericAlert", [("correlator",None),("source",None),("type",None),("format",None),("mark",None),("data",None)],
   "One Item of an Alert 1226.", ["str | None"]*5+["Any"]),
