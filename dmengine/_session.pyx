@@ -46,10 +46,12 @@ from libc.stdlib cimport malloc, free
 from cpython.ref cimport Py_INCREF
 from cpython.mem cimport PyMem_Realloc
 
-# MD5 of the digest-auth hot path straight from OpenSSL's libcrypto (the library hashlib uses
-# too), without hashlib's object per digest; its base64 by _b64 below, not binascii's keyword call.
+# MD5 and base64 of the digest-auth hot path straight from OpenSSL's libcrypto (the library
+# hashlib uses too), without hashlib's object per digest and binascii's keyword call.
 cdef extern from "openssl/md5.h":
     unsigned char* MD5(const unsigned char* d, size_t n, unsigned char* md) nogil
+cdef extern from "openssl/evp.h":
+    int EVP_EncodeBlock(unsigned char* t, const unsigned char* f, int n) nogil
 cdef extern from "openssl/crypto.h":
     int CRYPTO_memcmp(const void* a, const void* b, size_t n) nogil
 
@@ -286,39 +288,6 @@ cdef inline void _swap_lists(list a, list b):
     y.ob_item = items
     y.allocated = allocated
     Py_SET_SIZE(<PyObject*>b, size)
-
-
-cdef const char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-cdef int _b64(unsigned char* out, const unsigned char* src, int n) noexcept:
-    """Base64 of ``n`` bytes into ``out`` (4 * ceil(n / 3) bytes, no NUL); returns the length.
-    (EVP_EncodeBlock takes ~20 instructions a byte for the 16 of a digest or nonce.)"""
-    cdef int i = 0, o = 0
-    cdef unsigned int v
-    while i + 3 <= n:
-        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
-        out[o] = _B64[v >> 18]
-        out[o + 1] = _B64[(v >> 12) & 63]
-        out[o + 2] = _B64[(v >> 6) & 63]
-        out[o + 3] = _B64[v & 63]
-        i += 3
-        o += 4
-    if n - i == 1:
-        v = <unsigned int>src[i] << 16
-        out[o] = _B64[v >> 18]
-        out[o + 1] = _B64[(v >> 12) & 63]
-        out[o + 2] = 61
-        out[o + 3] = 61
-        o += 4
-    elif n - i == 2:
-        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
-        out[o] = _B64[v >> 18]
-        out[o + 1] = _B64[(v >> 12) & 63]
-        out[o + 2] = _B64[(v >> 6) & 63]
-        out[o + 3] = 61
-        o += 4
-    return o
 
 
 cdef inline list _list_with_room(Py_ssize_t n):
@@ -1707,7 +1676,7 @@ cdef class DmSession:
         buf[nk] = 58                       # ":"
         memcpy(buf + nk + 1, PyBytes_AS_STRING(nonce), nn)
         MD5(buf, nk + 1 + nn, digest)
-        _b64(b64, digest, 16)              # 24 characters
+        EVP_EncodeBlock(b64, digest, 16)   # 24 characters and a NUL
         if not PyUnicode_IS_ASCII(cred_data):
             return False
         d = <const char*>PyUnicode_1BYTE_DATA(cred_data)
@@ -1737,7 +1706,8 @@ cdef class DmSession:
         cdef bytes fresh = <bytes>fresh_obj
         self._client_nonce = fresh
         cdef unsigned char b64[96]
-        cdef int nb = _b64(b64, <const unsigned char*>PyBytes_AS_STRING(fresh), <int>len(fresh))
+        cdef int nb = EVP_EncodeBlock(b64, <const unsigned char*>PyBytes_AS_STRING(fresh),
+                                      <int>len(fresh))
         cdef Meta m = Meta.__new__(Meta)
         m.format = "b64"
         m.type = chal_type
