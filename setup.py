@@ -27,7 +27,7 @@ if DEBUG:
 # Types whose objects other modules create by the thousand (``T.__new__(T)`` from another
 # module calls ``T->tp_new``): with Cython's vectorcall tp_new that slot is a wrapper that
 # re-packs the (empty) arguments for the real constructor, ~50 instructions per object.
-PLAIN_TP_NEW = {"dmengine._events"}
+PLAIN_TP_NEW = {"dmengine._events", "dmengine._message"}
 
 extensions = []
 for path in sorted(glob.glob("dmengine/**/*.pyx", recursive=True)):
