@@ -268,12 +268,17 @@ cdef bint _same_text(str a, str b) noexcept:
     return a == b
 
 
-cdef inline bint _is_synchdr(str name):
+cdef inline bint _is_synchdr(str name) noexcept:
     """name == "SyncHdr", deciding on the first letters first ("Replace" has its length)."""
+    return _is_synchdr_p(<PyObject*>name)
+
+
+cdef inline bint _is_synchdr_p(PyObject* name) noexcept:
+    """_is_synchdr on a borrowed pointer (no reference counting of the Status's Cmd)."""
     cdef const unsigned char* p
-    if name is None or PyUnicode_GET_LENGTH(name) != 7 or not PyUnicode_IS_ASCII(name):
+    if name == <PyObject*>None or _ulen(name) != 7 or not _uascii(name):
         return False
-    p = PyUnicode_1BYTE_DATA(name)
+    p = <const unsigned char*>_udata(name)
     return p[0] == 83 and p[1] == 121 and memcmp(p, b"SyncHdr", 7) == 0
 
 
@@ -355,26 +360,31 @@ cdef str _num_big(Py_ssize_t i):
     return <str>t
 
 
-cdef inline long _parse_uint(object s):
+cdef inline long _parse_uint(object s) noexcept:
     """Decimal text -> value; -1 when not a non-negative decimal below 10**15."""
+    return _parse_uint_p(<PyObject*>s)
+
+
+cdef inline long _parse_uint_p(PyObject* s) noexcept:
+    """_parse_uint on a borrowed pointer (no reference counting of the text)."""
     cdef Py_ssize_t n, i
     cdef long v = 0
     cdef const unsigned char* p
     cdef unsigned char ch
-    if type(s) is str and PyUnicode_IS_ASCII(s):
-        n = PyUnicode_GET_LENGTH(s)
+    if Py_TYPE(s) is <PyTypeObject*>str and _uascii(s):
+        n = _ulen(s)
         if 0 < n <= 15:
-            p = PyUnicode_1BYTE_DATA(s)
+            p = <const unsigned char*>_udata(s)
             for i in range(n):
                 ch = p[i]
                 if ch < 48 or ch > 57:
-                    return _parse_uint_slow(s)
+                    return _parse_uint_slow(<object>s)
                 v = v * 10 + (ch - 48)
             return v
-    return _parse_uint_slow(s)
+    return _parse_uint_slow(<object>s)
 
 
-cdef long _parse_uint_slow(object s):
+cdef long _parse_uint_slow(object s) noexcept:
     """_parse_uint for what its fast path does not take (spaces, non-ASCII, bytes)."""
     cdef str t
     cdef Py_ssize_t n
@@ -1983,7 +1993,7 @@ cdef class DmSession:
             target = None
         ev.append(new_StatusReceived(handle, w.name, code, c.items, target, _entry_index(entry)))
 
-    cdef PyObject* _last_entry(self, Command c, long k):
+    cdef PyObject* _last_entry(self, Command c, long k) noexcept:
         """The sent-message entry for CmdRef ``k`` when the command's MsgRef names the message
         the last Status was for (borrowed; NULL otherwise: the general path decides)."""
         cdef PyObject* smp = <PyObject*>self._last_sm
@@ -2011,7 +2021,7 @@ cdef class DmSession:
         the last Status was for, answered the first time.  Read through borrowed pointers
         (no reference counting until the event holds its fields); False leaves the Status
         to the general path (_on_status), which decides every other case."""
-        cdef long code = _parse_uint(c.data)
+        cdef long code = _parse_uint_p(<PyObject*>c.data)
         cdef long k
         cdef PyObject* ep
         cdef PyObject* fp
@@ -2019,8 +2029,8 @@ cdef class DmSession:
         cdef _SentMsg sm
         if code < 0 or c.cmd_ref is None:
             return False
-        k = _parse_uint(c.cmd_ref)
-        if k <= 0 or _is_synchdr(c.cmd):
+        k = _parse_uint_p(<PyObject*>c.cmd_ref)
+        if k <= 0 or _is_synchdr_p(<PyObject*>c.cmd):
             return False
         ep = self._last_entry(c, k)
         if ep == NULL:
@@ -2061,7 +2071,7 @@ cdef class DmSession:
             if Py_TYPE(_list_item(<object>ip, i)) is not <PyTypeObject*>Item \
                     or (<Item>_list_item(<object>ip, i)).more_data:
                 return False
-        k = _parse_uint(c.cmd_ref)
+        k = _parse_uint_p(<PyObject*>c.cmd_ref)
         if k <= 0:
             return False
         ep = self._last_entry(c, k)
