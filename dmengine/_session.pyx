@@ -503,6 +503,7 @@ DEF _CMDID_ROOM = "4294967295"      # the widest CmdID a size estimate makes roo
 
 
 @cython.final
+@cython.freelist(64)
 cdef class _SentMsg:
     """What we sent in one message, by CmdID (entries[k - first]): the queue's own
     ``(handle, PreparedCommand)`` pair for a shared command, else ``(handle, wire command,
@@ -1214,6 +1215,7 @@ cdef object _StateOf = SessionState
 
 
 @cython.final
+@cython.freelist(64)                      # a server makes and drops one per device connection
 cdef class DmSession:
     """The server side of one DM session.  See the module docstring and _session.pyi."""
 
