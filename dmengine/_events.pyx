@@ -3,60 +3,125 @@
 """The events a DM session emits (L0: no imports from the rest of the package).
 
 Small immutable records, h11/h2 style.  ``dmengine.events`` is their public home; this module
-holds them as extension types because a package 3 answering 50 commands makes ~70 of them:
-built from a per-class free list with direct field stores they cost about half of what a
-NamedTuple does (allocation, GC link, and the tuple's items).  They keep what callers used of
-the NamedTuples: positional and keyword construction with the same defaults, attributes,
-equality that also compares the class, hashing, ``repr``, iteration and indexing in field
-order, ``_fields`` and ``_asdict()``, pickling.
+holds them as extension types because a package 3 answering 50 commands makes ~70 of them.
+They keep what callers used of the NamedTuples they replaced: positional and keyword
+construction with the same defaults, attributes, equality that also compares the class,
+hashing, ``repr``, iteration and indexing in field order, ``_fields`` and ``_asdict()``,
+pickling.
+
+The session builds them through the ``raw_*`` functions (declared in _events.pxd): memory from
+a free list shared by every event class, the fields stored straight into the object; no
+argument parsing, no placeholder values written and then replaced.  That relies on the layout
+Cython gives EventBase (the object header, then the six field pointers: no vtable, hence no
+cdef methods in these classes); _check_layout() verifies it when the module is imported.  A
+freed event's memory comes back to the free list through the classes' tp_free.
 """
 cimport cython
+from cpython.object cimport PyObject, PyTypeObject
+
+cdef extern from "Python.h":
+    PyObject* PyObject_Init(PyObject* o, PyTypeObject* t)
+    PyObject* _PyObject_GC_New(PyTypeObject* t)
+    void PyObject_GC_Track(void* o)
+    void PyObject_GC_Del(void* o)
+    void _incref "Py_INCREF"(PyObject* o)
+    ctypedef void (*_freefunc)(void*)
+    ctypedef struct _TypeObj "PyTypeObject":
+        Py_ssize_t tp_basicsize
+        _freefunc tp_free
+
+ctypedef struct _EventLayout:              # EventBase as Cython lays it out
+    Py_ssize_t ob_refcnt
+    PyTypeObject* ob_type
+    PyObject* f[6]
+
+cdef enum:
+    _FREE_MAX = 1024
+
+cdef PyObject* _free_events[_FREE_MAX]     # memory of freed events (every class has one size)
+cdef Py_ssize_t _n_free = 0
 
 
-@cython.freelist(512)
+cdef void _free_event(void* p) noexcept:
+    """tp_free of every event class: keeps the memory for the next event."""
+    global _n_free
+    if _n_free < _FREE_MAX:
+        _free_events[_n_free] = <PyObject*>p
+        _n_free += 1
+    else:
+        PyObject_GC_Del(p)
+
+
+cdef inline PyObject* _alloc(PyTypeObject* t) except NULL:
+    """A new reference to an untracked event object of class ``t``, fields not set."""
+    global _n_free
+    cdef PyObject* o
+    if _n_free:
+        _n_free -= 1
+        return PyObject_Init(_free_events[_n_free], t)
+    o = _PyObject_GC_New(t)
+    if o == NULL:
+        raise MemoryError()
+    return o
+
+
 cdef class EventBase:
     """Base of every event: compared by class and fields, immutable, iterable like a tuple.
 
-    The fields live in six slots of the base, so that every event class shares its free list
-    (Cython keeps free lists for base types only)."""
+    The fields live in six slots of the base, so that every event class has one size and
+    shares one free list."""
 
     _fields = ()
-
-    cdef tuple _values(self):
-        return ()
 
     def __eq__(self, other):
         if type(self) is not type(other):
             return NotImplemented if not isinstance(other, EventBase) else False
-        return self._values() == (<EventBase>other)._values()
+        return _values(self) == _values(<EventBase>other)
 
     def __ne__(self, other):
         eq = self.__eq__(other)
         return eq if eq is NotImplemented else not eq
 
     def __hash__(self):
-        return hash((type(self).__name__, self._values()))
+        return hash((type(self).__name__, _values(self)))
 
     def __repr__(self):
-        values = self._values()
+        values = _values(self)
         inner = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, values))
         return f"{type(self).__name__}({inner})"
 
     def __iter__(self):
-        return iter(self._values())
+        return iter(_values(self))
 
     def __len__(self):
         return len(self._fields)
 
     def __getitem__(self, i):
-        return self._values()[i]
+        return _values(self)[i]
 
     def _asdict(self):
-        return dict(zip(self._fields, self._values()))
+        return dict(zip(self._fields, _values(self)))
 
     def __reduce__(self):
-        return type(self), self._values()
+        return type(self), _values(self)
 
+
+cdef tuple _values(EventBase e):
+    """The fields in order (a class's own only: the slots after them may be empty)."""
+    cdef Py_ssize_t n = len(type(e)._fields)
+    if n == 0:
+        return ()
+    if n == 1:
+        return (e._0,)
+    if n == 2:
+        return (e._0, e._1)
+    if n == 3:
+        return (e._0, e._1, e._2)
+    if n == 4:
+        return (e._0, e._1, e._2, e._3)
+    if n == 5:
+        return (e._0, e._1, e._2, e._3, e._4)
+    return (e._0, e._1, e._2, e._3, e._4, e._5)
 
 
 @cython.final
@@ -70,9 +135,6 @@ cdef class DeviceIdentified(EventBase):
         self._1 = devinfo
         self._2 = session_id
         self._3 = alert
-
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3,)
 
     @property
     def dev_id(self):
@@ -103,9 +165,6 @@ cdef class Authenticated(EventBase):
         self._1 = scheme
         self._2 = resync_nonce
 
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2,)
-
     @property
     def username(self):
         return self._0
@@ -131,9 +190,6 @@ cdef class AuthFailed(EventBase):
         self._2 = status
         self._3 = reason
         self._4 = side
-
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3, self._4,)
 
     @property
     def username(self):
@@ -166,9 +222,6 @@ cdef class NonceIssued(EventBase):
         self._0 = dev_id
         self._1 = nonce
 
-    cdef tuple _values(self):
-        return (self._0, self._1,)
-
     @property
     def dev_id(self):
         return self._0
@@ -187,9 +240,6 @@ cdef class ServerNonceReceived(EventBase):
     def __init__(self, dev_id, nonce):
         self._0 = dev_id
         self._1 = nonce
-
-    cdef tuple _values(self):
-        return (self._0, self._1,)
 
     @property
     def dev_id(self):
@@ -213,9 +263,6 @@ cdef class StatusReceived(EventBase):
         self._3 = items
         self._4 = target
         self._5 = index
-
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3, self._4, self._5,)
 
     @property
     def handle(self):
@@ -252,9 +299,6 @@ cdef class ResultsReceived(EventBase):
         self._0 = handle
         self._1 = items
 
-    cdef tuple _values(self):
-        return (self._0, self._1,)
-
     @property
     def handle(self):
         return self._0
@@ -275,9 +319,6 @@ cdef class UserAlertAnswered(EventBase):
         self._1 = status
         self._2 = answers
         self._3 = alert
-
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3,)
 
     @property
     def handle(self):
@@ -309,9 +350,6 @@ cdef class GenericAlert(EventBase):
         self._3 = format
         self._4 = mark
         self._5 = data
-
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3, self._4, self._5,)
 
     @property
     def correlator(self):
@@ -350,9 +388,6 @@ cdef class ClientEvent(EventBase):
         self._2 = format
         self._3 = data
 
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3,)
-
     @property
     def source(self):
         return self._0
@@ -382,9 +417,6 @@ cdef class LargeObjectFailed(EventBase):
         self._2 = status
         self._3 = reason
 
-    cdef tuple _values(self):
-        return (self._0, self._1, self._2, self._3,)
-
     @property
     def handle(self):
         return self._0
@@ -412,9 +444,6 @@ cdef class CommandNotDelivered(EventBase):
         self._0 = handle
         self._1 = reason
 
-    cdef tuple _values(self):
-        return (self._0, self._1,)
-
     @property
     def handle(self):
         return self._0
@@ -434,9 +463,6 @@ cdef class SessionEnded(EventBase):
         self._0 = reason
         self._1 = detail
 
-    cdef tuple _values(self):
-        return (self._0, self._1,)
-
     @property
     def reason(self):
         return self._0
@@ -444,3 +470,240 @@ cdef class SessionEnded(EventBase):
     @property
     def detail(self):
         return self._1
+
+
+cdef PyObject* raw_DeviceIdentified(PyObject* dev_id, PyObject* devinfo, PyObject* session_id, PyObject* alert) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>DeviceIdentified)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(dev_id)
+    e.f[0] = dev_id
+    _incref(devinfo)
+    e.f[1] = devinfo
+    _incref(session_id)
+    e.f[2] = session_id
+    _incref(alert)
+    e.f[3] = alert
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_Authenticated(PyObject* username, PyObject* scheme, PyObject* resync_nonce) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>Authenticated)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(username)
+    e.f[0] = username
+    _incref(scheme)
+    e.f[1] = scheme
+    _incref(resync_nonce)
+    e.f[2] = resync_nonce
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_AuthFailed(PyObject* username, PyObject* scheme, PyObject* status, PyObject* reason, PyObject* side) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>AuthFailed)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(username)
+    e.f[0] = username
+    _incref(scheme)
+    e.f[1] = scheme
+    _incref(status)
+    e.f[2] = status
+    _incref(reason)
+    e.f[3] = reason
+    _incref(side)
+    e.f[4] = side
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_NonceIssued(PyObject* dev_id, PyObject* nonce) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>NonceIssued)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(dev_id)
+    e.f[0] = dev_id
+    _incref(nonce)
+    e.f[1] = nonce
+    e.f[2] = NULL
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_ServerNonceReceived(PyObject* dev_id, PyObject* nonce) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>ServerNonceReceived)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(dev_id)
+    e.f[0] = dev_id
+    _incref(nonce)
+    e.f[1] = nonce
+    e.f[2] = NULL
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_StatusReceived(PyObject* handle, PyObject* cmd, PyObject* status, PyObject* items, PyObject* target, PyObject* index) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>StatusReceived)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(handle)
+    e.f[0] = handle
+    _incref(cmd)
+    e.f[1] = cmd
+    _incref(status)
+    e.f[2] = status
+    _incref(items)
+    e.f[3] = items
+    _incref(target)
+    e.f[4] = target
+    _incref(index)
+    e.f[5] = index
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_ResultsReceived(PyObject* handle, PyObject* items) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>ResultsReceived)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(handle)
+    e.f[0] = handle
+    _incref(items)
+    e.f[1] = items
+    e.f[2] = NULL
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_UserAlertAnswered(PyObject* handle, PyObject* status, PyObject* answers, PyObject* alert) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>UserAlertAnswered)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(handle)
+    e.f[0] = handle
+    _incref(status)
+    e.f[1] = status
+    _incref(answers)
+    e.f[2] = answers
+    _incref(alert)
+    e.f[3] = alert
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_GenericAlert(PyObject* correlator, PyObject* source, PyObject* type, PyObject* format, PyObject* mark, PyObject* data) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>GenericAlert)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(correlator)
+    e.f[0] = correlator
+    _incref(source)
+    e.f[1] = source
+    _incref(type)
+    e.f[2] = type
+    _incref(format)
+    e.f[3] = format
+    _incref(mark)
+    e.f[4] = mark
+    _incref(data)
+    e.f[5] = data
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_ClientEvent(PyObject* source, PyObject* type, PyObject* format, PyObject* data) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>ClientEvent)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(source)
+    e.f[0] = source
+    _incref(type)
+    e.f[1] = type
+    _incref(format)
+    e.f[2] = format
+    _incref(data)
+    e.f[3] = data
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_LargeObjectFailed(PyObject* handle, PyObject* uri, PyObject* status, PyObject* reason) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>LargeObjectFailed)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(handle)
+    e.f[0] = handle
+    _incref(uri)
+    e.f[1] = uri
+    _incref(status)
+    e.f[2] = status
+    _incref(reason)
+    e.f[3] = reason
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_CommandNotDelivered(PyObject* handle, PyObject* reason) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>CommandNotDelivered)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(handle)
+    e.f[0] = handle
+    _incref(reason)
+    e.f[1] = reason
+    e.f[2] = NULL
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef PyObject* raw_SessionEnded(PyObject* reason, PyObject* detail) except NULL:
+    cdef PyObject* o = _alloc(<PyTypeObject*>SessionEnded)
+    cdef _EventLayout* e = <_EventLayout*>o
+    _incref(reason)
+    e.f[0] = reason
+    _incref(detail)
+    e.f[1] = detail
+    e.f[2] = NULL
+    e.f[3] = NULL
+    e.f[4] = NULL
+    e.f[5] = NULL
+    PyObject_GC_Track(o)
+    return o
+
+
+cdef tuple _CLASSES = (DeviceIdentified, Authenticated, AuthFailed, NonceIssued, ServerNonceReceived, StatusReceived, ResultsReceived, UserAlertAnswered, GenericAlert, ClientEvent, LargeObjectFailed, CommandNotDelivered, SessionEnded,)
+
+
+cdef int _check_layout() except -1:
+    """The raw builders store fields through _EventLayout: make sure it is Cython's layout (an
+    ImportError now, not a corrupted object later), then route freed events to the free list."""
+    cdef StatusReceived probe = StatusReceived(*[object() for _ in range(6)])
+    cdef _EventLayout* e = <_EventLayout*>probe
+    for i, value in enumerate(_values(probe)):
+        if e.f[i] != <PyObject*>value:
+            raise ImportError("dmengine._events: unexpected object layout (field order)")
+    for cls in _CLASSES:
+        if (<_TypeObj*>cls).tp_basicsize != sizeof(_EventLayout):
+            raise ImportError(f"dmengine._events: {cls.__name__} is not {sizeof(_EventLayout)} bytes")
+    for cls in _CLASSES:
+        (<_TypeObj*>cls).tp_free = _free_event
+    return 0
+
+
+_check_layout()

@@ -4,6 +4,10 @@ failed, twice, for another message, for an unknown command, not at all, with Res
 two Items, under a SyncHdr name (hypothesis, both encodings)."""
 from __future__ import annotations
 
+import gc
+import sys
+import weakref
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +22,7 @@ ANSWERS = ["ok", "fail", "twice", "other_msg", "unknown_ref", "silent", "two_ite
            "results_for_replace"]
 
 
-def _script(cmds, enc, answers, share):
+def _script(cmds, enc, answers, share, handle=lambda i: i):
     codec = CODECS[enc]
     s = DmSession(SessionConfig(server_id="acme", server_uri=SERVER, encoding=enc, require_auth="none"),
                   session_key="f", resp_uri=SERVER, now=0)
@@ -32,7 +36,7 @@ def _script(cmds, enc, answers, share):
             c = Command(name="Replace", no_resp=True, items=[Item(target=f"./Q/{i}", data="q")])
         else:
             c = Command(name="Replace", items=[Item(target=f"./R/{i}", data="v" * (40 * i))])
-        s.queue(i, prepare(c) if share else c)
+        s.queue(handle(i), prepare(c) if share else c)
     msg_id, k = 1, 0
     for _ in range(40):
         reply = s.next_message(now=1)
@@ -89,3 +93,31 @@ def test_fast_paths_give_the_general_paths_events(cmds, enc, answers, share):
     finally:
         _session._use_fast_paths(True)
     assert fast == general
+
+
+def test_session_events_hold_their_fields_and_let_cycles_go():
+    # the session builds events from a free list with fields stored directly (_events.raw_*):
+    # every field is a counted reference, released with the event, and an event stays
+    # visible to the cycle collector (a handle that keeps its own outcome is freed)
+    class Handle:
+        pass
+
+    handles = [Handle() for _ in range(8)]
+    before = [sys.getrefcount(h) for h in handles]
+    for _ in range(200):                     # more events than the free list keeps
+        log = _script(["get", "replace"] * 4, "wbxml", ["ok", "two_items"], True,
+                      handle=lambda i: handles[i])
+        outcomes = [e for part in log if isinstance(part, list) for e in part
+                    if getattr(e, "handle", None) in handles]
+        assert {e.handle for e in outcomes} == set(handles)
+        assert all(gc.is_tracked(e) for e in outcomes)
+        del log, outcomes
+    assert [sys.getrefcount(h) for h in handles] == before
+    log = _script(["get"], "xml", ["ok"], True, handle=lambda i: handles[0])
+    handles[0].outcomes = [e for part in log if isinstance(part, list) for e in part
+                           if getattr(e, "handle", None) is handles[0]]
+    assert handles[0].outcomes
+    gone = weakref.ref(handles[0])
+    del log, handles
+    gc.collect()
+    assert gone() is None

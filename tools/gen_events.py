@@ -43,7 +43,11 @@ EVENTS = [
  ("SessionEnded", [("reason",None),("detail",'""')], "The session is over; ``reason`` is one of END_REASONS.", ["str","str"]),
 ]
 
-PYX_BASE = '"""The events a DM session emits (L0: no imports from the rest of the package).\n\nSmall immutable records, h11/h2 style.  ``dmengine.events`` is their public home; this module\nholds them as extension types because a package 3 answering 50 commands makes ~70 of them:\nbuilt from a per-class free list with direct field stores they cost about half of what a\nNamedTuple does (allocation, GC link, and the tuple\'s items).  They keep what callers used of\nthe NamedTuples: positional and keyword construction with the same defaults, attributes,\nequality that also compares the class, hashing, ``repr``, iteration and indexing in field\norder, ``_fields`` and ``_asdict()``, pickling.\n"""\ncimport cython\n\n\n@cython.freelist(512)\ncdef class EventBase:\n    """Base of every event: compared by class and fields, immutable, iterable like a tuple.\n\n    The fields live in six slots of the base, so that every event class shares its free list\n    (Cython keeps free lists for base types only)."""\n\n    _fields = ()\n\n    cdef tuple _values(self):\n        return ()\n\n    def __eq__(self, other):\n        if type(self) is not type(other):\n            return NotImplemented if not isinstance(other, EventBase) else False\n        return self._values() == (<EventBase>other)._values()\n\n    def __ne__(self, other):\n        eq = self.__eq__(other)\n        return eq if eq is NotImplemented else not eq\n\n    def __hash__(self):\n        return hash((type(self).__name__, self._values()))\n\n    def __repr__(self):\n        values = self._values()\n        inner = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, values))\n        return f"{type(self).__name__}({inner})"\n\n    def __iter__(self):\n        return iter(self._values())\n\n    def __len__(self):\n        return len(self._fields)\n\n    def __getitem__(self, i):\n        return self._values()[i]\n\n    def _asdict(self):\n        return dict(zip(self._fields, self._values()))\n\n    def __reduce__(self):\n        return type(self), self._values()\n\n'
+PYX_BASE = (ROOT / "tools" / "events_base.pyx.in").read_text()
+
+
+def _raw_args(fields) -> str:
+    return ", ".join(f"PyObject* {f}" for f, _ in fields)
 
 
 def render_pyx() -> str:
@@ -56,28 +60,68 @@ def render_pyx() -> str:
         out.append(f"    def __init__(self, {sig}):\n")
         for i, (f, _) in enumerate(fields):
             out.append(f"        self._{i} = {f}\n")
-        out.append("\n    cdef tuple _values(self):\n")
-        out.append(f"        return ({', '.join(f'self._{i}' for i in range(len(fields)))},)\n")
         for i, (f, _) in enumerate(fields):
             out.append(f"\n    @property\n    def {f}(self):\n        return self._{i}\n")
+    for name, fields, *_rest in EVENTS:
+        out.append(f"\n\ncdef PyObject* raw_{name}({_raw_args(fields)}) except NULL:\n")
+        out.append(f"    cdef PyObject* o = _alloc(<PyTypeObject*>{name})\n")
+        out.append("    cdef _EventLayout* e = <_EventLayout*>o\n")
+        for i, (f, _) in enumerate(fields):
+            out.append(f"    _incref({f})\n    e.f[{i}] = {f}\n")
+        for i in range(len(fields), 6):
+            out.append(f"    e.f[{i}] = NULL\n")
+        out.append("    PyObject_GC_Track(o)\n    return o\n")
+    names = ", ".join(n for n, *_ in EVENTS)
+    out.append(LAYOUT_CHECK.replace("NAMES", names))
     return "".join(out)
 
 
+LAYOUT_CHECK = '''
+
+cdef tuple _CLASSES = (NAMES,)
+
+
+cdef int _check_layout() except -1:
+    """The raw builders store fields through _EventLayout: make sure it is Cython's layout (an
+    ImportError now, not a corrupted object later), then route freed events to the free list."""
+    cdef StatusReceived probe = StatusReceived(*[object() for _ in range(6)])
+    cdef _EventLayout* e = <_EventLayout*>probe
+    for i, value in enumerate(_values(probe)):
+        if e.f[i] != <PyObject*>value:
+            raise ImportError("dmengine._events: unexpected object layout (field order)")
+    for cls in _CLASSES:
+        if (<_TypeObj*>cls).tp_basicsize != sizeof(_EventLayout):
+            raise ImportError(f"dmengine._events: {cls.__name__} is not {sizeof(_EventLayout)} bytes")
+    for cls in _CLASSES:
+        (<_TypeObj*>cls).tp_free = _free_event
+    return 0
+
+
+_check_layout()
+'''
+
+
 def render_pxd() -> str:
-    out = [HEADER, "# Declarations of the session's events (see _events.pyx), cimported by _session.pyx so it\n"
-           "# builds them with direct field stores: no argument tuple, no __init__ call.\n\n"
+    out = [HEADER,
+           "# Declarations of the session's events (see _events.pyx), cimported by _session.pyx so it\n"
+           "# builds them through the raw builders: free-list memory, fields stored straight in.\n\n"
+           "from cpython.object cimport PyObject\n\n"
+           "cdef extern from *:\n"
+           '    """\n'
+           "    static CYTHON_INLINE PyObject *__dmengine_own(PyObject *p) { return p; }\n"
+           '    """\n'
+           "    object _own \"__dmengine_own\"(PyObject* p)     # takes over a new reference\n\n"
            "cdef class EventBase:\n"
-           "    cdef object _0, _1, _2, _3, _4, _5     # the fields, in order (six at most)\n"
-           "    cdef tuple _values(self)\n"]
+           "    cdef object _0, _1, _2, _3, _4, _5     # the fields, in order (six at most)\n"]
     for name, *_rest in EVENTS:
         out.append(f"\n\ncdef class {name}(EventBase):\n    pass\n")
     for name, fields, *_rest in EVENTS:
+        out.append(f"\n\ncdef PyObject* raw_{name}({_raw_args(fields)}) except NULL\n")
+    for name, fields, *_rest in EVENTS:
         args = ", ".join(f"object {f}" for f, _ in fields)
+        call = ", ".join(f"<PyObject*>{f}" for f, _ in fields)
         out.append(f"\n\ncdef inline {name} new_{name}({args}):\n")
-        out.append(f"    cdef {name} e = {name}.__new__({name})\n")
-        for i, (f, _) in enumerate(fields):
-            out.append(f"    e._{i} = {f}\n")
-        out.append("    return e\n")
+        out.append(f"    return <{name}>_own(raw_{name}({call}))\n")
     return "".join(out)
 
 
