@@ -37,7 +37,7 @@ from dmengine._events cimport (
     new_AuthFailed, new_Authenticated, new_ClientEvent, new_CommandNotDelivered,
     new_DeviceIdentified, new_GenericAlert, new_LargeObjectFailed, new_NonceIssued,
     new_ResultsReceived, new_ServerNonceReceived, new_SessionEnded, new_StatusReceived,
-    new_UserAlertAnswered,
+    new_UserAlertAnswered, raw_ResultsReceived, raw_StatusReceived,
 )
 
 from cpython.object cimport PyObject, PyTypeObject
@@ -68,6 +68,7 @@ cdef extern from "Python.h":
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
     PyTypeObject* Py_TYPE(PyObject* o)
+    void _decref "Py_DECREF"(PyObject* o)
     ctypedef struct _ListObj "PyListObject":
         PyObject** ob_item
         Py_ssize_t allocated
@@ -316,6 +317,21 @@ cdef int _make_room(list a, Py_ssize_t n) except -1:
         raise MemoryError()
     x.ob_item = items
     x.allocated = want
+    return 0
+
+
+cdef inline int _push_new(list a, PyObject* o) except -1:
+    """_push for a new reference ``o``: the list takes it over."""
+    cdef _ListObj* x = <_ListObj*>a
+    cdef Py_ssize_t n = Py_SIZE(<PyObject*>a)
+    if n < x.allocated:
+        x.ob_item[n] = o
+        Py_SET_SIZE(<PyObject*>a, n + 1)
+        return 0
+    try:
+        a.append(<object>o)
+    finally:
+        _decref(o)
     return 0
 
 
@@ -2028,7 +2044,9 @@ cdef class DmSession:
         cdef PyObject* ep
         cdef PyObject* fp
         cdef PyObject* tr
-        cdef _SentMsg sm
+        cdef PyObject* tgt
+        cdef PyObject* smp
+        cdef object status
         if code < 0 or c.cmd_ref is None:
             return False
         k = _parse_uint_p(<PyObject*>c.cmd_ref)
@@ -2041,16 +2059,21 @@ cdef class DmSession:
         if Py_TYPE(fp) is not <PyTypeObject*>PreparedCommand or _tuple_item(ep, 0) == <PyObject*>_INTERNAL \
                 or (<PreparedCommand>fp).one_chunked_item or (<PreparedCommand>fp).ui_alert:
             return False
-        sm = self._last_sm
-        if not sm.awaiting[k - sm.first]:
+        smp = <PyObject*>self._last_sm        # (_last_entry found ep through it: not None)
+        if not (<_SentMsg>smp).awaiting[k - (<_SentMsg>smp).first]:
             return False                      # answered before: the general path ignores it
-        sm.awaiting[k - sm.first] = 0
-        sm.n_awaiting -= 1
+        (<_SentMsg>smp).awaiting[k - (<_SentMsg>smp).first] = 0
+        (<_SentMsg>smp).n_awaiting -= 1
         tr = <PyObject*>c.target_refs
-        _push(ev, new_StatusReceived(<object>_tuple_item(ep, 0), (<PreparedCommand>fp).command.name, code,
-                                     c.items,
-                                     <object>_list_item(<object>tr, 0) if tr != <PyObject*>None and _lsize(<object>tr)
-                                     else (<PreparedCommand>fp).target, _NO_INDEX))
+        if tr != <PyObject*>None and _lsize(<object>tr):
+            tgt = _list_item(<object>tr, 0)
+        else:
+            tgt = <PyObject*>(<PreparedCommand>fp).target
+        status = code                         # (an int object: for 200 CPython's cached one)
+        # built from borrowed pointers, the new event handed to the list (no reference
+        # counting of the fields beyond the event's own)
+        _push_new(ev, raw_StatusReceived(_tuple_item(ep, 0), <PyObject*>(<PreparedCommand>fp).command.name,
+                                         <PyObject*>status, <PyObject*>c.items, tgt, <PyObject*>_NO_INDEX))
         return True
 
     cdef bint _results_fast(self, Command c, list ev) except -1:
@@ -2090,7 +2113,7 @@ cdef class DmSession:
             t = _result_item(it, c)
             Py_INCREF(t)
             PyTuple_SET_ITEM(items, i, t)
-        _push(ev, new_ResultsReceived(<object>_tuple_item(ep, 0), items))
+        _push_new(ev, raw_ResultsReceived(_tuple_item(ep, 0), <PyObject*>items))
         return True
 
     cdef _on_hdr_status(self, Command c, long code, list ev):
