@@ -430,6 +430,17 @@ cdef long _parse_uint_slow(object s) noexcept:
     return v
 
 
+cdef inline str _stripped(str s):
+    """s.strip(), without the method call when there is nothing to strip (the usual case)."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
+    cdef const unsigned char* p
+    if n and PyUnicode_IS_ASCII(s):
+        p = PyUnicode_1BYTE_DATA(s)
+        if p[0] > 32 and p[n - 1] > 32:
+            return s
+    return s.strip()
+
+
 cdef inline str _text(object v):
     """Data as text (str as is, UTF-8 bytes decoded, else None)."""
     if v is None or type(v) is str:
@@ -864,6 +875,26 @@ cdef Py_ssize_t _command_size(Command c, int enc) except -1:
     if c.commands is not None:
         for sub in c.commands:
             n += _command_size(<Command?>sub, enc)
+    return n
+
+
+cdef Py_ssize_t _status_size(Command s, int enc) except -1:
+    """_command_size for the Status commands the session makes (_status(): no Meta, Cred,
+    Items or children), without testing what they never hold."""
+    cdef Py_ssize_t n
+    if s.items is not None or s.meta is not None or s.cred is not None or s.correlator is not None \
+            or s.commands is not None or s.no_resp or type(s.data) is not str:
+        return _command_size(s, enc)
+    n = _open("Status", enc) + _leaf("CmdID", s.cmd_id, enc) + _leaf("MsgRef", s.msg_ref, enc) \
+        + _leaf("CmdRef", s.cmd_ref, enc) + _leaf("Cmd", s.cmd, enc) + _leaf("Data", <str>s.data, enc)
+    if s.target_refs is not None:
+        for r in s.target_refs:
+            n += _leaf("TargetRef", <str>r if type(r) is str else str(r), enc)
+    if s.source_refs is not None:
+        for r in s.source_refs:
+            n += _leaf("SourceRef", <str>r if type(r) is str else str(r), enc)
+    if s.chal is not None:
+        n += _open("Chal", enc) + _meta_size(s.chal.meta, enc)
     return n
 
 
@@ -1535,7 +1566,7 @@ cdef class DmSession:
         action = self._lookup(inp, &nxt)
         # the message belongs to the session: remember it
         self._in_msg_id = msg_id
-        self._in_msg_id_text = h.msg_id.strip()
+        self._in_msg_id_text = _stripped(h.msg_id)
         self._in_hdr = h
         self._fp_hash = fp_hash
         self._fp_flags = fp_flags
@@ -2625,7 +2656,7 @@ cdef class DmSession:
             del self._queue[:self._qhead]         # drop what went out
             self._qhead = 0
             self._run_list = None
-        est_ = _hdr_size(m.hdr, enc) + _command_size(<Command?>cmds[0], enc) + _empty("Final", enc)
+        est_ = _hdr_size(m.hdr, enc) + _status_size(<Command?>cmds[0], enc) + _empty("Final", enc)
         if not package:
             tail = self._next_alert()
             est_ += _command_size(tail, enc) + 4
@@ -2635,11 +2666,11 @@ cdef class DmSession:
         while n_status < len(self._out_status):
             s = <Command?>self._out_status[n_status]
             s.cmd_id = _num(cid)
-            if n_status > 0 and not self._fit(m, s, limit, tail):
+            if n_status > 0 and not self._fit(m, s, limit, tail, _status_size(s, enc)):
                 full = True
                 break
             if n_status == 0:
-                self._est += _command_size(s, enc)
+                self._est += _status_size(s, enc)
             cid += 1
             cmds.append(s)
             n_status += 1
