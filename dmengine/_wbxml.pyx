@@ -1070,21 +1070,34 @@ cdef class _Encoder:
             return self.text(S_CmdID, given)
         v = self.next_id
         self.next_id = v + 1
-        t = v
-        while t >= 10:
-            t //= 10
-            n += 1
-        self.tag(S_CmdID, True)
-        if self.len + n + 3 > self.cap:     # STR_I, the digits, NUL, END: one check
-            self.reserve(n + 3)
+        if self.len + 32 > self.cap:        # page switch, tag, STR_I, digits, NUL, END: one check
+            self.reserve(32)
         p = self.buf + self.len
-        p[0] = TOK_STR_I
-        for i in range(n, 0, -1):           # the digits, written in place from the last
-            p[i] = <unsigned char>(48 + v % 10)
-            v //= 10
-        p[n + 1] = 0
-        p[n + 2] = TOK_END
-        self.len += n + 3
+        if self.page != (S_CmdID >> 6):
+            p[0] = TOK_SWITCH_PAGE
+            p[1] = <unsigned char>(S_CmdID >> 6)
+            self.page = S_CmdID >> 6
+            p += 2
+            self.len += 2
+        p[0] = <unsigned char>((S_CmdID & 0x3F) | 0x40)
+        p[1] = TOK_STR_I
+        if v < 10:                          # (a message holds a few hundred commands at most)
+            p[2] = <unsigned char>(48 + v)
+        elif v < 100:
+            p[2] = <unsigned char>(48 + v // 10)
+            p[3] = <unsigned char>(48 + v % 10)
+            n = 2
+        else:
+            t = v
+            while t >= 10:
+                t //= 10
+                n += 1
+            for i in range(n + 1, 1, -1):   # the digits, written in place from the last
+                p[i] = <unsigned char>(48 + v % 10)
+                v //= 10
+        p[n + 2] = 0
+        p[n + 3] = TOK_END
+        self.len += n + 4
         return 0
 
     cdef int message(self, Message msg) except -1:
