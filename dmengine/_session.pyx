@@ -69,6 +69,7 @@ cdef extern from "Python.h":
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
     PyTypeObject* Py_TYPE(PyObject* o)
     void _decref "Py_DECREF"(PyObject* o)
+    void _incref "Py_INCREF"(PyObject* o)
     ctypedef struct _ListObj "PyListObject":
         PyObject** ob_item
         Py_ssize_t allocated
@@ -2798,8 +2799,10 @@ cdef class DmSession:
         cdef double scale = self._scale
         cdef int enc = self._enc
         cdef PyObject* pp
-        cdef list wires
-        cdef Command w
+        cdef PyObject* wp
+        cdef PyObject** src
+        cdef PyObject** dst
+        cdef Py_ssize_t size
         if start == 0 and q is self._run_list and end == self._run_len and scale == 1.0 \
                 and (limit <= 0 or est + self._run_est <= limit):
             i = end                         # the run queue_many() summed up fits whole
@@ -2823,8 +2826,16 @@ cdef class DmSession:
         if n == 0:
             return 0
         _make_room(cmds, n)
+        # each run pair's command, straight into the room made (the queue holds the pairs,
+        # each pair its PreparedCommand, each of those its command)
+        size = Py_SIZE(<PyObject*>cmds)
+        src = (<_ListObj*>q).ob_item + start
+        dst = (<_ListObj*>cmds).ob_item + size
         for k in range(n):
-            _push(cmds, (<PreparedCommand>_tuple_item(_list_item(q, start + k), 1)).command)
+            wp = <PyObject*>(<PreparedCommand>_tuple_item(src[k], 1)).command
+            _incref(wp)
+            dst[k] = wp
+        Py_SET_SIZE(<PyObject*>cmds, size + n)
         if start == 0 and i == end and len(placed) == 0:
             _swap_lists(placed, q)          # the whole queue goes: it becomes the placed list
             i = 0
