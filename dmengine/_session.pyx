@@ -1845,17 +1845,19 @@ cdef class DmSession:
     cdef _add_status(self, Command c, str code):
         cdef list trefs = None, srefs = None
         cdef Item it
+        cdef Py_ssize_t n
         if self.config.status_refs and c.items is not None:
+            n = len(c.items)                 # (room for a ref per Item: no growing)
             for o in c.items:
                 it = <Item?>o
                 if it.target is not None:
                     if trefs is None:
-                        trefs = []
-                    trefs.append(it.target)
+                        trefs = _list_with_room(n)
+                    _push(trefs, it.target)
                 if it.source is not None:
                     if srefs is None:
-                        srefs = []
-                    srefs.append(it.source)
+                        srefs = _list_with_room(n)
+                    _push(srefs, it.source)
         self._out_status.append(_status(0, self._in_msg_id_text, c.cmd_id, c.name, trefs, srefs, code))
 
     cdef _process_body(self, Message msg, list ev, bint aborting):

@@ -1058,7 +1058,7 @@ cdef class _Encoder:
         self.data(S_Data, c.data)
         return self.end_()
 
-    cdef int cmd_id(self, str given) except -1:
+    cdef inline int cmd_id(self, str given) except -1:
         """CmdID under Message.number_commands: the given one or the next number (written
         without a str in between)."""
         cdef char digits[24]
