@@ -1794,25 +1794,31 @@ cdef class DmSession:
     cdef _collect_devinfo(self, Message msg, dict info):
         """The Alert 1200/1201 code and the DevInfo items of Replace commands in ``msg``."""
         cdef Command c
-        cdef Item it
-        cdef str src
+        cdef PyObject* ip
+        cdef PyObject* sp
+        cdef list items
         cdef long code
-        cdef Py_ssize_t at
+        cdef Py_ssize_t at, k
         for obj in msg.commands:
-            c = <Command?>obj
+            c = <Command>obj                  # (_receive checked every one)
             if _is(c.name, "Alert") and self.alert_code == 0:
                 code = _parse_uint(c.data)
                 if code == 1200 or code == 1201:
                     self.alert_code = code
             elif _is(c.name, "Replace") and c.items is not None:
-                for o in c.items:
-                    it = <Item?>o
-                    src = _item_uri(it)
-                    at = _devinfo_at(src)
+                items = c.items
+                for k in range(len(items)):   # (borrowed: the list holds its Items)
+                    ip = _list_item(items, k)
+                    if not isinstance(<object>ip, Item):
+                        raise TypeError(f"Replace holds a {type(<object>ip).__name__}, not an Item")
+                    sp = <PyObject*>(<Item>ip).source
+                    if sp == <PyObject*>None:
+                        sp = <PyObject*>(<Item>ip).target
+                    at = _devinfo_at(<str>sp)
                     if at >= 0:
-                        v = _text(it.data)
+                        v = _text((<Item>ip).data)
                         if v is not None:
-                            info[_devinfo_key(src, at)] = v
+                            info[_devinfo_key(<str>sp, at)] = v
 
     cdef _more_pkg1(self, Message msg, list ev):
         """A later message of a multi-message package 1: more DevInfo; the last one (Final)
