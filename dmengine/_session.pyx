@@ -1098,6 +1098,9 @@ cdef str _N_REPLACE = "Replace"
 cdef str _N_ADD = "Add"
 cdef str _N_DELETE = "Delete"
 cdef str _N_EXEC = "Exec"
+cdef str _N_STATUS = "Status"
+cdef str _N_RESULTS = "Results"
+cdef str _N_ALERT = "Alert"
 
 
 cdef bint _plain_leaf(Command c):
@@ -1474,6 +1477,10 @@ cdef class DmSession:
         cdef int inp, action, nxt = -1
         cdef bint has_start = False, has_abort = False, has_next = False
         cdef Command c
+        cdef list cmds
+        cdef PyObject* cp
+        cdef PyObject* np
+        cdef Py_ssize_t i
         cdef Py_hash_t fp_hash = 0
         cdef int fp_flags
         cdef Py_ssize_t ncmd
@@ -1521,12 +1528,16 @@ cdef class DmSession:
             return
         if msg_id < self._in_msg_id:
             raise ProtocolError(f"MsgID {msg_id} is older than {self._in_msg_id}", status=400)
-        for obj in msg.commands:
-            if not isinstance(obj, Command):
+        cmds = msg.commands
+        for i in range(ncmd):               # (borrowed: the list holds its commands)
+            cp = _list_item(cmds, i)
+            if Py_TYPE(cp) is not <PyTypeObject*>Command and not isinstance(<object>cp, Command):
                 raise ProtocolError("SyncBody holds something that is not a command", status=400)
-            c = <Command>obj
-            if _is(c.name, "Alert"):
-                code = _parse_uint(c.data)
+            np = <PyObject*>(<Command>cp).name
+            if np == <PyObject*>_N_STATUS or np == <PyObject*>_N_RESULTS:
+                continue                      # (the decoders' names are the interned ones)
+            if _is((<Command>cp).name, _N_ALERT):
+                code = _parse_uint((<Command>cp).data)
                 if code == 1200 or code == 1201:
                     has_start = True
                 elif code == 1222:
@@ -1870,8 +1881,18 @@ cdef class DmSession:
         cdef Command c
         cdef str name
         cdef bint lo_continued = False
-        for obj in msg.commands:
-            c = <Command>obj                  # (_receive checked every one)
+        cdef list cmds = msg.commands
+        cdef PyObject* cp
+        cdef Py_ssize_t i
+        for i in range(len(cmds)):
+            cp = _list_item(cmds, i)          # (borrowed; _receive checked every one)
+            if <PyObject*>(<Command>cp).name == <PyObject*>_N_STATUS:
+                # the common case first, without taking references (the decoders' names are
+                # the interned ones)
+                if not (_fast_paths and self._status_fast(<Command>cp, ev)):
+                    self._on_status(<Command>cp, ev)
+                continue
+            c = <Command>cp
             name = c.name
             if _is(name, "Status"):
                 if not (_fast_paths and self._status_fast(c, ev)):
