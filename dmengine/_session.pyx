@@ -329,6 +329,10 @@ cdef inline int _push_new(list a, PyObject* o) except -1:
         x.ob_item[n] = o
         Py_SET_SIZE(<PyObject*>a, n + 1)
         return 0
+    return _append_new(a, o)
+
+
+cdef int _append_new(list a, PyObject* o) except -1:
     try:
         a.append(<object>o)
     finally:
