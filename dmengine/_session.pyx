@@ -853,6 +853,18 @@ cdef Py_ssize_t _item_size(Item it, int enc) except -1:
     return n
 
 
+cdef inline Py_ssize_t _refs_size(Command c, int enc) except -1:
+    """The TargetRef and SourceRef elements of a Status or Results."""
+    cdef Py_ssize_t n = 0
+    if c.target_refs is not None:
+        for r in c.target_refs:
+            n += _leaf("TargetRef", <str>r if type(r) is str else str(r), enc)
+    if c.source_refs is not None:
+        for r in c.source_refs:
+            n += _leaf("SourceRef", <str>r if type(r) is str else str(r), enc)
+    return n
+
+
 cdef Py_ssize_t _command_size(Command c, int enc) except -1:
     cdef Py_ssize_t n = _open(c.name if c.name is not None else "Command", enc)
     n += _leaf("CmdID", c.cmd_id, enc)
@@ -861,12 +873,7 @@ cdef Py_ssize_t _command_size(Command c, int enc) except -1:
     n += _leaf("MsgRef", c.msg_ref, enc)
     n += _leaf("CmdRef", c.cmd_ref, enc)
     n += _leaf("Cmd", c.cmd, enc)
-    if c.target_refs is not None:
-        for r in c.target_refs:
-            n += _leaf("TargetRef", <str>r if type(r) is str else str(r), enc)
-    if c.source_refs is not None:
-        for r in c.source_refs:
-            n += _leaf("SourceRef", <str>r if type(r) is str else str(r), enc)
+    n += _refs_size(c, enc)
     if c.cred is not None:
         n += _open("Cred", enc) + _meta_size(c.cred.meta, enc) + _data_size(c.cred.data, enc)
     if c.chal is not None:
@@ -891,13 +898,8 @@ cdef Py_ssize_t _status_size(Command s, int enc) except -1:
             or s.commands is not None or s.no_resp or type(s.data) is not str:
         return _command_size(s, enc)
     n = _open("Status", enc) + _leaf("CmdID", s.cmd_id, enc) + _leaf("MsgRef", s.msg_ref, enc) \
-        + _leaf("CmdRef", s.cmd_ref, enc) + _leaf("Cmd", s.cmd, enc) + _leaf("Data", <str>s.data, enc)
-    if s.target_refs is not None:
-        for r in s.target_refs:
-            n += _leaf("TargetRef", <str>r if type(r) is str else str(r), enc)
-    if s.source_refs is not None:
-        for r in s.source_refs:
-            n += _leaf("SourceRef", <str>r if type(r) is str else str(r), enc)
+        + _leaf("CmdRef", s.cmd_ref, enc) + _leaf("Cmd", s.cmd, enc) + _leaf("Data", <str>s.data, enc) \
+        + _refs_size(s, enc)
     if s.chal is not None:
         n += _open("Chal", enc) + _meta_size(s.chal.meta, enc)
     return n
