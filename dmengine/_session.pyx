@@ -63,7 +63,6 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
     const unsigned char* PyUnicode_1BYTE_DATA(object o)
     list PyList_New(Py_ssize_t n)
-    void PyList_SET_ITEM(object p, Py_ssize_t pos, object o)
     tuple PyTuple_New(Py_ssize_t n)
     void PyTuple_SET_ITEM(object p, Py_ssize_t pos, object o)
     PyObject* _list_item "PyList_GET_ITEM"(object p, Py_ssize_t i)       # borrowed
