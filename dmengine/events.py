@@ -14,6 +14,7 @@ or keyword construction with defaults, attributes, iteration and indexing in fie
 
 ``handle`` is whatever object the caller passed to ``DmSession.queue()`` for the command the
 event concerns (``None`` for commands the session sent on its own, such as Alert 1225).
+``ResultsReceived.items`` is a tuple of ``(uri, format, type, data)`` tuples, one per Item.
 """
 from __future__ import annotations
 
