@@ -306,7 +306,7 @@ cdef inline list _list_with_room(Py_ssize_t n):
 
 
 cdef int _make_room(list a, Py_ssize_t n) except -1:
-    """Makes room in ``a`` for ``n`` more items (appended with _push)."""
+    """Makes room in ``a`` for ``n`` more items (stored by _push, or written directly)."""
     cdef _ListObj* x = <_ListObj*>a
     cdef Py_ssize_t size = Py_SIZE(<PyObject*>a), want = size + n
     cdef PyObject** items
@@ -1810,11 +1810,10 @@ cdef class DmSession:
     cdef _collect_devinfo(self, Message msg, dict info):
         """The Alert 1200/1201 code and the DevInfo items of Replace commands in ``msg``."""
         cdef Command c
-        cdef PyObject* ip
-        cdef PyObject* sp
-        cdef list items
+        cdef Item it
+        cdef str src
         cdef long code
-        cdef Py_ssize_t at, k
+        cdef Py_ssize_t at
         for obj in msg.commands:
             c = <Command>obj                  # (_receive checked every one)
             if _is(c.name, "Alert") and self.alert_code == 0:
@@ -1822,19 +1821,14 @@ cdef class DmSession:
                 if code == 1200 or code == 1201:
                     self.alert_code = code
             elif _is(c.name, "Replace") and c.items is not None:
-                items = c.items
-                for k in range(len(items)):   # (borrowed: the list holds its Items)
-                    ip = _list_item(items, k)
-                    if not isinstance(<object>ip, Item):
-                        raise TypeError(f"Replace holds a {type(<object>ip).__name__}, not an Item")
-                    sp = <PyObject*>(<Item>ip).source
-                    if sp == <PyObject*>None:
-                        sp = <PyObject*>(<Item>ip).target
-                    at = _devinfo_at(<str>sp)
+                for o in c.items:
+                    it = <Item?>o
+                    src = _item_uri(it)
+                    at = _devinfo_at(src)
                     if at >= 0:
-                        v = _text((<Item>ip).data)
+                        v = _text(it.data)
                         if v is not None:
-                            info[_devinfo_key(<str>sp, at)] = v
+                            info[_devinfo_key(src, at)] = v
 
     cdef _more_pkg1(self, Message msg, list ev):
         """A later message of a multi-message package 1: more DevInfo; the last one (Final)
