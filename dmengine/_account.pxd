@@ -7,3 +7,4 @@ cdef class DmAccount:
     cdef public bint resync     # we sent a re-synchronisation package #0 (see __init__)
     cdef public object _kc      # (username, client_secret, K) for the device's digests
     cdef public object _sc      # (server_id, server_secret, nonce, Cred/Data) we send
+    cdef public object _sk      # the server key K (bytes) when no server secret is kept

@@ -227,27 +227,23 @@ cdef class ServerCore:
             entry = self.sessions.get(token)
             if entry is None:
                 if _is_package1(msg) and not self.draining and hdr.msg_id == "1":
+                    if len(self.sessions) >= self.config.max_sessions:
+                        return self._busy(req)
                     entry = self._new_session(base_url, now_wall, encoding)   # a fresh start
                 else:
                     return self._reply(encoding, encode,
                                        _clean_end(msg, base_url, StatusCode.NOT_FOUND), req)
         else:
-            key = f"{hdr.source}\0{hdr.session_id}"
-            old = self.by_key.get(key)
-            if old is not None:
-                if _is_package1(msg) and hdr.msg_id == "1":
-                    self._end(old, "restarted")
-                else:
-                    entry = self.sessions.get(old)
-            if entry is None:
-                if self.draining:
-                    return _http(503, b"shutting down\n", close=True,
-                                 extra=[("Retry-After", str(self.config.retry_after))])
-                entry = self._new_session(base_url, now_wall, encoding)
-            if entry.key is None:
-                entry.key = key
-                if entry.inserted:
-                    self.by_key[key] = entry.token
+            # The bare path only ever starts a session: a live one is reached through its
+            # RespURI token alone (Source and SessionID are no secret: package #0 carries the
+            # SessionID).  A package 1 naming a live session's Source and SessionID replaces it
+            # once it has authenticated (below), not before.
+            if self.draining:
+                return _http(503, b"shutting down\n", close=True,
+                             extra=[("Retry-After", str(self.config.retry_after))])
+            if len(self.sessions) >= self.config.max_sessions:
+                return self._busy(req)
+            entry = self._new_session(base_url, now_wall, encoding)
         entry.busy += 1
         session = entry.session
         try:
@@ -265,6 +261,9 @@ cdef class ServerCore:
                         await handler.on_events(session, more)
                 self._end_entry(entry, "protocol_error")
                 return self._reply(encoding, encode, reply, req)
+            if entry.key is None and token is None and getattr(session, "authenticated", False):
+                # before the services hear of it: the session it replaces lets go of its work
+                self._claim_key(entry, f"{hdr.source}\0{hdr.session_id}")
             if events:
                 await handler.on_events(session, events)
             out = session.replay_bytes() if self._keep_bytes else None
@@ -305,6 +304,24 @@ cdef class ServerCore:
         if self._keep_bytes and not entry.closed:
             session.keep_reply_bytes(out)      # kept for a retransmission instead of the model
         return self._reply(encoding, encode, reply, req, session, out)
+
+    cdef _claim_key(self, Entry entry, str key):
+        """An authenticated session started on the bare path: it now stands for its device's
+        Source and SessionID, and a session that did before (the device restarted) ends."""
+        old = self.by_key.get(key)
+        entry.key = key
+        if old is not None and old != entry.token:
+            self._end(old, "restarted")
+        if entry.inserted:
+            self.by_key[key] = entry.token
+
+    def _busy(self, req):
+        """503 for the session cap, when a request reached it past admission (a package 1 on a
+        RespURI path of a session that is gone, or sessions added while it was read)."""
+        if self.metrics is not None:
+            self.metrics.rejected("sessions")
+        return _http(503, b"server busy\n", close=not req.keep_alive,
+                     extra=[("Retry-After", str(self.config.retry_after))])
 
     def _reply(self, str encoding, encode, reply, req, session=None, out=None):
         if out is None:

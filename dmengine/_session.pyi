@@ -30,6 +30,8 @@ DEFAULT_IDLE_TIMEOUT: float
 DEFAULT_MAX_QUEUED: int
 DEFAULT_MIN_PEER_MSG_SIZE: int
 DEFAULT_MIN_CHUNK: int
+DEFAULT_MAX_SESSION_ID_LENGTH: int   # SyncHdr SessionID characters
+DEFAULT_MAX_URI_LENGTH: int          # SyncHdr Source/Target LocURI and LocName characters
 
 
 class SessionState(enum.IntEnum):
@@ -104,6 +106,8 @@ class SessionConfig:
     default_peer_msg_size: int     # limit for our replies until the device sends MaxMsgSize (0: none)
     min_chunk: int                 # smallest large-object chunk placed behind other commands
     status_refs: bool              # TargetRef/SourceRef in our Status for the device's commands
+    max_session_id_length: int     # a longer SyncHdr SessionID is refused (400)
+    max_uri_length: int            # a longer SyncHdr Source/Target LocURI or LocName is refused
     def __init__(
         self,
         *,
@@ -125,6 +129,8 @@ class SessionConfig:
         default_peer_msg_size: int = 0,
         min_chunk: int = ...,
         status_refs: bool = True,
+        max_session_id_length: int = ...,
+        max_uri_length: int = ...,
     ) -> None: ...
 
 

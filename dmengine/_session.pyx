@@ -84,7 +84,8 @@ __all__ = ["SessionConfig", "DmAccount", "DmSession", "SessionState", "SessionIn
            "TRANSITIONS", "ui_alert", "PreparedCommand", "prepare",
            "DEFAULT_MAX_MSG_SIZE", "DEFAULT_MAX_OBJ_SIZE", "DEFAULT_MAX_COMMANDS_PER_MESSAGE",
            "DEFAULT_MAX_ITEMS_PER_COMMAND", "DEFAULT_MAX_AUTH_ATTEMPTS", "DEFAULT_IDLE_TIMEOUT",
-           "DEFAULT_MAX_QUEUED", "DEFAULT_MIN_PEER_MSG_SIZE"]
+           "DEFAULT_MAX_QUEUED", "DEFAULT_MIN_PEER_MSG_SIZE", "DEFAULT_MAX_SESSION_ID_LENGTH",
+           "DEFAULT_MAX_URI_LENGTH"]
 
 # --- limits (named defaults) -------------------------------------------------------------
 
@@ -97,6 +98,10 @@ DEFAULT_IDLE_TIMEOUT = 300.0                # seconds between client messages
 DEFAULT_MAX_QUEUED = 10000                  # commands waiting in one session
 DEFAULT_MIN_PEER_MSG_SIZE = 256             # a device advertising less cannot be served
 DEFAULT_MIN_CHUNK = 128                     # smallest large-object chunk worth a message slot
+# DM SessionIDs are 16-bit numbers (4 hex digits); device ids and server URIs are short.  A
+# header field past these is refused before the session keeps a copy of it (or echoes it).
+DEFAULT_MAX_SESSION_ID_LENGTH = 64
+DEFAULT_MAX_URI_LENGTH = 1024               # Source/Target LocURI and LocName of the SyncHdr
 
 # --- states, inputs, actions, and the table ---------------------------------------------
 
@@ -996,6 +1001,8 @@ cdef class SessionConfig:
     cdef public Py_ssize_t default_peer_msg_size
     cdef public Py_ssize_t min_chunk
     cdef public bint status_refs
+    cdef public Py_ssize_t max_session_id_length
+    cdef public Py_ssize_t max_uri_length
     cdef Meta _limits                # MaxMsgSize/MaxObjSize of our first header, shared
 
     def __init__(self, *, str server_id not None, str server_uri not None,
@@ -1011,7 +1018,9 @@ cdef class SessionConfig:
                  Py_ssize_t min_peer_msg_size=DEFAULT_MIN_PEER_MSG_SIZE,
                  Py_ssize_t default_peer_msg_size=0,
                  Py_ssize_t min_chunk=DEFAULT_MIN_CHUNK,
-                 bint status_refs=True):
+                 bint status_refs=True,
+                 Py_ssize_t max_session_id_length=DEFAULT_MAX_SESSION_ID_LENGTH,
+                 Py_ssize_t max_uri_length=DEFAULT_MAX_URI_LENGTH):
         if require_auth not in ("md5", "basic", "hmac", "none"):
             raise ValueError(f"require_auth must be md5, basic, hmac or none, not {require_auth!r}")
         if encoding not in ("xml", "wbxml"):
@@ -1036,6 +1045,8 @@ cdef class SessionConfig:
         self.default_peer_msg_size = default_peer_msg_size
         self.min_chunk = min_chunk
         self.status_refs = status_refs
+        self.max_session_id_length = max_session_id_length
+        self.max_uri_length = max_uri_length
 
     cdef Meta _limits_meta(self):
         """The Meta with our MaxMsgSize/MaxObjSize, built once per value and shared by the
@@ -1504,6 +1515,14 @@ cdef class DmSession:
             raise ProtocolError(f"MsgID {h.msg_id!r} is not a number", status=400)
         if not h.session_id or not h.source:
             raise ProtocolError("SyncHdr needs SessionID and Source", status=400)
+        if len(h.session_id) > self.config.max_session_id_length:
+            raise ProtocolError(f"SessionID longer than {self.config.max_session_id_length} "
+                                "characters", status=400)
+        if len(h.source) > self.config.max_uri_length or (
+                h.source_name is not None and len(h.source_name) > self.config.max_uri_length) or (
+                h.target is not None and len(h.target) > self.config.max_uri_length):
+            raise ProtocolError(f"SyncHdr Source, LocName or Target longer than "
+                                f"{self.config.max_uri_length} characters", status=400)
         if self.device_id is not None:
             if not _is(h.session_id, self.session_id):
                 raise ProtocolError(f"SessionID {h.session_id!r} does not belong to session "
@@ -1597,13 +1616,13 @@ cdef class DmSession:
         elif action == A_PROCESS:
             if self._pkg1_info is not None:
                 self._more_pkg1(msg, ev)
-            self._process_body(msg, ev, False)
+            self._process_body(msg, ev)
         elif action == A_CHALLENGE:
             self._act_challenge(msg, False, ev)
         elif action == A_AUTH_END:
             self._act_challenge(msg, True, ev)
         elif action == A_ABORT_ACK:
-            self._process_body(msg, ev, True)
+            self._process_abort(msg, ev)
             self._finish("aborted_by_client", "Alert 1223 from the device", ev)
         self._state = nxt
 
@@ -1805,7 +1824,7 @@ cdef class DmSession:
             # package 1 goes on in more messages: DeviceIdentified, with all of DevInfo, when
             # its last message (Final) arrives
             self._pkg1_info = info
-        self._process_body(msg, ev, False)
+        self._process_body(msg, ev)
 
     cdef _collect_devinfo(self, Message msg, dict info):
         """The Alert 1200/1201 code and the DevInfo items of Replace commands in ``msg``."""
@@ -1841,7 +1860,10 @@ cdef class DmSession:
             ev.append(new_DeviceIdentified(self.device_id, info, self.session_id, self.alert_code))
 
     cdef _act_challenge(self, Message msg, bint give_up, list ev):
-        """Every command gets the header's auth code; a fresh nonce rides in the Chal."""
+        """Every command gets the header's auth code; a fresh nonce rides in the Chal.  The
+        Statuses carry no Item refs: a session that has not authenticated keeps its reply
+        (for a retransmission) while it waits for the retry, and refs would let a stranger
+        make that reply as large as his message."""
         cdef Command c
         cdef str code = self._hdr_code
         if not give_up:
@@ -1852,7 +1874,8 @@ cdef class DmSession:
                 if _is(c.name, "Status"):
                     self._on_status(c, ev)      # the device may still tell us about our Cred
                 continue
-            self._add_status(c, code)
+            self._out_status.append(_status(0, self._in_msg_id_text, c.cmd_id, c.name, None,
+                                            None, code))
         if give_up:
             self._finish("auth_failed", f"{self._auth_failures} failed authentication attempts", ev)
 
@@ -1876,7 +1899,28 @@ cdef class DmSession:
                     _push(srefs, it.source)
         self._out_status.append(_status(0, self._in_msg_id_text, c.cmd_id, c.name, trefs, srefs, code))
 
-    cdef _process_body(self, Message msg, list ev, bint aborting):
+    cdef _process_abort(self, Message msg, list ev):
+        """A message with Alert 1223: acknowledged, and nothing else in it acts.  Only an
+        authenticated session still takes the Statuses and Results in it, which answer the
+        commands we sent that session; a message that opens a session with an abort never
+        authenticated, so none of its commands (a Generic Alert, a Chal) may reach the
+        services."""
+        cdef Command c
+        for obj in msg.commands:
+            c = <Command>obj                  # (_receive checked every one)
+            if _is(c.name, "Status"):
+                if self.authenticated:
+                    self._on_status(c, ev)
+            elif _is(c.name, "Results"):
+                if self.authenticated:
+                    self._on_results(c, ev)
+            elif not c.no_resp:
+                # the abort itself is acknowledged; anything beside it was not executed
+                self._out_status.append(_status(
+                    0, self._in_msg_id_text, c.cmd_id, c.name, None, None,
+                    "200" if _is(c.name, "Alert") and _parse_uint(c.data) == 1223 else "215"))
+
+    cdef _process_body(self, Message msg, list ev):
         cdef Command c
         cdef str name
         cdef bint lo_continued = False
@@ -1917,7 +1961,7 @@ cdef class DmSession:
             else:
                 if not c.no_resp:
                     self._add_status(c, "501")
-        if self._in_lo is not None and not lo_continued and msg.final and not aborting:
+        if self._in_lo is not None and not lo_continued and msg.final:
             self._interrupt_in_lo(ev)
 
     cdef _refuse(self, Command c, str code):
@@ -2519,7 +2563,7 @@ cdef class DmSession:
         nonce = self._server_nonce if self._server_nonce is not None else b""
         if type(acc) is _Account:               # cached on the account, per nonce
             secret = (<_Account>acc).server_secret
-            if secret is None:
+            if secret is None and (<_Account>acc)._sk is None:
                 return None
             sid = (<_Account>acc).server_id
             name = sid if sid else self.config.server_id
@@ -2552,11 +2596,16 @@ cdef class DmSession:
         if self.auth_scheme != "hmac":
             return None
         acc = self._account
-        if acc is None or acc.server_secret is None:
+        if acc is None:
             return None
         nonce = self._server_nonce if self._server_nonce is not None else b""
         name = self._server_name()
-        return _auth.format_hmac_header(name, _auth.hmac_mac(name, acc.server_secret, nonce, body))
+        if acc.server_secret is not None:
+            return _auth.format_hmac_header(name, _auth.hmac_mac(name, acc.server_secret, nonce, body))
+        key = acc.server_key() if type(acc) is _Account else None
+        if key is None:
+            return None
+        return _auth.format_hmac_header(name, _auth.hmac_mac_key(key, nonce, body))
 
     def next_message(self, *, double now):
         """The reply to the last received message (the same object again for a retransmission)."""

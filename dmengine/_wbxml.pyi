@@ -9,6 +9,10 @@ DEFAULT_MAX_SIZE: int
 """Largest message decode() accepts, in bytes."""
 DEFAULT_MAX_STRING: int
 """Largest single text value / Data decode() accepts, in bytes (after concatenating pieces)."""
+DEFAULT_DECODED_RATIO: int
+"""decode()'s default budget of string-table text: this many times the message's size ..."""
+DEFAULT_MIN_DECODED: int
+"""... and at least this many bytes."""
 ENCODE_MAX_NESTING: int
 """Deepest command / Element nesting encode() follows (guards against cyclic models)."""
 TNDS_WBXML: str
@@ -27,6 +31,7 @@ def decode(
     max_depth: int = ...,
     max_size: int = ...,
     max_string: int = ...,
+    max_decoded: int = ...,   # bytes STR_T references may copy; default 8x the message, >= 64 KiB
 ) -> Message:
     """Decodes one WBXML SyncML DM message; raises dmengine.errors.CodecError on bad input.
 

@@ -45,6 +45,12 @@ cdef extern from "Python.h":
 DEFAULT_MAX_DEPTH = 32              # element nesting, counting SyncML as 1
 DEFAULT_MAX_SIZE = 4 * 1024 * 1024  # bytes of one message (nested documents included)
 DEFAULT_MAX_STRING = 1024 * 1024    # bytes of one text value or Data after concatenation
+# STR_T is the one piece whose text can be larger than its bytes: a 2-byte reference copies a
+# whole string-table entry, so 17 KB could decode to megabytes.  The text copied out of the
+# string table is budgeted per message: this many times the message's size (and at least
+# DEFAULT_MIN_DECODED), unless decode() is given max_decoded.
+DEFAULT_DECODED_RATIO = 8
+DEFAULT_MIN_DECODED = 64 * 1024
 ENCODE_MAX_NESTING = 256            # guards encode() against cyclic models
 
 TNDS_WBXML = "application/vnd.syncml.dmtnds+wbxml"
@@ -133,6 +139,7 @@ cdef class _Decoder:
     cdef Py_ssize_t pos, end
     cdef const unsigned char* st      # string table (points into buf)
     cdef Py_ssize_t st_len, st_pos
+    cdef Py_ssize_t st_budget         # bytes STR_T references may still copy (max_decoded)
     cdef int page, lang, depth, max_depth
     cdef Py_ssize_t max_string
     cdef bint content                 # content bit of the tag next_tag() returned
@@ -290,6 +297,10 @@ cdef class _Decoder:
                     _raise(f"string table offset {off} out of range (table has {self.st_len} bytes)",
                            start, "an offset inside the string table")
                 n = self.cstr_end(self.st, off, self.st_len, start, "string-table entry")
+                if n > self.st_budget:
+                    _raise("string-table references decoded past the message's budget "
+                           "(max_decoded)", start, "fewer string-table references")
+                self.st_budget -= n
                 self.tmp_append(self.st + off, n)
             elif b == TOK_OPAQUE:
                 self.pos += 1
@@ -784,8 +795,10 @@ cdef class _Decoder:
         sub.depth = self.depth
         sub.max_depth = self.max_depth
         sub.max_string = self.max_string
+        sub.st_budget = self.st_budget         # one budget for the message and what it nests
         sub.header()
         root = sub.element()
+        self.st_budget = sub.st_budget
         if sub.pos != sub.end:
             _raise(f"{sub.end - sub.pos} bytes after the nested document", sub.pos, "end of Data")
         root.xmlns = DDF_NAMESPACE if lang == LANG_DDF else DEVINF_NAMESPACE
@@ -833,8 +846,11 @@ cdef class _Decoder:
 
 
 def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE,
-           Py_ssize_t max_string=DEFAULT_MAX_STRING):
-    """Decodes one WBXML SyncML DM message into a Message; CodecError on bad input."""
+           Py_ssize_t max_string=DEFAULT_MAX_STRING, Py_ssize_t max_decoded=-1):
+    """Decodes one WBXML SyncML DM message into a Message; CodecError on bad input.
+
+    ``max_decoded``: bytes of text string-table references (STR_T) may copy in all; -1 means
+    DEFAULT_DECODED_RATIO times the message's size, at least DEFAULT_MIN_DECODED."""
     cdef _Decoder d
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -851,6 +867,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
     d.lang = LANG_SYNCML
     d.max_depth = max_depth
     d.max_string = max_string
+    if max_decoded < 0:
+        max_decoded = max(DEFAULT_DECODED_RATIO * PyBytes_GET_SIZE(data), DEFAULT_MIN_DECODED)
+    d.st_budget = max_decoded
     d.header()
     return d.document()
 

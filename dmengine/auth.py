@@ -30,7 +30,8 @@ __all__ = [
     "AUTH_BASIC", "AUTH_MD5", "AUTH_MAC", "SCHEME_TYPES", "TYPE_SCHEMES", "NONCE_SIZE",
     "RESYNC_NONCE_BYTES", "RESYNC_NONCE_ASCII", "RESYNC_NONCES",
     "DmAccount", "AuthResult", "HmacHeader",
-    "md5_key", "md5_digest", "basic_cred", "hmac_mac", "parse_hmac_header", "format_hmac_header",
+    "md5_key", "md5_digest", "basic_cred", "hmac_mac", "hmac_mac_key", "verify_hmac_key",
+    "server_cred_key", "parse_hmac_header", "format_hmac_header",
     "verify_basic", "verify_md5", "verify_md5_key", "verify_hmac", "new_nonce", "nonce_b64", "decode_nonce",
     "check_client", "server_cred",
 ]
@@ -99,8 +100,13 @@ def basic_cred(name: str | bytes, secret: str | bytes) -> str:
 
 def hmac_mac(name: str | bytes, secret: str | bytes, nonce: bytes, body: bytes) -> str:
     """The ``mac`` of an x-syncml-hmac header over the exact HTTP body."""
+    return hmac_mac_key(md5_key(name, secret), nonce, body)
+
+
+def hmac_mac_key(key: bytes, nonce: bytes, body: bytes) -> str:
+    """hmac_mac with ``K`` already known (an account that keeps keys, not passwords)."""
     body_digest = base64.b64encode(md5(body).digest())
-    return base64.b64encode(md5(md5_key(name, secret) + b":" + nonce + b":" + body_digest).digest()).decode("ascii")
+    return base64.b64encode(md5(key + b":" + nonce + b":" + body_digest).digest()).decode("ascii")
 
 
 def format_hmac_header(username: str, mac: str, algorithm: str = "MD5") -> str:
@@ -172,8 +178,14 @@ def verify_md5_key(cred_data: str | bytes, key: bytes, nonce: bytes) -> bool:
 
 
 def verify_hmac(header: HmacHeader, username: str, secret: str | bytes, nonce: bytes, body: bytes) -> bool:
+    return verify_hmac_key(header, username, md5_key(username, secret), nonce, body)
+
+
+def verify_hmac_key(header: HmacHeader, username: str, key: bytes, nonce: bytes,
+                    body: bytes) -> bool:
+    """verify_hmac with ``K`` already known (DmAccount.client_key())."""
     name_ok = _eq(header.username, username)
-    mac_ok = _eq(header.mac.strip(), hmac_mac(username, secret, nonce, body))
+    mac_ok = _eq(header.mac.strip(), hmac_mac_key(key, nonce, body))
     return name_ok & mac_ok
 
 
@@ -234,7 +246,7 @@ def check_client(require: str, *, cred_type: str | None, cred_data: str | bytes 
             return AuthResult(False, StatusCode.INVALID_CREDENTIALS, "hmac", hdr.username, "unknown device")
         if nonce is None:
             return AuthResult(False, StatusCode.INVALID_CREDENTIALS, "hmac", username, "no nonce issued yet")
-        if not verify_hmac(hdr, account.username, account.client_secret, nonce, body):
+        if not verify_hmac_key(hdr, account.username, account.client_key(), nonce, body):
             return AuthResult(False, StatusCode.INVALID_CREDENTIALS, "hmac", hdr.username, "HMAC mismatch")
         return AuthResult(True, StatusCode.OK, "hmac", account.username, "HMAC verified")
     if require not in ("md5", "basic"):
@@ -250,6 +262,9 @@ def check_client(require: str, *, cred_type: str | None, cred_data: str | bytes 
     if loc_name is not None and not _eq(loc_name, account.username):
         return AuthResult(False, StatusCode.INVALID_CREDENTIALS, scheme, loc_name, "user name does not match the account")
     if scheme == "basic":
+        if account.client_secret is None:       # an account that keeps only its key
+            return AuthResult(False, StatusCode.INVALID_CREDENTIALS, scheme, account.username,
+                              "basic needs the password; the account keeps only its key")
         ok = verify_basic(cred_data, account.username, account.client_secret)
     else:
         if nonce is None:
@@ -264,3 +279,8 @@ def check_client(require: str, *, cred_type: str | None, cred_data: str | bytes 
 def server_cred(server_id: str, server_secret: str | bytes, server_nonce: bytes | None) -> str:
     """Cred/Data of the server's MD5 credentials (nonce given by the device; empty if none yet)."""
     return md5_digest(server_id, server_secret, server_nonce or b"")
+
+
+def server_cred_key(server_key: bytes, server_nonce: bytes | None) -> str:
+    """server_cred with the server's ``K`` instead of its password."""
+    return base64.b64encode(md5(server_key + b":" + (server_nonce or b"")).digest()).decode("ascii")

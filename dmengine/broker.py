@@ -21,7 +21,6 @@ import asyncio
 import base64
 import logging
 import os
-import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from . import auth, bootstrap
 from ._session import DmSession, prepare
 from .content import ContentService
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import (CommandRejected, GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
+from .errors import (CodecError, CommandRejected, GatewayError, InvalidRequest, NotFound, ServiceError, StoreError,
                      UnknownResource)
 from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
@@ -161,8 +160,7 @@ class Broker:
                  clock: Callable[[], float] = time.time,
                  carrier_callback: CarrierCallback | None = None,
                  content: ContentService | None = None,
-                 metrics: TaskMetrics | None = None,
-                 rng: random.Random | None = None) -> None:
+                 metrics: TaskMetrics | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.content = content
@@ -170,12 +168,14 @@ class Broker:
         self.config = config or BrokerConfig()
         self.clock = clock
         self.carrier_callback = carrier_callback
-        self._rng = rng or random.Random()
         self._sessions: dict[int, _SessionWork] = {}
         #: DM user name → device record, for devices we notified: a device that answers with
         #: another DevId (acceptDevicePolicy) is found through the account it authenticates with.
         self._by_username: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self.failed_passes = 0                 # scheduler passes failed in a row
+        self.last_error: str | None = None
+        self.last_pass: float | None = None
         #: operation -> its commands prepared once (checked and sized) and shared by the DM
         #: sessions of every task that runs it: a campaign's million tasks of one SET or QUERY
         #: cost one prepare, not a million (see _session_commands)
@@ -330,17 +330,20 @@ class Broker:
                                                changes={"next_attempt": now + delay})
         if acc.client_name:
             self._by_username[acc.client_name] = device.dev_id
-        session_id = self._rng.randint(1, 0xFFFF)
+        session_id = self._new_session_id()
         resync = self.config.resync_after is not None and task.attempts >= self.config.resync_after
         if resync:
             # the device may have lost its nonces: sign with the well-known one and let its
             # package 1 use it too for a while (the session then hands out fresh nonces)
             acc = msgspec.structs.replace(acc, resync_until=now + self.config.resync_window)
             await self.store.update_device(device.dev_id, {"account": acc})
-        pkg0 = build_pkg0(acc.server_id, acc.server_password or "",
-                          self.config.resync_nonce if resync else _nonce(acc.server_nonce),
-                          session_id,
-                          ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1)
+        try:
+            pkg0 = self._pkg0(acc, task, resync, session_id)
+        except CodecError as exc:
+            # the record cannot be notified at all (a server id too long for package #0, no
+            # server credentials): this task fails with the cause, the others go on
+            return await self._move(task.task_id, S.FAILED, cause=f"package #0 not built: {exc}",
+                                    changes={"finished": now, "next_attempt": None})
         # NOTIFIED is written before the send: a fast device may open its session (and move
         # the task to IN_PROGRESS) before the gateway call returns.
         task = await self._move(
@@ -366,6 +369,19 @@ class Broker:
             self.metrics.notification("sent")
         return task
 
+    def _pkg0(self, acc: DmAccount, task: Task, resync: bool, session_id: int) -> bytes:
+        return build_pkg0(acc.server_id, acc.server_password or None,
+                          self.config.resync_nonce if resync else _nonce(acc.server_nonce),
+                          session_id,
+                          ui_mode=3 if task.b_optin else self.config.notify_ui_mode, initiator=1,
+                          server_key=acc.server_key.encode() if acc.server_key else None)
+
+    @staticmethod
+    def _new_session_id() -> int:
+        """The SessionID package #0 names: 16 bits from the system's random source (whoever
+        sees a few of them must not be able to tell the next)."""
+        return secrets.randbelow(0xFFFF) + 1
+
     def _retry_delay(self, attempts: int) -> float:
         d = self.config.retry_delays
         return d[min(attempts, len(d) - 1)]
@@ -378,7 +394,8 @@ class Broker:
         for task in await self.store.tasks_expiring(now):
             if task.state in FINAL_TASK_STATES:
                 continue
-            await self._finish(task, S.EXPIRED, "deadline passed before the device answered")
+            await self._guarded(task, self._finish(task, S.EXPIRED,
+                                                   "deadline passed before the device answered"))
             touched += 1
         for task in await self.store.tasks_due(now):
             if task.state not in (S.PENDING, S.NOTIFIED) or self._in_session(task.task_id):
@@ -386,21 +403,58 @@ class Broker:
             if isinstance(task.op, BootstrapOp):
                 continue
             if task.attempts >= self.config.max_notifications:
-                await self._finish(task, S.EXPIRED,
-                                   f"device did not connect after {task.attempts} notifications")
+                await self._guarded(task, self._finish(
+                    task, S.EXPIRED, f"device did not connect after {task.attempts} notifications"))
             else:
-                await self.notify(task)
+                await self._guarded(task, self.notify(task))
             touched += 1
         return touched
 
+    async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:
+        """One task's step of a scheduler pass: a store error is left for the next pass; any
+        other fault fails that task with its cause instead of ending the pass (and with it
+        every other task's notifications, retries and expiry)."""
+        try:
+            await step
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.exception("scheduler: task %s failed", task.task_id)
+            try:
+                await self._finish(task, S.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("scheduler: task %s could not be failed", task.task_id)
+
     async def run(self) -> None:
-        """The scheduler loop (until cancelled)."""
+        """The scheduler loop (until cancelled).  It is supervised: a failed pass is logged,
+        counted and retried after ``tick_interval``; ``health()`` reports passes that keep
+        failing and a loop that is gone."""
         while True:
             try:
                 await self.tick()
-            except StoreError:
+            except Exception as exc:           # (CancelledError is not an Exception)
                 log.exception("scheduler pass failed")
+                self.failed_passes += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                self.failed_passes = 0
+                self.last_error = None
+            self.last_pass = self.clock()
             await asyncio.sleep(self.config.tick_interval)
+
+    def health(self) -> list[str]:
+        """What is wrong with the scheduler, for ``/health`` (empty when nothing is)."""
+        problems = []
+        loop = self._loop_task
+        if loop is None:
+            problems.append("scheduler not started")
+        elif loop.done():
+            why = "cancelled" if loop.cancelled() else repr(loop.exception())
+            problems.append(f"scheduler loop ended: {why}")
+        if self.failed_passes >= 3:
+            problems.append(f"scheduler: {self.failed_passes} passes failed in a row "
+                            f"(last: {self.last_error})")
+        return problems
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -428,21 +482,40 @@ class Broker:
         acc = device.account
         if username and acc.client_name and username != acc.client_name:
             return None
+        if not acc.client_password and not acc.client_key:
+            # neither a password nor its key: no credentials the device could prove, and
+            # none may be taken for "" (MD5 of an empty password is anyone's)
+            log.warning("device %s has a DM account without a password or key: refused",
+                        device.dev_id)
+            return None
         return auth.DmAccount(dev_id=dev_id or device.dev_id, username=acc.client_name,
-                              client_secret=acc.client_password or "",
+                              client_secret=acc.client_password or None,
+                              client_key=None if acc.client_password else acc.client_key,
                               client_nonce=_nonce(acc.client_nonce) if acc.client_nonce else None,
                               server_id=acc.server_id,
-                              server_secret=acc.server_password or "",
+                              server_secret=acc.server_password or None,
+                              server_key=None if acc.server_password else acc.server_key,
                               server_nonce=_nonce(acc.server_nonce) if acc.server_nonce else None,
                               resync=acc.resync_until is not None and self.clock() < acc.resync_until)
 
     async def on_events(self, session: Any, events: list[Any]) -> None:
+        if not getattr(session, "authenticated", False):
+            # Nothing a device sends acts before its session authenticated: not a Generic
+            # Alert, not a nonce, not DevInfo.  What such a session reports is only its end.
+            work = self._sessions.pop(id(session), None)
+            if work is not None:
+                await self._settle(work, "session ended before it authenticated")
+            return
         work = self._sessions.setdefault(id(session), _SessionWork())
         for ev in events:
             try:
                 await self._on_event(session, work, ev)
-            except StoreError:
-                log.exception("store failed while handling %r", ev)
+            except StoreError as exc:
+                # An outcome that cannot be recorded (disk full, writer gone) must not be
+                # acknowledged: the error ends the session (the device is told 500) and its
+                # tasks are tried again later, instead of the session going on without them.
+                log.error("store failed while handling %s: %s", type(ev).__name__, exc)
+                raise
 
     async def on_session_closed(self, session: Any, reason: str) -> None:
         work = self._sessions.pop(id(session), None)
@@ -478,9 +551,9 @@ class Broker:
         elif isinstance(ev, Authenticated):
             work.authenticated = ev          # its account change goes with _on_identified's write
         elif isinstance(ev, NonceIssued):
-            await self._save_nonce(work, ev.dev_id, "client_nonce", ev.nonce)
+            await self._save_nonce(session, work, "client_nonce", ev.nonce)
         elif isinstance(ev, ServerNonceReceived):
-            await self._save_nonce(work, ev.dev_id, "server_nonce", ev.nonce)
+            await self._save_nonce(session, work, "server_nonce", ev.nonce)
         elif isinstance(ev, SessionEnded):
             self._sessions.pop(id(session), None)
             await self._settle(work, f"session ended ({ev.reason})")
@@ -499,19 +572,28 @@ class Broker:
             return msgspec.structs.replace(acc, resync_until=None)
         return None
 
-    async def _save_nonce(self, work: _SessionWork, dev_id: str | None, slot: str,
+    async def _save_nonce(self, session: Any, work: _SessionWork, slot: str,
                           nonce: bytes) -> None:
-        target = work.dev_id or dev_id
-        if not target:
-            return
-        try:
-            device = await self.store.get_device(target)
-        except NotFound:
-            return
-        if device.account is None:
+        """Stores a rotated nonce in the record whose account this (authenticated) session
+        proved: the one account_for found for its Source and user name, never a record an
+        unverified Source merely names."""
+        device = await self._session_record(session, work)
+        if device is None or device.account is None:
             return
         acc = msgspec.structs.replace(device.account, **{slot: b64(nonce)})
-        await self.store.update_device(target, {"account": acc})
+        await self.store.update_device(device.dev_id, {"account": acc})
+
+    async def _session_record(self, session: Any, work: _SessionWork) -> Device | None:
+        """The device record of an authenticated session (found once, then by its id)."""
+        if work.dev_id is not None:
+            try:
+                return await self.store.get_device(work.dev_id)
+            except NotFound:
+                return None
+        record = await self._record_for(session.device_id, getattr(session, "username", None))
+        if record is not None:
+            work.dev_id = record.dev_id
+        return record
 
     async def _on_identified(self, session: Any, work: _SessionWork, ev: DeviceIdentified) -> None:
         record = await self._record_for(ev.dev_id, getattr(session, "username", None))
@@ -803,6 +885,11 @@ class Broker:
             task = await self.store.task_by_correlator(ev.correlator)
         except NotFound:
             log.info("generic alert for unknown correlator %r", ev.correlator)
+            return
+        if task.dev_id != work.dev_id:
+            # a correlator is no capability: only the device the task is for may report it
+            log.warning("device %s reported a generic alert for task %s of device %s: ignored",
+                        work.dev_id, task.task_id, task.dev_id)
             return
         if task.state in FINAL_TASK_STATES:
             return

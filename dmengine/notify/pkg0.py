@@ -134,7 +134,14 @@ def compute_digest(server_id: str | bytes, server_secret: str | bytes, nonce: by
     """``MD5(B64(MD5(server_id ":" secret)) ":" nonce ":" B64(MD5(trigger)))``, raw 16 bytes."""
     key = _b64md5(_as_bytes(server_id, "server_id") + b":"
                   + _as_bytes(server_secret, "server_secret"))
-    return hashlib.md5(key + b":" + _as_bytes(nonce, "nonce") + b":" + _b64md5(trigger)).digest()
+    return compute_digest_key(key, nonce, trigger)
+
+
+def compute_digest_key(server_key: bytes, nonce: bytes, trigger: bytes) -> bytes:
+    """compute_digest with ``K = B64(MD5(server_id ":" secret))`` given (an account that
+    keeps the key, not the password)."""
+    return hashlib.md5(_as_bytes(server_key, "server_key") + b":" + _as_bytes(nonce, "nonce")
+                       + b":" + _b64md5(trigger)).digest()
 
 
 def build_trigger(server_id: str | bytes, session_id: int, *, ui_mode: int = UI_NOT_SPECIFIED,
@@ -156,12 +163,18 @@ def build_trigger(server_id: str | bytes, session_id: int, *, ui_mode: int = UI_
     return header + sid + _as_bytes(vendor, "vendor")
 
 
-def build_pkg0(server_id: str | bytes, server_secret: str | bytes, server_nonce: bytes,
+def build_pkg0(server_id: str | bytes, server_secret: str | bytes | None, server_nonce: bytes,
                session_id: int, *, ui_mode: int = UI_NOT_SPECIFIED, initiator: int = 1,
-               version: int = DEFAULT_VERSION, vendor: bytes = b"") -> bytes:
-    """The whole package #0: digest followed by the trigger."""
+               version: int = DEFAULT_VERSION, vendor: bytes = b"",
+               server_key: bytes | None = None) -> bytes:
+    """The whole package #0: digest followed by the trigger.  The digest is made with
+    ``server_key`` when the secret is None."""
     trigger = build_trigger(server_id, session_id, ui_mode=ui_mode, initiator=initiator,
                             version=version, vendor=vendor)
+    if server_secret is None:
+        if server_key is None:
+            raise CodecError("package #0 needs the server secret or the server key")
+        return compute_digest_key(server_key, server_nonce, trigger) + trigger
     return compute_digest(server_id, server_secret, server_nonce, trigger) + trigger
 
 
