@@ -306,13 +306,18 @@ cdef class ConnBase:
         self.hdr_bytes = self.raw_hdr = 0
         self.deadline = _INF
         queue = self.queue
+        if len(queue) >= self._max_pipeline:
+            # reading pauses only after this read; a read holds thousands of small
+            # requests, which would fill the server's max_pending: 4 * max_pipeline at most,
+            # then 503 and close
+            if len(queue) >= 4 * self._max_pipeline:
+                raise HttpLimit(503, "too many pipelined requests")
+            if self.transport is not None and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
         queue.append(req)
         srv = self.server
         srv.pending += 1
-        if len(queue) > self._max_pipeline and self.transport is not None \
-                and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
 
     # --- processing ----------------------------------------------------------------------------
 
@@ -351,7 +356,10 @@ cdef class ConnBase:
                 self.flush_out()
                 self.transport.close()
         elif self.state == _IDLE:
-            self.deadline = self._loop.time() + self._keepalive
+            if self.deadline == _INF:
+                # idle from now (the last request is answered): keep-alive runs.  Not
+                # restarted by reads that start no request (the parser skips blank lines)
+                self.deadline = self._loop.time() + self._keepalive
             if self.server.draining:
                 self.close_if_idle()
 

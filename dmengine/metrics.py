@@ -22,7 +22,9 @@ Families (names as exposed):
 * ``dmengine_device_sessions_started_total``, ``..._sessions_ended_total{reason}``
 * ``dmengine_device_sessions_in_flight``, ``dmengine_device_connections`` (gauges)
 * ``dmengine_device_rejected_total{cap}`` (503s by admission control: sessions, pending,
-  connections), ``dmengine_device_http_errors_total{status}``
+  connections, connections_per_address), ``dmengine_device_http_errors_total{status}``
+* ``dmengine_device_cut_off_total{reason}`` (connections the server aborted because the
+  device read too slowly: send_rate)
 * ``dmengine_device_request_seconds`` (histogram: complete request → reply written)
 """
 from __future__ import annotations
@@ -62,6 +64,7 @@ class DeviceMetrics:
         self.in_flight = 0
         self.connections = 0
         self.rejections: dict[str, int] = {}
+        self.cut_offs: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)   # last one is +Inf
         self.latency_sum = 0.0
@@ -94,6 +97,9 @@ class DeviceMetrics:
     def rejected(self, cap: str) -> None:
         self.rejections[cap] = self.rejections.get(cap, 0) + 1
         self.errors["503"] = self.errors.get("503", 0) + 1
+
+    def cut_off(self, reason: str) -> None:
+        self.cut_offs[reason] = self.cut_offs.get(reason, 0) + 1
 
     def http_error(self, status: int) -> None:
         key = str(status)
@@ -135,6 +141,11 @@ class DeviceMetrics:
                                   labels=["cap"])
         for cap, v in sorted(self.rejections.items()):
             fam.add_metric([cap], v)
+        yield fam
+        fam = CounterMetricFamily(f"{p}_cut_off", "connections aborted by the server, by reason",
+                                  labels=["reason"])
+        for reason, v in sorted(self.cut_offs.items()):
+            fam.add_metric([reason], v)
         yield fam
         fam = CounterMetricFamily(f"{p}_http_errors", "requests answered with an HTTP error",
                                   labels=["status"])

@@ -18,6 +18,13 @@ hook really waits (``_drive``): one message costs no task, no future and no extr
 Limits are ``ServerConfig`` fields with the module-level defaults below.  Every limit has its
 own answer: 413 body too large, 431 header block too large, 408 request too slow, 503 (with
 ``Retry-After``) for the session and pending-work caps, checked before the body is decoded.
+
+Slow or hostile peers cannot hold the port: connections are capped in all and per address
+(``max_connections_per_address``; an IPv6 peer counts by its /64), an idle connection closes
+after ``keepalive_timeout`` and a request must arrive whole within ``request_timeout``, one
+connection queues at most ``4 * max_pipeline`` requests, and while the server has bytes
+waiting for a device (a download, or replies the transport could not take) the device must
+take ``min_send_rate`` bytes/s, measured over every ``send_rate_window``: else it is cut off.
 """
 from __future__ import annotations
 
@@ -25,10 +32,13 @@ import asyncio
 import dataclasses
 import functools
 import gc
+import ipaddress
 import logging
 import os
 import signal
+import socket as _socket
 import ssl as _ssl
+import struct
 import threading
 import time
 import types
@@ -67,16 +77,30 @@ DEFAULT_MAX_MSG_SIZE = 16 * 1024          # our advertised MaxMsgSize
 DEFAULT_MAX_BODY_SLACK = 1024             # bytes tolerated above MaxMsgSize before 413
 DEFAULT_MAX_HEADER_BYTES = 8 * 1024       # request line + headers
 DEFAULT_MAX_CONNECTIONS = 10_000
+# Connections open at once from one peer address (an IPv6 peer: its /64).  Not small: a
+# carrier's NAT gateway (CGNAT, or the APN's own gateway) puts hundreds to thousands of phones
+# behind one public address, and a campaign wakes many of them together; a DM session holds
+# its connection for seconds, so 256 leaves room for a busy NAT address while one host
+# can no longer take all of max_connections.  Behind a load balancer or a WAP proxy that
+# hides device addresses, raise it to max_connections (the cap then never applies).
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 256
 DEFAULT_MAX_SESSIONS = 200_000            # sessions in the table (in flight)
 DEFAULT_MAX_PENDING = 2_000               # requests received but not yet answered, all conns
 DEFAULT_MAX_PIPELINE = 16                 # queued requests per connection before pausing reads
 DEFAULT_REQUEST_TIMEOUT = 30.0            # first byte of a request -> its last byte
 DEFAULT_KEEPALIVE_TIMEOUT = 60.0          # idle connection between requests
 DEFAULT_SESSION_IDLE_TIMEOUT = 300.0      # DM session without a message
+DEFAULT_AUTH_TIMEOUT = 30.0               # session that has not authenticated, waiting for a retry
 DEFAULT_RETRY_AFTER = 5                   # seconds, in 503 answers
 DEFAULT_TICK = 1.0                        # period of the timeout sweep
 DEFAULT_SHUTDOWN_DEADLINE = 30.0
 DEFAULT_SEND_CHUNK = 256 * 1024          # bytes per file read when a GET route sends a file part
+# While the server has bytes waiting for a device (a download, or replies the transport could
+# not take), the device must take at least this many bytes/s, measured over each
+# send_rate_window (default: keepalive_timeout; the first window is the grace period).  1 KB/s
+# is below the worst GPRS link a phone downloads firmware over; a reader slower than that
+# would hold its connection for hours.  0 keeps only "no byte taken in a whole window".
+DEFAULT_MIN_SEND_RATE = 1024
 
 # ENCODING_BY_TYPE (media type -> encoding), the header tables, _http, _Req and the hot
 # path of a connection live in _devport.pyx
@@ -101,16 +125,22 @@ class ServerConfig:
     max_body_slack: int = DEFAULT_MAX_BODY_SLACK
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_pending: int = DEFAULT_MAX_PENDING
     max_pipeline: int = DEFAULT_MAX_PIPELINE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
+    #: a session that has not authenticated (its package 1 was challenged) is kept this long
+    #: for the device's retry, not session_idle_timeout: strangers get little of our memory
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     retry_after: int = DEFAULT_RETRY_AFTER
     tick: float = DEFAULT_TICK
     shutdown_deadline: float = DEFAULT_SHUTDOWN_DEADLINE
     send_chunk: int = DEFAULT_SEND_CHUNK        # file part reads (GET routes)
+    min_send_rate: int = DEFAULT_MIN_SEND_RATE  # bytes/s a device must take of what it is owed
+    send_rate_window: float | None = None       # seconds per rate check; None: keepalive_timeout
     tls_cert: str | None = None
     tls_key: str | None = None
     ssl_context: _ssl.SSLContext | None = None  # overrides tls_cert/tls_key
@@ -120,16 +150,27 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.path.startswith("/") or self.path.endswith("/") or len(self.path) < 2:
             raise ConfigError(f"device path must look like /dm, got {self.path!r}", key="path")
-        for key in ("max_msg_size", "max_header_bytes", "max_connections", "max_sessions",
-                    "max_pending", "max_pipeline", "send_chunk"):
+        for key in ("max_msg_size", "max_header_bytes", "max_connections",
+                    "max_connections_per_address", "max_sessions", "max_pending",
+                    "max_pipeline", "send_chunk"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive", key=key)
+        if self.min_send_rate < 0:
+            raise ConfigError("min_send_rate must not be negative", key="min_send_rate")
+        if self.send_rate_window is not None and self.send_rate_window <= 0:
+            raise ConfigError("send_rate_window must be positive", key="send_rate_window")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together", key="tls_cert")
 
     @property
     def max_body(self) -> int:
         return self.max_msg_size + self.max_body_slack
+
+    @property
+    def rate_window(self) -> float:
+        """Seconds per check of ``min_send_rate``."""
+        w = self.send_rate_window
+        return self.keepalive_timeout if w is None else w
 
     def make_ssl_context(self) -> _ssl.SSLContext | None:
         if self.ssl_context is not None:
@@ -197,11 +238,12 @@ class MemoryDeviceHandler:
 
     async def on_events(self, session: Any, events: list[Any]) -> None:
         dev = session.device_id
+        authenticated = getattr(session, "authenticated", False)
         for ev in events:
             if self.record:
                 self.events.append((dev, ev))
             kind = type(ev).__name__
-            if kind in ("NonceIssued", "ServerNonceReceived"):
+            if authenticated and kind in ("NonceIssued", "ServerNonceReceived"):
                 # persist the rotated nonce, as a store would
                 acc = self.accounts.get(getattr(ev, "dev_id", None) or dev or "")
                 if acc is not None:
@@ -290,7 +332,12 @@ class DmServer(ServerCore):
         self.metrics = metrics
         self.sessions: dict[str, _Entry] = {}
         self.by_key: dict[str, str] = {}
+        #: token -> auth deadline of sessions in the table that have not authenticated, in
+        #: insertion order (one timeout for all: the order is the deadlines' order)
+        self._unauthenticated: dict[str, float] = {}
         self.connections: set[DeviceConnection] = set()
+        #: open connections per peer address (``_address_key``); an address leaves at zero
+        self.connections_by_address: dict[str, int] = {}
         self.pending = 0
         self.draining = False
         self.get_routes: dict[str, GetRoute] = {}
@@ -363,6 +410,11 @@ class DmServer(ServerCore):
             self._server.close()
         for conn in list(self.connections):
             conn.close_if_idle()
+        for token in list(self._unauthenticated):
+            # challenged and never answered: nothing of theirs is worth waiting for
+            entry = self.sessions.get(token)
+            if entry is not None and not entry.busy:
+                self._end(token, "shutdown")
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         while (self.sessions or self.pending) and loop.time() < end:
@@ -387,11 +439,14 @@ class DmServer(ServerCore):
 
     def _insert(self, entry: _Entry) -> None:
         assert self._loop is not None
-        entry.deadline = self._loop.time() + self.config.session_idle_timeout
+        now = self._loop.time()
+        entry.deadline = now + self.config.session_idle_timeout
         self.sessions[entry.token] = entry
         entry.inserted = True
         if entry.key is not None:
             self.by_key[entry.key] = entry.token
+        if not getattr(entry.session, "authenticated", True):
+            self._unauthenticated[entry.token] = now + self.config.auth_timeout
 
     def _touch(self, entry: _Entry) -> None:
         # re-insert so the table stays ordered by last activity: the sweep stops early
@@ -414,6 +469,7 @@ class DmServer(ServerCore):
         if entry is None:
             return
         entry.closed = True
+        self._unauthenticated.pop(token, None)
         if entry.key is not None and self.by_key.get(entry.key) == token:
             del self.by_key[entry.key]
         if self.metrics is not None:
@@ -469,10 +525,26 @@ class DmServer(ServerCore):
                 expired.append(token)
         for token in expired:
             self._end(token, "timeout")
+        if self._unauthenticated:
+            self._sweep_unauthenticated(now)
         for conn in list(self.connections):
             if conn.deadline <= now:
                 conn.timed_out()
         self._sweeper = loop.call_later(self.config.tick, self._sweep)
+
+    def _sweep_unauthenticated(self, now: float) -> None:
+        """Ends sessions still unauthenticated ``auth_timeout`` after their challenge."""
+        due = []
+        for token, deadline in self._unauthenticated.items():
+            if deadline > now:
+                break
+            due.append(token)
+        for token in due:
+            entry = self.sessions.get(token)
+            if entry is None or getattr(entry.session, "authenticated", True):
+                del self._unauthenticated[token]       # gone, or it authenticated since
+            elif not entry.busy:
+                self._end(token, "auth_timeout")
 
     # --- one DM request ---------------------------------------------------------------------------
 
@@ -582,6 +654,38 @@ async def _ready(out: bytes) -> bytes:
     return out
 
 
+def _address_key(peer: Any) -> str | None:
+    """The key a peer's connections are counted under (``max_connections_per_address``):
+    its IPv4 address; for IPv6 its /64, since one IPv6 host is handed a whole /64 (or more)
+    and would otherwise get a fresh address for every connection; an IPv4-mapped IPv6 peer
+    (dual-stack listener) as its IPv4 address.  None (not counted) for anything else."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return None
+    host = peer[0]
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
+class _SendMeter:
+    """What a device took of the bytes it is owed, checked every ``send_rate_window``
+    (``DeviceConnection._check_rate``).  ``mark`` is the transport's buffer at the last
+    check, ``given`` what the file part sender wrote since: taken = mark + given - buffer."""
+
+    __slots__ = ("timer", "mark", "given")
+
+    def __init__(self, timer: asyncio.TimerHandle, mark: int) -> None:
+        self.timer = timer
+        self.mark = mark
+        self.given = 0
+
+
 # --- one connection ---------------------------------------------------------------------------
 
 _IDLE, _READING, _BUSY = 0, 1, 2
@@ -592,10 +696,14 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
     the per-request path (parser callbacks, ``data_received``, ``_pump``, ``_write_reply``)
     are compiled in ``_devport.ConnBase``; the rest is here."""
 
-    __slots__ = ()
+    # address: the peer's key in server.connections_by_address (None: not counted);
+    # meter: the send rate check while the device owes us reading (None otherwise)
+    __slots__ = ("address", "meter")
 
     def __init__(self, server: DmServer) -> None:
         self.server = server
+        self.address: str | None = None
+        self.meter: _SendMeter | None = None
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.req: _Req | None = None
@@ -626,26 +734,52 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         srv = self.server
+        cfg = srv.config
         assert self._loop is not None
-        if len(srv.connections) >= srv.config.max_connections or srv.draining:
-            if srv.metrics is not None:
-                srv.metrics.rejected("connections")
-            transport.write(_http(503, b"too many connections\n", close=True,  # type: ignore
-                                  extra=[("Retry-After", str(srv.config.retry_after))]))
-            transport.close()
-            self.closing = True
+        if len(srv.connections) >= cfg.max_connections or srv.draining:
+            self._refuse("connections")
             return
+        key = _address_key(transport.get_extra_info("peername"))
+        if key is not None:
+            counts = srv.connections_by_address
+            n = counts.get(key, 0)
+            if n >= cfg.max_connections_per_address:
+                self._refuse("connections_per_address")
+                return
+            counts[key] = n + 1
+            self.address = key
         srv.connections.add(self)
         if srv.metrics is not None:
             srv.metrics.connection_opened()
-        self.deadline = self._loop.time() + srv.config.keepalive_timeout
+        self.deadline = self._loop.time() + cfg.keepalive_timeout
+
+    def _refuse(self, cap: str) -> None:
+        """A connection over a cap: 503 with Retry-After, then close (nothing is read)."""
+        srv = self.server
+        if srv.metrics is not None:
+            srv.metrics.rejected(cap)
+        assert self.transport is not None
+        self.transport.write(_http(503, b"too many connections\n", close=True,
+                                   extra=[("Retry-After", str(srv.config.retry_after))]))
+        self.transport.close()
+        self.closing = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.server
         if self in srv.connections:
             srv.connections.discard(self)
+            key = self.address
+            if key is not None:
+                self.address = None
+                counts = srv.connections_by_address
+                n = counts.get(key, 0) - 1
+                if n > 0:
+                    counts[key] = n
+                else:
+                    counts.pop(key, None)
             if srv.metrics is not None:
                 srv.metrics.connection_closed()
+        self._stop_meter()
         self.closing = True
         self.drop_out()
         if not self.dropped:
@@ -657,15 +791,72 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # the device does not read its replies: answer nothing more until it does (the
-        # pipeline cap then stops reading its requests too)
+        # pipeline cap then stops reading its requests too), and it must read them at
+        # min_send_rate meanwhile
         self.write_paused = True
+        self._start_meter()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if not self.sending:
+            self._stop_meter()
         if self.writable is not None:
             self._wake_writer()
         if not self.closing:
             self._pump()
+
+    # --- the minimum send rate ----------------------------------------------------------------------
+
+    def _start_meter(self) -> None:
+        """The device owes us reading (a download runs, or the transport's buffer is full):
+        from now on it must take ``min_send_rate`` bytes/s, checked every window."""
+        transport = self.transport
+        if self.meter is not None or transport is None or transport.is_closing():
+            return
+        assert self._loop is not None
+        timer = self._loop.call_later(self.server.config.rate_window, self._check_rate)
+        self.meter = _SendMeter(timer, transport.get_write_buffer_size())
+
+    def _stop_meter(self) -> None:
+        meter = self.meter
+        if meter is not None:
+            self.meter = None
+            meter.timer.cancel()
+
+    def _check_rate(self) -> None:
+        """Every ``send_rate_window`` while a device owes us reading: it took fewer than
+        ``min_send_rate`` bytes/s (at least one byte) of what it was given -> cut off.  No
+        verdict when the transport's buffer is empty (the device took everything: the server
+        was the slow one) or grew by more than the part sender gave (another reply was
+        written in the window: measured from now on)."""
+        meter = self.meter
+        transport = self.transport
+        if meter is None or transport is None or transport.is_closing():
+            self.meter = None
+            return
+        if not (self.sending or self.write_paused):
+            self.meter = None
+            return
+        cfg = self.server.config
+        window = cfg.rate_window
+        buffered = transport.get_write_buffer_size()
+        taken = meter.mark + meter.given - buffered
+        meter.mark = buffered
+        meter.given = 0
+        need = max(1, int(cfg.min_send_rate * window))
+        if buffered and 0 <= taken < need:
+            self.meter = None
+            log.info("device %s took %d bytes in %.1f s (minimum %d bytes/s): too slow, "
+                     "cut off%s", self.address or "?", taken, window, cfg.min_send_rate,
+                     " mid-download" if self.sending else "")
+            metrics = self.server.metrics
+            if metrics is not None and hasattr(metrics, "cut_off"):
+                metrics.cut_off("send_rate")
+            self.reset()
+            self._wake_writer()
+            return
+        assert self._loop is not None
+        meter.timer = self._loop.call_later(window, self._check_rate)
 
     def _wake_writer(self) -> None:
         w = self.writable
@@ -752,6 +943,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         self.flush_out()
         req.part = None
         self.busy = self.sending = True
+        self._start_meter()     # a download: the rate is measured over all of it
         srv = self.server
         task = self._loop.create_task(self._send_part(part, not req.keep_alive))
         srv._tasks.add(task)
@@ -760,9 +952,11 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
     async def _send_part(self, part: tuple[str, int, int], close_after: bool) -> None:
         """Sends ``length`` bytes of ``path`` from ``offset``: ``send_chunk`` bytes per read
         in the executor (the next read runs while the device drains the last chunk), and no
-        more while the transport's buffer is above its high-water mark.  A device that reads
-        nothing for ``keepalive_timeout`` after a chunk is cut off.  If the file ends early or
-        cannot be read, the connection is aborted (the head promised ``length`` bytes)."""
+        more while the transport's buffer is above its high-water mark.  A device that takes
+        less than ``min_send_rate`` bytes/s over a ``send_rate_window`` of the download is cut
+        off (``_check_rate``; the window does not restart with each chunk).  If the file ends
+        early or cannot be read, the connection is aborted (the head promised ``length``
+        bytes)."""
         path, pos, left = part
         loop = self._loop
         transport = self.transport
@@ -784,6 +978,9 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
                               path, pos, left)
                     break
                 transport.write(data)
+                meter = self.meter
+                if meter is not None:
+                    meter.given += len(data)
                 pos += len(data)
                 left -= len(data)
                 if left <= 0:
@@ -800,29 +997,23 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
                 nxt.add_done_callback(_consume)
             reader.close()
             self.busy = self.sending = False
+            if not self.write_paused:
+                self._stop_meter()
         self._part_done(complete, close_after)
 
     async def _drained(self) -> bool:
-        """Waits until the transport takes data again.  False when the connection is gone,
-        or when the device read nothing for ``keepalive_timeout`` (it is then aborted)."""
+        """Waits until the transport takes data again.  False when the connection is gone
+        (``_check_rate`` aborts a device that reads too slowly or not at all)."""
         loop = self._loop
         transport = self.transport
         assert loop is not None and transport is not None
-        timer = loop.call_later(self.server.config.keepalive_timeout, self._stalled)
         try:
             while self.write_paused and not transport.is_closing():
                 self.writable = loop.create_future()
                 await self.writable
         finally:
-            timer.cancel()
             self.writable = None
         return not transport.is_closing()
-
-    def _stalled(self) -> None:
-        log.info("device stopped reading a download for %.0f s: cut off",
-                 self.server.config.keepalive_timeout)
-        self.abort()
-        self._wake_writer()
 
     def _part_done(self, complete: bool, close_after: bool) -> None:
         transport = self.transport
@@ -900,6 +1091,23 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         if self.transport is not None:
             self.closing = True
             self.transport.abort()
+
+    def reset(self) -> None:
+        """``abort`` with a TCP reset: what the kernel still holds for the device is dropped
+        too (a plain close leaves it to trickle out to a slow reader for as long as it reads)."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
+            except (OSError, AttributeError, ValueError):
+                pass
+        self.abort()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)      # SO_LINGER on, 0 s: close() sends a reset
 
 
 # --- entry points ---------------------------------------------------------------------------------
