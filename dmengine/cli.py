@@ -14,10 +14,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .engine import Engine, EngineConfig, gateway_from_spec, run_until_signal
 
-    cfg = EngineConfig(data_dir=args.data, host=args.host, device_port=args.device_port,
-                       api_port=args.api_port, device_path=args.path, server_id=args.server_id,
+    cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
+                       device_port=args.device_port, api_port=args.api_port,
+                       device_path=args.path, server_id=args.server_id,
                        require_auth=args.auth, public_url=args.public_url,
                        tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       api_tls_cert=args.api_tls_cert, api_tls_key=args.api_tls_key,
                        carrier_callback_url=args.carrier_callback,
                        broker=BrokerConfig(server_id=args.server_id))
 
@@ -34,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         def announce() -> None:
             for label, url in engine.urls():
                 print(f"{label}: {url}", flush=True)
+            # to the terminal once, never through logging (a log is shipped and kept)
             print(f"API key: {engine.api_key}", flush=True)
         await run_until_signal(engine, on_ready=announce)
 
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the DM server (device port + API port)")
     s.add_argument("--data", default="./var", help="data directory (LMDB store, content, API key)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="listen address of the device port")
+    s.add_argument("--api-host", default="127.0.0.1",
+                   help="listen address of the API port (DMWSI, /metrics, /health)")
     s.add_argument("--device-port", type=int, default=8080)
     s.add_argument("--api-port", type=int, default=8081)
     s.add_argument("--path", default="/dm", help="device POST path")
@@ -60,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth", default="md5", choices=["md5", "basic", "hmac", "none"],
                    help="DM-level authentication required from devices")
     s.add_argument("--public-url", help="base URL devices use to reach the device port")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
+    s.add_argument("--tls-cert", help="HTTPS on the device port: certificate chain (PEM)")
+    s.add_argument("--tls-key", help="HTTPS on the device port: private key (PEM)")
+    s.add_argument("--api-tls-cert", help="HTTPS on the API port: certificate chain (PEM)")
+    s.add_argument("--api-tls-key", help="HTTPS on the API port: private key (PEM)")
     s.add_argument("--gateway", help="package-0 gateway: kannel:URL?user=U&password=P or http:URL")
     s.add_argument("--carrier-callback", help="URL for acceptDevicePolicy 40")
     s.set_defaults(func=_serve)

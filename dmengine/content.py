@@ -25,7 +25,15 @@ status, headers and *which bytes of which file* to send; the transport sends the
 ``bytes=-n`` give 206 with ``Content-Range``; a range starting past the end gives 416 with
 ``Content-Range: bytes */size``; no Range, another unit, bad syntax, several ranges or an
 ``If-Range`` that does not match the ETag give 200 with the whole file (all allowed by the RFC).
-``ETag`` is the quoted sha256; ``Accept-Ranges: bytes`` is always sent.
+``ETag`` is the quoted sha256; ``Accept-Ranges: bytes`` is always sent.  A range position
+too long to be a real offset (thousands of digits) counts as "past any end" rather than being
+converted (Python refuses ``int()`` of over 4300 digits): a start gives 416, an end or a suffix
+length is cut to the size.
+
+The content type is written into the response headers, so it is checked on ingest
+(:func:`media_type_problem`: RFC 7231 ``type/subtype`` with parameters, printable ASCII, at
+most :data:`MAX_MEDIA_TYPE` characters) and again when served: a stored one that fails (a
+record from before the check) is sent as ``application/octet-stream``, never raw.
 
 Download counting rule: a download is counted once per GET response (not HEAD) with status
 200 or 206 whose first byte is offset 0 — i.e. each time a device starts fetching the package
@@ -55,7 +63,7 @@ from .store.base import all_pages
 __all__ = [
     "ContentService", "ContentResponse", "ByteRange", "parse_range", "iter_body",
     "download_url", "content_id_from_path", "DEFAULT_MAX_SIZE", "DEFAULT_CHUNK",
-    "DEFAULT_READ_CHUNK", "CONTENT_PREFIX",
+    "DEFAULT_READ_CHUNK", "CONTENT_PREFIX", "MAX_MEDIA_TYPE", "media_type_problem",
 ]
 
 log = logging.getLogger("dmengine.content")
@@ -68,6 +76,36 @@ CONTENT_PREFIX = "/content/"              #: URL path prefix of downloads on the
 _TMP = ".tmp-"
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+MAX_MEDIA_TYPE = 128                      #: longest content type accepted (Content.content_type)
+
+
+# --- media types (RFC 7231 §3.1.1.1) -------------------------------------------------------------
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[ !#-\[\]-~]|\\[ -~])*"'        # printable ASCII only (no obs-text, no HTAB)
+_MEDIA_TYPE_RE = re.compile(rf"{_TOKEN}/{_TOKEN}(?: *; *{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*",
+                            re.ASCII)
+
+
+def media_type_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a content type sent in a response header, or None if it can.
+
+    The grammar is RFC 7231's ``type "/" subtype *( OWS ";" OWS parameter )`` restricted to
+    printable ASCII: a CR or LF would split the response (header injection) and a character
+    outside Latin-1 cannot be sent at all.
+    """
+    if not isinstance(value, str):
+        return "must be a string"
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_MEDIA_TYPE:
+        return f"is longer than {MAX_MEDIA_TYPE} characters"
+    if not value.isascii() or not value.isprintable():
+        return "must be printable ASCII"
+    if _MEDIA_TYPE_RE.fullmatch(value) is None:
+        return "is not a media type (type/subtype, optionally ; name=value)"
+    return None
 
 
 # --- byte ranges (RFC 7233) ------------------------------------------------------------------
@@ -83,7 +121,19 @@ class ByteRange:
 #: parse_range's answer for "the range cannot be satisfied" (-> 416)
 UNSATISFIABLE = ByteRange(-1, 0)
 
-_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_SPEC_RE = re.compile(r"^[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$")
+#: digits past which a range position is "larger than any representation" (10**18 bytes)
+_MAX_DIGITS = 18
+_PAST_ANY_END = 1 << 62
+
+
+def _position(digits: str) -> int:
+    """A range position; an absurdly long one (thousands of digits) is never converted: it
+    stands for "past any end", which the callers cut or answer 416 to."""
+    d = digits.lstrip("0")
+    if len(d) > _MAX_DIGITS:
+        return _PAST_ANY_END
+    return int(d or "0")
 
 
 def parse_range(header: str | None, size: int) -> ByteRange | None:
@@ -107,14 +157,14 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if first == "" and last == "":
         return None
     if first == "":                                    # suffix: the last n bytes
-        n = int(last)
+        n = _position(last)
         if n == 0 or size == 0:
             return UNSATISFIABLE
         n = min(n, size)
         return ByteRange(size - n, n)
-    a = int(first)
+    a = _position(first)
     if last != "":
-        b = int(last)
+        b = _position(last)
         if b < a:
             return None      # syntactically invalid: ignore the header
     else:
@@ -291,7 +341,7 @@ class ContentService:
     async def ingest(self, stream: AsyncIterable[bytes], *, name: str, sha256: str | None = None,
                      size: int | None = None, capability: str | None = None,
                      from_version: str | None = None, to_version: str | None = None,
-                     content_type: str = "application/octet-stream",
+                     content_type: str = DEFAULT_MEDIA_TYPE,
                      content_id: str | None = None) -> Content:
         """Streams ``stream`` to disk and records it; see the module docstring for the steps."""
         if sha256 is not None:
@@ -304,6 +354,9 @@ class ContentService:
                                       where="size")
             if size > self.max_size:
                 raise ContentTooLarge(size, self.max_size)
+        problem = media_type_problem(content_type)
+        if problem is not None:
+            raise ContentError(f"content type {content_type!r} {problem}", where="content_type")
         cid = new_id("c") if content_id is None else content_id
         record = Content(content_id=cid, name=name, size=size or 0, sha256="0" * 64,
                          capability=capability, from_version=from_version,
@@ -483,8 +536,12 @@ class ContentService:
                       size)
             return _text(500, "content file damaged\n", head)
         etag = f'"{content.sha256}"'
-        common = [("Accept-Ranges", "bytes"), ("ETag", etag),
-                  ("Content-Type", content.content_type)]
+        ctype = content.content_type
+        if media_type_problem(ctype) is not None:     # stored before ingest checked it
+            log.warning("content %s: stored content type %r is not a media type; sent as %s",
+                        content_id, ctype, DEFAULT_MEDIA_TYPE)
+            ctype = DEFAULT_MEDIA_TYPE
+        common = [("Accept-Ranges", "bytes"), ("ETag", etag), ("Content-Type", ctype)]
         rng = parse_range(range_header, size)
         if rng is not None and if_range is not None and if_range.strip() != etag:
             rng = None        # If-Range: the device holds another version -> whole body

@@ -9,6 +9,7 @@ import asyncio
 import os
 import pathlib
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,20 +28,47 @@ from .store.lmdb import LmdbStore
 
 @dataclass
 class EngineConfig:
+    """What ``dmengine serve`` configures.  ``host`` is the device port's bind address (devices
+    may need it public); the API port (DMWSI and the unauthenticated ``/metrics`` and
+    ``/health``) binds ``api_host`` on its own, loopback unless told otherwise, and speaks TLS
+    with ``api_tls_cert``/``api_tls_key``.  The API key never appears in the config's repr, so
+    logging a config cannot leak it."""
+
     data_dir: str = "./var"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"                 # device port
+    api_host: str = "127.0.0.1"             # API port
     device_port: int = 8080
     api_port: int = 8081
     device_path: str = "/dm"
     server_id: str = "dmengine"
     require_auth: str = "md5"
     public_url: str | None = None          # how devices reach the device port (RespURI, PkgURL)
-    tls_cert: str | None = None
+    tls_cert: str | None = None             # device port TLS
     tls_key: str | None = None
+    api_tls_cert: str | None = None         # API port TLS
+    api_tls_key: str | None = None
     carrier_callback_url: str | None = None
-    api_key: str | None = None              # default: generated once, kept in DATA/api-key
+    #: default: generated once, kept in DATA/api-key
+    api_key: str | None = field(default=None, repr=False)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     server_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ConfigError("api_tls_cert and api_tls_key go together",
+                              key="api_tls_key" if self.api_tls_key is None else "api_tls_cert")
+
+    def api_ssl_context(self) -> ssl.SSLContext | None:
+        """The API port's TLS context, or None for plain HTTP."""
+        if self.api_tls_cert is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.api_tls_cert, self.api_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the API TLS certificate/key: {exc}",
+                              key="api_tls_cert") from exc
+        return ctx
 
 
 def load_or_create_api_key(data_dir: pathlib.Path) -> str:
@@ -74,6 +102,7 @@ class Engine:
 
     async def start(self) -> "Engine":
         cfg = self.config
+        api_ssl = cfg.api_ssl_context()    # a bad certificate fails before anything is open
         data = pathlib.Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.api_key = cfg.api_key or load_or_create_api_key(data)
@@ -99,7 +128,8 @@ class Engine:
         self.broker.config.server_url = (f"{cfg.public_url.rstrip('/')}{cfg.device_path}"
                                          if cfg.public_url else self.server.url)
         from .wsi.app import start_api   # L5 is imported lazily: the API is optional in tests
-        self.api_runner, self.api_port = await start_api(self, cfg.host, cfg.api_port)
+        self.api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port,
+                                                         ssl_context=api_ssl)
         self.broker.start()
         return self
 
@@ -110,8 +140,10 @@ class Engine:
 
     @property
     def api_url(self) -> str:
-        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
-        return f"http://{host}:{self.api_port}/"
+        cfg = self.config
+        host = cfg.api_host if ":" not in cfg.api_host else f"[{cfg.api_host}]"
+        scheme = "https" if cfg.api_tls_cert else "http"
+        return f"{scheme}://{host}:{self.api_port}/"
 
     def urls(self) -> list[tuple[str, str]]:
         api = self.api_url

@@ -6,8 +6,9 @@ checked by msgspec; :func:`validate` checks it (encode + typed decode) and raise
 :class:`dmengine.errors.ValidationError` with ``where`` set to the msgspec path.  The store
 calls it on every write.
 
-Secrets (the DM account's passwords and keys) are marked ``Meta(extra={"secret": True})``;
-:func:`redact` returns a copy with them blanked, for every API read.
+Secrets (the DM account's passwords, keys and nonces) are marked
+``Meta(extra={"secret": True})``; :func:`redact` (a device) and :func:`redact_task` (a task: a
+bootstrap carries the account it provisions) return a copy with them blanked, for every API read.
 
 Times are UTC seconds since the epoch (float).  Schema changes bump :data:`SCHEMA_VERSION` and
 add a function to :data:`MIGRATIONS` (see ``store/kv.py``: opening an older environment runs them).
@@ -47,6 +48,9 @@ Uri = Annotated[str, Meta(min_length=1, max_length=1024)]
 Time = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
 Secret = Annotated[str, Meta(max_length=512, extra={"secret": True})]
+#: An authentication nonce: not a key, but with a captured digest it lets a replay pass, so
+#: API reads blank it like one.
+Nonce = Annotated[str, Meta(max_length=256, extra={"secret": True})]
 NodeValue = Annotated[str, Meta(max_length=65536)]
 
 
@@ -132,10 +136,10 @@ class DmAccount(Struct, kw_only=True, omit_defaults=True):
     client_name: Name = ""
     client_password: Union[Secret, None] = None
     client_key: Union[Secret, None] = None
-    client_nonce: Union[Annotated[str, Meta(max_length=256)], None] = None   # base64, we issued it
+    client_nonce: Union[Nonce, None] = None        # base64, we issued it
     server_password: Union[Secret, None] = None
     server_key: Union[Secret, None] = None
-    server_nonce: Union[Annotated[str, Meta(max_length=256)], None] = None   # base64, device issued it
+    server_nonce: Union[Nonce, None] = None        # base64, device issued it
     # until when a package 1 may authenticate with the re-synchronisation nonce: set when a
     # package #0 went out signed with it, cleared when the device next authenticates
     resync_until: Union[float, None] = None
@@ -428,6 +432,16 @@ def redact(dev: Device) -> Device:
     return msgspec.structs.replace(dev, account=redact_account(dev.account))
 
 
+def redact_task(task: Task) -> Task:
+    """The task as API reads show it: a bootstrap's account (the generated passwords and
+    nonces it provisions) redacted like a device's; other operations carry no secret."""
+    op = task.op
+    if isinstance(op, BootstrapOp):
+        return msgspec.structs.replace(
+            task, op=msgspec.structs.replace(op, account=redact_account(op.account)))
+    return task
+
+
 def secret_fields() -> frozenset[str]:
     """Names of the DmAccount fields marked secret."""
     return _ACCOUNT_SECRETS
@@ -442,6 +456,6 @@ __all__ = [
     "FINAL_TASK_STATES", "DmAccount", "Device", "Capability", "UpdateOp", "QueryOp", "NodeChange",
     "SetOp", "ExecOp", "DiagOp", "BootstrapOp", "Operation", "TaskResult", "Task", "HistoryEntry",
     "TimeWindow", "StopRule", "Job", "Content", "OutboxEntry", "AuditEntry", "SchemaRecord",
-    "validate", "redact", "redact_account", "secret_fields", "new_id", "now", "MIGRATIONS",
-    "decoder", "where_of", "field",
+    "validate", "redact", "redact_account", "redact_task", "secret_fields", "new_id", "now",
+    "MIGRATIONS", "decoder", "where_of", "field",
 ]

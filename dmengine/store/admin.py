@@ -3,7 +3,8 @@
 ``register_cli(subparsers)`` adds ``store backup PATH``, ``store restore PATH`` and
 ``store check`` to an argparse sub-parsers object; each takes ``--data DIR`` (the
 environment, default ``./var/store``).  ``check`` prints every problem and exits 1 if there
-is any; every command exits 2 on an error it can name.
+is any; every command exits 2 on an error it can name (``restore`` among them while a
+server has the store open).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import lmdb
 
 from ..errors import StoreError
 from .kv import check_txn
-from .lmdb import LmdbTxn, open_dbs, open_env
+from .lmdb import IN_USE_FILE, LmdbTxn, open_dbs, open_env, try_lock_in_use
 
 DEFAULT_DATA_DIR = "./var/store"
 DATA_FILE = "data.mdb"
@@ -69,9 +70,12 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str], *,
     """Puts the backup in ``backup_dir`` in place as the environment at ``path``.
 
     The backup is checked first (a broken one is refused).  An existing environment is
-    replaced only with ``force``; no process may have it open (stop the server first).  The
-    data file is written to a temporary name, synced, then renamed, so a crash leaves either
-    the old or the new environment."""
+    replaced only with ``force``, and never while a store has it open: restore takes the
+    in-use lock every open store shares (``store/lmdb.py``, ``IN_USE_FILE``) exclusively,
+    without waiting, and refuses when it cannot (stop the server first); it holds the lock
+    until done, so no server opens the environment half replaced.  The data file is written to
+    a temporary name, synced, then renamed, so a crash leaves either the old or the new
+    environment."""
     src = _require_env(backup_dir)
     problems = check(src)
     if problems:
@@ -81,6 +85,19 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str], *,
     if (dst / DATA_FILE).exists() and not force:
         raise StoreError(f"{str(dst)!r} already holds an environment (use --force to replace it)")
     dst.mkdir(parents=True, exist_ok=True)
+    in_use = try_lock_in_use(dst, exclusive=True)
+    if in_use is None:
+        raise StoreError(f"store {str(dst)!r} is in use: a process (a running server) has it "
+                         f"open ({IN_USE_FILE} is locked); stop the server before restoring")
+    try:
+        _put_in_place(src, dst)
+    finally:
+        os.close(in_use)
+    return dst / DATA_FILE
+
+
+def _put_in_place(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copies the backup's data file over ``dst``'s (the caller holds the in-use lock)."""
     tmp = dst / (DATA_FILE + ".restore")
     with open(src / DATA_FILE, "rb") as fi, open(tmp, "wb") as fo:
         shutil.copyfileobj(fi, fo, 1 << 20)
@@ -95,7 +112,6 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str], *,
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return dst / DATA_FILE
 
 
 # --- CLI -----------------------------------------------------------------------------------

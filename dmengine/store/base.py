@@ -60,6 +60,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def fault(self) -> str | None:
+        """What keeps the store from taking writes (closed, its writer dead), as a sentence
+        for an operator; None when it is sound.  Cheap and non-blocking: ``/health`` calls it
+        on every probe."""
+
     # --- devices -------------------------------------------------------------------------
     @abc.abstractmethod
     async def create_device(self, dev: Device) -> Device:

@@ -23,11 +23,18 @@ pages larger than ``inline_read_limit``, the checker and counts run on a small t
 Several processes may open the same environment: LMDB's lock file serialises their writers and
 each has its own group-commit thread.  Stale reader slots (dead processes) are cleared at open
 and every ``reader_check_interval`` seconds.
+
+While a store is open it holds a shared ``flock`` on ``IN_USE_FILE`` in the environment's
+directory (:func:`try_lock_in_use`); ``store restore`` takes it exclusively, without waiting,
+so it refuses to replace the data file under a running server, and a server cannot open the
+environment while a restore replaces it.  The kernel drops the lock when the process dies
+(``kill -9`` included), so a crashed server never blocks a restore.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import os
 import pathlib
 import threading
@@ -52,6 +59,8 @@ DEFAULT_MAX_READERS = 256
 DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
 DEFAULT_READ_THREADS = 2
 GROW_AT = 0.8                         #: map fill ratio at which the writer grows it early
+
+IN_USE_FILE = "dmengine.lock"         #: flock'ed shared by every open store, exclusive by restore
 
 #: exceptions an op may raise that concern the whole transaction, not the op
 _PASS = (lmdb.MapFullError, lmdb.MapResizedError)
@@ -155,6 +164,27 @@ def open_env(path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
     return env
 
 
+def try_lock_in_use(path: str | os.PathLike[str], *, exclusive: bool) -> int | None:
+    """Takes the environment's in-use lock (an ``flock`` on ``path/IN_USE_FILE``, created):
+    shared for a store that opens the environment, exclusive for a restore.  Never waits:
+    None when the other kind is held (an exclusive one by any open store, in this process or
+    another).  Returns the descriptor; closing it releases the lock."""
+    p = pathlib.Path(path) / IN_USE_FILE
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open the in-use lock {str(p)!r}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot lock {str(p)!r}: {exc.strerror}") from exc
+    return fd
+
+
 def open_dbs(env: lmdb.Environment, *, create: bool = True) -> dict[str, Any]:
     dbs: dict[str, Any] = {}
     if create:
@@ -187,7 +217,17 @@ class LmdbStore(KVStore):
         self.max_delay = max_delay
         self.max_map_size = max_map_size
         self.reader_check_interval = reader_check_interval
-        self.env = open_env(path, map_size=map_size, max_readers=max_readers)
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+        in_use = try_lock_in_use(path, exclusive=False)
+        if in_use is None:
+            raise StoreError(f"store {self.path!r} is being restored by another process; "
+                             f"open it when the restore is done")
+        self._in_use: int | None = in_use
+        try:
+            self.env = open_env(path, map_size=map_size, max_readers=max_readers)
+        except BaseException:
+            self._release_in_use()
+            raise
         self.stale_readers_cleared = self.env.reader_check()
         self._psize = int(self.env.stat()["psize"])
         self._gate = _Gate()
@@ -206,6 +246,7 @@ class LmdbStore(KVStore):
                                                                    schema_version))
         except BaseException:
             self.env.close()
+            self._release_in_use()
             raise
         #: queued (op, future, loop, prefetch): appended on the callers' threads, taken by
         #: the writer (deque append/popleft are atomic)
@@ -505,6 +546,27 @@ class LmdbStore(KVStore):
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=True)
         self._gate.exclusive(self.env.close)
+        self._release_in_use()
+
+    def _release_in_use(self) -> None:
+        fd, self._in_use = self._in_use, None
+        if fd is not None:
+            os.close(fd)
+
+    # --- health ------------------------------------------------------------------------------
+
+    def fault(self) -> str | None:
+        """None while the group-commit writer runs; else why writes cannot succeed.  The writer
+        dies only on an error outside a batch (a batch's own errors fail that batch): from then
+        on every write raises StoreClosed, so /health must say so."""
+        dead = self._dead
+        if dead is not None:
+            return f"store writer thread died: {dead!r}"
+        if self._closed:
+            return f"store {self.path!r} is closed"
+        if not self._thread.is_alive():
+            return "store writer thread is not running"
+        return None
 
 
 def _deliver_threadsafe(loop: Any, futs: list[Any], results: list[Any],
@@ -524,5 +586,5 @@ def _fail_pending(pending: "collections.deque[Any]", exc: BaseException) -> None
         _deliver_threadsafe(item[2], [item[1]], [None], {0: exc})
 
 
-__all__ = ["LmdbStore", "open_env", "open_dbs", "LmdbTxn", "DEFAULT_MAP_SIZE",
+__all__ = ["LmdbStore", "open_env", "open_dbs", "LmdbTxn", "try_lock_in_use", "IN_USE_FILE", "DEFAULT_MAP_SIZE",
            "DEFAULT_MAX_MAP_SIZE", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_DELAY"]

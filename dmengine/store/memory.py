@@ -120,5 +120,8 @@ class MemoryStore(KVStore):
     async def close(self) -> None:
         self._closed = True
 
+    def fault(self) -> str | None:
+        return "memory store is closed" if self._closed else None
+
 
 __all__ = ["MemoryStore"]

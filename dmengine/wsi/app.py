@@ -5,10 +5,17 @@ This first cut carries the IDeploymentBrokerServices routes issue 7 needs from o
 task needs, content upload, health and Prometheus metrics.  Every route but ``/health`` and
 ``/metrics`` needs the API key (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``).
 Errors are ``{"error": code, "message": ..., "where": field or null}``.
+
+Hardening (issue 13): JSON bodies are read with a cap (:data:`MAX_JSON_BODY`) that holds for
+chunked bodies too, and only the content upload streams more; answers that include a task or
+a device are redacted (:func:`dmengine.model.redact`, :func:`dmengine.model.redact_task`);
+the key check compares the header's bytes as sent, so a key that is not UTF-8 is a 401, not
+a 500; ``/health`` answers 503 when the store cannot write.
 """
 from __future__ import annotations
 
 import hmac
+import ssl
 from typing import Any, Awaitable, Callable, Literal, Protocol, Union
 
 import msgspec
@@ -16,9 +23,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..broker import Broker
-from ..content import ContentService
-from ..errors import AlreadyExists, DmError, NotFound, ServiceError, StoreError, ValidationError
-from ..model import Capability, Device, Operation, redact
+from ..content import DEFAULT_MEDIA_TYPE, ContentService, media_type_problem
+from ..errors import (AlreadyExists, ApiError, ContentError, DmError, NotFound, ServiceError,
+                      StoreError, ValidationError)
+from ..model import Capability, Device, Operation, redact, redact_task
 from ..store.base import Store
 
 
@@ -34,7 +42,7 @@ class Services(Protocol):
 
 ENGINE: web.AppKey[Services] = web.AppKey("engine")
 MAX_JSON_BODY = 1024 * 1024          #: largest JSON request body
-MAX_UPLOAD = 2 * 1024 ** 3           #: largest content upload
+MAX_UPLOAD = 2 * 1024 ** 3           #: largest content upload (ContentService.max_size)
 
 _json = msgspec.json.Encoder()
 PUBLIC = frozenset({"/health", "/metrics"})
@@ -63,11 +71,29 @@ def error_response(status: int, code: str, message: str, where: str | None = Non
     return json_response({"error": code, "message": message, "where": where}, status)
 
 
-async def decode_body(request: web.Request, cls: type[Any]) -> Any:
+def body_too_large() -> ApiError:
+    return ApiError(f"request body larger than {MAX_JSON_BODY} bytes", code="too_large",
+                    http_status=413, where="$")
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    """The request body, refused with 413 as soon as more than :data:`MAX_JSON_BODY` bytes
+    have arrived.  Checking Content-Length alone let a chunked body (which declares no length)
+    through to be buffered whole; here the count is kept while reading."""
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_JSON_BODY,
-                                            actual_size=request.content_length)
-    body = await request.read()
+        raise body_too_large()
+    body = bytearray()
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > MAX_JSON_BODY:
+            raise body_too_large()
+
+
+async def decode_body(request: web.Request, cls: type[Any]) -> Any:
+    body = await read_json_body(request)
     try:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as exc:
@@ -89,10 +115,18 @@ async def errors_and_auth(request: web.Request,
         auth = request.headers.get("Authorization", "")
         if not given and auth.startswith("Bearer "):
             given = auth[7:]
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoding them back the
+        # same way compares exactly the bytes sent (a plain encode() raised: 500)
+        sent = given.encode("utf-8", "surrogateescape")
+        if not sent or not hmac.compare_digest(sent, key.encode()):
             return error_response(401, "unauthorized", "missing or wrong API key", "X-API-Key")
     try:
         return await handler(request)
+    except ApiError as exc:
+        resp = error_response(exc.http_status, exc.code, str(exc), exc.where)
+        if exc.http_status == 413:
+            resp.force_close()       # the rest of the body is not worth reading
+        return resp
     except ValidationError as exc:
         return error_response(400, "invalid", str(exc), exc.where)
     except NotFound as exc:
@@ -112,6 +146,18 @@ routes = web.RouteTableDef()
 
 @routes.get("/health", name="health")
 async def health(request: web.Request) -> web.Response:
+    """200 ``{"status": "ok"}``, or 503 naming what is wrong: a dead store writer or a closed
+    store (every write would fail, so a load balancer should stop sending work here), or a
+    scheduler loop that ended or keeps failing (no task would be notified, retried or
+    expired again)."""
+    engine = request.app[ENGINE]
+    store = engine.store
+    fault = "no store" if store is None else store.fault()
+    if fault is not None:
+        return error_response(503, "unhealthy", fault, "store")
+    problems = engine.broker.health() if engine.broker is not None else ["no broker"]
+    if problems:
+        return error_response(503, "unhealthy", "; ".join(problems), "scheduler")
     return json_response({"status": "ok"})
 
 
@@ -164,7 +210,9 @@ async def do_bootstrap(request: web.Request) -> web.Response:
 async def get_task_by_id(request: web.Request) -> web.Response:
     broker = request.app[ENGINE].broker
     assert broker is not None
-    return json_response(await broker.get_task_by_id(request.match_info["taskId"]))
+    data = await broker.get_task_by_id(request.match_info["taskId"])
+    # a bootstrap task carries the account it provisions: passwords and nonces
+    return json_response(msgspec.structs.replace(data, record=redact_task(data.record)))
 
 
 @routes.get("/v1/tasks/{taskId}/history", name="getTaskHistory")
@@ -211,6 +259,10 @@ async def upload_content(request: web.Request) -> web.Response:
     q = request.query
     if "name" not in q:
         raise ValidationError("query parameter name is required", where="name")
+    content_type = q.get("type", DEFAULT_MEDIA_TYPE)
+    problem = media_type_problem(content_type)
+    if problem is not None:       # it becomes a response header of every download
+        raise ContentError(f"content type {content_type!r} {problem}", where="type")
     content = request.app[ENGINE].content
     assert content is not None
 
@@ -222,20 +274,25 @@ async def upload_content(request: web.Request) -> web.Response:
     rec = await content.ingest(chunks(), name=q["name"], sha256=q.get("sha256"), size=size,
                                capability=q.get("capability"), from_version=q.get("from"),
                                to_version=q.get("to"),
-                               content_type=q.get("type", "application/octet-stream"))
+                               content_type=content_type)
     return json_response(rec, 201)
 
 
 def make_app(engine: Services) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_UPLOAD)
+    # client_max_size bounds what aiohttp itself buffers (request.read/post): the JSON limit.
+    # The content upload streams request.content and is bounded by ContentService.max_size.
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_JSON_BODY)
     app[ENGINE] = engine
     app.add_routes(routes)
     return app
 
 
-async def start_api(engine: Services, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_api(engine: Services, host: str, port: int, *,
+                    ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serves the API on ``host:port`` (HTTPS with ``ssl_context``); returns the runner and
+    the bound port."""
     runner = web.AppRunner(make_app(engine), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner, runner.addresses[0][1]
