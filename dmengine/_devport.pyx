@@ -142,6 +142,9 @@ cdef class ConnBase:
     """State and hot path of one device connection (see the module's doc)."""
 
     cdef public object server, transport, parser, req, queue, writable, _loop
+    # the peer's key (server._address_key: an IPv6 peer by its /64) for the per-address caps
+    # and the authentication backoff; None when it is not known
+    cdef public object address
     cdef public Flusher flusher
     cdef list out                      # replies queued for the end of this loop turn
     cdef public bint busy, in_headers, closing, paused, write_paused, dropped, sending
@@ -334,7 +337,7 @@ cdef class ConnBase:
             if req.method == b"POST" and req.path == srv._path:    # the common case
                 base = srv._bases.get(req.host) if srv.config.public_url is None else None
                 coro = srv.handle_dm(req, req.encoding or "xml", None,
-                                     base or srv.base_url(req.host))
+                                     base or srv.base_url(req.host), self.address)
             else:
                 coro = self._process(req)
             try:

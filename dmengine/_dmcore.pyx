@@ -19,6 +19,7 @@ from dmengine._message cimport Message, SyncHdr, Command
 
 from dmengine._devport import http as _http
 from dmengine.errors import CodecError, DmError, ProtocolError
+from dmengine.events import AuthFailed
 from dmengine.status import AlertCode, StatusCode
 
 log = logging.getLogger("dmengine.server")
@@ -152,6 +153,7 @@ cdef class ServerCore:
     cdef public object config, handler, metrics, _loop
     cdef public dict sessions, by_key, _session_configs
     cdef public object _session_config, _new_token, _session_factory, _checked_cls
+    cdef public object guard            # AuthGuard: failed-authentication backoff (or None)
     cdef public bint draining, _take_events, _keep_bytes
 
     cpdef _config_for_sessions(self, str base_url):
@@ -199,8 +201,9 @@ cdef class ServerCore:
             self.metrics.session_started()
         return entry
 
-    async def handle_dm(self, req, str encoding, token, str base_url):
-        """Decode, run the session, encode.  Returns the whole HTTP response."""
+    async def handle_dm(self, req, str encoding, token, str base_url, address=None):
+        """Decode, run the session, encode.  Returns the whole HTTP response.  ``address``:
+        the peer's key, for the authentication backoff."""
         cdef Message msg
         cdef SyncHdr hdr
         cdef Entry entry = None
@@ -225,6 +228,11 @@ cdef class ServerCore:
         now_wall = time.time()
         if token is not None:
             entry = self.sessions.get(token)
+            if (entry is None or not getattr(entry.session, "authenticated", True)) \
+                    and self.guard is not None:
+                out = self._backoff(req, address, hdr.source)
+                if out is not None:
+                    return out
             if entry is None:
                 if _is_package1(msg) and not self.draining and hdr.msg_id == "1":
                     if len(self.sessions) >= self.config.max_sessions:
@@ -243,9 +251,14 @@ cdef class ServerCore:
                              extra=[("Retry-After", str(self.config.retry_after))])
             if len(self.sessions) >= self.config.max_sessions:
                 return self._busy(req)
+            if self.guard is not None:
+                out = self._backoff(req, address, hdr.source)
+                if out is not None:
+                    return out
             entry = self._new_session(base_url, now_wall, encoding)
-        entry.busy += 1
         session = entry.session
+        was_authenticated = getattr(session, "authenticated", True)
+        entry.busy += 1
         try:
             hmac = req.hmac.decode("latin-1") if req.hmac is not None else None
             handler = self.handler
@@ -261,6 +274,8 @@ cdef class ServerCore:
                         await handler.on_events(session, more)
                 self._end_entry(entry, "protocol_error")
                 return self._reply(encoding, encode, reply, req)
+            if not was_authenticated:
+                self._count_auth(events, address, hdr.source, session)
             if entry.key is None and token is None and getattr(session, "authenticated", False):
                 # before the services hear of it: the session it replaces lets go of its work
                 self._claim_key(entry, f"{hdr.source}\0{hdr.session_id}")
@@ -304,6 +319,29 @@ cdef class ServerCore:
         if self._keep_bytes and not entry.closed:
             session.keep_reply_bytes(out)      # kept for a retransmission instead of the model
         return self._reply(encoding, encode, reply, req, session, out)
+
+    cdef _backoff(self, req, address, source):
+        """503 + Retry-After while ``address`` or the account ``source`` names is in its
+        failed-authentication backoff (no credential is even looked at), else None."""
+        wait = self.guard.blocked(address, source)
+        if wait <= 0:
+            return None
+        if self.metrics is not None:
+            self.metrics.rejected("auth_backoff")
+        return _http(503, b"too many failed authentications\n", close=not req.keep_alive,
+                     extra=[("Retry-After", str(int(wait) + 1))])
+
+    cdef _count_auth(self, events, address, source, session):
+        """Failed and successful authentications of a message, for the backoff and metrics."""
+        guard = self.guard
+        for ev in events or ():
+            if type(ev) is AuthFailed and ev.side == "client":
+                if guard is not None:
+                    guard.failed(address, source)
+                if self.metrics is not None:
+                    self.metrics.auth_failed(ev.scheme)
+        if guard is not None and getattr(session, "authenticated", False):
+            guard.succeeded(address, source)
 
     cdef _claim_key(self, Entry entry, str key):
         """An authenticated session started on the bare path: it now stands for its device's

@@ -285,7 +285,9 @@ class Broker:
                             client_name=client_name or f"dm{secrets.token_hex(6)}",
                             client_password=new_secret(), server_password=new_secret(),
                             client_nonce=b64(client_nonce), server_nonce=b64(server_nonce))
-        await self.store.update_device(device.dev_id, {"account": account})
+        # pending until the device uses it: a bootstrap that is lost on the way must not
+        # lock the device out of the account it has
+        await self.store.update_device(device.dev_id, {"pending_account": account})
         self._by_username[account.client_name] = device.dev_id
         now = self.clock()
         task = await self._create(Task(
@@ -477,10 +479,13 @@ class Broker:
 
     async def account_for(self, dev_id: str | None, username: str | None) -> auth.DmAccount | None:
         device = await self._record_for(dev_id, username)
-        if device is None or device.account is None:
+        if device is None:
             return None
         acc = device.account
-        if username and acc.client_name and username != acc.client_name:
+        pending = device.pending_account
+        if pending is not None and (acc is None or (username and username == pending.client_name)):
+            acc = pending                      # the device uses its bootstrapped account
+        if acc is None or (username and acc.client_name and username != acc.client_name):
             return None
         if not acc.client_password and not acc.client_key:
             # neither a password nor its key: no credentials the device could prove, and
@@ -550,6 +555,7 @@ class Broker:
                                                   f"({ev.reason})")
         elif isinstance(ev, Authenticated):
             work.authenticated = ev          # its account change goes with _on_identified's write
+            await self._adopt_pending_account(session, work, ev)
         elif isinstance(ev, NonceIssued):
             await self._save_nonce(session, work, "client_nonce", ev.nonce)
         elif isinstance(ev, ServerNonceReceived):
@@ -557,6 +563,17 @@ class Broker:
         elif isinstance(ev, SessionEnded):
             self._sessions.pop(id(session), None)
             await self._settle(work, f"session ended ({ev.reason})")
+
+    async def _adopt_pending_account(self, session: Any, work: _SessionWork,
+                                     ev: Authenticated) -> None:
+        """The device proved its bootstrapped account: it becomes the account (before the
+        nonces this session issues are saved into it)."""
+        device = await self._session_record(session, work)
+        pending = device.pending_account if device is not None else None
+        if device is None or pending is None or ev.username != pending.client_name:
+            return
+        await self.store.update_device(device.dev_id, {"account": pending,
+                                                       "pending_account": None})
 
     @staticmethod
     def _after_authentication(acc: DmAccount | None, ev: Authenticated | None) -> DmAccount | None:
@@ -612,6 +629,8 @@ class Broker:
         tasks = await self._open_tasks(record.dev_id)
         for task in tasks:
             if isinstance(task.op, BootstrapOp):
+                if getattr(session, "username", None) != task.op.account.client_name:
+                    continue                   # still on its old account: not arrived yet
                 # The first session with the bootstrapped account: the bootstrap worked.
                 task = await self._move(task.task_id, S.IN_PROGRESS,
                                                    cause="device connected with the new account")

@@ -65,6 +65,7 @@ class DeviceMetrics:
         self.connections = 0
         self.rejections: dict[str, int] = {}
         self.cut_offs: dict[str, int] = {}
+        self.auth_failures: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)   # last one is +Inf
         self.latency_sum = 0.0
@@ -97,6 +98,9 @@ class DeviceMetrics:
     def rejected(self, cap: str) -> None:
         self.rejections[cap] = self.rejections.get(cap, 0) + 1
         self.errors["503"] = self.errors.get("503", 0) + 1
+
+    def auth_failed(self, scheme: str) -> None:
+        self.auth_failures[scheme] = self.auth_failures.get(scheme, 0) + 1
 
     def cut_off(self, reason: str) -> None:
         self.cut_offs[reason] = self.cut_offs.get(reason, 0) + 1
@@ -141,6 +145,12 @@ class DeviceMetrics:
                                   labels=["cap"])
         for cap, v in sorted(self.rejections.items()):
             fam.add_metric([cap], v)
+        yield fam
+        fam = CounterMetricFamily(f"{p}_auth_failures",
+                                  "device authentications that failed, by scheme",
+                                  labels=["scheme"])
+        for scheme, v in sorted(self.auth_failures.items()):
+            fam.add_metric([scheme], v)
         yield fam
         fam = CounterMetricFamily(f"{p}_cut_off", "connections aborted by the server, by reason",
                                   labels=["reason"])

@@ -151,6 +151,9 @@ class Device(Struct, kw_only=True, omit_defaults=True):
     msisdn: Union[Msisdn, None] = None
     capability: OptId = None                       # Capability.oid
     account: Union[DmAccount, None] = None
+    #: a bootstrapped account not yet used: it becomes ``account`` when the device first
+    #: authenticates with it (a bootstrap that never arrives leaves the device its old one)
+    pending_account: Union[DmAccount, None] = None
     last_contact: Union[Time, None] = None
     devinfo: dict[Uri, NodeValue] = {}
     devdetail: dict[Uri, NodeValue] = {}
@@ -427,9 +430,10 @@ def redact_account(acc: DmAccount | None) -> DmAccount | None:
 
 def redact(dev: Device) -> Device:
     """The device as API reads show it: secrets replaced by ``"***"`` (or None when unset)."""
-    if dev.account is None:
+    if dev.account is None and dev.pending_account is None:
         return dev
-    return msgspec.structs.replace(dev, account=redact_account(dev.account))
+    return msgspec.structs.replace(dev, account=redact_account(dev.account),
+                                   pending_account=redact_account(dev.pending_account))
 
 
 def redact_task(task: Task) -> Task:

@@ -60,6 +60,7 @@ from ._dmcore import Entry as _Entry
 from ._dmcore import ServerCore
 from ._dmcore import (_HEADS, _CODECS, _TOKEN_POOL, _clean_end, _codecs,  # noqa: F401  (shared)
                       _end_reason, _ended, _error_reply, _is_package1, _load_codec, _token)
+from .authguard import AuthGuard, AuthGuardConfig
 from .errors import ConfigError, DmError
 from .metrics import DeviceMetrics
 
@@ -135,6 +136,8 @@ class ServerConfig:
     #: a session that has not authenticated (its package 1 was challenged) is kept this long
     #: for the device's retry, not session_idle_timeout: strangers get little of our memory
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
+    #: failed-authentication backoff per account and per address (None: off)
+    brute_force: AuthGuardConfig | None = dataclasses.field(default_factory=AuthGuardConfig)
     retry_after: int = DEFAULT_RETRY_AFTER
     tick: float = DEFAULT_TICK
     shutdown_deadline: float = DEFAULT_SHUTDOWN_DEADLINE
@@ -332,6 +335,7 @@ class DmServer(ServerCore):
         self.metrics = metrics
         self.sessions: dict[str, _Entry] = {}
         self.by_key: dict[str, str] = {}
+        self.guard = AuthGuard(config.brute_force) if config.brute_force is not None else None
         #: token -> auth deadline of sessions in the table that have not authenticated, in
         #: insertion order (one timeout for all: the order is the deadlines' order)
         self._unauthenticated: dict[str, float] = {}
@@ -696,9 +700,9 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
     the per-request path (parser callbacks, ``data_received``, ``_pump``, ``_write_reply``)
     are compiled in ``_devport.ConnBase``; the rest is here."""
 
-    # address: the peer's key in server.connections_by_address (None: not counted);
-    # meter: the send rate check while the device owes us reading (None otherwise)
-    __slots__ = ("address", "meter")
+    # meter: the send rate check while the device owes us reading (None otherwise); the
+    # peer's key (ConnBase.address) is in server.connections_by_address (None: not counted)
+    __slots__ = ("meter",)
 
     def __init__(self, server: DmServer) -> None:
         self.server = server
@@ -1043,7 +1047,8 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         srv = self.server
         p = req.path
         if p == srv._path and req.method == b"POST":    # the common case: package 1 etc.
-            return srv.handle_dm(req, req.encoding or "xml", None, srv.base_url(req.host))
+            return srv.handle_dm(req, req.encoding or "xml", None, srv.base_url(req.host),
+                                 self.address)
         path = p.split(b"?", 1)
         p = path[0]
         if req.method in (b"GET", b"HEAD"):
@@ -1057,7 +1062,8 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
             if not token or "/" in token:
                 self._count(404)
                 return _ready(_http(404, b"not found\n", close=not req.keep_alive))
-        return srv.handle_dm(req, req.encoding or "xml", token, srv.base_url(req.host))
+        return srv.handle_dm(req, req.encoding or "xml", token, srv.base_url(req.host),
+                             self.address)
 
     # --- timeouts and shutdown ---------------------------------------------------------------------
 

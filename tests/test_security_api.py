@@ -145,7 +145,7 @@ def test_bootstrap_task_answer_shows_no_password_or_nonce(tmp_path):
                 task_id = (await r.json())["taskId"]
             stored_dev = await e.store.get_device(DEV["dev_id"])
             stored_task = await e.store.get_task(task_id)
-            accounts = [stored_dev.account, stored_task.op.account]
+            accounts = [stored_dev.pending_account, stored_task.op.account]
             secrets = {getattr(acc, f) for acc in accounts
                        for f in ("client_password", "server_password", "client_nonce",
                                  "server_nonce", "client_key", "server_key")} - {None, ""}

@@ -86,13 +86,15 @@ def server_chal_status(cmd_id: int, msg_ref: int, nonce: bytes) -> str:
             f"<Data>401</Data></Status>")
 
 
-async def post(url: str, body: bytes, *, ctype: str = "application/vnd.syncml.dm+xml"
-               ) -> tuple[int, bytes]:
-    """One HTTP/1.1 POST over a fresh TCP connection (no client library in between)."""
+async def post(url: str, body: bytes, *, ctype: str = "application/vnd.syncml.dm+xml",
+               source_address: str | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST over a fresh TCP connection (no client library in between), from
+    ``source_address`` if given (any 127.x address reaches a loopback server)."""
     m = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
     assert m, url
     host, port, path = m.group(1), int(m.group(2)), m.group(3)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(
+        host, port, local_addr=(source_address, 0) if source_address else None)
     try:
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
@@ -118,7 +120,8 @@ def resp_uri(reply: bytes) -> str | None:
 
 
 def run_engine(tmp_path: pathlib.Path, scenario: Callable[[Engine], Awaitable[None]], *,
-               overrides: dict[str, Any] | None = None, gateway: Any = None) -> None:
+               overrides: dict[str, Any] | None = None, gateway: Any = None,
+               broker: BrokerConfig | None = None) -> None:
     async def main() -> None:
         sent: list[tuple[str, bytes]] = []
 
@@ -127,7 +130,7 @@ def run_engine(tmp_path: pathlib.Path, scenario: Callable[[Engine], Awaitable[No
             return True
 
         engine = Engine(EngineConfig(data_dir=str(tmp_path / "var"), device_port=0, api_port=0,
-                                     broker=BrokerConfig(tick_interval=3600),
+                                     broker=broker or BrokerConfig(tick_interval=3600),
                                      server_overrides=overrides or {}),
                         gateway=gateway or LoopbackGateway(on_pkg0))
         await engine.start()
@@ -510,3 +513,69 @@ def test_full_store_ends_the_session_instead_of_dropping_outcomes(tmp_path):
             await engine.stop()
 
     uvloop.run(main())
+
+
+# --- 6. brute force: failures count across sessions, per account and per address ------------
+
+
+def test_password_guessing_is_slowed_down_and_the_device_recovers(tmp_path):
+    from dmengine.authguard import AuthGuardConfig
+    right = cred_md5("victim", "pw-" + "x" * 12, CLIENT_NONCE)
+
+    async def scenario(engine: Engine) -> None:
+        store = engine.store
+        await store.create_device(Device(dev_id=VICTIM, msisdn="+15550001",
+                                         account=account("victim")))
+        answers = []
+        for i in range(6):           # every guess in a new session: 3 tries each, before
+            status, reply = await post(engine.device_url, message(
+                VICTIM, alert(1, 1201) + devinfo(2, VICTIM), name="victim", session_id=f"G{i}",
+                cred=cred_md5("victim", f"guess-{i}", CLIENT_NONCE)))
+            answers.append(status if status != 200 else status_of_synchdr(reply))
+        assert answers[:3] == ["401", "401", "401"]
+        assert answers[3:] == [503, 503, 503], answers
+        # while blocked, even the right password is not looked at
+        status, _ = await post(engine.device_url, message(
+            VICTIM, alert(1, 1201) + devinfo(2, VICTIM), name="victim", session_id="R0",
+            cred=right))
+        assert status == 503
+        # the attacker stops; once the backoff has run out the device gets in again
+        await asyncio.sleep(2.2)
+        status, reply = await post(engine.device_url, message(
+            VICTIM, alert(1, 1201) + devinfo(2, VICTIM), name="victim", session_id="R1",
+            cred=right))
+        assert status == 200 and status_of_synchdr(reply) == "212", reply
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            async with http.get(engine.api_url + "metrics") as r:
+                text = await r.text()
+        assert 'dmengine_device_auth_failures_total{scheme="md5"} 3.0' in text
+        assert 'dmengine_device_rejected_total{cap="auth_backoff"} 4.0' in text
+
+    run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
+        account_free=3, address_free=1000, base_delay=2.0)})
+
+
+def test_one_address_guessing_many_accounts_is_slowed_down_others_are_not(tmp_path):
+    from dmengine.authguard import AuthGuardConfig
+
+    async def scenario(engine: Engine) -> None:
+        store = engine.store
+        await store.create_device(Device(dev_id=VICTIM, msisdn="+15550001",
+                                         account=account("victim")))
+        answers = []
+        for i in range(8):            # a different account each time: no account count grows
+            dev = f"IMEI:{490154203237500 + i}"
+            status, reply = await post(engine.device_url, message(
+                dev, alert(1, 1201) + devinfo(2, dev), name=f"u{i}", session_id=f"H{i}",
+                cred=cred_md5(f"u{i}", "guess", CLIENT_NONCE)), source_address="127.0.0.3")
+            answers.append(status if status != 200 else status_of_synchdr(reply))
+        assert answers[:5] == ["401"] * 5 and answers[5:] == [503] * 3, answers
+        # a device behind another address is not held up by it
+        status, reply = await post(engine.device_url, message(
+            VICTIM, alert(1, 1201) + devinfo(2, VICTIM), name="victim",
+            cred=cred_md5("victim", "pw-" + "x" * 12, CLIENT_NONCE)), source_address="127.0.0.4")
+        assert status == 200 and status_of_synchdr(reply) == "212", reply
+
+    run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
+        account_free=100, address_free=5, base_delay=30.0)})
