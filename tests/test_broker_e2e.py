@@ -436,7 +436,7 @@ def test_task_cancelled_mid_session_keeps_cancelled(tmp_path):
 
         async def on_events(session, events):       # cancel as soon as the device is in session
             await original(session, events)
-            for work in list(broker._sessions.values()):
+            for work in list(broker.sessions.works.values()):
                 for task_id in list(work.runs):
                     if task_id not in cancelled:
                         cancelled.append(task_id)

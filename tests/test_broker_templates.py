@@ -6,7 +6,8 @@ import asyncio
 from types import SimpleNamespace
 
 from dmengine._session import DmSession, PreparedCommand, SessionConfig
-from dmengine.broker import TEMPLATE_CACHE_SIZE, Broker
+from dmengine.broker import Broker
+from dmengine.commands import TEMPLATE_CACHE_SIZE, Commands
 from dmengine.model import DiagOp, ExecOp, NodeChange, QueryOp, SetOp, UpdateOp
 from dmengine.store.memory import MemoryStore
 
@@ -22,7 +23,7 @@ def _task(op, correlator=None):
 
 
 def _commands(broker, session, task):
-    return asyncio.run(broker._session_commands(session, task))
+    return asyncio.run(broker.commands.for_session(session, task))
 
 
 def test_tasks_of_one_operation_share_prepared_commands():
@@ -43,15 +44,15 @@ def test_exec_is_keyed_by_its_correlator_and_update_is_not_cached():
     a = _commands(broker, _session("a"), _task(op, correlator="c1"))
     b = _commands(broker, _session("b"), _task(op, correlator="c2"))
     assert a is not b and a[0].command.correlator == "c1" and b[0].command.correlator == "c2"
-    assert Broker._template_key(_task(UpdateOp(content_id="fw-1"))) is None
-    assert Broker._template_key(_task(DiagOp())) is None             # nodes from the capability
-    assert Broker._template_key(_task(DiagOp(nodes=["./DevDetail/SwV"]))) is not None
+    assert Commands.template_key(_task(UpdateOp(content_id="fw-1"))) is None
+    assert Commands.template_key(_task(DiagOp())) is None             # nodes from the capability
+    assert Commands.template_key(_task(DiagOp(nodes=["./DevDetail/SwV"]))) is not None
 
 
 def test_other_session_engines_get_plain_commands_and_the_cache_is_bounded():
     broker = Broker(MemoryStore(), None)
     plain = _commands(broker, object(), _task(QueryOp(nodes=["./DevInfo/Mod"])))
-    assert type(plain[0]).__name__ == "Command" and not broker._templates
+    assert type(plain[0]).__name__ == "Command" and not broker.commands.templates
     for i in range(TEMPLATE_CACHE_SIZE + 5):
         _commands(broker, _session("s"), _task(QueryOp(nodes=[f"./Vendor/N{i}"])))
-    assert len(broker._templates) == TEMPLATE_CACHE_SIZE
+    assert len(broker.commands.templates) == TEMPLATE_CACHE_SIZE

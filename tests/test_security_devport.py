@@ -15,13 +15,12 @@ import pytest
 import uvloop
 
 from dmengine import _wbxml, auth
-from dmengine.broker import Broker, BrokerConfig
+from dmengine.broker import BrokerConfig
 from dmengine.engine import Engine, EngineConfig
 from dmengine.errors import CodecError
 from dmengine.message import Command, Item, Message, SyncHdr
 from dmengine.model import Device, DmAccount, QueryOp, Task, TaskResult, TaskState, UpdateOp
 from dmengine.notify.loopback import LoopbackGateway
-from dmengine.store.memory import MemoryStore
 
 S = TaskState
 VICTIM = "IMEI:356938035643809"
@@ -286,13 +285,11 @@ def test_package0_session_ids_come_from_the_system_random_source(tmp_path):
     """The SessionID of package 0 is drawn from ``secrets`` (not a seedable Mersenne Twister
     whose outputs predict the next ones)."""
     import random
-    store = MemoryStore()
-    a = Broker(store, None)
-    b = Broker(store, None)
+    from dmengine.scheduler import Scheduler
     random.seed(1)
-    ids_a = [a._new_session_id() for _ in range(8)]
+    ids_a = [Scheduler.new_session_id() for _ in range(8)]
     random.seed(1)
-    ids_b = [b._new_session_id() for _ in range(8)]
+    ids_b = [Scheduler.new_session_id() for _ in range(8)]
     assert ids_a != ids_b
     assert all(1 <= i <= 0xFFFF for i in ids_a)
 

@@ -1,0 +1,526 @@
+"""The device port's handler (L4): what a DM session reports becomes task progress.
+
+The server calls :meth:`DeviceSessions.account_for` before a message is checked and
+:meth:`DeviceSessions.on_events` with what the session engine reported, before the reply is
+built (so commands queued there go out in that reply).  Only an authenticated session acts:
+the events of one that has not authenticated are dropped (issue 13).
+
+Per session the handler keeps a :class:`SessionWork`: the device record it proved and a
+:class:`TaskRun` per task being worked on.  Command handles are typed
+(:class:`CommandHandle`), not ad-hoc tuples.  A FUMO task stays IN_PROGRESS after its Exec
+until the device's Generic Alert 1226 with the task's correlator reports the result, possibly
+in a later session; a task interrupted by a session that ended early goes back to PENDING and
+is retried with backoff.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, NamedTuple
+
+import msgspec
+
+from . import auth
+from .commands import Commands
+from .config import BrokerConfig
+from .devices import CarrierCallback, check_device_policy, imei_of
+from .errors import NotFound, ServiceError, StoreError
+from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
+                     ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
+                     UserAlertAnswered)
+from .message import Command, Item
+from .model import (FINAL_TASK_STATES, BootstrapOp, Device, DmAccount, ExecOp, Task, TaskResult,
+                    TaskState, UpdateOp)
+from .status import describe_fumo_result, fumo_result_is_success, status_is_success
+from .store.base import Store
+from .tasks import Tasks
+
+log = logging.getLogger("dmengine.sessions")
+
+S = TaskState
+_FUMO_TYPE_PREFIX = "org.openmobilealliance.dm.firmwareupdate."
+#: the DM status of an Exec whose result comes later, by Generic Alert 1226
+ACCEPTED_FOR_PROCESSING = 202
+
+
+class CommandHandle(NamedTuple):
+    """What a queued command is known by in the session's events."""
+    task_id: str
+    kind: str          # "cmd" (the operation's commands) or "optin" (the 1101 confirm)
+    position: int = 0  # of the command among the task's commands
+
+
+@dataclass
+class TaskRun:
+    """One task being worked on in one DM session."""
+
+    task: Task
+    outstanding: int = 0                     # queued commands not answered yet
+    statuses: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+    failed: tuple[str, int] | None = None    # (cause, dm status)
+    waiting_alert: bool = False              # Exec accepted; the result comes by 1226
+    done: bool = False
+
+
+@dataclass
+class SessionWork:
+    dev_id: str | None = None                # the record the session proved
+    runs: dict[str, TaskRun] = field(default_factory=dict)
+    authenticated: Authenticated | None = None   # until DeviceIdentified writes the record
+
+
+class DeviceSessions:
+    """The ``DeviceHandler`` of the device port (see ``server.DeviceHandler``)."""
+
+    def __init__(self, store: Store, tasks: Tasks, commands: Commands, config: BrokerConfig, *,
+                 carrier_callback: CarrierCallback | None = None,
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.commands = commands
+        self.config = config
+        self.carrier_callback = carrier_callback
+        self.clock = clock
+        self.works: dict[int, SessionWork] = {}
+        #: DM user name → device record, for devices we notified or bootstrapped: a device that
+        #: answers with another DevId (acceptDevicePolicy) is found through its account
+        self.by_username: dict[str, str] = {}
+
+    def in_session(self, task_id: str) -> bool:
+        """A live session of the device works on the task (the scheduler leaves it alone)."""
+        return any(task_id in w.runs and not w.runs[task_id].done for w in self.works.values())
+
+    def drop_task(self, task_id: str) -> None:
+        """A cancelled task: sessions working on it stop recording its outcome."""
+        for work in self.works.values():
+            run = work.runs.get(task_id)
+            if run is not None:
+                run.done = True
+
+    # --- the DeviceHandler hooks ---------------------------------------------------------
+
+    async def account_for(self, dev_id: str | None, username: str | None) -> auth.DmAccount | None:
+        device = await self._record_for(dev_id, username)
+        if device is None:
+            return None
+        acc = device.account
+        pending = device.pending_account
+        if pending is not None and (acc is None or (username and username == pending.client_name)):
+            acc = pending                      # the device uses its bootstrapped account
+        if acc is None or (username and acc.client_name and username != acc.client_name):
+            return None
+        if not acc.client_password and not acc.client_key:
+            # neither a password nor its key: no credentials the device could prove, and
+            # none may be taken for "" (MD5 of an empty password is anyone's)
+            log.warning("device %s has a DM account without a password or key: refused",
+                        device.dev_id)
+            return None
+        return auth.DmAccount(dev_id=dev_id or device.dev_id, username=acc.client_name,
+                              client_secret=acc.client_password or None,
+                              client_key=None if acc.client_password else acc.client_key,
+                              client_nonce=stored_nonce(acc.client_nonce) if acc.client_nonce else None,
+                              server_id=acc.server_id,
+                              server_secret=acc.server_password or None,
+                              server_key=None if acc.server_password else acc.server_key,
+                              server_nonce=stored_nonce(acc.server_nonce) if acc.server_nonce else None,
+                              resync=acc.resync_until is not None and self.clock() < acc.resync_until)
+
+    async def on_events(self, session: Any, events: list[Any]) -> None:
+        if not getattr(session, "authenticated", False):
+            # Nothing a device sends acts before its session authenticated: not a Generic
+            # Alert, not a nonce, not DevInfo.  What such a session reports is only its end.
+            work = self.works.pop(id(session), None)
+            if work is not None:
+                await self._settle(work, "session ended before it authenticated")
+            return
+        work = self.works.setdefault(id(session), SessionWork())
+        for ev in events:
+            try:
+                await self._on_event(session, work, ev)
+            except StoreError as exc:
+                # An outcome that cannot be recorded (disk full, writer gone) must not be
+                # acknowledged: the error ends the session (the device is told 500) and its
+                # tasks are tried again later, instead of the session going on without them.
+                log.error("store failed while handling %s: %s", type(ev).__name__, exc)
+                raise
+
+    async def on_session_closed(self, session: Any, reason: str) -> None:
+        work = self.works.pop(id(session), None)
+        if work is not None:
+            await self._settle(work, f"session closed ({reason})")
+
+    async def _on_event(self, session: Any, work: SessionWork, ev: Any) -> None:
+        if isinstance(ev, DeviceIdentified):
+            await self._on_identified(session, work, ev)
+        elif isinstance(ev, StatusReceived):
+            await self._on_status(work, ev)
+        elif isinstance(ev, ResultsReceived):
+            run = self._run_of(work, ev.handle)
+            if run is not None:
+                for uri, _fmt, _typ, data in ev.items:
+                    if uri is not None:
+                        run.nodes[uri] = _text(data)
+                run.outstanding -= 1            # the Results a successful Get owed
+                if run.outstanding <= 0:
+                    await self._complete(run)
+        elif isinstance(ev, UserAlertAnswered):
+            await self._on_user_answer(session, work, ev)
+        elif isinstance(ev, GenericAlert):
+            await self._on_generic_alert(session, work, ev)
+        elif isinstance(ev, CommandNotDelivered):
+            run = self._run_of(work, ev.handle)
+            if run is not None and not run.done and run.failed is None:
+                run.failed = (f"command not delivered: {ev.reason}", 0)
+                run.outstanding = 0
+                run.done = True
+                await self.tasks.retry_later(run.task, f"session ended before the device "
+                                                       f"answered ({ev.reason})")
+        elif isinstance(ev, Authenticated):
+            work.authenticated = ev          # its account change goes with _on_identified's write
+            await self._adopt_pending_account(session, work, ev)
+        elif isinstance(ev, NonceIssued):
+            await self._save_nonce(session, work, "client_nonce", ev.nonce)
+        elif isinstance(ev, ServerNonceReceived):
+            await self._save_nonce(session, work, "server_nonce", ev.nonce)
+        elif isinstance(ev, SessionEnded):
+            self.works.pop(id(session), None)
+            await self._settle(work, f"session ended ({ev.reason})")
+
+    # --- the device and its account --------------------------------------------------------
+
+    async def _adopt_pending_account(self, session: Any, work: SessionWork,
+                                     ev: Authenticated) -> None:
+        """The device proved its bootstrapped account: it becomes the account (before the
+        nonces this session issues are saved into it)."""
+        device = await self._session_record(session, work)
+        pending = device.pending_account if device is not None else None
+        if device is None or pending is None or ev.username != pending.client_name:
+            return
+        await self.store.update_device(device.dev_id, {"account": pending,
+                                                       "pending_account": None})
+
+    @staticmethod
+    def _after_authentication(acc: DmAccount | None, ev: Authenticated | None) -> DmAccount | None:
+        """The account once the device authenticated, when that changes it (else None): a
+        re-synchronisation is over; the device holds the nonce the session issued
+        (NonceIssued), and for us the well-known one it used, until it sends another
+        (ServerNonceReceived)."""
+        if acc is None or ev is None:
+            return None
+        if ev.resync_nonce is not None:
+            return msgspec.structs.replace(acc, server_nonce=_b64(ev.resync_nonce),
+                                           resync_until=None)
+        if acc.resync_until is not None:
+            return msgspec.structs.replace(acc, resync_until=None)
+        return None
+
+    async def _save_nonce(self, session: Any, work: SessionWork, slot: str,
+                          nonce: bytes) -> None:
+        """Stores a rotated nonce in the record whose account this (authenticated) session
+        proved: the one account_for found for its Source and user name, never a record an
+        unverified Source merely names."""
+        device = await self._session_record(session, work)
+        if device is None or device.account is None:
+            return
+        acc = msgspec.structs.replace(device.account, **{slot: _b64(nonce)})
+        await self.store.update_device(device.dev_id, {"account": acc})
+
+    async def _session_record(self, session: Any, work: SessionWork) -> Device | None:
+        """The device record of an authenticated session (found once, then by its id)."""
+        if work.dev_id is not None:
+            try:
+                return await self.store.get_device(work.dev_id)
+            except NotFound:
+                return None
+        record = await self._record_for(session.device_id, getattr(session, "username", None))
+        if record is not None:
+            work.dev_id = record.dev_id
+        return record
+
+    async def _record_for(self, reported: str | None, username: str | None) -> Device | None:
+        """The device record a connecting device stands for: by its DevId, by the IMEI in it,
+        or (a replaced phone answering a notification) by the DM account it authenticates with."""
+        candidates: list[Callable[[], Awaitable[Device]]] = []
+        if reported:
+            candidates.append(lambda: self.store.get_device(reported))
+            imei = imei_of(reported)
+            if imei:
+                candidates.append(lambda: self.store.device_by_imei(imei))
+        if username and username in self.by_username:
+            candidates.append(lambda: self.store.get_device(self.by_username[username]))
+        for lookup in candidates:
+            try:
+                return await lookup()
+            except NotFound:
+                continue
+        return None
+
+    async def _on_identified(self, session: Any, work: SessionWork, ev: DeviceIdentified) -> None:
+        record = await self._record_for(ev.dev_id, getattr(session, "username", None))
+        if record is None:
+            log.info("unknown device %s connected; nothing to do", ev.dev_id)
+            return
+        work.dev_id = record.dev_id
+        changes: dict[str, Any] = {"last_contact": self.clock(),
+                                   "devinfo": {f"./DevInfo/{k}": str(v) for k, v in ev.devinfo.items()}}
+        account = self._after_authentication(record.account, work.authenticated)
+        if account is not None:
+            changes["account"] = account
+        work.authenticated = None
+        await self.store.update_device(record.dev_id, changes)
+        for task in await self.tasks.open_for_device(record.dev_id):
+            if isinstance(task.op, BootstrapOp):
+                if getattr(session, "username", None) != task.op.account.client_name:
+                    continue                   # still on its old account: not arrived yet
+                # The first session with the bootstrapped account: the bootstrap worked.
+                task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                             cause="device connected with the new account")
+                await self.tasks.finish(task, S.SUCCEEDED,
+                                        "device opened a session with the new account")
+                continue
+            if task.state == S.IN_PROGRESS and _waiting_alert(task):
+                continue                       # the result comes as a Generic Alert
+            if self.in_session(task.task_id):
+                continue                       # another live session of the device has it
+            if ev.dev_id != record.dev_id:
+                decision = await check_device_policy(task.accept_device_policy, record, ev.dev_id,
+                                                     task_id=task.task_id,
+                                                     callback=self.carrier_callback)
+                if not decision.accept:
+                    await self.tasks.finish(task, S.FAILED, decision.cause)
+                    continue
+            await self._start_task(session, work, task)
+
+    # --- a task's commands and their answers ---------------------------------------------
+
+    async def _start_task(self, session: Any, work: SessionWork, task: Task) -> None:
+        run = TaskRun(task=task)
+        work.runs[task.task_id] = run
+        if task.b_optin:
+            task = await self.tasks.move(task.task_id, S.WAITING_USER,
+                                         cause="asking the user (opt-in)",
+                                         changes={"next_attempt": None})
+            run.task = task
+            params = f"MAXDT={self.config.optin_timeout}&DR=1"
+            session.queue(CommandHandle(task.task_id, "optin"), Command(
+                name="Alert", data="1101",
+                items=[Item(data=params), Item(data=self.config.optin_text)]))
+            run.outstanding = 1
+            return
+        task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                     cause="device connected; commands sent",
+                                     changes={"next_attempt": None})
+        run.task = task
+        await self._queue_work(session, run)
+
+    async def _queue_work(self, session: Any, run: TaskRun) -> None:
+        task = run.task
+        try:
+            commands = await self.commands.for_session(session, task)
+        except ServiceError as exc:
+            run.done = True
+            await self.tasks.finish(task, S.FAILED, str(exc))
+            return
+        for i, cmd in enumerate(commands):
+            session.queue(CommandHandle(task.task_id, "cmd", i), cmd)
+        run.outstanding = len(commands)
+        if not commands:
+            run.done = True
+            await self.tasks.finish(task, S.SUCCEEDED, "nothing to do")
+
+    def _run_of(self, work: SessionWork, handle: Any) -> TaskRun | None:
+        if not isinstance(handle, CommandHandle):
+            return None
+        run = work.runs.get(handle.task_id)
+        if run is None or run.done:
+            return None
+        return run
+
+    async def _on_status(self, work: SessionWork, ev: StatusReceived) -> None:
+        run = self._run_of(work, ev.handle)
+        if run is None or ev.handle.kind == "optin":
+            return
+        key = f"{ev.cmd} {ev.target}" if ev.target else ev.cmd
+        if ev.index >= 0:
+            key = f"{key} [{ev.index}]"
+        run.statuses[key] = ev.status
+        if ev.index >= 0:
+            return                              # statuses inside Atomic/Sequence: recorded only
+        if ev.cmd == "Get" and status_is_success(ev.status) and ev.status != 204:
+            pass                                # still owes its Results: counted there
+        else:
+            run.outstanding -= 1
+        if not status_is_success(ev.status) and run.failed is None:
+            run.failed = (f"{ev.cmd} {ev.target or ''} failed with status {ev.status}".strip(),
+                          ev.status)
+        if ev.cmd == "Exec" and status_is_success(ev.status) and (
+                isinstance(run.task.op, UpdateOp)
+                or (isinstance(run.task.op, ExecOp) and ev.status == ACCEPTED_FOR_PROCESSING)):
+            run.waiting_alert = True            # the outcome comes by Generic Alert 1226
+        if run.outstanding <= 0:
+            await self._complete(run)
+
+    async def _complete(self, run: TaskRun) -> None:
+        run.done = True
+        task = run.task
+        learned = {k: v for k, v in run.nodes.items() if k.startswith("./DevDetail/")}
+        if learned:       # keep the device's DevDetail snapshot (firmware version for UPDATE)
+            try:
+                device = await self.store.get_device(task.dev_id)
+                await self.store.update_device(task.dev_id,
+                                               {"devdetail": {**device.devdetail, **learned}})
+            except NotFound:
+                pass
+        before = task.result or TaskResult()        # earlier sessions of the same task
+        result = TaskResult(statuses={**before.statuses, **run.statuses},
+                            nodes={**before.nodes, **run.nodes}, fumo_result=before.fumo_result)
+        if run.failed is not None:
+            cause, status = run.failed
+            await self.tasks.finish(task, S.FAILED, cause, dm_status=status or None, result=result)
+        elif run.waiting_alert:
+            what = "firmware update" if isinstance(task.op, UpdateOp) else "Exec"
+            await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                  cause=f"{what} accepted; waiting for the result alert",
+                                  changes={"result": result})
+        else:
+            await self.tasks.finish(task, S.SUCCEEDED, "all commands succeeded", result=result)
+
+    async def _on_user_answer(self, session: Any, work: SessionWork,
+                              ev: UserAlertAnswered) -> None:
+        run = self._run_of(work, ev.handle)
+        if run is None:
+            return
+        task = run.task
+        if ev.status == 200:
+            run.task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                             cause="the user accepted", dm_status=200)
+            await self._queue_work(session, run)
+            return
+        run.done = True
+        if ev.status == 304:
+            await self.tasks.finish(task, S.FAILED, "declined by the user", dm_status=304)
+        elif ev.status == 408:
+            await self.tasks.finish(task, S.EXPIRED, "the user did not answer in time",
+                                    dm_status=408)
+        elif ev.status == 214:
+            await self.tasks.finish(task, S.FAILED, "cancelled by the user", dm_status=214)
+        else:
+            await self.tasks.finish(task, S.FAILED, f"the device could not ask the user "
+                                                    f"(status {ev.status})", dm_status=ev.status)
+
+    async def _on_generic_alert(self, session: Any, work: SessionWork, ev: GenericAlert) -> None:
+        if not ev.correlator:
+            log.info("generic alert without correlator from %s: %s", work.dev_id, ev.type)
+            return
+        try:
+            task = await self.store.task_by_correlator(ev.correlator)
+        except NotFound:
+            log.info("generic alert for unknown correlator %r", ev.correlator)
+            return
+        if task.dev_id != work.dev_id:
+            # a correlator is no capability: only the device the task is for may report it
+            log.warning("device %s reported a generic alert for task %s of device %s: ignored",
+                        work.dev_id, task.task_id, task.dev_id)
+            return
+        if task.state in FINAL_TASK_STATES:
+            return
+        fumo = isinstance(task.op, UpdateOp)
+        try:
+            code = int(_text(ev.data).strip())
+        except ValueError:
+            await self.tasks.finish(task, S.FAILED, f"unreadable {'FUMO ' if fumo else ''}result "
+                                                    f"{ev.data!r}")
+            return
+        result = msgspec.structs.replace(task.result or TaskResult(), fumo_result=code)
+        if not fumo:
+            # a generic Exec answered by an alert: its data is the outcome, nothing more is
+            # known about it (it did not update firmware)
+            state = S.SUCCEEDED if status_is_success(code) else S.FAILED
+            await self.tasks.finish(task, state, f"Exec {'completed' if state == S.SUCCEEDED else 'failed'}: "
+                                                 f"result {code} ({ev.type or 'no type'})",
+                                    result_code=code, result=result)
+            return
+        kind = (ev.type or "").removeprefix(_FUMO_TYPE_PREFIX)
+        if not fumo_result_is_success(code):
+            await self.tasks.finish(task, S.FAILED, f"firmware {kind or 'update'} failed: {code} "
+                                                    f"{describe_fumo_result(code)}",
+                                    result_code=code, result=result)
+            return
+        if kind == "download":
+            assert isinstance(task.op, UpdateOp)
+            # Download then Update: the package is on the device; install it now, in this session.
+            device = await self.store.get_device(task.dev_id)
+            _content, node, _mode = await self.commands.content_for(task.op, device)
+            correlator = f"{task.task_id}.u"
+            task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                         cause="download complete; installing", result_code=code,
+                                         changes={"correlator": correlator, "result": result})
+            run = TaskRun(task=task, outstanding=1)
+            work.runs[task.task_id] = run
+            session.queue(CommandHandle(task.task_id, "cmd", 0), Command(
+                name="Exec", correlator=correlator, items=[Item(target=f"{node}/Update")]))
+            return
+        await self._forget_firmware(task.dev_id)   # the old FwV is stale now
+        await self.tasks.finish(task, S.SUCCEEDED, f"firmware updated: {code} "
+                                                   f"{describe_fumo_result(code)}",
+                                result_code=code, result=result)
+
+    async def _forget_firmware(self, dev_id: str) -> None:
+        try:
+            device = await self.store.get_device(dev_id)
+        except NotFound:
+            return
+        if "./DevDetail/FwV" in device.devdetail:
+            snapshot = {k: v for k, v in device.devdetail.items() if k != "./DevDetail/FwV"}
+            await self.store.update_device(dev_id, {"devdetail": snapshot})
+
+    async def _settle(self, work: SessionWork, why: str) -> None:
+        """The session is over: tasks it did not finish go back for a retry."""
+        for run in work.runs.values():
+            if run.done:
+                continue
+            run.done = True
+            if run.outstanding > 0 or run.task.state == S.WAITING_USER:
+                await self.tasks.retry_later(run.task, f"{why} before the device answered")
+            else:
+                await self._complete(run)
+
+
+def _waiting_alert(task: Task) -> bool:
+    """The task's Exec was accepted in an earlier session and its outcome comes by alert."""
+    if task.result is None:
+        return False
+    if isinstance(task.op, UpdateOp):
+        return any(k.startswith("Exec") and status_is_success(v)
+                   for k, v in task.result.statuses.items())
+    if isinstance(task.op, ExecOp):
+        return any(k.startswith("Exec") and v == ACCEPTED_FOR_PROCESSING
+                   for k, v in task.result.statuses.items())
+    return False
+
+
+def stored_nonce(text: str | None) -> bytes:
+    """A nonce as the store keeps it (base64 text) → its bytes."""
+    if not text:
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return text.encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _text(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data)
+
+
+__all__ = ["DeviceSessions", "SessionWork", "TaskRun", "CommandHandle", "stored_nonce"]

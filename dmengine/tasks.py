@@ -1,0 +1,149 @@
+"""Tasks (L4): creation, state moves, the end of a task and what it leaves in the outbox.
+
+Every task write of the services goes through :class:`Tasks`, so that the metrics, the history
+(the store writes an entry per move) and the charging events follow one rule: a task that
+SUCCEEDS outside a test cycle leaves a ``charging`` entry in the outbox, written in the same
+transaction as the move.
+
+Task life (DESIGN.md §4): PENDING → NOTIFIED → IN_PROGRESS → (WAITING_USER) → SUCCEEDED |
+FAILED | CANCELLED | EXPIRED.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgspec
+
+from .config import BrokerConfig
+from .errors import Conflict, InvalidTransition, NotFound, ServiceError, UnknownResource
+from .metrics import TaskMetrics
+from .model import (FINAL_TASK_STATES, HistoryEntry, OutboxEntry, Task, TaskResult, TaskState,
+                    new_id)
+from .store.base import Store, all_pages
+
+log = logging.getLogger("dmengine.tasks")
+
+S = TaskState
+
+
+class TaskData(msgspec.Struct, kw_only=True):
+    """What ``getTaskById`` returns: the seeds' TaskData with ``status`` (``getStatus()``)."""
+
+    task_id: str
+    status: str
+    dev_id: str
+    operation: str
+    job_id: str | None
+    test_cycle: bool
+    attempts: int
+    created: float
+    updated: float
+    finished: float | None
+    cause: str | None
+    result: TaskResult | None
+    record: Task
+
+
+def operation_name(op: Any) -> str:
+    """The DMWSI name of an operation record (its msgspec tag: UPDATE, QUERY, ...)."""
+    return str(type(op).__struct_config__.tag)
+
+
+def task_data(task: Task) -> TaskData:
+    return TaskData(task_id=task.task_id, status=task.state.value, dev_id=task.dev_id,
+                    operation=operation_name(task.op), job_id=task.job_id,
+                    test_cycle=task.test_cycle, attempts=task.attempts, created=task.created,
+                    updated=task.updated, finished=task.finished, cause=task.cause,
+                    result=task.result, record=task)
+
+
+@dataclass
+class Tasks:
+    """The task writes of every L4 service (and their metrics)."""
+
+    store: Store
+    config: BrokerConfig
+    metrics: TaskMetrics | None = None
+    clock: Callable[[], float] = time.time
+
+    async def create(self, task: Task) -> Task:
+        task = await self.store.create_task(task)
+        if self.metrics is not None:
+            self.metrics.task_created(operation_name(task.op))
+            self.metrics.task_moved(task.state.value)
+        return task
+
+    async def move(self, task_id: str, to_state: TaskState, **kw: Any) -> Task:
+        task = await self.store.transition(task_id, to_state, **kw)
+        if self.metrics is not None:
+            self.metrics.task_moved(to_state.value)
+        return task
+
+    async def get(self, task_id: str) -> TaskData:
+        try:
+            return task_data(await self.store.get_task(task_id))
+        except NotFound:
+            raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
+
+    async def history(self, task_id: str) -> list[HistoryEntry]:
+        return await all_pages(lambda c: self.store.task_history(task_id, cursor=c))
+
+    async def open_for_device(self, dev_id: str) -> list[Task]:
+        tasks = await all_pages(lambda c: self.store.tasks_by_device(dev_id, cursor=c))
+        return [t for t in tasks if t.state not in FINAL_TASK_STATES]
+
+    async def cancel(self, task_id: str, cause: str) -> Task:
+        task = await self.store.get_task(task_id)
+        if task.state in FINAL_TASK_STATES:
+            raise ServiceError(f"task {task_id} is already {task.state.value}", where="taskId")
+        return await self.move(task_id, S.CANCELLED, cause=cause,
+                               changes={"finished": self.clock(), "next_attempt": None})
+
+    def retry_delay(self, attempts: int) -> float:
+        d = self.config.retry_delays
+        return d[min(attempts, len(d) - 1)]
+
+    async def retry_later(self, task: Task, cause: str) -> None:
+        """An interrupted task goes back to PENDING, due again after its backoff."""
+        try:
+            current = await self.store.get_task(task.task_id)
+        except NotFound:
+            return
+        if current.state in FINAL_TASK_STATES:
+            return
+        if current.state == S.WAITING_USER:
+            # No answer to the opt-in question before the session ended: ask again next time.
+            current = await self.move(task.task_id, S.IN_PROGRESS, cause=cause)
+        await self.move(task.task_id, S.PENDING, cause=cause,
+                        changes={"next_attempt": self.clock() + self.retry_delay(current.attempts)})
+
+    async def finish(self, task: Task, state: TaskState, cause: str, *,
+                     dm_status: int | None = None, result_code: int | None = None,
+                     result: TaskResult | None = None) -> Task | None:
+        """Moves ``task`` to a final state; a success outside a test cycle queues its charging
+        event in the same write.  None when the task was final already (cancelled meanwhile:
+        its late outcome is dropped)."""
+        changes: dict[str, Any] = {"finished": self.clock(), "next_attempt": None}
+        if result is not None:
+            changes["result"] = msgspec.structs.replace(result, message=cause)
+        enqueue: list[OutboxEntry] = []
+        if state == S.SUCCEEDED and not task.test_cycle:
+            enqueue.append(OutboxEntry(
+                entry_id=new_id("o"), kind="charging", due=self.clock(),
+                payload={"event": "task_succeeded", "task_id": task.task_id,
+                         "dev_id": task.dev_id, "operation": operation_name(task.op),
+                         "job_id": task.job_id}))
+        try:
+            return await self.move(task.task_id, state, cause=cause, dm_status=dm_status,
+                                   result_code=result_code, changes=changes, enqueue=enqueue)
+        except (Conflict, InvalidTransition) as exc:
+            # refused because the task is final already; a store that cannot write is not
+            # caught here: its caller must not take the outcome as recorded
+            log.info("task %s not moved to %s: %s", task.task_id, state.value, exc)
+            return None
+
+
+__all__ = ["Tasks", "TaskData", "task_data", "operation_name"]
