@@ -7,7 +7,9 @@ device a fresh DM account.  The work itself is done by one module per concern:
 * :mod:`dmengine.tasks` — task creation, state moves, the end of a task and its outbox entries;
 * :mod:`dmengine.commands` — operation → SyncML commands, prepared once per operation;
 * :mod:`dmengine.sessions` — the device port's handler: session events → task progress;
-* :mod:`dmengine.scheduler` — notifications, retries, expiry, the supervised loop.
+* :mod:`dmengine.bulk` — jobs: selection, creation, control, counts;
+* :mod:`dmengine.scheduler` — DMSCHED: jobs' pacing, windows, stages and stop rules,
+  notifications, retries, expiry, the supervised loop.
 
 The broker is the device port's ``DeviceHandler`` through its ``sessions`` (``account_for``,
 ``on_events`` and ``on_session_closed`` are theirs).  It keeps only per-session bookkeeping in
@@ -23,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from . import bootstrap
+from .bulk import Jobs
 from .commands import TEMPLATE_CACHE_SIZE, Commands
 from .config import BrokerConfig
 from .content import ContentService
@@ -51,7 +54,7 @@ def b64(data: bytes) -> str:
 
 class Broker:
     """doOperation / doBootstrap / getTaskById / getTaskHistory / cancelTask, over the L4
-    services it assembles (``tasks``, ``commands``, ``sessions``, ``scheduler``)."""
+    services it assembles (``tasks``, ``commands``, ``sessions``, ``jobs``, ``scheduler``)."""
 
     def __init__(self, store: Store, gateway: Gateway | None, *,
                  config: BrokerConfig | None = None,
@@ -68,8 +71,9 @@ class Broker:
         self.commands = Commands(store, self.config, content)
         self.sessions = DeviceSessions(store, self.tasks, self.commands, self.config,
                                        carrier_callback=carrier_callback, clock=clock)
-        self.scheduler = Scheduler(store, self.tasks, self.sessions, gateway, self.config,
-                                   metrics=metrics, clock=clock)
+        self.jobs = Jobs(store, self.tasks, self.config, clock)
+        self.scheduler = Scheduler(store, self.tasks, self.sessions, self.jobs, gateway,
+                                   self.config, metrics=metrics, clock=clock)
 
     # --- the device port's handler, the scheduler ------------------------------------------
 

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     from .store.admin import register_cli as register_store
     register_store(sub)
+    from .client import register_cli as register_devices
+    register_devices(sub)
     return ap
 
 

@@ -42,6 +42,17 @@ class BrokerConfig:
     #: the reading of "0x00000000" our package #0 uses (the session accepts both)
     resync_nonce: bytes = auth.RESYNC_NONCE_ASCII
     tick_interval: float = 1.0         #: how often the scheduler loop looks for due tasks
+    #: retries wait retry_delays[k] times a random factor in [1 - jitter, 1 + jitter], so a
+    #: crowd of devices that failed together does not come back together
+    retry_jitter: float = 0.1
+    # --- DMSCHED: the budgets every job shares ---
+    max_notify_rate: float | None = None   #: package #0 per second over all jobs (None: no cap)
+    max_in_flight: int | None = None       #: job tasks started and not final, over all jobs
+    job_batch: int = 5000                  #: tasks a job may start in one pass at most
+    #: a task claimed by a scheduler pass is not due again for this long (claim_due's lease)
+    claim_lease: float = 120.0
+    claim_page: int = 2000                 #: due tasks claimed per pass
+    notify_parallel: int = 512             #: notifications under way at once in a pass
 
 
 __all__ = ["BrokerConfig", "DEFAULT_RETRY_DELAYS", "DEFAULT_MAX_NOTIFICATIONS", "DEFAULT_TASK_TTL",

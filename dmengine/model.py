@@ -277,6 +277,25 @@ class StopRule(Struct, kw_only=True, omit_defaults=True):
     min_finished: Count = 0
 
 
+class Stage(Struct, kw_only=True, omit_defaults=True):
+    """One group of a staged rollout: the job runs up to ``percent`` of its targets (counted
+    from the start, so stages nest), then moves on once the tasks run so far are all final and
+    their success ratio is at least ``success_threshold`` — or waits for restartJob when
+    ``approval`` is set (or the threshold was missed: the job pauses with the cause)."""
+    percent: Annotated[float, Meta(gt=0, le=100)]
+    success_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    approval: bool = False
+
+
+class Selection(Struct, kw_only=True, omit_defaults=True):
+    """The devices of a job: the ones named, else those matching the query's filters."""
+    dev_ids: list[DevId] = []
+    capability: OptId = None
+    tac: Union[Annotated[str, Meta(pattern=r"^[0-9]{8}$")], None] = None
+    model: Union[Name, None] = None
+    firmware: Union[Name, None] = None
+
+
 class Job(Struct, kw_only=True, omit_defaults=True):
     job_id: Id
     state: JobState = JobState.SCHEDULED
@@ -299,6 +318,18 @@ class Job(Struct, kw_only=True, omit_defaults=True):
     created: Time = 0.0
     updated: Time = 0.0
     finished: Union[Time, None] = None
+    # --- campaigns (DMSCHED) ---
+    selection: Union[Selection, None] = None
+    targets: Count = 0                             # devices selected (job_targets rows)
+    stages: list[Stage] = []                       # staged rollout; none: all at once
+    stage: Count = 0                               # the stage running now
+    priority: int = 0                              # higher goes first for shared budgets
+    tz: Union[Annotated[str, Meta(max_length=64)], None] = None   # windows' zone (else UTC)
+    deadline: Union[Time, None] = None             # of each task (default: end_at or the TTL)
+    started: Union[Time, None] = None              # first RUNNING
+    # the stop rule counts failures since the last (re)start: what was final and failed then
+    base_final: Count = 0
+    base_failed: Count = 0
 
 
 # --- content, outbox, audit, schema ------------------------------------------------
@@ -459,7 +490,7 @@ __all__ = [
     "SCHEMA_VERSION", "TaskState", "JobState", "AuthScheme", "FumoMode", "TASK_TRANSITIONS",
     "FINAL_TASK_STATES", "DmAccount", "Device", "Capability", "UpdateOp", "QueryOp", "NodeChange",
     "SetOp", "ExecOp", "DiagOp", "BootstrapOp", "Operation", "TaskResult", "Task", "HistoryEntry",
-    "TimeWindow", "StopRule", "Job", "Content", "OutboxEntry", "AuditEntry", "SchemaRecord",
+    "TimeWindow", "StopRule", "Stage", "Selection", "Job", "Content", "OutboxEntry", "AuditEntry", "SchemaRecord",
     "validate", "redact", "redact_account", "redact_task", "secret_fields", "new_id", "now",
     "MIGRATIONS", "decoder", "where_of", "field",
 ]

@@ -16,31 +16,35 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
+from .bulk import IN_FLIGHT, Jobs, JobView, in_flight, stage_boundary, view
 from .config import BrokerConfig
-from .errors import CodecError, GatewayError, StoreError
+from .errors import CodecError, Conflict, GatewayError, InvalidTransition, NotFound, StoreError
 from .metrics import TaskMetrics
-from .model import FINAL_TASK_STATES, BootstrapOp, DmAccount, Task, TaskState
+from .model import (FINAL_TASK_STATES, BootstrapOp, DmAccount, Job, JobState, Task, TaskState,
+                    TimeWindow)
 from .notify.base import Gateway
 from .notify.pkg0 import build_pkg0
-from .sessions import DeviceSessions, stored_nonce
+from .sessions import DeviceSessions, stored_nonce, waiting_alert
 from .store.base import Store
 from .tasks import Tasks
 
 log = logging.getLogger("dmengine.scheduler")
 
 S = TaskState
+J = JobState
 #: failed passes in a row after which health() reports the scheduler
 FAILED_PASSES_UNHEALTHY = 3
 
 
 class Scheduler:
-    def __init__(self, store: Store, tasks: Tasks, sessions: DeviceSessions,
+    def __init__(self, store: Store, tasks: Tasks, sessions: DeviceSessions, jobs: Jobs,
                  gateway: Gateway | None, config: BrokerConfig, *,
                  metrics: TaskMetrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.tasks = tasks
         self.sessions = sessions
+        self.jobs = jobs
         self.gateway = gateway
         self.config = config
         self.metrics = metrics
@@ -49,16 +53,28 @@ class Scheduler:
         self.last_error: str | None = None
         self.last_pass: float | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._buckets: dict[str, tuple[float, float]] = {}   # job id ("" overall) -> tokens, time
 
     # --- notification ----------------------------------------------------------------------
 
-    async def notify(self, task: Task) -> Task:
+    async def notify(self, task: Task, job: Job | None = None) -> Task:
         """Sends package #0 for ``task``'s device and moves the task to NOTIFIED (or keeps it
-        PENDING with a later retry when the gateway failed for now)."""
+        PENDING with a later retry when the gateway failed for now).  A job task whose device
+        is outside the job's window in the device's own time zone waits for the window."""
         now = self.clock()
-        device = await self.store.get_device(task.dev_id)
+        try:
+            device = await self.store.get_device(task.dev_id)
+        except NotFound:
+            return await self.tasks.move(task.task_id, S.FAILED, cause="no such device",
+                                         changes={"finished": now, "next_attempt": None})
         acc = device.account
         delay = self.tasks.retry_delay(task.attempts)
+        if job is not None and job.windows and device.tz:
+            wait = window_wait(job.windows, device.tz, now)
+            if wait > 0:
+                return await self.tasks.move(task.task_id, S.PENDING,
+                                             cause="outside the job's window in the device's "
+                                                   "time zone", changes={"next_attempt": now + wait})
         if self.gateway is None or not device.msisdn or acc is None:
             # Nothing to wake it with: the task waits for the device's own session.
             why = ("no notification gateway" if self.gateway is None else
@@ -123,8 +139,10 @@ class Scheduler:
     # --- the pass and the loop ---------------------------------------------------------------
 
     async def tick(self) -> int:
-        """One scheduler pass: expire tasks past their deadline, re-notify devices that did
-        not connect.  Returns how many tasks it touched."""
+        """One scheduler pass: expire tasks past their deadline, move the jobs on (start,
+        stages, stop rule, completion) and start their next tasks within their budgets, and
+        re-notify devices that did not connect.  Its cost grows with the work due, not with
+        the tasks stored.  Returns how many tasks it touched."""
         now = self.clock()
         touched = 0
         for task in await self.store.tasks_expiring(now):
@@ -133,18 +151,181 @@ class Scheduler:
             await self._guarded(task, self.tasks.finish(
                 task, S.EXPIRED, "deadline passed before the device answered"))
             touched += 1
-        for task in await self.store.tasks_due(now):
+        jobs = await self._open_jobs(now)
+        touched += await self._run_jobs(jobs, now)
+        touched += await self._retries(jobs, now)
+        return touched
+
+    # --- jobs (DMSCHED) ------------------------------------------------------------------------
+
+    async def _open_jobs(self, now: float) -> dict[str, Job]:
+        """RUNNING jobs (SCHEDULED ones whose start time came are started here)."""
+        out: dict[str, Job] = {}
+        for state in (J.SCHEDULED, J.RUNNING):
+            cursor: str | None = None
+            while True:
+                page = await self.store.list_jobs(state=state, cursor=cursor, limit=500)
+                for job in page.items:
+                    if job.state == J.SCHEDULED:
+                        if job.start_at is None or job.start_at > now:
+                            continue
+                        job = await self.store.update_job(
+                            job.job_id, {"state": J.RUNNING, "started": now,
+                                         "cause": "start time reached"},
+                            expect_state=J.SCHEDULED)
+                    out[job.job_id] = job
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+        return out
+
+    async def _run_jobs(self, jobs: dict[str, Job], now: float) -> int:
+        touched = 0
+        total_in_flight = sum(in_flight(j) for j in jobs.values())
+        for job in sorted(jobs.values(), key=lambda j: -j.priority):
+            try:
+                started = await self._run_job(job, now, total_in_flight)
+            except (Conflict, InvalidTransition):
+                continue                   # the job changed under us (paused, cancelled)
+            total_in_flight += started
+            touched += started
+        return touched
+
+    async def _run_job(self, job: Job, now: float, total_in_flight: int) -> int:
+        """One job's step: returns how many of its tasks it started."""
+        if job.end_at is not None and now >= job.end_at:
+            await self._end_job(job, now)
+            return 0
+        v = view(job, now)
+        rule = job.stop_rule
+        if rule is not None:
+            final, failed = v.final - job.base_final, v.failed - job.base_failed
+            if final >= max(rule.min_finished, 1) and failed / final >= rule.max_failure_ratio:
+                await self.store.update_job(job.job_id, {
+                    "state": J.PAUSED,
+                    "cause": f"stopped by its error threshold: {failed} of {final} tasks "
+                             f"failed ({failed / final:.0%} >= {rule.max_failure_ratio:.0%})"},
+                    expect_state=J.RUNNING)
+                return 0
+        boundary = stage_boundary(job)
+        if job.total >= boundary:
+            if in_flight(job) == 0:
+                await self._stage_done(job, v)
+            return 0
+        if job.windows and window_wait(job.windows, job.tz, now) > 0:
+            return 0                       # outside the job's window: nothing new starts
+        room = min(boundary - job.total, self.config.job_batch)
+        if job.concurrency is not None:
+            room = min(room, job.concurrency - in_flight(job))
+        if self.config.max_in_flight is not None:
+            room = min(room, self.config.max_in_flight - total_in_flight)
+        room = self._take_tokens(job, now, room)
+        if room <= 0:
+            return 0
+        dev_ids = await self.store.job_targets(job.job_id, job.total, room)
+        lease = now + self.config.claim_lease
+        tasks = []
+        for dev_id in dev_ids:
+            t = self.jobs.task_for(job, dev_id, now)
+            tasks.append(msgspec.structs.replace(t, next_attempt=lease))  # ours to notify
+        created = await self.store.create_job_tasks(job.job_id, job.total, tasks)
+        await self._notify_all(created, {job.job_id: job})
+        return len(created)
+
+    async def _stage_done(self, job: Job, v: JobView) -> None:
+        """Every task the stage allowed is final: the next stage, a pause, or the end."""
+        if job.total >= job.targets:
+            await self.store.update_job(job.job_id, {
+                "state": J.COMPLETED, "finished": self.clock(),
+                "cause": f"all {job.targets} tasks final: {v.succeeded} succeeded, "
+                         f"{v.failed} failed"}, expect_state=J.RUNNING)
+            return
+        stage = job.stages[job.stage]
+        ratio = v.succeeded / v.final if v.final else 1.0
+        name = f"stage {job.stage + 1} of {len(job.stages)} ({stage.percent:g} %)"
+        if ratio < stage.success_threshold:
+            await self.store.update_job(job.job_id, {
+                "state": J.PAUSED,
+                "cause": f"{name} done with {ratio:.0%} succeeded, below its threshold "
+                         f"{stage.success_threshold:.0%}: restartJob goes on"},
+                expect_state=J.RUNNING)
+        elif stage.approval:
+            await self.store.update_job(job.job_id, {
+                "state": J.PAUSED, "cause": f"{name} done ({ratio:.0%} succeeded): waiting for "
+                                            "approval (restartJob)"}, expect_state=J.RUNNING)
+        else:
+            await self.store.update_job(job.job_id, {
+                "stage": job.stage + 1, "cause": f"{name} done ({ratio:.0%} succeeded)"},
+                expect_state=J.RUNNING)
+
+    async def _end_job(self, job: Job, now: float) -> None:
+        """The job's end time: tasks not final expire, targets not started never will."""
+        for state in IN_FLIGHT:
+            while True:
+                page = await self.store.tasks_by_job(job.job_id, state=state, limit=500)
+                if not page.items:
+                    break
+                for task in page.items:
+                    await self._guarded(task, self.tasks.finish(
+                        task, S.EXPIRED, "the job's end time passed"))
+        job = await self.store.get_job(job.job_id)
+        v = view(job, now)
+        await self.store.update_job(job.job_id, {
+            "state": J.COMPLETED, "finished": now,
+            "cause": f"end time reached: {v.succeeded} succeeded, {v.failed} failed or expired, "
+                     f"{job.targets - job.total} never started"}, expect_state=J.RUNNING)
+
+    def _take_tokens(self, job: Job, now: float, want: int) -> int:
+        """Notifications the job may start now under its rate and the overall rate (token
+        buckets refilled by the clock; a bucket holds at most a second's worth)."""
+        if want <= 0:
+            return 0
+        n = want
+        for key, rate in ((job.job_id, job.rate_limit), ("", self.config.max_notify_rate)):
+            if rate is None:
+                continue
+            tokens, last = self._buckets.get(key, (min(rate, 1.0), now))
+            tokens = min(max(rate, 1.0), tokens + (now - last) * rate)
+            self._buckets[key] = (tokens, now)
+            n = min(n, int(tokens))
+        for key, rate in ((job.job_id, job.rate_limit), ("", self.config.max_notify_rate)):
+            if rate is not None and n > 0:
+                tokens, last = self._buckets[key]
+                self._buckets[key] = (tokens - n, last)
+        return n
+
+    async def _retries(self, jobs: dict[str, Job], now: float) -> int:
+        """Tasks due again (re-notification after backoff), claimed with a lease."""
+        claimed = await self.store.claim_due(now, self.config.claim_page, self.config.claim_lease)
+        todo = []
+        touched = 0
+        for task in claimed:
             if task.state not in (S.PENDING, S.NOTIFIED) or self.sessions.in_session(task.task_id):
                 continue
             if isinstance(task.op, BootstrapOp):
                 continue
+            job = jobs.get(task.job_id) if task.job_id else None
+            if task.job_id and (job is None or job.state != J.RUNNING):
+                continue                   # paused or over: the lease runs out, it waits
+            touched += 1
             if task.attempts >= self.config.max_notifications:
                 await self._guarded(task, self.tasks.finish(
                     task, S.EXPIRED, f"device did not connect after {task.attempts} notifications"))
+            elif job is not None and (job.windows and window_wait(job.windows, job.tz, now) > 0
+                                      or self._take_tokens(job, now, 1) < 1):
+                continue                   # outside its window, or over its rate: next lease
             else:
-                await self._guarded(task, self.notify(task))
-            touched += 1
+                todo.append(task)
+        await self._notify_all(todo, jobs)
         return touched
+
+    async def _notify_all(self, tasks: list[Task], jobs: dict[str, Job]) -> None:
+        """Notifications of one pass, ``notify_parallel`` under way at once (their store
+        writes share the group commit)."""
+        step = max(1, self.config.notify_parallel)
+        for i in range(0, len(tasks), step):
+            await asyncio.gather(*(self._guarded(t, self.notify(t, jobs.get(t.job_id or "")))
+                                   for t in tasks[i:i + step]))
 
     async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:
         """One task's step of a pass: a store error is left for the next pass; any other fault
@@ -162,9 +343,42 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: task %s could not be failed", task.task_id)
 
+    async def recover(self) -> int:
+        """After a restart no session is open: job tasks that were in one go back for a retry,
+        except those whose outcome comes by alert (a FUMO Exec the device accepted is not
+        sent again).  Returns how many were put back."""
+        n = 0
+        for state in (J.RUNNING, J.PAUSED):
+            cursor: str | None = None
+            while True:
+                page = await self.store.list_jobs(state=state, cursor=cursor, limit=500)
+                for job in page.items:
+                    for ts in (S.IN_PROGRESS, S.WAITING_USER):
+                        tcur: str | None = None
+                        while True:
+                            tp = await self.store.tasks_by_job(job.job_id, state=ts, cursor=tcur,
+                                                               limit=500)
+                            for task in tp.items:
+                                if not self.sessions.in_session(task.task_id) \
+                                        and not waiting_alert(task):
+                                    await self.tasks.retry_later(
+                                        task, "the server restarted before the device answered")
+                                    n += 1
+                            tcur = tp.next_cursor
+                            if tcur is None:
+                                break
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+        return n
+
     async def run(self) -> None:
         """The loop (until cancelled), supervised: a failed pass is logged, counted and tried
         again after ``tick_interval``."""
+        try:
+            await self.recover()
+        except Exception:
+            log.exception("scheduler: recovery after the restart failed")
         while True:
             try:
                 await self.tick()
@@ -206,4 +420,34 @@ class Scheduler:
         return problems
 
 
-__all__ = ["Scheduler"]
+def window_wait(windows: list[TimeWindow], tz: str | None, now: float) -> float:
+    """0 when ``now`` is inside one of the daily ``windows`` (seconds since local midnight in
+    ``tz``, UTC when None; a window whose end is before its start runs over midnight), else the
+    seconds until the next one opens (inf when none ever does)."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(tz or "UTC")
+    local = datetime.fromtimestamp(now, zone)
+    sec = local.hour * 3600 + local.minute * 60 + local.second
+    day = local.weekday()
+    for w in windows:
+        if w.start < w.end:
+            if day in w.days and w.start <= sec < w.end:
+                return 0.0
+        else:                          # over midnight: the evening of a listed day …
+            if (day in w.days and sec >= w.start) or ((day - 1) % 7 in w.days and sec < w.end):
+                return 0.0             # … or the morning after it
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    best = float("inf")
+    for d in range(8):
+        date = (midnight + timedelta(days=d)).replace(tzinfo=None)
+        for w in windows:
+            if (day + d) % 7 not in w.days:
+                continue
+            opens = (date + timedelta(seconds=w.start)).replace(tzinfo=zone).timestamp()
+            if opens > now:
+                best = min(best, opens - now)
+    return best
+
+
+__all__ = ["Scheduler", "window_wait"]

@@ -280,7 +280,7 @@ class DeviceSessions:
                 await self.tasks.finish(task, S.SUCCEEDED,
                                         "device opened a session with the new account")
                 continue
-            if task.state == S.IN_PROGRESS and _waiting_alert(task):
+            if task.state == S.IN_PROGRESS and waiting_alert(task):
                 continue                       # the result comes as a Generic Alert
             if self.in_session(task.task_id):
                 continue                       # another live session of the device has it
@@ -488,7 +488,7 @@ class DeviceSessions:
                 await self._complete(run)
 
 
-def _waiting_alert(task: Task) -> bool:
+def waiting_alert(task: Task) -> bool:
     """The task's Exec was accepted in an earlier session and its outcome comes by alert."""
     if task.result is None:
         return False
@@ -523,4 +523,5 @@ def _text(data: Any) -> str:
     return str(data)
 
 
-__all__ = ["DeviceSessions", "SessionWork", "TaskRun", "CommandHandle", "stored_nonce"]
+__all__ = ["DeviceSessions", "SessionWork", "TaskRun", "CommandHandle", "stored_nonce",
+           "waiting_alert"]

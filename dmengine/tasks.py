@@ -11,6 +11,7 @@ FAILED | CANCELLED | EXPIRED.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from .model import (FINAL_TASK_STATES, HistoryEntry, OutboxEntry, Task, TaskResu
 from .store.base import Store, all_pages
 
 log = logging.getLogger("dmengine.tasks")
+_rng = random.Random()        # retry jitter: spreading load, nothing secret
 
 S = TaskState
 
@@ -103,8 +105,11 @@ class Tasks:
                                changes={"finished": self.clock(), "next_attempt": None})
 
     def retry_delay(self, attempts: int) -> float:
+        """The wait before attempt ``attempts + 1``: the configured backoff with jitter."""
         d = self.config.retry_delays
-        return d[min(attempts, len(d) - 1)]
+        j = self.config.retry_jitter
+        base = d[min(attempts, len(d) - 1)]
+        return base * (1.0 + _rng.uniform(-j, j)) if j else base
 
     async def retry_later(self, task: Task, cause: str) -> None:
         """An interrupted task goes back to PENDING, due again after its backoff."""

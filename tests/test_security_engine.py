@@ -68,11 +68,11 @@ def test_a_task_that_cannot_be_notified_fails_alone_and_the_loop_goes_on(tmp_pat
 def test_health_reports_a_scheduler_that_keeps_failing(tmp_path):
     async def scenario(engine: Engine) -> None:
         store = engine.store
-        real = store.tasks_due
+        real = store.claim_due
 
-        async def broken(now: float, **kw: object) -> list:
+        async def broken(now: float, *args: object, **kw: object) -> list:
             raise RuntimeError("index corrupted")
-        store.tasks_due = broken          # every pass fails, on a fault the loop never saw
+        store.claim_due = broken          # every pass fails, on a fault the loop never saw
         try:
             async with aiohttp.ClientSession() as http:
                 status, body = 200, ""
@@ -83,7 +83,7 @@ def test_health_reports_a_scheduler_that_keeps_failing(tmp_path):
                         break
                     await asyncio.sleep(0.05)
                 assert status == 503 and "index corrupted" in body and "scheduler" in body
-                store.tasks_due = real    # the fault goes away: so does the alarm
+                store.claim_due = real    # the fault goes away: so does the alarm
                 for _ in range(100):
                     async with http.get(engine.api_url + "health") as r:
                         status = r.status
@@ -92,7 +92,7 @@ def test_health_reports_a_scheduler_that_keeps_failing(tmp_path):
                     await asyncio.sleep(0.05)
                 assert status == 200
         finally:
-            store.tasks_due = real
+            store.claim_due = real
 
     run_engine(tmp_path, scenario, broker=BrokerConfig(tick_interval=0.02))
 

@@ -189,6 +189,119 @@ def test_import_devices_reports_bad_records(use: Callable[[Body], Any]) -> None:
     use(body)
 
 
+def test_update_device_merges_an_account_patch(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        acc = DmAccount(server_id="acme-dms", client_name="c1", client_password="pw1",
+                        client_nonce="bm9uY2U=")
+        d = await s.create_device(dev(1, account=acc))
+        u = await s.update_device(d.dev_id, {"account": {"client_password": "pw2",
+                                                         "client_nonce": None}})
+        assert u.account == DmAccount(server_id="acme-dms", client_name="c1",
+                                      client_password="pw2")
+        assert (await s.get_device(d.dev_id)).account == u.account
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(d.dev_id, {"account": {"client_pasword": "x"}})
+        assert ei.value.where == "$.account.client_pasword"
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(d.dev_id, {"account": {"client_password": 5}})
+        assert ei.value.where == "$.account.client_password"
+        # a device without an account gets one; it needs a server id
+        e = await s.create_device(dev(2))
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(e.dev_id, {"account": {"client_name": "c2"}})
+        assert ei.value.where == "$.account.server_id"
+        e = await s.update_device(e.dev_id, {"account": {"client_name": "c2",
+                                                         "server_id": "acme-dms"}})
+        assert e.account is not None and e.account.client_name == "c2"
+        # a removed account
+        e = await s.update_device(e.dev_id, {"account": None})
+        assert e.account is None
+    use(body)
+
+
+def _query_fleet() -> list[Device]:
+    out = []
+    for i in range(60):
+        out.append(dev(200 + i, imei=f"{35693803 if i % 2 else 35000000}{i:07d}",
+                       capability="cap-a" if i % 3 == 0 else "cap-b",
+                       devinfo={"./DevInfo/Mod": "X1" if i % 4 == 0 else "X2"},
+                       devdetail={"./DevDetail/FwV": "1.0" if i % 5 == 0 else "1.1"},
+                       last_contact=None if i % 6 == 0 else 1000.0 + i))
+    return out
+
+
+def test_query_devices_filters_and_pages(use: Callable[[Body], Any]) -> None:
+    from dmengine.store.base import DeviceQuery
+    fleet = _query_fleet()
+
+    def expected(q: DeviceQuery) -> list[str]:
+        out = []
+        for d in fleet:
+            lc = d.last_contact
+            if (q.capability is None or d.capability == q.capability) and \
+                    (q.tac is None or (d.imei or "")[:8] == q.tac) and \
+                    (q.model is None or d.devinfo.get("./DevInfo/Mod") == q.model) and \
+                    (q.firmware is None or d.devdetail.get("./DevDetail/FwV") == q.firmware) and \
+                    (q.contact_after is None or (lc is not None and lc >= q.contact_after)) and \
+                    (q.contact_before is None or (lc is not None and lc < q.contact_before)):
+                out.append(d.dev_id)
+        return sorted(out)
+
+    async def all_of(s: Store, q: DeviceQuery, limit: int, scan: int) -> tuple[list[str], int]:
+        seen: list[str] = []
+        cursor, pages = None, 0
+        while True:
+            p = await s.query_devices(q, cursor=cursor, limit=limit, scan_limit=scan)
+            assert len(p.items) <= limit
+            seen += [d.dev_id for d in p.items]
+            pages += 1
+            cursor = p.next_cursor
+            if cursor is None:
+                return seen, pages
+
+    async def body(s: Store) -> None:
+        rep = await s.import_devices(fleet)
+        assert rep.created == 60
+        queries = [DeviceQuery(), DeviceQuery(capability="cap-a"), DeviceQuery(tac="35693803"),
+                   DeviceQuery(tac="35693803", capability="cap-b", model="X2"),
+                   DeviceQuery(model="X1"), DeviceQuery(firmware="1.0"),
+                   DeviceQuery(firmware="1.0", capability="cap-a"),
+                   DeviceQuery(contact_after=1030.0), DeviceQuery(contact_before=1010.0),
+                   DeviceQuery(contact_after=1010.0, contact_before=1020.0, model="X2"),
+                   DeviceQuery(model="nope"), DeviceQuery(capability="cap-none")]
+        for q in queries:
+            want = expected(q)
+            for limit, scan in ((100, 1000), (7, 7), (3, 10), (5, 1)):
+                got, _ = await all_of(s, q, limit, scan)
+                # every match once; the order is the index's (by TAC / capability / dev_id)
+                assert sorted(got) == want and len(set(got)) == len(got), (q, limit, scan)
+        # a page examines at most scan_limit records (at least limit): rare matches come in
+        # short pages that still carry a cursor
+        p = await s.query_devices(DeviceQuery(model="X1"), limit=5, scan_limit=5)
+        assert len(p.items) <= 5 and p.next_cursor is not None
+        got, pages = await all_of(s, DeviceQuery(model="X1"), 5, 5)
+        assert pages == 12 and len(got) == 15
+        # the cursor belongs to its query's index
+        c = (await s.query_devices(DeviceQuery(), limit=1)).next_cursor
+        with pytest.raises(ValidationError) as ei:
+            await s.query_devices(DeviceQuery(tac="35693803"), cursor=c)
+        assert ei.value.where == "cursor"
+        with pytest.raises(ValidationError) as ei:
+            await s.query_devices(DeviceQuery(tac="3569"))
+        assert ei.value.where == "tac"
+        with pytest.raises(ValidationError) as ei:
+            await s.query_devices(DeviceQuery(), limit=0)
+        assert ei.value.where == "limit"
+        # a deleted device is gone from the query, an updated one found by its new values
+        await s.delete_device(fleet[0].dev_id)
+        await s.update_device(fleet[1].dev_id, {"devdetail": {"./DevDetail/FwV": "9.9"}})
+        got, _ = await all_of(s, DeviceQuery(firmware="9.9"), 10, 100)
+        assert got == [fleet[1].dev_id]
+        got, _ = await all_of(s, DeviceQuery(capability="cap-a"), 10, 100)
+        assert fleet[0].dev_id not in got
+    use(body)
+
+
 # --- capabilities -----------------------------------------------------------------------
 
 

@@ -57,6 +57,22 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cafile", default=None, help="CA bundle for an https:// device port")
     p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per message")
+    p.add_argument("--register", nargs="?", const="http://127.0.0.1:8081", default=None,
+                   metavar="API_URL",
+                   help="first register the fleet (DevIds, MSISDNs, DM accounts) with the "
+                        "server through importDeviceInstances at API_URL (default "
+                        "%(const)s), replacing records of the same devices")
+    p.add_argument("--api-key", default=None,
+                   help="API key for --register (default: $DMENGINE_API_KEY, else the file "
+                        "--api-key-file)")
+    p.add_argument("--api-key-file", default="var/api-key",
+                   help="file holding the API key, as `dmengine serve` writes it "
+                        "(default: %(default)s)")
+    p.add_argument("--capability", default=None, metavar="OID",
+                   help="capability recorded on the devices --register/--write-import provide")
+    p.add_argument("--write-import", default=None, metavar="FILE",
+                   help="write the fleet as an import CSV (for `dmengine devices import`); "
+                        "without --register nothing else runs")
     p.set_defaults(func=run_simulate)
     return p
 
@@ -80,6 +96,15 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     fleet = Fleet(profile, args.devices, faults=faults, seed=args.seed,
                   first_index=args.first_index, client=client)
     fleet.keep_reports = False
+    if getattr(args, "write_import", None) or getattr(args, "register", None):
+        try:
+            await _provision(args, fleet)
+        except BaseException:
+            fleet.close()
+            raise
+        if not args.register:
+            fleet.close()
+            return {"written": args.write_import, "devices": len(fleet.devices)}
     # as the server's entry point does (server.tune_gc): the devices built above are long-lived,
     # so the collector stops scanning them; Fleet.run raises the generation-0 threshold
     gc.collect()
@@ -93,6 +118,47 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     return stats.summary()
 
 
+class RegistrationFailed(Exception):
+    """--register did not register the whole fleet (the run would end in auth failures)."""
+
+
+async def _provision(args: argparse.Namespace, fleet: Any) -> None:
+    """--write-import FILE and/or --register API_URL: the fleet's devices with the
+    credentials each derives from its index (fleet.registration_csv)."""
+    from .fleet import registration_csv
+    if args.write_import:
+        try:
+            with open(args.write_import, "wb") as f:
+                for block in registration_csv(fleet.devices, capability=args.capability):
+                    f.write(block)
+        except OSError as exc:
+            raise RegistrationFailed(f"cannot write {args.write_import}: {exc}") from None
+        print(f"wrote {len(fleet.devices)} device(s) to {args.write_import}", file=sys.stderr)
+    if not args.register:
+        return
+    import os
+
+    from ..client import Client, ClientError, print_report, read_api_key
+    key = args.api_key or os.environ.get("DMENGINE_API_KEY") or read_api_key(args.api_key_file)
+    if not key:
+        raise RegistrationFailed(f"no API key for --register: give --api-key, set "
+                                 f"DMENGINE_API_KEY, or run where {args.api_key_file} is")
+    try:
+        async with Client(args.register, key) as c:
+            report = await c.import_devices(
+                registration_csv(fleet.devices, capability=args.capability), format="csv",
+                upsert=True)
+    except ClientError as exc:
+        how = "cannot reach it" if exc.status == 0 else f"HTTP {exc.status}"
+        raise RegistrationFailed(f"registering the fleet at {args.register} failed "
+                                 f"({how}): {exc}") from None
+    print(f"registered {report['created'] + report['replaced']} device(s) at {args.register} "
+          f"(created {report['created']}, replaced {report['replaced']})", file=sys.stderr)
+    if report["rejected"]:
+        print_report(report, file=sys.stderr)
+        raise RegistrationFailed(f"{report['rejected']} device(s) of the fleet were rejected")
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     try:
         import uvloop
@@ -100,6 +166,11 @@ def run_simulate(args: argparse.Namespace) -> int:
             else asyncio.run(_simulate(args))
     except KeyboardInterrupt:
         return 130
+    except RegistrationFailed as exc:
+        print(f"dmengine simulate: {exc}", file=sys.stderr)
+        return 2
+    if "written" in summary:
+        return 0
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if summary["sessions"] else 1

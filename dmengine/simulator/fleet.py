@@ -9,13 +9,17 @@ then start their server-initiated session (Alert 1200 with the pkg-0 SessionID).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import csv
 import dataclasses
 import gc
+import io
 import random
 import ssl as _ssl
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +30,7 @@ from ._lane import MAX_HEAD, MAX_RESPONSE, Conn, HttpError, Lane
 from .device import ClientSession, DeviceProfile, FaultPlan, Job, VirtualDevice
 
 __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "FleetStats",
-           "account_for_username"]
+           "account_for_username", "registration_csv"]
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_GC_THRESHOLD0 = 20_000     # generation-0 threshold while Fleet.run drives load
@@ -369,6 +373,39 @@ def account_for_username(username: str | None, profile: DeviceProfile) -> Any:
     if not username or not username.startswith("dev") or not username[3:].isdigit():
         return None
     return VirtualDevice(int(username[3:]), profile).account()
+
+
+#: the DM account's auth scheme on the server for each ``DeviceProfile.auth``
+AUTH_SCHEMES = {"md5": "DIGEST", "basic": "BASIC", "hmac": "HMAC", "none": "NONE"}
+REGISTRATION_COLUMNS = ("dev_id", "imei", "msisdn", "capability", "server_id", "auth_scheme",
+                        "client_name", "client_password", "client_nonce", "server_password",
+                        "server_nonce")
+
+
+def registration_csv(devices: Iterable[VirtualDevice], *, capability: str | None = None,
+                     block: int = 5000) -> Iterator[bytes]:
+    """The devices as an importDeviceInstances CSV (header first, then ``block`` rows per
+    piece): DevId, IMEI, MSISDN and the DM account with the credentials and starting nonces
+    the device derives from its index — what the server must hold for its sessions to
+    authenticate.  ``capability`` is recorded on every device when given."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(REGISTRATION_COLUMNS)
+    cap = capability or ""
+    n = 0
+    for d in devices:
+        imei = d.dev_id[5:] if d.dev_id.startswith("IMEI:") else ""
+        w.writerow((d.dev_id, imei, d.msisdn, cap, d.profile.server_id,
+                    AUTH_SCHEMES.get(d.profile.auth, "DIGEST"), d.username, d.client_secret,
+                    base64.b64encode(d.client_nonce).decode(), d.server_secret,
+                    base64.b64encode(d.server_nonce).decode()))
+        n += 1
+        if n % block == 0:
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+    if out.tell():
+        yield out.getvalue().encode()
 
 
 class Fleet:

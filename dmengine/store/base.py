@@ -33,6 +33,7 @@ T = TypeVar("T")
 DEFAULT_PAGE = 100        #: default page size of every listing
 MAX_PAGE = 10_000         #: largest page a caller may ask for
 DEFAULT_IMPORT_CHUNK = 20_000   #: devices per write transaction in import_devices
+DEFAULT_QUERY_SCAN = 20_000     #: records a query_devices page examines at most
 
 
 class Page(msgspec.Struct, Generic[T]):
@@ -46,6 +47,22 @@ class ImportReport(msgspec.Struct, kw_only=True):
     created: int = 0
     replaced: int = 0
     rejected: list[tuple[int, str | None, str]] = []
+
+
+class DeviceQuery(msgspec.Struct, kw_only=True, frozen=True):
+    """A device selection: every given filter must hold (None = no filter).
+
+    ``tac`` (the IMEI's first 8 digits) and ``capability`` read their index; ``model``
+    (``./DevInfo/Mod``), ``firmware`` (``./DevDetail/FwV``) and the last-contact bounds are
+    checked on the records read.  ``contact_after`` keeps devices whose last contact is at or
+    after it, ``contact_before`` those whose last contact is before it; a device that never
+    made contact matches neither."""
+    capability: str | None = None
+    tac: str | None = None
+    model: str | None = None
+    firmware: str | None = None
+    contact_after: float | None = None
+    contact_before: float | None = None
 
 
 class Store(abc.ABC):
@@ -78,7 +95,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def update_device(self, dev_id: str, changes: Mapping[str, Any]) -> Device:
-        """Replaces the named fields of a stored device."""
+        """Replaces the named fields of a stored device, in one write (no lost update).
+
+        ``changes["account"]`` may be a mapping instead of a DmAccount: its fields are merged
+        into the stored account (a None value removes that field; an account is made when the
+        device has none, so it then needs ``server_id``).  ``dev_id`` and ``created`` cannot
+        change (ValidationError naming the field)."""
 
     @abc.abstractmethod
     async def get_device(self, dev_id: str) -> Device: ...
@@ -103,6 +125,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_devices(self, *, cursor: str | None = None,
                            limit: int = DEFAULT_PAGE) -> Page[Device]: ...
+
+    @abc.abstractmethod
+    async def query_devices(self, query: DeviceQuery, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE,
+                            scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[Device]:
+        """Devices matching ``query``, in the order of the index read (by TAC when ``tac`` is
+        given, else by capability when ``capability`` is, else all devices by dev_id).
+
+        A page holds up to ``limit`` matches and examines at most ``scan_limit`` records
+        (never fewer than ``limit``), so one call costs a bounded amount of work however rare
+        the matches: a page may be short, even empty, and still carry a ``next_cursor``.
+        Keep calling until ``next_cursor`` is None; every matching device comes exactly once
+        (devices added or removed meanwhile may or may not be seen)."""
 
     @abc.abstractmethod
     async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
@@ -154,6 +189,27 @@ class Store(abc.ABC):
     async def jobs_by_date(self, start: float, end: float, *, cursor: str | None = None,
                            limit: int = DEFAULT_PAGE) -> Page[Job]:
         """Jobs created in ``[start, end)`` (epoch seconds), oldest first."""
+
+    @abc.abstractmethod
+    async def add_job_targets(self, job_id: str, dev_ids: Sequence[str]) -> int:
+        """Appends devices to the job's selection (in order); returns the job's target count."""
+
+    @abc.abstractmethod
+    async def job_targets(self, job_id: str, start: int, limit: int) -> list[str]:
+        """The dev_ids of targets ``start`` … ``start + limit - 1`` (fewer at the end)."""
+
+    @abc.abstractmethod
+    async def create_job_tasks(self, job_id: str, expect_total: int,
+                               tasks: Sequence[Task]) -> list[Task]:
+        """Creates the next tasks of a RUNNING job in one write, if the job still has
+        ``expect_total`` tasks (else Conflict: another claimer made them).  The job's counters
+        move in the same write."""
+
+    @abc.abstractmethod
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[Task]:
+        """Up to ``limit`` tasks due at ``now`` (as ``tasks_due``), each claimed: its
+        ``next_attempt`` moves to ``now + lease`` in the same write, so no other claimer gets
+        it until the lease ends (and it is due again then if its claimer did nothing)."""
 
     # --- tasks --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -277,5 +333,5 @@ async def all_pages(fetch: Callable[[str | None], Awaitable[Page[T]]]) -> list[T
             return out
 
 
-__all__ = ["Store", "Page", "ImportReport", "all_pages", "DEFAULT_PAGE", "MAX_PAGE",
-           "DEFAULT_IMPORT_CHUNK"]
+__all__ = ["Store", "Page", "ImportReport", "DeviceQuery", "all_pages", "DEFAULT_PAGE",
+           "MAX_PAGE", "DEFAULT_IMPORT_CHUNK", "DEFAULT_QUERY_SCAN"]

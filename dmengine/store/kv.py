@@ -20,6 +20,7 @@ way the queries read them; times are microseconds)::
     task_corr    correlator → task_id         task_due    u64(next_attempt) task_id → ""
     task_dl      u64(deadline) task_id → ""   history     task_id \\0 u32(seq) → HistoryEntry
     jobs         job_id → Job                 job_date    u64(created) job_id → ""
+    job_targets  job \\0 u64(n) → dev_id       (the devices a job selected, n = 0, 1, …)
     content      content_id → Content
     outbox       entry_id → OutboxEntry       outbox_due  u64(due) entry_id → ""
     audit        u64(seq) → AuditEntry
@@ -45,16 +46,17 @@ from .. import model
 from ..errors import (AlreadyExists, Conflict, CorruptRecord, InvalidTransition, NotFound,
                       StoreError, ValidationError)
 from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, AuditEntry, Capability, Content,
-                     Device, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
+                     Device, DmAccount, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
                      TaskState)
 from ._kv import Transition, check_transition_args, import_chunk, import_row
-from .base import DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, MAX_PAGE, ImportReport, Page, Store
+from .base import (DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, DEFAULT_QUERY_SCAN, MAX_PAGE, DeviceQuery,
+                   ImportReport, Page, Store)
 
 R = TypeVar("R")
 
 DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps", "cap_tac",
        "tasks", "task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl",
-       "history", "jobs", "job_date", "content", "outbox", "outbox_due", "audit")
+       "history", "jobs", "job_date", "job_targets", "content", "outbox", "outbox_due", "audit")
 
 SEP = b"\x00"
 EMPTY = b""
@@ -295,6 +297,39 @@ def _replace_imported(ctx: WriteCtx, key: bytes, raw: bytes, data: bytes
             _e(old.imei) if old.imei else None)
 
 
+def _device_matcher(q: DeviceQuery, checked: str
+                    ) -> Callable[[bytes, bytes], Device | None]:
+    """``match(raw, key)`` → the decoded device if it passes every filter of ``q`` that the
+    index read (``checked``) does not guarantee, else None.  A string filter is first looked
+    for in the raw bytes (msgpack keeps strings as they are), so most records that fail are
+    never decoded."""
+    cap = q.capability if checked != "dev_cap" else None
+    model_, fw = q.model, q.firmware
+    after, before = q.contact_after, q.contact_before
+    needles = [_e(x) for x in (cap, model_, fw) if x]
+    if cap is None and model_ is None and fw is None and after is None and before is None:
+        return lambda raw, key: dec(Device, raw, "devices", key)
+
+    def match(raw: bytes, key: bytes) -> Device | None:
+        for nd in needles:
+            if nd not in raw:
+                return None
+        d = dec(Device, raw, "devices", key)
+        if cap is not None and d.capability != cap:
+            return None
+        if model_ is not None and d.devinfo.get("./DevInfo/Mod") != model_:
+            return None
+        if fw is not None and d.devdetail.get("./DevDetail/FwV") != fw:
+            return None
+        if after is not None or before is not None:
+            lc = d.last_contact
+            if lc is None or (after is not None and lc < after) or \
+                    (before is not None and lc >= before):
+                return None
+        return d
+    return match
+
+
 def _check_unique(txn: KVTxn, d: Device) -> None:
     """MSISDN and IMEI must not belong to another device."""
     if d.msisdn:
@@ -454,12 +489,32 @@ class KVStore(Store):
             f = sorted(bad)[0]
             raise ValidationError(f"{f} cannot be changed", where=f"$.{f}")
 
+        acc_patch = changes.get("account")
+        if isinstance(acc_patch, Mapping):
+            acc_patch = dict(acc_patch)
+            known = set(DmAccount.__struct_fields__)
+            for f in sorted(acc_patch):
+                if f not in known:
+                    raise ValidationError(f"DmAccount has no field {f!r}",
+                                          where=f"$.account.{f}")
+
         def op(ctx: WriteCtx) -> Device:
             raw = ctx.txn.get("devices", key)
             if raw is None:
                 raise NotFound("device", dev_id)
             old = dec(Device, raw, "devices", key)
-            d = replace_fields(old, changes, _DEV_PROTECTED)
+            ch = changes
+            if isinstance(acc_patch, dict):
+                # merged with the account as stored in this transaction: a nonce a session
+                # saved meanwhile is kept
+                fields = msgspec.structs.asdict(old.account) if old.account is not None else {}
+                fields.update(acc_patch)
+                fields = {k: v for k, v in fields.items() if v is not None}
+                if "server_id" not in fields:
+                    raise ValidationError("a new DM account needs server_id",
+                                          where="$.account.server_id")
+                ch = {**changes, "account": DmAccount(**fields)}
+            d = replace_fields(old, ch, _DEV_PROTECTED)
             d = msgspec.structs.replace(d, updated=ctx.now)
             data = model.validate(d)
             _check_unique(ctx.txn, d)
@@ -508,6 +563,56 @@ class KVStore(Store):
     async def list_devices(self, *, cursor: str | None = None,
                            limit: int = DEFAULT_PAGE) -> Page[Device]:
         return await self._page_of_records("devices", Device, cursor, limit)
+
+    async def query_devices(self, query: DeviceQuery, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE,
+                            scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[Device]:
+        check_limit(limit)
+        if not isinstance(scan_limit, int) or scan_limit < 1:
+            raise ValidationError(f"scan_limit must be >= 1, got {scan_limit!r}",
+                                  where="scan_limit")
+        budget = max(scan_limit, limit)
+        if query.tac is not None:
+            if len(query.tac) != 8 or not query.tac.isdigit():
+                raise ValidationError(f"a TAC is 8 digits, got {query.tac!r}", where="tac")
+            idx, prefix, tag = "dev_tac", _e(query.tac) + SEP, b"t"
+        elif query.capability is not None:
+            idx, prefix, tag = "dev_cap", _e(query.capability) + SEP, b"c"
+        else:
+            idx, prefix, tag = "devices", EMPTY, b"d"
+        if len(prefix) > MAX_KEY:
+            return Page([], None)
+        match = _device_matcher(query, checked=idx)
+        start, end = prefix, prefix_end(prefix)
+        if cursor is not None:
+            ck = decode_cursor(cursor)
+            if ck[:1] != tag or not ck[1:].startswith(prefix):
+                raise ValidationError("cursor does not belong to this query", where="cursor")
+            start = ck[1:] + b"\x00"
+        n = len(prefix)
+        via_index = idx != "devices"
+
+        def fn(txn: KVTxn) -> Page[Device]:
+            out: list[Device] = []
+            scanned = 0
+            last = b""
+            for k, v in txn.scan(idx, start, end):
+                if len(out) == limit or scanned == budget:
+                    return Page(out, encode_cursor(tag + last))
+                scanned += 1
+                last = k
+                if via_index:
+                    rid = k[n:]
+                    raw = txn.get("devices", rid)
+                    if raw is None:
+                        continue
+                else:
+                    rid, raw = k, v
+                d = match(raw, rid)
+                if d is not None:
+                    out.append(d)
+            return Page(out, None)
+        return await self._read(fn, big=budget > self.inline_read_limit)
 
     async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
                              chunk: int = DEFAULT_IMPORT_CHUNK) -> ImportReport:
@@ -715,6 +820,83 @@ class KVStore(Store):
                     out.append(dec(Job, raw, "jobs", k[8:]))
             return Page(out, nxt)
         return await self._read(fn, big=limit > self.inline_read_limit)
+
+    async def add_job_targets(self, job_id: str, dev_ids: Sequence[str]) -> int:
+        jkey = _e(job_id)
+        ids = [_e(d) for d in dev_ids]
+
+        def op(ctx: WriteCtx) -> int:
+            j = ctx.job(job_id)                  # NotFound before any write
+            n = j.targets
+            for i, did in enumerate(ids):
+                ctx.put("job_targets", jkey + SEP + u64(n + i), did)
+            j.targets = n + len(ids)
+            j.updated = ctx.now
+            return j.targets
+        return await self._write(op)
+
+    async def job_targets(self, job_id: str, start: int, limit: int) -> list[str]:
+        check_limit(limit)
+        prefix = _e(job_id) + SEP
+
+        def fn(txn: KVTxn) -> list[str]:
+            out: list[str] = []
+            for _k, v in txn.scan("job_targets", prefix + u64(start), prefix + b"\xff" * 8):
+                out.append(v.decode())
+                if len(out) == limit:
+                    break
+            return out
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    async def create_job_tasks(self, job_id: str, expect_total: int,
+                               tasks: Sequence[Task]) -> list[Task]:
+        for i, t in enumerate(tasks):
+            if t.job_id != job_id:
+                raise ValidationError(f"tasks[{i}] is not of job {job_id}", where=f"$[{i}].job_id")
+            model.validate(t)
+
+        def op(ctx: WriteCtx) -> list[Task]:
+            j = ctx.job(job_id)
+            if j.total != expect_total:
+                raise Conflict("job", job_id, f"job {job_id!r} has {j.total} tasks, "
+                                              f"not {expect_total}: another claimer made them")
+            if j.state != JobState.RUNNING:
+                raise Conflict("job", job_id, f"job {job_id!r} is {j.state}, not RUNNING")
+            for t in tasks:
+                if ctx.txn.get("tasks", _e(t.task_id)) is not None:
+                    raise AlreadyExists("task", t.task_id)
+            return [self._create_task_body(ctx, t) for t in tasks]
+        return await self._write(op)
+
+    async def claim_due(self, now: float, limit: int, lease: float) -> list[Task]:
+        check_limit(limit)
+        hi = us(now) + b"\xff"
+        until = us(now + lease)
+
+        def op(ctx: WriteCtx) -> list[Task]:
+            keys = []
+            for k, _ in ctx.txn.scan("task_due", b"", hi):
+                if len(keys) == limit or k[:8] > us(now):
+                    break
+                keys.append(k)
+            out = []
+            for k in keys:               # reads first: a refusal would write nothing
+                rid = k[8:]
+                raw = ctx.txn.get("tasks", rid)
+                if raw is not None:
+                    out.append((k, rid, dec(Task, raw, "tasks", rid)))
+            claimed = []
+            for k, rid, t in out:
+                # the due row moves to the lease's end: no other claimer sees the task until
+                # then (a claimer that dies leaves it due again when the lease runs out)
+                t = msgspec.structs.replace(t, next_attempt=now + lease, version=t.version + 1,
+                                            updated=ctx.now)
+                ctx.delete("task_due", k)
+                ctx.put("task_due", until + rid, EMPTY)
+                ctx.put("tasks", rid, _enc.encode(t))
+                claimed.append(t)
+            return claimed
+        return await self._write(op)
 
     # --- tasks -------------------------------------------------------------------------------
 

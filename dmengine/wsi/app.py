@@ -26,7 +26,7 @@ from ..broker import Broker
 from ..content import DEFAULT_MEDIA_TYPE, ContentService, media_type_problem
 from ..errors import (AlreadyExists, ApiError, ContentError, DmError, NotFound, ServiceError,
                       StoreError, ValidationError)
-from ..model import Capability, Device, Operation, redact, redact_task
+from ..model import Capability, Operation, redact_task
 from ..store.base import Store
 
 
@@ -230,21 +230,6 @@ async def cancel_task(request: web.Request) -> web.Response:
     return json_response({"taskId": task.task_id, "status": task.state.value})
 
 
-@routes.post("/v1/devices", name="createDeviceInstance")
-async def create_device(request: web.Request) -> web.Response:
-    dev: Device = await decode_body(request, Device)
-    store = request.app[ENGINE].store
-    assert store is not None
-    return json_response(redact(await store.create_device(dev)), 201)
-
-
-@routes.get("/v1/devices/{devId}", name="getDeviceInstanceByDeviceID")
-async def get_device(request: web.Request) -> web.Response:
-    store = request.app[ENGINE].store
-    assert store is not None
-    return json_response(redact(await store.get_device(request.match_info["devId"])))
-
-
 @routes.post("/v1/capabilities", name="createDeviceCapability")
 async def create_capability(request: web.Request) -> web.Response:
     cap: Capability = await decode_body(request, Capability)
@@ -284,6 +269,8 @@ def make_app(engine: Services) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_JSON_BODY)
     app[ENGINE] = engine
     app.add_routes(routes)
+    from . import devices          # IDeviceManagerServices (imports this module's helpers)
+    app.add_routes(devices.routes)
     return app
 
 

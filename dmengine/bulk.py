@@ -1,0 +1,262 @@
+"""Jobs (L4): IBulkOperationsManagerServices — campaigns over many devices.
+
+A job is an operation, a selection of devices and a schedule.  Creating one writes the job and
+its *targets* (one compact row per device, in selection order: ``store.add_job_targets``) and
+nothing else: a million-device job never holds a million Python objects, and its tasks are
+made by the scheduler in batches as pacing lets them start (``store.create_job_tasks``, which
+moves the job's counters in the same write).  So a job's counts of tasks per state are read
+in O(1) from the job record, and ``targets - total`` is what has not started yet.
+
+Job life (DESIGN.md §4): SCHEDULED → RUNNING ⇄ PAUSED → COMPLETED | CANCELLED | FAILED.
+``pause`` stops new notifications (sessions under way finish); ``restart`` resumes (and is the
+approval a staged rollout waits for); ``cancel`` cancels every task not final — a task whose
+session is under way stops there (its late outcome is dropped) — and keeps the finished ones.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import msgspec
+
+from .config import BrokerConfig
+from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
+from .model import (FINAL_TASK_STATES, BootstrapOp, Job, JobState, Selection, Stage, StopRule,
+                    Task, TaskState, TimeWindow, UpdateOp, new_id)
+from .store.base import DeviceQuery, Page, Store
+from .tasks import Tasks
+
+J = JobState
+S = TaskState
+
+#: dev_ids written per store write while a job's selection is resolved
+TARGET_CHUNK = 10_000
+#: tasks in flight: made, not final (a pause lets them finish)
+IN_FLIGHT = (S.PENDING, S.NOTIFIED, S.IN_PROGRESS, S.WAITING_USER)
+OPEN_JOB_STATES = (J.SCHEDULED, J.RUNNING, J.PAUSED)
+
+
+class JobView(msgspec.Struct, kw_only=True):
+    """A job as the API shows it: the record, and what is derived from it in O(1)."""
+
+    job: Job
+    started: int                 # tasks made so far
+    final: int                   # of them, final
+    succeeded: int
+    failed: int                  # FAILED + EXPIRED
+    progress: float              # final / targets
+    rate: float | None           # tasks finished per second since the job started
+    eta_s: float | None          # seconds to the last target at that rate
+
+
+def final_count(job: Job) -> int:
+    return sum(n for s, n in job.counts.items() if s in FINAL_TASK_STATES) + \
+        sum(n for s, n in job.test_counts.items() if s in FINAL_TASK_STATES)
+
+
+def in_flight(job: Job) -> int:
+    return job.total - final_count(job)
+
+
+def view(job: Job, now: float) -> JobView:
+    final = final_count(job)
+    ok = job.counts.get(S.SUCCEEDED, 0) + job.test_counts.get(S.SUCCEEDED, 0)
+    bad = sum(c.get(s, 0) for c in (job.counts, job.test_counts)
+              for s in (S.FAILED, S.EXPIRED))
+    rate = eta = None
+    if job.started is not None and now > job.started and final:
+        rate = final / (now - job.started)
+        eta = (job.targets - final) / rate if job.state in (J.RUNNING, J.SCHEDULED) else None
+    return JobView(job=job, started=job.total, final=final, succeeded=ok, failed=bad,
+                   progress=final / job.targets if job.targets else 1.0, rate=rate, eta_s=eta)
+
+
+def stage_boundary(job: Job) -> int:
+    """How many targets the current stage lets the job start."""
+    if not job.stages or job.stage >= len(job.stages):
+        return job.targets
+    return min(job.targets, math.ceil(job.targets * job.stages[job.stage].percent / 100.0))
+
+
+@dataclass
+class Jobs:
+    store: Store
+    tasks: Tasks
+    config: BrokerConfig
+    clock: Callable[[], float] = time.time
+
+    async def create(self, op: Any, selection: Selection, *, name: str = "", owner: str = "",
+                     b_optin: bool = False, accept_device_policy: int = 10,
+                     test_cycle: bool = False, rate_limit: float | None = None,
+                     concurrency: int | None = None, windows: Sequence[TimeWindow] = (),
+                     tz: str | None = None, stop_rule: StopRule | None = None,
+                     stages: Sequence[Stage] = (), priority: int = 0,
+                     start_at: float | None = None, end_at: float | None = None) -> Job:
+        """createDeployments: the job and its targets; RUNNING at once unless ``start_at`` is
+        later (the scheduler starts it then)."""
+        if isinstance(op, BootstrapOp):
+            raise InvalidRequest("bootstrap jobs are made by doBootstrap", where="operation")
+        _check_schedule(stages, windows, tz, start_at, end_at)
+        if isinstance(op, UpdateOp) and op.content_id is not None:
+            try:
+                await self.store.get_content(op.content_id)
+            except NotFound:
+                raise UnknownResource(f"no content {op.content_id!r}",
+                                      where="operation.content_id") from None
+        now = self.clock()
+        running = start_at is None or start_at <= now
+        job = Job(job_id=new_id("j"), name=name, owner=owner, op=op, b_optin=b_optin,
+                  accept_device_policy=accept_device_policy,  # type: ignore[arg-type]
+                  test_cycle=test_cycle, rate_limit=rate_limit, concurrency=concurrency,
+                  windows=list(windows), tz=tz, stop_rule=stop_rule, stages=list(stages),
+                  priority=priority, start_at=start_at, end_at=end_at, selection=selection,
+                  state=J.SCHEDULED)
+        job = await self.store.create_job(job)
+        n = await self._select(job, selection)
+        if n == 0:
+            return await self.store.update_job(job.job_id, {
+                "state": J.COMPLETED, "finished": now, "cause": "no device matched the selection"})
+        if running:
+            job = await self.store.update_job(job.job_id, {"state": J.RUNNING, "started": now})
+        else:
+            job = await self.store.get_job(job.job_id)
+        return job
+
+    async def _select(self, job: Job, selection: Selection) -> int:
+        """Writes the job's targets, TARGET_CHUNK at a time (never all in memory)."""
+        total = 0
+        if selection.dev_ids:
+            if selection.capability or selection.tac or selection.model or selection.firmware:
+                raise InvalidRequest("name devices or give a query, not both", where="selection")
+            seen: set[str] = set()
+            ids = [d for d in selection.dev_ids if not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
+            for i in range(0, len(ids), TARGET_CHUNK):
+                total = await self.store.add_job_targets(job.job_id, ids[i:i + TARGET_CHUNK])
+            return total
+        if not (selection.capability or selection.tac or selection.model or selection.firmware):
+            raise InvalidRequest("a job needs devices: dev_ids or a query (capability, tac, "
+                                 "model, firmware)", where="selection")
+        query = DeviceQuery(capability=selection.capability, tac=selection.tac,
+                            model=selection.model, firmware=selection.firmware)
+        cursor: str | None = None
+        while True:
+            page: Page[Any] = await self.store.query_devices(query, cursor=cursor,
+                                                             limit=TARGET_CHUNK,
+                                                             scan_limit=10 * TARGET_CHUNK)
+            if page.items:
+                total = await self.store.add_job_targets(job.job_id,
+                                                         [d.dev_id for d in page.items])
+            cursor = page.next_cursor
+            if cursor is None:
+                return total
+
+    async def get(self, job_id: str) -> Job:
+        try:
+            return await self.store.get_job(job_id)
+        except NotFound:
+            raise UnknownResource(f"no job {job_id!r}", where="jobId") from None
+
+    async def view(self, job_id: str) -> JobView:
+        return view(await self.get(job_id), self.clock())
+
+    async def pause(self, job_id: str, cause: str = "paused by the caller") -> Job:
+        job = await self.get(job_id)
+        if job.state not in (J.SCHEDULED, J.RUNNING):
+            raise ServiceError(f"job {job_id} is {job.state.value}: only a scheduled or running "
+                               "job can be paused", where="jobId")
+        return await self.store.update_job(job_id, {"state": J.PAUSED, "cause": cause},
+                                           expect_state=job.state)
+
+    async def restart(self, job_id: str) -> Job:
+        """Resumes a paused job; at the end of a stage that waited (for approval, or because
+        its success threshold was missed) it is the approval: the next stage begins."""
+        job = await self.get(job_id)
+        if job.state != J.PAUSED:
+            raise ServiceError(f"job {job_id} is {job.state.value}, not PAUSED", where="jobId")
+        v = view(job, self.clock())
+        # the stop rule starts counting afresh: the caller has seen the failures so far
+        changes: dict[str, Any] = {"state": J.RUNNING, "cause": "restarted by the caller",
+                                   "base_final": v.final, "base_failed": v.failed}
+        if job.started is None:
+            changes["started"] = self.clock()
+        if job.stages and job.stage < len(job.stages) - 1 and job.total >= stage_boundary(job) \
+                and in_flight(job) == 0:
+            changes["stage"] = job.stage + 1
+        return await self.store.update_job(job_id, changes, expect_state=J.PAUSED)
+
+    async def cancel(self, job_id: str, cause: str = "job cancelled by the caller") -> Job:
+        job = await self.get(job_id)
+        if job.state not in OPEN_JOB_STATES:
+            raise ServiceError(f"job {job_id} is {job.state.value} already", where="jobId")
+        # the job first: no task of it starts from now on
+        job = await self.store.update_job(job_id, {"state": J.CANCELLED, "cause": cause,
+                                                   "finished": self.clock()},
+                                          expect_state=job.state)
+        for state in IN_FLIGHT:
+            while True:
+                page = await self.store.tasks_by_job(job_id, state=state, limit=500)
+                if not page.items:
+                    break
+                for task in page.items:
+                    await self.tasks.finish(task, S.CANCELLED, cause)
+        return await self.store.get_job(job_id)
+
+    async def list(self, *, state: JobState | None = None, owner: str | None = None,
+                   cursor: str | None = None, limit: int = 100) -> Page[Job]:
+        if owner is None:
+            return await self.store.list_jobs(state=state, cursor=cursor, limit=limit)
+        out: list[Job] = []
+        while len(out) < limit:
+            page = await self.store.list_jobs(state=state, cursor=cursor, limit=limit)
+            out.extend(j for j in page.items if j.owner == owner)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return Page(out[:limit], cursor)
+
+    async def by_date(self, start: float, end: float, *, cursor: str | None = None,
+                      limit: int = 100) -> Page[Job]:
+        return await self.store.jobs_by_date(start, end, cursor=cursor, limit=limit)
+
+    async def tasks_of(self, job_id: str, *, state: TaskState | None = None,
+                       cursor: str | None = None, limit: int = 100) -> Page[Task]:
+        await self.get(job_id)
+        return await self.store.tasks_by_job(job_id, state=state, cursor=cursor, limit=limit)
+
+    def task_for(self, job: Job, dev_id: str, now: float) -> Task:
+        """The task a job makes for one of its targets."""
+        task_id = new_id("t")
+        deadline = job.deadline or job.end_at or now + self.config.task_ttl
+        return Task(task_id=task_id, dev_id=dev_id, op=job.op, job_id=job.job_id,  # type: ignore[arg-type]
+                    b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
+                    test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
+                    correlator=task_id)
+
+
+def _check_schedule(stages: Sequence[Stage], windows: Sequence[TimeWindow], tz: str | None,
+                    start_at: float | None, end_at: float | None) -> None:
+    last = 0.0
+    for i, st in enumerate(stages):
+        if st.percent <= last:
+            raise InvalidRequest("stages must grow: each percent above the one before",
+                                 where=f"stages[{i}].percent")
+        last = st.percent
+    if stages and stages[-1].percent != 100:
+        raise InvalidRequest("the last stage must be 100 percent", where=f"stages[{len(stages) - 1}]")
+    for i, w in enumerate(windows):
+        if w.start == w.end:
+            raise InvalidRequest("an empty window", where=f"windows[{i}]")
+    if tz is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidRequest(f"unknown time zone {tz!r}", where="tz") from None
+    if start_at is not None and end_at is not None and end_at <= start_at:
+        raise InvalidRequest("end_at must be after start_at", where="end_at")
+
+
+__all__ = ["Jobs", "JobView", "view", "stage_boundary", "final_count", "in_flight",
+           "TARGET_CHUNK"]
