@@ -686,3 +686,29 @@ def test_device_without_resync_support_still_expires(tmp_path):
         assert rec.account.resync_until is not None       # it would have been let in
     run_world(tmp_path, scenario, profile=DeviceProfile(resync=False),
               broker=BrokerConfig(retry_delays=(0.2,), max_notifications=3, tick_interval=0.05))
+
+
+def test_query_reports_a_status_per_node_and_a_generic_exec_its_own_outcome(tmp_path):
+    """Issue 14's fixes: a QUERY of two nodes has a DM status for each (one Get each), and
+    an EXEC the device answers 202 then reports by Generic Alert is the Exec's outcome (not
+    "firmware updated", and the device's firmware snapshot is kept)."""
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod", "./DevInfo/Nope"]),
+                                          msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.result.statuses == {"Get ./DevInfo/Mod": 200, "Get ./DevInfo/Nope": 404}
+        assert task.state == S.FAILED and "./DevInfo/Nope" in task.cause
+        await w.store.update_device(dev.dev_id, {"devdetail": {"./DevDetail/FwV": "2.3.9"}})
+        tid = await w.broker.do_operation(ExecOp(uri="./FUMO/1/Update"), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED}, timeout=20)
+        history = [(h.to_state, h.cause) for h in await w.broker.get_task_history(tid)]
+        assert task.result.statuses == {"Exec ./FUMO/1/Update": 202}, history
+        # (the simulated device has no package to install: its alert reports 410)
+        assert task.state == S.FAILED and task.cause.startswith("Exec failed: result 410"), history
+        assert any("waiting for the result alert" in (c or "") for _, c in history), history
+        assert task.result.fumo_result == 410
+        device = await w.store.get_device(dev.dev_id)
+        assert device.devdetail.get("./DevDetail/FwV") == "2.3.9"
+    run_world(tmp_path, scenario)
