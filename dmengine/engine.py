@@ -76,6 +76,8 @@ def load_or_create_api_key(data_dir: pathlib.Path) -> str:
     if path.exists():
         return path.read_text().strip()
     key = secrets.token_urlsafe(24)
+    while key.startswith("-"):        # a key must pass as `--api-key KEY` on a command line
+        key = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
