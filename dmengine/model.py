@@ -160,6 +160,7 @@ class Device(Struct, kw_only=True, omit_defaults=True):
     tz: Union[Annotated[str, Meta(max_length=64)], None] = None
     created: Time = 0.0
     updated: Time = 0.0
+    version: Count = 0                             # bumped by every update (optimistic writes)
 
     @property
     def tac(self) -> str | None:

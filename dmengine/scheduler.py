@@ -89,7 +89,8 @@ class Scheduler:
             # the device may have lost its nonces: sign with the well-known one and let its
             # package 1 use it too for a while (the session then hands out fresh nonces)
             acc = msgspec.structs.replace(acc, resync_until=now + self.config.resync_window)
-            await self.store.update_device(device.dev_id, {"account": acc})
+            await self.store.update_device(device.dev_id,
+                                           {"account": {"resync_until": acc.resync_until}})
         try:
             pkg0 = self._pkg0(acc, task, resync, session_id)
         except CodecError as exc:

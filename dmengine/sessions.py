@@ -25,7 +25,7 @@ from . import auth
 from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import NotFound, ServiceError, StoreError
+from .errors import Conflict, NotFound, ServiceError, StoreError
 from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
@@ -198,8 +198,10 @@ class DeviceSessions:
         pending = device.pending_account if device is not None else None
         if device is None or pending is None or ev.username != pending.client_name:
             return
+        # only if nothing changed the record since it was read (a newer bootstrap, say)
         await self.store.update_device(device.dev_id, {"account": pending,
-                                                       "pending_account": None})
+                                                       "pending_account": None},
+                                       expect_version=device.version)
 
     @staticmethod
     def _after_authentication(acc: DmAccount | None, ev: Authenticated | None) -> DmAccount | None:
@@ -224,8 +226,8 @@ class DeviceSessions:
         device = await self._session_record(session, work)
         if device is None or device.account is None:
             return
-        acc = msgspec.structs.replace(device.account, **{slot: _b64(nonce)})
-        await self.store.update_device(device.dev_id, {"account": acc})
+        # a patch of the one field, merged in the store's write: no read-modify-write here
+        await self.store.update_device(device.dev_id, {"account": {slot: _b64(nonce)}})
 
     async def _session_record(self, session: Any, work: SessionWork) -> Device | None:
         """The device record of an authenticated session (found once, then by its id)."""
@@ -367,12 +369,7 @@ class DeviceSessions:
         task = run.task
         learned = {k: v for k, v in run.nodes.items() if k.startswith("./DevDetail/")}
         if learned:       # keep the device's DevDetail snapshot (firmware version for UPDATE)
-            try:
-                device = await self.store.get_device(task.dev_id)
-                await self.store.update_device(task.dev_id,
-                                               {"devdetail": {**device.devdetail, **learned}})
-            except NotFound:
-                pass
+            await self._change_devdetail(task.dev_id, lambda snap: {**snap, **learned})
         before = task.result or TaskResult()        # earlier sessions of the same task
         result = TaskResult(statuses={**before.statuses, **run.statuses},
                             nodes={**before.nodes, **run.nodes}, fumo_result=before.fumo_result)
@@ -468,13 +465,28 @@ class DeviceSessions:
                                 result_code=code, result=result)
 
     async def _forget_firmware(self, dev_id: str) -> None:
-        try:
-            device = await self.store.get_device(dev_id)
-        except NotFound:
-            return
-        if "./DevDetail/FwV" in device.devdetail:
-            snapshot = {k: v for k, v in device.devdetail.items() if k != "./DevDetail/FwV"}
-            await self.store.update_device(dev_id, {"devdetail": snapshot})
+        await self._change_devdetail(
+            dev_id, lambda snap: {k: v for k, v in snap.items() if k != "./DevDetail/FwV"})
+
+    async def _change_devdetail(self, dev_id: str,
+                                change: Callable[[dict[str, str]], dict[str, str]]) -> None:
+        """A read-modify-write of the DevDetail snapshot that loses no concurrent update: the
+        write names the version it read, and is done again on a conflict."""
+        for _ in range(5):
+            try:
+                device = await self.store.get_device(dev_id)
+            except NotFound:
+                return
+            snapshot = change(dict(device.devdetail))
+            if snapshot == device.devdetail:
+                return
+            try:
+                await self.store.update_device(dev_id, {"devdetail": snapshot},
+                                               expect_version=device.version)
+                return
+            except Conflict:
+                continue
+        log.warning("device %s: DevDetail snapshot not updated (kept changing)", dev_id)
 
     async def _settle(self, work: SessionWork, why: str) -> None:
         """The session is over: tasks it did not finish go back for a retry."""

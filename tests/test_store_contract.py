@@ -189,6 +189,27 @@ def test_import_devices_reports_bad_records(use: Callable[[Body], Any]) -> None:
     use(body)
 
 
+def test_versioned_device_updates(use: Callable[[Body], Any]) -> None:
+    """Every update bumps the version; a write that names a stale version is refused
+    (Conflict) and changes nothing — a read-modify-write retries instead of losing an
+    update made meanwhile."""
+    async def body(s: Store) -> None:
+        d = await s.create_device(dev(1))
+        u1 = await s.update_device(d.dev_id, {"devdetail": {"./DevDetail/FwV": "1"}})
+        assert u1.version == d.version + 1
+        u2 = await s.update_device(d.dev_id, {"tz": "UTC"}, expect_version=u1.version)
+        assert u2.version == u1.version + 1
+        with pytest.raises(Conflict):
+            await s.update_device(d.dev_id, {"devdetail": {}}, expect_version=u1.version)
+        assert (await s.get_device(d.dev_id)).devdetail == {"./DevDetail/FwV": "1"}
+        with pytest.raises(ValidationError) as ei:
+            await s.update_device(d.dev_id, {"version": 99})
+        assert ei.value.where == "$.version"
+        again = await s.put_device(msgspec.structs.replace(u2, tz=None))
+        assert again.version == u2.version + 1
+    use(body)
+
+
 def test_update_device_merges_an_account_patch(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         acc = DmAccount(server_id="acme-dms", client_name="c1", client_password="pw1",
@@ -636,4 +657,190 @@ def test_every_state_pair_moves_or_is_refused(use: Callable[[Body], Any]) -> Non
         j = await s.get_job("tbl")
         assert sum(j.counts.values()) == len(pairs)
         assert j.counts[TaskState.SUCCEEDED] == 8 + 2      # 8 born SUCCEEDED + 2 legal moves
+    use(body)
+
+
+# --- jobs at scale: targets, tasks made in batches, claims with leases ------------------
+
+
+def test_job_targets_keep_order_and_page_by_start_and_limit(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="tg"))
+        ids = [f"IMEI:{356938035000000 + i}" for i in range(25)]
+        assert await s.add_job_targets("tg", ids[:10]) == 10
+        assert await s.add_job_targets("tg", ids[10:]) == 25       # appended after the first
+        assert await s.add_job_targets("tg", []) == 25
+        j = await s.get_job("tg")
+        assert j.targets == 25 and j.total == 0 and j.counts == {}
+        assert await s.job_targets("tg", 0, 100) == ids
+        # pages by start/limit: every target once, in selection order
+        seen: list[str] = []
+        start = 0
+        while True:
+            page = await s.job_targets("tg", start, 7)
+            assert len(page) <= 7
+            if not page:
+                break
+            seen.extend(page)
+            start += len(page)
+        assert seen == ids
+        assert await s.job_targets("tg", 24, 5) == ids[24:]
+        assert await s.job_targets("tg", 25, 5) == []
+        assert await s.job_targets("tg", 1000, 5) == []
+        # the targets of one job never show in another's
+        await s.create_job(Job(job_id="tg2"))
+        assert await s.add_job_targets("tg2", ["IMEI:1"]) == 1
+        assert await s.job_targets("tg", 0, 100) == ids
+        assert await s.job_targets("tg2", 0, 100) == ["IMEI:1"]
+        for start, limit in ((0, 0), (-1, 5)):
+            with pytest.raises(ValidationError):
+                await s.job_targets("tg", start, limit)
+    use(body)
+
+
+def test_job_targets_of_a_missing_job(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        before = await s.counts()
+        with pytest.raises(NotFound):
+            await s.add_job_targets("nojob", ["IMEI:1", "IMEI:2"])
+        assert await s.counts() == before                        # nothing written
+        with pytest.raises(NotFound):
+            await s.job_targets("nojob", 0, 10)
+        await s.create_job(Job(job_id="empty"))
+        assert await s.job_targets("empty", 0, 10) == []          # a job without targets: none
+    use(body)
+
+
+def _job_task(tid: str, job: str = "jt", **kw: Any) -> Task:
+    return task(tid, job_id=job, dev_id=kw.pop("dev_id", f"IMEI:{tid}"), **kw)
+
+
+def test_create_job_tasks_moves_the_counters_in_the_same_write(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="jt", state=JobState.RUNNING))
+        await s.add_job_targets("jt", [f"IMEI:{i}" for i in range(10)])
+        made = await s.create_job_tasks("jt", 0, [_job_task(f"a{i}", dev_id=f"IMEI:{i}")
+                                                  for i in range(4)])
+        assert [t.task_id for t in made] == ["a0", "a1", "a2", "a3"]
+        assert [t.seq for t in made] == sorted(t.seq for t in made)
+        assert all(t.version == 1 and t.history_len == 1 and t.state is TaskState.PENDING
+                   for t in made)
+        j = await s.get_job("jt")
+        assert j.total == 4 and j.counts == {TaskState.PENDING: 4} and j.targets == 10
+        more = await s.create_job_tasks("jt", 4, [_job_task(f"b{i}", test_cycle=i == 0)
+                                                  for i in range(3)])
+        assert len(more) == 3
+        j = await s.get_job("jt")
+        assert j.total == 7 and j.counts == {TaskState.PENDING: 6}
+        assert j.test_counts == {TaskState.PENDING: 1}
+        page = await s.tasks_by_job("jt", limit=100)
+        assert [t.task_id for t in page.items] == ["a0", "a1", "a2", "a3", "b0", "b1", "b2"]
+        assert await s.create_job_tasks("jt", 7, []) == []
+        assert (await s.get_job("jt")).total == 7
+    use(body)
+
+
+def test_create_job_tasks_refusals_write_nothing(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="jt", state=JobState.RUNNING))
+        await s.create_job(Job(job_id="other", state=JobState.RUNNING))
+        await s.create_job_tasks("jt", 0, [_job_task("first")])
+        before = await s.counts()
+        job_before = await s.get_job("jt")
+
+        async def refused(exc: type[Exception], *args: Any) -> None:
+            with pytest.raises(exc):
+                await s.create_job_tasks(*args)
+            assert await s.counts() == before
+            j = await s.get_job("jt")
+            assert (j.total, j.counts, j.test_counts) == \
+                (job_before.total, job_before.counts, job_before.test_counts)
+
+        # another claimer made tasks since this one read the job: its count is stale
+        await refused(Conflict, "jt", 0, [_job_task("x1"), _job_task("x2")])
+        await refused(Conflict, "jt", 5, [_job_task("x1")])
+        # a task of another job, an invalid task, a task id taken, the same id twice
+        await refused(ValidationError, "jt", 1, [_job_task("x1"), _job_task("x2", job="other")])
+        await refused(ValidationError, "jt", 1, [_job_task("x1", op=ExecOp(uri=""))])
+        await refused(AlreadyExists, "jt", 1, [_job_task("x1"), _job_task("first")])
+        await refused(AlreadyExists, "jt", 1, [_job_task("x1"), _job_task("x2"), _job_task("x1")])
+        await refused(NotFound, "nojob", 0, [_job_task("x1", job="nojob")])
+        # the job is not RUNNING (paused, scheduled, over): no task of it starts
+        for st in (JobState.PAUSED, JobState.SCHEDULED, JobState.CANCELLED, JobState.COMPLETED):
+            await s.update_job("jt", {"state": st})
+            await refused(Conflict, "jt", 1, [_job_task("x1")])
+        await s.update_job("jt", {"state": JobState.RUNNING})
+        made = await s.create_job_tasks("jt", 1, [_job_task("x1")])   # and now it may
+        assert [t.task_id for t in made] == ["x1"] and (await s.get_job("jt")).total == 2
+    use(body)
+
+
+def test_create_job_tasks_racing_claimers_make_each_batch_once(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="jt", state=JobState.RUNNING))
+        res = await asyncio.gather(*(s.create_job_tasks("jt", 0, [_job_task(f"r{k}-{i}")
+                                                                  for i in range(5)])
+                                     for k in range(6)), return_exceptions=True)
+        won = [r for r in res if isinstance(r, list)]
+        assert len(won) == 1 and all(isinstance(r, Conflict) for r in res if r not in won)
+        j = await s.get_job("jt")
+        assert j.total == 5 and j.counts == {TaskState.PENDING: 5}
+        assert (await s.counts())["tasks"] == 5
+    use(body)
+
+
+def test_claim_due_leases_the_tasks_it_returns(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="cl"))
+        await s.create_tasks([_job_task(f"d{i}", job="cl", next_attempt=100.0 + i)
+                              for i in range(10)] +
+                             [_job_task("later", job="cl", next_attempt=500.0),
+                              _job_task("never", job="cl"),
+                              _job_task("done", job="cl", next_attempt=50.0,
+                                        state=TaskState.SUCCEEDED),
+                              _job_task("gone", job="cl", next_attempt=60.0)])
+        await s.transition("gone", TaskState.CANCELLED)         # final after it was due
+        # the limit holds; earliest first; final tasks and tasks without a time never come
+        first = await s.claim_due(200.0, 4, 30.0)
+        assert [t.task_id for t in first] == ["d0", "d1", "d2", "d3"]
+        assert all(t.next_attempt == 230.0 for t in first)
+        assert (await s.get_task("d0")).next_attempt == 230.0     # written, not just returned
+        rest = await s.claim_due(200.0, 100, 30.0)
+        assert [t.task_id for t in rest] == [f"d{i}" for i in range(4, 10)]
+        # nobody gets a claimed task again before its lease ends ...
+        assert await s.claim_due(200.0, 100, 30.0) == []
+        assert await s.claim_due(229.9, 100, 30.0) == []
+        # ... and it is due again when the lease ran out (its claimer did nothing)
+        again = await s.claim_due(230.0, 100, 10.0)
+        assert sorted(t.task_id for t in again) == [f"d{i}" for i in range(10)]
+        assert await s.claim_due(239.0, 100, 10.0) == []
+        late = await s.claim_due(600.0, 100, 10.0)
+        assert sorted(t.task_id for t in late) == sorted(["later"] + [f"d{i}" for i in range(10)])
+        got = {t.task_id for t in await s.claim_due(10_000.0, 100, 10.0)}
+        assert not got & {"never", "done", "gone"}
+        # claiming keeps the task's state, history and job counters as they were
+        t = await s.get_task("d0")
+        assert t.state is TaskState.PENDING and t.history_len == 1
+        assert (await s.get_job("cl")).counts == {TaskState.PENDING: 12,
+                                                  TaskState.SUCCEEDED: 1,
+                                                  TaskState.CANCELLED: 1}
+        # a task that ends while claimed leaves the due index: never claimed again
+        await s.transition("d1", TaskState.NOTIFIED)
+        await s.transition("d1", TaskState.FAILED)
+        assert "d1" not in {t.task_id for t in await s.claim_due(1e6, 100, 10.0)}
+        with pytest.raises(ValidationError):
+            await s.claim_due(1e6, 0, 10.0)
+    use(body)
+
+
+def test_concurrent_claimers_never_share_a_task(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="cc"))
+        await s.create_tasks([_job_task(f"c{i:03d}", job="cc", next_attempt=10.0 + i / 1000)
+                              for i in range(300)])
+        res = await asyncio.gather(*(s.claim_due(100.0, 40, 60.0) for _ in range(10)))
+        ids = [t.task_id for r in res for t in r]
+        assert all(len(r) <= 40 for r in res)
+        assert len(ids) == len(set(ids)) == 300
+        assert await s.claim_due(159.0, 100, 60.0) == []
     use(body)

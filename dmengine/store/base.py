@@ -94,13 +94,17 @@ class Store(abc.ABC):
         belongs to another device."""
 
     @abc.abstractmethod
-    async def update_device(self, dev_id: str, changes: Mapping[str, Any]) -> Device:
-        """Replaces the named fields of a stored device, in one write (no lost update).
+    async def update_device(self, dev_id: str, changes: Mapping[str, Any], *,
+                            expect_version: int | None = None) -> Device:
+        """Replaces the named fields of a stored device, in one write (no lost update); every
+        update bumps ``Device.version``.  With ``expect_version`` the write happens only if the
+        stored device is still at that version, else Conflict: a read-modify-write of the
+        caller (e.g. merging a snapshot) retries instead of overwriting a concurrent update.
 
         ``changes["account"]`` may be a mapping instead of a DmAccount: its fields are merged
         into the stored account (a None value removes that field; an account is made when the
-        device has none, so it then needs ``server_id``).  ``dev_id`` and ``created`` cannot
-        change (ValidationError naming the field)."""
+        device has none, so it then needs ``server_id``).  ``dev_id``, ``created`` and
+        ``version`` cannot change (ValidationError naming the field)."""
 
     @abc.abstractmethod
     async def get_device(self, dev_id: str) -> Device: ...
@@ -196,7 +200,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def job_targets(self, job_id: str, start: int, limit: int) -> list[str]:
-        """The dev_ids of targets ``start`` … ``start + limit - 1`` (fewer at the end)."""
+        """The dev_ids of targets ``start`` … ``start + limit - 1`` (fewer at the end; none
+        past it); NotFound if the job does not exist."""
 
     @abc.abstractmethod
     async def create_job_tasks(self, job_id: str, expect_total: int,

@@ -291,7 +291,8 @@ def _replace_imported(ctx: WriteCtx, key: bytes, raw: bytes, data: bytes
     follow.  Returns (record bytes, old msisdn, old imei) for ``_kv.import_chunk``."""
     old = dec(Device, raw, "devices", key)
     dev = dec(Device, data, "devices", key)
-    dev = msgspec.structs.replace(dev, created=old.created or dev.created, updated=ctx.now)
+    dev = msgspec.structs.replace(dev, created=old.created or dev.created, updated=ctx.now,
+                                  version=old.version + 1)
     _reindex(ctx, _device_index(old), _device_index(dev))
     return (_enc.encode(dev), _e(old.msisdn) if old.msisdn else None,
             _e(old.imei) if old.imei else None)
@@ -354,7 +355,7 @@ def _count(job: Job, task: Task, state: TaskState, delta: int) -> None:
 _TASK_PROTECTED = frozenset({"task_id", "seq", "version", "history_len", "state", "created",
                              "job_id", "dev_id"})
 _JOB_PROTECTED = frozenset({"job_id", "total", "counts", "test_counts", "created"})
-_DEV_PROTECTED = frozenset({"dev_id", "created"})
+_DEV_PROTECTED = frozenset({"dev_id", "created", "version"})
 _CAP_PROTECTED = frozenset({"oid", "created"})
 _CONTENT_PROTECTED = frozenset({"content_id", "created"})
 
@@ -469,7 +470,8 @@ class KVStore(Store):
             old = dec(Device, raw, "devices", key) if raw is not None else None
             d = msgspec.structs.replace(
                 dev, created=(old.created if old is not None and old.created else
-                              (dev.created or ctx.now)), updated=ctx.now)
+                              (dev.created or ctx.now)), updated=ctx.now,
+                version=old.version + 1 if old is not None else 0)
             ctx.put("devices", key, _enc.encode(d))
             _reindex(ctx, _device_index(old) if old is not None else [], _device_index(d))
             return d
@@ -481,7 +483,8 @@ class KVStore(Store):
     async def put_device(self, dev: Device) -> Device:
         return await self._write(self._put_device_op(dev, mode="put"))
 
-    async def update_device(self, dev_id: str, changes: Mapping[str, Any]) -> Device:
+    async def update_device(self, dev_id: str, changes: Mapping[str, Any], *,
+                            expect_version: int | None = None) -> Device:
         key = _e(dev_id)
         changes = dict(changes)
         bad = _DEV_PROTECTED.intersection(changes)
@@ -503,6 +506,9 @@ class KVStore(Store):
             if raw is None:
                 raise NotFound("device", dev_id)
             old = dec(Device, raw, "devices", key)
+            if expect_version is not None and old.version != expect_version:
+                raise Conflict("device", dev_id, f"device {dev_id!r} is at version "
+                                                 f"{old.version}, not {expect_version}")
             ch = changes
             if isinstance(acc_patch, dict):
                 # merged with the account as stored in this transaction: a nonce a session
@@ -515,7 +521,7 @@ class KVStore(Store):
                                           where="$.account.server_id")
                 ch = {**changes, "account": DmAccount(**fields)}
             d = replace_fields(old, ch, _DEV_PROTECTED)
-            d = msgspec.structs.replace(d, updated=ctx.now)
+            d = msgspec.structs.replace(d, updated=ctx.now, version=old.version + 1)
             data = model.validate(d)
             _check_unique(ctx.txn, d)
             ctx.put("devices", key, data)
@@ -837,6 +843,8 @@ class KVStore(Store):
 
     async def job_targets(self, job_id: str, start: int, limit: int) -> list[str]:
         check_limit(limit)
+        if not isinstance(start, int) or start < 0:
+            raise ValidationError(f"start must be >= 0, got {start!r}", where="start")
         prefix = _e(job_id) + SEP
 
         def fn(txn: KVTxn) -> list[str]:
@@ -845,6 +853,8 @@ class KVStore(Store):
                 out.append(v.decode())
                 if len(out) == limit:
                     break
+            if not out and txn.get("jobs", _e(job_id)) is None:
+                raise NotFound("job", job_id)
             return out
         return await self._read(fn, big=limit > self.inline_read_limit)
 
