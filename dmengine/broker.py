@@ -164,11 +164,13 @@ class Broker:
     async def do_bootstrap(self, *, msisdn: str | None = None, imei: str | None = None,
                            dev_id: str | None = None, server_id: str | None = None,
                            client_name: str | None = None, security: str = "NETWORKID",
-                           pin: str | None = None, deliver: bool = True) -> str:
+                           pin: str | None = None, deliver: bool = True,
+                           job_id: str | None = None) -> str:
         """Gives the device a fresh DM account: generated credentials, stored with the device
         (API reads never show them), delivered as a DM-profile bootstrap message (WBXML with
         HMAC, PROTOCOL.md §10) through the gateway.  Returns the task id.  A bootstrap gets no
         response: the task SUCCEEDS when the device first opens a session with the new account.
+        ``job_id``: the job the task belongs to (the list form of doBootstrap).
 
         The NETWORKID key is the device's IMEI digits (the engine keeps no IMSI)."""
         if security not in bootstrap.SECURITY_METHODS:
@@ -190,7 +192,7 @@ class Broker:
         self.sessions.by_username[account.client_name] = device.dev_id
         now = self.clock()
         task = await self.tasks.create(Task(
-            task_id=new_id("t"), dev_id=device.dev_id,
+            task_id=new_id("t"), dev_id=device.dev_id, job_id=job_id,
             op=BootstrapOp(account=account, security=security),  # type: ignore[arg-type]
             state=S.PENDING, next_attempt=None, deadline=now + self.config.task_ttl))
         if not deliver:

@@ -21,10 +21,20 @@ def _serve(args: argparse.Namespace) -> int:
                        tls_cert=args.tls_cert, tls_key=args.tls_key,
                        api_tls_cert=args.api_tls_cert, api_tls_key=args.api_tls_key,
                        carrier_callback_url=args.carrier_callback,
-                       broker=BrokerConfig(server_id=args.server_id))
+                       broker=BrokerConfig(server_id=args.server_id),
+                       server_overrides={k: v for k, v in (
+                           ("max_connections", args.max_connections),
+                           ("max_connections_per_address", args.max_connections_per_address))
+                           if v is not None})
 
     async def main() -> None:
-        engine = Engine(cfg, gateway=gateway_from_spec(args.gateway))
+        gateway = gateway_from_spec(args.gateway)
+        if gateway is not None and args.gateway_rate is not None:
+            from .notify.base import TokenBucket
+            # 0: no limit (the SMS centre paces itself); else a bucket of a second's worth
+            gateway.limiter = TokenBucket(args.gateway_rate, max(1, int(args.gateway_rate))) \
+                if args.gateway_rate > 0 else None
+        engine = Engine(cfg, gateway=gateway)
         try:
             await engine.start()
         except OSError as exc:          # port taken, data dir not writable, ...
@@ -71,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-tls-key", help="HTTPS on the API port: private key (PEM)")
     s.add_argument("--gateway", help="package-0 gateway: kannel:URL?user=U&password=P or http:URL")
     s.add_argument("--carrier-callback", help="URL for acceptDevicePolicy 40")
+    s.add_argument("--gateway-rate", type=float, default=None, metavar="PER_S",
+                   help="package 0 handed to the gateway per second at most (default 50; "
+                        "0: no limit)")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open device-port connections at most (default 10000)")
+    s.add_argument("--max-connections-per-address", type=int, default=None,
+                   help="device-port connections from one address (IPv6: one /64) at most "
+                        "(default 256; a load generator or a carrier NAT needs more)")
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("bench", help="run the benchmarks (bench/)")
@@ -88,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_store(sub)
     from .client import register_cli as register_devices
     register_devices(sub)
+    from .jobs_cli import register_cli as register_jobs
+    register_jobs(sub)
     return ap
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hmac
 import ssl
-from typing import Any, Awaitable, Callable, Literal, Protocol, Union
+from typing import Annotated, Any, Awaitable, Callable, Literal, Protocol, Union
 
 import msgspec
+from msgspec import Meta
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -189,17 +190,31 @@ async def do_operation(request: web.Request) -> web.Response:
 
 
 class DoBootstrapRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    target: Target
+    target: Union[Target, None] = None
+    #: the list form: a job with one bootstrap task per device (dmengine.wsi.jobs)
+    targets: Union[list[Target], None] = None
     security: Literal["NETWORKID", "USERPIN", "USERPIN_NETWORKID", "NONE"] = "NETWORKID"
     pin: Union[str, None] = None
     serverId: Union[str, None] = None
+    name: Union[Annotated[str, Meta(max_length=256)], None] = None     # of the job (targets)
+    owner: Union[Annotated[str, Meta(max_length=256)], None] = None    # of the job (targets)
 
 
 @routes.post("/v1/bootstrap", name="doBootstrap")
 async def do_bootstrap(request: web.Request) -> web.Response:
+    """``target``: one device → ``{taskId}``; ``targets``: a list → ``{jobId, taskIds}``."""
     req: DoBootstrapRequest = await decode_body(request, DoBootstrapRequest)
+    if (req.target is None) == (req.targets is None) or req.targets == []:
+        raise ValidationError("give target (one device) or targets (a non-empty list)",
+                              where="$.targets" if req.targets == [] else "$.target")
+    if req.targets is not None:
+        from .jobs import bulk_bootstrap
+        return await bulk_bootstrap(request, req.targets, security=req.security, pin=req.pin,
+                                    server_id=req.serverId, name=req.name or "",
+                                    owner=req.owner)
     broker = request.app[ENGINE].broker
     assert broker is not None
+    assert req.target is not None
     task_id = await broker.do_bootstrap(msisdn=req.target.msisdn, imei=req.target.imei,
                                         dev_id=req.target.dev_id, server_id=req.serverId,
                                         security=req.security, pin=req.pin)
@@ -271,6 +286,8 @@ def make_app(engine: Services) -> web.Application:
     app.add_routes(routes)
     from . import devices          # IDeviceManagerServices (imports this module's helpers)
     app.add_routes(devices.routes)
+    from . import jobs             # IBulkOperationsManagerServices: jobs (same helpers)
+    app.add_routes(jobs.routes)
     return app
 
 
