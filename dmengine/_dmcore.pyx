@@ -140,6 +140,7 @@ cdef class Entry:
     cdef public int busy                # requests of this session being processed
     cdef public bint inserted           # in the session table
     cdef public bint closed
+    cdef public int auth_failures       # failed tries of this session (forgiven if it succeeds)
 
     def __init__(self, session, str token, double deadline):
         self.session = session
@@ -275,7 +276,7 @@ cdef class ServerCore:
                 self._end_entry(entry, "protocol_error")
                 return self._reply(encoding, encode, reply, req)
             if not was_authenticated:
-                self._count_auth(events, address, hdr.source, session)
+                self._count_auth(entry, events, address, hdr.source, session)
             if entry.key is None and token is None and getattr(session, "authenticated", False):
                 # before the services hear of it: the session it replaces lets go of its work
                 self._claim_key(entry, f"{hdr.source}\0{hdr.session_id}")
@@ -331,17 +332,20 @@ cdef class ServerCore:
         return _http(503, b"too many failed authentications\n", close=not req.keep_alive,
                      extra=[("Retry-After", str(int(wait) + 1))])
 
-    cdef _count_auth(self, events, address, source, session):
-        """Failed and successful authentications of a message, for the backoff and metrics."""
+    cdef _count_auth(self, Entry entry, events, address, source, session):
+        """Failed and successful authentications of a message, for the backoff and metrics.
+        A session that fails and then authenticates (a device with a stale nonce answers the
+        challenge) is no guessing: its failures are taken back from its address's count."""
         guard = self.guard
         for ev in events or ():
             if type(ev) is AuthFailed and ev.side == "client":
+                entry.auth_failures += 1
                 if guard is not None:
                     guard.failed(address, source)
                 if self.metrics is not None:
                     self.metrics.auth_failed(ev.scheme)
         if guard is not None and getattr(session, "authenticated", False):
-            guard.succeeded(address, source)
+            guard.succeeded(address, source, entry.auth_failures)
 
     cdef _claim_key(self, Entry entry, str key):
         """An authenticated session started on the bare path: it now stands for its device's

@@ -12,7 +12,9 @@ forgotten, and a success clears the account's count: the device's own sessions w
 soon as the attacker stops and the current block runs out.
 
 An address gets more free failures than an account: many phones share a carrier's NAT
-address, and one misconfigured phone must not block the others.
+address, and one misconfigured phone must not block the others.  Nor do devices that fail
+once and then authenticate in the same session (a stale nonce, answered by the challenge's
+new one): their failures are taken back from the address's count when they succeed.
 
 Memory is bounded: at most ``max_keys`` keys per table; past that the oldest are dropped
 (an attacker that cycles through more keys than that only loses his own history).
@@ -29,7 +31,7 @@ __all__ = ["AuthGuard", "AuthGuardConfig"]
 @dataclass
 class AuthGuardConfig:
     account_free: int = 5              #: failures of one account before it must wait
-    address_free: int = 50             #: failures from one address before it must wait
+    address_free: int = 500            #: failures from one address before it must wait
     base_delay: float = 1.0            #: seconds of the first block
     max_delay: float = 900.0           #: longest block
     window: float = 900.0              #: a key whose last failure is older starts afresh
@@ -85,11 +87,18 @@ class AuthGuard:
                 c.until = now + min(cfg.max_delay,
                                     cfg.base_delay * 2.0 ** min(c.failures - free, 40))
 
-    def succeeded(self, address: str | None, account: str | None) -> None:
-        """The account proved itself: its count is cleared (the address's is not: behind one
-        NAT address a good device says nothing about the others)."""
+    def succeeded(self, address: str | None, account: str | None, forgiven: int = 0) -> None:
+        """The account proved itself: its count is cleared.  The address's count loses only
+        the ``forgiven`` failures of the session that just succeeded (a device answering the
+        challenge after a stale nonce): behind one NAT address a good device says nothing
+        about the others."""
         if account is not None:
             self.accounts.pop(account, None)
+        c = self.addresses.get(address) if address is not None and forgiven else None
+        if c is not None:
+            c.failures = max(0, c.failures - forgiven)
+            if c.failures < self.config.address_free:
+                c.until = 0.0
 
     def _prune(self, table: dict[str, _Count], now: float) -> None:
         window = self.config.window

@@ -71,7 +71,8 @@ class Broker:
         self.commands = Commands(store, self.config, content)
         self.sessions = DeviceSessions(store, self.tasks, self.commands, self.config,
                                        carrier_callback=carrier_callback, clock=clock)
-        self.jobs = Jobs(store, self.tasks, self.config, clock)
+        self.jobs = Jobs(store, self.tasks, self.config, clock,
+                         carrier_callback_configured=carrier_callback is not None)
         self.scheduler = Scheduler(store, self.tasks, self.sessions, self.jobs, gateway,
                                    self.config, metrics=metrics, clock=clock)
 
@@ -84,6 +85,7 @@ class Broker:
     @carrier_callback.setter
     def carrier_callback(self, callback: CarrierCallback | None) -> None:
         self.sessions.carrier_callback = callback
+        self.jobs.carrier_callback_configured = callback is not None
 
     async def account_for(self, dev_id: str | None, username: str | None) -> Any:
         return await self.sessions.account_for(dev_id, username)
@@ -135,6 +137,10 @@ class Broker:
         sends the first notification, and returns the task id."""
         if isinstance(op, BootstrapOp):
             raise InvalidRequest("use doBootstrap for BOOTSTRAP", where="operation")
+        if accept_device_policy == 40 and self.carrier_callback is None:
+            # refused now, not when the device answers with another IMEI days later
+            raise InvalidRequest("acceptDevicePolicy 40 asks the carrier, and no carrier "
+                                 "callback is configured", where="acceptDevicePolicy")
         device = await self.resolve_target(msisdn=msisdn, imei=imei, dev_id=dev_id)
         if isinstance(op, UpdateOp):
             await self.commands.content_for(op, device)          # refuse a package that cannot fit now

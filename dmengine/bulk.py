@@ -15,6 +15,7 @@ session is under way stops there (its late outcome is dropped) — and keeps the
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,7 +24,7 @@ import msgspec
 
 from .config import BrokerConfig
 from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
-from .model import (FINAL_TASK_STATES, BootstrapOp, Job, JobState, Selection, Stage, StopRule,
+from .model import (FINAL_TASK_STATES, ID_PATTERN, BootstrapOp, Job, JobState, Selection, Stage, StopRule,
                     Task, TaskState, TimeWindow, UpdateOp, new_id)
 from .store.base import DeviceQuery, Page, Store
 from .tasks import Tasks
@@ -31,8 +32,11 @@ from .tasks import Tasks
 J = JobState
 S = TaskState
 
+_ID = re.compile(ID_PATTERN)
 #: dev_ids written per store write while a job's selection is resolved
 TARGET_CHUNK = 10_000
+#: a job record keeps the device list of its selection up to this many (else only targets do)
+RECORD_DEV_IDS = 100
 #: tasks in flight: made, not final (a pause lets them finish)
 IN_FLIGHT = (S.PENDING, S.NOTIFIED, S.IN_PROGRESS, S.WAITING_USER)
 OPEN_JOB_STATES = (J.SCHEDULED, J.RUNNING, J.PAUSED)
@@ -86,6 +90,7 @@ class Jobs:
     tasks: Tasks
     config: BrokerConfig
     clock: Callable[[], float] = time.time
+    carrier_callback_configured: bool = False     #: set by the broker (policy 40)
 
     async def create(self, op: Any, selection: Selection, *, name: str = "", owner: str = "",
                      b_optin: bool = False, accept_device_policy: int = 10,
@@ -98,6 +103,9 @@ class Jobs:
         later (the scheduler starts it then)."""
         if isinstance(op, BootstrapOp):
             raise InvalidRequest("bootstrap jobs are made by doBootstrap", where="operation")
+        if accept_device_policy == 40 and not self.carrier_callback_configured:
+            raise InvalidRequest("acceptDevicePolicy 40 asks the carrier, and no carrier "
+                                 "callback is configured", where="acceptDevicePolicy")
         _check_schedule(stages, windows, tz, start_at, end_at)
         if isinstance(op, UpdateOp) and op.content_id is not None:
             try:
@@ -111,8 +119,13 @@ class Jobs:
                   accept_device_policy=accept_device_policy,  # type: ignore[arg-type]
                   test_cycle=test_cycle, rate_limit=rate_limit, concurrency=concurrency,
                   windows=list(windows), tz=tz, stop_rule=stop_rule, stages=list(stages),
-                  priority=priority, start_at=start_at, end_at=end_at, selection=selection,
+                  priority=priority, start_at=start_at, end_at=end_at,
+                  # a long device list stays in the job's targets, not in its record (which
+                  # every counter move of the job rewrites)
+                  selection=selection if len(selection.dev_ids) <= RECORD_DEV_IDS
+                  else msgspec.structs.replace(selection, dev_ids=[]),
                   state=J.SCHEDULED)
+        _check_selection(selection)          # before anything is written
         job = await self.store.create_job(job)
         n = await self._select(job, selection)
         if n == 0:
@@ -128,16 +141,11 @@ class Jobs:
         """Writes the job's targets, TARGET_CHUNK at a time (never all in memory)."""
         total = 0
         if selection.dev_ids:
-            if selection.capability or selection.tac or selection.model or selection.firmware:
-                raise InvalidRequest("name devices or give a query, not both", where="selection")
             seen: set[str] = set()
             ids = [d for d in selection.dev_ids if not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
             for i in range(0, len(ids), TARGET_CHUNK):
                 total = await self.store.add_job_targets(job.job_id, ids[i:i + TARGET_CHUNK])
             return total
-        if not (selection.capability or selection.tac or selection.model or selection.firmware):
-            raise InvalidRequest("a job needs devices: dev_ids or a query (capability, tac, "
-                                 "model, firmware)", where="selection")
         query = DeviceQuery(capability=selection.capability, tac=selection.tac,
                             model=selection.model, firmware=selection.firmware)
         cursor: str | None = None
@@ -233,6 +241,18 @@ class Jobs:
                     b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
                     test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
                     correlator=task_id)
+
+
+def _check_selection(selection: Selection) -> None:
+    query = selection.capability or selection.tac or selection.model or selection.firmware
+    if selection.dev_ids and query:
+        raise InvalidRequest("name devices or give a query, not both", where="selection")
+    if not selection.dev_ids and not query:
+        raise InvalidRequest("a job needs devices: dev_ids or a query (capability, tac, "
+                             "model, firmware)", where="selection")
+    for i, d in enumerate(selection.dev_ids):
+        if not isinstance(d, str) or not 0 < len(d) <= 128 or not _ID.match(d):
+            raise InvalidRequest(f"not a device id: {d!r}", where=f"selection.dev_ids[{i}]")
 
 
 def _check_schedule(stages: Sequence[Stage], windows: Sequence[TimeWindow], tz: str | None,

@@ -153,8 +153,10 @@ class Scheduler:
                 task, S.EXPIRED, "deadline passed before the device answered"))
             touched += 1
         jobs = await self._open_jobs(now)
-        touched += await self._run_jobs(jobs, now)
+        # work already begun first: retries take the jobs' rate budgets before new tasks do
+        # (else a paced job's retries would wait until all its targets were started)
         touched += await self._retries(jobs, now)
+        touched += await self._run_jobs(jobs, now)
         return touched
 
     # --- jobs (DMSCHED) ------------------------------------------------------------------------
@@ -209,7 +211,8 @@ class Scheduler:
                     expect_state=J.RUNNING)
                 return 0
         boundary = stage_boundary(job)
-        if job.total >= boundary:
+        if job.op is None or job.total >= boundary:
+            # (a job without an operation — doBootstrap for a list — made its tasks itself)
             if in_flight(job) == 0:
                 await self._stage_done(job, v)
             return 0
@@ -299,6 +302,8 @@ class Scheduler:
         """Tasks due again (re-notification after backoff), claimed with a lease."""
         claimed = await self.store.claim_due(now, self.config.claim_page, self.config.claim_lease)
         todo = []
+        later: list[tuple[Task, float]] = []     # claimed, not sent now: when they may go
+        over_rate: dict[str, int] = {}
         touched = 0
         for task in claimed:
             if task.state not in (S.PENDING, S.NOTIFIED) or self.sessions.in_session(task.task_id):
@@ -312,13 +317,28 @@ class Scheduler:
             if task.attempts >= self.config.max_notifications:
                 await self._guarded(task, self.tasks.finish(
                     task, S.EXPIRED, f"device did not connect after {task.attempts} notifications"))
-            elif job is not None and (job.windows and window_wait(job.windows, job.tz, now) > 0
-                                      or self._take_tokens(job, now, 1) < 1):
-                continue                   # outside its window, or over its rate: next lease
+            elif job is not None and job.windows and window_wait(job.windows, job.tz, now) > 0:
+                later.append((task, now + window_wait(job.windows, job.tz, now)))
+            elif job is not None and self._take_tokens(job, now, 1) < 1:
+                # over its rate: due again when the job's budget has room for it (not after
+                # the whole lease), spread at the rate
+                k = over_rate[job.job_id] = over_rate.get(job.job_id, 0) + 1
+                rate = min(r for r in (job.rate_limit, self.config.max_notify_rate) if r)
+                later.append((task, now + max(self.config.tick_interval, k / rate)))
             else:
                 todo.append(task)
         await self._notify_all(todo, jobs)
+        await asyncio.gather(*(self._release(t, at) for t, at in later
+                               if at < now + self.config.claim_lease))
         return touched
+
+    async def _release(self, task: Task, at: float) -> None:
+        """A claimed task this pass does not notify is due again at ``at`` (sooner than its
+        lease would let it be)."""
+        try:
+            await self.store.update_task(msgspec.structs.replace(task, next_attempt=at))
+        except (Conflict, InvalidTransition, NotFound):
+            pass                           # it moved meanwhile (the device came): theirs now
 
     async def _notify_all(self, tasks: list[Task], jobs: dict[str, Job]) -> None:
         """Notifications of one pass, ``notify_parallel`` under way at once (their store
@@ -345,32 +365,65 @@ class Scheduler:
                 log.exception("scheduler: task %s could not be failed", task.task_id)
 
     async def recover(self) -> int:
-        """After a restart no session is open: job tasks that were in one go back for a retry,
-        except those whose outcome comes by alert (a FUMO Exec the device accepted is not
-        sent again).  Returns how many were put back."""
+        """After a restart no session is open and no notification of the old process is under
+        way.  The job tasks it had in hand are due again at once — the interruption was the
+        server's, not the device's, so no backoff and no lease is waited out: tasks cut off
+        mid-session go back to PENDING, except those whose outcome comes by alert (a FUMO
+        Exec the device accepted is not sent again); tasks it claimed or notified within the
+        last ``claim_lease`` (a package #0 that may never have gone out: NOTIFIED is written
+        before the send) are notified again.  Pacing still holds: they are claimed and
+        notified by the passes, within the job's rate.  Returns how many were put back."""
+        now = self.clock()
+        recent = now - self.config.claim_lease
         n = 0
         for state in (J.RUNNING, J.PAUSED):
             cursor: str | None = None
             while True:
                 page = await self.store.list_jobs(state=state, cursor=cursor, limit=500)
                 for job in page.items:
-                    for ts in (S.IN_PROGRESS, S.WAITING_USER):
+                    # PENDING first: tasks put back below are not looked at twice
+                    for ts in (S.PENDING, S.NOTIFIED, S.IN_PROGRESS, S.WAITING_USER):
                         tcur: str | None = None
                         while True:
                             tp = await self.store.tasks_by_job(job.job_id, state=ts, cursor=tcur,
                                                                limit=500)
                             for task in tp.items:
-                                if not self.sessions.in_session(task.task_id) \
-                                        and not waiting_alert(task):
-                                    await self.tasks.retry_later(
-                                        task, "the server restarted before the device answered")
-                                    n += 1
+                                if self.sessions.in_session(task.task_id):
+                                    continue
+                                if ts in (S.PENDING, S.NOTIFIED):
+                                    if task.next_attempt is None or task.next_attempt <= now \
+                                            or task.updated < recent:
+                                        continue       # due anyway, or in its own backoff
+                                    cause = "the server restarted: notifying again"
+                                elif waiting_alert(task):
+                                    continue
+                                else:
+                                    cause = "the server restarted before the device answered"
+                                try:
+                                    await self.tasks.move(task.task_id, S.PENDING, cause=cause,
+                                                          expect_state=ts,
+                                                          changes={"next_attempt": now})
+                                except (Conflict, InvalidTransition):
+                                    continue           # the device came meanwhile
+                                n += 1
+                                if self.sessions.in_session(task.task_id):
+                                    # the device connected while this was written: the task
+                                    # is its session's (which may have moved it just before)
+                                    try:
+                                        await self.tasks.move(
+                                            task.task_id, S.IN_PROGRESS, expect_state=S.PENDING,
+                                            cause="device connected; its session has the task",
+                                            changes={"next_attempt": None})
+                                    except (Conflict, InvalidTransition):
+                                        pass
                             tcur = tp.next_cursor
                             if tcur is None:
                                 break
                 cursor = page.next_cursor
                 if cursor is None:
                     break
+        if n:
+            log.info("scheduler: %d job tasks of the previous process due again", n)
         return n
 
     async def run(self) -> None:

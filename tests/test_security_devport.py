@@ -576,3 +576,28 @@ def test_one_address_guessing_many_accounts_is_slowed_down_others_are_not(tmp_pa
 
     run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
         account_free=100, address_free=5, base_delay=30.0)})
+
+
+def test_devices_with_stale_nonces_are_not_taken_for_guessing(tmp_path):
+    """Many devices behind one address whose stored nonce is stale fail their first try and
+    authenticate on the challenge's new nonce: the address is not slowed down by them."""
+    from dmengine.authguard import AuthGuardConfig
+
+    async def scenario(engine: Engine) -> None:
+        for i in range(8):
+            dev = f"IMEI:{490154203237600 + i}"
+            await engine.store.create_device(Device(dev_id=dev, msisdn=f"+1555010{i}",
+                                                    account=account(f"s{i}")))
+            status, reply = await post(engine.device_url, message(
+                dev, alert(1, 1201) + devinfo(2, dev), name=f"s{i}", session_id=f"N{i}",
+                cred=cred_md5(f"s{i}", "pw-" + "x" * 12, b"an-old-nonce")))
+            assert status == 200 and status_of_synchdr(reply) == "401", (i, status, reply)
+            nonce = base64.b64decode(re.search(rb"<NextNonce[^>]*>([^<]+)<", reply).group(1))
+            retry_uri = resp_uri(reply)
+            status, reply = await post(retry_uri, message(
+                dev, alert(1, 1201) + devinfo(2, dev), name=f"s{i}", session_id=f"N{i}",
+                msg_id=2, target=retry_uri, cred=cred_md5(f"s{i}", "pw-" + "x" * 12, nonce)))
+            assert status == 200 and status_of_synchdr(reply) == "212", (i, reply)
+
+    run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
+        account_free=100, address_free=3, base_delay=30.0)})
