@@ -25,7 +25,7 @@ from . import auth
 from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
-from .errors import Conflict, NotFound, ServiceError, StoreError
+from .errors import Conflict, InvalidTransition, NotFound, ServiceError, StoreError
 from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
@@ -68,6 +68,7 @@ class TaskRun:
 class SessionWork:
     dev_id: str | None = None                # the record the session proved
     runs: dict[str, TaskRun] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)   # correlators of alerts in this session
     authenticated: Authenticated | None = None   # until DeviceIdentified writes the record
 
 
@@ -136,6 +137,11 @@ class DeviceSessions:
                 await self._settle(work, "session ended before it authenticated")
             return
         work = self.works.setdefault(id(session), SessionWork())
+        # Results the device reports in this very message (a Generic Alert for an Exec of an
+        # earlier session, say one the server never saw answered): their tasks are not started
+        # again before the report is read — the report is their outcome
+        work.reported.update(ev.correlator for ev in events
+                             if isinstance(ev, GenericAlert) and ev.correlator)
         for ev in events:
             try:
                 await self._on_event(session, work, ev)
@@ -284,6 +290,8 @@ class DeviceSessions:
                 continue
             if task.state == S.IN_PROGRESS and waiting_alert(task):
                 continue                       # the result comes as a Generic Alert
+            if task.correlator in work.reported:
+                continue                       # the device reports its outcome right now
             if self.in_session(task.task_id):
                 continue                       # another live session of the device has it
             if ev.dev_id != record.dev_id:
@@ -378,9 +386,12 @@ class DeviceSessions:
             await self.tasks.finish(task, S.FAILED, cause, dm_status=status or None, result=result)
         elif run.waiting_alert:
             what = "firmware update" if isinstance(task.op, UpdateOp) else "Exec"
-            await self.tasks.move(task.task_id, S.IN_PROGRESS,
-                                  cause=f"{what} accepted; waiting for the result alert",
-                                  changes={"result": result})
+            try:
+                await self.tasks.move(task.task_id, S.IN_PROGRESS,
+                                      cause=f"{what} accepted; waiting for the result alert",
+                                      changes={"result": result})
+            except (Conflict, InvalidTransition):
+                pass                           # final meanwhile (its alert came first): kept
         else:
             await self.tasks.finish(task, S.SUCCEEDED, "all commands succeeded", result=result)
 
@@ -423,6 +434,9 @@ class DeviceSessions:
             return
         if task.state in FINAL_TASK_STATES:
             return
+        run = work.runs.get(task.task_id)
+        if run is not None:
+            run.done = True                    # the alert is the outcome; statuses after it are not
         fumo = isinstance(task.op, UpdateOp)
         try:
             code = int(_text(ev.data).strip())
