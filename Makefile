@@ -4,10 +4,10 @@ PY        ?= python3
 VENV      := .venv
 VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus
+DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus chromium wrk
 PYTEST_ARGS ?=
 
-.PHONY: run test bench fuzz deps venv build clean debug typecheck
+.PHONY: run test bench bench-campaign fuzz deps venv build clean debug typecheck
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: deps build
 
 bench: deps build
 	$(VPY) -m bench
+
+# The 1M-device FUMO campaign end to end (bench/bench_campaign.py): 10k, 100k and N devices.
+N ?= 1000000
+bench-campaign: deps build
+	DMENGINE_CAMPAIGN_N=$(N) $(VPY) -m bench campaign
 
 fuzz: deps build
 	$(VPY) fuzz/run.py --runs 1000000

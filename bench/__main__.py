@@ -1,8 +1,8 @@
 """`python -m bench [NAME ...] [--quick]`: runs bench/bench_NAME.py modules.
 
 Each module defines ``NAME`` and ``run(quick: bool) -> None`` (which calls
-``common.write_results``).  Results land in bench/results/NAME.json, tables on stdout and
-in bench/results/README.md.
+``common.write_results``).  Without names every module runs but those in ``ON_REQUEST``.
+Results land in bench/results/NAME.json, tables on stdout and in bench/results/README.md.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import sys
 import traceback
 
 HERE = pathlib.Path(__file__).resolve().parent
+#: run only when named (``python -m bench campaign``, ``make bench-campaign``): the campaign
+#: takes tens of minutes at its default million devices
+ON_REQUEST = frozenset({"campaign"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke tests")
     args = ap.parse_args(argv)
     available = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
-    names = args.names or available
+    names = args.names or [n for n in available if n not in ON_REQUEST]
     failed = []
     for name in names:
         if name not in available:

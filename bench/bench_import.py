@@ -60,11 +60,20 @@ def write_csv(path: str, n: int) -> int:
 
 
 def write_ndjson(path: str, n: int) -> int:
+    """The same devices as NDJSON rows in the API's names (``devId``, ``account.serverId``…:
+    dmengine.wsi.schemas), the unset fields left out."""
     enc = msgspec.json.Encoder()
+
+    def row(i: int) -> bytes:
+        d = _device(i)
+        assert d.account is not None
+        acc = {"serverId": d.account.server_id, "clientName": d.account.client_name,
+               "clientKey": d.account.client_key, "serverKey": d.account.server_key}
+        return enc.encode({"devId": d.dev_id, "imei": d.imei, "msisdn": d.msisdn,
+                           "capability": d.capability, "account": acc})
     with open(path, "wb") as f:
         for start in range(0, n, 10_000):
-            f.write(b"".join(enc.encode(_device(i)) + b"\n"
-                             for i in range(start, min(n, start + 10_000))))
+            f.write(b"".join(row(i) + b"\n" for i in range(start, min(n, start + 10_000))))
     return os.path.getsize(path)
 
 

@@ -18,6 +18,7 @@ memory; everything a restart needs is in the store.
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import os
 import secrets
@@ -31,12 +32,14 @@ from .config import BrokerConfig
 from .content import ContentService
 from .devices import CarrierCallback, imei_of
 from .errors import GatewayError, InvalidRequest, NotFound, UnknownResource
+from .identity import current_owner
 from .metrics import TaskMetrics
-from .model import BootstrapOp, Device, DmAccount, HistoryEntry, Task, TaskState, UpdateOp, new_id
+from .model import (BootstrapOp, Device, DiagOp, DmAccount, HistoryEntry, Task, TaskState,
+                    UpdateOp, new_id)
 from .notify.base import Gateway
 from .scheduler import Scheduler
 from .sessions import DeviceSessions
-from .store.base import Store
+from .store.base import DEFAULT_PAGE, Page, Store
 from .tasks import TaskData, Tasks, operation_name, task_data
 
 log = logging.getLogger("dmengine.broker")
@@ -132,9 +135,10 @@ class Broker:
                            dev_id: str | None = None, b_optin: bool = False,
                            accept_device_policy: int = 10, test_cycle: bool = False,
                            deadline: float | None = None, job_id: str | None = None,
-                           notify: bool = True) -> str:
+                           notify: bool = True, owner: str | None = None) -> str:
         """Creates the task for ``op`` (an UpdateOp/QueryOp/SetOp/ExecOp/DiagOp) on one device,
-        sends the first notification, and returns the task id."""
+        sends the first notification, and returns the task id.  ``owner``: who asked (default:
+        the system of the API call being served, :func:`dmengine.identity.current_owner`)."""
         if isinstance(op, BootstrapOp):
             raise InvalidRequest("use doBootstrap for BOOTSTRAP", where="operation")
         if accept_device_policy == 40 and self.carrier_callback is None:
@@ -150,7 +154,8 @@ class Broker:
                     b_optin=b_optin, accept_device_policy=accept_device_policy,  # type: ignore[arg-type]
                     test_cycle=test_cycle, state=S.PENDING, next_attempt=now,
                     deadline=deadline if deadline is not None else now + self.config.task_ttl,
-                    correlator=task_id)
+                    correlator=task_id,
+                    owner=owner if owner is not None else current_owner() or "")
         task = await self.tasks.create(task)
         if notify:
             await self.scheduler.notify(task)
@@ -159,8 +164,55 @@ class Broker:
     async def get_task_by_id(self, task_id: str) -> TaskData:
         return await self.tasks.get(task_id)
 
+    async def get_task(self, task_id: str) -> Task:
+        """The task record (what getTaskById shows); UnknownResource naming ``taskId``."""
+        try:
+            return await self.store.get_task(task_id)
+        except NotFound:
+            raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
+
     async def get_task_history(self, task_id: str) -> list[HistoryEntry]:
         return await self.tasks.history(task_id)
+
+    async def task_history_page(self, task_id: str, *, cursor: str | None = None,
+                                limit: int = DEFAULT_PAGE) -> Page[HistoryEntry]:
+        """getTaskHistory one page at a time, oldest entry first."""
+        try:
+            return await self.store.task_history(task_id, cursor=cursor, limit=limit)
+        except NotFound:
+            raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
+
+    async def get_diagnostics(self, *, dev_id: str | None = None, task_id: str | None = None,
+                              limit: int = 10) -> list[Task]:
+        """getDiagnostics: the DIAG tasks of one device, the latest ``limit`` of them newest
+        first (their results hold the values read), or the one DIAG task ``task_id``."""
+        if task_id is not None:
+            try:
+                task = await self.store.get_task(task_id)
+            except NotFound:
+                raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
+            if not isinstance(task.op, DiagOp):
+                raise InvalidRequest(f"task {task_id!r} is a {operation_name(task.op)}, "
+                                     "not a DIAG", where="taskId")
+            if dev_id is not None and task.dev_id != dev_id:
+                raise UnknownResource(f"device {dev_id!r} has no task {task_id!r}",
+                                      where="taskId")
+            return [task]
+        if dev_id is None:
+            raise InvalidRequest("name the device (devId) or the task (taskId)", where="devId")
+        try:
+            await self.store.get_device(dev_id)
+        except NotFound:
+            raise UnknownResource(f"no device {dev_id!r}", where="devId") from None
+        latest: collections.deque[Task] = collections.deque(maxlen=limit)
+        cursor: str | None = None
+        while True:             # oldest first: the last ``limit`` DIAG tasks are the latest
+            page = await self.store.tasks_by_device(dev_id, cursor=cursor)
+            latest.extend(t for t in page.items if isinstance(t.op, DiagOp))
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return list(reversed(latest))
 
     async def cancel_task(self, task_id: str, *, cause: str = "cancelled by the caller") -> Task:
         task = await self.tasks.cancel(task_id, cause)
@@ -171,12 +223,13 @@ class Broker:
                            dev_id: str | None = None, server_id: str | None = None,
                            client_name: str | None = None, security: str = "NETWORKID",
                            pin: str | None = None, deliver: bool = True,
-                           job_id: str | None = None) -> str:
+                           job_id: str | None = None, owner: str | None = None) -> str:
         """Gives the device a fresh DM account: generated credentials, stored with the device
         (API reads never show them), delivered as a DM-profile bootstrap message (WBXML with
         HMAC, PROTOCOL.md §10) through the gateway.  Returns the task id.  A bootstrap gets no
         response: the task SUCCEEDS when the device first opens a session with the new account.
-        ``job_id``: the job the task belongs to (the list form of doBootstrap).
+        ``job_id``: the job the task belongs to (the list form of doBootstrap); ``owner``: who
+        asked (default: the system of the API call being served).
 
         The NETWORKID key is the device's IMEI digits (the engine keeps no IMSI)."""
         if security not in bootstrap.SECURITY_METHODS:
@@ -200,7 +253,8 @@ class Broker:
         task = await self.tasks.create(Task(
             task_id=new_id("t"), dev_id=device.dev_id, job_id=job_id,
             op=BootstrapOp(account=account, security=security),  # type: ignore[arg-type]
-            state=S.PENDING, next_attempt=None, deadline=now + self.config.task_ttl))
+            state=S.PENDING, next_attempt=None, deadline=now + self.config.task_ttl,
+            owner=owner if owner is not None else current_owner() or ""))
         if not deliver:
             return task.task_id
         msg = bootstrap.build_message(bootstrap.BootstrapAccount(

@@ -150,12 +150,12 @@ class Jobs:
                             model=selection.model, firmware=selection.firmware)
         cursor: str | None = None
         while True:
-            page: Page[Any] = await self.store.query_devices(query, cursor=cursor,
-                                                             limit=TARGET_CHUNK,
-                                                             scan_limit=10 * TARGET_CHUNK)
+            # dev_ids only: a capability or TAC selection reads its index, not the records
+            page: Page[str] = await self.store.query_device_ids(query, cursor=cursor,
+                                                                limit=TARGET_CHUNK,
+                                                                scan_limit=10 * TARGET_CHUNK)
             if page.items:
-                total = await self.store.add_job_targets(job.job_id,
-                                                         [d.dev_id for d in page.items])
+                total = await self.store.add_job_targets(job.job_id, page.items)
             cursor = page.next_cursor
             if cursor is None:
                 return total
@@ -216,17 +216,32 @@ class Jobs:
         if owner is None:
             return await self.store.list_jobs(state=state, cursor=cursor, limit=limit)
         out: list[Job] = []
-        while len(out) < limit:
-            page = await self.store.list_jobs(state=state, cursor=cursor, limit=limit)
-            out.extend(j for j in page.items if j.owner == owner)
+        while len(out) < limit:           # never more than a page: the cursor stays exact
+            page = await self.store.list_jobs(state=state, cursor=cursor,
+                                              limit=limit - len(out))
+            for j in page.items:
+                if j.owner == owner:
+                    out.append(j)
             cursor = page.next_cursor
             if cursor is None:
                 break
-        return Page(out[:limit], cursor)
+        return Page(out, cursor)
 
     async def by_date(self, start: float, end: float, *, cursor: str | None = None,
-                      limit: int = 100) -> Page[Job]:
-        return await self.store.jobs_by_date(start, end, cursor=cursor, limit=limit)
+                      limit: int = 100, owner: str | None = None) -> Page[Job]:
+        if owner is None:
+            return await self.store.jobs_by_date(start, end, cursor=cursor, limit=limit)
+        out: list[Job] = []                  # one system's jobs (as ``list``)
+        while len(out) < limit:
+            page = await self.store.jobs_by_date(start, end, cursor=cursor,
+                                                 limit=limit - len(out))
+            for j in page.items:
+                if j.owner == owner:
+                    out.append(j)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return Page(out, cursor)
 
     async def tasks_of(self, job_id: str, *, state: TaskState | None = None,
                        cursor: str | None = None, limit: int = 100) -> Page[Task]:
@@ -240,7 +255,7 @@ class Jobs:
         return Task(task_id=task_id, dev_id=dev_id, op=job.op, job_id=job.job_id,  # type: ignore[arg-type]
                     b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
                     test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
-                    correlator=task_id)
+                    correlator=task_id, owner=job.owner)
 
 
 def _check_selection(selection: Selection) -> None:

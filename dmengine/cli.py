@@ -13,6 +13,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .broker import BrokerConfig
     from .errors import ConfigError
     from .engine import Engine, EngineConfig, gateway_from_spec, run_until_signal
+    from .identity import IdentityConfig
 
     cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
                        device_port=args.device_port, api_port=args.api_port,
@@ -21,7 +22,15 @@ def _serve(args: argparse.Namespace) -> int:
                        tls_cert=args.tls_cert, tls_key=args.tls_key,
                        api_tls_cert=args.api_tls_cert, api_tls_key=args.api_tls_key,
                        carrier_callback_url=args.carrier_callback,
-                       broker=BrokerConfig(server_id=args.server_id),
+                       allow_private_callbacks=args.allow_private_callbacks,
+                       callback_allow_networks=tuple(args.callback_allow_network or ()),
+                       broker=BrokerConfig(server_id=args.server_id, **{k: v for k, v in (
+                           ("tick_interval", args.scheduler_tick),
+                           ("job_batch", args.job_batch),
+                           ("notify_parallel", args.notify_parallel)) if v is not None}),
+                       identity=IdentityConfig(**{k: v for k, v in (
+                           ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
+                           ("default_burst", args.api_burst)) if v is not None}),
                        server_overrides={k: v for k, v in (
                            ("max_connections", args.max_connections),
                            ("max_connections_per_address", args.max_connections_per_address))
@@ -79,11 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="HTTPS on the device port: private key (PEM)")
     s.add_argument("--api-tls-cert", help="HTTPS on the API port: certificate chain (PEM)")
     s.add_argument("--api-tls-key", help="HTTPS on the API port: private key (PEM)")
+    s.add_argument("--session-ttl", type=float, default=None, metavar="S",
+                   help="seconds a userSession from login lives (default 3600)")
+    s.add_argument("--api-rate", type=float, default=None, metavar="PER_S",
+                   help="API calls per second of a key or user without its own rate "
+                        "(default 50; 0: no limit; the key serve prints has none)")
+    s.add_argument("--api-burst", type=int, default=None, metavar="N",
+                   help="API calls at once above that rate (default 100)")
     s.add_argument("--gateway", help="package-0 gateway: kannel:URL?user=U&password=P or http:URL")
     s.add_argument("--carrier-callback", help="URL for acceptDevicePolicy 40")
+    s.add_argument("--allow-private-callbacks", action="store_true",
+                   help="let webhooks, the carrier callback and the HTTP gateway call loopback, "
+                        "link-local and private addresses (tests, one machine); off: refused")
+    s.add_argument("--callback-allow-network", action="append", metavar="CIDR",
+                   help="a network those URLs may call even so (repeatable)")
     s.add_argument("--gateway-rate", type=float, default=None, metavar="PER_S",
                    help="package 0 handed to the gateway per second at most (default 50; "
                         "0: no limit)")
+    s.add_argument("--scheduler-tick", type=float, default=None, metavar="S",
+                   help="seconds between scheduler passes (default 1)")
+    s.add_argument("--job-batch", type=int, default=None, metavar="N",
+                   help="tasks a job starts in one scheduler pass at most (default 5000)")
+    s.add_argument("--notify-parallel", type=int, default=None, metavar="N",
+                   help="package-0 notifications under way at once in a pass (default 512)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,
@@ -108,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_devices(sub)
     from .jobs_cli import register_cli as register_jobs
     register_jobs(sub)
+    from .keys_cli import register_cli as register_keys
+    register_keys(sub)
     return ap
 
 

@@ -130,7 +130,7 @@ class Client:
                              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """importDeviceInstances: streams a file (or an iterable of byte blocks) to the API.
         ``progress(n)`` is called with the bytes of each block sent.  Returns the report
-        (``created``, ``replaced``, ``rejected``, ``errors``, ``errors_omitted``)."""
+        (``rows``, ``created``, ``replaced``, ``rejected``, ``errors``, ``errorsOmitted``)."""
         if isinstance(source, (str, os.PathLike)):
             fmt = import_format_of(os.fspath(source), format)
             path = os.fspath(source)
@@ -158,6 +158,8 @@ class Client:
                                   data=body(), headers={"Content-Type": MEDIA_TYPES[fmt]})
 
     async def create_device(self, device: dict[str, Any]) -> dict[str, Any]:
+        """createDeviceInstance: ``device`` in the API's names (``devId``, ``imei``,
+        ``msisdn``, ``account: {serverId, clientName, clientPassword…}``)."""
         return await self.request("POST", "v1/devices", json=device)
 
     async def get_device(self, ident: str) -> dict[str, Any]:
@@ -165,7 +167,8 @@ class Client:
         return await self.request("GET", f"v1/devices/{quote(ident, safe=':@+=')}")
 
     async def update_device(self, ident: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """updateDeviceInstance: a merge-patch (None removes a field; ``account`` merges)."""
+        """updateDeviceInstance: a merge-patch in the API's names (None removes a field;
+        ``account`` merges)."""
         return await self.request("PATCH", f"v1/devices/{quote(ident, safe=':@+=')}",
                                   json=changes)
 
@@ -174,8 +177,10 @@ class Client:
 
     async def find_devices(self, *, cursor: str | None = None, limit: int | None = None,
                            **filters: Any) -> dict[str, Any]:
-        """One page of getDeviceInstances: ``{"items": [...], "next_cursor": ...}``.  Filters:
-        msisdn, imei, capability, tac, model, firmware, last_contact_after/_before."""
+        """One page of getDeviceInstances: ``{"items": [...], "nextCursor": ...}``.  Filters:
+        msisdn, imei, capability, tac, model, firmware, lastContactAfter/lastContactBefore
+        (snake_case names are passed in the API's camelCase)."""
+        filters = {_camel(k): v for k, v in filters.items()}
         return await self.request("GET", "v1/devices",
                                   params={**filters, "cursor": cursor, "limit": limit})
 
@@ -187,9 +192,14 @@ class Client:
             page = await self.find_devices(cursor=cursor, limit=limit, **filters)
             for d in page["items"]:
                 yield d
-            cursor = page["next_cursor"]
+            cursor = page["nextCursor"]
             if cursor is None:
                 return
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
 # --- CLI: dmengine devices … ---------------------------------------------------------------------

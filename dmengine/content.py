@@ -58,7 +58,7 @@ import msgspec
 from .errors import (ContentError, ContentMismatch, ContentTooLarge, NoContentFits, NotFound,
                      ValidationError)
 from .model import Content, new_id, validate
-from .store.base import all_pages
+from .store.base import Page, all_pages
 
 __all__ = [
     "ContentService", "ContentResponse", "ByteRange", "parse_range", "iter_body",
@@ -458,6 +458,15 @@ class ContentService:
 
     async def all_content(self) -> list[Content]:
         return await all_pages(lambda c: self.store.list_content(cursor=c))
+
+    async def list_page(self, *, capability: str | None = None, cursor: str | None = None,
+                        limit: int = 100) -> Page[Content]:
+        """listContent: one page of the records, by id; ``capability``: only the packages
+        for it (a page may then hold fewer than ``limit``: page on until no cursor)."""
+        page = await self.store.list_content(cursor=cursor, limit=limit)
+        if capability is None:
+            return page
+        return Page([c for c in page.items if c.capability == capability], page.next_cursor)
 
     # --- FUMO package choice ------------------------------------------------------------------
 

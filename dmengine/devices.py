@@ -28,6 +28,7 @@ import msgspec
 from .errors import NotFound, ValidationError
 from .model import Device, DmAccount, where_of
 from .store.base import ImportReport, Store
+from .urlguard import UrlGuard, UrlRefused
 
 POLICY_SAME_TAC = 10
 POLICY_ANY_IF_NONE = 20
@@ -98,19 +99,26 @@ async def check_device_policy(policy: int, record: Device, reported_dev_id: str,
 
 
 def http_carrier_callback(url: str, *, timeout: float = DEFAULT_CALLBACK_TIMEOUT,
-                          session: aiohttp.ClientSession | None = None) -> CarrierCallback:
+                          session: aiohttp.ClientSession | None = None,
+                          guard: UrlGuard | None = None) -> CarrierCallback:
     """Policy 40 over HTTP: POSTs ``{task_id, dev_id, msisdn, imei_on_record, reported_dev_id}``
     as JSON; the carrier answers ``{"decision": "accept"}`` or ``{"decision": "reject"}``.
-    Anything else (error status, timeout, other JSON) counts as reject."""
+    Anything else (error status, timeout, other JSON, a redirect, an address ``guard``
+    refuses when connecting) counts as reject."""
 
     async def callback(record: Device, reported_dev_id: str, task_id: str) -> bool:
         body = {"task_id": task_id, "dev_id": record.dev_id, "msisdn": record.msisdn,
                 "imei_on_record": record.imei, "reported_dev_id": reported_dev_id}
         own = session is None
-        s = session or aiohttp.ClientSession()
+        s = session or (guard.session() if guard is not None else aiohttp.ClientSession())
         try:
+            if guard is not None:
+                try:
+                    guard.check_literal(url)
+                except UrlRefused:
+                    return False
             async with asyncio.timeout(timeout):
-                async with s.post(url, json=body) as resp:
+                async with s.post(url, json=body, allow_redirects=False) as resp:
                     if resp.status != 200:
                         return False
                     answer = await resp.json(content_type=None)
@@ -337,7 +345,9 @@ class DeviceImport:
 
     def __init__(self, store: Store, fmt: ImportFormat, *, replace: bool = False,
                  server_id: str = "dmengine", chunk: int = IMPORT_CHUNK,
-                 max_errors: int = MAX_ERRORS) -> None:
+                 max_errors: int = MAX_ERRORS, row_decoder: Any = None) -> None:
+        """``row_decoder``: what decodes an NDJSON line into a Device (``.decode(bytes)``,
+        raising msgspec's errors); default: the record's own field names."""
         self.store = store
         self.fmt = fmt
         self.replace = replace
@@ -357,7 +367,7 @@ class DeviceImport:
         self._nerrors = 0
         self._seq = 0
         self._build: Callable[[list[str], float], Device] | None = None
-        self._json = msgspec.json.Decoder(Device)
+        self._json = row_decoder if row_decoder is not None else msgspec.json.Decoder(Device)
 
     # --- input ----------------------------------------------------------------------------
 

@@ -19,11 +19,14 @@ from .broker import Broker, BrokerConfig
 from .content import CONTENT_PREFIX, ContentService
 from .devices import http_carrier_callback
 from .errors import ConfigError
+from .identity import Identities, IdentityConfig
 from .metrics import DeviceMetrics, TaskMetrics
 from .notify.base import Gateway
 from .server import DmServer, ServerConfig
 from .store.base import Store
 from .store.lmdb import LmdbStore
+from .urlguard import UrlGuard, UrlRefused
+from .webhooks import WebhookConfig, Webhooks
 
 
 @dataclass
@@ -48,8 +51,17 @@ class EngineConfig:
     api_tls_cert: str | None = None         # API port TLS
     api_tls_key: str | None = None
     carrier_callback_url: str | None = None
-    #: default: generated once, kept in DATA/api-key
+    #: outgoing URLs (webhooks, carrier callback, HTTP package-0 gateway) may name loopback,
+    #: link-local and private addresses (tests, one-machine set-ups); see dmengine/urlguard.py
+    allow_private_callbacks: bool = False
+    #: networks (CIDR) those URLs may name even so (an SMS centre on the operator's network)
+    callback_allow_networks: tuple[str, ...] = ()
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    #: default: generated once, kept in DATA/api-key; the store keeps it (hashed) as the
+    #: first admin key (dmengine/identity.py)
     api_key: str | None = field(default=None, repr=False)
+    #: userSession lifetime, per-identity rate limits, password hashing
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     server_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +109,8 @@ class Engine:
         self.task_metrics = TaskMetrics(self.registry)
         self.content: ContentService | None = None
         self.broker: Broker | None = None
+        self.identity: Identities | None = None
+        self.webhooks: Webhooks | None = None
         self.server: DmServer | None = None
         self.api_runner: Any = None
         self.api_port: int | None = None
@@ -105,17 +119,21 @@ class Engine:
     async def start(self) -> "Engine":
         cfg = self.config
         api_ssl = cfg.api_ssl_context()    # a bad certificate fails before anything is open
+        guard = UrlGuard.from_config(cfg.allow_private_callbacks, cfg.callback_allow_networks)
+        await check_callback_urls(cfg, self.gateway, guard)     # so is a refused callback URL
         data = pathlib.Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.api_key = cfg.api_key or load_or_create_api_key(data)
         if self.store is None:
             self.store = LmdbStore(data / "store")
+        self.identity = Identities(self.store, cfg.identity)
+        await self.identity.ensure_serve_key(self.api_key)
         self.content = ContentService(self.store, data / "content")
         scfg = ServerConfig(host=cfg.host, port=cfg.device_port, path=cfg.device_path,
                             server_id=cfg.server_id, require_auth=cfg.require_auth,
                             public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                             **cfg.server_overrides)
-        callback = http_carrier_callback(cfg.carrier_callback_url) \
+        callback = http_carrier_callback(cfg.carrier_callback_url, guard=guard) \
             if cfg.carrier_callback_url else None
         self.broker = Broker(self.store, self.gateway, config=cfg.broker,
                              carrier_callback=callback, content=self.content,
@@ -133,6 +151,8 @@ class Engine:
         self.api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port,
                                                          ssl_context=api_ssl)
         self.broker.start()
+        self.webhooks = Webhooks(self.store, guard, cfg.webhooks, registry=self.registry)
+        self.webhooks.start()
         return self
 
     @property
@@ -154,6 +174,8 @@ class Engine:
                 ("content", self.device_url.rsplit(self.config.device_path, 1)[0] + "/content/")]
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.broker is not None:
             await self.broker.stop()
         if self.server is not None:
@@ -170,6 +192,25 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def check_callback_urls(cfg: EngineConfig, gateway: Gateway | None,
+                              guard: UrlGuard) -> None:
+    """The outgoing URLs of the configuration pass the guard (resolved now; every connection
+    checks again): the carrier callback of policy 40 and the HTTP package-0 gateway."""
+    urls = [("carrier_callback_url", cfg.carrier_callback_url)]
+    from .notify.http import HttpCallbackGateway
+    if isinstance(gateway, HttpCallbackGateway):
+        gateway.guard = guard
+        urls.append(("gateway", gateway.url))
+    for key, url in urls:
+        if not url:
+            continue
+        try:
+            await guard.check(url)
+        except UrlRefused as exc:
+            raise ConfigError(f"{url!r} refused: {exc} (--allow-private-callbacks or "
+                              f"--callback-allow-network CIDR allows it)", key=key) from None
 
 
 def gateway_from_spec(spec: str | None) -> Gateway | None:

@@ -87,7 +87,16 @@ class JobsClient(Client):
         return await self.request("GET", f"v1/tasks/{_seg(task_id)}")
 
     async def task_history(self, task_id: str) -> list[dict[str, Any]]:
-        return await self.request("GET", f"v1/tasks/{_seg(task_id)}/history")
+        """getTaskHistory, every page: the task's state changes, oldest first."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = await self.request("GET", f"v1/tasks/{_seg(task_id)}/history",
+                                      params={"cursor": cursor, "limit": 1000})
+            items += page["items"]
+            cursor = page["nextCursor"]
+            if cursor is None:
+                return items
 
     async def cancel_task(self, task_id: str) -> dict[str, Any]:
         return await self.request("POST", f"v1/tasks/{_seg(task_id)}/cancel")
@@ -462,14 +471,14 @@ def _task_show(args: argparse.Namespace) -> int:
         if args.json:
             _dump(t)
             return 0
-        rows = [("task", f"{t['task_id']}  {t['status']}"), ("device", t["dev_id"]),
-                ("operation", t["operation"]), ("job", t.get("job_id") or "-"),
+        rows = [("task", f"{t['taskId']}  {t['status']}"), ("device", t["devId"]),
+                ("operation", t["operation"]), ("job", t.get("jobId") or "-"),
                 ("attempts", t["attempts"]), ("created", _t(t.get("created"))),
                 ("updated", _t(t.get("updated"))), ("finished", _t(t.get("finished"))),
                 ("cause", t.get("cause") or "-")]
         res = t.get("result") or {}
-        if res.get("fumo_result") is not None:
-            rows.append(("FUMO", res["fumo_result"]))
+        if res.get("fumoResult") is not None:
+            rows.append(("FUMO", res["fumoResult"]))
         for k, v in (res.get("statuses") or {}).items():
             rows.append(("status", f"{k}: {v}"))
         for k, v in (res.get("nodes") or {}).items():
@@ -487,9 +496,9 @@ def _task_history(args: argparse.Namespace) -> int:
             _dump(hist)
             return 0
         for h in hist:
-            codes = "".join(f"  {k} {h[k]}" for k in ("dm_status", "result_code")
+            codes = "".join(f"  {k} {h[k]}" for k in ("dmStatus", "resultCode")
                             if h.get(k) is not None)
-            print(f"{_t(h['time'])}  {h.get('from_state') or '-':>12} -> {h['to_state']:<12}"
+            print(f"{_t(h['time'])}  {h.get('fromState') or '-':>12} -> {h['toState']:<12}"
                   f"{codes}  {h.get('cause') or ''}")
         return 0
     return _run(args, fn)

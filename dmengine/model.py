@@ -252,6 +252,9 @@ class Task(Struct, kw_only=True, omit_defaults=True, gc=False):
     created: Time = 0.0
     updated: Time = 0.0
     finished: Union[Time, None] = None
+    #: who asked: the external system (``Identity.owner``, dmengine/identity.py) whose call
+    #: made it, or its job's owner; "" for tasks made before identities (only admins see them)
+    owner: Name = ""
 
 
 class HistoryEntry(Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -359,6 +362,9 @@ class OutboxEntry(Struct, kw_only=True, omit_defaults=True):
     attempts: Count = 0
     last_error: Union[Text, None] = None
     created: Time = 0.0
+    #: an event of this topic (dmengine/webhooks.py): the store writes the entry only while
+    #: some subscription listens to the topic, so nobody pays for events no one receives
+    topic: Union[Literal["task", "job", "charging"], None] = None
 
 
 class AuditEntry(Struct, kw_only=True, omit_defaults=True):
@@ -368,6 +374,109 @@ class AuditEntry(Struct, kw_only=True, omit_defaults=True):
     target: Union[Annotated[str, Meta(max_length=1024)], None] = None
     detail: dict[str, Any] = {}
     seq: Count = 0                                 # set by the store
+
+
+# --- identities: API keys, users, sessions (dmengine/identity.py) --------------------------
+
+#: Roles, weakest first: each may do what the ones before it may
+#: (viewer: reads; operator: operations, jobs, devices, content; admin: everything).
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[str, ...] = ("viewer", "operator", "admin")
+#: A SHA-256 as hex: what the store keeps of an API key or a session token (never the
+#: secret).  A length rule, not a regex: records are decoded on every API call.
+SecretHash = Annotated[str, Meta(min_length=64, max_length=64, extra={"secret": True})]
+OptRate = Union[Annotated[float, Meta(ge=0)], None]        # requests/s; 0: no limit
+OptBurst = Union[Annotated[int, Meta(ge=1, le=1_000_000)], None]
+
+
+class ApiKey(Struct, kw_only=True, omit_defaults=True):
+    """An external system's API key.  ``name`` is the system: the owner of the jobs and tasks
+    its calls make.  The key itself is never stored, only its SHA-256 (``key_hash``)."""
+    key_id: Id
+    name: Name
+    role: Role
+    key_hash: SecretHash
+    rate: OptRate = None                           # None: the configured default
+    burst: OptBurst = None
+    created: Time = 0.0
+    created_by: Name = ""
+    revoked: Union[Time, None] = None
+    revoked_by: Union[Name, None] = None
+
+
+class User(Struct, kw_only=True, omit_defaults=True):
+    """A person or system that logs in with a name and password (scrypt hash, PHC-like
+    ``scrypt$n$r$p$salt$hash``).  ``system``: whose jobs and tasks (default: the name)."""
+    name: Id
+    role: Role
+    password_hash: Annotated[str, Meta(max_length=512, extra={"secret": True})]
+    system: Name = ""
+    rate: OptRate = None
+    burst: OptBurst = None
+    created: Time = 0.0
+    created_by: Name = ""
+
+
+class UserSession(Struct, kw_only=True, omit_defaults=True):
+    """A ``userSession`` token's record, stored under the token's SHA-256 (``token_hash``).
+    ``subject`` is the key_id (``kind`` "key") or the user name (``kind`` "user"); the role is
+    read from that record on every use, so a revoked key or a deleted user ends its sessions."""
+    token_hash: SecretHash
+    session_id: Id
+    kind: Literal["key", "user"]
+    subject: Id
+    expires: Time
+    created: Time = 0.0
+
+
+# --- push: subscriptions, dead letters, charging events (dmengine/webhooks.py) -------------
+
+EventTopic = Literal["task", "job", "charging"]
+EVENT_TOPICS: tuple[str, ...] = ("task", "job", "charging")
+
+
+class Subscription(Struct, kw_only=True, omit_defaults=True):
+    """A webhook: events of ``topics`` POSTed to ``url``, signed with ``secret`` (HMAC-SHA256;
+    shown once, when the subscription is made).  ``job_id``: only that job's task and job
+    events (charging events are not filtered).  ``owner``: the external system that made it;
+    it gets the events of that owner's tasks and jobs only, unless ``all_owners`` (made by
+    an identity that sees everything: an admin)."""
+    sub_id: Id
+    url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    topics: Annotated[list[EventTopic], Meta(min_length=1, max_length=3)]
+    secret: Secret
+    owner: Name = ""
+    all_owners: bool = False
+    job_id: OptId = None
+    description: Union[Text, None] = None
+    created: Time = 0.0
+
+
+class DeadLetter(Struct, kw_only=True, omit_defaults=True):
+    """A delivery that failed ``entry.attempts`` times: kept until replayed."""
+    entry: OutboxEntry
+    time: Time
+    error: Union[Text, None] = None
+
+
+class ChargingEvent(Struct, kw_only=True, omit_defaults=True):
+    """IF-4: one completed (not test-cycle) operation.  ``event_id`` is its outbox entry's id,
+    ``time`` when the task finished."""
+    event_id: Id
+    time: Time
+    task_id: OptId = None
+    job_id: OptId = None
+    owner: Name = ""
+    dev_id: Union[DevId, None] = None
+    imei: Union[Annotated[str, Meta(max_length=64)], None] = None
+    msisdn: Union[Annotated[str, Meta(max_length=64)], None] = None
+    devinfo: dict[Uri, NodeValue] = {}
+    operation: Union[Name, None] = None
+    content_id: OptId = None
+    content_version: Union[Name, None] = None
+    result: Union[Name, None] = None               # the task's final state (SUCCEEDED)
+    result_code: Union[int, None] = None           # FUMO / Exec result code, when there is one
+    cause: Union[Text, None] = None
 
 
 class SchemaRecord(Struct, kw_only=True):
@@ -492,6 +601,8 @@ __all__ = [
     "FINAL_TASK_STATES", "DmAccount", "Device", "Capability", "UpdateOp", "QueryOp", "NodeChange",
     "SetOp", "ExecOp", "DiagOp", "BootstrapOp", "Operation", "TaskResult", "Task", "HistoryEntry",
     "TimeWindow", "StopRule", "Stage", "Selection", "Job", "Content", "OutboxEntry", "AuditEntry", "SchemaRecord",
+    "Role", "ROLES", "ApiKey", "User", "UserSession",
+    "EventTopic", "EVENT_TOPICS", "Subscription", "DeadLetter", "ChargingEvent",
     "validate", "redact", "redact_account", "redact_task", "secret_fields", "new_id", "now",
     "MIGRATIONS", "decoder", "where_of", "field",
 ]

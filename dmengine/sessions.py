@@ -473,10 +473,25 @@ class DeviceSessions:
             session.queue(CommandHandle(task.task_id, "cmd", 0), Command(
                 name="Exec", correlator=correlator, items=[Item(target=f"{node}/Update")]))
             return
+        package = await self._package_of(task)
         await self._forget_firmware(task.dev_id)   # the old FwV is stale now
-        await self.tasks.finish(task, S.SUCCEEDED, f"firmware updated: {code} "
-                                                   f"{describe_fumo_result(code)}",
-                                result_code=code, result=result)
+        await self.tasks.finish(task, S.SUCCEEDED,
+                                f"firmware updated: {code} {describe_fumo_result(code)}",
+                                result_code=code, result=result, package=package)
+
+    async def _package_of(self, task: Task) -> tuple[str, str | None] | None:
+        """The content id and version an UPDATE installed (for its charging event): the one
+        it named, else the one the content store picks for the device's firmware before the
+        update (read before that snapshot is forgotten)."""
+        op = task.op
+        if not isinstance(op, UpdateOp) or op.content_id is not None:
+            return None                        # named: the charging event has it already
+        try:
+            device = await self.store.get_device(task.dev_id)
+            content, _node, _mode = await self.commands.content_for(op, device)
+        except (NotFound, ServiceError):
+            return None
+        return content.content_id, content.to_version
 
     async def _forget_firmware(self, dev_id: str) -> None:
         await self._change_devdetail(

@@ -1,9 +1,14 @@
 """Tasks (L4): creation, state moves, the end of a task and what it leaves in the outbox.
 
 Every task write of the services goes through :class:`Tasks`, so that the metrics, the history
-(the store writes an entry per move) and the charging events follow one rule: a task that
-SUCCEEDS outside a test cycle leaves a ``charging`` entry in the outbox, written in the same
-transaction as the move.
+(the store writes an entry per move) and the events follow one rule, each outbox entry written
+in the same transaction as the move:
+
+* a task that reaches a final state leaves a ``task.finished`` event (topic ``task``: the store
+  keeps it only while someone subscribes to task events, see dmengine/webhooks.py);
+* a task that SUCCEEDS outside a test cycle leaves its IF-4 charging event (kind ``charging``:
+  time, device — DevId, IMEI, MSISDN, DevInfo —, operation, package, result), which the store
+  also appends to its charging log.
 
 Task life (DESIGN.md §4): PENDING → NOTIFIED → IN_PROGRESS → (WAITING_USER) → SUCCEEDED |
 FAILED | CANCELLED | EXPIRED.
@@ -21,8 +26,8 @@ import msgspec
 from .config import BrokerConfig
 from .errors import Conflict, InvalidTransition, NotFound, ServiceError, UnknownResource
 from .metrics import TaskMetrics
-from .model import (FINAL_TASK_STATES, HistoryEntry, OutboxEntry, Task, TaskResult, TaskState,
-                    new_id)
+from .model import (FINAL_TASK_STATES, ChargingEvent, HistoryEntry, OutboxEntry, Task, TaskResult,
+                    TaskState, UpdateOp, new_id)
 from .store.base import Store, all_pages
 
 log = logging.getLogger("dmengine.tasks")
@@ -78,7 +83,19 @@ class Tasks:
             self.metrics.task_moved(task.state.value)
         return task
 
-    async def move(self, task_id: str, to_state: TaskState, **kw: Any) -> Task:
+    async def move(self, task_id: str, to_state: TaskState, *, task: Task | None = None,
+                   **kw: Any) -> Task:
+        """One state move (``kw``: the store's ``transition`` arguments).  A move to a final
+        state carries its ``task.finished`` event (``task``: the record as the caller read
+        it, else it is read here for the event's fields)."""
+        if to_state in FINAL_TASK_STATES:
+            if task is None:
+                try:
+                    task = await self.store.get_task(task_id)
+                except NotFound:
+                    task = None               # the move below says NotFound
+            if task is not None and task.state not in FINAL_TASK_STATES:
+                kw["enqueue"] = [*kw.get("enqueue", ()), self.task_event(task, to_state, kw)]
         task = await self.store.transition(task_id, to_state, **kw)
         if self.metrics is not None:
             self.metrics.task_moved(to_state.value)
@@ -101,8 +118,66 @@ class Tasks:
         task = await self.store.get_task(task_id)
         if task.state in FINAL_TASK_STATES:
             raise ServiceError(f"task {task_id} is already {task.state.value}", where="taskId")
-        return await self.move(task_id, S.CANCELLED, cause=cause,
+        return await self.move(task_id, S.CANCELLED, task=task, cause=cause,
                                changes={"finished": self.clock(), "next_attempt": None})
+
+    def task_event(self, task: Task, state: TaskState, move: dict[str, Any]) -> OutboxEntry:
+        """The ``task.finished`` event of ``task`` moving to the final ``state`` (``move``:
+        the transition's arguments: cause, codes, the result among the changes)."""
+        changes = move.get("changes") or {}
+        result = changes.get("result", task.result)
+        now = self.clock()
+        return OutboxEntry(
+            entry_id=new_id("ev"), kind="webhook", topic="task", due=now,
+            payload={"type": "task.finished", "time": now, "task_id": task.task_id,
+                     "job_id": task.job_id, "dev_id": task.dev_id,
+                     "owner": getattr(task, "owner", ""),
+                     "operation": operation_name(task.op), "state": state.value,
+                     "cause": move.get("cause"), "dm_status": move.get("dm_status"),
+                     "result_code": move.get("result_code"), "test_cycle": task.test_cycle,
+                     "attempts": changes.get("attempts", task.attempts),
+                     "result": msgspec.to_builtins(result) if result is not None else None})
+
+    async def charging_event(self, task: Task, state: TaskState, cause: str, *,
+                             result_code: int | None,
+                             package: tuple[str, str | None] | None = None) -> OutboxEntry:
+        """The IF-4 charging entry of a task that completed: the device as on record now
+        (DevId, IMEI, MSISDN, DevInfo), the operation, the package (``package``: the content
+        id and version the session used; else the one the UPDATE named) and the result."""
+        now = self.clock()
+        ev: dict[str, Any] = {"time": now, "task_id": task.task_id, "job_id": task.job_id,
+                              "owner": getattr(task, "owner", ""), "dev_id": task.dev_id,
+                              "operation": operation_name(task.op), "result": state.value,
+                              "result_code": result_code, "cause": cause}
+        try:
+            device = await self.store.get_device(task.dev_id)
+        except NotFound:
+            device = None
+        if device is not None:
+            ev.update(imei=device.imei, msisdn=device.msisdn, devinfo=dict(device.devinfo))
+        if package is None and isinstance(task.op, UpdateOp) and task.op.content_id:
+            try:
+                content = await self.store.get_content(task.op.content_id)
+                package = (content.content_id, content.to_version)
+            except NotFound:
+                package = (task.op.content_id, None)
+        if package is not None:
+            ev.update(content_id=package[0], content_version=package[1])
+        entry_id = new_id("ev")
+        # the payload is the log's record (store/kv.py keeps it in the charging log)
+        try:
+            record = msgspec.convert({**ev, "event_id": entry_id}, ChargingEvent)
+        except msgspec.ValidationError as exc:       # never keeps the task from finishing
+            log.warning("charging event of task %s without its device details: %s",
+                        task.task_id, exc)
+            for k in ("imei", "msisdn", "devinfo", "cause"):
+                ev.pop(k, None)
+            record = msgspec.convert({**ev, "event_id": entry_id}, ChargingEvent)
+        payload = msgspec.to_builtins(record)
+        payload.pop("event_id", None)
+        # topic: queued for delivery only while someone subscribes; logged in any case
+        return OutboxEntry(entry_id=entry_id, kind="charging", topic="charging", due=now,
+                           payload=payload)
 
     def retry_delay(self, attempts: int) -> float:
         """The wait before attempt ``attempts + 1``: the configured backoff with jitter."""
@@ -127,23 +202,23 @@ class Tasks:
 
     async def finish(self, task: Task, state: TaskState, cause: str, *,
                      dm_status: int | None = None, result_code: int | None = None,
-                     result: TaskResult | None = None) -> Task | None:
-        """Moves ``task`` to a final state; a success outside a test cycle queues its charging
-        event in the same write.  None when the task was final already (cancelled meanwhile:
-        its late outcome is dropped)."""
+                     result: TaskResult | None = None,
+                     package: tuple[str, str | None] | None = None) -> Task | None:
+        """Moves ``task`` to a final state with its ``task.finished`` event; a success outside
+        a test cycle queues its charging event in the same write (``package``: the content id
+        and version an UPDATE installed, when the session knows it).  None when the task was
+        final already (cancelled meanwhile: its late outcome is dropped)."""
         changes: dict[str, Any] = {"finished": self.clock(), "next_attempt": None}
         if result is not None:
             changes["result"] = msgspec.structs.replace(result, message=cause)
         enqueue: list[OutboxEntry] = []
         if state == S.SUCCEEDED and not task.test_cycle:
-            enqueue.append(OutboxEntry(
-                entry_id=new_id("o"), kind="charging", due=self.clock(),
-                payload={"event": "task_succeeded", "task_id": task.task_id,
-                         "dev_id": task.dev_id, "operation": operation_name(task.op),
-                         "job_id": task.job_id}))
+            enqueue.append(await self.charging_event(task, state, cause, result_code=result_code,
+                                                     package=package))
         try:
-            return await self.move(task.task_id, state, cause=cause, dm_status=dm_status,
-                                   result_code=result_code, changes=changes, enqueue=enqueue)
+            return await self.move(task.task_id, state, task=task, cause=cause,
+                                   dm_status=dm_status, result_code=result_code,
+                                   changes=changes, enqueue=enqueue)
         except (Conflict, InvalidTransition) as exc:
             # refused because the task is final already; a store that cannot write is not
             # caught here: its caller must not take the outcome as recorded

@@ -65,9 +65,12 @@ def test_serve_prints_urls_serves_and_stops_on_sigterm(tmp_path):
         assert get(urls["health"]) == (200, b'{"status":"ok"}')
         status, body = get(urls["metrics"])
         assert status == 200 and b"dmengine_device_messages_received_total" in body
-        assert get(urls["docs"])[0] == 401                  # the key is needed
-        status, body = get(urls["docs"], key)
-        assert status == 200 and b"doOperation" in body
+        # the docs and the OpenAPI document need no key; the operations do
+        status, body = get(urls["docs"])
+        assert status == 200 and b"swagger-ui" in body
+        status, body = get(urls["API"] + "openapi.json")
+        assert status == 200 and b'"operationId":"doOperation"' in body
+        assert get(urls["API"] + "v1/tasks/nope")[0] == 401
         status, body = get(urls["API"] + "v1/tasks/nope", key)
         assert status == 404 and json.loads(body)["error"] == "not_found"
         # The device port answers a GET on /dm with 405 (devices POST).

@@ -66,7 +66,7 @@ class Api:
             assert len(page["items"]) <= limit
             out += page["items"]
             pages += 1
-            cursor = page["next_cursor"]
+            cursor = page["nextCursor"]
             if cursor is None:
                 return out, pages
 
@@ -151,7 +151,7 @@ def test_csv_import_keeps_good_rows_and_names_line_and_column_of_bad_ones(tmp_pa
                        (17, "dev_id")}, rep["errors"]
         assert [e["line"] for e in rep["errors"]] == sorted(e["line"] for e in rep["errors"])
         assert rep["created"] == 6 and rep["replaced"] == 0
-        assert rep["rejected"] == 9 and rep["errors_omitted"] == 0
+        assert rep["rejected"] == 9 and rep["errorsOmitted"] == 0
         assert rep["rows"] == 15          # 16 lines after the header, one of them blank
         store = api.engine.store
         for i in (1, 8, 9, 10, 13, 14):
@@ -167,27 +167,27 @@ def test_csv_import_keeps_good_rows_and_names_line_and_column_of_bad_ones(tmp_pa
 
 
 def test_ndjson_import_names_the_field_path(tmp_path):
-    good = {"dev_id": f"IMEI:{imei(1)}", "imei": imei(1), "msisdn": "+491700000001",
-            "account": {"server_id": "acme", "client_name": "d1",
-                        "client_password": SECRETS[0]},
+    good = {"devId": f"IMEI:{imei(1)}", "imei": imei(1), "msisdn": "+491700000001",
+            "account": {"serverId": "acme", "clientName": "d1",
+                        "clientPassword": SECRETS[0]},
             "devdetail": {"./DevDetail/FwV": "1.0"}}
     body = "\n".join([
         json.dumps(good),                                                        # 1
-        json.dumps({**good, "dev_id": "IMEI:2", "imei": "12", "msisdn": None}),   # 2
+        json.dumps({**good, "devId": "IMEI:2", "imei": "12", "msisdn": None}),    # 2
         "{not json",                                                             # 3
-        json.dumps({**good, "dev_id": "IMEI:3", "imei": None, "msisdn": None,
-                    "account": {"server_id": "acme", "client_password": 7}}),    # 4
+        json.dumps({**good, "devId": "IMEI:3", "imei": None, "msisdn": None,
+                    "account": {"serverId": "acme", "clientPassword": 7}}),      # 4
         "",                                                                      # 5
-        json.dumps({"dev_id": "IMEI:5", "colour": "red"}),                       # 6 unknown: ok
-        json.dumps({"imei": imei(6)}),                                           # 7 no dev_id
+        json.dumps({"devId": "IMEI:5", "colour": "red"}),                        # 6 unknown: ok
+        json.dumps({"imei": imei(6)}),                                           # 7 no devId
     ]) + "\n"
 
     async def scenario(api: Api) -> None:
         status, rep = await api.import_(body.encode(), fmt="ndjson")
         assert status == 200, rep
         assert [(e["line"], e["where"]) for e in rep["errors"]] == [
-            (2, "imei"), (3, None), (4, "account.client_password"), (7, None)]
-        assert "dev_id" in rep["errors"][3]["message"]
+            (2, "imei"), (3, None), (4, "account.clientPassword"), (7, None)]
+        assert "devId" in rep["errors"][3]["message"]
         assert rep["created"] == 2 and rep["rejected"] == 4 and rep["rows"] == 6
         d = await api.engine.store.get_device(f"IMEI:{imei(1)}")
         assert d.devdetail == {"./DevDetail/FwV": "1.0"}
@@ -242,13 +242,13 @@ def test_chunked_upload_of_thousands_of_rows_and_the_error_cap(tmp_path):
         assert status == 200, rep
         assert rep["rows"] == n and rep["created"] == n - len(bad)
         assert rep["rejected"] == len(bad)
-        assert len(rep["errors"]) == 1000 and rep["errors_omitted"] == len(bad) - 1000
+        assert len(rep["errors"]) == 1000 and rep["errorsOmitted"] == len(bad) - 1000
         # the first 1,000 bad rows by line, in order; a line is the row's index + 2
         assert [e["line"] for e in rep["errors"]] == sorted(i + 2 for i in bad)[:1000]
         assert {e["where"] for e in rep["errors"]} == {"msisdn"}
         assert (await api.engine.store.counts())["devices"] == n - len(bad)
         # the same rows again, NDJSON, in one piece and upserted
-        nd = b"".join(json.dumps({"dev_id": f"IMEI:{imei(i)}", "imei": imei(i),
+        nd = b"".join(json.dumps({"devId": f"IMEI:{imei(i)}", "imei": imei(i),
                                   "msisdn": f"+49170{i:08d}"}).encode() + b"\n"
                       for i in range(n) if i not in bad)
         status, rep = await api.import_(pieces(nd, 65_537), fmt="ndjson", upsert="true")
@@ -300,19 +300,19 @@ def test_lookup_by_bare_imei_and_msisdn_update_and_delete(tmp_path):
         dev_id = f"IMEI:{imei(1)}"
         for ident in (imei(1), dev_id):
             status, d = await api.call("GET", f"v1/devices/{ident}")
-            assert status == 200 and d["dev_id"] == dev_id
-            assert d["account"]["client_password"] == "***"
+            assert status == 200 and d["devId"] == dev_id
+            assert d["account"]["clientPassword"] == "***"
         status, err = await api.call("GET", "v1/devices/356938039999999")
         assert status == 404 and err["error"] == "not_found"
         # by MSISDN: "+" encoded, or sent bare (a query string turns it into a space)
         for q in ("msisdn=%2B49170" + "00000001", "msisdn=+4917000000001"):
             status, page = await api.call("GET", f"v1/devices?{q}")
-            assert status == 200 and [d["dev_id"] for d in page["items"]] == [dev_id]
-            assert page["next_cursor"] is None
+            assert status == 200 and [d["devId"] for d in page["items"]] == [dev_id]
+            assert page["nextCursor"] is None
         status, page = await api.call("GET", "v1/devices", params={"msisdn": "+4900"})
         assert (status, page["items"]) == (200, [])
         status, page = await api.call("GET", "v1/devices", params={"imei": imei(2)})
-        assert [d["dev_id"] for d in page["items"]] == [f"IMEI:{imei(2)}"]
+        assert [d["devId"] for d in page["items"]] == [f"IMEI:{imei(2)}"]
         status, err = await api.call("GET", "v1/devices",
                                      params={"msisdn": "+4917000000001", "tac": "35693803"})
         assert status == 400 and err["where"] == "tac"
@@ -320,24 +320,26 @@ def test_lookup_by_bare_imei_and_msisdn_update_and_delete(tmp_path):
         # updateDeviceInstance: a merge-patch, addressed by the bare IMEI too
         status, d = await api.call("PATCH", f"v1/devices/{imei(1)}",
                                    json={"msisdn": "+4930555000", "tz": "Europe/Paris",
-                                         "account": {"client_password": "SECRET-client-2"}})
+                                         "account": {"clientPassword": "SECRET-client-2"}})
         assert status == 200, d
         assert d["msisdn"] == "+4930555000" and d["tz"] == "Europe/Paris"
-        assert d["account"]["client_password"] == "***" and d["account"]["client_name"] == "dev1"
+        assert d["account"]["clientPassword"] == "***" and d["account"]["clientName"] == "dev1"
         rec = await api.engine.store.get_device(dev_id)
         assert rec.account.client_password == "SECRET-client-2"
         assert rec.account.client_key == SECRETS[2]        # the rest of the account stays
         status, page = await api.call("GET", "v1/devices", params={"msisdn": "+4930555000"})
-        assert [x["dev_id"] for x in page["items"]] == [dev_id]
+        assert [x["devId"] for x in page["items"]] == [dev_id]
         status, page = await api.call("GET", "v1/devices", params={"msisdn": "+4917000000001"})
         assert page["items"] == []
         status, d = await api.call("PATCH", f"v1/devices/{dev_id}", json={"tz": None})
-        assert status == 200 and "tz" not in d
-        refused = [({"dev_id": "IMEI:9"}, "$.dev_id"), ({"last_contact": 5.0}, "$.last_contact"),
+        assert status == 200 and d["tz"] is None
+        refused = [({"devId": "IMEI:9"}, "$.devId"), ({"lastContact": 5.0}, "$.lastContact"),
                    ({"devinfo": {}}, "$.devinfo"), ({"created": 1.0}, "$.created"),
                    ({"colour": "red"}, "$.colour"), ({"msisdn": "x"}, "$.msisdn"),
                    ({"account": "pw"}, "$.account"), ({}, "$"),
-                   ({"account": {"client_pasword": "x"}}, "$.account.client_pasword")]
+                   ({"account": {"clientPasword": "x"}}, "$.account.clientPasword"),
+                   ({"dev_id": "IMEI:9"}, "$.dev_id"),           # snake_case: not a field
+                   ({"account": {"client_password": "x"}}, "$.account.client_password")]
         for patch, where in refused:
             status, err = await api.call("PATCH", f"v1/devices/{dev_id}", json=patch)
             assert status == 400 and err["where"] == where, (patch, err)
@@ -356,7 +358,7 @@ def test_lookup_by_bare_imei_and_msisdn_update_and_delete(tmp_path):
         assert (await api.call("DELETE", f"v1/devices/{dev_id}"))[0] == 404
         status, page = await api.call("GET", "v1/devices", params={"msisdn": "+4930555000"})
         assert page["items"] == []
-        assert [d["dev_id"] for d in (await api.all_pages(10))[0]] == [f"IMEI:{imei(2)}"]
+        assert [d["devId"] for d in (await api.all_pages(10))[0]] == [f"IMEI:{imei(2)}"]
     run(tmp_path, scenario)
 
 
@@ -393,19 +395,19 @@ def test_query_filters_and_paging_over_5000_devices(tmp_path):
             ({"tac": "35000001"}, lambda p: p["imei"].startswith("35000001")),
             ({"model": "EX300"}, lambda p: p["model"] == "EX300"),
             ({"firmware": "2.4.0"}, lambda p: p["fw"] == "2.4.0"),
-            ({"last_contact_after": str(t0 + 4000)},
+            ({"lastContactAfter": str(t0 + 4000)},
              lambda p: p["lc"] is not None and p["lc"] >= t0 + 4000),
-            ({"last_contact_before": str(t0 + 100)},
+            ({"lastContactBefore": str(t0 + 100)},
              lambda p: p["lc"] is not None and p["lc"] < t0 + 100),
             ({"tac": "86012345", "capability": "cap-b", "model": "EX200", "firmware": "2.3.9",
-              "last_contact_after": "2023-11-14T22:13:20Z"},
+              "lastContactAfter": "2023-11-14T22:13:20Z"},
              lambda p: p["imei"].startswith("86012345") and p["capability"] == "cap-b" and
              p["model"] == "EX200" and p["fw"] == "2.3.9" and p["lc"] is not None),
             ({"model": "EX999"}, lambda p: False),
         ]
         for filters, pred in cases:
             items, pages = await api.all_pages(333, **filters)
-            ids = [d["dev_id"] for d in items]
+            ids = [d["devId"] for d in items]
             assert len(ids) == len(set(ids)), filters            # every device once …
             assert set(ids) == want(pred), filters               # … and only the matches
             assert pages >= -(-len(ids) // 333)
@@ -416,10 +418,11 @@ def test_query_filters_and_paging_over_5000_devices(tmp_path):
         for params, where in (({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"),
                               ({"limit": "10001"}, "limit"), ({"cursor": "%%%"}, "cursor"),
                               ({"tac": "123"}, "tac"), ({"fw": "2.3.9"}, "fw"),
-                              ({"last_contact_after": "soon"}, "last_contact_after")):
+                              ({"lastContactAfter": "soon"}, "lastContactAfter"),
+                              ({"last_contact_after": "1"}, "last_contact_after")):
             status, err = await api.call("GET", "v1/devices", params=params)
             assert status == 400 and err["where"] == where, (params, err)
-        c = (await api.call("GET", "v1/devices", params={"limit": "1"}))[1]["next_cursor"]
+        c = (await api.call("GET", "v1/devices", params={"limit": "1"}))[1]["nextCursor"]
         status, err = await api.call("GET", "v1/devices", params={"cursor": c, "tac": "35693803"})
         assert status == 400 and err["where"] == "cursor"
     run(tmp_path, scenario)
@@ -430,22 +433,22 @@ def test_secrets_never_leave_through_any_device_answer(tmp_path):
         status, rep = await api.import_((HDR + row(1) + row(2, client_password=SECRETS[0] * 40)
                                          ).encode())
         assert rep["created"] == 1 and rep["rejected"] == 1
-        nd = json.dumps({"dev_id": "IMEI:x", "account": {"server_id": "s",
-                                                         "server_password": [SECRETS[1]]}})
+        nd = json.dumps({"devId": "IMEI:x", "account": {"serverId": "s",
+                                                        "serverPassword": [SECRETS[1]]}})
         status, rep = await api.import_((nd + "\n").encode(), fmt="ndjson")
         assert rep["rejected"] == 1
         status, _ = await api.call("POST", "v1/devices", json={
-            "dev_id": "IMEI:356938035643809", "account": {
-                "server_id": "s", "client_password": SECRETS[0], "server_key": SECRETS[2]}})
+            "devId": "IMEI:356938035643809", "account": {
+                "serverId": "s", "clientPassword": SECRETS[0], "serverKey": SECRETS[2]}})
         assert status == 201
         await api.call("GET", f"v1/devices/{imei(1)}")
         await api.call("GET", "v1/devices", params={"msisdn": "+4917000000001"})
         await api.call("GET", "v1/devices", params={"imei": imei(1)})
         await api.all_pages(1)
         await api.call("PATCH", f"v1/devices/{imei(1)}",
-                       json={"account": {"server_password": SECRETS[1]}})
+                       json={"account": {"serverPassword": SECRETS[1]}})
         await api.call("PATCH", f"v1/devices/{imei(1)}",
-                       json={"account": {"server_password": SECRETS[1] * 100}})
+                       json={"account": {"serverPassword": SECRETS[1] * 100}})
         assert sum(SECRETS[0].encode() in b for b in api.bodies) == 0
         # (running() checks every answer of every test for the secrets)
     run(tmp_path, scenario)
@@ -494,8 +497,8 @@ def test_cli_import_exit_codes(served, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["replaced"] == 50
     nd = tmp_path / "devices.jsonl"
-    nd.write_text(json.dumps({"dev_id": "IMEI:nd1", "msisdn": "bad"}) + "\n" +
-                  json.dumps({"dev_id": "IMEI:nd2"}) + "\n")
+    nd.write_text(json.dumps({"devId": "IMEI:nd1", "msisdn": "bad"}) + "\n" +
+                  json.dumps({"devId": "IMEI:nd2"}) + "\n")
     r = dmengine("devices", "import", str(nd), "--url", api, f"--api-key={key}")
     assert r.returncode == 1 and "line 1 [msisdn]" in r.stdout
     # usage errors and an import that did not run: 2
@@ -552,9 +555,9 @@ def test_simulate_register_lets_the_fleet_authenticate(served, tmp_path):
             seen = [d async for d in c.iter_devices(capability="cap-sim", model="EX100",
                                                     last_contact_after=1)]
             assert len(seen) == 40
-            assert all(d["account"]["client_password"] == "***" for d in seen)
+            assert all(d["account"]["clientPassword"] == "***" for d in seen)
             one = await c.get_device(seen[0]["imei"])
-            assert one["dev_id"] == seen[0]["dev_id"]
+            assert one["devId"] == seen[0]["devId"]
     uvloop.run(check())
     # a refused registration stops before any session runs
     r = dmengine(*base, "--register", api, "--api-key=wrong")

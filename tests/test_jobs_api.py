@@ -140,7 +140,7 @@ def test_bulk_operation_names_the_bad_targets(tmp_path):
     async def scenario(w: World, api: Api) -> None:
         await register_all(w, 4)
         d = [w.device(i) for i in range(4)]
-        bad = [{"msisdn": d[0].msisdn}, {"imei": d[1].dev_id[5:]}, {"dev_id": d[2].dev_id},
+        bad = [{"msisdn": d[0].msisdn}, {"imei": d[1].dev_id[5:]}, {"devId": d[2].dev_id},
                {"msisdn": "+4915100000000"}, {}, {"imei": "000000000000000"}]
         status, err = await api.call("POST", "v1/operations/bulk",
                                      json={"targets": bad, "operation": QUERY})
@@ -163,7 +163,7 @@ def test_bulk_operation_names_the_bad_targets(tmp_path):
             "stages": [{"percent": 50}, {"percent": 40}]})
         assert status == 400 and err["where"] == "stages[1].percent"
 
-        good = [{"msisdn": d[0].msisdn}, {"imei": d[1].dev_id[5:]}, {"dev_id": d[2].dev_id},
+        good = [{"msisdn": d[0].msisdn}, {"imei": d[1].dev_id[5:]}, {"devId": d[2].dev_id},
                 {"imei": d[0].dev_id[5:]}]                  # d[0] twice
         status, r = await api.call("POST", "v1/operations/bulk", json={
             "targets": good, "operation": QUERY, "owner": "care-desk", "testCycle": True})
@@ -187,12 +187,15 @@ def test_validation_errors_name_the_field(tmp_path):
              "stages[1].percent"),
             ({"stages": [{"percent": 10}, {"percent": 50}]}, 400, "stages[1]"),
             ({"stages": [{"percent": 0}]}, 400, "$.stages[0].percent"),
-            ({"stages": [{"percent": 100, "successTreshold": 1}]}, 400, "$.stages[0]"),
-            ({"operation": {"operation": "UPDATE", "content_id": "nope"}}, 404,
-             "operation.content_id"),
+            ({"stages": [{"percent": 100, "successTreshold": 1}]}, 400,
+             "$.stages[0].successTreshold"),
+            ({"operation": {"operation": "UPDATE", "contentId": "nope"}}, 404,
+             "operation.contentId"),
+            ({"operation": {"operation": "UPDATE", "content_id": "nope"}}, 400,
+             "$.operation.content_id"),
             ({"operation": {"operation": "QUERY", "nodes": []}}, 400, "$.operation.nodes"),
-            ({"operation": {"operation": "BOOTSTRAP",
-                            "account": {"server_id": "x"}}}, 400, "operation"),
+            ({"operation": {"operation": "BOOTSTRAP",                # doBootstrap's
+                            "account": {"serverId": "x"}}}, 400, "$.operation.operation"),
             ({"selection": {}}, 400, "selection"),
             ({"selection": {"devIds": ["IMEI:1"], "capability": "x"}}, 400, "selection"),
             ({"selection": {"devIds": ["IMEI 1"]}}, 400, "selection.devIds[0]"),
@@ -205,7 +208,7 @@ def test_validation_errors_name_the_field(tmp_path):
             ({"acceptDevicePolicy": 50}, 400, "$.acceptDevicePolicy"),
             ({"rateLimit": 0}, 400, "$.rateLimit"),
             ({"concurrency": 0}, 400, "$.concurrency"),
-            ({"rate_limit": 5}, 400, "$"),                           # snake case is not taken
+            ({"rate_limit": 5}, 400, "$.rate_limit"),                # snake case is not taken
         ]
         for change, code, where in cases:
             body = {"operation": QUERY, "selection": cap, **change}
@@ -279,7 +282,7 @@ def test_pause_restart_cancel_over_http(tmp_path):
             status, err = await api.call("POST", f"v1/jobs/{job_id}/{action}")
             assert status == 409 and err["where"] == "jobId", (action, err)
         status, err = await api.call("POST", f"v1/jobs/{job_id}/pause", json={"why": 1})
-        assert status == 400 and err["where"] == "$"
+        assert status == 400 and err["where"] == "$.why"
 
     with_api(tmp_path, scenario, n=n, broker=FAST)
 
@@ -374,7 +377,7 @@ def test_bulk_bootstrap_makes_a_job_with_a_task_per_target(tmp_path):
         status, page = await api.call("GET", "v1/jobs")
         assert page["items"] == []
 
-        targets = [{"msisdn": x.msisdn} for x in d] + [{"dev_id": d[0].dev_id}]
+        targets = [{"msisdn": x.msisdn} for x in d] + [{"devId": d[0].dev_id}]
         status, r = await api.call("POST", "v1/bootstrap",
                                    json={"targets": targets, "name": "re-provision"})
         assert status == 201, r
@@ -414,7 +417,7 @@ def test_bulk_update_job_with_a_stop_rule_over_http(tmp_path):
         await register_all(w, n)
         content_id = await upload_firmware(w)
         status, r = await api.call("POST", "v1/jobs", json={
-            "operation": {"operation": "UPDATE", "content_id": content_id},
+            "operation": {"operation": "UPDATE", "contentId": content_id},
             "selection": {"tac": w.device(0).dev_id[5:13]}, "concurrency": 10,
             "stopRule": {"maxFailureRatio": 0.3, "minFinished": 10}})
         assert status == 201 and r["targets"] == n, r
@@ -468,7 +471,7 @@ def test_cli_jobs_and_tasks_against_serve(tmp_path):
         assert _post(api + "v1/capabilities", key, {"oid": "cap-cli", "model": "C1"})[0] == 201
         for i in range(20):
             status, body = _post(api + "v1/devices", key, {
-                "dev_id": f"IMEI:35000000000{i:04d}", "imei": f"35000000000{i:04d}",
+                "devId": f"IMEI:35000000000{i:04d}", "imei": f"35000000000{i:04d}",
                 "msisdn": f"+49151000{i:04d}", "capability": "cap-cli"})
             assert status == 201, body
         op = tmp_path / "query.json"

@@ -38,7 +38,7 @@ from dmengine.store.lmdb import LmdbStore
 
 KEY = "k-security-tests-0123456789"
 IMEI = "356938035643809"
-DEV = {"dev_id": f"IMEI:{IMEI}", "imei": IMEI, "msisdn": "+491701234567"}
+DEV = {"devId": f"IMEI:{IMEI}", "imei": IMEI, "msisdn": "+491701234567"}
 
 
 # --- harness ---------------------------------------------------------------------------------
@@ -140,10 +140,10 @@ def test_bootstrap_task_answer_shows_no_password_or_nonce(tmp_path):
             async with http.post(e.api_url + "v1/devices", json=DEV) as r:
                 assert r.status == 201, await r.text()
             async with http.post(e.api_url + "v1/bootstrap",
-                                 json={"target": {"dev_id": DEV["dev_id"]}}) as r:
+                                 json={"target": {"devId": DEV["devId"]}}) as r:
                 assert r.status == 201, await r.text()
                 task_id = (await r.json())["taskId"]
-            stored_dev = await e.store.get_device(DEV["dev_id"])
+            stored_dev = await e.store.get_device(DEV["devId"])
             stored_task = await e.store.get_task(task_id)
             accounts = [stored_dev.pending_account, stored_task.op.account]
             secrets = {getattr(acc, f) for acc in accounts
@@ -151,14 +151,14 @@ def test_bootstrap_task_answer_shows_no_password_or_nonce(tmp_path):
                                  "server_nonce", "client_key", "server_key")} - {None, ""}
             assert len(secrets) >= 4          # the two passwords and the two nonces at least
             answers = []
-            for path in (f"v1/tasks/{task_id}", f"v1/devices/{DEV['dev_id']}"):
+            for path in (f"v1/tasks/{task_id}", f"v1/devices/{DEV['devId']}"):
                 async with http.get(e.api_url + path) as r:
                     assert r.status == 200
                     answers.append(await r.read())
             task_answer = json.loads(answers[0])
             assert task_answer["operation"] == "BOOTSTRAP"
-            acc = task_answer["record"]["op"]["account"]
-            assert acc["client_password"] == "***" and acc["client_name"]
+            acc = task_answer["op"]["account"]
+            assert acc["clientPassword"] == "***" and acc["clientName"]
             for body in answers:
                 for s in secrets:
                     assert s.encode() not in body
@@ -245,7 +245,7 @@ def test_good_content_type_is_kept_and_served(tmp_path, ctype):
         async with engine(tmp_path) as e:
             r = await upload(e, b"firmware", type=ctype)
             assert r.status == 201, await r.text()
-            cid = (await r.json())["content_id"]
+            cid = (await r.json())["contentId"]
             ans = await raw_request(device_addr(e), f"GET /content/{cid} HTTP/1.1\r\n"
                                     "Host: x\r\nConnection: close\r\n\r\n".encode())
             assert ans.status == 200 and ans.body == b"firmware"
@@ -261,7 +261,7 @@ def test_download_never_sends_a_broken_content_type_header(tmp_path, stored):
     async def main() -> None:
         async with engine(tmp_path) as e:
             r = await upload(e, b"firmware")
-            cid = (await r.json())["content_id"]
+            cid = (await r.json())["contentId"]
             await e.store.update_content(cid, {"content_type": stored})   # an old record
             ans = await raw_request(device_addr(e), f"GET /content/{cid} HTTP/1.1\r\n"
                                     "Host: x\r\nConnection: close\r\n\r\n".encode())
@@ -292,7 +292,7 @@ def test_absurd_range_is_416_or_ignored_never_500(tmp_path, rng, status, first_b
         async with engine(tmp_path) as e:
             data = bytes(range(256)) * 4
             r = await upload(e, data)
-            cid = (await r.json())["content_id"]
+            cid = (await r.json())["contentId"]
             ans = await raw_request(device_addr(e), f"GET /content/{cid} HTTP/1.1\r\nHost: x\r\n"
                                     f"Range: {rng}\r\nConnection: close\r\n\r\n".encode())
             assert ans.status == status, ans.head
@@ -590,7 +590,7 @@ def test_restore_force_refuses_while_a_server_has_the_store_open(tmp_path):
         assert os.path.exists(os.path.join(env_dir, "lock.mdb"))
         assert not os.path.exists(os.path.join(env_dir, "data.mdb.restore"))
         assert get(urls["health"]) == (200, b'{"status":"ok"}')
-        assert get(urls["API"] + f"v1/devices/{DEV['dev_id']}", key)[0] == 200
+        assert get(urls["API"] + f"v1/devices/{DEV['devId']}", key)[0] == 200
     finally:
         rc, err = stop_serve(p)
     assert rc == 0, err

@@ -108,7 +108,7 @@ def test_failed_bootstrap_does_not_lock_the_device_out(tmp_path):
         async with aiohttp.ClientSession() as http:
             async with http.post(engine.api_url + "v1/bootstrap",
                                  headers={"X-API-Key": engine.api_key},
-                                 json={"target": {"dev_id": VICTIM}}) as r:
+                                 json={"target": {"devId": VICTIM}}) as r:
                 assert r.status == 201, await r.text()
                 tid = (await r.json())["taskId"]
         task = await store.get_task(tid)

@@ -326,6 +326,34 @@ def test_query_devices_filters_and_pages(use: Callable[[Body], Any]) -> None:
 # --- capabilities -----------------------------------------------------------------------
 
 
+def test_query_device_ids_pages_as_query_devices(use: Callable[[Body], Any]) -> None:
+    """The ids-only query (a job's selection) gives the dev_ids of query_devices, in its order,
+    page for page, cursors included — whether the index decides alone or records are read."""
+    from dmengine.store.base import DeviceQuery
+    fleet = _query_fleet()
+
+    async def body(s: Store) -> None:
+        await s.import_devices(fleet)
+        for q in (DeviceQuery(capability="cap-a"), DeviceQuery(tac="35693803"),
+                  DeviceQuery(tac="35693803", capability="cap-b"),
+                  DeviceQuery(capability="cap-b", model="X2"), DeviceQuery(firmware="1.0"),
+                  DeviceQuery(contact_after=1030.0), DeviceQuery(capability="cap-none"),
+                  DeviceQuery()):
+            for limit, scan in ((100, 1000), (7, 7), (3, 10), (5, 1)):
+                c1 = c2 = None
+                while True:
+                    full = await s.query_devices(q, cursor=c1, limit=limit, scan_limit=scan)
+                    ids = await s.query_device_ids(q, cursor=c2, limit=limit, scan_limit=scan)
+                    assert ids.items == [d.dev_id for d in full.items], (q, limit, scan)
+                    assert ids.next_cursor == full.next_cursor
+                    c1 = c2 = full.next_cursor
+                    if c1 is None:
+                        break
+        with pytest.raises(ValidationError):
+            await s.query_device_ids(DeviceQuery(), limit=0)
+    use(body)
+
+
 def test_capabilities(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         c = await s.create_capability(Capability(oid="cap-x1", make="Acme", model="X1",
@@ -608,6 +636,124 @@ def test_audit(use: Callable[[Body], Any]) -> None:
     use(body)
 
 
+def test_audit_filters_page_with_a_bounded_scan(use: Callable[[Body], Any]) -> None:
+    """actor / action / time filters: every match exactly once, page after page, even when a
+    page examines fewer entries than it would need to fill up (short pages keep a cursor)."""
+    async def body(s: Store) -> None:
+        for i in range(30):
+            await s.audit(AuditEntry(time=100.0 + i, actor=f"key:k{i % 3}",
+                                     action="cancelJob" if i % 2 else "doOperation",
+                                     target=f"/v1/x/{i}"))
+        want = [e for e in (await s.audit_entries(limit=100)).items
+                if e.actor == "key:k1" and e.action == "cancelJob" and 105 <= e.time < 125]
+        assert want
+        for limit, scan in ((100, 1000), (2, 2), (1, 5), (3, 1)):
+            got: list[AuditEntry] = []
+            cursor = None
+            while True:
+                p = await s.audit_entries(actor="key:k1", action="cancelJob", since=105.0,
+                                          until=125.0, cursor=cursor, limit=limit,
+                                          scan_limit=scan)
+                assert len(p.items) <= limit
+                got.extend(p.items)
+                cursor = p.next_cursor
+                if cursor is None:
+                    break
+            assert got == want, (limit, scan)
+        assert (await s.audit_entries(actor="nobody")).items == []
+    use(body)
+
+
+def _h(n: int) -> str:
+    import hashlib
+    return hashlib.sha256(f"secret-{n}".encode()).hexdigest()
+
+
+def test_api_keys(use: Callable[[Body], Any]) -> None:
+    from dmengine.model import ApiKey
+
+    async def body(s: Store) -> None:
+        k = await s.create_api_key(ApiKey(key_id="k1", name="crm", role="operator",
+                                          key_hash=_h(1), rate=5.0))
+        assert k.created > 0
+        assert await s.get_api_key("k1") == k
+        assert (await s.api_key_by_hash(_h(1))).key_id == "k1"
+        for bad in (_h(2), "zz", "", "00" * 40):
+            with pytest.raises(NotFound):
+                await s.api_key_by_hash(bad)
+        with pytest.raises(AlreadyExists):                 # same id
+            await s.create_api_key(ApiKey(key_id="k1", name="x", role="viewer", key_hash=_h(3)))
+        with pytest.raises(AlreadyExists):                 # same key, another id
+            await s.create_api_key(ApiKey(key_id="k9", name="x", role="viewer", key_hash=_h(1)))
+        with pytest.raises(ValidationError) as ei:
+            await s.create_api_key(ApiKey(key_id="k2", name="x", role="boss",  # type: ignore[arg-type]
+                                          key_hash=_h(2)))
+        assert ei.value.where == "$.role"
+        with pytest.raises(ValidationError):
+            await s.create_api_key(ApiKey(key_id="k2", name="x", role="viewer", key_hash="abc"))
+        await s.create_api_key(ApiKey(key_id="k0", name="oss", role="admin", key_hash=_h(0)))
+        r = await s.update_api_key("k1", {"revoked": 50.0, "revoked_by": "key:k0"})
+        assert r.revoked == 50.0 and (await s.api_key_by_hash(_h(1))).revoked == 50.0
+        for f in ("key_hash", "key_id", "created"):
+            with pytest.raises(ValidationError) as ei:
+                await s.update_api_key("k1", {f: "x"})
+            assert ei.value.where == f"$.{f}"
+        with pytest.raises(NotFound):
+            await s.update_api_key("nope", {"revoked": 1.0})
+        p = await s.list_api_keys(limit=1)
+        assert [x.key_id for x in p.items] == ["k0"]
+        p = await s.list_api_keys(cursor=p.next_cursor)
+        assert [x.key_id for x in p.items] == ["k1"] and p.next_cursor is None
+    use(body)
+
+
+def test_users(use: Callable[[Body], Any]) -> None:
+    from dmengine.model import User
+
+    async def body(s: Store) -> None:
+        u = await s.create_user(User(name="alice@care", role="viewer", password_hash="scrypt$x"))
+        assert (await s.get_user("alice@care")) == u and u.created > 0
+        with pytest.raises(AlreadyExists):
+            await s.create_user(User(name="alice@care", role="admin", password_hash="y"))
+        assert (await s.update_user("alice@care", {"role": "operator"})).role == "operator"
+        with pytest.raises(ValidationError):
+            await s.update_user("alice@care", {"name": "bob"})
+        assert [x.name for x in (await s.list_users()).items] == ["alice@care"]
+        await s.delete_user("alice@care")
+        for call in (s.get_user("alice@care"), s.delete_user("alice@care"),
+                     s.update_user("alice@care", {"role": "viewer"})):
+            with pytest.raises(NotFound):
+                await call
+    use(body)
+
+
+def test_sessions_expire_and_are_purged(use: Callable[[Body], Any]) -> None:
+    from dmengine.model import UserSession
+
+    async def body(s: Store) -> None:
+        for i in range(5):
+            await s.create_session(UserSession(token_hash=_h(i), session_id=f"s{i}", kind="key",
+                                               subject="k1", expires=100.0 + i))
+        with pytest.raises(AlreadyExists):
+            await s.create_session(UserSession(token_hash=_h(0), session_id="sx", kind="user",
+                                               subject="bob", expires=1.0))
+        assert (await s.get_session(_h(3))).session_id == "s3"
+        with pytest.raises(NotFound):
+            await s.get_session("not-hex")
+        await s.delete_session(_h(4))                      # logout
+        with pytest.raises(NotFound):
+            await s.get_session(_h(4))
+        with pytest.raises(NotFound):
+            await s.delete_session(_h(4))
+        assert await s.purge_sessions(101.0, limit=1) == 1     # s0 (earliest first)
+        assert await s.purge_sessions(101.0) == 1              # s1
+        assert await s.purge_sessions(101.0) == 0
+        with pytest.raises(NotFound):
+            await s.get_session(_h(1))
+        assert (await s.get_session(_h(2))).expires == 102.0
+    use(body)
+
+
 def test_closed_store_refuses(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         await s.close()
@@ -843,4 +989,149 @@ def test_concurrent_claimers_never_share_a_task(use: Callable[[Body], Any]) -> N
         assert all(len(r) <= 40 for r in res)
         assert len(ids) == len(set(ids)) == 300
         assert await s.claim_due(159.0, 100, 60.0) == []
+    use(body)
+
+
+# --- push: subscriptions, event entries, dead letters, the charging log (webhooks.py) ----------
+
+
+def _sub(sid: str, topics: list[str], **kw: Any) -> Any:
+    from dmengine.model import Subscription
+    return Subscription(sub_id=sid, url="https://hooks.example/x", topics=topics,
+                        secret="whsec_" + "k" * 40, **kw)
+
+
+def test_subscriptions_crud_and_topic_gated_entries(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        # no subscriber: an entry with a topic is not written (nobody pays for it)
+        ev = OutboxEntry(entry_id="ev1", kind="webhook", topic="task", due=1.0)
+        assert (await s.enqueue(ev)).entry_id == "ev1"
+        assert await s.due_entries(10.0) == []
+        a = await s.create_subscription(_sub("s-a", ["task", "charging"], job_id="j1"))
+        assert a.created > 0 and (await s.get_subscription("s-a")) == a
+        with pytest.raises(AlreadyExists):
+            await s.create_subscription(_sub("s-a", ["job"]))
+        with pytest.raises(ValidationError) as ei:
+            await s.create_subscription(_sub("s-b", ["bogus"]))
+        assert ei.value.where == "$.topics[0]"
+        await s.create_subscription(_sub("s-b", ["job"]))
+        await s.enqueue(ev)
+        await s.enqueue(OutboxEntry(entry_id="ev2", kind="webhook", topic="job", due=2.0))
+        assert [e.entry_id for e in await s.due_entries(10.0)] == ["ev1", "ev2"]
+        p = await s.list_subscriptions(limit=1)
+        assert [x.sub_id for x in p.items] == ["s-a"]
+        p = await s.list_subscriptions(cursor=p.next_cursor)
+        assert [x.sub_id for x in p.items] == ["s-b"] and p.next_cursor is None
+        await s.delete_subscription("s-b")
+        with pytest.raises(NotFound):
+            await s.delete_subscription("s-b")
+        with pytest.raises(NotFound):
+            await s.get_subscription("s-b")
+        await s.enqueue(OutboxEntry(entry_id="ev3", kind="webhook", topic="job", due=3.0))
+        assert [e.entry_id for e in await s.due_entries(10.0)] == ["ev1", "ev2"]
+    use(body)
+
+
+def test_claim_fan_out_retry_dead_letter_replay(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        for i in range(5):
+            await s.enqueue(OutboxEntry(entry_id=f"e{i}", kind="webhook", due=10.0 + i))
+        got = await s.claim_entries(12.0, 10, 30.0)
+        assert [e.entry_id for e in got] == ["e0", "e1", "e2"]
+        assert all(e.due == 42.0 for e in got)
+        assert [e.entry_id for e in await s.claim_entries(13.0, 10, 30.0)] == ["e3"]
+        assert await s.claim_entries(13.0, 10, 30.0) == []             # claimed: hidden
+        assert [e.entry_id for e in await s.claim_entries(43.0, 2, 30.0)] == ["e4", "e0"]
+        # fan-out: the event leaves, its deliveries come, in one write
+        d = [OutboxEntry(entry_id=f"e1.s{k}", kind="webhook", target=f"s{k}", due=50.0,
+                         payload={"eventId": "e1"}) for k in range(3)]
+        made = await s.fan_out("e1", d)
+        assert [x.entry_id for x in made] == ["e1.s0", "e1.s1", "e1.s2"]
+        with pytest.raises(NotFound):
+            await s.fan_out("e1", d)
+        assert await s.fan_out("e2", []) == []                       # nobody listens: dropped
+        r = await s.retry("e1.s0", due=60.0, error="HTTP 500")
+        assert r.attempts == 1
+        dl = await s.dead_letter("e1.s0", error="HTTP 503")
+        assert dl.entry.attempts == 2 and dl.error == "HTTP 503" and dl.time > 0
+        assert "e1.s0" not in {e.entry_id for e in await s.due_entries(1e9)}
+        with pytest.raises(NotFound):
+            await s.dead_letter("e1.s0")
+        await s.dead_letter("e1.s1")
+        p = await s.dead_letters(limit=1)
+        assert [x.entry.entry_id for x in p.items] == ["e1.s0"]
+        p = await s.dead_letters(cursor=p.next_cursor)
+        assert [x.entry.entry_id for x in p.items] == ["e1.s1"] and p.next_cursor is None
+        assert (await s.get_dead_letter("e1.s0")).entry.payload == {"eventId": "e1"}
+        back = await s.replay_dead_letter("e1.s0", due=70.0)
+        assert back.attempts == 0 and back.due == 70.0 and back.payload == {"eventId": "e1"}
+        with pytest.raises(NotFound):
+            await s.replay_dead_letter("e1.s0", due=70.0)
+        assert "e1.s0" in {e.entry_id for e in await s.due_entries(70.0)}
+        assert [x.entry.entry_id for x in (await s.dead_letters()).items] == ["e1.s1"]
+    use(body)
+
+
+def test_concurrent_entry_claimers_never_share_an_entry(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        for i in range(200):
+            await s.enqueue(OutboxEntry(entry_id=f"c{i:03d}", kind="webhook", due=1.0 + i / 1e3))
+        res = await asyncio.gather(*(s.claim_entries(10.0, 30, 60.0) for _ in range(10)))
+        ids = [e.entry_id for r in res for e in r]
+        assert len(ids) == len(set(ids)) == 200
+    use(body)
+
+
+def test_charging_entries_are_logged_in_the_same_write(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        # without a charging subscriber the event is logged, not queued
+        await s.enqueue(OutboxEntry(entry_id="ch1", kind="charging", topic="charging", due=1.0,
+                                    payload={"time": 100.0, "task_id": "t1", "dev_id": "IMEI:1",
+                                             "imei": "356938035643809", "operation": "UPDATE",
+                                             "content_id": "fw-1", "content_version": "2.4.0",
+                                             "result": "SUCCEEDED",
+                                             "devinfo": {"./DevInfo/Mod": "EX100"}}))
+        assert await s.due_entries(1e9) == []
+        await s.create_subscription(_sub("s-c", ["charging"]))
+        await s.enqueue(OutboxEntry(entry_id="ch2", kind="charging", topic="charging", due=1.0,
+                                    payload={"time": 50.0, "task_id": "t2"}))
+        assert [e.entry_id for e in await s.due_entries(1e9)] == ["ch2"]
+        with pytest.raises(ValidationError) as ei:
+            await s.enqueue(OutboxEntry(entry_id="ch3", kind="charging", due=1.0,
+                                        payload={"time": "yesterday"}))
+        assert ei.value.where == "$.payload.time"
+        log = (await s.charging_events()).items
+        assert [(e.event_id, e.time) for e in log] == [("ch2", 50.0), ("ch1", 100.0)]
+        assert log[1].devinfo == {"./DevInfo/Mod": "EX100"} and log[1].content_version == "2.4.0"
+        assert [e.event_id for e in (await s.charging_events(start=60.0)).items] == ["ch1"]
+        assert [e.event_id for e in (await s.charging_events(end=60.0)).items] == ["ch2"]
+        p = await s.charging_events(limit=1)
+        assert p.next_cursor is not None
+        assert [e.event_id for e in (await s.charging_events(cursor=p.next_cursor)).items] == \
+            ["ch1"]
+        # acknowledged deliveries leave the log as it is
+        await s.ack("ch2")
+        assert len((await s.charging_events()).items) == 2
+    use(body)
+
+
+def test_job_events_are_written_with_the_job_move(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="jq", targets=20))
+        await s.update_job("jq", {"state": JobState.RUNNING})   # no subscriber: no event
+        assert await s.due_entries(1e12) == []
+        await s.create_subscription(_sub("s-j", ["job"]))
+        await s.create_tasks([task(f"q{i:02d}", job_id="jq") for i in range(20)])
+        await s.update_job("jq", {"state": JobState.PAUSED, "cause": "break"})
+        await s.update_job("jq", {"cause": "still"})            # no state change: no event
+        for i in range(20):
+            await s.transition(f"q{i:02d}", TaskState.CANCELLED, changes={"finished": 1.0})
+        await s.update_job("jq", {"state": JobState.CANCELLED})
+        events = [e.payload for e in await s.due_entries(1e12)]
+        kinds = [(p["type"], p.get("previous"), p["state"], p.get("percent")) for p in events]
+        assert kinds == [("job.state", "RUNNING", "PAUSED", None)] + \
+            [("job.progress", None, "PAUSED", pc) for pc in range(10, 101, 10)] + \
+            [("job.state", "PAUSED", "CANCELLED", None)]
+        assert events[0]["cause"] == "break" and events[-1]["counts"] == {"CANCELLED": 20}
+        assert all(e.topic == "job" for e in await s.due_entries(1e12))
     use(body)

@@ -9,6 +9,10 @@
 2xx is accepted (a JSON answer's ``id``/``message_id`` is kept; ``{"queued": true}`` or
 HTTP 202 with ``"status": "queued"`` is reported as queued).  5xx, 408, 429, connection
 errors and timeouts are retryable; other 4xx are not.
+
+With a ``guard`` (:class:`dmengine.urlguard.UrlGuard`; the engine sets one and checks the URL
+when it starts) every connection's addresses pass the guard, and redirects are not followed:
+a gateway URL cannot be made to reach the server's own network unless configured.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import aiohttp
 
 from dmengine.errors import GatewayError
+from dmengine.urlguard import UrlGuard, UrlRefused
 
 from .base import Delivery, DeliveryState, Gateway
 from .wsp import APP_ID_SYNCML_DM_TEXT, CT_SYNCML_NOTIFICATION_TEXT
@@ -33,9 +38,10 @@ class HttpCallbackGateway(Gateway):
 
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, session: aiohttp.ClientSession | None = None,
-                 **kw: object) -> None:
+                 guard: UrlGuard | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.url = url
+        self.guard = guard
         self.headers = dict(headers or {})
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
@@ -43,7 +49,8 @@ class HttpCallbackGateway(Gateway):
 
     def _session_get(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._session = (self.guard.session(timeout=self.timeout) if self.guard is not None
+                             else aiohttp.ClientSession(timeout=self.timeout))
             self._own_session = True
         return self._session
 
@@ -57,10 +64,16 @@ class HttpCallbackGateway(Gateway):
         payload = json.dumps(self.body(msisdn, pkg0)).encode()
         headers = {"Content-Type": "application/json", **self.headers}
         try:
+            if self.guard is not None:
+                self.guard.check_literal(self.url)
             async with self._session_get().post(self.url, data=payload, headers=headers,
-                                                timeout=self.timeout) as resp:
+                                                timeout=self.timeout,
+                                                allow_redirects=self.guard is None) as resp:
                 raw = await resp.content.read(MAX_REPLY)
                 status = resp.status
+        except UrlRefused as exc:
+            raise GatewayError(f"http gateway {self.url}: refused: {exc}",
+                               retryable=False) from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise GatewayError(f"http gateway {self.url}: {type(exc).__name__}: {exc}",
                                retryable=True) from exc

@@ -73,6 +73,21 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--write-import", default=None, metavar="FILE",
                    help="write the fleet as an import CSV (for `dmengine devices import`); "
                         "without --register nothing else runs")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="be the SMS centre instead of starting sessions: listen for package 0 "
+                        "posted by `dmengine serve --gateway http:http://HOST:PORT/pkg0` and "
+                        "run each notified device's session (devices are made when notified "
+                        "and dropped after their sessions: a fleet of millions fits); prints "
+                        "'package 0 listener: URL', serves GET /stats, and prints the JSON "
+                        "summary on SIGTERM/SIGINT")
+    p.add_argument("--retry-503", type=int, default=3, metavar="N",
+                   help="times a message answered 503 is sent again (default: %(default)s)")
+    p.add_argument("--report-retries", type=int, default=5, metavar="N",
+                   help="sessions a device starts again (backoff from 1 s) when one failed "
+                        "before its Generic Alert (FUMO result) was delivered "
+                        "(default: %(default)s)")
+    p.add_argument("--max-idle", type=int, default=1024,
+                   help="idle keep-alive connections kept to the server (default: %(default)s)")
     p.set_defaults(func=run_simulate)
     return p
 
@@ -92,9 +107,13 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
                          fail_update=args.fault_fail_update,
                          fail_update_code=args.fail_update_code)
     ctx = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
-    client = HttpClient(ssl_context=ctx, timeout=args.timeout)
+    client = HttpClient(ssl_context=ctx, timeout=args.timeout,
+                        max_idle_per_host=getattr(args, "max_idle", 1024))
+    listen = getattr(args, "listen", None)
     fleet = Fleet(profile, args.devices, faults=faults, seed=args.seed,
-                  first_index=args.first_index, client=client)
+                  first_index=args.first_index, client=client, lazy=bool(listen),
+                  retry_503=getattr(args, "retry_503", 3),
+                  report_retries=getattr(args, "report_retries", 0))
     fleet.keep_reports = False
     if getattr(args, "write_import", None) or getattr(args, "register", None):
         try:
@@ -109,6 +128,12 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     # so the collector stops scanning them; Fleet.run raises the generation-0 threshold
     gc.collect()
     gc.freeze()
+    if listen:
+        try:
+            return await _listen(listen, fleet)
+        finally:
+            gc.unfreeze()
+            fleet.close()
     try:
         stats = await fleet.run(duration=args.duration, sessions_per_device=args.sessions,
                                 concurrency=args.concurrency)
@@ -116,6 +141,37 @@ async def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         gc.unfreeze()
         fleet.close()
     return stats.summary()
+
+
+async def _listen(where: str, fleet: Any) -> dict[str, Any]:
+    """--listen: package 0 over HTTP starts the sessions, until SIGTERM/SIGINT."""
+    import signal
+
+    from .fleet import DEFAULT_GC_THRESHOLD0
+    from .pkg0http import Pkg0Listener
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RegistrationFailed(f"--listen wants HOST:PORT, not {where!r}")
+    listener = Pkg0Listener(fleet, host.strip("[]") or "127.0.0.1", int(port))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    thresholds = gc.get_threshold()
+    if thresholds[0] < DEFAULT_GC_THRESHOLD0:
+        gc.set_threshold(DEFAULT_GC_THRESHOLD0, *thresholds[1:])
+    try:
+        url = await listener.start()
+    except OSError as exc:
+        raise RegistrationFailed(f"cannot listen on {where}: {exc}") from None
+    print(f"package 0 listener: {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await listener.close()
+        await fleet.wait_idle(timeout=5.0)
+        gc.set_threshold(*thresholds)
+    return listener.stats()
 
 
 class RegistrationFailed(Exception):
@@ -173,7 +229,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         return 0
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
-    return 0 if summary["sessions"] else 1
+    return 0 if summary["sessions"] or "pkg0_posts" in summary else 1
 
 
 def main(argv: list[str] | None = None) -> int:

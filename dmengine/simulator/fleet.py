@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import collections.abc
 import csv
 import dataclasses
 import gc
@@ -26,11 +27,12 @@ from urllib.parse import urlsplit
 import httptools
 
 from ..errors import CodecError, DmError
+from ..notify.pkg0 import parse_pkg0
 from ._lane import MAX_HEAD, MAX_RESPONSE, Conn, HttpError, Lane
-from .device import ClientSession, DeviceProfile, FaultPlan, Job, VirtualDevice
+from .device import ClientSession, DeviceProfile, FaultPlan, Job, VirtualDevice, _next_version
 
 __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "FleetStats",
-           "account_for_username", "registration_csv"]
+           "LazyDevices", "account_for_username", "registration_csv"]
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_GC_THRESHOLD0 = 20_000     # generation-0 threshold while Fleet.run drives load
@@ -321,6 +323,34 @@ class FaultShares:
             decline_optin=rng.random() < self.decline_optin,
             fail_update=self.fail_update_code if rng.random() < self.fail_update else None)
 
+    def plan_for(self, seed: int, index: int) -> FaultPlan:
+        """The plan of device ``index``, from ``(seed, index)`` alone (a lazy fleet makes a
+        device when it is needed, in any order, and must give it the same faults every
+        time).  Devices without a fault share one plan object (nobody writes to it)."""
+        shares = (self.timeout, self.drop, self.wrong_credentials, self.decline_optin,
+                  self.fail_update)
+        if not any(shares):
+            return _NO_FAULTS
+        hit = [s > 0.0 and _unit(seed, index, k) < s for k, s in enumerate(shares)]
+        if not any(hit):
+            return _NO_FAULTS
+        return FaultPlan(timeout=hit[0], drop=hit[1], wrong_credentials=hit[2],
+                         decline_optin=hit[3],
+                         fail_update=self.fail_update_code if hit[4] else None)
+
+
+_NO_FAULTS = FaultPlan()
+_MASK64 = (1 << 64) - 1
+
+
+def _unit(seed: int, index: int, salt: int) -> float:
+    """A uniform number in [0, 1) from (seed, index, salt): splitmix64's finaliser."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9
+         + (salt + 1) * 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) / 18446744073709551616.0
+
 
 @dataclasses.dataclass(slots=True)
 class SessionReport:
@@ -343,6 +373,8 @@ class FleetStats:
     download_bytes: int = 0
     notifications: int = 0
     rejected_503: int = 0
+    drops: int = 0                 # connections dropped mid-message (FaultPlan.drop)
+    report_retries: int = 0        # sessions started again to report a Generic Alert
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def summary(self) -> dict[str, Any]:
@@ -364,6 +396,7 @@ class FleetStats:
             if self.session_seconds else None,
             "downloads": self.downloads, "download_bytes": self.download_bytes,
             "notifications": self.notifications, "rejected_503": self.rejected_503,
+            "drops": self.drops, "report_retries": self.report_retries,
         }
 
 
@@ -408,30 +441,179 @@ def registration_csv(devices: Iterable[VirtualDevice], *, capability: str | None
         yield out.getvalue().encode()
 
 
+class LazyDevices(collections.abc.Sequence):  # type: ignore[type-arg]
+    """``Fleet.devices`` of a lazy fleet: device ``i`` is the live one when it is in a session,
+    else made afresh from its index (and not kept — changes to it are lost)."""
+
+    __slots__ = ("fleet",)
+
+    def __init__(self, fleet: "Fleet") -> None:
+        self.fleet = fleet
+
+    def __len__(self) -> int:
+        return self.fleet.n
+
+    def __getitem__(self, i: Any) -> Any:
+        f = self.fleet
+        if isinstance(i, slice):
+            return [f.peek(f.first_index + k) for k in range(*i.indices(f.n))]
+        if i < 0:
+            i += f.n
+        if not 0 <= i < f.n:
+            raise IndexError(i)
+        return f.peek(f.first_index + i)
+
+    def __iter__(self) -> Iterator[VirtualDevice]:
+        f = self.fleet
+        for k in range(f.first_index, f.first_index + f.n):
+            yield f.peek(k)
+
+
 class Fleet:
-    """Many ``VirtualDevice``s sharing one ``DeviceProfile`` and one HTTP client."""
+    """Many ``VirtualDevice``s sharing one ``DeviceProfile`` and one HTTP client.
+
+    ``lazy=True``: no device is made up front.  A device is made from its index when package 0
+    names it (its identity, credentials and faults derive from the index) and dropped when its
+    sessions are over, keeping only what it changed that matters later — the client nonce the
+    server issued and whether its firmware was updated — in flat per-index tables (17 bytes a
+    device).  A million-device campaign then holds only the devices in a session: a full
+    ``VirtualDevice`` costs ~1.2 KB before its first session and more after it."""
 
     def __init__(self, profile: DeviceProfile, n: int, *, faults: FaultShares | None = None,
                  seed: int = 1, first_index: int = 0, client: HttpClient | None = None,
-                 keep_latencies: bool = True, retry_503: int = 3) -> None:
+                 keep_latencies: bool = True, retry_503: int = 3, lazy: bool = False,
+                 report_retries: int = 0, report_delay: float = 1.0) -> None:
         self.profile = profile
         self.rng = random.Random(seed)
-        shares = faults or FaultShares()
-        self.devices = [VirtualDevice(first_index + i, profile, faults=shares.plan(self.rng))
-                        for i in range(n)]
-        self.by_msisdn = {d.msisdn: d for d in self.devices}
-        self.by_dev_id = {d.dev_id: d for d in self.devices}
+        self.seed = seed
+        self.n = n
+        self.first_index = first_index
+        self.lazy = lazy
+        shares = self.shares = faults or FaultShares()
+        #: FUMO result of each device's last update: 0 none, 1 succeeded, 2 failed
+        self.results = bytearray(n)
+        if lazy:
+            self.devices: Any = LazyDevices(self)
+            self.by_msisdn: dict[str, VirtualDevice] = {}
+            self.by_dev_id: dict[str, VirtualDevice] = {}
+            self._live: dict[int, VirtualDevice] = {}
+            self._holds: dict[int, int] = {}
+            self._nonces = bytearray(16 * n)     # client nonce the server issued last
+            self._odd_nonces: dict[int, bytes] = {}
+            self._flags = bytearray(n)           # 1: nonce kept, 2: firmware updated
+        else:
+            self.devices = [VirtualDevice(first_index + i, profile,
+                                          faults=shares.plan(self.rng)) for i in range(n)]
+            self.by_msisdn = {d.msisdn: d for d in self.devices}
+            self.by_dev_id = {d.dev_id: d for d in self.devices}
         self.client = client or HttpClient()
         self.stats = FleetStats()
         self.reports: list[SessionReport] = []
         self.keep_latencies = keep_latencies
         self.keep_reports = True
         self.retry_503 = retry_503
+        #: a session that failed while the device still had a Generic Alert to deliver (a
+        #: FUMO result) is tried again, as a phone does, up to ``report_retries`` times with
+        #: exponential backoff from ``report_delay`` seconds (0: the alert waits for the
+        #: device's next session, whenever something else starts one)
+        self.report_retries = report_retries
+        self.report_delay = report_delay
+        self._report_tries: dict[int, int] = {}
         self.gc_threshold0 = DEFAULT_GC_THRESHOLD0     # 0: leave the collector alone
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def accounts(self) -> list[Any]:
         return [d.account() for d in self.devices]
+
+    # --- devices of a lazy fleet ------------------------------------------------------------------
+
+    def _make(self, index: int) -> VirtualDevice:
+        dev = VirtualDevice(index, self.profile, faults=self.shares.plan_for(self.seed, index))
+        k = index - self.first_index
+        flags = self._flags[k]
+        if flags & 1:
+            dev.client_nonce = self._odd_nonces.get(k) or bytes(self._nonces[16 * k:16 * k + 16])
+        if flags & 2:
+            dev.fwv = _next_version(self.profile.fwv)
+            dev.swv = dev.fwv + "_r1"
+        return dev
+
+    def peek(self, index: int) -> VirtualDevice:
+        """Device ``index``: the live one, else one made afresh and not kept."""
+        if not self.lazy:
+            return self.devices[index - self.first_index]
+        dev = self._live.get(index)
+        return dev if dev is not None else self._make(index)
+
+    def device(self, index: int) -> VirtualDevice:
+        """Device ``index``, kept live until the end of the session it is wanted for."""
+        if not self.lazy:
+            return self.devices[index - self.first_index]
+        dev = self._live.get(index)
+        if dev is None:
+            dev = self._live[index] = self._make(index)
+        return dev
+
+    def find_msisdn(self, msisdn: str) -> VirtualDevice | None:
+        if not self.lazy:
+            return self.by_msisdn.get(msisdn)
+        # VirtualDevice's MSISDN is "+4479" and the index in (at least) eight digits
+        if not msisdn.startswith("+4479") or not msisdn[5:].isdigit() or len(msisdn) < 13:
+            return None
+        index = int(msisdn[5:])
+        if not self.first_index <= index < self.first_index + self.n or \
+                msisdn != f"+4479{index:08d}":
+            return None
+        return self.device(index)
+
+    def _hold(self, dev: VirtualDevice) -> None:
+        i = dev.index
+        self._holds[i] = self._holds.get(i, 0) + 1
+        self._live.setdefault(i, dev)
+
+    def _release(self, dev: VirtualDevice) -> None:
+        i = dev.index
+        left = self._holds.get(i, 1) - 1
+        if left > 0:
+            self._holds[i] = left
+            return
+        self._holds.pop(i, None)
+        self._evict(dev)
+
+    def _evict(self, dev: VirtualDevice) -> None:
+        """Drops a device that has nothing left to do (a device still holding a result to
+        report, or a job, stays: its next session needs them)."""
+        i = dev.index
+        if dev.pending_alerts or dev.jobs or self._holds.get(i) or self._live.get(i) is not dev:
+            return
+        del self._live[i]
+        k = i - self.first_index
+        nonce = dev.client_nonce
+        flags = self._flags[k] | 1
+        if len(nonce) == 16:
+            self._nonces[16 * k:16 * k + 16] = nonce
+            self._odd_nonces.pop(k, None)
+        else:
+            self._odd_nonces[k] = nonce
+        if dev.fwv != self.profile.fwv:
+            flags |= 2
+        self._flags[k] = flags
+
+    @property
+    def live(self) -> int:
+        """Devices held in memory (all of them unless lazy)."""
+        return len(self._live) if self.lazy else self.n
+
+    def summary(self) -> dict[str, Any]:
+        """``stats.summary()`` and what the fleet's devices did: FUMO updates that succeeded
+        and failed (each device's last result), devices live, Generic Alerts not delivered."""
+        out = self.stats.summary()
+        pending = sum(len(d.pending_alerts) for d in
+                      (self._live.values() if self.lazy else self.devices))
+        out.update(updates_succeeded=self.results.count(1), updates_failed=self.results.count(2),
+                   devices=self.n, devices_live=self.live, alerts_pending=pending,
+                   sessions_open=len(self.tasks))
+        return out
 
     # --- package 0 -----------------------------------------------------------------------------------
 
@@ -440,23 +622,30 @@ class Fleet:
 
         Returns False (no such device) for an unknown MSISDN; a package 0 whose digest does
         not verify is dropped silently, as a phone does."""
-        dev = self.by_msisdn.get(msisdn)
+        return self.deliver_pkg0(msisdn, pkg0)
+
+    def deliver_pkg0(self, msisdn: str, pkg0: bytes) -> bool:
+        """``on_pkg0`` without a coroutine (for a listener that calls it per request)."""
+        dev = self.find_msisdn(msisdn)
         if dev is None:
             return False
         self.stats.notifications += 1
         try:
-            from ..notify.pkg0 import parse_pkg0
             p = parse_pkg0(pkg0, dev.server_secret, dev.server_nonce, accept_resync=True)
         except CodecError as exc:
             self._report(SessionReport(dev.dev_id, "pkg0_rejected", 0, 0.0, str(exc), 1200))
+            if self.lazy:
+                self._evict(dev)
             return True
         if p.resync and dev.profile.resync:
             # the server re-synchronises: this session runs on the well-known nonce both
             # ways, and the server's Chal gives us a fresh one (PROTOCOL.md §8.2)
-            dev.client_nonce = dev.server_nonce = p.nonce
+            dev.client_nonce = dev.server_nonce = p.nonce or b""
         elif p.resync:
             self._report(SessionReport(dev.dev_id, "pkg0_rejected", 0, 0.0,
                                        "re-synchronisation nonce (not supported)", 1200))
+            if self.lazy:
+                self._evict(dev)
             return True
         self.spawn(self.run_session(dev, alert=1200, session_id=p.session_id_text))
         return True
@@ -490,6 +679,8 @@ class Fleet:
                detail: str, alert: int) -> SessionReport | None:
         """Counts a finished session; the report object only when someone wants it."""
         seconds = time.perf_counter() - t0
+        if outcome != "completed" and dev.pending_alerts and self.report_retries:
+            self._retry_report(dev)
         if want or self.keep_reports:
             return self._report(SessionReport(dev.dev_id, outcome, messages, seconds, detail,
                                               alert))
@@ -500,14 +691,44 @@ class Fleet:
             stats.session_seconds.append(seconds)
         return None
 
+    def _retry_report(self, dev: VirtualDevice) -> None:
+        tries = self._report_tries.get(dev.index, 0)
+        if tries >= self.report_retries:
+            return
+        self._report_tries[dev.index] = tries + 1
+        self.spawn(self._report_later(
+            dev, self.report_delay * 2 ** tries * self.rng.uniform(0.5, 1.5)))
+
+    async def _report_later(self, dev: VirtualDevice, delay: float) -> None:
+        """A new session, after ``delay``, to deliver what a failed one could not."""
+        if self.lazy:
+            self._hold(dev)
+        try:
+            await asyncio.sleep(delay)
+            if dev.pending_alerts:
+                self.stats.report_retries += 1
+                await self.run_session(dev, alert=1201, _want=False)
+        finally:
+            if self.lazy:
+                self._release(dev)
+        if not dev.pending_alerts:
+            self._report_tries.pop(dev.index, None)
+
     async def run_session(self, dev: VirtualDevice, *, alert: int = 1201,
                           session_id: str | None = None,
                           _want: bool = True) -> SessionReport:
         """Runs one DM session of ``dev`` to its end; FUMO jobs run as configured.
         (``_want=False``: no report object unless ``keep_reports``.)"""
         t0 = time.perf_counter()
-        cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
-        return await self._drive(dev, cs, cs.first(), t0, alert, _want)  # type: ignore
+        if not self.lazy:
+            cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
+            return await self._drive(dev, cs, cs.first(), t0, alert, _want)  # type: ignore
+        self._hold(dev)
+        try:
+            cs = dev.session(session_id=session_id, alert=alert, rng=self.rng)
+            return await self._drive(dev, cs, cs.first(), t0, alert, _want)  # type: ignore
+        finally:
+            self._release(dev)
 
     async def _drive(self, dev: VirtualDevice, cs: ClientSession, out: Any, t0: float,
                      alert: int, _want: bool, messages: int = 0,
@@ -548,6 +769,7 @@ class Fleet:
                                                             out.wire_headers, drop_after)
                 except HttpError as exc:
                     if drop_after is not None:
+                        stats.drops += 1
                         continue                  # reconnect and send the same message again
                     return self._ended(_want, dev, "http_error", messages, t0, str(exc), alert)
                 if keep_latencies:
@@ -613,7 +835,16 @@ class Fleet:
                           ("response", status, head, body))
 
     async def run_job(self, dev: VirtualDevice, job: Job) -> int:
-        """Download (and install) a FUMO package; records the result on the device."""
+        """Download (and install) a FUMO package; records the result on the device (and, for
+        an update, in ``results``)."""
+        result = await self._run_job(dev, job)
+        if job.kind != "download":
+            k = dev.index - self.first_index
+            if 0 <= k < self.n:
+                self.results[k] = 1 if 200 <= result < 300 else 2
+        return result
+
+    async def _run_job(self, dev: VirtualDevice, job: Job) -> int:
         result = 200
         if job.kind in ("download", "downloadandupdate"):
             url = job.url or ""

@@ -16,6 +16,8 @@ Rules every method follows:
 * Lists are cursor-paged: pass ``Page.next_cursor`` back as ``cursor``; None means the end.
 * The store owns ``Task.seq``, ``Task.version``, ``Task.history_len``, ``Job.total``,
   ``Job.counts``/``test_counts``, ``created``/``updated`` stamps and ``AuditEntry.seq``.
+* Secrets never reach the store: API keys and ``userSession`` tokens are kept as their SHA-256,
+  passwords as scrypt hashes (made by :mod:`dmengine.identity`, L4).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from ..model import (AuditEntry, Capability, Content, Device, HistoryEntry, Job, JobState,
-                     OutboxEntry, Task, TaskState)
+from ..model import (ApiKey, AuditEntry, Capability, ChargingEvent, Content, DeadLetter, Device,
+                     HistoryEntry, Job, JobState, OutboxEntry, Subscription, Task, TaskState, User,
+                     UserSession)
 
 T = TypeVar("T")
 
@@ -142,6 +145,14 @@ class Store(abc.ABC):
         the matches: a page may be short, even empty, and still carry a ``next_cursor``.
         Keep calling until ``next_cursor`` is None; every matching device comes exactly once
         (devices added or removed meanwhile may or may not be seen)."""
+
+    @abc.abstractmethod
+    async def query_device_ids(self, query: DeviceQuery, *, cursor: str | None = None,
+                               limit: int = DEFAULT_PAGE,
+                               scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[str]:
+        """``query_devices`` giving the dev_ids only, in the same order with the same paging
+        (a job's selection): when the index read decides the query alone (``capability``, or
+        ``tac`` without other filters) the device records are not read at all."""
 
     @abc.abstractmethod
     async def import_devices(self, devices: Iterable[Device], *, replace: bool = True,
@@ -305,13 +316,141 @@ class Store(abc.ABC):
     async def retry(self, entry_id: str, *, due: float, error: str | None = None) -> OutboxEntry:
         """Not delivered: ``attempts += 1``, new due time."""
 
+    # An entry of kind ``charging`` is an IF-4 charging event: the write that queues it also
+    # appends it to the charging log (``charging_events``), which keeps it after delivery.
+    # An entry with a ``topic`` is queued only while a subscription of that topic exists
+    # (checked in the same write; the charging log is written either way); otherwise
+    # ``enqueue`` returns it unqueued.  A charging entry is logged once: enqueueing its id
+    # again is AlreadyExists only while it is still queued.
+    # ``update_job`` queues a ``job`` event when it changes a job's state, and a move that
+    # makes a job's final-task count cross a tenth of its targets queues a progress event
+    # (both only while a ``job`` subscription exists).
+
+    @abc.abstractmethod
+    async def claim_entries(self, now: float, limit: int, lease: float) -> list[OutboxEntry]:
+        """Up to ``limit`` entries due at ``now`` (earliest first), each claimed: its ``due``
+        moves to ``now + lease`` in the same write, so no other claimer gets it until then
+        (a claimer that dies leaves it due again when the lease runs out)."""
+
+    @abc.abstractmethod
+    async def fan_out(self, entry_id: str, deliveries: Sequence[OutboxEntry]) -> list[OutboxEntry]:
+        """In one write: removes the entry and queues ``deliveries`` (one per subscriber; none
+        drops the event).  NotFound if the entry is gone (another claimer fanned it out)."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, entry_id: str, *, error: str | None = None) -> DeadLetter:
+        """Gives up on an entry after one more failed attempt (``attempts += 1``): it leaves
+        the outbox for the dead-letter list in one write."""
+
+    @abc.abstractmethod
+    async def get_dead_letter(self, entry_id: str) -> DeadLetter: ...
+
+    @abc.abstractmethod
+    async def dead_letters(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[DeadLetter]:
+        """The dead letters by entry id (roughly the events' time order)."""
+
+    @abc.abstractmethod
+    async def replay_dead_letter(self, entry_id: str, *, due: float) -> OutboxEntry:
+        """Back into the outbox, due at ``due`` with ``attempts`` 0 (same id, same body)."""
+
+    @abc.abstractmethod
+    async def charging_events(self, *, start: float | None = None, end: float | None = None,
+                              cursor: str | None = None,
+                              limit: int = DEFAULT_PAGE) -> Page[ChargingEvent]:
+        """The charging log, oldest first, ``time`` in ``[start, end)`` when given."""
+
+    # --- subscriptions (webhooks) -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_subscription(self, sub: Subscription) -> Subscription:
+        """Adds a subscription; AlreadyExists if its ``sub_id`` is taken."""
+
+    @abc.abstractmethod
+    async def get_subscription(self, sub_id: str) -> Subscription: ...
+
+    @abc.abstractmethod
+    async def delete_subscription(self, sub_id: str) -> None:
+        """Removes it (NotFound if missing); its queued deliveries are dropped when due."""
+
+    @abc.abstractmethod
+    async def list_subscriptions(self, *, cursor: str | None = None,
+                                 limit: int = DEFAULT_PAGE) -> Page[Subscription]:
+        """Every subscription, by ``sub_id``."""
+
     # --- audit ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def audit(self, entry: AuditEntry) -> AuditEntry: ...
 
     @abc.abstractmethod
-    async def audit_entries(self, *, cursor: str | None = None,
-                            limit: int = DEFAULT_PAGE) -> Page[AuditEntry]: ...
+    async def audit_entries(self, *, cursor: str | None = None, limit: int = DEFAULT_PAGE,
+                            actor: str | None = None, action: str | None = None,
+                            since: float | None = None, until: float | None = None,
+                            scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[AuditEntry]:
+        """Audit entries in the order written (``seq``), keeping those whose ``actor`` and
+        ``action`` are the ones given and whose ``time`` is in ``[since, until)``.  With a
+        filter a page examines at most ``scan_limit`` entries (never fewer than ``limit``): it
+        may be short, even empty, and still carry a ``next_cursor`` (as ``query_devices``)."""
+
+    # --- identities: API keys, users, userSession tokens (dmengine/identity.py) -------------
+    # Keys and tokens are found by their SHA-256 (hex, ``ApiKey.key_hash`` /
+    # ``UserSession.token_hash``); the store never sees a key, a token or a password.
+
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        """Adds a key; AlreadyExists if its ``key_id`` or its ``key_hash`` is taken."""
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKey: ...
+
+    @abc.abstractmethod
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey:
+        """The key whose SHA-256 is ``key_hash`` (revoked ones too); NotFound if none."""
+
+    @abc.abstractmethod
+    async def update_api_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
+        """Replaces fields of a key (``revoked``, ``rate``, …); ``key_id``, ``key_hash`` and
+        ``created`` cannot change (ValidationError naming the field)."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE) -> Page[ApiKey]:
+        """Every key (revoked ones too), by ``key_id``."""
+
+    @abc.abstractmethod
+    async def create_user(self, user: User) -> User:
+        """Adds a user; AlreadyExists if the name is taken."""
+
+    @abc.abstractmethod
+    async def get_user(self, name: str) -> User: ...
+
+    @abc.abstractmethod
+    async def update_user(self, name: str, changes: Mapping[str, Any]) -> User:
+        """Replaces fields of a user; ``name`` and ``created`` cannot change."""
+
+    @abc.abstractmethod
+    async def delete_user(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_users(self, *, cursor: str | None = None,
+                         limit: int = DEFAULT_PAGE) -> Page[User]: ...
+
+    @abc.abstractmethod
+    async def create_session(self, session: UserSession) -> UserSession:
+        """Adds a session; AlreadyExists if its ``token_hash`` is taken."""
+
+    @abc.abstractmethod
+    async def get_session(self, token_hash: str) -> UserSession:
+        """The session (expired ones too, until purged); NotFound if none."""
+
+    @abc.abstractmethod
+    async def delete_session(self, token_hash: str) -> None:
+        """Ends a session (logout); NotFound if there is none."""
+
+    @abc.abstractmethod
+    async def purge_sessions(self, now: float, *, limit: int = DEFAULT_PAGE) -> int:
+        """Deletes up to ``limit`` sessions that expired at or before ``now``, earliest first;
+        returns how many."""
 
     # --- admin ---------------------------------------------------------------------------
     @abc.abstractmethod

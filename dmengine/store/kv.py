@@ -24,6 +24,11 @@ way the queries read them; times are microseconds)::
     content      content_id → Content
     outbox       entry_id → OutboxEntry       outbox_due  u64(due) entry_id → ""
     audit        u64(seq) → AuditEntry
+    api_keys     key_id → ApiKey              api_key_hash  sha256(key) → key_id
+    users        name → User
+    sessions     sha256(token) → UserSession  session_exp   u64(expires) sha256(token) → ""
+    subs         sub_id → Subscription        sub_topic   topic \\0 sub_id → ""
+    dead         entry_id → DeadLetter        charging    u64(time) event_id → ChargingEvent
 
 Write ops follow one discipline: read and check first, raise before the first write.  If an
 op raises after writing anyway, the backend rolls the whole transaction back and replays the
@@ -45,9 +50,10 @@ import msgspec
 from .. import model
 from ..errors import (AlreadyExists, Conflict, CorruptRecord, InvalidTransition, NotFound,
                       StoreError, ValidationError)
-from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, AuditEntry, Capability, Content,
-                     Device, DmAccount, HistoryEntry, Job, JobState, OutboxEntry, SchemaRecord, Task,
-                     TaskState)
+from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, ApiKey, AuditEntry, Capability,
+                     ChargingEvent, Content, DeadLetter, Device, DmAccount, HistoryEntry, Job,
+                     JobState, OutboxEntry, SchemaRecord, Subscription, Task, TaskState, User,
+                     UserSession)
 from ._kv import Transition, check_transition_args, import_chunk, import_row
 from .base import (DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, DEFAULT_QUERY_SCAN, MAX_PAGE, DeviceQuery,
                    ImportReport, Page, Store)
@@ -56,7 +62,9 @@ R = TypeVar("R")
 
 DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps", "cap_tac",
        "tasks", "task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl",
-       "history", "jobs", "job_date", "job_targets", "content", "outbox", "outbox_due", "audit")
+       "history", "jobs", "job_date", "job_targets", "content", "outbox", "outbox_due", "audit",
+       "api_keys", "api_key_hash", "users", "sessions", "session_exp",
+       "subs", "sub_topic", "dead", "charging")
 
 SEP = b"\x00"
 EMPTY = b""
@@ -358,6 +366,98 @@ _JOB_PROTECTED = frozenset({"job_id", "total", "counts", "test_counts", "created
 _DEV_PROTECTED = frozenset({"dev_id", "created", "version"})
 _CAP_PROTECTED = frozenset({"oid", "created"})
 _CONTENT_PROTECTED = frozenset({"content_id", "created"})
+_KEY_PROTECTED = frozenset({"key_id", "key_hash", "created"})
+_USER_PROTECTED = frozenset({"name", "created"})
+
+
+def _hash_key(hex_hash: str, *, lookup: bool = False) -> bytes:
+    """A SHA-256 given as hex → its 32 bytes (the key of ``api_key_hash`` and ``sessions``).
+    For a lookup a malformed one is b"" (found nowhere); for a write it is refused."""
+    try:
+        h = bytes.fromhex(hex_hash) if isinstance(hex_hash, str) else b""
+    except ValueError:
+        h = b""
+    if len(h) != 32:
+        if lookup:
+            return b""
+        raise ValidationError("not a SHA-256 (64 hex digits)", where="$.key_hash")
+    return h
+
+
+def _take(it: Iterable[R], n: int) -> list[R]:
+    out: list[R] = []
+    for x in it:
+        if len(out) == n:
+            break
+        out.append(x)
+    return out
+
+
+# --- events (outbox entries the store writes itself) -------------------------------------------
+
+
+def _listened(txn: KVTxn, topic: str) -> bool:
+    """Whether some subscription listens to ``topic`` (one seek in ``sub_topic``)."""
+    p = _e(topic) + SEP
+    for _ in txn.scan("sub_topic", p, prefix_end(p)):
+        return True
+    return False
+
+
+def _charging_record(e: OutboxEntry, now: float) -> ChargingEvent:
+    """The charging-log record of a ``charging`` entry: its payload as a ChargingEvent whose
+    ``event_id`` is the entry's id (``time``: the payload's, else the entry's creation)."""
+    d = dict(e.payload)
+    d["event_id"] = e.entry_id
+    t = d.get("time") or e.created or now
+    d["time"] = t
+    try:
+        rec = msgspec.convert(d, ChargingEvent)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"charging payload: {exc}",
+                              where=(model.where_of(exc) or "$").replace("$", "$.payload", 1)
+                              ) from None
+    model.validate(rec)
+    return rec
+
+
+#: a job's progress events come at each tenth of its targets
+PROGRESS_STEPS = 10
+
+
+def _final_count(job: Job) -> int:
+    return sum(n for s, n in job.counts.items() if s in FINAL_TASK_STATES) + \
+        sum(n for s, n in job.test_counts.items() if s in FINAL_TASK_STATES)
+
+
+def _job_progress(ctx: WriteCtx, job: Job) -> None:
+    """After one more of the job's tasks became final: a ``job.progress`` event when the
+    final count crossed a tenth of the job's targets."""
+    targets = max(job.targets, job.total)
+    if not targets:
+        return
+    after = _final_count(job)
+    step = after * PROGRESS_STEPS // targets
+    if step > (after - 1) * PROGRESS_STEPS // targets:
+        _job_event(ctx, job, "job.progress", percent=min(100, step * 100 // PROGRESS_STEPS),
+                   final=after)
+
+
+def _job_event(ctx: WriteCtx, job: Job, kind: str, **extra: Any) -> None:
+    """Queues a job event (only while a ``job`` subscription exists)."""
+    if not _listened(ctx.txn, "job"):
+        return
+    payload: dict[str, Any] = {
+        "type": kind, "time": ctx.now, "job_id": job.job_id, "state": str(job.state),
+        "owner": job.owner, "name": job.name, "targets": job.targets, "total": job.total,
+        "counts": {str(k): v for k, v in job.counts.items()},
+        "test_counts": {str(k): v for k, v in job.test_counts.items()},
+        "cause": job.cause, **extra}
+    e = OutboxEntry(entry_id=model.new_id("ev"), kind="webhook", topic="job", due=ctx.now,
+                    payload=payload, created=ctx.now)
+    key = _e(e.entry_id)
+    ctx.put("outbox", key, _enc.encode(e))
+    ctx.put("outbox_due", us(e.due) + key, EMPTY)
 
 
 # --- the shared store -----------------------------------------------------------------------
@@ -573,6 +673,15 @@ class KVStore(Store):
     async def query_devices(self, query: DeviceQuery, *, cursor: str | None = None,
                             limit: int = DEFAULT_PAGE,
                             scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[Device]:
+        return await self._query_devices(query, cursor, limit, scan_limit, ids_only=False)
+
+    async def query_device_ids(self, query: DeviceQuery, *, cursor: str | None = None,
+                               limit: int = DEFAULT_PAGE,
+                               scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[str]:
+        return await self._query_devices(query, cursor, limit, scan_limit, ids_only=True)
+
+    async def _query_devices(self, query: DeviceQuery, cursor: str | None, limit: int,
+                             scan_limit: int, *, ids_only: bool) -> Page[Any]:
         check_limit(limit)
         if not isinstance(scan_limit, int) or scan_limit < 1:
             raise ValidationError(f"scan_limit must be >= 1, got {scan_limit!r}",
@@ -597,9 +706,13 @@ class KVStore(Store):
             start = ck[1:] + b"\x00"
         n = len(prefix)
         via_index = idx != "devices"
+        # ids of an index that decides the query alone: the records are never read
+        index_only = ids_only and via_index and query.model is None and \
+            query.firmware is None and query.contact_after is None and \
+            query.contact_before is None and (idx == "dev_cap" or query.capability is None)
 
-        def fn(txn: KVTxn) -> Page[Device]:
-            out: list[Device] = []
+        def fn(txn: KVTxn) -> Page[Any]:
+            out: list[Any] = []
             scanned = 0
             last = b""
             for k, v in txn.scan(idx, start, end):
@@ -607,6 +720,9 @@ class KVStore(Store):
                     return Page(out, encode_cursor(tag + last))
                 scanned += 1
                 last = k
+                if index_only:
+                    out.append(k[n:].decode())
+                    continue
                 if via_index:
                     rid = k[n:]
                     raw = txn.get("devices", rid)
@@ -616,7 +732,7 @@ class KVStore(Store):
                     rid, raw = k, v
                 d = match(raw, rid)
                 if d is not None:
-                    out.append(d)
+                    out.append(d.dev_id if ids_only else d)
             return Page(out, None)
         return await self._read(fn, big=budget > self.inline_read_limit)
 
@@ -785,9 +901,12 @@ class KVStore(Store):
             j = ctx.job(job_id)      # the cached one carries this transaction's counter moves
             if expect_state is not None and j.state != expect_state:
                 raise Conflict("job", job_id, f"job {job_id!r} is {j.state}, not {expect_state}")
+            before = j.state
             for k, v in changes.items():
                 setattr(j, k, v)
             j.updated = ctx.now
+            if j.state != before:
+                _job_event(ctx, j, "job.state", previous=str(before))
             return dec(Job, _enc.encode(j))    # a copy: later ops may move the counters
         return await self._write(op)
 
@@ -882,6 +1001,13 @@ class KVStore(Store):
         check_limit(limit)
         hi = us(now) + b"\xff"
         until = us(now + lease)
+
+        def any_due(txn: KVTxn) -> bool:
+            for k, _ in txn.scan("task_due", b"", hi):
+                return k[:8] <= us(now)
+            return False
+        if not await self._read(any_due):
+            return []        # the common idle pass: no write transaction (nor its latency)
 
         def op(ctx: WriteCtx) -> list[Task]:
             keys = []
@@ -1076,6 +1202,8 @@ class KVStore(Store):
                     del counts[frm]
                 counts[to_state] = counts.get(to_state, 0) + 1
                 job.updated = now
+                if to_state in FINAL_TASK_STATES and frm not in FINAL_TASK_STATES:
+                    _job_progress(ctx, job)
             for e in entries:
                 self._outbox_put(ctx, e)
             return t
@@ -1199,13 +1327,22 @@ class KVStore(Store):
     @staticmethod
     def _outbox_prep(e: OutboxEntry) -> OutboxEntry:
         model.validate(e)
+        if e.kind == "charging":
+            _charging_record(e, 0.0)      # a payload that is no charging event: refused now
         return e
 
     @staticmethod
     def _outbox_put(ctx: WriteCtx, e: OutboxEntry) -> OutboxEntry:
+        """Writes a prepared entry — a charging entry's record in the charging log always,
+        the entry itself unless its topic has no subscriber."""
         if not e.created:
             e = msgspec.structs.replace(e, created=ctx.now)
         key = _e(e.entry_id)
+        if e.kind == "charging":
+            rec = _charging_record(e, ctx.now)
+            ctx.put("charging", us(rec.time) + key, _enc.encode(rec))
+        if e.topic is not None and not _listened(ctx.txn, e.topic):
+            return e
         ctx.put("outbox", key, _enc.encode(e))
         ctx.put("outbox_due", us(e.due) + key, EMPTY)
         return e
@@ -1218,6 +1355,154 @@ class KVStore(Store):
                 raise AlreadyExists("outbox entry", e.entry_id)
             return self._outbox_put(ctx, e)
         return await self._write(op)
+
+    async def claim_entries(self, now: float, limit: int, lease: float) -> list[OutboxEntry]:
+        check_limit(limit)
+        hi = us(now) + b"\xff"
+
+        def any_due(txn: KVTxn) -> bool:
+            for k, _ in txn.scan("outbox_due", b"", hi):
+                return k[:8] <= us(now)
+            return False
+        if not await self._read(any_due):
+            return []        # an idle pass costs no write transaction
+
+        def op(ctx: WriteCtx) -> list[OutboxEntry]:
+            keys = []
+            for k, _ in ctx.txn.scan("outbox_due", b"", hi):
+                if len(keys) == limit or k[:8] > us(now):
+                    break
+                keys.append(k)
+            found = []
+            for k in keys:
+                rid = k[8:]
+                raw = ctx.txn.get("outbox", rid)
+                if raw is not None:
+                    found.append((k, rid, dec(OutboxEntry, raw, "outbox", rid)))
+            until = us(now + lease)
+            out = []
+            for k, rid, e in found:
+                e.due = now + lease
+                ctx.delete("outbox_due", k)
+                ctx.put("outbox_due", until + rid, EMPTY)
+                ctx.put("outbox", rid, _enc.encode(e))
+                out.append(e)
+            return out
+        return await self._write(op)
+
+    async def fan_out(self, entry_id: str, deliveries: Sequence[OutboxEntry]) -> list[OutboxEntry]:
+        key = _e(entry_id)
+        prepped = [self._outbox_prep(d) for d in deliveries]
+        if any(d.kind == "charging" for d in prepped):
+            raise ValidationError("a delivery is not a charging event", where="$.kind")
+
+        def op(ctx: WriteCtx) -> list[OutboxEntry]:
+            raw = ctx.txn.get("outbox", key)
+            if raw is None:
+                raise NotFound("outbox entry", entry_id)
+            e = dec(OutboxEntry, raw, "outbox", key)
+            fresh = [d for d in prepped if ctx.txn.get("outbox", _e(d.entry_id)) is None
+                     and d.entry_id != entry_id]
+            ctx.delete("outbox", key)
+            ctx.delete("outbox_due", us(e.due) + key)
+            return [self._outbox_put(ctx, d) for d in fresh]
+        return await self._write(op)
+
+    async def dead_letter(self, entry_id: str, *, error: str | None = None) -> DeadLetter:
+        key = _e(entry_id)
+        err = error[:1024] if error else None
+
+        def op(ctx: WriteCtx) -> DeadLetter:
+            raw = ctx.txn.get("outbox", key)
+            if raw is None:
+                raise NotFound("outbox entry", entry_id)
+            e = dec(OutboxEntry, raw, "outbox", key)
+            e.attempts += 1
+            if err is not None:
+                e.last_error = err
+            d = DeadLetter(entry=e, time=ctx.now, error=err or e.last_error)
+            ctx.delete("outbox", key)
+            ctx.delete("outbox_due", us(e.due) + key)
+            ctx.put("dead", key, _enc.encode(d))
+            return d
+        return await self._write(op)
+
+    async def get_dead_letter(self, entry_id: str) -> DeadLetter:
+        return await self._get("dead", DeadLetter, entry_id, "dead letter")
+
+    async def dead_letters(self, *, cursor: str | None = None,
+                           limit: int = DEFAULT_PAGE) -> Page[DeadLetter]:
+        return await self._page_of_records("dead", DeadLetter, cursor, limit)
+
+    async def replay_dead_letter(self, entry_id: str, *, due: float) -> OutboxEntry:
+        key = _e(entry_id)
+        if len(key) > MAX_KEY:
+            raise NotFound("dead letter", entry_id)
+
+        def op(ctx: WriteCtx) -> OutboxEntry:
+            raw = ctx.txn.get("dead", key)
+            if raw is None:
+                raise NotFound("dead letter", entry_id)
+            if ctx.txn.get("outbox", key) is not None:
+                raise AlreadyExists("outbox entry", entry_id)
+            d = dec(DeadLetter, raw, "dead", key)
+            e = msgspec.structs.replace(d.entry, due=due, attempts=0)
+            model.validate(e)
+            ctx.delete("dead", key)
+            ctx.put("outbox", key, _enc.encode(e))
+            ctx.put("outbox_due", us(e.due) + key, EMPTY)
+            return e
+        return await self._write(op)
+
+    async def charging_events(self, *, start: float | None = None, end: float | None = None,
+                              cursor: str | None = None,
+                              limit: int = DEFAULT_PAGE) -> Page[ChargingEvent]:
+        check_limit(limit)
+        lo = us(max(start, 0.0)) if start is not None else EMPTY
+        hi = us(max(end, 0.0)) if end is not None else None
+
+        def fn(txn: KVTxn) -> Page[ChargingEvent]:
+            rows, nxt = scan_page(txn, "charging", EMPTY, cursor, limit, lo=lo, hi=hi)
+            return Page([dec(ChargingEvent, v, "charging", k) for k, v in rows], nxt)
+        return await self._read(fn, big=limit > self.inline_read_limit)
+
+    # --- subscriptions --------------------------------------------------------------------------
+
+    async def create_subscription(self, sub: Subscription) -> Subscription:
+        model.validate(sub)
+        key = _e(sub.sub_id)
+
+        def op(ctx: WriteCtx) -> Subscription:
+            if ctx.txn.get("subs", key) is not None:
+                raise AlreadyExists("subscription", sub.sub_id)
+            s = msgspec.structs.replace(sub, created=sub.created or ctx.now)
+            ctx.put("subs", key, _enc.encode(s))
+            for t in set(s.topics):
+                ctx.put("sub_topic", _e(t) + SEP + key, EMPTY)
+            return s
+        return await self._write(op)
+
+    async def get_subscription(self, sub_id: str) -> Subscription:
+        return await self._get("subs", Subscription, sub_id, "subscription")
+
+    async def delete_subscription(self, sub_id: str) -> None:
+        key = _e(sub_id)
+        if len(key) > MAX_KEY:
+            raise NotFound("subscription", sub_id)
+
+        def op(ctx: WriteCtx) -> None:
+            raw = ctx.txn.get("subs", key)
+            if raw is None:
+                raise NotFound("subscription", sub_id)
+            s = dec(Subscription, raw, "subs", key)
+            ctx.delete("subs", key)
+            for t in set(s.topics):
+                ctx.delete("sub_topic", _e(t) + SEP + key)
+        await self._write(op)
+
+    async def list_subscriptions(self, *, cursor: str | None = None,
+                                 limit: int = DEFAULT_PAGE) -> Page[Subscription]:
+        return await self._page_of_records("subs", Subscription, cursor, limit)
 
     async def due_entries(self, now: float, *, limit: int = DEFAULT_PAGE) -> list[OutboxEntry]:
         return await self._due("outbox_due", "outbox", OutboxEntry, now, limit)
@@ -1263,9 +1548,173 @@ class KVStore(Store):
             return e
         return await self._write(op)
 
-    async def audit_entries(self, *, cursor: str | None = None,
-                            limit: int = DEFAULT_PAGE) -> Page[AuditEntry]:
-        return await self._page_of_records("audit", AuditEntry, cursor, limit)
+    async def audit_entries(self, *, cursor: str | None = None, limit: int = DEFAULT_PAGE,
+                            actor: str | None = None, action: str | None = None,
+                            since: float | None = None, until: float | None = None,
+                            scan_limit: int = DEFAULT_QUERY_SCAN) -> Page[AuditEntry]:
+        if actor is None and action is None and since is None and until is None:
+            return await self._page_of_records("audit", AuditEntry, cursor, limit)
+        check_limit(limit)
+        if not isinstance(scan_limit, int) or scan_limit < 1:
+            raise ValidationError(f"scan_limit must be >= 1, got {scan_limit!r}",
+                                  where="scan_limit")
+        budget = max(scan_limit, limit)
+        start = decode_cursor(cursor) + SEP if cursor is not None else EMPTY
+        needles = [_e(x) for x in (actor, action) if x]
+
+        def fn(txn: KVTxn) -> Page[AuditEntry]:
+            out: list[AuditEntry] = []
+            scanned = 0
+            last = EMPTY
+            for k, v in txn.scan("audit", start, None):
+                if len(out) == limit or scanned == budget:
+                    return Page(out, encode_cursor(last))
+                scanned += 1
+                last = k
+                if any(nd not in v for nd in needles):     # msgpack keeps strings as they are
+                    continue
+                e = dec(AuditEntry, v, "audit", k)
+                if (actor is not None and e.actor != actor) or \
+                        (action is not None and e.action != action) or \
+                        (since is not None and e.time < since) or \
+                        (until is not None and e.time >= until):
+                    continue
+                out.append(e)
+            return Page(out, None)
+        return await self._read(fn, big=budget > self.inline_read_limit)
+
+    # --- identities ---------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> ApiKey:
+        model.validate(key)
+        kid = _e(key.key_id)
+        h = _hash_key(key.key_hash)
+
+        def op(ctx: WriteCtx) -> ApiKey:
+            if ctx.txn.get("api_keys", kid) is not None:
+                raise AlreadyExists("api key", key.key_id)
+            if ctx.txn.get("api_key_hash", h) is not None:
+                raise AlreadyExists("api key", "(that key)")
+            k = msgspec.structs.replace(key, created=key.created or ctx.now)
+            ctx.put("api_keys", kid, _enc.encode(k))
+            ctx.put("api_key_hash", h, kid)
+            return k
+        return await self._write(op)
+
+    async def get_api_key(self, key_id: str) -> ApiKey:
+        return await self._get("api_keys", ApiKey, key_id, "api key")
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey:
+        h = _hash_key(key_hash, lookup=True)
+
+        def fn(txn: KVTxn) -> ApiKey:
+            kid = txn.get("api_key_hash", h) if h else None
+            raw = txn.get("api_keys", kid) if kid is not None else None
+            if raw is None:
+                raise NotFound("api key", "(that key)")
+            return dec(ApiKey, raw, "api_keys", kid or b"")
+        return await self._read(fn)
+
+    async def update_api_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
+        return await self._update_record("api_keys", ApiKey, key_id, "api key", changes,
+                                         _KEY_PROTECTED)
+
+    async def list_api_keys(self, *, cursor: str | None = None,
+                            limit: int = DEFAULT_PAGE) -> Page[ApiKey]:
+        return await self._page_of_records("api_keys", ApiKey, cursor, limit)
+
+    async def create_user(self, user: User) -> User:
+        model.validate(user)
+        key = _e(user.name)
+
+        def op(ctx: WriteCtx) -> User:
+            if ctx.txn.get("users", key) is not None:
+                raise AlreadyExists("user", user.name)
+            u = msgspec.structs.replace(user, created=user.created or ctx.now)
+            ctx.put("users", key, _enc.encode(u))
+            return u
+        return await self._write(op)
+
+    async def get_user(self, name: str) -> User:
+        return await self._get("users", User, name, "user")
+
+    async def update_user(self, name: str, changes: Mapping[str, Any]) -> User:
+        return await self._update_record("users", User, name, "user", changes,
+                                         _USER_PROTECTED)
+
+    async def delete_user(self, name: str) -> None:
+        await self._delete("users", User, name, "user", lambda ctx, old: None)
+
+    async def list_users(self, *, cursor: str | None = None,
+                         limit: int = DEFAULT_PAGE) -> Page[User]:
+        return await self._page_of_records("users", User, cursor, limit)
+
+    async def create_session(self, session: UserSession) -> UserSession:
+        model.validate(session)
+        h = _hash_key(session.token_hash)
+
+        def op(ctx: WriteCtx) -> UserSession:
+            if ctx.txn.get("sessions", h) is not None:
+                raise AlreadyExists("session", session.session_id)
+            s = msgspec.structs.replace(session, created=session.created or ctx.now)
+            ctx.put("sessions", h, _enc.encode(s))
+            ctx.put("session_exp", us(s.expires) + h, EMPTY)
+            return s
+        return await self._write(op)
+
+    async def get_session(self, token_hash: str) -> UserSession:
+        h = _hash_key(token_hash, lookup=True)
+
+        def fn(txn: KVTxn) -> UserSession:
+            raw = txn.get("sessions", h) if h else None
+            if raw is None:
+                raise NotFound("session", "(that token)")
+            return dec(UserSession, raw, "sessions", h)
+        return await self._read(fn)
+
+    async def delete_session(self, token_hash: str) -> None:
+        h = _hash_key(token_hash, lookup=True)
+
+        def op(ctx: WriteCtx) -> None:
+            raw = ctx.txn.get("sessions", h) if h else None
+            if raw is None:
+                raise NotFound("session", "(that token)")
+            s = dec(UserSession, raw, "sessions", h)
+            ctx.delete("sessions", h)
+            ctx.delete("session_exp", us(s.expires) + h)
+        await self._write(op)
+
+    async def purge_sessions(self, now: float, *, limit: int = DEFAULT_PAGE) -> int:
+        check_limit(limit)
+        hi = us(now) + b"\xff"
+
+        def op(ctx: WriteCtx) -> int:
+            gone = [k for k, _ in _take(ctx.txn.scan("session_exp", EMPTY, hi), limit)
+                    if k[:8] <= us(now)]
+            for k in gone:
+                ctx.delete("session_exp", k)
+                ctx.delete("sessions", k[8:])
+            return len(gone)
+        return await self._write(op)
+
+    async def _update_record(self, db: str, cls: type[R], ident: str, kind: str,
+                             changes: Mapping[str, Any], protected: frozenset[str]) -> R:
+        changes = dict(changes)
+        bad = protected.intersection(changes)
+        if bad:
+            f = sorted(bad)[0]
+            raise ValidationError(f"{f} cannot be changed", where=f"$.{f}")
+        key = _e(ident)
+
+        def op(ctx: WriteCtx) -> R:
+            raw = ctx.txn.get(db, key) if len(key) <= MAX_KEY else None
+            if raw is None:
+                raise NotFound(kind, ident)
+            new = replace_fields(dec(cls, raw, db, key), changes, protected)
+            data = model.validate(new)      # type: ignore[type-var]
+            ctx.put(db, key, data)
+            return new
+        return await self._write(op)
 
     # --- admin ----------------------------------------------------------------------------
 
@@ -1457,8 +1906,66 @@ def check_txn(txn: KVTxn, *, max_problems: int = 1000) -> list[str]:
             continue
         exp.add(("outbox_due", us(e.due) + k, EMPTY))
     expect(exp, ("outbox_due",))
-    # audit and content decode
-    for db, cls in (("audit", AuditEntry), ("content", Content)):
+    # subscriptions: one topic row per topic, dead letters and the charging log decode
+    exp = set()
+    for k, v in txn.scan("subs", b"", None):
+        try:
+            sub = dec(Subscription, v, "subs", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(sub.sub_id) != k:
+            bad(f"subs: key {k!r} holds subscription {sub.sub_id!r}")
+        for t in set(sub.topics):
+            exp.add(("sub_topic", _e(t) + SEP + k, EMPTY))
+    expect(exp, ("sub_topic",))
+    for k, v in txn.scan("dead", b"", None):
+        try:
+            dl = dec(DeadLetter, v, "dead", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(dl.entry.entry_id) != k:
+            bad(f"dead: key {k!r} holds entry {dl.entry.entry_id!r}")
+        if txn.get("outbox", k) is not None:
+            bad(f"dead: entry {k!r} is in the outbox too")
+    for k, v in txn.scan("charging", b"", None):
+        try:
+            ce = dec(ChargingEvent, v, "charging", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if k != us(ce.time) + _e(ce.event_id):
+            bad(f"charging: key {k!r} does not match event {ce.event_id!r}")
+    # api keys: one hash row per key, each pointing at its key
+    exp = set()
+    for k, v in txn.scan("api_keys", b"", None):
+        try:
+            ak = dec(ApiKey, v, "api_keys", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _e(ak.key_id) != k:
+            bad(f"api_keys: key {k!r} holds key {ak.key_id!r}")
+        try:
+            exp.add(("api_key_hash", _hash_key(ak.key_hash), k))
+        except ValidationError:
+            bad(f"api_keys: key {k!r} has a malformed hash")
+    expect(exp, ("api_key_hash",))
+    # sessions and their expiry index
+    exp = set()
+    for k, v in txn.scan("sessions", b"", None):
+        try:
+            se = dec(UserSession, v, "sessions", k)
+        except CorruptRecord as exc:
+            bad(str(exc))
+            continue
+        if _hash_key(se.token_hash, lookup=True) != k:
+            bad(f"sessions: key {k!r} holds session {se.session_id!r} of another token")
+        exp.add(("session_exp", us(se.expires) + k, EMPTY))
+    expect(exp, ("session_exp",))
+    # audit, content and users decode
+    for db, cls in (("audit", AuditEntry), ("content", Content), ("users", User)):
         for k, v in txn.scan(db, b"", None):
             try:
                 dec(cls, v, db, k)

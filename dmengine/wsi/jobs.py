@@ -9,15 +9,16 @@ MSISDN, IMEI or DevId), the list form of ``doBootstrap`` (POST /v1/bootstrap wit
 handlers translate HTTP and JSON.
 
 Bodies and answers are camelCase (``bOptin``, ``stopRule.maxFailureRatio``); an operation keeps
-the shape ``doOperation`` takes (``{"operation": "UPDATE", "content_id": …}``).  Listings answer
+the shape ``doOperation`` takes (``{"operation": "UPDATE", "contentId": …}``).  Listings answer
 ``{"items": [...], "nextCursor": str | null}``.  Errors keep the app's one shape and name the
 field: a body that does not decode gives the msgspec path (``$.stages[0].percent``), a request
 the job service refuses gives the field it names (``stages[1].percent``,
 ``operation.content_id``, ``targets[3].msisdn``).  A task in an answer goes through
 :func:`dmengine.model.redact_task` and shows no operation detail; a job carries no secret.
 
-Who asked: the API has one key today, so a job's ``owner`` is the body's ``owner`` or
-``"api"`` (per-key identities come with issue 15).
+Who asked: a job's ``owner`` is the caller's system (:mod:`dmengine.wsi.security`); an admin
+may name another in the body's ``owner``.  Listings show a non-admin only its system's jobs;
+a route about one job answers 404 for another system's (the security middleware checks it).
 """
 from __future__ import annotations
 
@@ -33,14 +34,18 @@ from ..broker import Broker
 from ..bulk import Jobs, JobView, view
 from ..devices import imei_of, parse_time
 from ..errors import InvalidRequest, ServiceError, ValidationError
-from ..model import (ID_PATTERN, Count, DevId, Device, Job, JobState, Name, OptId, Operation,
-                     Selection, Stage, StopRule, Tac, Task, TaskState, TimeWindow, new_id,
-                     redact_task)
+from ..model import (ID_PATTERN, Count, DevId, Device, Job, JobState, Name, OptId, Selection,
+                     Stage, StopRule, Tac, Task, TaskState, TimeWindow, new_id, redact_task)
 from ..store.base import DEFAULT_PAGE, MAX_PAGE, Page
-from ..tasks import operation_name
-from .app import ENGINE, Target, decode_body, json_response, read_json_body
+from .common import ENGINE, broker_of, jobs_of
+from .middleware import decode_body, json_response, optional_body
+from .openapi import operation
+from .schemas import (BootstrapJobCreated, JobCreated, JobOut, JobPage, OperationIn, PageQuery,
+                      Target, TaskPage, camel_path, task_summary, to_model, to_view)
+from .security import owner_for_new, owner_scope
 
 routes = web.RouteTableDef()
+TAG = "IBulkOperationsManagerServices"
 
 #: the owner of a job when the body names none (one API key today: issue 15 brings identities)
 DEFAULT_OWNER = "api"
@@ -95,7 +100,7 @@ class StageBody(_Body):
 
 class JobBody(_Body):
     """What createDeployments and doBulkOperation share: the operation and the schedule."""
-    operation: Operation
+    operation: OperationIn  # type: ignore[valid-type]
     name: Name = ""
     owner: Union[Name, None] = None
     b_optin: bool = False
@@ -128,81 +133,33 @@ class ControlRequest(_Body):
 # --- JSON of answers ------------------------------------------------------------------------------
 
 
-def camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p[:1].upper() + p[1:] for p in rest)
-
-
-def _out(v: Any) -> Any:
-    """A record as JSON builtins with camelCase field names (every field, defaults too);
-    dict keys (node URIs, task states) are data and stay as they are."""
-    if isinstance(v, msgspec.Struct):
-        return {camel(f): _out(getattr(v, f)) for f in v.__struct_fields__}
-    if isinstance(v, list):
-        return [_out(x) for x in v]
-    return msgspec.to_builtins(v)
-
-
-#: internal bookkeeping of the stop rule, not part of the answer
-_JOB_HIDDEN = frozenset({"base_final", "base_failed"})
-
-
-def job_json(v: JobView) -> dict[str, Any]:
-    """A job as getJob shows it: the record's fields (``op`` as ``operation``, in the shape
-    doOperation takes) and what is derived from it: ``final``, ``succeeded``, ``failed``
-    (FAILED + EXPIRED), ``progress`` (final / targets), ``rate`` (tasks finished per second
-    since the start) and ``etaSeconds``.  ``total`` is the tasks made so far."""
+def job_json(v: JobView) -> Any:
+    """A job as getJob shows it (:data:`dmengine.wsi.schemas.JobOut`): the record's fields
+    (``op`` as ``operation``, in the shape doOperation takes) and what is derived from it:
+    ``final``, ``succeeded``, ``failed`` (FAILED + EXPIRED), ``progress`` (final / targets),
+    ``rate`` (tasks finished per second since the start) and ``etaSeconds``.  ``total`` is
+    the tasks made so far."""
     job = v.job
-    out: dict[str, Any] = {}
-    for f in job.__struct_fields__:
-        if f in _JOB_HIDDEN:
-            continue
-        val = getattr(job, f)
-        if f == "op":
-            out["operation"] = msgspec.to_builtins(val)
-        else:
-            out[camel(f)] = _out(val)
-    out.update(final=v.final, succeeded=v.succeeded, failed=v.failed, progress=v.progress,
-               rate=v.rate, etaSeconds=v.eta_s)
-    return out
+    return to_view(job, JobOut, operation=None if job.op is None else to_view(job.op),
+                   final=v.final, succeeded=v.succeeded, failed=v.failed,
+                   progress=float(v.progress), rate=v.rate, eta_seconds=v.eta_s)
 
 
-def task_json(task: Task) -> dict[str, Any]:
+def task_json(task: Task) -> Any:
     """A task as getTasks lists it (getTaskById has the whole record)."""
-    t = redact_task(task)
-    return {"taskId": t.task_id, "devId": t.dev_id, "jobId": t.job_id, "status": t.state.value,
-            "operation": operation_name(t.op), "testCycle": t.test_cycle,
-            "attempts": t.attempts, "created": t.created, "updated": t.updated,
-            "finished": t.finished, "cause": t.cause,
-            "result": _out(t.result) if t.result is not None else None}
+    return task_summary(redact_task(task))
 
 
-def page_json(page: Page[Any], fn: Any) -> web.Response:
-    return json_response({"items": [fn(x) for x in page.items], "nextCursor": page.next_cursor})
+def job_page(page: Page[Job], now: float) -> web.Response:
+    return json_response(JobPage(items=[job_json(view(j, now)) for j in page.items],
+                                 next_cursor=page.next_cursor))
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _broker(request: web.Request) -> Broker:
-    broker = request.app[ENGINE].broker
-    assert broker is not None
-    return broker
-
-
-def _jobs(request: web.Request) -> Jobs:
-    return _broker(request).jobs
-
-
-def _api_where(where: str | None) -> str | None:
-    """The service's field path in the body's names: ``end_at`` → ``endAt``,
-    ``selection.dev_ids`` → ``selection.devIds``; an operation's fields keep theirs."""
-    if not where or where.startswith("$"):
-        return where
-    parts = where.split(".")
-    if parts[0].split("[")[0] == "operation":
-        return where
-    return ".".join(camel(p) for p in parts)
+_broker = broker_of
+_jobs = jobs_of
 
 
 def _query(request: web.Request, known: set[str]) -> dict[str, str]:
@@ -249,10 +206,10 @@ def _time(q: dict[str, str], name: str, default: float) -> float:
 _ID_RE = re.compile(ID_PATTERN)
 
 
-def _schedule(body: JobBody) -> dict[str, Any]:
+def _schedule(body: JobBody, owner: str) -> dict[str, Any]:
     """Jobs.create's keyword arguments from the body's schedule."""
     return dict(
-        name=body.name, owner=body.owner if body.owner is not None else DEFAULT_OWNER,
+        name=body.name, owner=owner,
         b_optin=body.b_optin, accept_device_policy=body.accept_device_policy,
         test_cycle=body.test_cycle, rate_limit=body.rate_limit, concurrency=body.concurrency,
         windows=[TimeWindow(start=w.start, end=w.end, days=list(w.days)) for w in body.windows],
@@ -266,13 +223,13 @@ def _schedule(body: JobBody) -> dict[str, Any]:
 
 
 async def _create(request: web.Request, body: JobBody, selection: Selection) -> web.Response:
-    try:
-        job = await _jobs(request).create(body.operation, selection, **_schedule(body))
-    except (ServiceError, ValidationError) as exc:
-        exc.where = _api_where(exc.where)
-        raise
-    return json_response({"jobId": job.job_id, "state": job.state.value,
-                          "targets": job.targets}, 201)
+    # a refusal names the service's field: the error middleware puts it in the body's names
+    # (``end_at`` → ``endAt``, ``operation.content_id`` → ``operation.contentId``)
+    job = await _jobs(request).create(
+        to_model(body.operation), selection,
+        **_schedule(body, owner_for_new(request, body.owner, DEFAULT_OWNER)))
+    return json_response(JobCreated(job_id=job.job_id, state=job.state, targets=job.targets),
+                         201)
 
 
 async def resolve_targets(broker: Broker, targets: list[Target]
@@ -292,6 +249,7 @@ async def resolve_targets(broker: Broker, targets: list[Target]
                 where = f"targets[{i}]" + where[len("target"):]
             else:
                 where = f"targets[{i}]"
+            where = camel_path(where) or where
             if isinstance(exc, ServiceError):
                 code, status = exc.code, exc.http_status
             else:
@@ -313,6 +271,8 @@ async def resolve_targets(broker: Broker, targets: list[Target]
 
 
 @routes.post("/v1/jobs", name="createDeployments")
+@operation("Create a job from a device selection", body=CreateDeploymentsRequest,
+           answers={201: JobCreated}, errors=(400, 404, 409), tag=TAG)
 async def create_deployments(request: web.Request) -> web.Response:
     """A job over a selection (``devIds`` or a device query) → 201 ``{jobId, state, targets}``;
     RUNNING at once unless ``startAt`` is later, COMPLETED when nothing matched."""
@@ -329,14 +289,19 @@ async def create_deployments(request: web.Request) -> web.Response:
     for i, d in enumerate(sel.dev_ids):
         if _ID_RE.match(d) is None:
             raise ValidationError(f"not a DevId: {d!r}", where=f"selection.devIds[{i}]")
+    if sel.capability is not None and _ID_RE.match(sel.capability) is None:
+        raise ValidationError(f"not a capability oid: {sel.capability!r}",
+                              where="selection.capability")
     return await _create(request, body, Selection(
         dev_ids=list(sel.dev_ids), capability=sel.capability, tac=sel.tac, model=sel.model,
         firmware=sel.firmware))
 
 
 @routes.post("/v1/operations/bulk", name="doBulkOperation")
+@operation("Run an operation on a list of devices (a job)", body=BulkOperationRequest,
+           answers={201: JobCreated}, errors=(400, 404, 409), tag=TAG)
 async def do_bulk_operation(request: web.Request) -> web.Response:
-    """doOperation for a list of targets (``{msisdn|imei|dev_id}`` each) → a job over those
+    """doOperation for a list of targets (``{msisdn|imei|devId}`` each) → a job over those
     devices, 201 ``{jobId, state, targets}``.  Nothing is made when a target names no device:
     the answer lists each such target (``errors``, ``where: targets[i].msisdn``)."""
     body: BulkOperationRequest = await decode_body(request, BulkOperationRequest)
@@ -359,6 +324,7 @@ async def bulk_bootstrap(request: web.Request, targets: list[Target], *, securit
         raise InvalidRequest(f"unknown security {security!r}", where="security")
     if security in ("USERPIN", "USERPIN_NETWORKID") and not pin:
         raise InvalidRequest(f"{security} security needs the PIN", where="pin")
+    owner = owner_for_new(request, owner, DEFAULT_OWNER)
     broker = _broker(request)
     devices, refusal = await resolve_targets(broker, targets)
     if refusal is not None:
@@ -375,14 +341,14 @@ async def bulk_bootstrap(request: web.Request, targets: list[Target], *, securit
     # ``targets`` is the number of tasks to come: the job completes once that many are final
     job = await store.create_job(Job(
         job_id=new_id("j"), state=J.RUNNING, name=name,
-        owner=owner if owner is not None else DEFAULT_OWNER, op=None,
+        owner=owner, op=None,
         selection=Selection(dev_ids=distinct), targets=len(distinct), started=now))
     task_of: dict[str, str] = {}
     for i, dev_id in enumerate(distinct):
         try:
             task_of[dev_id] = await broker.do_bootstrap(dev_id=dev_id, server_id=server_id,
                                                         security=security, pin=pin,
-                                                        job_id=job.job_id)
+                                                        job_id=job.job_id, owner=owner)
         except Exception as exc:
             # the job keeps the tasks made so far and completes with them
             await store.update_job(job.job_id, {"targets": i, "cause": f"stopped at device "
@@ -391,22 +357,45 @@ async def bulk_bootstrap(request: web.Request, targets: list[Target], *, securit
                 idx = next(k for k, d in enumerate(devices) if d.dev_id == dev_id)
                 exc.where = f"targets[{idx}]"
             raise
-    return json_response({"jobId": job.job_id,
-                          "taskIds": [task_of[d.dev_id] for d in devices]}, 201)
+    return json_response(BootstrapJobCreated(
+        job_id=job.job_id, task_ids=[task_of[d.dev_id] for d in devices]), 201)
+
+
+class JobsQuery(PageQuery, kw_only=True):
+    """``state`` (any case), ``owner``: only those jobs."""
+    state: Union[JobState, None] = None
+    owner: Union[Name, None] = None
+
+
+class JobsByDateQuery(PageQuery, kw_only=True, rename={"start": "from", "end": "to"}):
+    """Jobs created in ``[from, to)``: epoch seconds or ISO 8601 (default: all)."""
+    start: Union[Annotated[str, Meta(max_length=64)], None] = None
+    end: Union[Annotated[str, Meta(max_length=64)], None] = None
+
+
+class TasksQuery(PageQuery, kw_only=True):
+    """``state`` (any case): only the tasks in it."""
+    state: Union[TaskState, None] = None
 
 
 @routes.get("/v1/jobs", name="getJobs")
+@operation("The jobs", query=JobsQuery, answers={200: JobPage}, errors=(400,), tag=TAG)
 async def get_jobs(request: web.Request) -> web.Response:
     """``?state=&owner=&cursor=&limit=`` → ``{items: [job], nextCursor}``."""
     q = _query(request, {"state", "owner", "cursor", "limit"})
     jobs = _jobs(request)
-    page = await jobs.list(state=_enum(JobState, q, "state"), owner=q.get("owner") or None,
+    owner = q.get("owner") or None
+    mine = owner_scope(request)          # a non-admin lists its system's jobs only
+    if mine is not None and owner not in (None, mine):
+        return job_page(Page([], None), 0.0)
+    page = await jobs.list(state=_enum(JobState, q, "state"), owner=mine or owner,
                            cursor=q.get("cursor") or None, limit=_limit(q))
-    now = jobs.clock()
-    return page_json(page, lambda j: job_json(view(j, now)))
+    return job_page(page, jobs.clock())
 
 
 @routes.get("/v1/jobs/by-date", name="getJobsByDate")
+@operation("The jobs created in a time range", query=JobsByDateQuery, answers={200: JobPage},
+           errors=(400,), tag=TAG)
 async def get_jobs_by_date(request: web.Request) -> web.Response:
     """Jobs created in ``[from, to)`` (epoch seconds or ISO 8601; default: all), oldest
     first: ``?from=&to=&cursor=&limit=`` → ``{items, nextCursor}``."""
@@ -418,31 +407,22 @@ async def get_jobs_by_date(request: web.Request) -> web.Response:
     if not start < end <= FAR_FUTURE:
         raise ValidationError("to must be after from (and before the year 10000)", where="to")
     jobs = _jobs(request)
-    page = await jobs.by_date(start, end, cursor=q.get("cursor") or None, limit=_limit(q))
-    now = jobs.clock()
-    return page_json(page, lambda j: job_json(view(j, now)))
+    page = await jobs.by_date(start, end, cursor=q.get("cursor") or None, limit=_limit(q),
+                              owner=owner_scope(request))
+    return job_page(page, jobs.clock())
 
 
 @routes.get("/v1/jobs/{jobId}", name="getJob")
+@operation("A job: counts, progress, rate, ETA", answers={200: JobOut}, errors=(404,),
+           tag=TAG)
 async def get_job(request: web.Request) -> web.Response:
     """The job, its counts per task state, progress, rate and ETA (read in O(1))."""
     return json_response(job_json(await _jobs(request).view(request.match_info["jobId"])))
 
 
 async def _cause(request: web.Request) -> str | None:
-    if not request.body_exists:
-        return None
-    body = await read_json_body(request)
-    if not body.strip():
-        return None
-    try:
-        return msgspec.json.decode(body, type=ControlRequest).cause
-    except msgspec.ValidationError as exc:
-        msg = str(exc)
-        i = msg.rfind(" - at `")
-        raise ValidationError(msg, where=msg[i + 7:-1] if i >= 0 else "$") from None
-    except msgspec.DecodeError as exc:
-        raise ValidationError(f"body is not JSON: {exc}", where="$") from None
+    body = await optional_body(request, ControlRequest)
+    return None if body is None else body.cause
 
 
 async def _after(request: web.Request, jobs: Jobs, job: Job) -> web.Response:
@@ -450,6 +430,8 @@ async def _after(request: web.Request, jobs: Jobs, job: Job) -> web.Response:
 
 
 @routes.post("/v1/jobs/{jobId}/pause", name="pauseJob")
+@operation("Pause a job", body=ControlRequest, body_required=False, answers={200: JobOut},
+           errors=(400, 404, 409), tag=TAG)
 async def pause_job(request: web.Request) -> web.Response:
     """No new notifications; sessions under way finish.  Body (optional): ``{cause}``."""
     cause = await _cause(request)
@@ -460,6 +442,8 @@ async def pause_job(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/jobs/{jobId}/restart", name="restartJob")
+@operation("Resume a paused job", body=ControlRequest, body_required=False, answers={200: JobOut},
+           errors=(400, 404, 409), tag=TAG)
 async def restart_job(request: web.Request) -> web.Response:
     """Resumes a paused job where it stopped (and approves the next stage of a staged
     rollout that waits)."""
@@ -469,6 +453,8 @@ async def restart_job(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/jobs/{jobId}/cancel", name="cancelJob")
+@operation("Cancel a job", body=ControlRequest, body_required=False, answers={200: JobOut},
+           errors=(400, 404, 409), tag=TAG)
 async def cancel_job(request: web.Request) -> web.Response:
     """Tasks not final are cancelled (one in a session stops there), finished ones kept.
     Body (optional): ``{cause}``."""
@@ -480,13 +466,16 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{jobId}/tasks", name="getTasks")
+@operation("A job's tasks", query=TasksQuery, answers={200: TaskPage}, errors=(400, 404),
+           tag=TAG)
 async def get_tasks(request: web.Request) -> web.Response:
     """The job's tasks in creation order: ``?state=&cursor=&limit=`` → ``{items, nextCursor}``."""
     q = _query(request, {"state", "cursor", "limit"})
     page = await _jobs(request).tasks_of(request.match_info["jobId"],
                                          state=_enum(TaskState, q, "state"),
                                          cursor=q.get("cursor") or None, limit=_limit(q))
-    return page_json(page, task_json)
+    return json_response(TaskPage(items=[task_json(t) for t in page.items],
+                                  next_cursor=page.next_cursor))
 
 
 __all__ = ["routes", "bulk_bootstrap", "job_json", "task_json", "CreateDeploymentsRequest",

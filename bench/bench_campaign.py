@@ -1,0 +1,618 @@
+"""The headline benchmark (issue 16): a firmware campaign over N devices, end to end.
+
+Three processes on this machine, each started the way a user starts it:
+
+* the server: ``python -m dmengine serve --data DIR --device-port 0 --api-port 0
+  --gateway http:LISTENER`` (URLs and API key read from what it prints);
+* the simulator: ``python -m dmengine simulate --listen HOST:PORT --devices N --url DEVICE``:
+  the phones and their SMS centre.  The server's HTTP gateway posts every package 0 to its
+  listener (``dmengine.simulator.pkg0http``), the notified device runs real HTTP DM sessions
+  against the device port, downloads the package from the content URL the server names, and
+  reports the result in a Generic Alert 1226; ``--fault-fail-update`` of the devices (2 %)
+  report a failed update, ``--fault-drop`` of them (0.1 %) drop the connection half-way
+  through a message and send it again.  The fleet is lazy: a device exists while it is in a
+  session (a million ``VirtualDevice``\\ s do not fit in the simulator's share of memory);
+* this process: the API client, the clock, and the /proc reader.
+
+Per size N it: writes the fleet's import CSV (``fleet.registration_csv``, not timed),
+registers the capability, imports the N devices through ``POST /v1/devices/import``
+(timed), uploads a 4 KB firmware package through ``POST /v1/content`` and creates a FUMO
+job over every device through ``POST /v1/jobs`` (``createDeployments``: UPDATE with that
+content, selection by capability, no rate limit, a concurrency cap; timed), then polls
+``GET /v1/jobs/{id}`` until every task is final, noting when 50 %, 99 % and 100 % were.
+The job's counts must equal what the simulator did (its devices' update results and the
+updates the server recorded: succeeded and failed), else the benchmark fails.
+
+Reported per N: import s, job creation s, notifications/s, DM sessions/s, messages/s (device
+→ server DM POSTs), time to 50 / 99 / 100 % final, server CPU s and peak RSS (/proc/PID of
+the server), simulator CPU s, store bytes per device (DIR/store after the run / N), and the
+cost per device against the smallest N (flat = linear).
+
+Sizes: ``DMENGINE_CAMPAIGN_SIZES`` (comma-separated, default ``10000,100000,N``) where N is
+``DMENGINE_CAMPAIGN_N`` (``make bench-campaign N=…``, default 1,000,000).  A size is run
+only if the largest run so far projects it (linearly) under ``DMENGINE_CAMPAIGN_MAX_S``
+seconds (default 1200); otherwise the projection is reported instead.  The job's
+concurrency cap: ``DMENGINE_CAMPAIGN_CONCURRENCY`` (default :data:`DEFAULT_CONCURRENCY`,
+chosen by the sweep ``DMENGINE_CAMPAIGN_SWEEP=1`` runs at 20,000 devices first: the fastest
+of 1,000 / 2,000 / 4,000 / 6,000 is used).  ``DMENGINE_CAMPAIGN_SERVE_ARGS`` adds ``serve``
+options (e.g. ``--scheduler-tick 0.1 --job-batch 500``); ``DMENGINE_CAMPAIGN_PROFILE`` records
+the server with py-spy (:func:`profile_path`); ``DMENGINE_CAMPAIGN_KEEP=1`` keeps the data
+directories.  ``--quick``: 2,000 devices, bench/results/campaign.json left alone when it exists.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from bench.common import RESULTS, ROOT, Row, write_results
+
+NAME = "campaign"
+CAPABILITY = "cap-campaign"
+FAIL_SHARE = 0.02            # devices whose update fails (FUMO result 410)
+DROP_SHARE = 0.001           # devices that drop the connection mid-message once
+FIRMWARE = bytes((i * 131 + 7) & 0xFF for i in range(4096))
+DEFAULT_CONCURRENCY = 4000
+#: the device port's cap on connections from one address: every simulated phone connects
+#: from 127.0.0.1 (a carrier's NAT looks the same)
+CONNECTIONS_PER_ADDRESS = 20_000
+#: scheduler pacing of `serve` (see the module's doc)
+SERVE_ARGS: list[str] = []
+POLL = 0.25                  # seconds between job polls
+STALL_S = 180.0              # no task became final for this long: the run is stuck
+
+SERVER_LINE = re.compile(r"^(device port|API|docs|metrics|health|content|API key): (\S+)$")
+SIM_LINE = re.compile(r"^package 0 listener: (\S+)$")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def du(path: str) -> int:
+    """Bytes allocated on disk under ``path`` (as ``du``: sparse files count what they use)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def store_breakdown(path: str) -> dict[str, Any]:
+    """Entries and bytes (pages × page size) of each named database of the LMDB store at
+    ``path``, and the pages of the file no database uses (LMDB's free list: copy-on-write
+    leaves old pages free for later transactions)."""
+    import lmdb
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=256, subdir=True)
+    try:
+        info, st = env.info(), env.stat()
+        psize = st["psize"]
+        out: dict[str, Any] = {}
+        used = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        with env.begin() as txn:
+            names = [k for k, _ in txn.cursor()]
+        for name in names:
+            try:
+                db = env.open_db(name, create=False)
+            except lmdb.Error:
+                continue
+            with env.begin() as txn:
+                s = txn.stat(db)
+            pages = s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+            used += pages
+            out[name.decode("utf-8", "replace")] = {"entries": s["entries"],
+                                                    "bytes": pages * psize}
+        file_pages = info["last_pgno"] + 1
+        out["(free pages)"] = {"entries": 0, "bytes": max(0, file_pages - used - 2) * psize}
+        return out
+    finally:
+        env.close()
+
+
+class Proc:
+    """A child process whose stdout goes to a file we read lines from (a pipe nobody drains
+    would block it)."""
+
+    def __init__(self, argv: list[str], base: str, name: str) -> None:
+        self.out_path = os.path.join(base, f"{name}.out")
+        self.err_path = os.path.join(base, f"{name}.err")
+        self.out = open(self.out_path, "w")
+        self.err = open(self.err_path, "w")
+        self.name = name
+        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=self.out, stderr=self.err, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def wait_lines(self, pattern: re.Pattern[str], until: str, timeout: float = 60.0
+                   ) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while until not in seen:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.p.returncode}: "
+                                   f"{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} printed only {seen}: {self.tail()}")
+            with open(self.out_path) as f:
+                for line in f:
+                    m = pattern.match(line.strip())
+                    if m:
+                        if m.lastindex == 1:
+                            seen[until] = m.group(1)
+                        else:
+                            seen[m.group(1)] = m.group(2)
+            time.sleep(0.05)
+        return seen
+
+    def tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.err_path) as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """SIGTERM, wait; returns what it printed on stdout."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.out.close()
+        self.err.close()
+        with open(self.out_path) as f:
+            return f.read()
+
+
+# --- one campaign -------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    n: int
+    concurrency: int
+    import_s: float = 0.0
+    content_s: float = 0.0
+    create_s: float = 0.0
+    to_final: dict[float, float] = field(default_factory=dict)   # share -> seconds
+    server_cpu_import_s: float = 0.0
+    server_cpu_s: float = 0.0        # job creation to 100 % final
+    server_peak_rss_mb: float = 0.0  # VmHWM over the whole run
+    server_rss_end_mb: float = 0.0
+    server_peak_anon_mb: float = 0.0  # RssAnon sampled while the job ran (no mapped store)
+    server_rss_file_end_mb: float = 0.0
+    sim_cpu_s: float = 0.0
+    sim_peak_rss_mb: float = 0.0
+    store_bytes: int = 0
+    store_dbs: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, Any] = field(default_factory=dict)
+    sim: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def complete_s(self) -> float:
+        return self.to_final[1.0]
+
+
+def write_import_csv(path: str, n: int) -> int:
+    """The simulator's devices (index 0..n-1) as the import CSV, with the capability."""
+    from dmengine.simulator.device import DeviceProfile
+    from dmengine.simulator.fleet import Fleet, registration_csv
+    fleet = Fleet(DeviceProfile(), n, lazy=True)
+    with open(path, "wb") as f:
+        for block in registration_csv(fleet.devices, capability=CAPABILITY, block=10_000):
+            f.write(block)
+    return os.path.getsize(path)
+
+
+async def _stream(path: str) -> Any:
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                return
+            yield block
+
+
+async def _json(r: aiohttp.ClientResponse, want: int, what: str) -> Any:
+    body = await r.json(content_type=None)
+    if r.status != want:
+        raise RuntimeError(f"{what} answered {r.status}: {body}")
+    return body
+
+
+METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+)$")
+
+
+async def scrape(s: aiohttp.ClientSession, api: str) -> dict[str, float]:
+    """The server's /metrics, summed over label sets (name{labels} -> value, name -> sum)."""
+    out: dict[str, float] = {}
+    async with s.get(api + "metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        m = METRIC_LINE.match(line)
+        if m:
+            name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+            out[name + labels] = value
+            if labels:
+                out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def profile_format(path: str) -> str:
+    return "speedscope" if path.endswith(".json") else "flamegraph" if path.endswith(".svg") \
+        else "raw"
+
+
+async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
+                sim_pid: int, sim_url: str, profile: str | None = None) -> None:
+    headers = {"X-API-Key": key}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=900)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as s:
+        async with s.post(api + "v1/capabilities", json={
+                "oid": CAPABILITY, "make": "Acme", "model": "EX100",
+                "firmwareVersions": ["2.3.9"], "moPaths": {"fumo": "./FUMO/1"}}) as r:
+            await _json(r, 201, "createDeviceCapability")
+        # 1. the devices
+        cpu0 = cpu_s(server_pid)
+        t0 = time.perf_counter()
+        async with s.post(api + "v1/devices/import", data=_stream(csv_path),
+                          headers={"Content-Type": "text/csv"}) as r:
+            rep = await _json(r, 200, "importDeviceInstances")
+        o.import_s = time.perf_counter() - t0
+        o.server_cpu_import_s = cpu_s(server_pid) - cpu0
+        if rep["created"] != o.n or rep["rejected"]:
+            raise RuntimeError(f"import: {rep}")
+        # 2. the package
+        t0 = time.perf_counter()
+        async with s.post(api + "v1/content", data=FIRMWARE, params={
+                "name": "ex100-2.4.0.bin", "sha256": hashlib.sha256(FIRMWARE).hexdigest(),
+                "capability": CAPABILITY, "from": "2.3.9", "to": "2.4.0"}) as r:
+            content = await _json(r, 201, "uploadContent")
+        o.content_s = time.perf_counter() - t0
+        content_id = content.get("contentId") or content["content_id"]
+        # 3. the job
+        spy = None
+        if profile:
+            # py-spy on the server from job creation to 100 % final (--nonblocking: the
+            # server is not paused to be sampled)
+            spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"),
+                                    "record", "-p", str(server_pid), "--nonblocking", "--threads",
+                                    *os.environ.get("DMENGINE_CAMPAIGN_PYSPY", "").split(),
+                                    "--rate", "200", "--format", profile_format(profile),
+                                    "-o", profile], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
+        sim0 = cpu_s(sim_pid)
+        cpu0 = cpu_s(server_pid)
+        t0 = time.perf_counter()
+        async with s.post(api + "v1/jobs", json={
+                "name": f"campaign {o.n:,} devices",
+                "operation": {"operation": "UPDATE", "contentId": content_id},
+                "selection": {"capability": CAPABILITY},
+                "concurrency": o.concurrency}) as r:
+            created = await _json(r, 201, "createDeployments")
+        o.create_s = time.perf_counter() - t0
+        if created["targets"] != o.n:
+            raise RuntimeError(f"the job selected {created['targets']} of {o.n} devices")
+        job_id = created["jobId"]
+        # 5. until every task is final
+        marks = [0.5, 0.99, 1.0]
+        last_final, last_change = -1, time.perf_counter()
+        while True:
+            async with s.get(api + f"v1/jobs/{job_id}") as r:
+                job = await _json(r, 200, "getJob")
+            now = time.perf_counter()
+            final = job["final"]
+            anon = status_kb(server_pid, "RssAnon") / 1024
+            if anon > o.server_peak_anon_mb:
+                o.server_peak_anon_mb = anon
+            for share in marks:
+                if share not in o.to_final and final >= share * o.n:
+                    o.to_final[share] = now - t0
+            if final != last_final:
+                last_final, last_change = final, now
+            if final >= o.n:
+                break
+            if now - last_change > STALL_S:
+                raise RuntimeError(f"stuck at {final:,} of {o.n:,} final for {STALL_S:.0f} s: "
+                                   f"{json.dumps(job)[:2000]}")
+            await asyncio.sleep(POLL)
+        o.server_cpu_s = cpu_s(server_pid) - cpu0
+        o.sim_cpu_s = cpu_s(sim_pid) - sim0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+        o.job = job
+        # the job's COMPLETED state follows in the scheduler's next pass
+        for _ in range(40):
+            if job["state"] == "COMPLETED":
+                break
+            await asyncio.sleep(0.25)
+            async with s.get(api + f"v1/jobs/{job_id}") as r:
+                job = await _json(r, 200, "getJob")
+        o.job = job
+        o.metrics = await scrape(s, api)
+        async with aiohttp.ClientSession() as plain:
+            async with plain.get(sim_url.rsplit("/", 1)[0] + "/stats") as r:
+                o.sim = await r.json(content_type=None)
+
+
+def check(o: Outcome) -> None:
+    """The job's counts equal what the simulator did; raises AssertionError otherwise."""
+    job, sim = o.job, o.sim
+    problems = []
+    if job["state"] != "COMPLETED":
+        problems.append(f"job state {job['state']} ({job.get('cause')})")
+    if job["succeeded"] != sim["updates_succeeded"]:
+        problems.append(f"job succeeded {job['succeeded']:,} != simulator updates "
+                        f"succeeded {sim['updates_succeeded']:,}")
+    if job["failed"] != sim["updates_failed"]:
+        problems.append(f"job failed {job['failed']:,} != simulator updates failed "
+                        f"{sim['updates_failed']:,}")
+    if job["succeeded"] + job["failed"] != o.n:
+        problems.append(f"succeeded + failed = {job['succeeded'] + job['failed']:,}, "
+                        f"not {o.n:,}: counts {job.get('counts')}")
+    if sim.get("alerts_pending"):
+        problems.append(f"{sim['alerts_pending']} Generic Alerts not delivered")
+    if problems:
+        raise AssertionError(f"campaign of {o.n:,} devices: " + "; ".join(problems))
+
+
+def campaign(n: int, concurrency: int, profile: str | None = None) -> Outcome:
+    """One campaign of ``n`` devices; ``profile``: a py-spy recording of the server from job
+    creation to the end goes there (``.json`` speedscope, ``.svg`` flame graph, else raw
+    collapsed stacks)."""
+    base = tempfile.mkdtemp(prefix=f"bench-campaign-{n}-")
+    data = os.path.join(base, "var")
+    o = Outcome(n=n, concurrency=concurrency)
+    server = sim = None
+    try:
+        csv_path = os.path.join(base, "devices.csv")
+        t = time.perf_counter()
+        size = write_import_csv(csv_path, n)
+        print(f"  {n:,} devices: import CSV {size / 1e6:.0f} MB written in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        port = free_port()
+        listener = f"http://127.0.0.1:{port}/pkg0"
+        server = Proc([sys.executable, "-m", "dmengine", "serve", "--data", data,
+                       "--device-port", "0", "--api-port", "0", "--gateway", f"http:{listener}",
+                       "--gateway-rate", "0", "--allow-private-callbacks",
+                       *SERVE_ARGS, *os.environ.get("DMENGINE_CAMPAIGN_SERVE_ARGS", "").split(),
+                       "--max-connections", str(CONNECTIONS_PER_ADDRESS + 1000),
+                       "--max-connections-per-address", str(CONNECTIONS_PER_ADDRESS)],
+                      base, "server")
+        urls = server.wait_lines(SERVER_LINE, "API key")
+        sim = Proc([sys.executable, "-m", "dmengine", "simulate", "--listen", f"127.0.0.1:{port}",
+                    "--devices", str(n), "--url", urls["device port"],
+                    "--fault-fail-update", str(FAIL_SHARE), "--fault-drop", str(DROP_SHARE),
+                    "--retry-503", "10",
+                    "--max-idle", str(CONNECTIONS_PER_ADDRESS)], base, "simulator")
+        sim_url = sim.wait_lines(SIM_LINE, "listener")["listener"]
+        uvloop.run(drive(o, urls["API"], urls["API key"], csv_path, server.pid, sim.pid,
+                         sim_url, profile))
+        o.server_peak_rss_mb = status_kb(server.pid, "VmHWM") / 1024
+        o.server_rss_end_mb = status_kb(server.pid, "VmRSS") / 1024
+        o.server_rss_file_end_mb = status_kb(server.pid, "RssFile") / 1024
+        o.sim_peak_rss_mb = status_kb(sim.pid, "VmHWM") / 1024
+        sim.stop()
+        sim = None
+        err = server.tail(4000)
+        server.stop()
+        server = None
+        o.store_bytes = du(os.path.join(data, "store"))
+        try:
+            o.store_dbs = store_breakdown(os.path.join(data, "store"))
+        except Exception as exc:      # the breakdown is a detail; the bytes on disk are measured
+            o.store_dbs = {"error": {"entries": 0, "bytes": 0, "detail": repr(exc)}}
+        if "Traceback" in err:
+            print(f"  server stderr (tail):\n{err}", file=sys.stderr, flush=True)
+    finally:
+        for p in (sim, server):
+            if p is not None:
+                print(f"  {p.name} stderr (tail):\n{p.tail()}", file=sys.stderr, flush=True)
+                p.stop()
+        if os.environ.get("DMENGINE_CAMPAIGN_KEEP"):
+            print(f"  kept {base}", flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    check(o)
+    return o
+
+
+# --- rows ---------------------------------------------------------------------------------
+
+
+def rows_for(o: Outcome, ref: Outcome | None) -> list[Row]:
+    case = f"FUMO campaign, {o.n:,} devices (concurrency {o.concurrency:,})"
+    c = o.complete_s
+    sim = o.sim
+    out = [
+        Row(case, "import through the API", round(o.import_s, 2), "s"),
+        Row(case, "job creation (createDeployments)", round(o.create_s, 3), "s"),
+        Row(case, "time to 50 % of tasks final", round(o.to_final[0.5], 2), "s"),
+        Row(case, "time to 99 % of tasks final", round(o.to_final[0.99], 2), "s"),
+        Row(case, "time to 100 % of tasks final", round(c, 2), "s"),
+        Row(case, "tasks final per second", round(o.n / c, 1), "1/s"),
+        Row(case, "notifications per second", round(sim["notifications"] / c, 1), "1/s"),
+        Row(case, "DM sessions per second", round(sim["sessions"] / c, 1), "1/s"),
+        Row(case, "DM messages per second (device -> server)", round(sim["messages"] / c, 1),
+            "1/s"),
+        Row(case, "package downloads per second", round(sim["downloads"] / c, 1), "1/s"),
+        Row(case, "server CPU (job creation to 100 % final)", round(o.server_cpu_s, 1), "s"),
+        Row(case, "server CPU for the import", round(o.server_cpu_import_s, 1), "s"),
+        Row(case, "server peak RSS", round(o.server_peak_rss_mb, 1), "MB"),
+        Row(case, "server peak anonymous RSS (sampled; the mapped store excluded)",
+            round(o.server_peak_anon_mb, 1), "MB"),
+        Row(case, "server file-backed RSS at the end (mapped store pages)",
+            round(o.server_rss_file_end_mb, 1), "MB"),
+        Row(case, "simulator CPU (job creation to 100 % final)", round(o.sim_cpu_s, 1), "s"),
+        Row(case, "simulator peak RSS", round(o.sim_peak_rss_mb, 1), "MB"),
+        Row(case, "store bytes per device", round(o.store_bytes / o.n), "B"),
+        Row(case, "message latency p50 (simulator)", sim.get("latency_p50_ms") or 0.0, "ms"),
+        Row(case, "message latency p99 (simulator)", sim.get("latency_p99_ms") or 0.0, "ms"),
+        Row(case, "updates succeeded (job = simulator)", float(o.job["succeeded"]), "tasks"),
+        Row(case, "updates failed (job = simulator)", float(o.job["failed"]), "tasks"),
+        Row(case, "HTTP 503 answers to devices", float(sim.get("rejected_503", 0)), "answers"),
+        Row(case, "connections dropped mid-message and resent", float(sim.get("drops", 0)),
+            "drops"),
+    ]
+    if ref is not None and ref.n != o.n:
+        base = f"same per device at {ref.n:,} devices"
+        for metric, mine, theirs, unit in (
+                ("wall time per device", c / o.n * 1e6, ref.complete_s / ref.n * 1e6, "µs"),
+                ("server CPU per device", o.server_cpu_s / o.n * 1e6,
+                 ref.server_cpu_s / ref.n * 1e6, "µs"),
+                ("simulator CPU per device", o.sim_cpu_s / o.n * 1e6,
+                 ref.sim_cpu_s / ref.n * 1e6, "µs"),
+                ("import time per device", o.import_s / o.n * 1e6, ref.import_s / ref.n * 1e6,
+                 "µs")):
+            out.append(Row.versus(case, metric, round(mine, 1), unit, base, round(theirs, 1),
+                                  higher_is_better=False))
+    return out
+
+
+def summary_line(o: Outcome) -> str:
+    return (f"  {o.n:,} devices: import {o.import_s:.1f} s, job {o.create_s:.2f} s, "
+            f"50/99/100 % final at {o.to_final[0.5]:.1f}/{o.to_final[0.99]:.1f}/"
+            f"{o.complete_s:.1f} s ({o.n / o.complete_s:,.0f} tasks/s), server CPU "
+            f"{o.server_cpu_s:.0f} s, peak RSS {o.server_peak_rss_mb:.0f} MB (anon "
+            f"{o.server_peak_anon_mb:.0f}, file {o.server_rss_file_end_mb:.0f}), simulator CPU "
+            f"{o.sim_cpu_s:.0f} s, store {o.store_bytes / o.n:,.0f} B/device")
+
+
+def profile_path(n: int) -> str | None:
+    """``DMENGINE_CAMPAIGN_PROFILE=/tmp/server.txt``: each size's py-spy recording of the server
+    goes to ``/tmp/server-N.txt`` (``python -m bench.pyspy_top`` summarises a ``.txt``);
+    ``DMENGINE_CAMPAIGN_PYSPY`` adds py-spy options (e.g. ``--gil``)."""
+    spec = os.environ.get("DMENGINE_CAMPAIGN_PROFILE")
+    if not spec:
+        return None
+    stem, ext = os.path.splitext(spec)
+    return f"{stem}-{n}{ext or '.txt'}"
+
+
+def run(quick: bool) -> None:
+    top = int(os.environ.get("DMENGINE_CAMPAIGN_N", "1000000"))
+    if quick:
+        sizes = [2000]
+    elif os.environ.get("DMENGINE_CAMPAIGN_SIZES"):
+        sizes = [int(x) for x in os.environ["DMENGINE_CAMPAIGN_SIZES"].split(",") if x.strip()]
+    else:
+        sizes = sorted({s for s in (10_000, 100_000) if s < top} | {top})
+    max_s = float(os.environ.get("DMENGINE_CAMPAIGN_MAX_S", "1200"))
+    concurrency = int(os.environ.get("DMENGINE_CAMPAIGN_CONCURRENCY", DEFAULT_CONCURRENCY))
+    load_before = os.getloadavg()
+    rows: list[Row] = []
+    sweep: dict[int, float] = {}
+    if os.environ.get("DMENGINE_CAMPAIGN_SWEEP") and not quick:
+        for c in (1000, 2000, 4000, 6000):
+            o = campaign(20_000, c)
+            sweep[c] = o.complete_s
+            print(summary_line(o) + f" [concurrency {c}]", flush=True)
+            rows.append(Row(f"concurrency sweep, 20,000 devices, concurrency {c:,}",
+                            "time to 100 % of tasks final", round(o.complete_s, 2), "s"))
+        concurrency = min(sweep, key=sweep.__getitem__)
+    done: list[Outcome] = []
+    projection: dict[str, Any] | None = None
+    for n in sizes:
+        if done:
+            last = done[-1]
+            projected = last.complete_s * n / last.n
+            if projected > max_s:
+                projection = {"devices": n, "projected_complete_s": round(projected, 1),
+                              "from_devices": last.n, "limit_s": max_s}
+                rows.append(Row(f"FUMO campaign, {n:,} devices (not run)",
+                                f"projected time to 100 % final (linear from {last.n:,})",
+                                round(projected, 1), "s"))
+                print(f"  {n:,} devices: not run, projected {projected:.0f} s > {max_s:.0f} s",
+                      flush=True)
+                continue
+        o = campaign(n, concurrency, profile_path(n))
+        print(summary_line(o), flush=True)
+        rows.extend(rows_for(o, done[0] if done else None))
+        done.append(o)
+    big = done[-1]
+    block = {"devices": big.n, "complete_s": round(big.complete_s, 2),
+             "p99_s": round(big.to_final[0.99], 2),
+             "server_peak_rss_mb": round(big.server_peak_rss_mb, 1),
+             "sessions_per_s": round(big.sim["sessions"] / big.complete_s, 1)}
+    extra: dict[str, Any] = {
+        "campaign": block, "quick": quick, "concurrency": concurrency,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "runs": [{"devices": o.n, "concurrency": o.concurrency, "import_s": round(o.import_s, 2),
+                  "create_s": round(o.create_s, 3),
+                  "to_final_s": {f"{int(k * 100)}%": round(v, 2) for k, v in o.to_final.items()},
+                  "server_cpu_s": round(o.server_cpu_s, 1),
+                  "server_cpu_import_s": round(o.server_cpu_import_s, 1),
+                  "server_peak_rss_mb": round(o.server_peak_rss_mb, 1),
+                  "server_peak_anon_rss_mb": round(o.server_peak_anon_mb, 1),
+                  "server_file_rss_end_mb": round(o.server_rss_file_end_mb, 1),
+                  "sim_cpu_s": round(o.sim_cpu_s, 1),
+                  "sim_peak_rss_mb": round(o.sim_peak_rss_mb, 1),
+                  "store_bytes_per_device": round(o.store_bytes / o.n),
+                  "store_bytes_per_device_by_db": {
+                      k: round(v["bytes"] / o.n) for k, v in sorted(
+                          o.store_dbs.items(), key=lambda kv: -kv[1]["bytes"])},
+                  "simulator": o.sim,
+                  "job": {k: o.job.get(k) for k in ("state", "targets", "total", "counts",
+                                                    "final", "succeeded", "failed", "cause")}}
+                 for o in done]}
+    if sweep:
+        extra["concurrency_sweep_complete_s"] = {str(k): round(v, 2) for k, v in sweep.items()}
+    if projection is not None:
+        extra["projection"] = projection
+    if quick and (RESULTS / f"{NAME}.json").exists():
+        # a smoke run does not replace the committed numbers
+        print("(quick run: bench/results/campaign.json left as it was)")
+        from bench.common import table
+        print(table(NAME, rows))
+        return
+    write_results(NAME, rows, **extra)
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)
