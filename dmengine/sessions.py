@@ -72,6 +72,24 @@ class SessionWork:
     authenticated: Authenticated | None = None   # until DeviceIdentified writes the record
 
 
+BY_USERNAME_SIZE = 200_000
+
+
+class _Recent(dict):  # type: ignore[type-arg]
+    """A dict that keeps its ``size`` most recently set keys."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key: str, value: str) -> None:
+        if key in self:
+            del self[key]                      # moves to the end: most recent
+        elif len(self) >= self.size:
+            del self[next(iter(self))]         # the oldest
+        super().__setitem__(key, value)
+
+
 class DeviceSessions:
     """The ``DeviceHandler`` of the device port (see ``server.DeviceHandler``)."""
 
@@ -85,20 +103,33 @@ class DeviceSessions:
         self.carrier_callback = carrier_callback
         self.clock = clock
         self.works: dict[int, SessionWork] = {}
+        #: task id -> its run in a live session (O(1) for the scheduler's per-task question;
+        #: a run that is done or whose session ended is dropped when next looked at)
+        self.running: dict[str, TaskRun] = {}
         #: DM user name → device record, for devices we notified or bootstrapped: a device that
-        #: answers with another DevId (acceptDevicePolicy) is found through its account
-        self.by_username: dict[str, str] = {}
+        #: answers with another DevId (acceptDevicePolicy) is found through its account.  Kept
+        #: for the most recent BY_USERNAME_SIZE names only (a campaign notifies millions)
+        self.by_username: _Recent = _Recent(BY_USERNAME_SIZE)
 
     def in_session(self, task_id: str) -> bool:
         """A live session of the device works on the task (the scheduler leaves it alone)."""
-        return any(task_id in w.runs and not w.runs[task_id].done for w in self.works.values())
+        run = self.running.get(task_id)
+        if run is None:
+            return False
+        if run.done:
+            del self.running[task_id]
+            return False
+        return True
+
+    def _add_run(self, work: SessionWork, run: TaskRun) -> None:
+        work.runs[run.task.task_id] = run
+        self.running[run.task.task_id] = run
 
     def drop_task(self, task_id: str) -> None:
         """A cancelled task: sessions working on it stop recording its outcome."""
-        for work in self.works.values():
-            run = work.runs.get(task_id)
-            if run is not None:
-                run.done = True
+        run = self.running.pop(task_id, None)
+        if run is not None:
+            run.done = True
 
     # --- the DeviceHandler hooks ---------------------------------------------------------
 
@@ -307,7 +338,7 @@ class DeviceSessions:
 
     async def _start_task(self, session: Any, work: SessionWork, task: Task) -> None:
         run = TaskRun(task=task)
-        work.runs[task.task_id] = run
+        self._add_run(work, run)
         if task.b_optin:
             task = await self.tasks.move(task.task_id, S.WAITING_USER,
                                          cause="asking the user (opt-in)",
@@ -469,7 +500,7 @@ class DeviceSessions:
                                          cause="download complete; installing", result_code=code,
                                          changes={"correlator": correlator, "result": result})
             run = TaskRun(task=task, outstanding=1)
-            work.runs[task.task_id] = run
+            self._add_run(work, run)
             session.queue(CommandHandle(task.task_id, "cmd", 0), Command(
                 name="Exec", correlator=correlator, items=[Item(target=f"{node}/Update")]))
             return
@@ -519,7 +550,9 @@ class DeviceSessions:
 
     async def _settle(self, work: SessionWork, why: str) -> None:
         """The session is over: tasks it did not finish go back for a retry."""
-        for run in work.runs.values():
+        for task_id, run in work.runs.items():
+            if self.running.get(task_id) is run:
+                del self.running[task_id]
             if run.done:
                 continue
             run.done = True
