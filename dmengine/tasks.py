@@ -111,8 +111,7 @@ class Tasks:
         return await all_pages(lambda c: self.store.task_history(task_id, cursor=c))
 
     async def open_for_device(self, dev_id: str) -> list[Task]:
-        tasks = await all_pages(lambda c: self.store.tasks_by_device(dev_id, cursor=c))
-        return [t for t in tasks if t.state not in FINAL_TASK_STATES]
+        return await self.store.open_tasks_for_device(dev_id)
 
     async def cancel(self, task_id: str, cause: str) -> Task:
         task = await self.store.get_task(task_id)

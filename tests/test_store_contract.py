@@ -189,6 +189,21 @@ def test_import_devices_reports_bad_records(use: Callable[[Body], Any]) -> None:
     use(body)
 
 
+def test_open_tasks_for_device(use: Callable[[Body], Any]) -> None:
+    async def body(s: Store) -> None:
+        d = await s.create_device(dev(1))
+        other = await s.create_device(dev(2))
+        ts = [await s.create_task(Task(task_id=f"ot{i}", dev_id=d.dev_id,
+                                       op=QueryOp(nodes=["./DevInfo/Mod"]))) for i in range(3)]
+        await s.create_task(Task(task_id="ot-other", dev_id=other.dev_id,
+                                 op=QueryOp(nodes=["./DevInfo/Mod"])))
+        await s.transition("ot1", TaskState.CANCELLED, cause="x")
+        assert [t.task_id for t in await s.open_tasks_for_device(d.dev_id)] == ["ot0", "ot2"]
+        assert await s.open_tasks_for_device("IMEI:000000000000000") == []
+        assert ts[0].state == TaskState.PENDING
+    use(body)
+
+
 def test_versioned_device_updates(use: Callable[[Body], Any]) -> None:
     """Every update bumps the version; a write that names a stale version is refused
     (Conflict) and changes nothing — a read-modify-write retries instead of losing an

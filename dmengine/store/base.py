@@ -265,6 +265,11 @@ class Store(abc.ABC):
         """The device's tasks, oldest first."""
 
     @abc.abstractmethod
+    async def open_tasks_for_device(self, dev_id: str) -> list[Task]:
+        """The device's tasks that are not final, oldest first, in one read (what a package 1
+        asks: SQL ``WHERE dev_id = ? AND state NOT IN (…)``)."""
+
+    @abc.abstractmethod
     async def task_by_correlator(self, correlator: str) -> Task: ...
 
     @abc.abstractmethod

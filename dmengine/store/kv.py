@@ -1238,6 +1238,20 @@ class KVStore(Store):
         return await self._page_via_index("task_dev", _e(dev_id) + SEP, "tasks", Task, cursor,
                                           limit, id_in_key=False)
 
+    async def open_tasks_for_device(self, dev_id: str) -> list[Task]:
+        prefix = _e(dev_id) + SEP
+
+        def fn(txn: KVTxn) -> list[Task]:
+            out: list[Task] = []
+            for _k, tid in txn.scan("task_dev", prefix, prefix + b"\xff"):
+                raw = txn.get("tasks", tid)
+                if raw is not None:
+                    t = dec(Task, raw, "tasks", tid)
+                    if t.state not in FINAL_TASK_STATES:
+                        out.append(t)
+            return out
+        return await self._read(fn, big=False)
+
     async def task_by_correlator(self, correlator: str) -> Task:
         return await self._by_index("task_corr", correlator, "tasks", Task, "task with correlator")
 
