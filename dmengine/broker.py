@@ -183,9 +183,10 @@ class Broker:
             raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
 
     async def get_diagnostics(self, *, dev_id: str | None = None, task_id: str | None = None,
-                              limit: int = 10) -> list[Task]:
+                              limit: int = 10, owner: str | None = None) -> list[Task]:
         """getDiagnostics: the DIAG tasks of one device, the latest ``limit`` of them newest
-        first (their results hold the values read), or the one DIAG task ``task_id``."""
+        first (their results hold the values read), or the one DIAG task ``task_id``.
+        ``owner``: only that system's tasks (None: every system's — an admin's view)."""
         if task_id is not None:
             try:
                 task = await self.store.get_task(task_id)
@@ -208,7 +209,8 @@ class Broker:
         cursor: str | None = None
         while True:             # oldest first: the last ``limit`` DIAG tasks are the latest
             page = await self.store.tasks_by_device(dev_id, cursor=cursor)
-            latest.extend(t for t in page.items if isinstance(t.op, DiagOp))
+            latest.extend(t for t in page.items if isinstance(t.op, DiagOp)
+                          and (owner is None or t.owner == owner))
             cursor = page.next_cursor
             if cursor is None:
                 break

@@ -210,6 +210,15 @@ def test_a_system_cannot_see_or_control_another_systems_jobs_and_tasks(tmp_path)
                                  ("v1/jobs/by-date", {})):
                 status, page, _ = await api.call("GET", path, oss, params=params)
                 assert status == 200 and page["items"] == [], (path, page)
+            # another system's DIAG results of a device are not B's to read
+            status, body, _ = await api.call("POST", "v1/operations", crm, json={
+                "target": {"imei": IMEI}, "operation": {"operation": "DIAG",
+                                                        "nodes": ["./DevDetail/FwV"]}})
+            assert status == 201, body
+            for cred, n in ((oss, 0), (crm, 1), (KEY, 1)):
+                status, page, _ = await api.call("GET", "v1/diagnostics", cred,
+                                                 params={"devId": DEV_ID})
+                assert status == 200 and len(page["items"]) == n, (cred, page)
             # A's job and task are untouched, A and the admin see them
             for cred in (crm, KEY):
                 status, job, _ = await api.call("GET", f"v1/jobs/{job_id}", cred)

@@ -21,6 +21,7 @@ from .common import broker_of, store_of
 from .middleware import json_response, parse_query
 from .openapi import operation
 from .schemas import ID_SCHEMA, Diagnostics, DiagnosticsPage, _In
+from .security import owner_scope
 
 routes = web.RouteTableDef()
 TAG = "diagnostics"
@@ -64,6 +65,6 @@ async def get_diagnostics(request: web.Request) -> web.Response:
         except NotFound:
             raise UnknownResource(f"no device {q.dev_id!r}", where="devId") from None
     tasks = await broker_of(request).get_diagnostics(dev_id=dev_id, task_id=q.task_id,
-                                                     limit=q.limit)
+                                                     limit=q.limit, owner=owner_scope(request))
     return json_response(DiagnosticsPage(items=[diagnostics_of(redact_task(t)) for t in tasks],
                                          next_cursor=None))
