@@ -33,7 +33,9 @@ class BrokerConfig:
     optin_text: str = "Your operator wants to manage this device. Accept?"
     default_fumo_path: str = DEFAULT_DEFAULT_FUMO_PATH
     diag_nodes: tuple[str, ...] = DEFAULT_DIAG_NODES
-    notify_ui_mode: int = 0            #: package-0 ui-mode (2 informative, 3 user interaction)
+    #: package-0 ui-mode of a task without opt-in: the seeds' bOptin=false means "in the
+    #: background" (1); an opt-in task is always sent with 3 (user interaction)
+    notify_ui_mode: int = 1
     #: notifications of a task signed with the device's stored nonce before package #0 goes out
     #: signed with the re-synchronisation nonce (PROTOCOL.md §8.2): a device that lost its
     #: nonces drops the first ones as forged; None: never re-synchronise

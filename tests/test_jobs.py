@@ -182,3 +182,26 @@ def test_window_arithmetic():
     tokyo = [TimeWindow(start=2 * 3600, end=4 * 3600)]
     assert window_wait(tokyo, "Asia/Tokyo", monday - 6 * 3600) == 0
     assert window_wait(tokyo, "Asia/Tokyo", monday) > 0
+
+
+def test_package0_ui_mode_follows_boptin(tmp_path):
+    """bOptin=false is a background session (package-0 ui-mode 1), true asks the user (3)."""
+    from dmengine.notify.pkg0 import parse_pkg0
+    seen: list[int] = []
+
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        real = w.fleet.on_pkg0
+
+        async def spy(msisdn: str, pkg0: bytes) -> object:
+            seen.append(parse_pkg0(pkg0).ui_mode)
+            return await real(msisdn, pkg0)
+        w.fleet.on_pkg0 = spy                        # the gateway calls the fleet through it
+        for optin in (False, True):
+            tid = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]),
+                                              msisdn=dev.msisdn, b_optin=optin)
+            await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert seen == [1, 3], seen
+
+    run_world(tmp_path, scenario, n=1, broker=FAST)
