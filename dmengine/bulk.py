@@ -18,7 +18,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -213,35 +213,13 @@ class Jobs:
 
     async def list(self, *, state: JobState | None = None, owner: str | None = None,
                    cursor: str | None = None, limit: int = 100) -> Page[Job]:
-        if owner is None:
-            return await self.store.list_jobs(state=state, cursor=cursor, limit=limit)
-        out: list[Job] = []
-        while len(out) < limit:           # never more than a page: the cursor stays exact
-            page = await self.store.list_jobs(state=state, cursor=cursor,
-                                              limit=limit - len(out))
-            for j in page.items:
-                if j.owner == owner:
-                    out.append(j)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        return Page(out, cursor)
+        return await _owned(lambda c, n: self.store.list_jobs(state=state, cursor=c, limit=n),
+                            owner, cursor, limit)
 
     async def by_date(self, start: float, end: float, *, cursor: str | None = None,
                       limit: int = 100, owner: str | None = None) -> Page[Job]:
-        if owner is None:
-            return await self.store.jobs_by_date(start, end, cursor=cursor, limit=limit)
-        out: list[Job] = []                  # one system's jobs (as ``list``)
-        while len(out) < limit:
-            page = await self.store.jobs_by_date(start, end, cursor=cursor,
-                                                 limit=limit - len(out))
-            for j in page.items:
-                if j.owner == owner:
-                    out.append(j)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-        return Page(out, cursor)
+        return await _owned(lambda c, n: self.store.jobs_by_date(start, end, cursor=c, limit=n),
+                            owner, cursor, limit)
 
     async def tasks_of(self, job_id: str, *, state: TaskState | None = None,
                        cursor: str | None = None, limit: int = 100) -> Page[Task]:
@@ -256,6 +234,22 @@ class Jobs:
                     b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
                     test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
                     correlator=task_id, owner=job.owner)
+
+
+async def _owned(fetch: Callable[[str | None, int], Awaitable[Page[Job]]], owner: str | None,
+                 cursor: str | None, limit: int) -> Page[Job]:
+    """A page of jobs, only ``owner``'s when given (no owner index: pages of the listing are
+    read and filtered; never more than a page at a time, so the cursor stays exact)."""
+    if owner is None:
+        return await fetch(cursor, limit)
+    out: list[Job] = []
+    while len(out) < limit:
+        page = await fetch(cursor, limit - len(out))
+        out.extend(j for j in page.items if j.owner == owner)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return Page(out, cursor)
 
 
 def _check_selection(selection: Selection) -> None:
