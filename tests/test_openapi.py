@@ -265,12 +265,11 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium (make deps installs it)")
 def test_docs_page_renders_offline_in_headless_chromium(live, tmp_path):
     """Swagger UI renders the document with every host but the app's unreachable: the
     operations and their operationIds are on the page, and a screenshot is taken."""
     chromium = _chromium()
-    assert chromium is not None
+    assert chromium is not None, "no Chromium: `make deps` installs it (Makefile DEB_PARTS)"
     url = live.url + "docs"
     common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
               "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
