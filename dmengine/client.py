@@ -280,11 +280,55 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 1 if report["rejected"] else 0
 
 
+async def _get_or_list(args: argparse.Namespace) -> int:
+    import json
+    async with Client(args.url, _key(args)) as c:
+        if args.devices_cmd == "get":
+            print(json.dumps(await c.get_device(args.ident), indent=2))
+            return 0
+        filters = {k: v for k in ("capability", "tac", "model", "firmware", "msisdn", "imei")
+                   if (v := getattr(args, k)) is not None}
+        n = 0
+        async for d in c.iter_devices(**filters):
+            print(json.dumps(d))                # one device a line (NDJSON, as import takes)
+            n += 1
+            if args.max is not None and n >= args.max:
+                break
+        return 0
+
+
+def _cmd_get_or_list(args: argparse.Namespace) -> int:
+    """``devices get`` / ``devices list``: 0 done, 1 the server refused (message printed,
+    e.g. 404 for an unknown device), 2 usage or the server could not be reached."""
+    try:
+        return asyncio.run(_get_or_list(args))
+    except _Usage as exc:
+        print(f"dmengine devices {args.devices_cmd}: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"dmengine devices {args.devices_cmd}: "
+              f"{'cannot reach the server' if exc.status == 0 else exc.status}: {exc}",
+              file=sys.stderr)
+        return 2 if exc.status in (0, 401) else 1
+
+
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``devices import FILE`` (exit 0: every row taken, 1: some rejected, 2: usage
-    error or the import did not run)."""
+    error or the import did not run), ``devices get ID`` and ``devices list``."""
     devices = subparsers.add_parser("devices", help="device records of a running server")
     sub = devices.add_subparsers(dest="devices_cmd", required=True)
+    g = sub.add_parser("get", help="one device (secrets shown as ***)",
+                       description="getDeviceInstanceByDeviceID: ID is a DevId or a bare IMEI.")
+    g.add_argument("ident", metavar="ID")
+    _client_args(g)
+    g.set_defaults(func=_cmd_get_or_list)
+    ls = sub.add_parser("list", help="devices matching filters, one JSON object a line",
+                        description="getDeviceInstances, every page: NDJSON on stdout.")
+    for name in ("capability", "tac", "model", "firmware", "msisdn", "imei"):
+        ls.add_argument(f"--{name}")
+    ls.add_argument("--max", type=int, default=None, help="stop after this many devices")
+    _client_args(ls)
+    ls.set_defaults(func=_cmd_get_or_list)
     p = sub.add_parser("import", help="import device records from a CSV or NDJSON file",
                        description="Streams FILE to importDeviceInstances of a running server "
                                    "and prints what it did.  CSV: a header row naming the "

@@ -567,3 +567,31 @@ def test_simulate_register_lets_the_fleet_authenticate(served, tmp_path):
     out = summary_of(dmengine(*base, "--first-index", "9000"))
     assert out["outcomes"].get("auth_failed") and \
         set(out["outcomes"]) <= {"auth_failed", "http_503"}, out
+
+
+def test_cli_devices_get_and_list(served, tmp_path):
+    root, urls = served
+    api, key = api_of(urls), urls["API key"]
+    good = tmp_path / "few.csv"
+    good.write_text(HDR + "".join(row(700 + i) for i in range(5)))
+    r = dmengine("devices", "import", str(good), "--url", api, f"--api-key={key}", "--upsert")
+    assert r.returncode == 0, r.stderr
+    r = dmengine("devices", "list", "--url", api, f"--api-key={key}")
+    assert r.returncode == 0, r.stderr
+    listed = [json.loads(line) for line in r.stdout.splitlines()]
+    ids = {d["devId"] for d in listed}
+    assert len(ids) == len(listed) and len(ids) >= 5
+    one = sorted(ids)[0]
+    r = dmengine("devices", "get", one, "--url", api, f"--api-key={key}")
+    assert r.returncode == 0 and json.loads(r.stdout)["devId"] == one, r.stderr
+    for d in listed:                                   # secrets never leave
+        acc = d.get("account") or {}
+        for k in ("clientPassword", "serverPassword", "clientKey", "serverKey",
+                  "clientNonce", "serverNonce"):
+            assert acc.get(k) in (None, "***"), (k, acc)
+    r = dmengine("devices", "list", "--max", "2", "--url", api, f"--api-key={key}")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+    r = dmengine("devices", "get", "IMEI:999999999999999", "--url", api, f"--api-key={key}")
+    assert r.returncode == 1 and "404" in r.stderr
+    r = dmengine("devices", "get", one, "--url", api, "--api-key=wrong")
+    assert r.returncode == 2 and "401" in r.stderr
