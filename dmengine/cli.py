@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .store.admin import register_cli as register_store
     register_store(sub)
     from .client import register_cli as register_devices
+    from .client import register_content_cli
     register_devices(sub)
+    register_content_cli(sub)
     from .jobs_cli import register_cli as register_jobs
     register_jobs(sub)
     from .keys_cli import register_cli as register_keys

@@ -157,6 +157,37 @@ class Client:
         return await self.request("POST", "v1/devices/import", params={"upsert": upsert},
                                   data=body(), headers={"Content-Type": MEDIA_TYPES[fmt]})
 
+    # --- content -------------------------------------------------------------------------
+
+    async def upload_content(self, path: str | os.PathLike[str], *, name: str | None = None,
+                             capability: str | None = None, from_version: str | None = None,
+                             to_version: str | None = None,
+                             content_type: str | None = None,
+                             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """uploadContent: streams the file with its sha256 and size, which the server checks
+        (a file that changes while it is sent is refused, 422).  Returns the record."""
+        import hashlib
+        path = os.fspath(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for b in iter(lambda: f.read(READ_BLOCK), b""):
+                h.update(b)
+        size = os.path.getsize(path)
+
+        async def body() -> AsyncIterator[bytes]:
+            with open(path, "rb") as f:
+                for b in iter(lambda: f.read(READ_BLOCK), b""):
+                    yield b
+                    if progress is not None:
+                        progress(len(b))
+                    await asyncio.sleep(0)
+        params = {"name": name or os.path.basename(path), "sha256": h.hexdigest(),
+                  "capability": capability, "from": from_version, "to": to_version,
+                  "type": content_type}
+        return await self.request("POST", "v1/content", params=params, data=body(),
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Content-Length": str(size)})
+
     async def create_device(self, device: dict[str, Any]) -> dict[str, Any]:
         """createDeviceInstance: ``device`` in the API's names (``devId``, ``imei``,
         ``msisdn``, ``account: {serverId, clientName, clientPassword…}``)."""
@@ -310,6 +341,64 @@ def _cmd_get_or_list(args: argparse.Namespace) -> int:
               f"{'cannot reach the server' if exc.status == 0 else exc.status}: {exc}",
               file=sys.stderr)
         return 2 if exc.status in (0, 401) else 1
+
+
+async def _upload(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TransferSpeedColumn)
+    console = Console(stderr=True)
+    show = args.progress if args.progress is not None else console.is_terminal
+    with Progress(TextColumn("[bold]uploading[/] {task.description}"), BarColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), console=console,
+                  disable=not show, transient=True) as bar:
+        task = bar.add_task(os.path.basename(args.file), total=os.path.getsize(args.file))
+        async with Client(args.url, _key(args)) as c:
+            return await c.upload_content(args.file, name=args.name, capability=args.capability,
+                                          from_version=args.from_version,
+                                          to_version=args.to_version, content_type=args.type,
+                                          progress=lambda n: bar.advance(task, n))
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    """``content upload``: 0 uploaded (the record printed as JSON), 1 the server refused
+    it, 2 usage, a wrong key or no server."""
+    import json
+    try:
+        if not os.path.isfile(args.file):
+            raise _Usage(f"no such file: {args.file}")
+        rec = asyncio.run(_upload(args))
+    except _Usage as exc:
+        print(f"dmengine content upload: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"dmengine content upload: "
+              f"{'cannot reach the server' if exc.status == 0 else exc.status}: {exc}"
+              + (f" [{exc.where}]" if exc.where else ""), file=sys.stderr)
+        return 2 if exc.status in (0, 401) else 1
+    print(json.dumps(rec, indent=2))
+    return 0
+
+
+def register_content_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """``dmengine content upload FILE`` (a firmware package to a running server)."""
+    content = subparsers.add_parser("content", help="content (firmware packages) of a "
+                                                    "running server")
+    sub = content.add_subparsers(dest="content_cmd", required=True)
+    p = sub.add_parser("upload", help="upload a package (sha256 and size checked)",
+                       description="uploadContent: streams FILE with its sha256; prints the "
+                                   "record (contentId, downloadUrl).")
+    p.add_argument("file")
+    p.add_argument("--name", help="default: the file's name")
+    p.add_argument("--capability", help="the capability (oid) it is for")
+    p.add_argument("--from", dest="from_version", help="firmware version it updates from")
+    p.add_argument("--to", dest="to_version", help="firmware version it installs")
+    p.add_argument("--type", help="media type devices get it with")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    _client_args(p)
+    p.set_defaults(func=_cmd_upload)
+    return content
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -595,3 +595,23 @@ def test_cli_devices_get_and_list(served, tmp_path):
     assert r.returncode == 1 and "404" in r.stderr
     r = dmengine("devices", "get", one, "--url", api, "--api-key=wrong")
     assert r.returncode == 2 and "401" in r.stderr
+
+
+def test_cli_content_upload(served, tmp_path):
+    root, urls = served
+    api, key = api_of(urls), urls["API key"]
+    pkg = tmp_path / "fw-2.4.0.bin"
+    pkg.write_bytes(bytes(range(256)) * 300)
+    r = dmengine("content", "upload", str(pkg), "--to", "2.4.0", "--url", api,
+                 f"--api-key={key}")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["name"] == "fw-2.4.0.bin" and rec["size"] == 256 * 300 and rec["contentId"]
+    import hashlib
+    assert rec["sha256"] == hashlib.sha256(pkg.read_bytes()).hexdigest()
+    r = dmengine("content", "upload", str(pkg), "--type", "text/plain\r\nX-Bad: 1",
+                 "--url", api, f"--api-key={key}")
+    assert r.returncode == 1 and "[type]" in r.stderr, r.stderr
+    r = dmengine("content", "upload", str(tmp_path / "none.bin"), "--url", api,
+                 f"--api-key={key}")
+    assert r.returncode == 2 and "no such file" in r.stderr
