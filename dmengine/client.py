@@ -228,6 +228,59 @@ class Client:
                 return
 
 
+class SyncClient:
+    """The same calls as :class:`Client`, blocking: for scripts and notebooks.  The async
+    client runs on an event loop of its own in a background thread (so it also works where a
+    loop is already running); ``close()`` (or ``with``) stops it.
+
+    Every coroutine method of Client is a plain method here::
+
+        with SyncClient("http://127.0.0.1:8081", key) as c:
+            c.get_device("IMEI:356938035643809")
+    """
+
+    def __init__(self, url: str = DEFAULT_API_URL, api_key: str | None = None,
+                 **kw: Any) -> None:
+        import threading
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dmengine-client",
+                                        daemon=True)
+        self._thread.start()
+        self._client = Client(url, api_key, **kw)
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+        return lambda *a, **kw: self._run(attr(*a, **kw))
+
+    def iter_devices(self, **kw: Any) -> Iterable[dict[str, Any]]:
+        """Every device the filters select (pages fetched as the iteration goes)."""
+        agen = self._client.iter_devices(**kw)
+        while True:
+            try:
+                yield self._run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(p[:1].upper() + p[1:] for p in rest)

@@ -615,3 +615,22 @@ def test_cli_content_upload(served, tmp_path):
     r = dmengine("content", "upload", str(tmp_path / "none.bin"), "--url", api,
                  f"--api-key={key}")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_sync_client(served, tmp_path):
+    """The blocking client makes the same calls (from a thread without a loop, or inside one)."""
+    from dmengine.client import ClientError, SyncClient
+    root, urls = served
+    with SyncClient(api_of(urls), urls["API key"]) as c:
+        made = c.create_device({"devId": "IMEI:356938035643100", "imei": "356938035643100",
+                                "msisdn": "+15550123"})
+        assert made["devId"] == "IMEI:356938035643100"
+        assert c.get_device("356938035643100")["msisdn"] == "+15550123"   # a bare IMEI
+        assert any(d["devId"] == "IMEI:356938035643100" for d in c.iter_devices(limit=50))
+        c.delete_device("IMEI:356938035643100")
+        try:
+            c.get_device("IMEI:356938035643100")
+        except ClientError as exc:
+            assert exc.status == 404
+        else:
+            raise AssertionError("a deleted device was found")
