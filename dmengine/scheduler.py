@@ -26,14 +26,13 @@ from .notify.base import Gateway
 from .notify.pkg0 import build_pkg0
 from .sessions import DeviceSessions, stored_nonce, waiting_alert
 from .store.base import Store
+from .supervised import Supervision
 from .tasks import Tasks
 
 log = logging.getLogger("dmengine.scheduler")
 
 S = TaskState
 J = JobState
-#: failed passes in a row after which health() reports the scheduler
-FAILED_PASSES_UNHEALTHY = 3
 
 
 class Scheduler:
@@ -49,10 +48,7 @@ class Scheduler:
         self.config = config
         self.metrics = metrics
         self.clock = clock
-        self.failed_passes = 0                 # scheduler passes failed in a row
-        self.last_error: str | None = None
-        self.last_pass: float | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self.loop = Supervision("scheduler", clock, log)
         self._buckets: dict[str, tuple[float, float]] = {}   # job id ("" overall) -> tokens, time
 
     # --- notification ----------------------------------------------------------------------
@@ -434,44 +430,18 @@ class Scheduler:
         except Exception:
             log.exception("scheduler: recovery after the restart failed")
         while True:
-            try:
-                await self.tick()
-            except Exception as exc:           # (CancelledError is not an Exception)
-                log.exception("scheduler pass failed")
-                self.failed_passes += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            else:
-                self.failed_passes = 0
-                self.last_error = None
-            self.last_pass = self.clock()
+            await self.loop.run_pass(self.tick)
             await asyncio.sleep(self.config.tick_interval)
 
     def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self.run())
+        self.loop.start(self.run)
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
-            self._loop_task = None
+        await self.loop.stop()
 
     def health(self) -> list[str]:
         """What is wrong with the scheduler, for ``/health`` (empty when nothing is)."""
-        problems = []
-        loop = self._loop_task
-        if loop is None:
-            problems.append("scheduler not started")
-        elif loop.done():
-            why = "cancelled" if loop.cancelled() else repr(loop.exception())
-            problems.append(f"scheduler loop ended: {why}")
-        if self.failed_passes >= FAILED_PASSES_UNHEALTHY:
-            problems.append(f"scheduler: {self.failed_passes} passes failed in a row "
-                            f"(last: {self.last_error})")
-        return problems
+        return self.loop.health()
 
 
 def window_wait(windows: list[TimeWindow], tz: str | None, now: float) -> float:

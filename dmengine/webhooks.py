@@ -54,6 +54,7 @@ import msgspec
 from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
 from .model import (EVENT_TOPICS, ChargingEvent, DeadLetter, OutboxEntry, Subscription, new_id)
 from .store.base import DEFAULT_PAGE, Page, Store
+from .supervised import Supervision
 from .urlguard import UrlGuard, UrlRefused
 
 log = logging.getLogger("dmengine.webhooks")
@@ -67,7 +68,6 @@ DELIVERY_HEADER = "X-DMEngine-Delivery"
 ATTEMPT_HEADER = "X-DMEngine-Attempt"
 USER_AGENT = "dmengine-webhooks/1"
 #: failed dispatcher passes in a row after which health() reports the dispatcher
-FAILED_PASSES_UNHEALTHY = 3
 #: answer bytes read (and dropped) from a receiver
 MAX_REPLY = 16 * 1024
 #: how long a subscription list read by the dispatcher is used before it is read again
@@ -214,11 +214,8 @@ class Webhooks:
         self.guard = guard or UrlGuard()
         self.config = config or WebhookConfig()
         self.clock = clock
-        self.failed_passes = 0
-        self.last_error: str | None = None
-        self.last_pass: float | None = None
+        self.loop = Supervision("webhook dispatcher", clock, log)
         self.counts = {"delivered": 0, "retried": 0, "dead": 0, "dropped": 0, "fanned": 0}
-        self._loop_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._sem: asyncio.Semaphore | None = None
@@ -349,24 +346,17 @@ class Webhooks:
     # --- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._loop_task is None:
-            loop = asyncio.get_running_loop()
+        if self.loop.task is None:
             self._wake = asyncio.Event()
             self._sem = asyncio.Semaphore(self.config.concurrency)
             self._session = self.guard.session(
                 connector=self.guard.connector(limit=self.config.concurrency,
                                                ttl_dns_cache=10),
                 headers={"User-Agent": USER_AGENT})
-            self._loop_task = loop.create_task(self.run())
+            self.loop.start(self.run)
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
-            self._loop_task = None
+        await self.loop.stop()
         tasks = list(self._inflight.values())
         for t in tasks:
             t.cancel()               # their leases run out: delivered again later
@@ -384,34 +374,14 @@ class Webhooks:
 
     def health(self) -> list[str]:
         """What is wrong with the dispatcher, for ``/health`` (empty when nothing is)."""
-        problems = []
-        loop = self._loop_task
-        if loop is None:
-            problems.append("webhook dispatcher not started")
-        elif loop.done():
-            why = "cancelled" if loop.cancelled() else repr(loop.exception())
-            problems.append(f"webhook dispatcher loop ended: {why}")
-        if self.failed_passes >= FAILED_PASSES_UNHEALTHY:
-            problems.append(f"webhooks: {self.failed_passes} passes failed in a row "
-                            f"(last: {self.last_error})")
-        return problems
+        return self.loop.health()
 
     async def run(self) -> None:
         """The loop (until cancelled), supervised: a failed pass is logged, counted and tried
         again after the poll interval."""
         assert self._wake is not None
         while True:
-            claimed = 0
-            try:
-                claimed = await self.pass_once()
-            except Exception as exc:             # (CancelledError is not an Exception)
-                log.exception("webhook dispatcher pass failed")
-                self.failed_passes += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            else:
-                self.failed_passes = 0
-                self.last_error = None
-            self.last_pass = self.clock()
+            claimed = await self.loop.run_pass(self.pass_once)
             if claimed:
                 await asyncio.sleep(0)           # more may be due: go on
                 continue

@@ -432,8 +432,8 @@ def test_deleted_subscription_gets_nothing_more_and_health_reports_the_loop(tmp_
             assert len(rcv.requests) == n and await engine.store.due_entries(1e12) == []
             async with api.http.get(api.url + "health") as r:
                 assert r.status == 200
-            assert engine.webhooks._loop_task is not None
-            engine.webhooks._loop_task.cancel()
+            assert engine.webhooks.loop.task is not None
+            engine.webhooks.loop.task.cancel()
             await asyncio.sleep(0.05)
             async with api.http.get(api.url + "health") as r:
                 body = await r.json()
