@@ -19,6 +19,10 @@ the stored tasks grow, and the notifications per second the scheduler sustains.
     ``ROUNDS`` passes, and an idle pass (nothing due).  The cost must stay flat as the stored
     tasks grow.
 
+(d) **Finished jobs**: the pass of (b) with 10k tasks stored, timed again after 10,000
+    COMPLETED jobs are added: a pass lists only SCHEDULED and RUNNING jobs (the store's
+    job-state index), so its cost must not move.
+
 (c) **Notifications/s**: a RUNNING job over 100k devices (explicit device list, no rate limit,
     no caps) and passes run back to back into a loopback gateway whose callback only counts,
     until every target is NOTIFIED.  Tasks are made by the passes (``job_batch`` per pass) and
@@ -26,6 +30,7 @@ the stored tasks grow, and the notifications per second the scheduler sustains.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -56,6 +61,7 @@ CAP = "cap-x1"
 DUE = 100           # tasks due in each timed pass
 ROUNDS = 7          # timed passes per size
 FAR = 11 * 86400.0  # when the unfinished filler tasks are due
+FINISHED_JOBS = 10_000   # (d) finished jobs added next to the running one
 
 
 def _device(i: int, capability: str | None = CAP) -> Device:
@@ -225,6 +231,26 @@ async def _add_due(store: LmdbStore, job_id: str, first: int, now: float) -> Non
              deadline=now + FAR) for i, d in enumerate(ids)])
 
 
+async def _timed_passes(store: LmdbStore, sched: Any, counting: Counting, used: int
+                        ) -> tuple[list[float], list[float]]:
+    """ROUNDS times: an idle pass, then DUE tasks made due and a pass that notifies them
+    (devices ``used`` … onwards).  Returns (busy pass times, idle pass times) in seconds."""
+    idle: list[float] = []
+    busy: list[float] = []
+    for r in range(ROUNDS):
+        t0 = time.perf_counter()
+        touched = await sched.tick()
+        idle.append(time.perf_counter() - t0)
+        assert touched == 0, touched
+        await _add_due(store, "stored", used + r * DUE, time.time())
+        before = counting.n
+        t0 = time.perf_counter()
+        touched = await sched.tick()
+        busy.append(time.perf_counter() - t0)
+        assert touched == DUE and counting.n - before == DUE, (touched, counting.n - before)
+    return busy, idle
+
+
 async def _pass_cost(path: str, sizes: list[int]) -> list[dict[str, Any]]:
     store = LmdbStore(path)
     out = []
@@ -240,20 +266,8 @@ async def _pass_cost(path: str, sizes: list[int]) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             await _grow(store, "stored", n, time.time())
             grow_s = time.perf_counter() - t0
-            idle = []
-            busy = []
-            for r in range(ROUNDS):
-                t0 = time.perf_counter()
-                touched = await sched.tick()
-                idle.append(time.perf_counter() - t0)
-                assert touched == 0, touched
-                await _add_due(store, "stored", used, time.time())
-                used += DUE
-                before = counting.n
-                t0 = time.perf_counter()
-                touched = await sched.tick()
-                busy.append(time.perf_counter() - t0)
-                assert touched == DUE and counting.n - before == DUE, (touched, counting.n - before)
+            busy, idle = await _timed_passes(store, sched, counting, used)
+            used += DUE * ROUNDS
             job = await store.get_job("stored")
             out.append({"stored": job.total, "grow_s": grow_s,
                         "pass_ms": 1000 * statistics.median(busy),
@@ -265,6 +279,42 @@ async def _pass_cost(path: str, sizes: list[int]) -> list[dict[str, Any]]:
     finally:
         await store.close()
     return out
+
+
+async def _pass_cost_finished_jobs(path: str, stored: int, finished: int) -> dict[str, Any]:
+    """(d) The same pass with ``stored`` tasks, before and after ``finished`` COMPLETED jobs
+    are added to the store: a pass lists the open jobs through the job-state index, so the
+    finished ones must cost it nothing."""
+    store = LmdbStore(path)
+    try:
+        await store.import_devices(_device(i) for i in range(DUE * ROUNDS * 2))
+        counting = Counting()
+        sched = Broker(store, LoopbackGateway(counting), config=BrokerConfig()).scheduler
+        await store.create_job(Job(job_id="stored", state=JobState.RUNNING,
+                                   op=QueryOp(nodes=["./DevInfo/Mod"])))
+        await _grow(store, "stored", stored, time.time())
+        busy0, idle0 = await _timed_passes(store, sched, counting, 0)
+        t0 = time.perf_counter()
+        done = time.time()
+        for first in range(0, finished, 1000):
+            await asyncio.gather(*(store.create_job(Job(
+                job_id=f"old{i:06d}", name=f"finished campaign {i}", state=JobState.COMPLETED,
+                op=QueryOp(nodes=["./DevInfo/Mod"]), targets=1000, started=done - 3600,
+                finished=done)) for i in range(first, min(finished, first + 1000))))
+        add_s = time.perf_counter() - t0
+        busy1, idle1 = await _timed_passes(store, sched, counting, DUE * ROUNDS)
+        out = {"stored": (await store.get_job("stored")).total, "finished_jobs": finished,
+               "add_s": add_s,
+               "pass_ms_without": 1000 * statistics.median(busy0),
+               "idle_ms_without": 1000 * statistics.median(idle0),
+               "pass_ms_with": 1000 * statistics.median(busy1),
+               "idle_ms_with": 1000 * statistics.median(idle1)}
+        print(f"  pass with {DUE} due: {out['pass_ms_without']:.1f} ms without, "
+              f"{out['pass_ms_with']:.1f} ms with {finished:,} finished jobs; idle pass "
+              f"{out['idle_ms_without']:.2f} / {out['idle_ms_with']:.2f} ms", flush=True)
+        return out
+    finally:
+        await store.close()
 
 
 # --- (c) notifications/s ----------------------------------------------------------------------
@@ -345,6 +395,20 @@ def run(quick: bool) -> None:
                             f"pass time (median of {ROUNDS})", round(s["idle_ms"], 3), "ms"))
         shutil.rmtree(os.path.join(base, "b"), ignore_errors=True)
 
+        print(f"(d) scheduler pass cost with {FINISHED_JOBS:,} finished jobs stored", flush=True)
+        d = uvloop.run(_pass_cost_finished_jobs(os.path.join(base, "d"), 10_000,
+                                                FINISHED_JOBS))
+        summary["finished_jobs"] = d
+        for what, key in (("100 tasks due", "pass_ms"), ("nothing due", "idle_ms")):
+            what = what.replace("100", str(DUE))
+            rows.append(Row.versus(
+                f"scheduler pass, {what}, {d['stored']:,} tasks and {FINISHED_JOBS:,} "
+                f"finished jobs stored", f"pass time (median of {ROUNDS})",
+                round(d[f"{key}_with"], 3), "ms", "the same pass before the finished jobs "
+                                                  "were stored", round(d[f"{key}_without"], 3),
+                higher_is_better=False))
+        shutil.rmtree(os.path.join(base, "d"), ignore_errors=True)
+
         print(f"(c) notifications/s, a job over {n_notify:,} devices", flush=True)
         c = uvloop.run(_notify_rate(os.path.join(base, "c"), n_notify))
         summary["notify"] = c
@@ -364,6 +428,10 @@ def run(quick: bool) -> None:
         "pass_cost_flat_2x": (max(s["pass_ms"] for s in summary["pass_cost"])
                               <= 2 * summary["pass_cost"][0]["pass_ms"])
         if "pass_cost" in summary else None,
+        "pass_cost_flat_with_finished_jobs_1_5x": (
+            summary["finished_jobs"]["pass_ms_with"]
+            <= 1.5 * summary["finished_jobs"]["pass_ms_without"])
+        if "finished_jobs" in summary else None,
     }
     write_results(NAME, rows, load_average={"before": load_before, "after": os.getloadavg()},
                   targets=targets, quick=quick, details=summary)

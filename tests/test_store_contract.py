@@ -443,6 +443,46 @@ def test_jobs(use: Callable[[Body], Any]) -> None:
     use(body)
 
 
+def test_jobs_by_state_follow_every_move_and_page(use: Callable[[Body], Any]) -> None:
+    """list_jobs(state=) reads the job-state index: each job is listed under its current
+    state only, through every move, page after page (what a scheduler pass reads)."""
+    async def body(s: Store) -> None:
+        for i in range(7):
+            await s.create_job(Job(job_id=f"job-{i}", created=1000.0 + i))
+
+        async def ids(state: JobState, limit: int = 2) -> list[str]:
+            out, cursor = [], None
+            while True:
+                p = await s.list_jobs(state=state, cursor=cursor, limit=limit)
+                assert len(p.items) <= limit
+                out += [j.job_id for j in p.items]
+                if p.next_cursor is None:
+                    return out
+                cursor = p.next_cursor
+        assert await ids(JobState.SCHEDULED) == [f"job-{i}" for i in range(7)]
+        for i in (1, 3, 5):
+            await s.update_job(f"job-{i}", {"state": JobState.RUNNING})
+        await s.update_job("job-3", {"state": JobState.PAUSED})
+        await s.update_job("job-5", {"state": JobState.COMPLETED, "finished": 2000.0})
+        await s.update_job("job-0", {"name": "renamed"})          # no move: index unchanged
+        assert await ids(JobState.SCHEDULED) == ["job-0", "job-2", "job-4", "job-6"]
+        assert await ids(JobState.RUNNING) == ["job-1"]
+        assert await ids(JobState.PAUSED) == ["job-3"]
+        assert await ids(JobState.COMPLETED) == ["job-5"]
+        assert await ids(JobState.CANCELLED) == []
+        assert [j.name for j in (await s.list_jobs(state=JobState.SCHEDULED, limit=1)).items] \
+            == ["renamed"]                                 # the record, read fresh
+        # a state's cursor does not page another state's listing
+        p = await s.list_jobs(state=JobState.SCHEDULED, limit=1)
+        with pytest.raises(ValidationError) as ei:
+            await s.list_jobs(state=JobState.RUNNING, cursor=p.next_cursor)
+        assert ei.value.where == "cursor"
+        with pytest.raises(ValidationError) as ei:
+            await s.list_jobs(state="BOGUS")           # type: ignore[arg-type]
+        assert ei.value.where == "state"
+    use(body)
+
+
 def test_task_life_history_and_job_counters(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         await s.create_job(Job(job_id="j1"))

@@ -289,3 +289,39 @@ def test_a_key_lmdb_refuses_fails_only_its_caller(tmp_path: pathlib.Path) -> Non
         assert (await s.counts())["jobs"] == 10
         await s.close()
     asyncio.run(main())
+
+
+def test_schema_1_environment_gets_its_job_state_index(tmp_path: pathlib.Path) -> None:
+    """An environment written before the job-state index (schema 1) is migrated when opened:
+    its jobs are listed by state at once, and the checker finds the index sound."""
+    from dmengine.model import Job, JobState
+    path = tmp_path / "env"
+
+    async def make() -> None:
+        s = LmdbStore(path)
+        try:
+            await s.create_job(Job(job_id="run-1"))
+            await s.update_job("run-1", {"state": JobState.RUNNING})
+            await s.create_job(Job(job_id="sched-1"))
+        finally:
+            await s.close()
+    asyncio.run(make())
+    env = open_env(path)
+    dbs = open_dbs(env)
+    with env.begin(write=True) as txn:      # as schema 1 left it: no index rows
+        txn.drop(dbs["job_state"], delete=False)
+        txn.put(b"schema", _enc.encode(SchemaRecord(version=1)), db=dbs["meta"])
+    env.close()
+
+    async def read() -> None:
+        s = LmdbStore(path)
+        try:
+            assert s.schema == (1, 2)
+            assert [j.job_id for j in (await s.list_jobs(state=JobState.RUNNING)).items] \
+                == ["run-1"]
+            assert [j.job_id for j in (await s.list_jobs(state=JobState.SCHEDULED)).items] \
+                == ["sched-1"]
+            assert await s.check() == []
+        finally:
+            await s.close()
+    asyncio.run(read())

@@ -20,6 +20,7 @@ way the queries read them; times are microseconds)::
     task_corr    correlator → task_id         task_due    u64(next_attempt) task_id → ""
     task_dl      u64(deadline) task_id → ""   history     task_id \\0 u32(seq) → HistoryEntry
     jobs         job_id → Job                 job_date    u64(created) job_id → ""
+    job_state    state \\0 job_id → ""          (the scheduler's pass reads only open jobs)
     job_targets  job \\0 u64(n) → dev_id       (the devices a job selected, n = 0, 1, …)
     content      content_id → Content
     outbox       entry_id → OutboxEntry       outbox_due  u64(due) entry_id → ""
@@ -62,7 +63,8 @@ R = TypeVar("R")
 
 DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps", "cap_tac",
        "tasks", "task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl",
-       "history", "jobs", "job_date", "job_targets", "content", "outbox", "outbox_due", "audit",
+       "history", "jobs", "job_date", "job_state", "job_targets", "content", "outbox",
+       "outbox_due", "audit",
        "api_keys", "api_key_hash", "users", "sessions", "session_exp",
        "subs", "sub_topic", "dead", "charging")
 
@@ -278,6 +280,10 @@ def _task_index(t: Task) -> list[tuple[str, bytes, bytes]]:
         if t.deadline is not None:
             out.append(("task_dl", us(t.deadline) + tid, EMPTY))
     return out
+
+
+def _job_state_key(state: JobState | str, job_id: str) -> bytes:
+    return _e(JobState(state)) + SEP + _e(job_id)
 
 
 def _reindex(ctx: WriteCtx, old: list[tuple[str, bytes, bytes]],
@@ -877,6 +883,7 @@ class KVStore(Store):
             j = msgspec.structs.replace(job, created=job.created or ctx.now, updated=ctx.now)
             ctx.put("jobs", key, _enc.encode(j))
             ctx.put("job_date", us(j.created) + key, EMPTY)
+            ctx.put("job_state", _job_state_key(j.state, job.job_id), EMPTY)
             return j
         return await self._write(op)
 
@@ -906,6 +913,8 @@ class KVStore(Store):
                 setattr(j, k, v)
             j.updated = ctx.now
             if j.state != before:
+                ctx.delete("job_state", _job_state_key(before, job_id))
+                ctx.put("job_state", _job_state_key(j.state, job_id), EMPTY)
                 _job_event(ctx, j, "job.state", previous=str(before))
             return dec(Job, _enc.encode(j))    # a copy: later ops may move the counters
         return await self._write(op)
@@ -914,22 +923,14 @@ class KVStore(Store):
                         limit: int = DEFAULT_PAGE) -> Page[Job]:
         if state is None:
             return await self._page_of_records("jobs", Job, cursor, limit)
-        check_limit(limit)
-
-        def fn(txn: KVTxn) -> Page[Job]:
-            start = decode_cursor(cursor) + b"\x00" if cursor else b""
-            out: list[Job] = []
-            last = None
-            for k, v in txn.scan("jobs", start, None):
-                j = dec(Job, v, "jobs", k)
-                if j.state != state:
-                    continue
-                if len(out) == limit:
-                    return Page(out, encode_cursor(last))   # type: ignore[arg-type]
-                out.append(j)
-                last = k
-            return Page(out, None)
-        return await self._read(fn, big=True)
+        # through the state index: the cost follows the jobs in that state, not every job
+        # stored (a scheduler pass lists the open ones while thousands are long finished)
+        try:
+            prefix = _job_state_key(state, "")
+        except ValueError:
+            raise ValidationError(f"no job state {state!r}", where="state") from None
+        return await self._page_via_index("job_state", prefix, "jobs", Job, cursor, limit,
+                                          id_in_key=True)
 
     async def jobs_by_date(self, start: float, end: float, *, cursor: str | None = None,
                            limit: int = DEFAULT_PAGE) -> Page[Job]:
@@ -1744,6 +1745,18 @@ class KVStore(Store):
 # --- schema ---------------------------------------------------------------------------------
 
 
+def _index_job_states(txn: KVTxn) -> None:
+    """Schema 1 → 2: the ``job_state`` index (jobs by state) of the jobs already stored."""
+    for k, v in txn.scan("jobs", b"", None):
+        j = dec(Job, v, "jobs", k)
+        txn.put("job_state", _job_state_key(j.state, j.job_id), EMPTY)
+
+
+#: Migrations of the store's own layout (indexes: they need the key layout, which model.py,
+#: L0, does not know); ``model.MIGRATIONS`` holds those of the records.  Both run in order.
+INDEX_MIGRATIONS: dict[int, Callable[[KVTxn], None]] = {1: _index_job_states}
+
+
 def ensure_schema(txn: KVTxn, now: float,
                   migrations: Mapping[int, Callable[[KVTxn], None]] | None = None,
                   target: int | None = None) -> tuple[int, int]:
@@ -1751,7 +1764,7 @@ def ensure_schema(txn: KVTxn, now: float,
     version up to ``target`` (default ``model.SCHEMA_VERSION``).  Returns (from, to).
     A newer stored version than ours is refused (StoreError)."""
     target = model.SCHEMA_VERSION if target is None else target
-    migrations = model.MIGRATIONS if migrations is None else migrations
+    migrations = {**model.MIGRATIONS, **INDEX_MIGRATIONS} if migrations is None else migrations
     raw = txn.get("meta", SCHEMA_KEY)
     if raw is None:
         txn.put("meta", SCHEMA_KEY, _enc.encode(SchemaRecord(version=target, created=now,
@@ -1836,7 +1849,8 @@ def check_txn(txn: KVTxn, *, max_problems: int = 1000) -> list[str]:
             continue
         jobs[k] = j
         exp.add(("job_date", us(j.created) + k, EMPTY))
-    expect(exp, ("job_date",))
+        exp.add(("job_state", _job_state_key(j.state, j.job_id), EMPTY))
+    expect(exp, ("job_date", "job_state"))
     # tasks, their indexes, history and job counters
     exp = set()
     counts: dict[bytes, dict[str, dict[str, int]]] = {}
