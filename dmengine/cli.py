@@ -4,16 +4,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .config import BrokerConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from .broker import BrokerConfig
+    from . import logs
     from .errors import ConfigError
     from .engine import Engine, EngineConfig, gateway_from_spec, run_until_signal
     from .identity import IdentityConfig
+
+    logs.setup(args.log_format, args.log_level)      # before anything logs
 
     cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
                        device_port=args.device_port, api_port=args.api_port,
@@ -24,10 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
                        carrier_callback_url=args.carrier_callback,
                        allow_private_callbacks=args.allow_private_callbacks,
                        callback_allow_networks=tuple(args.callback_allow_network or ()),
-                       broker=BrokerConfig(server_id=args.server_id, **{k: v for k, v in (
-                           ("tick_interval", args.scheduler_tick),
-                           ("job_batch", args.job_batch),
-                           ("notify_parallel", args.notify_parallel)) if v is not None}),
+                       broker=_broker_config(args),
                        identity=IdentityConfig(**{k: v for k, v in (
                            ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
                            ("default_burst", args.api_burst)) if v is not None}),
@@ -61,6 +63,45 @@ def _serve(args: argparse.Namespace) -> int:
 
     uvloop.run(main())
     return 0
+
+
+#: ``serve`` options that set a BrokerConfig field (field → option dest): a refused value is
+#: reported under the option's name, as the operator typed it
+BROKER_OPTIONS = {
+    "tick_interval": "scheduler_tick", "job_batch": "job_batch",
+    "notify_parallel": "notify_parallel", "retry_delays": "retry_delays",
+    "retry_jitter": "retry_jitter", "max_notifications": "max_notifications",
+    "task_ttl": "task_ttl", "claim_lease": "claim_lease", "claim_page": "claim_page",
+    "max_notify_rate": "max_notify_rate", "max_in_flight": "max_in_flight",
+    "alert_wait": "alert_wait", "alert_followups": "alert_followups",
+}
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _broker_config(args: argparse.Namespace) -> BrokerConfig:
+    from .config import BrokerConfig
+    from .errors import ConfigError
+    given = {f: getattr(args, d) for f, d in BROKER_OPTIONS.items()
+             if getattr(args, d, None) is not None}
+    try:
+        return BrokerConfig(server_id=args.server_id, **given)
+    except ConfigError as exc:
+        if exc.key not in BROKER_OPTIONS:
+            raise
+        opt = _option(BROKER_OPTIONS[exc.key])
+        raise ConfigError(str(exc).replace(exc.key, opt, 1), key=opt) from None
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    """``--retry-delays 60,300,900``: seconds, comma-separated."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seconds separated by commas (e.g. 60,300,900,3600), not {text!r}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -111,11 +152,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks a job starts in one scheduler pass at most (default 5000)")
     s.add_argument("--notify-parallel", type=int, default=None, metavar="N",
                    help="package-0 notifications under way at once in a pass (default 512)")
+    # the scheduler's clock and budgets (dmengine/config.py BrokerConfig)
+    s.add_argument("--retry-delays", type=_seconds_list, default=None, metavar="S,S,…",
+                   help="seconds before notifying a silent device again, per attempt (the "
+                        "last one repeats; default 60,300,900,3600), spread by --retry-jitter")
+    s.add_argument("--retry-jitter", type=float, default=None, metavar="F",
+                   help="retry delays vary by ± this share, in [0, 1) (default 0.1)")
+    s.add_argument("--max-notifications", type=int, default=None, metavar="N",
+                   help="package-0 notifications of a task before a silent device expires "
+                        "it (default 4)")
+    s.add_argument("--task-ttl", type=float, default=None, metavar="S",
+                   help="deadline of a task that names none, seconds (default 604800: 7 days)")
+    s.add_argument("--claim-lease", type=float, default=None, metavar="S",
+                   help="a task a scheduler pass claimed is not due again for this long "
+                        "(default 120)")
+    s.add_argument("--claim-page", type=int, default=None, metavar="N",
+                   help="due tasks one scheduler pass claims at most (default 2000, max 10000)")
+    s.add_argument("--max-notify-rate", type=float, default=None, metavar="PER_S",
+                   help="package-0 notifications per second over all jobs (default: no cap)")
+    s.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                   help="job tasks started and not final, over all jobs (default: no cap)")
+    s.add_argument("--alert-wait", type=float, default=None, metavar="S",
+                   help="after an accepted FUMO Exec, seconds without the device's result "
+                        "alert before it is woken to report (doubling each time; the package "
+                        "is not sent again; default 3600)")
+    s.add_argument("--alert-followups", type=int, default=None, metavar="N",
+                   help="such wake-ups at most; then the task waits for its deadline "
+                        "(default 3; 0: none)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,
                    help="device-port connections from one address (IPv6: one /64) at most "
                         "(default 256; a load generator or a carrier NAT needs more)")
+    s.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="log lines on stderr: text, or json (one object per line with the "
+                        "session, device, task and job ids); default $DMENGINE_LOG_FORMAT "
+                        "or text")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                   help="default $DMENGINE_LOG_LEVEL or info")
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("bench", help="run the benchmarks (bench/)")

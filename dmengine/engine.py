@@ -115,6 +115,8 @@ class Engine:
         self.api_runner: Any = None
         self.api_port: int | None = None
         self.api_key: str = ""
+        #: set when stop() begins: /ready answers 503 from then on (dmengine/wsi/system.py)
+        self.draining = False
 
     async def start(self) -> "Engine":
         cfg = self.config
@@ -171,9 +173,11 @@ class Engine:
         api = self.api_url
         return [("device port", self.device_url), ("API", api), ("docs", api + "docs"),
                 ("metrics", api + "metrics"), ("health", api + "health"),
+                ("ready", api + "ready"),
                 ("content", self.device_url.rsplit(self.config.device_path, 1)[0] + "/content/")]
 
     async def stop(self) -> None:
+        self.draining = True
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self.broker is not None:

@@ -38,7 +38,7 @@ from .schemas import Target
 from .security import ROLE_OF, authenticate
 
 #: paths anyone may read; the docs page's assets live under /docs/
-PUBLIC = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
+PUBLIC = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/",)
 
 #: the route modules of the app, in the order their routes are added
@@ -68,6 +68,7 @@ def make_app(engine: Services) -> web.Application:
         identities = Identities(engine.store)
     security.install(app, identities)
     app[openapi.DOC_CACHE] = {}
+    app[system.GATEWAY_CACHE] = {}      # /ready's gateway check, reused a few seconds
     for module in INTERFACES:
         app.add_routes(module.routes)
     for name in OPTIONAL_INTERFACES:

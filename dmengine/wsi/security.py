@@ -57,8 +57,8 @@ IDENTITIES: web.AppKey[Identities] = web.AppKey("identities", Identities)
 IDENTITY_KEY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
 
 #: routes anyone may call (route names and paths: the docs' assets live under /docs/)
-PUBLIC_NAMES = frozenset({"health", "metrics", "docs", "openapi", "getOpenApi", "login"})
-PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/openapi.json"})
+PUBLIC_NAMES = frozenset({"health", "ready", "metrics", "docs", "openapi", "getOpenApi", "login"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
 PUBLIC_PREFIXES = ("/docs/",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
