@@ -25,6 +25,7 @@ class Entry:
     busy: int
     inserted: bool
     closed: bool
+    t0: float                  # metrics: when it started (monotonic; 0: not timed)
     def __init__(self, session: Any, token: str, deadline: float) -> None: ...
 
 class ServerCore:

@@ -141,6 +141,7 @@ cdef class Entry:
     cdef public bint inserted           # in the session table
     cdef public bint closed
     cdef public int auth_failures       # failed tries of this session (forgiven if it succeeds)
+    cdef public double t0               # metrics: when it started (monotonic; 0: not timed)
 
     def __init__(self, session, str token, double deadline):
         self.session = session
@@ -199,7 +200,7 @@ cdef class ServerCore:
         # not in the table yet: a session that ends with its first reply never enters it
         entry = Entry(session, token, 0.0)
         if self.metrics is not None:
-            self.metrics.session_started()
+            entry.t0 = self.metrics.session_started()
         return entry
 
     async def handle_dm(self, req, str encoding, token, str base_url, address=None):
@@ -223,7 +224,7 @@ cdef class ServerCore:
             msg = decode(body)
         except CodecError as exc:
             if metrics is not None:
-                metrics.http_error(400)
+                metrics.codec_error(encoding)
             return _http(400, f"not a SyncML DM message: {exc}\n".encode(), close=False)
         hdr = msg.hdr
         now_wall = time.time()
@@ -310,7 +311,7 @@ cdef class ServerCore:
             elif not entry.closed:
                 entry.closed = True
                 if metrics is not None:
-                    metrics.session_ended(reason)
+                    metrics.session_ended(reason, entry.t0)
         elif entry.inserted:
             if entry.token in self.sessions:
                 self._touch(entry)
@@ -343,7 +344,7 @@ cdef class ServerCore:
                 if guard is not None:
                     guard.failed(address, source)
                 if self.metrics is not None:
-                    self.metrics.auth_failed(ev.scheme)
+                    self.metrics.auth_failed(ev.scheme, ev.reason)
         if guard is not None and getattr(session, "authenticated", False):
             guard.succeeded(address, source, entry.auth_failures)
 

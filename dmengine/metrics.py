@@ -1,4 +1,5 @@
-"""Prometheus metrics of the device port (L3).
+"""Prometheus metrics of the engine (L3): the device port, the work (tasks, jobs, scheduler,
+webhooks, charging), the store, the API and content downloads.
 
 Everything hangs off a registry the caller passes in (STYLE.md habit 12: no global state), so
 two servers in one process (or one test after another) never share counters::
@@ -11,32 +12,80 @@ The API port serves ``prometheus_client.generate_latest(registry)`` on ``/metric
 
 Counting is on the hot path of every DM message: ``prometheus_client``'s ``Counter.inc()``
 takes a lock and costs about a microsecond, ten of them per message were 15–25 % of the
-server's time.  So the server bumps plain integers here and one custom collector turns them
-into metric families when the registry is scraped (the event loop is single-threaded, and
-a scrape reading a counter one message late is harmless).
+server's time.  So every class here bumps plain integers (and :class:`Histo` buckets) and is
+itself the collector that turns them into metric families when the registry is scraped.  The
+event loop is single-threaded, and a scrape reading a counter one message late is harmless;
+the one writer outside the loop, the store's commit thread, only adds to its own histograms.
 
-Families (names as exposed):
+One process serves (``dmengine serve`` runs one event loop: the LMDB store, the session table
+and the scheduler's pacing live in it), so these in-process counters are the whole truth and
+no multiprocess aggregation is needed.  A second process would need prometheus_client's
+multiprocess mode or its own scrape target.
+
+Labels are bounded: never a device, a task or a free text.  Encodings, end reasons, caps,
+schemes, auth causes (:func:`auth_cause` maps the engine's reasons to a fixed set), task
+states, operations, gateways, results and route names come from small fixed sets; the one
+open label, ``job``, exists only for RUNNING jobs, at most :data:`MAX_JOB_SERIES` of them.
+
+Families (names as exposed; counters end in ``_total``):
+
+Device port (:class:`DeviceMetrics`, fed from ``_dmcore.pyx``, ``_devport.pyx``, ``server.py``)
 
 * ``dmengine_device_messages_received_total{encoding}`` / ``..._messages_sent_total{encoding}``
 * ``dmengine_device_received_bytes_total{encoding}`` / ``..._sent_bytes_total{encoding}``
 * ``dmengine_device_sessions_started_total``, ``..._sessions_ended_total{reason}``
 * ``dmengine_device_sessions_in_flight``, ``dmengine_device_connections`` (gauges)
 * ``dmengine_device_rejected_total{cap}`` (503s by admission control: sessions, pending,
-  connections, connections_per_address), ``dmengine_device_http_errors_total{status}``
+  connections, connections_per_address, auth_backoff), ``dmengine_device_http_errors_total{status}``
 * ``dmengine_device_cut_off_total{reason}`` (connections the server aborted because the
   device read too slowly: send_rate)
+* ``dmengine_device_auth_failures_total{scheme,cause}``
+* ``dmengine_device_codec_errors_total{encoding}`` (bodies that are not a DM message: 400)
 * ``dmengine_device_request_seconds`` (histogram: complete request → reply written)
+* ``dmengine_device_session_seconds`` (histogram: a whole session, first package 1 → end)
+
+Work (:class:`TaskMetrics`, :class:`WorkGauges`, :class:`WebhookMetrics`)
+
+* ``dmengine_tasks_created_total{operation}``, ``dmengine_task_transitions_total{state}``
+* ``dmengine_task_retries_total`` (package #0 sent again), ``dmengine_task_expiries_total``
+* ``dmengine_tasks{state}``, ``dmengine_jobs{state}`` (gauges, refreshed every few seconds
+  from the jobs' own counters: see :class:`WorkGauges`)
+* ``dmengine_job_progress_ratio{job}``, ``dmengine_job_eta_seconds{job}`` (RUNNING jobs only)
+* ``dmengine_scheduler_lag_seconds``, ``dmengine_scheduler_pass_seconds`` (histograms)
+* ``dmengine_notifications_total{gateway,result}``
+* ``dmengine_webhook_deliveries_total{result}``, ``dmengine_webhook_dead_letters_total``,
+  ``dmengine_webhook_backlog`` (gauge: outbox entries not yet delivered)
+* ``dmengine_charging_events_total{kind}`` (kind: the operation charged, UPDATE, QUERY …)
+
+Store (:class:`StoreMetrics`): ``dmengine_store_commit_seconds``,
+``dmengine_store_commit_batch_size`` (histograms), ``dmengine_store_map_used_bytes``,
+``dmengine_store_map_size_bytes``, ``dmengine_store_readers`` (gauges).
+
+API (:class:`ApiMetrics`): ``dmengine_api_requests_total{route,status,role}``,
+``dmengine_api_request_seconds{route}`` (histogram).
+
+Content (:class:`ContentMetrics`): ``dmengine_content_downloads_total{result}``,
+``dmengine_content_sent_bytes_total``, ``dmengine_content_range_requests_total``.
+
+Process: prometheus_client's ``process_*`` and ``python_*`` collectors
+(:func:`add_process_collectors`).
 """
 from __future__ import annotations
 
+import logging
+import time
 from bisect import bisect_left
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
-__all__ = ["DeviceMetrics", "TaskMetrics", "ENCODINGS", "LATENCY_BUCKETS"]
+__all__ = ["DeviceMetrics", "TaskMetrics", "WorkGauges", "WebhookMetrics", "StoreMetrics",
+           "ApiMetrics", "ContentMetrics", "Histo", "auth_cause", "add_process_collectors",
+           "ENCODINGS", "LATENCY_BUCKETS", "SESSION_BUCKETS", "MAX_JOB_SERIES"]
+
+log = logging.getLogger("dmengine.metrics")
 
 ENCODINGS = ("xml", "wbxml")
 
@@ -44,9 +93,117 @@ ENCODINGS = ("xml", "wbxml")
 #: the server; the tail covers handler hooks that wait on the store.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
+#: whole DM sessions: a few round trips over a mobile network, up to downloads and users
+#: answering opt-in questions
+SESSION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+#: the scheduler: from a task being due to its package #0 handed to the gateway; and a pass
+SCHEDULER_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 300.0)
+#: API calls (the store's group commit is a few milliseconds; imports and listings longer)
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0)
+#: one store write batch, run + commit + fsync
+COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+#: ops per write batch (DEFAULT_BATCH_SIZE is 2000)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000)
+#: at most this many RUNNING jobs get their own progress/ETA series (the label's bound)
+MAX_JOB_SERIES = 50
 
 
-class DeviceMetrics:
+class Histo:
+    """A histogram of plain integers: ``observe`` is a bisect and two adds (no lock).
+
+    Buckets are Prometheus' ``le`` (a value equal to a bound falls into that bucket)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)     # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else _num(bound), acc))
+        return out
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, doc, buckets=self.cumulative(), sum_value=self.total)
+
+
+def _num(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _labelled_histo(name: str, doc: str, label: str,
+                    histos: Mapping[str, Histo]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=[label])
+    for key, h in sorted(histos.items()):
+        fam.add_metric([key], h.cumulative(), sum_value=h.total)
+    return fam
+
+
+def _counter(name: str, doc: str, labels: Sequence[str],
+             values: Mapping[Any, int]) -> CounterMetricFamily:
+    """A counter family from ``{label value (or tuple of them): count}``."""
+    fam = CounterMetricFamily(name, doc, labels=list(labels))
+    for key, v in sorted(values.items()):
+        fam.add_metric(list(key) if isinstance(key, tuple) else [key], v)
+    return fam
+
+
+class _Collector:
+    """Families are produced at scrape time; ``describe`` returns none (no clash checks)."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:     # pragma: no cover - every subclass has one
+        return iter(())
+
+
+# --- the device port ---------------------------------------------------------------------------
+
+#: the engine's failed-authentication reasons (auth.py, _session.pyx) → a fixed cause label;
+#: first match wins, anything else is "other" (the reason texts may quote what a device sent)
+AUTH_CAUSES: tuple[tuple[str, str], ...] = (
+    ("no cred", "missing_credentials"),
+    ("no x-syncml-hmac", "missing_credentials"),
+    ("no body", "missing_credentials"),
+    ("unknown device", "unknown_device"),
+    ("account belongs to another device", "wrong_device"),
+    ("user name does not match", "wrong_user"),
+    ("not accepted", "wrong_scheme"),
+    ("no nonce", "no_nonce"),
+    ("digest mismatch", "wrong_credentials"),
+    ("hmac mismatch", "wrong_credentials"),
+    ("wrong password", "wrong_credentials"),
+    ("keeps only its key", "wrong_scheme"),
+    ("hmac", "bad_hmac_header"),            # parse errors of the x-syncml-hmac header
+)
+
+
+def auth_cause(reason: str | None) -> str:
+    """The bounded ``cause`` label of a failed authentication's reason text."""
+    if not reason:
+        return "other"
+    r = reason.lower()
+    for needle, cause in AUTH_CAUSES:
+        if needle in r:
+            return cause
+    return "other"
+
+
+class DeviceMetrics(_Collector):
     """The device port's metrics, registered on ``registry`` as one collector.
 
     ``prefix`` lets a process with several device ports keep them apart.
@@ -65,11 +222,21 @@ class DeviceMetrics:
         self.connections = 0
         self.rejections: dict[str, int] = {}
         self.cut_offs: dict[str, int] = {}
-        self.auth_failures: dict[str, int] = {}
+        self.auth_failures: dict[tuple[str, str], int] = {}     # (scheme, cause) -> n
+        self.codec_errors = dict.fromkeys(ENCODINGS, 0)
         self.errors: dict[str, int] = {}
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)   # last one is +Inf
-        self.latency_sum = 0.0
+        self.latency = Histo(LATENCY_BUCKETS)
+        self.sessions = Histo(SESSION_BUCKETS)
         registry.register(self)
+
+    # kept for the callers that read them (benchmarks, older tests)
+    @property
+    def buckets(self) -> list[int]:
+        return self.latency.counts
+
+    @property
+    def latency_sum(self) -> float:
+        return self.latency.total
 
     # --- the hot path ----------------------------------------------------------------------
 
@@ -81,13 +248,19 @@ class DeviceMetrics:
         self.msg_out[encoding] += 1
         self.bytes_out[encoding] += nbytes
 
-    def session_started(self) -> None:
+    def session_started(self) -> float:
+        """Counts a new session; returns its start (monotonic), which the session table keeps
+        for :meth:`session_ended`."""
         self.started += 1
         self.in_flight += 1
+        return time.monotonic()
 
-    def session_ended(self, reason: str) -> None:
+    def session_ended(self, reason: str, started: float = 0.0) -> None:
+        """``started``: what :meth:`session_started` returned (0: unknown, not timed)."""
         self.ended[reason] = self.ended.get(reason, 0) + 1
         self.in_flight -= 1
+        if started > 0.0:
+            self.sessions.observe(time.monotonic() - started)
 
     def connection_opened(self) -> None:
         self.connections += 1
@@ -99,8 +272,14 @@ class DeviceMetrics:
         self.rejections[cap] = self.rejections.get(cap, 0) + 1
         self.errors["503"] = self.errors.get("503", 0) + 1
 
-    def auth_failed(self, scheme: str) -> None:
-        self.auth_failures[scheme] = self.auth_failures.get(scheme, 0) + 1
+    def auth_failed(self, scheme: str, reason: str | None = None) -> None:
+        key = (scheme or "none", auth_cause(reason))
+        self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
+
+    def codec_error(self, encoding: str) -> None:
+        """A body that does not decode as a DM message (answered 400)."""
+        self.codec_errors[encoding] = self.codec_errors.get(encoding, 0) + 1
+        self.errors["400"] = self.errors.get("400", 0) + 1
 
     def cut_off(self, reason: str) -> None:
         self.cut_offs[reason] = self.cut_offs.get(reason, 0) + 1
@@ -110,13 +289,9 @@ class DeviceMetrics:
         self.errors[key] = self.errors.get(key, 0) + 1
 
     def observe_latency(self, seconds: float) -> None:
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+        self.latency.observe(seconds)
 
     # --- the collector ---------------------------------------------------------------------
-
-    def describe(self) -> list[Metric]:
-        return []      # families are produced at scrape time; no name clash checks needed
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix
@@ -124,90 +299,303 @@ class DeviceMetrics:
                 ("messages_received", "DM messages received from devices", self.msg_in),
                 ("messages_sent", "DM messages sent to devices", self.msg_out),
                 ("received_bytes", "DM message body bytes received", self.bytes_in),
-                ("sent_bytes", "DM message body bytes sent", self.bytes_out)):
-            fam = CounterMetricFamily(f"{p}_{name}", doc, labels=["encoding"])
-            for enc, v in values.items():
-                fam.add_metric([enc], v)
-            yield fam
+                ("sent_bytes", "DM message body bytes sent", self.bytes_out),
+                ("codec_errors", "request bodies that are not a DM message (400), by encoding",
+                 self.codec_errors)):
+            yield _counter(f"{p}_{name}", doc, ["encoding"], values)
         yield CounterMetricFamily(f"{p}_sessions_started", "DM sessions started",
                                   value=self.started)
-        fam = CounterMetricFamily(f"{p}_sessions_ended", "DM sessions ended, by reason",
-                                  labels=["reason"])
-        for reason, v in sorted(self.ended.items()):
-            fam.add_metric([reason], v)
-        yield fam
+        yield _counter(f"{p}_sessions_ended", "DM sessions ended, by reason", ["reason"],
+                       self.ended)
         yield GaugeMetricFamily(f"{p}_sessions_in_flight",
                                 "DM sessions open in the session table", value=self.in_flight)
         yield GaugeMetricFamily(f"{p}_connections", "open device connections",
                                 value=self.connections)
-        fam = CounterMetricFamily(f"{p}_rejected",
-                                  "requests answered 503 by admission control, by cap",
-                                  labels=["cap"])
-        for cap, v in sorted(self.rejections.items()):
-            fam.add_metric([cap], v)
-        yield fam
-        fam = CounterMetricFamily(f"{p}_auth_failures",
-                                  "device authentications that failed, by scheme",
-                                  labels=["scheme"])
-        for scheme, v in sorted(self.auth_failures.items()):
-            fam.add_metric([scheme], v)
-        yield fam
-        fam = CounterMetricFamily(f"{p}_cut_off", "connections aborted by the server, by reason",
-                                  labels=["reason"])
-        for reason, v in sorted(self.cut_offs.items()):
-            fam.add_metric([reason], v)
-        yield fam
-        fam = CounterMetricFamily(f"{p}_http_errors", "requests answered with an HTTP error",
-                                  labels=["status"])
-        for status, v in sorted(self.errors.items()):
-            fam.add_metric([status], v)
-        yield fam
-        cum, acc = [], 0
-        for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), self.buckets):
-            acc += n
-            cum.append(("+Inf" if bound == float("inf") else repr(bound), acc))
-        yield HistogramMetricFamily(
-            f"{p}_request_seconds", "time from a complete request to its reply being written",
-            buckets=cum, sum_value=self.latency_sum)
+        yield _counter(f"{p}_rejected", "requests answered 503 by admission control, by cap",
+                       ["cap"], self.rejections)
+        yield _counter(f"{p}_auth_failures",
+                       "device authentications that failed, by scheme and cause",
+                       ["scheme", "cause"], self.auth_failures)
+        yield _counter(f"{p}_cut_off", "connections aborted by the server, by reason",
+                       ["reason"], self.cut_offs)
+        yield _counter(f"{p}_http_errors", "requests answered with an HTTP error", ["status"],
+                       self.errors)
+        yield self.latency.family(f"{p}_request_seconds",
+                                  "time from a complete request to its reply being written")
+        yield self.sessions.family(f"{p}_session_seconds",
+                                   "whole DM sessions: first message to the session's end")
 
 
-class TaskMetrics:
-    """Task counters of the deployment broker, same pattern as :class:`DeviceMetrics`
-    (plain integers, one collector):
+# --- the work ----------------------------------------------------------------------------------
 
-    * ``dmengine_tasks_created_total{operation}``
-    * ``dmengine_task_transitions_total{state}`` (every move, by the state entered)
-    * ``dmengine_notifications_total{result}`` (package #0: ``sent`` / ``failed``)
-    """
+
+class TaskMetrics(_Collector):
+    """Counters of the services (tasks, the scheduler, charging), same pattern as
+    :class:`DeviceMetrics` (plain integers, one collector)."""
 
     def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
         self.prefix = prefix
         self.created: dict[str, int] = {}
         self.transitions: dict[str, int] = {}
+        self.retries = 0
+        self.expiries = 0
+        #: package #0 results, all gateways together (``by_gateway`` splits them)
         self.notifications: dict[str, int] = {}
+        self.by_gateway: dict[tuple[str, str], int] = {}
+        self.charging: dict[str, int] = {}
+        self.lag = Histo(SCHEDULER_BUCKETS)
+        self.passes = Histo(SCHEDULER_BUCKETS)
         registry.register(self)  # type: ignore[arg-type]
 
-    def task_created(self, operation: str) -> None:
-        self.created[operation] = self.created.get(operation, 0) + 1
+    def task_created(self, operation: str, n: int = 1) -> None:
+        self.created[operation] = self.created.get(operation, 0) + n
 
-    def task_moved(self, state: str) -> None:
-        self.transitions[state] = self.transitions.get(state, 0) + 1
+    def task_moved(self, state: str, n: int = 1) -> None:
+        self.transitions[state] = self.transitions.get(state, 0) + n
+        if state == "EXPIRED":
+            self.expiries += n
 
-    def notification(self, result: str) -> None:
+    def task_retried(self) -> None:
+        """A task's device is notified again (second package #0 and later)."""
+        self.retries += 1
+
+    def notification(self, result: str, gateway: str = "none", lag: float | None = None) -> None:
+        """A package #0 ``sent`` / ``failed`` through ``gateway``; ``lag``: seconds from the
+        task being due to the send (sent ones only)."""
         self.notifications[result] = self.notifications.get(result, 0) + 1
+        key = (gateway, result)
+        self.by_gateway[key] = self.by_gateway.get(key, 0) + 1
+        if lag is not None:
+            self.lag.observe(max(lag, 0.0))
 
-    def describe(self) -> list[Metric]:
-        return []
+    def scheduler_pass(self, seconds: float) -> None:
+        self.passes.observe(seconds)
+
+    def charged(self, kind: str) -> None:
+        self.charging[kind] = self.charging.get(kind, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix
-        for name, doc, label, values in (
-                ("tasks_created", "tasks created, by operation", "operation", self.created),
-                ("task_transitions", "task state changes, by the state entered", "state",
-                 self.transitions),
-                ("notifications", "package #0 notifications, by result", "result",
-                 self.notifications)):
-            fam = CounterMetricFamily(f"{p}_{name}", doc, labels=[label])
-            for key, v in sorted(values.items()):
-                fam.add_metric([key], v)
-            yield fam
+        yield _counter(f"{p}_tasks_created", "tasks created, by operation", ["operation"],
+                       self.created)
+        yield _counter(f"{p}_task_transitions", "task state changes, by the state entered",
+                       ["state"], self.transitions)
+        yield CounterMetricFamily(f"{p}_task_retries",
+                                  "package #0 sent again for a task (2nd attempt and later)",
+                                  value=self.retries)
+        yield CounterMetricFamily(f"{p}_task_expiries", "tasks that expired",
+                                  value=self.expiries)
+        yield _counter(f"{p}_notifications", "package #0 notifications, by gateway and result",
+                       ["gateway", "result"], self.by_gateway)
+        yield _counter(f"{p}_charging_events", "IF-4 charging events written, by operation",
+                       ["kind"], self.charging)
+        yield self.lag.family(f"{p}_scheduler_lag_seconds",
+                              "from a task being due (the pass that took it) to its package #0 "
+                              "handed to the gateway")
+        yield self.passes.family(f"{p}_scheduler_pass_seconds", "scheduler passes")
+
+
+class WorkGauges(_Collector):
+    """Gauges of the work now: tasks and jobs per state, the progress and ETA of RUNNING jobs,
+    the webhook backlog.  Never computed per scrape: whoever owns the store (the engine)
+    calls :meth:`update` every few seconds with what the store's own counters say (the jobs'
+    task counts, read in O(jobs), see ``bulk.JobTally``; the outbox's entry count), and a
+    scrape reads the last snapshot.
+
+    ``dmengine_tasks{state}`` counts the tasks of jobs (the store keeps per-job counters, no
+    global ones); tasks of single operations (doOperation) show in the counters of
+    :class:`TaskMetrics` only."""
+
+    def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine",
+                 max_jobs: int = MAX_JOB_SERIES) -> None:
+        self.prefix = prefix
+        self.max_jobs = max_jobs
+        self.tasks: dict[str, int] = {}
+        self.jobs: dict[str, int] = {}
+        self.running: list[tuple[str, float, float | None]] = []
+        self.backlog: int | None = None
+        self.updated = 0.0            # monotonic time of the last update (0: never)
+        registry.register(self)  # type: ignore[arg-type]
+
+    def update(self, *, tasks: Mapping[str, int] | None = None,
+               jobs: Mapping[str, int] | None = None,
+               running: Iterable[tuple[str, float, float | None]] | None = None,
+               backlog: int | None = None) -> None:
+        """``running``: (job id, progress 0..1, ETA seconds or None) of RUNNING jobs, most
+        important first; only the first ``max_jobs`` get series."""
+        if tasks is not None:
+            self.tasks = {str(k): int(v) for k, v in tasks.items()}
+        if jobs is not None:
+            self.jobs = {str(k): int(v) for k, v in jobs.items()}
+        if running is not None:
+            self.running = list(running)[:self.max_jobs]
+        if backlog is not None:
+            self.backlog = backlog
+        self.updated = time.monotonic()
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        fam = GaugeMetricFamily(f"{p}_tasks", "tasks of jobs now in each state", labels=["state"])
+        for state, n in sorted(self.tasks.items()):
+            fam.add_metric([state], n)
+        yield fam
+        fam = GaugeMetricFamily(f"{p}_jobs", "jobs now in each state", labels=["state"])
+        for state, n in sorted(self.jobs.items()):
+            fam.add_metric([state], n)
+        yield fam
+        prog = GaugeMetricFamily(f"{p}_job_progress_ratio",
+                                 "final tasks / targets of RUNNING jobs", labels=["job"])
+        eta = GaugeMetricFamily(f"{p}_job_eta_seconds",
+                                "seconds to a RUNNING job's last target at its rate so far",
+                                labels=["job"])
+        for job_id, ratio, seconds in self.running:
+            prog.add_metric([job_id], ratio)
+            if seconds is not None:
+                eta.add_metric([job_id], seconds)
+        yield prog
+        yield eta
+        if self.backlog is not None:
+            yield GaugeMetricFamily(f"{p}_webhook_backlog",
+                                    "outbox entries (events, deliveries) not yet done",
+                                    value=self.backlog)
+
+
+class WebhookMetrics(_Collector):
+    """The push dispatcher's outcomes, read at scrape time from its own ``counts`` dict
+    (``delivered``, ``retried``, ``dead``, ``dropped``; dmengine/webhooks.py keeps them)."""
+
+    RESULTS = ("delivered", "retried", "dead", "dropped")
+
+    def __init__(self, registry: CollectorRegistry, counts: Mapping[str, int], *,
+                 prefix: str = "dmengine") -> None:
+        self.prefix = prefix
+        self.counts = counts
+        registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        c = self.counts
+        yield _counter(f"{p}_webhook_deliveries", "webhook delivery attempts, by result",
+                       ["result"], {r: c.get(r, 0) for r in self.RESULTS})
+        yield CounterMetricFamily(f"{p}_webhook_dead_letters",
+                                  "webhook deliveries given up (dead letters)",
+                                  value=c.get("dead", 0))
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class StoreMetrics(_Collector):
+    """Write batches (observed by the store's writer thread through ``store.on_commit``) and
+    the map and reader gauges (``store.info()``, a few LMDB calls, read at scrape time)."""
+
+    def __init__(self, registry: CollectorRegistry, store: Any = None, *,
+                 prefix: str = "dmengine") -> None:
+        self.prefix = prefix + "_store"
+        self.commit = Histo(COMMIT_BUCKETS)
+        self.batch = Histo(BATCH_BUCKETS)
+        self.store = None
+        if store is not None:
+            self.attach(store)
+        registry.register(self)  # type: ignore[arg-type]
+
+    def attach(self, store: Any) -> None:
+        self.store = store
+        if hasattr(store, "on_commit"):
+            store.on_commit = self.committed
+
+    def committed(self, ops: int, seconds: float) -> None:   # the store's writer thread
+        self.commit.observe(seconds)
+        self.batch.observe(ops)
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        yield self.commit.family(f"{p}_commit_seconds",
+                                 "store write batches: running the ops, commit and fsync")
+        yield self.batch.family(f"{p}_commit_batch_size", "ops per store write batch")
+        info = getattr(self.store, "info", None)
+        if info is None:
+            return
+        try:
+            i = info()
+        except Exception as exc:      # a closed store: no gauges, the scrape goes on
+            log.debug("store info for metrics: %s", exc)
+            return
+        yield GaugeMetricFamily(f"{p}_map_used_bytes", "bytes of the LMDB map in use",
+                                value=i["used_bytes"])
+        yield GaugeMetricFamily(f"{p}_map_size_bytes", "the LMDB map size (grows on demand)",
+                                value=i["map_size"])
+        yield GaugeMetricFamily(f"{p}_readers", "LMDB reader slots in use",
+                                value=i["readers"])
+
+
+# --- the API and content -----------------------------------------------------------------------
+
+
+class ApiMetrics(_Collector):
+    """API calls by route name (the route's name or template, never its path), status and
+    role (``anonymous`` before a key is checked)."""
+
+    def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
+        self.prefix = prefix + "_api"
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.latency: dict[str, Histo] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def observe(self, route: str, status: int, role: str, seconds: float) -> None:
+        key = (route, str(status), role)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        h = self.latency.get(route)
+        if h is None:
+            h = self.latency[route] = Histo(API_BUCKETS)
+        h.observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        yield _counter(f"{p}_requests", "API requests, by route, status and role",
+                       ["route", "status", "role"], self.requests)
+        yield _labelled_histo(f"{p}_request_seconds", "API request latency, by route", "route",
+                              self.latency)
+
+
+class ContentMetrics(_Collector):
+    """Package downloads of the device port's ``/content/`` route (GET; HEAD is no download)."""
+
+    def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
+        self.prefix = prefix + "_content"
+        self.downloads: dict[str, int] = {}
+        self.sent_bytes = 0
+        self.ranges = 0
+        registry.register(self)  # type: ignore[arg-type]
+
+    #: HTTP status of a content answer → the ``result`` label
+    RESULTS = {200: "full", 206: "partial", 404: "not_found", 416: "unsatisfiable"}
+
+    def download(self, status: int, nbytes: int, ranged: bool) -> None:
+        """A GET answered ``status`` with ``nbytes`` body bytes; ``ranged``: it asked for a
+        range (a resumed or partial download)."""
+        result = self.RESULTS.get(status, "error")
+        self.downloads[result] = self.downloads.get(result, 0) + 1
+        self.sent_bytes += nbytes
+        if ranged:
+            self.ranges += 1
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.prefix
+        yield _counter(f"{p}_downloads", "content GET requests, by result", ["result"],
+                       self.downloads)
+        yield CounterMetricFamily(f"{p}_sent_bytes",
+                                  "content body bytes answered (as Content-Length promised)",
+                                  value=self.sent_bytes)
+        yield CounterMetricFamily(f"{p}_range_requests",
+                                  "content GETs with a Range header (resumed downloads)",
+                                  value=self.ranges)
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """prometheus_client's standard ``process_*`` (CPU, memory, descriptors) and ``python_*``
+    (version, garbage collector) families on ``registry``."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

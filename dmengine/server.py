@@ -477,7 +477,7 @@ class DmServer(ServerCore):
         if entry.key is not None and self.by_key.get(entry.key) == token:
             del self.by_key[entry.key]
         if self.metrics is not None:
-            self.metrics.session_ended(reason)
+            self.metrics.session_ended(reason, entry.t0)
         session = entry.session
         if not _ended(session):
             # the server ends it (timeout, shutdown, restart, error): tell the engine, the
