@@ -244,6 +244,9 @@ class Task(Struct, kw_only=True, omit_defaults=True, gc=False):
     test_cycle: bool = False
     state: TaskState = TaskState.PENDING
     attempts: Count = 0
+    #: wake-ups sent while waiting for the result alert of an accepted Exec (bounded by
+    #: BrokerConfig.alert_followups; the package is not sent again)
+    followups: Count = 0
     next_attempt: Union[Time, None] = None
     deadline: Union[Time, None] = None
     correlator: Union[Annotated[str, Meta(max_length=256)], None] = None

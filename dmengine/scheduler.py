@@ -57,6 +57,8 @@ class Scheduler:
         """Sends package #0 for ``task``'s device and moves the task to NOTIFIED (or keeps it
         PENDING with a later retry when the gateway failed for now).  A job task whose device
         is outside the job's window in the device's own time zone waits for the window."""
+        if task.state == S.IN_PROGRESS:
+            return await self.follow_up(task, job)
         now = self.clock()
         try:
             device = await self.store.get_device(task.dev_id)
@@ -118,6 +120,77 @@ class Scheduler:
                 changes={"finished": now, "next_attempt": None})
         if self.metrics is not None:
             self.metrics.notification("sent")
+        return task
+
+    async def follow_up(self, task: Task, job: Job | None = None) -> Task:
+        """A task whose Exec the device accepted (FUMO, or an Exec answered 202) and whose
+        result alert (1226) has not come ``alert_wait`` seconds later: package #0 wakes the
+        device so that it opens a session and reports.  The task stays IN_PROGRESS — a
+        session skips a task waiting for its alert, so the package is neither pushed nor
+        downloaded twice.  The waits double; after ``alert_followups`` wake-ups the task
+        waits for its deadline without more (each step is in the task's history)."""
+        now = self.clock()
+        cfg = self.config
+        k = task.followups + 1
+        quiet = {"next_attempt": None}
+        try:
+            if task.followups >= cfg.alert_followups:
+                return await self.tasks.move(
+                    task.task_id, S.IN_PROGRESS, expect_state=S.IN_PROGRESS, changes=quiet,
+                    cause=f"no result alert after {task.followups} wake-up(s): waiting for "
+                          f"the device until the deadline")
+            try:
+                device = await self.store.get_device(task.dev_id)
+            except NotFound:
+                device = None
+            acc = device.account if device is not None else None
+            if self.gateway is None or device is None or not device.msisdn or acc is None:
+                why = ("no notification gateway" if self.gateway is None else
+                       "no such device" if device is None else
+                       "device has no MSISDN" if not device.msisdn else "device has no DM account")
+                return await self.tasks.move(
+                    task.task_id, S.IN_PROGRESS, expect_state=S.IN_PROGRESS, changes=quiet,
+                    cause=f"no result alert yet and no way to wake the device ({why}): "
+                          f"waiting for it until the deadline")
+            if job is not None and job.windows and device.tz:
+                wait = window_wait(job.windows, device.tz, now)
+                if wait > 0:
+                    return await self.tasks.move(
+                        task.task_id, S.IN_PROGRESS, expect_state=S.IN_PROGRESS,
+                        cause="result alert follow-up waits for the job's window in the "
+                              "device's time zone", changes={"next_attempt": now + wait})
+            if acc.client_name:
+                self.sessions.by_username[acc.client_name] = device.dev_id
+            session_id = self.new_session_id()
+            try:
+                pkg0 = self._pkg0(acc, task, False, session_id)
+            except CodecError as exc:
+                return await self.tasks.move(
+                    task.task_id, S.IN_PROGRESS, expect_state=S.IN_PROGRESS, changes=quiet,
+                    cause=f"no result alert yet; package #0 not built ({exc}): waiting for "
+                          f"the device until the deadline")
+            # written before the send, as notify() does: the device may report at once
+            task = await self.tasks.move(
+                task.task_id, S.IN_PROGRESS, expect_state=S.IN_PROGRESS,
+                cause=f"no result alert yet: device woken to report (follow-up {k} of "
+                      f"{cfg.alert_followups}, package #0 via {self.gateway.name}, session "
+                      f"{session_id:X}; the package is not sent again)",
+                changes={"next_attempt": now + cfg.alert_wait * 2 ** k,
+                         "followups": k, "attempts": task.attempts + 1})
+        except (Conflict, InvalidTransition):
+            return task                        # its alert came meanwhile: nothing to wake
+        try:
+            await self.gateway.send(device.msisdn, pkg0)
+        except GatewayError as exc:
+            # the next follow-up (or the deadline) comes as planned; a gateway that is down
+            # now is no reason to wake the device sooner
+            log.warning("scheduler: result-alert follow-up of task %s not sent: %s",
+                        task.task_id, exc)
+            if self.metrics is not None:
+                self.metrics.notification("failed", self.gateway.name)
+            return task
+        if self.metrics is not None:
+            self.metrics.notification("sent", self.gateway.name)
         return task
 
     def _pkg0(self, acc: DmAccount, task: Task, resync: bool, session_id: int) -> bytes:
@@ -302,7 +375,12 @@ class Scheduler:
         over_rate: dict[str, int] = {}
         touched = 0
         for task in claimed:
-            if task.state not in (S.PENDING, S.NOTIFIED) or self.sessions.in_session(task.task_id):
+            if self.sessions.in_session(task.task_id):
+                continue
+            # due: a notification again, or the follow-up of an accepted Exec whose result
+            # alert has not come (the device is woken to report; nothing is sent twice)
+            followup = task.state == S.IN_PROGRESS and waiting_alert(task)
+            if task.state not in (S.PENDING, S.NOTIFIED) and not followup:
                 continue
             if isinstance(task.op, BootstrapOp):
                 continue
@@ -310,7 +388,7 @@ class Scheduler:
             if task.job_id and (job is None or job.state != J.RUNNING):
                 continue                   # paused or over: the lease runs out, it waits
             touched += 1
-            if task.attempts >= self.config.max_notifications:
+            if not followup and task.attempts >= self.config.max_notifications:
                 await self._guarded(task, self.tasks.finish(
                     task, S.EXPIRED, f"device did not connect after {task.attempts} notifications"))
             elif job is not None and job.windows and window_wait(job.windows, job.tz, now) > 0:

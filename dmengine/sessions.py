@@ -417,10 +417,12 @@ class DeviceSessions:
             await self.tasks.finish(task, S.FAILED, cause, dm_status=status or None, result=result)
         elif run.waiting_alert:
             what = "firmware update" if isinstance(task.op, UpdateOp) else "Exec"
+            # a device that never reports is woken again then (scheduler.follow_up)
+            wake = self.clock() + self.config.alert_wait if self.config.alert_followups else None
             try:
                 await self.tasks.move(task.task_id, S.IN_PROGRESS,
                                       cause=f"{what} accepted; waiting for the result alert",
-                                      changes={"result": result})
+                                      changes={"result": result, "next_attempt": wake})
             except (Conflict, InvalidTransition):
                 pass                           # final meanwhile (its alert came first): kept
         else:
