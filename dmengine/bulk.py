@@ -287,5 +287,118 @@ def _check_schedule(stages: Sequence[Stage], windows: Sequence[TimeWindow], tz: 
         raise InvalidRequest("end_at must be after start_at", where="end_at")
 
 
-__all__ = ["Jobs", "JobView", "view", "stage_boundary", "final_count", "in_flight",
-           "TARGET_CHUNK"]
+#: job states a job never leaves (its task counts no longer change)
+FINAL_JOB_STATES = (J.COMPLETED, J.CANCELLED, J.FAILED)
+
+
+class JobTally:
+    """Jobs and their tasks per state, for the metrics (``dmengine_jobs``, ``dmengine_tasks``,
+    the progress of RUNNING jobs), from the jobs' own counters (the store keeps a job's task
+    counts per state in its record: no task is read).
+
+    A refresh reads the open jobs (SCHEDULED, RUNNING, PAUSED: through the store's job-state
+    index) and the jobs created since the last refresh; a job that left the open states is
+    read again until it is *settled* (final, no task in flight: a cancelled job's tasks are
+    cancelled after the job), then its counts join the tally of settled jobs, which never
+    changes again.  So a refresh costs O(open jobs + new jobs), never O(jobs ever made) nor
+    O(tasks); only the first one lists every final job once.  Single-operation tasks (no job) are not counted:
+    the store has no global per-state counters."""
+
+    #: seconds of overlap when listing new jobs by creation time (a job's ``created`` stamp is
+    #: taken in the write, a moment before it can be read)
+    SLACK = 300.0
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._open: dict[str, Job] = {}        # open or not yet settled: read every time
+        self._final_jobs: dict[str, int] = {}
+        self._final_tasks: dict[str, int] = {}
+        self._counted: dict[str, float] = {}   # final jobs counted lately -> their created
+        self._mark: float | None = None        # when the last refresh began
+
+    async def _pages(self, fetch: Callable[[str | None], Awaitable[Page[Job]]]) -> list[Job]:
+        out: list[Job] = []
+        cursor: str | None = None
+        while True:
+            page = await fetch(cursor)
+            out.extend(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                return out
+
+    @staticmethod
+    def settled(job: Job) -> bool:
+        return job.state in FINAL_JOB_STATES and in_flight(job) == 0
+
+    def _add_final(self, job: Job, now: float) -> None:
+        if job.job_id in self._counted:
+            return
+        self._final_jobs[job.state.value] = self._final_jobs.get(job.state.value, 0) + 1
+        for counts in (job.counts, job.test_counts):
+            for state, n in counts.items():
+                key = TaskState(state).value
+                self._final_tasks[key] = self._final_tasks.get(key, 0) + n
+        if job.created >= now - 2 * self.SLACK:
+            self._counted[job.job_id] = job.created
+
+    async def refresh(self) -> tuple[dict[str, int], dict[str, int],
+                                     list[tuple[str, float, float | None]]]:
+        """(tasks per state, jobs per state, RUNNING jobs as (job id, progress, ETA seconds),
+        highest priority first, then oldest)."""
+        now = self.clock()
+        if self._mark is None:
+            for state in FINAL_JOB_STATES:
+                for job in await self._pages(
+                        lambda c, s=state: self.store.list_jobs(state=s, cursor=c, limit=1000)):
+                    if self.settled(job):
+                        self._add_final(job, now)
+                    else:
+                        self._open[job.job_id] = job
+            self._mark = now
+        opened: dict[str, Job] = {}
+        for state in OPEN_JOB_STATES:
+            for job in await self._pages(
+                    lambda c, s=state: self.store.list_jobs(state=s, cursor=c, limit=1000)):
+                opened[job.job_id] = job
+        for job_id in self._open.keys() - opened.keys():
+            try:
+                job = await self.store.get_job(job_id)
+            except NotFound:
+                continue
+            if self.settled(job):
+                self._add_final(job, now)
+            else:                  # its last tasks are still moving (or it moved meanwhile)
+                opened[job_id] = job
+        lo = self._mark - self.SLACK
+        for job in await self._pages(
+                lambda c: self.store.jobs_by_date(lo, now + 1.0, cursor=c, limit=1000)):
+            if job.job_id in opened or job.job_id in self._open \
+                    or job.state not in FINAL_JOB_STATES:
+                continue
+            if self.settled(job):
+                self._add_final(job, now)
+            else:
+                opened[job.job_id] = job
+        self._counted = {k: t for k, t in self._counted.items() if t >= lo - self.SLACK}
+        self._mark = now
+        self._open = opened
+        jobs = dict(self._final_jobs)
+        tasks = dict(self._final_tasks)
+        for job in opened.values():
+            jobs[job.state.value] = jobs.get(job.state.value, 0) + 1
+            for counts in (job.counts, job.test_counts):
+                for state, n in counts.items():
+                    key = TaskState(state).value
+                    tasks[key] = tasks.get(key, 0) + n
+        running = sorted((j for j in opened.values() if j.state == J.RUNNING),
+                         key=lambda j: (-j.priority, j.started or j.created, j.job_id))
+        out = []
+        for job in running:
+            v = view(job, now)
+            out.append((job.job_id, v.progress, v.eta_s))
+        return tasks, jobs, out
+
+
+__all__ = ["Jobs", "JobView", "JobTally", "view", "stage_boundary", "final_count", "in_flight",
+           "TARGET_CHUNK", "FINAL_JOB_STATES"]

@@ -314,6 +314,8 @@ class ContentService:
         self.chunk = chunk
         self.read_chunk = read_chunk
         self._clock = clock
+        #: dmengine.metrics.ContentMetrics (the engine sets it): downloads, bytes, ranges
+        self.metrics: Any = None
         os.makedirs(self.root_dir, exist_ok=True)
 
     # --- paths ---------------------------------------------------------------------------------
@@ -578,9 +580,14 @@ class ContentService:
         head = method.upper() == "HEAD"
         cid = content_id_from_path(path)
         if cid is None:
-            return _text(404, "not found\n", head)
-        return await self.serve(cid, headers.get("range"), head=head,
-                                if_range=headers.get("if-range"))
+            resp = _text(404, "not found\n", head)
+        else:
+            resp = await self.serve(cid, headers.get("range"), head=head,
+                                    if_range=headers.get("if-range"))
+        if self.metrics is not None and not head:
+            self.metrics.download(resp.status, resp.length if resp.path else len(resp.body),
+                                  headers.get("range") is not None and resp.status in (206, 416))
+        return resp
 
     def device_route(self) -> Any:
         """The GET/HEAD route of the device port:

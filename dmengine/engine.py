@@ -6,6 +6,7 @@ what the tests drive is what an operator runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 import secrets
@@ -20,13 +21,16 @@ from .content import CONTENT_PREFIX, ContentService
 from .devices import http_carrier_callback
 from .errors import ConfigError
 from .identity import Identities, IdentityConfig
-from .metrics import DeviceMetrics, TaskMetrics
+from .metrics import (ApiMetrics, ContentMetrics, DeviceMetrics, StoreMetrics, TaskMetrics,
+                      WorkGauges, add_process_collectors)
 from .notify.base import Gateway
 from .server import DmServer, ServerConfig
 from .store.base import Store
 from .store.lmdb import LmdbStore
 from .urlguard import UrlGuard, UrlRefused
 from .webhooks import WebhookConfig, Webhooks
+
+log = logging.getLogger("dmengine.engine")
 
 
 @dataclass
@@ -64,6 +68,9 @@ class EngineConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     server_overrides: dict[str, Any] = field(default_factory=dict)
+    #: seconds between refreshes of the work gauges (tasks and jobs per state, job progress,
+    #: webhook backlog): each reads the open jobs and the outbox's size, never every task
+    metrics_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
@@ -107,6 +114,13 @@ class Engine:
         self.registry = CollectorRegistry()
         self.metrics = DeviceMetrics(self.registry)
         self.task_metrics = TaskMetrics(self.registry)
+        self.work_gauges = WorkGauges(self.registry)
+        self.store_metrics = StoreMetrics(self.registry)
+        self.api_metrics = ApiMetrics(self.registry)
+        self.content_metrics = ContentMetrics(self.registry)
+        add_process_collectors(self.registry)
+        self._tally: Any = None
+        self._gauges_task: asyncio.Task[None] | None = None
         self.content: ContentService | None = None
         self.broker: Broker | None = None
         self.identity: Identities | None = None
@@ -128,9 +142,11 @@ class Engine:
         self.api_key = cfg.api_key or load_or_create_api_key(data)
         if self.store is None:
             self.store = LmdbStore(data / "store")
+        self.store_metrics.attach(self.store)
         self.identity = Identities(self.store, cfg.identity)
         await self.identity.ensure_serve_key(self.api_key)
         self.content = ContentService(self.store, data / "content")
+        self.content.metrics = self.content_metrics
         scfg = ServerConfig(host=cfg.host, port=cfg.device_port, path=cfg.device_path,
                             server_id=cfg.server_id, require_auth=cfg.require_auth,
                             public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
@@ -155,7 +171,30 @@ class Engine:
         self.broker.start()
         self.webhooks = Webhooks(self.store, guard, cfg.webhooks, registry=self.registry)
         self.webhooks.start()
+        from .bulk import JobTally
+        self._tally = JobTally(self.store)
+        self._gauges_task = asyncio.get_running_loop().create_task(self._refresh_loop())
         return self
+
+    async def refresh_metrics(self) -> None:
+        """Updates the work gauges from the store's own counters (see bulk.JobTally): what a
+        scrape then shows.  The loop started by :meth:`start` calls it every
+        ``metrics_interval`` seconds."""
+        assert self._tally is not None and self.store is not None
+        tasks, jobs, running = await self._tally.refresh()
+        counts = await self.store.counts()
+        self.work_gauges.update(tasks=tasks, jobs=jobs, running=running,
+                                backlog=counts.get("outbox", 0))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_metrics()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:     # a store fault shows in /health; gauges stay stale
+                log.warning("metrics: work gauges not refreshed: %s", exc)
+            await asyncio.sleep(self.config.metrics_interval)
 
     @property
     def device_url(self) -> str:
@@ -178,6 +217,13 @@ class Engine:
 
     async def stop(self) -> None:
         self.draining = True
+        if self._gauges_task is not None:
+            self._gauges_task.cancel()
+            try:
+                await self._gauges_task
+            except asyncio.CancelledError:
+                pass
+            self._gauges_task = None
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self.broker is not None:

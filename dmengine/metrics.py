@@ -359,7 +359,8 @@ class TaskMetrics(_Collector):
         """A task's device is notified again (second package #0 and later)."""
         self.retries += 1
 
-    def notification(self, result: str, gateway: str = "none", lag: float | None = None) -> None:
+    def notification(self, result: str, gateway: str = "unknown",
+                     lag: float | None = None) -> None:
         """A package #0 ``sent`` / ``failed`` through ``gateway``; ``lag``: seconds from the
         task being due to the send (sent ones only)."""
         self.notifications[result] = self.notifications.get(result, 0) + 1

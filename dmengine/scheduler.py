@@ -27,7 +27,7 @@ from .notify.pkg0 import build_pkg0
 from .sessions import DeviceSessions, stored_nonce, waiting_alert
 from .store.base import Store
 from .supervised import Supervision
-from .tasks import Tasks
+from .tasks import Tasks, operation_name
 
 log = logging.getLogger("dmengine.scheduler")
 
@@ -50,10 +50,14 @@ class Scheduler:
         self.clock = clock
         self.loop = Supervision("scheduler", clock, log)
         self._buckets: dict[str, tuple[float, float]] = {}   # job id ("" overall) -> tokens, time
+        #: the clock when the running pass began: the tasks it notifies were due by then
+        #: (dmengine_scheduler_lag_seconds counts from it)
+        self._pass_start: float | None = None
 
     # --- notification ----------------------------------------------------------------------
 
-    async def notify(self, task: Task, job: Job | None = None) -> Task:
+    async def notify(self, task: Task, job: Job | None = None, *,
+                     due: float | None = None) -> Task:
         """Sends package #0 for ``task``'s device and moves the task to NOTIFIED (or keeps it
         PENDING with a later retry when the gateway failed for now).  A job task whose device
         is outside the job's window in the device's own time zone waits for the window."""
@@ -97,6 +101,8 @@ class Scheduler:
             return await self.tasks.move(task.task_id, S.FAILED,
                                          cause=f"package #0 not built: {exc}",
                                          changes={"finished": now, "next_attempt": None})
+        if task.attempts and self.metrics is not None:
+            self.metrics.task_retried()
         # NOTIFIED is written before the send: a fast device may open its session (and move
         # the task to IN_PROGRESS) before the gateway call returns.
         task = await self.tasks.move(
@@ -108,7 +114,7 @@ class Scheduler:
             await self.gateway.send(device.msisdn, pkg0)
         except GatewayError as exc:
             if self.metrics is not None:
-                self.metrics.notification("failed")
+                self.metrics.notification("failed", self.gateway.name)
             current = await self.store.get_task(task.task_id)
             if current.state != S.NOTIFIED:
                 return current                 # the device came anyway
@@ -119,7 +125,10 @@ class Scheduler:
                 task.task_id, S.FAILED, cause=f"notification refused: {exc}",
                 changes={"finished": now, "next_attempt": None})
         if self.metrics is not None:
-            self.metrics.notification("sent")
+            # due: by the start of the pass that took the task; else (a new single task)
+            # when this call began
+            self.metrics.notification("sent", self.gateway.name,
+                                      lag=self.clock() - (now if due is None else due))
         return task
 
     async def follow_up(self, task: Task, job: Job | None = None) -> Task:
@@ -214,6 +223,8 @@ class Scheduler:
         re-notify devices that did not connect.  Its cost grows with the work due, not with
         the tasks stored.  Returns how many tasks it touched."""
         now = self.clock()
+        t0 = time.perf_counter()
+        self._pass_start = now
         touched = 0
         for task in await self.store.tasks_expiring(now):
             if task.state in FINAL_TASK_STATES:
@@ -226,6 +237,8 @@ class Scheduler:
         # (else a paced job's retries would wait until all its targets were started)
         touched += await self._retries(jobs, now)
         touched += await self._run_jobs(jobs, now)
+        if self.metrics is not None:
+            self.metrics.scheduler_pass(time.perf_counter() - t0)
         return touched
 
     # --- jobs (DMSCHED) ------------------------------------------------------------------------
@@ -302,6 +315,9 @@ class Scheduler:
             t = self.jobs.task_for(job, dev_id, now)
             tasks.append(msgspec.structs.replace(t, next_attempt=lease))  # ours to notify
         created = await self.store.create_job_tasks(job.job_id, job.total, tasks)
+        if self.metrics is not None and created:
+            self.metrics.task_created(operation_name(job.op), len(created))
+            self.metrics.task_moved(S.PENDING.value, len(created))
         await self._notify_all(created, {job.job_id: job})
         return len(created)
 
@@ -419,7 +435,8 @@ class Scheduler:
         writes share the group commit)."""
         step = max(1, self.config.notify_parallel)
         for i in range(0, len(tasks), step):
-            await asyncio.gather(*(self._guarded(t, self.notify(t, jobs.get(t.job_id or "")))
+            await asyncio.gather(*(self._guarded(t, self.notify(t, jobs.get(t.job_id or ""),
+                                                                due=self._pass_start))
                                    for t in tasks[i:i + step]))
 
     async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:

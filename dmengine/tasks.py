@@ -215,9 +215,12 @@ class Tasks:
             enqueue.append(await self.charging_event(task, state, cause, result_code=result_code,
                                                      package=package))
         try:
-            return await self.move(task.task_id, state, task=task, cause=cause,
-                                   dm_status=dm_status, result_code=result_code,
-                                   changes=changes, enqueue=enqueue)
+            moved = await self.move(task.task_id, state, task=task, cause=cause,
+                                    dm_status=dm_status, result_code=result_code,
+                                    changes=changes, enqueue=enqueue)
+            if enqueue and self.metrics is not None:
+                self.metrics.charged(operation_name(task.op))
+            return moved
         except (Conflict, InvalidTransition) as exc:
             # refused because the task is final already; a store that cannot write is not
             # caught here: its caller must not take the outcome as recorded

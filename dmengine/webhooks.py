@@ -222,12 +222,10 @@ class Webhooks:
         self._wake: asyncio.Event | None = None
         self._subs: dict[str, Subscription] | None = None
         self._subs_read = 0.0
-        self._metric = None
         if registry is not None:
-            from prometheus_client import Counter
-            self._metric = Counter("dmengine_webhook_deliveries",
-                                   "Webhook delivery attempts by outcome", ["outcome"],
-                                   registry=registry)
+            # read from self.counts at scrape time (plain integers, no lock per delivery)
+            from .metrics import WebhookMetrics
+            WebhookMetrics(registry, self.counts)
 
     # --- subscriptions (createSubscription, deleteSubscription, getSubscriptions) ---------------
 
@@ -470,8 +468,6 @@ class Webhooks:
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        if self._metric is not None:
-            self._metric.labels(outcome).inc()
 
     async def _deliver(self, entry: OutboxEntry, sub: Subscription | None) -> None:
         try:

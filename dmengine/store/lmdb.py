@@ -239,6 +239,9 @@ class LmdbStore(KVStore):
         self.phase_cpu = [0.0, 0.0, 0.0, 0.0]
         self.batches = 0
         self.ops = 0
+        #: called by the writer thread after each batch with (ops, seconds from the batch's
+        #: start to its commit, fsync included): dmengine.metrics.StoreMetrics sets it
+        self.on_commit: Callable[[int, float], None] | None = None
         try:
             self._dbs = open_dbs(self.env)
             # schema record / migrations (through the normal write path: grows the map if needed)
@@ -349,6 +352,9 @@ class LmdbStore(KVStore):
         self.batches += 1
         self.ops += n
         self.write_seconds += time.perf_counter() - a0
+        hook = self.on_commit
+        if hook is not None:
+            hook(n, time.perf_counter() - a0)
         self.writer_cpu_seconds += time.thread_time() - c0
         for loop, futs, res, errs in split_by_loop(batch, results, errors):
             deliver(loop, futs, res, errs)

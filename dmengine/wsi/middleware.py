@@ -15,6 +15,7 @@ too (:func:`read_json_body`); only the content upload and the device import stre
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from ..errors import (AlreadyExists, ApiError, DmError, NotFound, ServiceError, StoreError,
                       ValidationError)
+from .common import ENGINE
 from .schemas import camel_path
 
 log = logging.getLogger("dmengine.wsi")
@@ -137,7 +139,38 @@ def _error_of(exc: Exception) -> tuple[int, str, str, str | None]:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as the one error shape (see the module docstring)."""
+    """Every failure as the one error shape (see the module docstring); every answer counted
+    in the API metrics (this is the outermost middleware: it sees the status sent)."""
+    t0 = time.perf_counter()
+    resp = await _errors(request, handler)
+    metrics = getattr(request.app.get(ENGINE), "api_metrics", None)
+    if metrics is not None:
+        metrics.observe(route_label(request), resp.status, _role(request),
+                        time.perf_counter() - t0)
+    return resp
+
+
+def route_label(request: web.Request) -> str:
+    """The route's name (``getTaskById``) or, unnamed, its template (``/docs/{tail}``);
+    ``unmatched`` for a path no route has: never the path itself (a label per task id or per
+    probed URL would grow without bound)."""
+    route = request.match_info.route
+    name = getattr(route, "name", None)
+    if name:
+        return str(name)
+    resource = getattr(route, "resource", None)
+    if resource is None:
+        return "unmatched"
+    return str(resource.canonical)
+
+
+def _role(request: web.Request) -> str:
+    from .security import IDENTITY_KEY      # security imports this module
+    ident = request.get(IDENTITY_KEY)
+    return str(ident.role) if ident is not None else "anonymous"
+
+
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except DmError as exc:
