@@ -662,12 +662,46 @@ def test_serve_detects_damaged_or_missing_file(run: Any, tmp_path: pathlib.Path)
         assert (await svc.serve(c.content_id, None)).status == 404
         assert (await svc.get(c.content_id)).downloads == 0
         # a response whose file shrinks after the headers: iter_body raises, never hangs
+        # (content streamed from its file: none kept in memory)
+        svc = ContentService(svc.store, tmp_path, memory_body=0)
         d = await svc.ingest(chunks(b"abcdefghij"), name="b")
         r = await svc.serve(d.content_id, "bytes=2-")
         os.truncate(svc.file_of(d), 5)
         with pytest.raises(ContentError):
             async for _ in iter_body(r):
                 pass
+
+    run(main())
+
+
+def test_small_content_is_served_from_memory_after_a_checked_read(
+        run: Any, tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        svc = ContentService(MemoryStore(), tmp_path, memory_body=64, memory_total=100)
+        c = await svc.ingest(chunks(b"0123456789"), name="a")
+        # same size, other bytes: the first read checks the sha256
+        with open(svc.file_of(c), "r+b") as f:
+            f.write(b"X")
+        assert (await svc.serve(c.content_id, None)).status == 500
+        with open(svc.file_of(c), "r+b") as f:
+            f.write(b"0")
+        r = await svc.serve(c.content_id, None)
+        assert r.status == 200 and r.path is None and r.body == b"0123456789"
+        os.unlink(svc.file_of(c))            # from memory now: the file is not read again
+        r = await svc.serve(c.content_id, "bytes=2-4")
+        assert r.status == 206 and r.body == b"234"
+        assert r.header("Content-Range") == "bytes 2-4/10"
+        assert (await svc.serve(c.content_id, None, head=True)).header("Content-Length") == "10"
+        assert (await svc.get(c.content_id)).downloads == 1      # the 206 from 2 not counted
+        # bounded: bigger than memory_body streams from the file; the total is capped
+        big = await svc.ingest(chunks(b"b" * 65), name="big")
+        assert (await svc.serve(big.content_id, None)).path is not None
+        for i in range(12):
+            x = await svc.ingest(chunks(bytes([65 + i]) * 30), name=f"x{i}")
+            assert (await svc.serve(x.content_id, None)).body == bytes([65 + i]) * 30
+            assert svc._bodies_bytes <= 100
+        with pytest.raises(ValueError, match="memory_body"):
+            ContentService(MemoryStore(), tmp_path, memory_body=-1)
 
     run(main())
 

@@ -148,18 +148,64 @@ def test_timeout_retried():
     assert len(centre.requests) <= 2
 
 
-def test_shared_session_is_not_closed():
+def test_connections_are_kept_alive_and_closed_with_the_gateway():
     centre = SmsCentre([(200, {})])
+    peers: set = set()
 
     async def main():
         runner, url = await serve(centre)
         try:
-            async with aiohttp.ClientSession() as s:
-                async with HttpCallbackGateway(url, session=s) as gw:
+            async with HttpCallbackGateway(url) as gw:
+                for _ in range(5):
                     await gw.send("4915112345678", PKG0)
-                assert not s.closed
+                assert gw._pool.idle == 1            # one connection carried all five
+            assert gw._pool.idle == 0
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
-    assert len(centre.requests) == 1
+    orig = SmsCentre.handle
+
+    async def handle(self, request):
+        peers.add(request.transport.get_extra_info("peername"))
+        return await orig(self, request)
+    SmsCentre.handle = handle
+    try:
+        asyncio.run(main())
+    finally:
+        SmsCentre.handle = orig
+    assert len(centre.requests) == 5 and len(peers) == 1
+
+
+def test_a_kept_alive_connection_the_peer_closed_is_replaced():
+    """The SMS centre closes idle connections (keep-alive timeout): the next send goes out
+    on a new connection instead of failing."""
+    async def main():
+        got = []
+
+        async def client(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+                    .split(b":")[1])
+            got.append(await reader.readexactly(n))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()                     # says keep-alive, then closes anyway
+        srv = await asyncio.start_server(client, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            async with HttpCallbackGateway(f"http://127.0.0.1:{port}/p",
+                                           retry=RetryPolicy(attempts=1)) as gw:
+                for _ in range(3):
+                    d = await gw.send("4915112345678", PKG0)
+                    assert d.state is DeliveryState.ACCEPTED
+                    await asyncio.sleep(0.05)
+        finally:
+            srv.close()
+        return got
+
+    assert len(asyncio.run(main())) == 3
+
+
+def test_header_injection_in_configured_headers_is_refused():
+    with pytest.raises(ValueError, match="header"):
+        HttpCallbackGateway("http://127.0.0.1:9/p", headers={"X-A": "b\r\nX-Evil: 1"})

@@ -11,48 +11,43 @@ HTTP 202 with ``"status": "queued"`` is reported as queued).  5xx, 408, 429, con
 errors and timeouts are retryable; other 4xx are not.
 
 With a ``guard`` (:class:`dmengine.urlguard.UrlGuard`; the engine sets one and checks the URL
-when it starts) every connection's addresses pass the guard, and redirects are not followed:
-a gateway URL cannot be made to reach the server's own network unless configured.
+when it starts) every connection's addresses pass the guard.  Redirects are never followed:
+a gateway URL cannot be made to reach the server's own network unless configured.  The
+POSTs go through :class:`dmengine.notify.httpclient.HttpPool` (kept-alive connections).
 """
 from __future__ import annotations
 
 import base64
 import json
 
-import aiohttp
-
 from dmengine.errors import GatewayError
 from dmengine.urlguard import UrlGuard, UrlRefused
 
 from .base import Delivery, DeliveryState, Gateway
+from .httpclient import HttpPool
 from .wsp import APP_ID_SYNCML_DM_TEXT, CT_SYNCML_NOTIFICATION_TEXT
 
 __all__ = ["HttpCallbackGateway", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 10.0
 MAX_REPLY = 64 * 1024
+DEFAULT_MAX_IDLE = 64        #: kept-alive connections to the SMS centre while idle
 
 
 class HttpCallbackGateway(Gateway):
     name = "http"
 
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, session: aiohttp.ClientSession | None = None,
-                 guard: UrlGuard | None = None, **kw: object) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, guard: UrlGuard | None = None,
+                 max_idle: int = DEFAULT_MAX_IDLE, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.url = url
         self.guard = guard
         self.headers = dict(headers or {})
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session = session
-        self._own_session = session is None
-
-    def _session_get(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = (self.guard.session(timeout=self.timeout) if self.guard is not None
-                             else aiohttp.ClientSession(timeout=self.timeout))
-            self._own_session = True
-        return self._session
+        self.timeout = timeout
+        self._pool = HttpPool(url, headers={"Content-Type": "application/json", **self.headers},
+                              timeout=timeout, guard=guard, max_idle=max_idle,
+                              max_reply=MAX_REPLY)
 
     @staticmethod
     def body(msisdn: str, pkg0: bytes) -> dict[str, str]:
@@ -62,19 +57,14 @@ class HttpCallbackGateway(Gateway):
 
     async def _send_once(self, msisdn: str, pkg0: bytes) -> Delivery:
         payload = json.dumps(self.body(msisdn, pkg0)).encode()
-        headers = {"Content-Type": "application/json", **self.headers}
         try:
             if self.guard is not None:
                 self.guard.check_literal(self.url)
-            async with self._session_get().post(self.url, data=payload, headers=headers,
-                                                timeout=self.timeout,
-                                                allow_redirects=self.guard is None) as resp:
-                raw = await resp.content.read(MAX_REPLY)
-                status = resp.status
+            status, raw = await self._pool.post(payload)
         except UrlRefused as exc:
             raise GatewayError(f"http gateway {self.url}: refused: {exc}",
                                retryable=False) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise GatewayError(f"http gateway {self.url}: {type(exc).__name__}: {exc}",
                                retryable=True) from exc
         text = raw.decode("utf-8", "replace").strip()
@@ -98,6 +88,4 @@ class HttpCallbackGateway(Gateway):
                            retryable=retryable)
 
     async def close(self) -> None:
-        if self._own_session and self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        await self._pool.close()

@@ -51,13 +51,17 @@ cdef class WriteBuffer:
     cdef public dict over         # db name → {key: value or None (deleted)}
     cdef public dict pre          # db name → {key: value or None (absent)} read ahead
     cdef public Py_ssize_t writes
+    cdef public frozenset watch   # db names whose written keys are noted (read caches)
+    cdef public list touched      # (db, key) written in ``watch``ed databases so far
 
-    def __init__(self, txn, dict dbs):
+    def __init__(self, txn, dict dbs, frozenset watch=frozenset()):
         self.t = txn
         self.d = dbs
         self.over = {}
         self.pre = {}
         self.writes = 0
+        self.watch = watch
+        self.touched = []
 
     def prefetch(self, dict wanted):
         """Reads many keys with one ``getmulti`` per database (ops declare them; a key not
@@ -135,6 +139,9 @@ cdef class WriteBuffer:
             o = <dict>ov
             if not o:
                 continue
+            if db in self.watch:
+                for k in o:
+                    self.touched.append((db, k))
             h = self.d[db]
             puts = []
             ascending = True

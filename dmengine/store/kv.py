@@ -207,12 +207,15 @@ class WriteCtx:
     decisions), and a per-transaction cache of jobs whose counters ops change (written
     once at :meth:`finish`)."""
 
-    __slots__ = ("txn", "jobs", "now", "put", "delete")
+    __slots__ = ("txn", "jobs", "now", "put", "delete", "listened")
     txn: KVWriteTxn
 
     def __init__(self, txn: KVWriteTxn, now: float) -> None:
         self.txn = txn
         self.jobs: dict[str, Job] = {}
+        #: topic → whether a subscription listens, per transaction: the check is a scan, and
+        #: a scan makes the write buffer flush mid-batch (every transition asked it before)
+        self.listened: dict[str, bool] = {}
         self.now = now
         self.put: Callable[[str, bytes, bytes], None] = txn.put      # bound: one call per put
         self.delete: Callable[[str, bytes], bool] = txn.delete
@@ -402,12 +405,19 @@ def _take(it: Iterable[R], n: int) -> list[R]:
 # --- events (outbox entries the store writes itself) -------------------------------------------
 
 
-def _listened(txn: KVTxn, topic: str) -> bool:
-    """Whether some subscription listens to ``topic`` (one seek in ``sub_topic``)."""
+def _listened(ctx: WriteCtx, topic: str) -> bool:
+    """Whether some subscription listens to ``topic`` (one seek in ``sub_topic`` per
+    transaction; subscription writes forget the answer)."""
+    known = ctx.listened.get(topic)
+    if known is not None:
+        return known
     p = _e(topic) + SEP
-    for _ in txn.scan("sub_topic", p, prefix_end(p)):
-        return True
-    return False
+    found = False
+    for _ in ctx.txn.scan("sub_topic", p, prefix_end(p)):
+        found = True
+        break
+    ctx.listened[topic] = found
+    return found
 
 
 def _charging_record(e: OutboxEntry, now: float) -> ChargingEvent:
@@ -451,7 +461,7 @@ def _job_progress(ctx: WriteCtx, job: Job) -> None:
 
 def _job_event(ctx: WriteCtx, job: Job, kind: str, **extra: Any) -> None:
     """Queues a job event (only while a ``job`` subscription exists)."""
-    if not _listened(ctx.txn, "job"):
+    if not _listened(ctx, "job"):
         return
     payload: dict[str, Any] = {
         "type": kind, "time": ctx.now, "job_id": job.job_id, "state": str(job.state),
@@ -1356,7 +1366,7 @@ class KVStore(Store):
         if e.kind == "charging":
             rec = _charging_record(e, ctx.now)
             ctx.put("charging", us(rec.time) + key, _enc.encode(rec))
-        if e.topic is not None and not _listened(ctx.txn, e.topic):
+        if e.topic is not None and not _listened(ctx, e.topic):
             return e
         ctx.put("outbox", key, _enc.encode(e))
         ctx.put("outbox_due", us(e.due) + key, EMPTY)
@@ -1494,6 +1504,7 @@ class KVStore(Store):
             ctx.put("subs", key, _enc.encode(s))
             for t in set(s.topics):
                 ctx.put("sub_topic", _e(t) + SEP + key, EMPTY)
+            ctx.listened.clear()
             return s
         return await self._write(op)
 
@@ -1513,6 +1524,7 @@ class KVStore(Store):
             ctx.delete("subs", key)
             for t in set(s.topics):
                 ctx.delete("sub_topic", _e(t) + SEP + key)
+            ctx.listened.clear()
         await self._write(op)
 
     async def list_subscriptions(self, *, cursor: str | None = None,

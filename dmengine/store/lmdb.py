@@ -47,7 +47,7 @@ import lmdb
 
 from ..errors import StoreClosed, StoreError
 from ._kv import WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
-from .kv import DBS, KVStore, Op, WriteCtx, check_txn, ensure_schema
+from .kv import DBS, KVStore, Op, WriteCtx, _e, check_txn, ensure_schema
 
 R = TypeVar("R")
 
@@ -58,6 +58,9 @@ DEFAULT_MAX_DELAY = 0.002             #: seconds the writer lingers for more ops
 DEFAULT_MAX_READERS = 256
 DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
 DEFAULT_READ_THREADS = 2
+#: databases whose records the read cache keeps (see LmdbStore._get), and how many records
+DEFAULT_READ_CACHE_SIZE = 100_000
+READ_CACHE_DBS = frozenset({"devices", "content", "caps"})
 GROW_AT = 0.8                         #: map fill ratio at which the writer grows it early
 
 IN_USE_FILE = "dmengine.lock"         #: flock'ed shared by every open store, exclusive by restore
@@ -209,9 +212,18 @@ class LmdbStore(KVStore):
                  reader_check_interval: float = DEFAULT_READER_CHECK_INTERVAL,
                  read_threads: int = DEFAULT_READ_THREADS,
                  migrations: dict[int, Callable[[Any], None]] | None = None,
-                 schema_version: int | None = None) -> None:
+                 schema_version: int | None = None,
+                 read_cache_size: int = DEFAULT_READ_CACHE_SIZE) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if read_cache_size < 0:
+            raise ValueError("read_cache_size must be >= 0")
+        #: decoded records of READ_CACHE_DBS by (db, key), oldest first; see :meth:`_get`
+        self._cache: dict[tuple[str, bytes], Any] = {}
+        self._cache_size = read_cache_size
+        self._cache_gen = 0                # bumped by every commit that wrote a cached db
+        self._cache_lock = threading.Lock()
+        self._watch = READ_CACHE_DBS if read_cache_size else frozenset()
         self.path = str(path)
         self.batch_size = batch_size
         self.max_delay = max_delay
@@ -403,7 +415,7 @@ class LmdbStore(KVStore):
         txn = None
         try:
             txn = self.env.begin(write=True)
-            wt = WriteBuffer(txn, self._dbs)
+            wt = WriteBuffer(txn, self._dbs, self._watch)
             wanted = collect_prefetch(batch, errors)
             tt = time.thread_time
             ph = self.phase_cpu
@@ -422,6 +434,8 @@ class LmdbStore(KVStore):
             t, txn = txn, None
             a0 = time.perf_counter()
             t.commit()
+            if wt.touched:
+                self._forget(wt.touched)   # before any caller hears of the commit
             self.commit_seconds += time.perf_counter() - a0
             c4 = tt()
             ph[1] += c2 - c1
@@ -460,6 +474,42 @@ class LmdbStore(KVStore):
         return True
 
     # --- reads -------------------------------------------------------------------------------
+
+    async def _get(self, db: str, cls: type[R], key: str, kind: str) -> R:
+        """A record by key; those of READ_CACHE_DBS come from the read cache when they can.
+
+        A device in a session is read a dozen times (its account for each message, the
+        session's record, its commands, the charging event) and every device of a campaign
+        reads the same package and capability: decoding and validating them each time was a
+        tenth of the server's CPU.  Callers treat records as immutable (they change them with
+        ``msgspec.structs.replace``), so the cached object itself is returned.
+
+        Coherence: a commit that wrote a cached key drops it (:meth:`_forget`, in the writer
+        thread, before the commit's callers are answered) and bumps ``_cache_gen``; a read
+        caches what it decoded only if no such commit happened since it began (under the
+        lock), so a record read from a snapshot older than a commit is never kept."""
+        if db not in self._watch:
+            return await super()._get(db, cls, key, kind)
+        ck = (db, _e(key))
+        rec = self._cache.get(ck)
+        if rec is not None:
+            return rec   # type: ignore[no-any-return]
+        gen = self._cache_gen
+        rec = await super()._get(db, cls, key, kind)
+        with self._cache_lock:
+            if gen == self._cache_gen:
+                cache = self._cache
+                if len(cache) >= self._cache_size:
+                    del cache[next(iter(cache))]      # the oldest
+                cache[ck] = rec
+        return rec
+
+    def _forget(self, keys: list[tuple[str, bytes]]) -> None:
+        with self._cache_lock:
+            self._cache_gen += 1
+            pop = self._cache.pop
+            for k in keys:
+                pop(k, None)
 
     def _read_sync(self, fn: Callable[[Any], R]) -> R:
         env = self.env

@@ -1,0 +1,130 @@
+"""The LMDB store's read cache (``LmdbStore._get``): devices, content and capabilities are
+decoded once and kept until a commit writes their key; never stale after a write returned."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dmengine.errors import NotFound
+from dmengine.model import Device
+from dmengine.store import kv
+from dmengine.store.lmdb import LmdbStore
+
+
+def dev(n: int, **kw) -> Device:
+    imei = f"{35000000000000 + n:015d}"
+    return Device(dev_id=f"IMEI:{imei}", imei=imei, **kw)
+
+
+
+def got_v(d: Device) -> int:
+    return d.version
+
+
+def test_a_record_read_twice_is_decoded_once(tmp_path) -> None:
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            d = await s.create_device(dev(1, tz="A"))
+            a = await s.get_device(d.dev_id)
+            b = await s.get_device(d.dev_id)
+            assert a is b and a.tz == "A"
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_every_kind_of_write_is_seen_by_the_next_read(tmp_path) -> None:
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            d = await s.create_device(dev(1, tz="A"))
+            assert (await s.get_device(d.dev_id)).tz == "A"
+            await s.update_device(d.dev_id, {"tz": "B"})
+            assert (await s.get_device(d.dev_id)).tz == "B"
+            await s.put_device(dev(1, tz="C"))
+            assert (await s.get_device(d.dev_id)).tz == "C"
+            await s.import_devices([dev(1, tz="D")], replace=True)
+            assert (await s.get_device(d.dev_id)).tz == "D"
+            await s.update_device(d.dev_id, {"last_contact": 5.0}, expect_version=got_v(
+                await s.get_device(d.dev_id)))
+            got = await s.get_device(d.dev_id)
+            assert got.tz == "D" and got.last_contact == 5.0
+            await s.delete_device(d.dev_id)
+            with pytest.raises(NotFound):
+                await s.get_device(d.dev_id)
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_a_read_that_spans_a_commit_is_not_kept(tmp_path, monkeypatch) -> None:
+    """A read whose snapshot is older than a commit that wrote its key must not be cached:
+    here the first read decodes the old record, then (before it could cache it) a write
+    of the same device commits; the next read must see the write."""
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            d = await s.create_device(dev(1, tz="old"))
+            plain_get = kv.KVStore._get
+            raced = False
+
+            async def racing_get(self, db, cls, key, kind):
+                nonlocal raced
+                rec = await plain_get(self, db, cls, key, kind)
+                if not raced and db == "devices":
+                    raced = True
+                    await s.update_device(d.dev_id, {"tz": "new"})
+                return rec
+            monkeypatch.setattr(kv.KVStore, "_get", racing_get)
+            first = await s.get_device(d.dev_id)
+            assert first.tz == "old"            # read before the write committed
+            monkeypatch.setattr(kv.KVStore, "_get", plain_get)
+            assert (await s.get_device(d.dev_id)).tz == "new"
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_the_cache_is_bounded_and_can_be_off(tmp_path) -> None:
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "a", read_cache_size=3)
+        try:
+            for n in range(10):
+                await s.create_device(dev(n))
+                await s.get_device(dev(n).dev_id)
+            assert len(s._cache) == 3
+        finally:
+            await s.close()
+        off = LmdbStore(tmp_path / "b", read_cache_size=0)
+        try:
+            d = await off.create_device(dev(1))
+            a = await off.get_device(d.dev_id)
+            b = await off.get_device(d.dev_id)
+            assert a == b and a is not b and not off._cache
+        finally:
+            await off.close()
+        with pytest.raises(ValueError, match="read_cache_size"):
+            LmdbStore(tmp_path / "c", read_cache_size=-1)
+    asyncio.run(main())
+
+
+def test_content_and_capabilities_are_refreshed_on_write(tmp_path) -> None:
+    from dmengine.model import Capability, Content
+
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            c = await s.create_content(Content(content_id="fw1", name="fw", size=3,
+                                               sha256="0" * 64))
+            assert (await s.get_content(c.content_id)).downloads == 0
+            await s.count_download(c.content_id)
+            assert (await s.get_content(c.content_id)).downloads == 1
+            cap = await s.create_capability(Capability(oid="cap1", make="one"))
+            assert (await s.get_capability(cap.oid)).make == "one"
+            await s.update_capability(cap.oid, {"make": "two"})
+            assert (await s.get_capability(cap.oid)).make == "two"
+        finally:
+            await s.close()
+    asyncio.run(main())
