@@ -20,6 +20,7 @@ from dmengine._message cimport Message, SyncHdr, Command
 from dmengine._devport import http as _http
 from dmengine.errors import CodecError, DmError, ProtocolError
 from dmengine.events import AuthFailed
+from dmengine.logs import session_label
 from dmengine.status import AlertCode, StatusCode
 
 log = logging.getLogger("dmengine.server")
@@ -296,9 +297,10 @@ cdef class ServerCore:
                     events = more
         except Exception as exc:   # an engine or handler fault ends this session only
             if isinstance(exc, DmError):
-                log.info("session %s failed: %s", entry.token, exc)
+                # the label, not the token: the token alone reaches the live session
+                log.info("session %s failed: %s", session_label(entry.token), exc)
             else:
-                log.exception("session %s failed", entry.token)
+                log.exception("session %s failed", session_label(entry.token))
             reply = _clean_end(msg, base_url, getattr(exc, "status", StatusCode.SERVER_FAILURE))
             self._end_entry(entry, "error")
             return self._reply(encoding, encode, reply, req)

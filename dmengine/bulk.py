@@ -14,6 +14,7 @@ session is under way stops there (its late outcome is dropped) — and keeps the
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import msgspec
 
+from . import logs
 from .config import BrokerConfig
 from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
 from .model import (FINAL_TASK_STATES, ID_PATTERN, BootstrapOp, Job, JobState, Selection, Stage, StopRule,
@@ -30,6 +32,7 @@ from .store.base import DeviceQuery, Page, Store
 from .tasks import Tasks
 
 J = JobState
+log = logging.getLogger("dmengine.bulk")
 S = TaskState
 
 _ID = re.compile(ID_PATTERN)
@@ -135,6 +138,7 @@ class Jobs:
             job = await self.store.update_job(job.job_id, {"state": J.RUNNING, "started": now})
         else:
             job = await self.store.get_job(job.job_id)
+        log.info("job created: %d devices, %s", n, job.state.value, extra=logs.ids(job=job.job_id))
         return job
 
     async def _select(self, job: Job, selection: Selection) -> int:

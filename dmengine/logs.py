@@ -88,7 +88,7 @@ def session_label(token: str) -> str:
 
 #: key names whose value is a secret: passwords, keys of every kind (API, HMAC, DM account),
 #: nonces, tokens, signatures, the Authorization header
-_SECRET_KEY = (r"[\w.-]*?(?:pass(?:word|wd)?|pwd|secret|nonce|token|signature|authori[sz]ation"
+_SECRET_KEY = (r"[\w.-]*?(?:pass(?:word|wd|phrase)|pwd|secret|nonce|token|signature|authori[sz]ation"
                r"|api[_-]?key|(?:client|server|hmac|private)[_-]?key|x-api-key|cookie)[\w-]*")
 _SECRET = re.compile(
     r"(?P<key>\b" + _SECRET_KEY + r")(?P<sep>['\"]?\s*(?:=|:|\s+is\s+)\s*)"

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 import msgspec
 
 from .bulk import IN_FLIGHT, Jobs, JobView, in_flight, stage_boundary, view
+from . import logs
 from .config import BrokerConfig
 from .errors import CodecError, Conflict, GatewayError, InvalidTransition, NotFound, StoreError
 from .metrics import TaskMetrics
@@ -448,12 +449,13 @@ class Scheduler:
         except StoreError:
             raise
         except Exception as exc:
-            log.exception("scheduler: task %s failed", task.task_id)
+            ids = logs.ids(task=task.task_id, job=task.job_id, device=task.dev_id)
+            log.exception("scheduler: task %s failed", task.task_id, extra=ids)
             try:
                 await self.tasks.finish(task, S.FAILED,
                                         f"internal error: {type(exc).__name__}: {exc}")
             except Exception:
-                log.exception("scheduler: task %s could not be failed", task.task_id)
+                log.exception("scheduler: task %s could not be failed", task.task_id, extra=ids)
 
     async def recover(self) -> int:
         """After a restart no session is open and no notification of the old process is under

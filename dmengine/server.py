@@ -48,6 +48,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 import httptools
 
 from ._devport import ENCODING_BY_TYPE, ConnBase, Flusher
+from .logs import session_label
 from ._devport import HEADER_LENGTHS as _HEADER_LENGTHS  # noqa: F401  (kept for importers)
 from ._devport import HEADERS as _HEADERS  # noqa: F401
 from ._devport import REASONS as _REASONS  # noqa: F401
@@ -490,7 +491,7 @@ class DmServer(ServerCore):
                 else:
                     session.abort(reason)
             except Exception:  # the engine may refuse to close an unidentified session
-                log.debug("closing session %s", token, exc_info=True)
+                log.debug("closing session %s", session_label(token), exc_info=True)
             if self._on_closed is not None:
                 self.spawn(self._on_closed(session, reason))
             if not more and self._take_events:

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 
 import msgspec
 
-from . import auth
+from . import auth, logs
 from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
@@ -168,6 +168,8 @@ class DeviceSessions:
                 await self._settle(work, "session ended before it authenticated")
             return
         work = self.works.setdefault(id(session), SessionWork())
+        # every line logged for this message names the session and its device (dmengine/logs.py)
+        logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
         # Results the device reports in this very message (a Generic Alert for an Exec of an
         # earlier session, say one the server never saw answered): their tasks are not started
         # again before the report is read — the report is their outcome
@@ -186,6 +188,8 @@ class DeviceSessions:
     async def on_session_closed(self, session: Any, reason: str) -> None:
         work = self.works.pop(id(session), None)
         if work is not None:
+            logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
+            log.debug("session closed (%s)", reason)
             await self._settle(work, f"session closed ({reason})")
 
     async def _on_event(self, session: Any, work: SessionWork, ev: Any) -> None:
@@ -302,6 +306,8 @@ class DeviceSessions:
             log.info("unknown device %s connected; nothing to do", ev.dev_id)
             return
         work.dev_id = record.dev_id
+        logs.bind(session=getattr(session, "session_key", None), device=record.dev_id)
+        log.debug("device identified in an authenticated session")
         changes: dict[str, Any] = {"last_contact": self.clock(),
                                    "devinfo": {f"./DevInfo/{k}": str(v) for k, v in ev.devinfo.items()}}
         account = self._after_authentication(record.account, work.authenticated)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from . import logs
 from .config import BrokerConfig
 from .errors import Conflict, InvalidTransition, NotFound, ServiceError, UnknownResource
 from .metrics import TaskMetrics
@@ -99,6 +100,9 @@ class Tasks:
         task = await self.store.transition(task_id, to_state, **kw)
         if self.metrics is not None:
             self.metrics.task_moved(to_state.value)
+        if log.isEnabledFor(logging.DEBUG):     # one line per move: debug only (campaigns)
+            log.debug("task moved to %s: %s", to_state.value, kw.get("cause") or "",
+                      extra=logs.ids(task=task_id, job=task.job_id, device=task.dev_id))
         return task
 
     async def get(self, task_id: str) -> TaskData:

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import aiohttp
 import msgspec
 
+from . import logs
 from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
 from .model import (EVENT_TOPICS, ChargingEvent, DeadLetter, OutboxEntry, Subscription, new_id)
 from .store.base import DEFAULT_PAGE, Page, Store
@@ -487,11 +488,12 @@ class Webhooks:
             if error is None:
                 await self.store.ack(entry.entry_id)
                 self._count("delivered")
+                log.debug("webhook %s delivered", entry.entry_id, extra=_entry_ids(entry))
             elif entry.attempts + 1 >= self.config.max_attempts:
                 await self.store.dead_letter(entry.entry_id, error=error)
                 self._count("dead")
                 log.warning("webhook %s to %s given up after %d attempts: %s", entry.entry_id,
-                            sub.url, entry.attempts + 1, error)
+                            sub.url, entry.attempts + 1, error, extra=_entry_ids(entry))
             else:
                 await self.store.retry(entry.entry_id, due=self.clock() +
                                        self.backoff(entry.attempts), error=error)
@@ -544,3 +546,15 @@ class Webhooks:
 __all__ = ["Webhooks", "WebhookConfig", "sign", "verify", "charging_json", "subscription_json",
            "dead_letter_json", "event_data", "SIGNATURE_HEADER", "EVENT_ID_HEADER",
            "EVENT_TYPE_HEADER", "DELIVERY_HEADER", "ATTEMPT_HEADER"]
+
+
+def _entry_ids(entry: Any) -> dict[str, str]:
+    """The task, job and device an outbox entry is about, for its log lines
+    (dmengine/logs.py): a delivery carries the event as sent (``data`` in camelCase), an
+    event before its fan-out the engine's own fields."""
+    payload = entry.payload if isinstance(entry.payload, dict) else {}
+    data = payload.get("data")
+    if isinstance(data, dict):
+        return logs.ids(task=data.get("taskId"), job=data.get("jobId"), device=data.get("devId"))
+    return logs.ids(task=payload.get("task_id"), job=payload.get("job_id"),
+                    device=payload.get("dev_id"))
