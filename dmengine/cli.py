@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from .config import BrokerConfig
+    from .webhooks import WebhookConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
                        allow_private_callbacks=args.allow_private_callbacks,
                        callback_allow_networks=tuple(args.callback_allow_network or ()),
                        broker=_broker_config(args),
+                       webhooks=_webhook_config(args),
                        identity=IdentityConfig(**{k: v for k, v in (
                            ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
                            ("default_burst", args.api_burst)) if v is not None}),
@@ -93,6 +95,23 @@ def _broker_config(args: argparse.Namespace) -> BrokerConfig:
             raise
         opt = _option(BROKER_OPTIONS[exc.key])
         raise ConfigError(str(exc).replace(exc.key, opt, 1), key=opt) from None
+
+
+def _webhook_config(args: argparse.Namespace) -> WebhookConfig:
+    """The charging log's retention (``--charging-max-age``, ``--charging-max-events``; 0
+    lifts that bound)."""
+    from .errors import ConfigError
+    from .webhooks import WebhookConfig
+    given: dict[str, float | int | None] = {}
+    for field, dest in (("charging_max_age", "charging_max_age"),
+                        ("charging_max_events", "charging_max_events")):
+        v = getattr(args, dest, None)
+        if v is not None:
+            if v < 0:
+                raise ConfigError(f"{_option(dest)} must be >= 0 (0: no such limit), got {v}",
+                                  key=_option(dest))
+            given[field] = v or None
+    return WebhookConfig(**given)  # type: ignore[arg-type]
 
 
 def _seconds_list(text: str) -> tuple[float, ...]:
@@ -179,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alert-followups", type=int, default=None, metavar="N",
                    help="such wake-ups at most; then the task waits for its deadline "
                         "(default 3; 0: none)")
+    s.add_argument("--charging-max-age", type=float, default=None, metavar="S",
+                   help="charging events (GET /v1/charging) older than this are deleted "
+                        "(default 7776000: 90 days; 0: kept whatever their age)")
+    s.add_argument("--charging-max-events", type=int, default=None, metavar="N",
+                   help="the charging log keeps the newest N events (default and 0: no count "
+                        "limit)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,

@@ -15,8 +15,15 @@ the route → role table, the routes) is :mod:`dmengine.wsi.security`.
   event loop.
 * ``login`` (with a key or a name and password) gives a **userSession** token (``dms_…``)
   that expires after ``session_ttl`` and ends with ``logout``; only its SHA-256 is stored.
-  A session's role is read from its key or user on every use: revoking the key or deleting
-  the user ends its sessions at once.
+  A session's role is its key's or user's: revoking the key or deleting the user ends its
+  sessions at once.
+* **The identity cache**: a call's key or token is looked up by its SHA-256 in an in-memory
+  cache before the store.  An entry is used only while the store's identity generation
+  (``Store.identity_generation``, one small read) is the one it was read at: every revoke,
+  role change, user removal and logout — through the API or ``dmengine keys`` in another
+  process — changes it, so the very next call reads the store again and is refused; a
+  session's entry also ends at the session's expiry.  Unknown or refused credentials are
+  never cached (a flood of them costs store reads, not memory).
 * **Roles** ``viewer`` < ``operator`` < ``admin``: each may do what the weaker ones may.  An
   identity sees and controls the jobs and tasks of its own system (:attr:`Identity.owner`);
   an admin sees all of them.
@@ -76,6 +83,11 @@ class IdentityConfig:
     max_hashing: int = 2                 #: scrypt computations at once (each takes 16 MiB)
     min_password: int = 12
     max_buckets: int = 100_000           #: rate-limit buckets kept (least recently used go)
+    #: identities of keys and tokens seen lately, kept in memory so that a call is checked
+    #: without reading its key (0: no cache).  An entry is used only while the store's
+    #: identity generation is the one it was read at (any revoke, role change, user removal
+    #: or logout, by any process, changes it), and a session's only until it expires.
+    cache_size: int = 10_000
 
     def __post_init__(self) -> None:
         from .errors import ConfigError
@@ -253,6 +265,11 @@ class Identities:
         self.login_limiter = RateLimiter(self.config.max_buckets)
         self._hashing: asyncio.Semaphore | None = None
         self._dummy: str | None = None
+        #: SHA-256 of a key or token → (its identity, the session's expiry or None, the
+        #: store's identity generation when read).  Hashes, never the secrets themselves.
+        self._cache: dict[str, tuple[Identity, float | None, int]] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     # --- who is calling ------------------------------------------------------------------
 
@@ -262,6 +279,30 @@ class Identities:
         if not credential or len(credential) > MAX_CREDENTIAL:
             raise Unauthorized(UNAUTHORIZED, where="X-API-Key")
         h = sha256_hex(credential)
+        if self.config.cache_size <= 0:
+            return (await self._lookup(credential, h))[0]
+        # the generation is read before the records: a change committed after this read
+        # makes the entry stale at once, even one made from what was read here
+        gen = self.store.identity_generation()
+        hit = self._cache.get(h)
+        if hit is not None:
+            ident, expires, at = hit
+            if at == gen and (expires is None or expires > self.clock()):
+                self.cache_hits += 1
+                return ident
+            del self._cache[h]
+        self.cache_misses += 1
+        ident, expires = await self._lookup(credential, h)
+        if len(self._cache) >= self.config.cache_size:
+            # the oldest entry goes (dicts keep insertion order): a crowd of keys costs
+            # store reads, never memory
+            del self._cache[next(iter(self._cache))]
+        self._cache[h] = (ident, expires, gen)
+        return ident
+
+    async def _lookup(self, credential: str, h: str) -> tuple[Identity, float | None]:
+        """The identity of a key or token read from the store (no cache), and when it ends
+        by itself (a session's expiry; None for a key)."""
         if credential.startswith(SESSION_PREFIX):
             try:
                 sess = await self.store.get_session(h)
@@ -271,14 +312,15 @@ class Identities:
                 raise Unauthorized("userSession expired, ended or unknown: log in again",
                                    where="X-API-Key")
             ident = await self._subject(sess.kind, sess.subject)
-            return dataclasses.replace(ident, session_id=sess.session_id, session_hash=h)
+            return (dataclasses.replace(ident, session_id=sess.session_id, session_hash=h),
+                    sess.expires)
         try:
             key = await self.store.api_key_by_hash(h)
         except NotFound:
             raise Unauthorized(UNAUTHORIZED, where="X-API-Key") from None
         if key.revoked is not None:
             raise Unauthorized(UNAUTHORIZED, where="X-API-Key")
-        return _of_key(key)
+        return _of_key(key), None
 
     async def _subject(self, kind: str, subject: str) -> Identity:
         try:

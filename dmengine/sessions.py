@@ -26,7 +26,7 @@ from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
 from .errors import Conflict, InvalidTransition, NotFound, ServiceError, StoreError
-from .events import (Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
+from .events import (AuthFailed, Authenticated, CommandNotDelivered, DeviceIdentified, GenericAlert, NonceIssued,
                      ResultsReceived, ServerNonceReceived, SessionEnded, StatusReceived,
                      UserAlertAnswered)
 from .message import Command, Item
@@ -163,11 +163,19 @@ class DeviceSessions:
         if not getattr(session, "authenticated", False):
             # Nothing a device sends acts before its session authenticated: not a Generic
             # Alert, not a nonce, not DevInfo.  What such a session reports is only its end.
+            for ev in events:
+                if isinstance(ev, AuthFailed):     # the device claimed an id it did not prove
+                    logs.bind(session=getattr(session, "session_key", None),
+                              device=getattr(session, "device_id", None))
+                    log.info("authentication failed (%s, %s side): %s", ev.scheme, ev.side,
+                             ev.reason)
             work = self.works.pop(id(session), None)
             if work is not None:
                 await self._settle(work, "session ended before it authenticated")
             return
         work = self.works.setdefault(id(session), SessionWork())
+        # every line logged for this message names the session and its device (dmengine/logs.py)
+        logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
         # every line logged for this message names the session and its device (dmengine/logs.py)
         logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
         # Results the device reports in this very message (a Generic Alert for an Exec of an
@@ -188,6 +196,8 @@ class DeviceSessions:
     async def on_session_closed(self, session: Any, reason: str) -> None:
         work = self.works.pop(id(session), None)
         if work is not None:
+            logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
+            log.debug("session closed (%s)", reason)
             logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
             log.debug("session closed (%s)", reason)
             await self._settle(work, f"session closed ({reason})")

@@ -92,6 +92,13 @@ class WebhookConfig:
     lease: float = 60.0                #: a claimed entry is hidden this long (≥ 3 × timeout)
     poll_interval: float = 0.2         #: pause of the loop when nothing was due
     max_subscriptions: int = 1000
+    #: retention of the charging log (``GET /v1/charging``): events older than this many
+    #: seconds are deleted (None: kept by age) …
+    charging_max_age: float | None = 90 * 86400.0
+    #: … and the oldest beyond this many (None: no count limit); checked by the dispatcher
+    #: every ``retention_interval`` seconds
+    charging_max_events: int | None = None
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         from .errors import ConfigError
@@ -103,6 +110,15 @@ class WebhookConfig:
                 raise ConfigError(f"webhooks.{name} must be > 0", key=f"webhooks.{name}")
         if not 0 <= self.jitter < 1:
             raise ConfigError("webhooks.jitter must be in [0, 1)", key="webhooks.jitter")
+        if self.charging_max_age is not None and not self.charging_max_age > 0:
+            raise ConfigError("webhooks.charging_max_age must be > 0 (None: no age limit)",
+                              key="webhooks.charging_max_age")
+        if self.charging_max_events is not None and self.charging_max_events < 1:
+            raise ConfigError("webhooks.charging_max_events must be >= 1 (None: no limit)",
+                              key="webhooks.charging_max_events")
+        if not self.retention_interval > 0:
+            raise ConfigError("webhooks.retention_interval must be > 0",
+                              key="webhooks.retention_interval")
 
 
 # --- signatures --------------------------------------------------------------------------------
@@ -223,6 +239,8 @@ class Webhooks:
         self._wake: asyncio.Event | None = None
         self._subs: dict[str, Subscription] | None = None
         self._subs_read = 0.0
+        self._next_prune = 0.0               # when the charging log's retention runs next
+        self.pruned = 0                      # charging events deleted by the retention
         if registry is not None:
             # read from self.counts at scrape time (plain integers, no lock per delivery)
             from .metrics import WebhookMetrics
@@ -342,6 +360,27 @@ class Webhooks:
             page = Page([e for e in page.items if e.owner == scope], page.next_cursor)
         return page
 
+    async def prune_charging(self) -> int:
+        """The charging log's retention (``charging_max_age``, ``charging_max_events``): its
+        oldest events are deleted, a bounded batch per store write.  Returns how many."""
+        cfg = self.config
+        if cfg.charging_max_age is None and cfg.charging_max_events is None:
+            return 0
+        before = self.clock() - cfg.charging_max_age if cfg.charging_max_age is not None \
+            else None
+        batch = 1000
+        gone = 0
+        while True:
+            n = await self.store.prune_charging(before=before, keep=cfg.charging_max_events,
+                                                limit=batch)
+            gone += n
+            if n < batch:
+                break
+        if gone:
+            self.pruned += gone
+            log.info("charging log: %d events past their retention deleted", gone)
+        return gone
+
     # --- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -413,11 +452,15 @@ class Webhooks:
 
     async def pass_once(self) -> int:
         """Claims what is due (as many as there are free delivery slots), fans events out and
-        starts their deliveries; returns the entries claimed."""
+        starts their deliveries; returns the entries claimed.  Every ``retention_interval``
+        it first prunes the charging log (:meth:`prune_charging`)."""
+        now = self.clock()
+        if now >= self._next_prune:
+            self._next_prune = now + self.config.retention_interval
+            await self.prune_charging()
         free = self._cap() - len(self._inflight)
         if free <= 0:
             return 0
-        now = self.clock()
         lease = self._lease()
         entries = await self.store.claim_entries(now, min(self.config.batch, free), lease)
         if not entries:

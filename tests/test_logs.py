@@ -59,6 +59,11 @@ def test_a_full_run_logs_json_with_ids_and_no_secret(tmp_path):
         assert sessions_of.get(e["session"]) == e["device"], e
     assert any(e["msg"].startswith("session closed") or e["msg"].startswith("task moved")
                for e in events if e.get("session"))
+    # the impostor's failed authentication names the device it claimed to be
+    failed = [e for e in events if e["msg"].startswith("authentication failed")]
+    assert failed and all(e["device"] == run.bad_dev_id and re.fullmatch(r"[0-9a-f]{12}",
+                                                                          e["session"])
+                          for e in failed), failed
     # the job's creation and the webhook deliveries name the job / task
     assert any(e.get("job") == run.job_id and e["msg"].startswith("job created")
                for e in events)

@@ -1170,6 +1170,35 @@ def test_charging_entries_are_logged_in_the_same_write(use: Callable[[Body], Any
     use(body)
 
 
+def test_charging_log_retention_prunes_the_oldest(use: Callable[[Body], Any]) -> None:
+    """prune_charging: events older than ``before`` go, then the oldest beyond the newest
+    ``keep``, at most ``limit`` per call; queued deliveries stay."""
+    async def body(s: Store) -> None:
+        await s.create_subscription(_sub("s-c", ["charging"]))
+        for i in range(10):
+            await s.enqueue(OutboxEntry(entry_id=f"ch{i}", kind="charging", topic="charging",
+                                        due=1.0, payload={"time": 100.0 + i, "task_id": f"t{i}"}))
+
+        async def log() -> list[str]:
+            return [e.event_id for e in (await s.charging_events(limit=100)).items]
+        assert await s.prune_charging(before=100.0) == 0          # none older than that
+        assert await s.prune_charging(before=103.0) == 3           # 100, 101, 102 go
+        assert await log() == [f"ch{i}" for i in range(3, 10)]
+        assert await s.prune_charging(keep=5, limit=1) == 1        # bounded per call
+        assert await s.prune_charging(keep=5) == 1
+        assert await s.prune_charging(keep=5) == 0
+        assert await log() == [f"ch{i}" for i in range(5, 10)]
+        # both bounds at once: the stricter wins
+        assert await s.prune_charging(before=107.0, keep=4) == 2
+        assert await log() == ["ch7", "ch8", "ch9"]
+        assert await s.prune_charging() == 0                       # no bound: nothing goes
+        assert len(await s.due_entries(1e9, limit=100)) == 10      # deliveries untouched
+        with pytest.raises(ValidationError) as ei:
+            await s.prune_charging(keep=-1)
+        assert ei.value.where == "keep"
+    use(body)
+
+
 def test_job_events_are_written_with_the_job_move(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         await s.create_job(Job(job_id="jq", targets=20))

@@ -198,7 +198,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(self, *, state: JobState | None = None, cursor: str | None = None,
-                        limit: int = DEFAULT_PAGE) -> Page[Job]: ...
+                        limit: int = DEFAULT_PAGE) -> Page[Job]:
+        """Jobs by job id; with ``state`` only those in it, read through a job-state index
+        (the cost follows the jobs in that state, not every job ever stored: a scheduler
+        pass lists the open ones); a cursor belongs to its state's listing."""
 
     @abc.abstractmethod
     async def jobs_by_date(self, start: float, end: float, *, cursor: str | None = None,
@@ -365,6 +368,14 @@ class Store(abc.ABC):
                               limit: int = DEFAULT_PAGE) -> Page[ChargingEvent]:
         """The charging log, oldest first, ``time`` in ``[start, end)`` when given."""
 
+    @abc.abstractmethod
+    async def prune_charging(self, *, before: float | None = None, keep: int | None = None,
+                             limit: int = DEFAULT_PAGE) -> int:
+        """Retention of the charging log: deletes its oldest events, those whose ``time`` is
+        before ``before`` and as many more as there are beyond the newest ``keep``, at most
+        ``limit`` in one write (call again while it returns ``limit``).  Queued deliveries of
+        the events are not touched.  Returns how many went."""
+
     # --- subscriptions (webhooks) -------------------------------------------------------
 
     @abc.abstractmethod
@@ -451,6 +462,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_session(self, token_hash: str) -> None:
         """Ends a session (logout); NotFound if there is none."""
+
+    @abc.abstractmethod
+    def identity_generation(self) -> int:
+        """A number that changes with every write that changes or ends an API key, a user or
+        a userSession (``update_api_key``, ``update_user``, ``delete_user``,
+        ``delete_session``; creating one does not change it, nor does purging expired
+        sessions), whichever process made it.  A cache of identities is valid while it stays
+        the same.  Cheap and non-blocking, without an await: every API call asks it (on SQL:
+        a counter kept current by LISTEN/NOTIFY)."""
 
     @abc.abstractmethod
     async def purge_sessions(self, now: float, *, limit: int = DEFAULT_PAGE) -> int:

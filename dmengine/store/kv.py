@@ -9,7 +9,7 @@ so the two backends cannot drift apart.
 Key layout (named databases; ``\\0`` separates parts, ``u64`` is big-endian so keys sort the
 way the queries read them; times are microseconds)::
 
-    meta         b"schema" → SchemaRecord; b"seq:task" / b"seq:audit" → u64
+    meta         b"schema" → SchemaRecord; b"seq:task" / b"seq:audit" / b"gen:identity" → u64
     devices      dev_id → Device              dev_msisdn  msisdn → dev_id
     dev_imei     imei → dev_id                dev_tac     tac \\0 dev_id → ""
     dev_cap      oid \\0 dev_id → ""
@@ -71,6 +71,10 @@ DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps"
 SEP = b"\x00"
 EMPTY = b""
 SCHEMA_KEY = b"schema"
+#: meta counter bumped by every write that changes or ends an API key, user or userSession:
+#: caches of identities compare it (``identity_generation``)
+IDENTITY_GEN = b"gen:identity"
+_IDENTITY_DBS = frozenset({"api_keys", "users"})
 #: LMDB's key size limit (the default build); longer keys cannot be stored, so never found.
 MAX_KEY = 511
 #: Rows read per read transaction by big scans (the checker, backups of counts).
@@ -493,6 +497,10 @@ class KVStore(Store):
     @abc.abstractmethod
     async def _read(self, fn: Callable[[KVTxn], R], big: bool = False) -> R:
         """Runs ``fn`` in a read transaction (off the event loop when ``big``)."""
+
+    @abc.abstractmethod
+    def _read_now(self, fn: Callable[[KVTxn], R]) -> R:
+        """Runs a small ``fn`` in a read transaction on the calling thread (no await)."""
 
     # --- generic record helpers ---------------------------------------------------------
 
@@ -1491,6 +1499,28 @@ class KVStore(Store):
             return Page([dec(ChargingEvent, v, "charging", k) for k, v in rows], nxt)
         return await self._read(fn, big=limit > self.inline_read_limit)
 
+    async def prune_charging(self, *, before: float | None = None, keep: int | None = None,
+                             limit: int = DEFAULT_PAGE) -> int:
+        check_limit(limit)
+        if keep is not None and (not isinstance(keep, int) or keep < 0):
+            raise ValidationError(f"keep must be >= 0, got {keep!r}", where="keep")
+        cut = us(max(before, 0.0)) if before is not None else None
+
+        def op(ctx: WriteCtx) -> int:
+            txn = ctx.txn
+            # oldest first; the scan comes before the count (a scan flushes buffered writes)
+            oldest = [k for k, _ in _take(txn.scan("charging", EMPTY, None), limit)]
+            excess = max(0, txn.count("charging") - keep) if keep is not None else 0
+            gone = 0
+            for k in oldest:
+                if gone < excess or (cut is not None and k[:8] < cut):
+                    ctx.delete("charging", k)
+                    gone += 1
+                else:
+                    break
+            return gone
+        return await self._write(op)
+
     # --- subscriptions --------------------------------------------------------------------------
 
     async def create_subscription(self, sub: Subscription) -> Subscription:
@@ -1670,7 +1700,9 @@ class KVStore(Store):
                                          _USER_PROTECTED)
 
     async def delete_user(self, name: str) -> None:
-        await self._delete("users", User, name, "user", lambda ctx, old: None)
+        def forget(ctx: WriteCtx, old: User) -> None:
+            ctx.next_seq(IDENTITY_GEN)           # its sessions end: caches must re-read
+        await self._delete("users", User, name, "user", forget)
 
     async def list_users(self, *, cursor: str | None = None,
                          limit: int = DEFAULT_PAGE) -> Page[User]:
@@ -1709,7 +1741,12 @@ class KVStore(Store):
             s = dec(UserSession, raw, "sessions", h)
             ctx.delete("sessions", h)
             ctx.delete("session_exp", us(s.expires) + h)
+            ctx.next_seq(IDENTITY_GEN)
         await self._write(op)
+
+    def identity_generation(self) -> int:
+        raw = self._read_now(lambda txn: txn.get("meta", IDENTITY_GEN))
+        return int.from_bytes(raw, "big") if raw else 0
 
     async def purge_sessions(self, now: float, *, limit: int = DEFAULT_PAGE) -> int:
         check_limit(limit)
@@ -1740,6 +1777,8 @@ class KVStore(Store):
             new = replace_fields(dec(cls, raw, db, key), changes, protected)
             data = model.validate(new)      # type: ignore[type-var]
             ctx.put(db, key, data)
+            if db in _IDENTITY_DBS:          # a revoke or a role change: caches re-read
+                ctx.next_seq(IDENTITY_GEN)
             return new
         return await self._write(op)
 

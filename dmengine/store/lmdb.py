@@ -535,6 +535,11 @@ class LmdbStore(KVStore):
             if resized:
                 self._gate.exclusive(lambda: env.set_mapsize(0))
 
+    def _read_now(self, fn: Callable[[Any], R]) -> R:
+        if self._closed:
+            raise StoreClosed(f"store {self.path!r} is closed")
+        return self._read_sync(fn)
+
     async def _read(self, fn: Callable[[Any], R], big: bool = False) -> R:
         if self._closed:
             raise StoreClosed(f"store {self.path!r} is closed")

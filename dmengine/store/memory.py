@@ -117,6 +117,11 @@ class MemoryStore(KVStore):
         # scans see a consistent state: writes run synchronously between awaits
         return fn(MemTxn(self._tables))
 
+    def _read_now(self, fn: Callable[[Any], R]) -> R:
+        if self._closed:
+            raise StoreClosed("memory store is closed")
+        return fn(MemTxn(self._tables))
+
     async def close(self) -> None:
         self._closed = True
 
