@@ -25,7 +25,7 @@ multiprocess mode or its own scrape target.
 Labels are bounded: never a device, a task or a free text.  Encodings, end reasons, caps,
 schemes, auth causes (:func:`auth_cause` maps the engine's reasons to a fixed set), task
 states, operations, gateways, results and route names come from small fixed sets; the one
-open label, ``job``, exists only for RUNNING jobs, at most :data:`MAX_JOB_SERIES` of them.
+open label, ``job_id``, exists only for RUNNING jobs, at most :data:`MAX_JOB_SERIES` of them.
 
 Families (names as exposed; counters end in ``_total``):
 
@@ -50,7 +50,9 @@ Work (:class:`TaskMetrics`, :class:`WorkGauges`, :class:`WebhookMetrics`)
 * ``dmengine_task_retries_total`` (package #0 sent again), ``dmengine_task_expiries_total``
 * ``dmengine_tasks{state}``, ``dmengine_jobs{state}`` (gauges, refreshed every few seconds
   from the jobs' own counters: see :class:`WorkGauges`)
-* ``dmengine_job_progress_ratio{job}``, ``dmengine_job_eta_seconds{job}`` (RUNNING jobs only)
+* ``dmengine_job_progress_ratio{job_id}``, ``dmengine_job_eta_seconds{job_id}`` (RUNNING jobs
+  only).  The label is ``job_id``, not ``job``: Prometheus gives every series the scrape
+  target's own ``job`` label and would rename ours to ``exported_job``
 * ``dmengine_scheduler_lag_seconds``, ``dmengine_scheduler_pass_seconds`` (histograms)
 * ``dmengine_notifications_total{gateway,result}``
 * ``dmengine_webhook_deliveries_total{result}``, ``dmengine_webhook_dead_letters_total``,
@@ -80,6 +82,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
+
+from .model import JobState, TaskState
 
 __all__ = ["DeviceMetrics", "TaskMetrics", "WorkGauges", "WebhookMetrics", "StoreMetrics",
            "ApiMetrics", "ContentMetrics", "Histo", "auth_cause", "add_process_collectors",
@@ -436,19 +440,20 @@ class WorkGauges(_Collector):
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix
-        fam = GaugeMetricFamily(f"{p}_tasks", "tasks of jobs now in each state", labels=["state"])
-        for state, n in sorted(self.tasks.items()):
-            fam.add_metric([state], n)
-        yield fam
-        fam = GaugeMetricFamily(f"{p}_jobs", "jobs now in each state", labels=["state"])
-        for state, n in sorted(self.jobs.items()):
-            fam.add_metric([state], n)
-        yield fam
+        # every state, 0 included: a state's series never vanishes (no gaps, no stale
+        # "RUNNING 1" left on a dashboard when the last job ends)
+        for name, doc, values, states in (
+                ("tasks", "tasks of jobs now in each state", self.tasks, TaskState),
+                ("jobs", "jobs now in each state", self.jobs, JobState)):
+            fam = GaugeMetricFamily(f"{p}_{name}", doc, labels=["state"])
+            for state in states:
+                fam.add_metric([state.value], values.get(state.value, 0))
+            yield fam
         prog = GaugeMetricFamily(f"{p}_job_progress_ratio",
-                                 "final tasks / targets of RUNNING jobs", labels=["job"])
+                                 "final tasks / targets of RUNNING jobs", labels=["job_id"])
         eta = GaugeMetricFamily(f"{p}_job_eta_seconds",
                                 "seconds to a RUNNING job's last target at its rate so far",
-                                labels=["job"])
+                                labels=["job_id"])
         for job_id, ratio, seconds in self.running:
             prog.add_metric([job_id], ratio)
             if seconds is not None:
