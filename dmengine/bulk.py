@@ -232,12 +232,57 @@ class Jobs:
 
     def task_for(self, job: Job, dev_id: str, now: float) -> Task:
         """The task a job makes for one of its targets."""
-        task_id = new_id("t")
-        deadline = job.deadline or job.end_at or now + self.config.task_ttl
-        return Task(task_id=task_id, dev_id=dev_id, op=job.op, job_id=job.job_id,  # type: ignore[arg-type]
-                    b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
-                    test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
-                    correlator=task_id, owner=job.owner)
+        return job_task(job, dev_id, now, self.config.task_ttl)
+
+
+def job_task(job: Job, dev_id: str, now: float, task_ttl: float) -> Task:
+    """The task ``job`` makes for its target ``dev_id`` (deadline: the job's, else its end,
+    else ``task_ttl`` from now)."""
+    task_id = new_id("t")
+    deadline = job.deadline or job.end_at or now + task_ttl
+    return Task(task_id=task_id, dev_id=dev_id, op=job.op, job_id=job.job_id,  # type: ignore[arg-type]
+                b_optin=job.b_optin, accept_device_policy=job.accept_device_policy,
+                test_cycle=job.test_cycle, state=S.PENDING, deadline=deadline,
+                correlator=task_id, owner=job.owner)
+
+
+def window_wait(windows: list[TimeWindow], tz: str | None, now: float) -> float:
+    """0 when ``now`` is inside one of the daily ``windows`` (seconds since local midnight in
+    ``tz``, UTC when None; a window whose end is before its start runs over midnight), else the
+    seconds until the next one opens (inf when none ever does)."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(tz or "UTC")
+    local = datetime.fromtimestamp(now, zone)
+    sec = local.hour * 3600 + local.minute * 60 + local.second
+    day = local.weekday()
+    for w in windows:
+        if w.start < w.end:
+            if day in w.days and w.start <= sec < w.end:
+                return 0.0
+        else:                          # over midnight: the evening of a listed day …
+            if (day in w.days and sec >= w.start) or ((day - 1) % 7 in w.days and sec < w.end):
+                return 0.0             # … or the morning after it
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    best = float("inf")
+    for d in range(8):
+        date = (midnight + timedelta(days=d)).replace(tzinfo=None)
+        for w in windows:
+            if (day + d) % 7 not in w.days:
+                continue
+            opens = (date + timedelta(seconds=w.start)).replace(tzinfo=zone).timestamp()
+            if opens > now:
+                best = min(best, opens - now)
+    return best
+
+
+def early_start_allowed(job: Job, tz: str | None, now: float) -> bool:
+    """Whether a device of the job that connected on its own may start its pending target
+    now: the job runs, its stage has room, and its window (in the device's zone ``tz``, else
+    the job's) is open.  No notification is spent on it, so the rate limit does not apply."""
+    if job.state != JobState.RUNNING or job.op is None or job.total >= stage_boundary(job):
+        return False
+    return not job.windows or window_wait(job.windows, tz or job.tz, now) == 0
 
 
 async def _owned(fetch: Callable[[str | None, int], Awaitable[Page[Job]]], owner: str | None,
@@ -405,4 +450,4 @@ class JobTally:
 
 
 __all__ = ["Jobs", "JobView", "JobTally", "view", "stage_boundary", "final_count", "in_flight",
-           "TARGET_CHUNK", "FINAL_JOB_STATES"]
+           "TARGET_CHUNK", "FINAL_JOB_STATES", "window_wait", "early_start_allowed", "job_task"]

@@ -16,13 +16,12 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 
-from .bulk import IN_FLIGHT, Jobs, JobView, in_flight, stage_boundary, view
+from .bulk import IN_FLIGHT, Jobs, JobView, in_flight, stage_boundary, view, window_wait
 from . import logs
 from .config import BrokerConfig
 from .errors import CodecError, Conflict, GatewayError, InvalidTransition, NotFound, StoreError
 from .metrics import TaskMetrics
-from .model import (FINAL_TASK_STATES, BootstrapOp, DmAccount, Job, JobState, Task, TaskState,
-                    TimeWindow)
+from .model import (FINAL_TASK_STATES, BootstrapOp, DmAccount, Job, JobState, Task, TaskState)
 from .notify.base import Gateway
 from .notify.pkg0 import build_pkg0
 from .sessions import DeviceSessions, stored_nonce, waiting_alert
@@ -539,36 +538,6 @@ class Scheduler:
     def health(self) -> list[str]:
         """What is wrong with the scheduler, for ``/health`` (empty when nothing is)."""
         return self.loop.health()
-
-
-def window_wait(windows: list[TimeWindow], tz: str | None, now: float) -> float:
-    """0 when ``now`` is inside one of the daily ``windows`` (seconds since local midnight in
-    ``tz``, UTC when None; a window whose end is before its start runs over midnight), else the
-    seconds until the next one opens (inf when none ever does)."""
-    from datetime import datetime, timedelta
-    from zoneinfo import ZoneInfo
-    zone = ZoneInfo(tz or "UTC")
-    local = datetime.fromtimestamp(now, zone)
-    sec = local.hour * 3600 + local.minute * 60 + local.second
-    day = local.weekday()
-    for w in windows:
-        if w.start < w.end:
-            if day in w.days and w.start <= sec < w.end:
-                return 0.0
-        else:                          # over midnight: the evening of a listed day …
-            if (day in w.days and sec >= w.start) or ((day - 1) % 7 in w.days and sec < w.end):
-                return 0.0             # … or the morning after it
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    best = float("inf")
-    for d in range(8):
-        date = (midnight + timedelta(days=d)).replace(tzinfo=None)
-        for w in windows:
-            if (day + d) % 7 not in w.days:
-                continue
-            opens = (date + timedelta(seconds=w.start)).replace(tzinfo=zone).timestamp()
-            if opens > now:
-                best = min(best, opens - now)
-    return best
 
 
 __all__ = ["Scheduler", "window_wait"]

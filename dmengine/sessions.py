@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 import msgspec
 
 from . import auth, logs
+from .bulk import early_start_allowed, job_task, stage_boundary
 from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
@@ -176,8 +177,6 @@ class DeviceSessions:
         work = self.works.setdefault(id(session), SessionWork())
         # every line logged for this message names the session and its device (dmengine/logs.py)
         logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
-        # every line logged for this message names the session and its device (dmengine/logs.py)
-        logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
         # Results the device reports in this very message (a Generic Alert for an Exec of an
         # earlier session, say one the server never saw answered): their tasks are not started
         # again before the report is read — the report is their outcome
@@ -196,8 +195,6 @@ class DeviceSessions:
     async def on_session_closed(self, session: Any, reason: str) -> None:
         work = self.works.pop(id(session), None)
         if work is not None:
-            logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
-            log.debug("session closed (%s)", reason)
             logs.bind(session=getattr(session, "session_key", None), device=work.dev_id)
             log.debug("session closed (%s)", reason)
             await self._settle(work, f"session closed ({reason})")
@@ -349,6 +346,32 @@ class DeviceSessions:
                     await self.tasks.finish(task, S.FAILED, decision.cause)
                     continue
             await self._start_task(session, work, task)
+        if ev.dev_id == record.dev_id:    # (another DevId: the device policy decides, later)
+            await self._start_early_targets(session, work, record)
+
+    async def _start_early_targets(self, session: Any, work: SessionWork, record: Device) -> None:
+        """A device that connected on its own runs the task of a job that selected it but
+        whose pacing has not reached it yet (its target moves up to be the job's next; see
+        ``Store.start_job_target``), when the job runs, its stage has room and its window is
+        open.  One index read per session when there is none (the common case)."""
+        job_ids = await self.store.pending_job_targets(record.dev_id)
+        if not job_ids:
+            return
+        now = self.clock()
+        for job_id in job_ids:
+            try:
+                job = await self.store.get_job(job_id)
+            except NotFound:
+                continue
+            if not early_start_allowed(job, record.tz, now):
+                continue
+            task = job_task(job, record.dev_id, now, self.config.task_ttl)
+            created = await self.store.start_job_target(job_id, task, stage_boundary(job))
+            if created is None:
+                continue
+            log.info("device %s connected on its own: its task %s of job %s starts now",
+                     record.dev_id, created.task_id, job_id)
+            await self._start_task(session, work, created)
 
     # --- a task's commands and their answers ---------------------------------------------
 

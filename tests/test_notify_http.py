@@ -206,6 +206,33 @@ def test_a_kept_alive_connection_the_peer_closed_is_replaced():
     assert len(asyncio.run(main())) == 3
 
 
+def test_at_most_max_connections_are_opened():
+    centre = SmsCentre([(200, {})], delay=0.02)
+    peers: set = set()
+    orig = SmsCentre.handle
+
+    async def handle(self, request):
+        peers.add(request.transport.get_extra_info("peername"))
+        return await orig(self, request)
+
+    async def main():
+        runner, url = await serve(centre)
+        try:
+            async with HttpCallbackGateway(url, max_connections=3) as gw:
+                got = await asyncio.gather(*(gw.send("4915112345678", PKG0) for _ in range(20)))
+                assert all(d.state is DeliveryState.ACCEPTED for d in got)
+                assert gw._pool.idle <= 3
+        finally:
+            await runner.cleanup()
+
+    SmsCentre.handle = handle
+    try:
+        asyncio.run(main())
+    finally:
+        SmsCentre.handle = orig
+    assert len(centre.requests) == 20 and 1 <= len(peers) <= 3
+
+
 def test_header_injection_in_configured_headers_is_refused():
     with pytest.raises(ValueError, match="header"):
         HttpCallbackGateway("http://127.0.0.1:9/p", headers={"X-A": "b\r\nX-Evil: 1"})

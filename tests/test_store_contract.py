@@ -916,6 +916,45 @@ def _job_task(tid: str, job: str = "jt", **kw: Any) -> Task:
     return task(tid, job_id=job, dev_id=kw.pop("dev_id", f"IMEI:{tid}"), **kw)
 
 
+def test_a_pending_target_started_early_trades_places(use: Callable[[Body], Any]) -> None:
+    """start_job_target: the device's target becomes the job's next task; the target that
+    was next takes its place; tasks made in order afterwards skip nobody and make nobody
+    twice."""
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="jt", state=JobState.RUNNING))
+        ids = [f"IMEI:{i}" for i in range(6)]
+        await s.add_job_targets("jt", ids)
+        assert await s.pending_job_targets("IMEI:4") == ["jt"]
+        await s.create_job_tasks("jt", 0, [_job_task("a0", dev_id="IMEI:0")])
+        assert await s.pending_job_targets("IMEI:0") == []       # made: not pending
+        early = await s.start_job_target("jt", _job_task("e4", dev_id="IMEI:4"), 6)
+        assert early is not None and early.task_id == "e4"
+        assert await s.job_targets("jt", 0, 10) == ["IMEI:0", "IMEI:4", "IMEI:2", "IMEI:3",
+                                                    "IMEI:1", "IMEI:5"]
+        assert await s.pending_job_targets("IMEI:4") == []
+        assert await s.pending_job_targets("IMEI:1") == ["jt"]
+        j = await s.get_job("jt")
+        assert j.total == 2 and j.counts == {TaskState.PENDING: 2}
+        # a second early start of the same device, or of a made one: nothing
+        assert await s.start_job_target("jt", _job_task("x4", dev_id="IMEI:4"), 6) is None
+        assert await s.start_job_target("jt", _job_task("x0", dev_id="IMEI:0"), 6) is None
+        # the next in order: positions 2.. (IMEI:2, 3, 1, 5) — each once
+        rest = await s.job_targets("jt", 2, 10)
+        await s.create_job_tasks("jt", 2, [_job_task(f"r{i}", dev_id=d) for i, d in enumerate(rest)])
+        assert sorted(t.dev_id for t in (await s.tasks_by_job("jt", limit=100)).items) == sorted(ids)
+        # the stage boundary and the job's state are respected
+        await s.create_job(Job(job_id="j2", state=JobState.RUNNING))
+        await s.add_job_targets("j2", ids)
+        assert await s.start_job_target("j2", _job_task("s5", job="j2", dev_id="IMEI:5"), 0) is None
+        await s.update_job("j2", {"state": JobState.PAUSED})
+        assert await s.start_job_target("j2", _job_task("p5", job="j2", dev_id="IMEI:5"), 6) is None
+        assert (await s.get_job("j2")).total == 0
+        assert await s.pending_job_targets("IMEI:5") == ["j2"]
+        with pytest.raises(ValidationError):
+            await s.start_job_target("j2", _job_task("w", job="jt", dev_id="IMEI:5"), 6)
+    use(body)
+
+
 def test_create_job_tasks_moves_the_counters_in_the_same_write(use: Callable[[Body], Any]) -> None:
     async def body(s: Store) -> None:
         await s.create_job(Job(job_id="jt", state=JobState.RUNNING))

@@ -31,7 +31,7 @@ __all__ = ["HttpCallbackGateway", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 10.0
 MAX_REPLY = 64 * 1024
-DEFAULT_MAX_IDLE = 64        #: kept-alive connections to the SMS centre while idle
+DEFAULT_MAX_CONNECTIONS = 64   #: connections to the SMS centre at most (kept alive)
 
 
 class HttpCallbackGateway(Gateway):
@@ -39,14 +39,14 @@ class HttpCallbackGateway(Gateway):
 
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, guard: UrlGuard | None = None,
-                 max_idle: int = DEFAULT_MAX_IDLE, **kw: object) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.url = url
         self.guard = guard
         self.headers = dict(headers or {})
         self.timeout = timeout
         self._pool = HttpPool(url, headers={"Content-Type": "application/json", **self.headers},
-                              timeout=timeout, guard=guard, max_idle=max_idle,
+                              timeout=timeout, guard=guard, max_connections=max_connections,
                               max_reply=MAX_REPLY)
 
     @staticmethod

@@ -7,8 +7,8 @@ campaign benchmark.  This client does only what that path needs: ``POST`` a byte
 fixed headers on a pooled connection, parse the answer with httptools (the parser the device
 port uses), return ``(status, body)``.
 
-* Connections are kept alive and reused (most recently used first); at most ``max_idle`` stay
-  open while idle.  A request sent on a reused connection that the peer had closed meanwhile
+* At most ``max_connections`` are open; a request waits for a free one beyond that.  They
+  are kept alive and reused (most recently used first).  A request sent on a reused connection that the peer had closed meanwhile
   (no byte of an answer came) is sent once more on a new connection.
 * With a ``guard`` (:class:`dmengine.urlguard.UrlGuard`), every new connection resolves the
   host through it, so each address is checked when connecting (DNS rebinding), and redirects
@@ -19,6 +19,7 @@ port uses), return ``(status, body)``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import ssl
 import urllib.parse
@@ -113,7 +114,7 @@ class HttpPool:
     answer that is not HTTP, and the guard's ``UrlRefused`` for a refused address."""
 
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
-                 timeout: float, guard: UrlGuard | None = None, max_idle: int = 64,
+                 timeout: float, guard: UrlGuard | None = None, max_connections: int = 64,
                  max_reply: int = 64 * 1024, ssl_context: ssl.SSLContext | None = None) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -124,7 +125,9 @@ class HttpPool:
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.guard = guard
         self.timeout = timeout
-        self.max_idle = max_idle
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self.max_connections = max_connections
         self.max_reply = max_reply
         self.ssl = (ssl_context or ssl.create_default_context()) if u.scheme == "https" else None
         target = u.path or "/"
@@ -137,7 +140,9 @@ class HttpPool:
                 raise ValueError(f"bad HTTP header {name!r}")
             lines.append(f"{name}: {value}")
         self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
-        self._idle: list[_Conn] = []
+        self._idle: list[_Conn] = []          # kept alive, most recently used last
+        self._busy = 0                        # connections (or slots for one) in use
+        self._waiters: collections.deque[asyncio.Future[_Conn | None]] = collections.deque()
         self._closed = False
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
@@ -145,30 +150,61 @@ class HttpPool:
             raise GatewayError("the gateway's HTTP client is closed", retryable=False)
         data = b"".join((self._head, b"Content-Length: %d\r\n\r\n" % len(body), body))
         async with asyncio.timeout(self.timeout):
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.closed:
-                    continue
-                try:
-                    return await self._exchange(conn, data)
-                except OSError:
-                    if conn.got_bytes:
-                        raise                     # the peer answered something: no replay
-                    # a kept-alive connection the peer had closed: try a new one
-            conn = await self._connect()
-            return await self._exchange(conn, data)
+            conn = await self._acquire()
+            try:
+                if conn is not None:
+                    try:
+                        return await self._exchange(conn, data)
+                    except OSError:
+                        if conn.got_bytes:
+                            raise                 # the peer answered something: no replay
+                        # a kept-alive connection the peer had closed: try a new one
+                conn = await self._connect()
+                return await self._exchange(conn, data)
+            finally:
+                self._release(conn)
+
+    async def _acquire(self) -> _Conn | None:
+        """A kept-alive connection, or None: the caller opens one.  Waits while
+        ``max_connections`` are busy (an SMS centre is not handed hundreds of sockets)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                self._busy += 1
+                return conn
+        if self._busy >= self.max_connections:
+            w: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(w)
+            try:
+                return await w                    # handed over by _release, already counted
+            except BaseException:
+                if w.done() and not w.cancelled():
+                    self._release(w.result())     # handed over as we gave up: pass it on
+                elif w in self._waiters:
+                    self._waiters.remove(w)
+                raise
+        self._busy += 1
+        return None
+
+    def _release(self, conn: _Conn | None) -> None:
+        usable = conn is not None and conn.reusable and not conn.closed and not self._closed
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(conn if usable else None)   # the slot goes to the waiter
+                return
+        self._busy -= 1
+        if usable and len(self._idle) < self.max_connections:
+            self._idle.append(conn)                      # type: ignore[arg-type]
+        elif conn is not None:
+            conn.close()
 
     async def _exchange(self, conn: _Conn, data: bytes) -> tuple[int, bytes]:
         try:
-            answer = await conn.request(data)
+            return await conn.request(data)
         except BaseException:
             conn.close()
             raise
-        if conn.reusable and not self._closed and len(self._idle) < self.max_idle:
-            self._idle.append(conn)
-        else:
-            conn.close()
-        return answer
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -190,6 +226,11 @@ class HttpPool:
 
     async def close(self) -> None:
         self._closed = True
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_exception(GatewayError("the gateway's HTTP client is closed",
+                                             retryable=False))
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

@@ -225,6 +225,20 @@ class Store(abc.ABC):
         move in the same write."""
 
     @abc.abstractmethod
+    async def pending_job_targets(self, dev_id: str) -> list[str]:
+        """Ids of the jobs that selected the device and have not made its task yet (a job
+        that ended meanwhile may be among them: the caller checks the job)."""
+
+    @abc.abstractmethod
+    async def start_job_target(self, job_id: str, task: Task, boundary: int) -> Task | None:
+        """Makes the task of ``task.dev_id``'s pending target of a RUNNING job now, ahead of
+        the job's order (the device connected on its own): in one write, its target trades
+        places with the next one to be made, so the job's order of the others is kept, and
+        the task is created as that next one.  None when the job is not RUNNING, has made
+        ``boundary`` tasks already (its stage is full), or has no pending target of the
+        device."""
+
+    @abc.abstractmethod
     async def claim_due(self, now: float, limit: int, lease: float) -> list[Task]:
         """Up to ``limit`` tasks due at ``now`` (as ``tasks_due``), each claimed: its
         ``next_attempt`` moves to ``now + lease`` in the same write, so no other claimer gets

@@ -22,6 +22,7 @@ way the queries read them; times are microseconds)::
     jobs         job_id → Job                 job_date    u64(created) job_id → ""
     job_state    state \\0 job_id → ""          (the scheduler's pass reads only open jobs)
     job_targets  job \\0 u64(n) → dev_id       (the devices a job selected, n = 0, 1, …)
+    dev_targets  dev_id \\0 job → u64(n)       (a target whose task is not made yet)
     content      content_id → Content
     outbox       entry_id → OutboxEntry       outbox_due  u64(due) entry_id → ""
     audit        u64(seq) → AuditEntry
@@ -63,7 +64,8 @@ R = TypeVar("R")
 
 DBS = ("meta", "devices", "dev_msisdn", "dev_imei", "dev_tac", "dev_cap", "caps", "cap_tac",
        "tasks", "task_job", "task_jstate", "task_dev", "task_corr", "task_due", "task_dl",
-       "history", "jobs", "job_date", "job_state", "job_targets", "content", "outbox",
+       "history", "jobs", "job_date", "job_state", "job_targets", "dev_targets", "content",
+       "outbox",
        "outbox_due", "audit",
        "api_keys", "api_key_hash", "users", "sessions", "session_exp",
        "subs", "sub_topic", "dead", "charging")
@@ -974,6 +976,7 @@ class KVStore(Store):
             n = j.targets
             for i, did in enumerate(ids):
                 ctx.put("job_targets", jkey + SEP + u64(n + i), did)
+                ctx.put("dev_targets", did + SEP + jkey, u64(n + i))
             j.targets = n + len(ids)
             j.updated = ctx.now
             return j.targets
@@ -1013,7 +1016,50 @@ class KVStore(Store):
             for t in tasks:
                 if ctx.txn.get("tasks", _e(t.task_id)) is not None:
                     raise AlreadyExists("task", t.task_id)
-            return [self._create_task_body(ctx, t) for t in tasks]
+            jkey = _e(job_id)
+            out = []
+            for t in tasks:
+                out.append(self._create_task_body(ctx, t))
+                ctx.delete("dev_targets", _e(t.dev_id) + SEP + jkey)
+            return out
+        return await self._write(op)
+
+    async def pending_job_targets(self, dev_id: str) -> list[str]:
+        prefix = _e(dev_id) + SEP
+        if len(prefix) > MAX_KEY:
+            return []
+
+        def fn(txn: KVTxn) -> list[str]:
+            return [k[len(prefix):].decode()
+                    for k, _ in txn.scan("dev_targets", prefix, prefix_end(prefix))]
+        return await self._read(fn)
+
+    async def start_job_target(self, job_id: str, task: Task, boundary: int) -> Task | None:
+        if task.job_id != job_id:
+            raise ValidationError(f"the task is not of job {job_id}", where="$.job_id")
+        model.validate(task)
+        jkey, dkey = _e(job_id), _e(task.dev_id)
+
+        def op(ctx: WriteCtx) -> Task | None:
+            raw = ctx.txn.get("dev_targets", dkey + SEP + jkey)
+            if raw is None:
+                return None
+            j = ctx.job(job_id)
+            if j.state != JobState.RUNNING or j.total >= min(boundary, j.targets):
+                return None
+            pos, nxt = int.from_bytes(raw, "big"), j.total
+            if pos < nxt:          # made already (an index entry left behind): forget it
+                ctx.delete("dev_targets", dkey + SEP + jkey)
+                return None
+            if pos != nxt:         # trade places with the next target to be made
+                other = ctx.txn.get("job_targets", jkey + SEP + u64(nxt))
+                if other is None:
+                    raise StoreError(f"job {job_id} has no target {nxt}")
+                ctx.put("job_targets", jkey + SEP + u64(pos), other)
+                ctx.put("job_targets", jkey + SEP + u64(nxt), dkey)
+                ctx.put("dev_targets", other + SEP + jkey, u64(pos))
+            ctx.delete("dev_targets", dkey + SEP + jkey)
+            return self._create_task_body(ctx, task)
         return await self._write(op)
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[Task]:
