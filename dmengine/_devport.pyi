@@ -86,13 +86,24 @@ class ConnBase:
     def on_message_complete(self) -> None: ...
     def _pump(self) -> None: ...
     def _write_reply(self, out: bytes, req: Req, *, close: bool = ...) -> None: ...
-    flusher: Flusher | None
+    shared: Port
 
     def flush_out(self) -> None: ...
     def drop_out(self) -> None: ...
 
 
-class Flusher:
-    """Replies written during one loop turn go out together at its end."""
+class Port:
+    """What every connection of one server reads or counts on each request."""
 
-    def run(self) -> None: ...
+    pending: int
+    max_pending: int
+    max_sessions: int
+    draining: bool
+    path: bytes
+    prefix: bytes
+    sessions: dict[str, Any]
+    get_routes: dict[str, Any]
+    bases: dict[bytes | None, str]
+    public_url: str | None
+
+    def __init__(self, server: Any) -> None: ...

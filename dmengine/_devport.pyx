@@ -8,7 +8,9 @@ with everything else (connection set-up and loss, flow control, errors, GET rout
 file parts, timeouts); ``_pump`` calls back into it for the uncommon requests and for a
 request whose coroutine has to wait (``_spawn_request``).  ``Req`` is one HTTP request.
 """
+from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.ref cimport Py_XDECREF
 
 import logging
 
@@ -53,6 +55,16 @@ cdef object _ParserCallbackError = httptools.HttpParserCallbackError
 cdef object _ParserUpgrade = httptools.HttpParserUpgrade
 cdef object _ParserError = httptools.HttpParserError
 cdef double _INF = float("inf")
+
+
+cdef extern from "Python.h":
+    # Python >= 3.10: a coroutine's return value without a StopIteration (and its
+    # traceback) per request
+    ctypedef enum PySendResult:
+        PYGEN_RETURN
+        PYGEN_ERROR
+        PYGEN_NEXT
+    PySendResult PyIter_Send(object iter, object arg, PyObject **presult) except? PYGEN_ERROR
 
 
 def accepts_utf8(value: bytes) -> bool:
@@ -110,32 +122,29 @@ cdef class Req:
         # and part (GET: (path, offset, length) sent after the head) start as None
 
 
-cdef class Flusher:
-    """Replies written during one turn of the event loop go out together at its end (one
-    ``call_soon`` per turn): a device that sent several requests, or several devices, get
-    their answers in one burst instead of one wake-up of theirs per answer."""
+cdef class Port:
+    """What every connection of one ``DmServer`` reads or counts on each request, in C fields:
+    the server's own attributes are a Python instance's (a dictionary look-up after a walk of
+    its class's MRO each).  The dicts are the server's own objects, shared, not copies;
+    ``DmServer.pending`` and ``draining`` read and write ``pending`` and ``draining`` here."""
 
-    cdef list conns
-    cdef bint scheduled
+    cdef public Py_ssize_t pending      # requests received and not yet answered, all conns
+    cdef public Py_ssize_t max_pending, max_sessions
+    cdef public bint draining
+    cdef public bytes path, prefix      # the DM path and the RespURI prefix (path + "/")
+    cdef public dict sessions, get_routes, bases
+    cdef public object public_url
 
-    def __cinit__(self):
-        self.conns = []
-        self.scheduled = False
-
-    cdef add(self, ConnBase conn, loop):
-        self.conns.append(conn)
-        if not self.scheduled:
-            self.scheduled = True
-            loop.call_soon(self.run)
-
-    def run(self):
-        """Writes what every connection queued (in the order they queued it)."""
-        cdef ConnBase conn
-        conns = self.conns
-        self.conns = []
-        self.scheduled = False
-        for conn in conns:
-            conn.flush_out()
+    def __init__(self, server):
+        cfg = server.config
+        self.path = server._path
+        self.prefix = server._prefix
+        self.sessions = server.sessions
+        self.get_routes = server.get_routes
+        self.bases = server._bases
+        self.public_url = cfg.public_url
+        self.max_pending = cfg.max_pending
+        self.max_sessions = cfg.max_sessions
 
 
 cdef class ConnBase:
@@ -145,8 +154,10 @@ cdef class ConnBase:
     # the peer's key (server._address_key: an IPv6 peer by its /64) for the per-address caps
     # and the authentication backoff; None when it is not known
     cdef public object address
-    cdef public Flusher flusher
-    cdef list out                      # replies queued for the end of this loop turn
+    cdef public Port shared            # the server's per-request state (Port)
+    # replies answered during this pump, written together when it ends (pipelined requests
+    # read together are answered with one write)
+    cdef list out
     cdef public bint busy, in_headers, closing, paused, write_paused, dropped, sending
     # a 100 Continue owed to the request being read, held back until the replies to the
     # requests before it are out (an interim response before them would read as theirs)
@@ -178,7 +189,7 @@ cdef class ConnBase:
         else:
             if self.in_headers and self.raw_hdr > self._max_hdr:
                 self._fail(431, b"request header block too large\n")
-        self._pump()
+        self._pump_queue()
 
     # --- httptools callbacks -------------------------------------------------------------------
 
@@ -195,7 +206,7 @@ cdef class ConnBase:
         path = req.path = req.path + url
         if len(path) > self._max_hdr:
             raise HttpLimit(431, "request line too long")
-        if self.server.get_routes and req.headers is None \
+        if self.shared.get_routes and req.headers is None \
                 and self.parser.get_method() in (b"GET", b"HEAD"):
             req.headers = {}       # extra GET routes see all headers (Range, If-Range, …)
 
@@ -230,8 +241,7 @@ cdef class ConnBase:
 
     def on_headers_complete(self):
         cdef Req req = self.req
-        srv = self.server
-        cfg = srv.config
+        cdef Port shared = self.shared
         self.in_headers = False
         self.hdr_bytes = self.raw_hdr = 0
         parser = self.parser
@@ -244,7 +254,7 @@ cdef class ConnBase:
             path = path.split(b"?", 1)[0]
         if req.reply is not None:          # 406 from Accept-Charset
             self._count(406)
-        elif method == b"POST" and (path == srv._path or path.startswith(srv._prefix)):
+        elif method == b"POST" and (path == shared.path or path.startswith(shared.prefix)):
             ctype = req.ctype
             encoding = _ENCODING_BY_BTYPE.get(ctype)
             if encoding is None:           # parameters, spaces or another spelling
@@ -258,9 +268,10 @@ cdef class ConnBase:
             elif req.clen > self._max_body:
                 self._count(413)
                 raise HttpLimit(413, f"body larger than {self._max_body} bytes")
-            elif srv.pending >= cfg.max_pending:
+            elif shared.pending >= shared.max_pending:
                 req.reply = self._overloaded("pending")
-            elif path == srv._path and (len(srv.sessions) >= cfg.max_sessions or srv.draining):
+            elif path == shared.path and (len(shared.sessions) >= shared.max_sessions
+                                          or shared.draining):
                 req.reply = self._overloaded("sessions")
             else:
                 req.body = b""            # on_body keeps the first chunk as it is
@@ -268,12 +279,12 @@ cdef class ConnBase:
                     if self.queue or self.busy:
                         self.continue_owed = True     # after the earlier replies
                     else:
-                        self.flush_out()
+                        self._flush()
                         self.transport.write(_CONTINUE)
         elif method in (b"GET", b"HEAD") and self._route(path) is not None:
             if req.headers is None:
                 req.headers = {}
-        elif path == srv._path or path.startswith(srv._prefix):
+        elif path == shared.path or path.startswith(shared.prefix):
             req.reply = http(405, b"method not allowed\n", close=not req.keep_alive,
                              extra=[("Allow", "POST")])
             self._count(405)
@@ -319,89 +330,101 @@ cdef class ConnBase:
                 self.paused = True
                 self.transport.pause_reading()
         queue.append(req)
-        srv = self.server
-        srv.pending += 1
+        self.shared.pending += 1
 
     # --- processing ----------------------------------------------------------------------------
 
     def _pump(self):
-        """Answer queued requests in order while they finish without waiting."""
+        """Answer queued requests in order while they finish without waiting; write the
+        answers."""
+        self._pump_queue()
+
+    cdef _pump_queue(self):
+        self._answer_queue()
+        if self.out is not None:
+            # what this pump answered goes out in one write (several pipelined requests of
+            # one read: one write); no later flush in the loop turn, which would cost an
+            # idle loop iteration per request on a server that is not saturated
+            self._flush()
+
+    cdef _answer_queue(self):
         cdef Req req
+        cdef Port shared = self.shared
+        cdef PyObject* res = NULL
+        cdef PySendResult sent
         queue = self.queue
         while queue and not self.busy and not self.write_paused:
             req = queue[0]
             if req.reply is not None:
-                self._write_reply(req.reply, req)
+                self._reply(req.reply, req, False)
                 continue
             srv = self.server
-            if req.method == b"POST" and req.path == srv._path:    # the common case
-                base = srv._bases.get(req.host) if srv.config.public_url is None else None
+            if req.method == b"POST" and req.path == shared.path:    # the common case
+                base = shared.bases.get(req.host) if shared.public_url is None else None
                 coro = srv.handle_dm(req, req.encoding or "xml", None,
                                      base or srv.base_url(req.host), self.address)
             else:
                 coro = self._process(req)
             try:
-                first = coro.send(None)
-            except StopIteration as stop:
-                self._write_reply(stop.value, req)
-                continue
+                sent = PyIter_Send(coro, None, &res)
             except Exception:
                 log.exception("request failed")
-                self._write_reply(http(500, b"internal error\n", close=True), req, close=True)
+                self._reply(http(500, b"internal error\n", close=True), req, True)
+                continue
+            value = <object>res
+            Py_XDECREF(res)
+            res = NULL
+            if sent == PYGEN_RETURN:
+                self._reply(value, req, False)
                 continue
             self.busy = True
-            self._spawn_request(coro, first, req)
+            self._spawn_request(coro, value, req)
             return
         if queue or self.busy:
             return
         if self.closing:
             if self.transport is not None:
-                self.flush_out()
+                self._flush()
                 self.transport.close()
         elif self.state == _IDLE:
             if self.deadline == _INF:
                 # idle from now (the last request is answered): keep-alive runs.  Not
                 # restarted by reads that start no request (the parser skips blank lines)
                 self.deadline = self._loop.time() + self._keepalive
-            if self.server.draining:
+            if shared.draining:
                 self.close_if_idle()
 
     def _write_reply(self, out, Req req, *, bint close=False):
+        """Answers ``req`` (the head of the queue) with ``out``; the next pump writes it."""
+        self._reply(out, req, close)
+
+    cdef _reply(self, out, Req req, bint close):
         queue = self.queue
-        srv = self.server
         if queue and queue[0] is req:
             queue.popleft()
             if not self.dropped:
-                srv.pending -= 1
+                self.shared.pending -= 1
         transport = self.transport
-        metrics = srv.metrics
+        metrics = self.server.metrics
         if metrics is not None and req.t0:
             metrics.observe_latency(self._loop.time() - req.t0)
         if transport is None or transport.is_closing():
             return
         if not (close or req.close_after or not req.keep_alive):
-            # the usual answer: out at the end of this loop turn, with the others
+            # the usual answer: out when this pump ends, with the others it answers
             if self.out is None:
                 self.out = [out]
-                flusher = self.flusher
-                if flusher is not None:
-                    flusher.add(self, self._loop)
-                else:
-                    self.flush_out()
             else:
                 self.out.append(out)
             if self.continue_owed and not queue:
                 # every request before the one being read is answered: its 100 Continue now
                 self.continue_owed = False
-                if self.out is None:
-                    transport.write(_CONTINUE)
-                else:
-                    self.out.append(_CONTINUE)
+                self.out.append(_CONTINUE)
             if self.paused and len(queue) <= self._max_pipeline // 2:
                 self.paused = False
                 transport.resume_reading()
             return
-        self.flush_out()
+        self._flush()
         transport.write(out)
         if close or req.close_after or not req.keep_alive:
             if req.part is not None and not close:
@@ -415,9 +438,12 @@ cdef class ConnBase:
             self.paused = False
             transport.resume_reading()
 
-    cpdef flush_out(self):
-        """Writes the replies queued for the end of this loop turn (before anything else is
-        written or the connection closes)."""
+    def flush_out(self):
+        """Writes the answers queued by this pump (before anything else is written or the
+        connection closes)."""
+        self._flush()
+
+    cdef _flush(self):
         out = self.out
         if out is None:
             return

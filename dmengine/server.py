@@ -47,7 +47,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import httptools
 
-from ._devport import ENCODING_BY_TYPE, ConnBase, Flusher
+from ._devport import ENCODING_BY_TYPE, ConnBase, Port
 from .logs import session_label
 from ._devport import HEADER_LENGTHS as _HEADER_LENGTHS  # noqa: F401  (kept for importers)
 from ._devport import HEADERS as _HEADERS  # noqa: F401
@@ -343,7 +343,6 @@ class DmServer(ServerCore):
         self.connections: set[DeviceConnection] = set()
         #: open connections per peer address (``_address_key``); an address leaves at zero
         self.connections_by_address: dict[str, int] = {}
-        self.pending = 0
         self.draining = False
         self.get_routes: dict[str, GetRoute] = {}
         self._session_factory = session_factory
@@ -352,7 +351,6 @@ class DmServer(ServerCore):
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._flusher = Flusher()    # replies go out together at the end of a loop turn
         self._session_config: Any = config.session_config
         self._session_configs: dict[str, Any] = {}
         self._on_closed = getattr(handler, "on_session_closed", None)
@@ -365,6 +363,18 @@ class DmServer(ServerCore):
         self.scheme = "https" if (config.tls_cert or config.ssl_context) else "http"
         self.port: int | None = None
         self._bases: dict[bytes | None, str] = {}
+        #: what every connection reads and counts on each request, in C fields (pending
+        #: requests, the path, the caps, the dicts above)
+        self._port = Port(self)
+
+    @property
+    def pending(self) -> int:
+        """Requests received and not yet answered, over all connections."""
+        return self._port.pending
+
+    @pending.setter
+    def pending(self, n: int) -> None:
+        self._port.pending = n
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -410,7 +420,7 @@ class DmServer(ServerCore):
         """Stop accepting; let running DM sessions finish up to ``deadline`` seconds; close."""
         if deadline is None:
             deadline = self.config.shutdown_deadline
-        self.draining = True
+        self.draining = self._port.draining = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -726,7 +736,7 @@ class DeviceConnection(ConnBase, asyncio.Protocol):
         self.sending = False      # a file part is being sent (the connection is busy)
         self.writable: asyncio.Future[None] | None = None   # the part sender waits on it
         self._loop = server._loop
-        self.flusher = getattr(server, "_flusher", None)
+        self.shared = server._port
         cfg = server.config              # limits read on every request: cached once
         self._max_hdr = cfg.max_header_bytes
         self._max_body = cfg.max_body
