@@ -83,6 +83,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
+from ._metrics import LATENCY_BOUNDS, SESSION_BOUNDS, DeviceCounters
 from .model import JobState, TaskState
 
 __all__ = ["DeviceMetrics", "TaskMetrics", "WorkGauges", "WebhookMetrics", "StoreMetrics",
@@ -94,12 +95,11 @@ log = logging.getLogger("dmengine.metrics")
 ENCODINGS = ("xml", "wbxml")
 
 #: request latency buckets, seconds: a DM message normally takes well under a millisecond in
-#: the server; the tail covers handler hooks that wait on the store.
-LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0)
-#: whole DM sessions: a few round trips over a mobile network, up to downloads and users
-#: answering opt-in questions
-SESSION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+#: the server; the tail covers handler hooks that wait on the store.  Whole DM sessions: a
+#: few round trips over a mobile network, up to downloads and users answering opt-in
+#: questions.  (Defined in the compiled counters, dmengine/_metrics.pyx.)
+LATENCY_BUCKETS: tuple[float, ...] = LATENCY_BOUNDS
+SESSION_BUCKETS: tuple[float, ...] = SESSION_BOUNDS
 #: the scheduler: from a task being due to its package #0 handed to the gateway; and a pass
 SCHEDULER_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                      60.0, 300.0)
@@ -144,6 +144,14 @@ class Histo:
         return HistogramMetricFamily(name, doc, buckets=self.cumulative(), sum_value=self.total)
 
 
+def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int],
+               total: float) -> HistogramMetricFamily:
+    h = Histo(bounds)
+    h.counts = list(counts)
+    h.total = total
+    return h.family(name, doc)
+
+
 def _num(bound: float) -> str:
     return repr(float(bound))
 
@@ -167,6 +175,8 @@ def _counter(name: str, doc: str, labels: Sequence[str],
 
 class _Collector:
     """Families are produced at scrape time; ``describe`` returns none (no clash checks)."""
+
+    __slots__ = ()
 
     def describe(self) -> list[Metric]:
         return []
@@ -207,70 +217,28 @@ def auth_cause(reason: str | None) -> str:
     return "other"
 
 
-class DeviceMetrics(_Collector):
+class DeviceMetrics(DeviceCounters, _Collector):
     """The device port's metrics, registered on ``registry`` as one collector.
 
+    The per-message counters (messages and bytes by encoding, sessions started, ended and in
+    flight, connections, the request-latency and session-time histograms) live in the
+    compiled base :class:`dmengine._metrics.DeviceCounters`; the rare events here.
     ``prefix`` lets a process with several device ports keep them apart.
     """
+
+    # no instance dict: the hot methods are found on the type without a dict lookup first
+    __slots__ = ("registry", "prefix", "rejections", "cut_offs", "auth_failures",
+                 "codec_errors", "errors")
 
     def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
         self.registry = registry
         self.prefix = prefix + "_device"
-        self.msg_in = dict.fromkeys(ENCODINGS, 0)
-        self.msg_out = dict.fromkeys(ENCODINGS, 0)
-        self.bytes_in = dict.fromkeys(ENCODINGS, 0)
-        self.bytes_out = dict.fromkeys(ENCODINGS, 0)
-        self.started = 0
-        self.ended: dict[str, int] = {}
-        self.in_flight = 0
-        self.connections = 0
         self.rejections: dict[str, int] = {}
         self.cut_offs: dict[str, int] = {}
         self.auth_failures: dict[tuple[str, str], int] = {}     # (scheme, cause) -> n
         self.codec_errors = dict.fromkeys(ENCODINGS, 0)
         self.errors: dict[str, int] = {}
-        self.latency = Histo(LATENCY_BUCKETS)
-        self.sessions = Histo(SESSION_BUCKETS)
         registry.register(self)
-
-    # kept for the callers that read them (benchmarks, older tests)
-    @property
-    def buckets(self) -> list[int]:
-        return self.latency.counts
-
-    @property
-    def latency_sum(self) -> float:
-        return self.latency.total
-
-    # --- the hot path ----------------------------------------------------------------------
-
-    def message_in(self, encoding: str, nbytes: int) -> None:
-        self.msg_in[encoding] += 1
-        self.bytes_in[encoding] += nbytes
-
-    def message_out(self, encoding: str, nbytes: int) -> None:
-        self.msg_out[encoding] += 1
-        self.bytes_out[encoding] += nbytes
-
-    def session_started(self) -> float:
-        """Counts a new session; returns its start (monotonic), which the session table keeps
-        for :meth:`session_ended`."""
-        self.started += 1
-        self.in_flight += 1
-        return time.monotonic()
-
-    def session_ended(self, reason: str, started: float = 0.0) -> None:
-        """``started``: what :meth:`session_started` returned (0: unknown, not timed)."""
-        self.ended[reason] = self.ended.get(reason, 0) + 1
-        self.in_flight -= 1
-        if started > 0.0:
-            self.sessions.observe(time.monotonic() - started)
-
-    def connection_opened(self) -> None:
-        self.connections += 1
-
-    def connection_closed(self) -> None:
-        self.connections -= 1
 
     def rejected(self, cap: str) -> None:
         self.rejections[cap] = self.rejections.get(cap, 0) + 1
@@ -292,18 +260,16 @@ class DeviceMetrics(_Collector):
         key = str(status)
         self.errors[key] = self.errors.get(key, 0) + 1
 
-    def observe_latency(self, seconds: float) -> None:
-        self.latency.observe(seconds)
-
     # --- the collector ---------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix
+        c = self.counts()
         for name, doc, values in (
-                ("messages_received", "DM messages received from devices", self.msg_in),
-                ("messages_sent", "DM messages sent to devices", self.msg_out),
-                ("received_bytes", "DM message body bytes received", self.bytes_in),
-                ("sent_bytes", "DM message body bytes sent", self.bytes_out),
+                ("messages_received", "DM messages received from devices", c["msg_in"]),
+                ("messages_sent", "DM messages sent to devices", c["msg_out"]),
+                ("received_bytes", "DM message body bytes received", c["bytes_in"]),
+                ("sent_bytes", "DM message body bytes sent", c["bytes_out"]),
                 ("codec_errors", "request bodies that are not a DM message (400), by encoding",
                  self.codec_errors)):
             yield _counter(f"{p}_{name}", doc, ["encoding"], values)
@@ -324,10 +290,12 @@ class DeviceMetrics(_Collector):
                        ["reason"], self.cut_offs)
         yield _counter(f"{p}_http_errors", "requests answered with an HTTP error", ["status"],
                        self.errors)
-        yield self.latency.family(f"{p}_request_seconds",
-                                  "time from a complete request to its reply being written")
-        yield self.sessions.family(f"{p}_session_seconds",
-                                   "whole DM sessions: first message to the session's end")
+        yield _histogram(f"{p}_request_seconds",
+                         "time from a complete request to its reply being written",
+                         LATENCY_BUCKETS, self.buckets, self.latency_sum)
+        yield _histogram(f"{p}_session_seconds",
+                         "whole DM sessions: first message to the session's end",
+                         SESSION_BUCKETS, self.session_buckets, self.session_sum)
 
 
 # --- the work ----------------------------------------------------------------------------------

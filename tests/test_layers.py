@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "_decimal": 0,
     "_wbxml": 1, "_xml": 1, "xmlcodec": 1, "codec": 1,
     "_events": 0, "events": 2, "_account": 2, "auth": 2, "_session": 2,
-    "server": 3, "_devport": 3, "_dmcore": 3, "store": 3, "notify": 3, "metrics": 3,
+    "server": 3, "_devport": 3, "_dmcore": 3, "store": 3, "notify": 3, "metrics": 3, "_metrics": 3,
     "authguard": 3, "supervised": 3, "urlguard": 3,
     "broker": 4, "tasks": 4, "commands": 4, "sessions": 4, "config": 4, "bulk": 4, "devices": 4, "content": 4, "scheduler": 4, "webhooks": 4,
     "charging": 4, "bootstrap": 4, "identity": 4,

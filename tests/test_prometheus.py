@@ -40,6 +40,7 @@ def query(port: int, expr: str) -> list[dict]:
 @pytest.fixture
 def prometheus_for(tmp_path):
     procs: list[subprocess.Popen] = []
+    logs: list = []
 
     def start(target_port: int) -> int:
         assert pathlib.Path(PROMETHEUS).exists(), \
@@ -51,10 +52,13 @@ def prometheus_for(tmp_path):
             "scrape_configs:\n"
             "  - job_name: dmengine\n"
             f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n")
+        # its log goes to a file (a pipe nobody reads could fill and stall it)
+        log = open(tmp_path / "prometheus.log", "wb")
+        logs.append(log)
         p = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}",
                               f"--storage.tsdb.path={tmp_path / 'data'}",
                               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=log)
         procs.append(p)
         return port
 
@@ -66,6 +70,8 @@ def prometheus_for(tmp_path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    for f in logs:
+        f.close()
 
 
 def test_prometheus_scrapes_device_and_task_counters(tmp_path, prometheus_for):
