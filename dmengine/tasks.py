@@ -118,7 +118,10 @@ class Tasks:
         return await self.store.open_tasks_for_device(dev_id)
 
     async def cancel(self, task_id: str, cause: str) -> Task:
-        task = await self.store.get_task(task_id)
+        try:
+            task = await self.store.get_task(task_id)
+        except NotFound:       # as get(): the 404 names the field, like the 409 below
+            raise UnknownResource(f"no task {task_id!r}", where="taskId") from None
         if task.state in FINAL_TASK_STATES:
             raise ServiceError(f"task {task_id} is already {task.state.value}", where="taskId")
         return await self.move(task_id, S.CANCELLED, task=task, cause=cause,

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import strategies
-from conftest import BENCH_MESSAGES, VECTORS
+from conftest import BENCH_MESSAGES, VECTORS, shared_files
 from dmengine import _wbxml, codec, xmlcodec
 from dmengine.errors import CodecError, UnsupportedContentType
 from dmengine.message import Command, Element, Item, Message, Meta, SyncHdr
 
-PAIRS = sorted((p, p.with_suffix(".wbxml")) for p in list(VECTORS.glob("*.xml")) + list(BENCH_MESSAGES.glob("*.xml"))
+PAIRS = sorted((p, p.with_suffix(".wbxml")) for p in shared_files(VECTORS, "*.xml") + shared_files(BENCH_MESSAGES, "*.xml")
                if not p.name.startswith("bad-"))
 XML2WBXML = shutil.which("xml2wbxml") or "/usr/bin/xml2wbxml"
 WBXML2XML = shutil.which("wbxml2xml") or "/usr/bin/wbxml2xml"

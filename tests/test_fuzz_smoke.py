@@ -27,6 +27,10 @@ def test_short_fuzz_run():
     # the inputs really went through the WBXML decoder, both ways out
     assert int(stats["wbxml_ok"]) > 100 and int(stats["wbxml_codec_error"]) > 100
     assert int(stats["wbxml_ok"]) + int(stats["wbxml_codec_error"]) == 20000
+    # … and through the XML decoder: run.py fuzzes it only when dmengine.xmlcodec imports, so
+    # an XML half that failed to import would otherwise pass unnoticed
+    assert int(stats["xml_ok"]) > 100 and int(stats["xml_codec_error"]) > 100
+    assert int(stats["xml_ok"]) + int(stats["xml_codec_error"]) == 20000
     assert "Done 20000 runs" in out
 
 
@@ -36,6 +40,7 @@ def harness():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.WBXML_SEEDS.extend(mod.load_seeds("wbxml"))
+    assert mod.xmlcodec is not None, "fuzz/run.py could not import dmengine.xmlcodec"
     return mod
 
 

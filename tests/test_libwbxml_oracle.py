@@ -21,7 +21,7 @@ from lxml import etree
 from dmengine import _wbxml
 from dmengine.message import Element, Message
 
-from conftest import BENCH_MESSAGES, VECTORS
+from conftest import BENCH_MESSAGES, VECTORS, shared_files
 
 SYNCML = "SYNCML:SYNCML1.2"
 METINF = "syncml:metinf"
@@ -32,8 +32,8 @@ DEVINF_WBXML = "application/vnd.syncml-devinf+wbxml"
 DEVINF_XML = "application/vnd.syncml-devinf+xml"
 WBXML_TO_XML_TYPE = {TNDS_WBXML: TNDS_XML, DEVINF_WBXML: DEVINF_XML}
 
-XML_SOURCES = sorted(p for p in VECTORS.glob("*.xml") if not p.name.startswith("bad-")) + sorted(
-    BENCH_MESSAGES.glob("*.xml"))
+XML_SOURCES = [p for p in shared_files(VECTORS, "*.xml") if not p.name.startswith("bad-")] + \
+    shared_files(BENCH_MESSAGES, "*.xml")
 
 # A Results with a TNDS object in Data (Type dmtnds+xml): libwbxml compiles the tree into a
 # nested WBXML document; this exercises our nested-document decode and encode against it.

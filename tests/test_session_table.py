@@ -176,7 +176,70 @@ def device_for(state, inp):
     return Device(require=require, max_auth=max_auth)
 
 
-ROWS = sorted(TRANSITIONS.items())
+# The rows that matter, written down from PROTOCOL.md and not read from TRANSITIONS (issue 18: a
+# test that takes its expectations from the table it checks cannot notice a wrong row).
+EXPECTED = {
+    # package 1 starts the session; a package 1 in several messages asks for the rest first
+    (S.IDLE, I.START): (A.START, S.OWE_PACKAGE),
+    (S.IDLE, I.START_PARTIAL): (A.START, S.OWE_NEXT),
+    # wrong or missing credentials in package 1: challenge (401/407 + Chal), and the retry
+    # after the challenge starts the session; too many failures end it
+    (S.IDLE, I.AUTH_FAIL): (A.CHALLENGE, S.OWE_CHALLENGE),
+    (S.IDLE, I.AUTH_EXHAUSTED): (A.AUTH_END, S.OWE_AUTH_END),
+    (S.OWE_CHALLENGE, I.SEND_CHALLENGE): (A.SENT, S.AUTH_PENDING),
+    (S.AUTH_PENDING, I.START): (A.START, S.OWE_PACKAGE),
+    (S.AUTH_PENDING, I.AUTH_FAIL): (A.CHALLENGE, S.OWE_CHALLENGE),
+    (S.AUTH_PENDING, I.AUTH_EXHAUSTED): (A.AUTH_END, S.OWE_AUTH_END),
+    # once in session, a message that fails authentication ends the session (no new challenge)
+    (S.WAIT_CLIENT, I.AUTH_FAIL): (A.AUTH_END, S.OWE_AUTH_END),
+    (S.WAIT_NEXT_REQUEST, I.AUTH_FAIL): (A.AUTH_END, S.OWE_AUTH_END),
+    (S.CLIENT_STREAMING, I.AUTH_FAIL): (A.AUTH_END, S.OWE_AUTH_END),
+    (S.OWE_AUTH_END, I.SEND_END): (A.SENT, S.ENDED),
+    # our package: complete (wait for the client's), in several messages (wait for 1222), or
+    # nothing left to say (the session ends)
+    (S.OWE_PACKAGE, I.SEND_FINAL): (A.SENT, S.WAIT_CLIENT),
+    (S.OWE_PACKAGE, I.SEND_PARTIAL): (A.SENT, S.WAIT_NEXT_REQUEST),
+    (S.OWE_PACKAGE, I.SEND_END): (A.SENT, S.ENDED),
+    (S.WAIT_NEXT_REQUEST, I.NEXT): (A.PROCESS, S.OWE_CONTINUATION),
+    (S.OWE_CONTINUATION, I.SEND_FINAL): (A.SENT, S.WAIT_CLIENT),
+    (S.OWE_CONTINUATION, I.SEND_END): (A.SENT, S.ENDED),
+    # the client's package 3: complete, or in several messages (we answer each with 1222)
+    (S.WAIT_CLIENT, I.FINAL): (A.PROCESS, S.OWE_PACKAGE),
+    (S.WAIT_CLIENT, I.PARTIAL): (A.PROCESS, S.OWE_NEXT),
+    (S.OWE_NEXT, I.SEND_NEXT): (A.SENT, S.CLIENT_STREAMING),
+    (S.CLIENT_STREAMING, I.FINAL): (A.PROCESS, S.OWE_PACKAGE),
+    (S.CLIENT_STREAMING, I.PARTIAL): (A.PROCESS, S.OWE_NEXT),
+    # the same message again (the reply was lost) gets the same reply, even after the end
+    (S.WAIT_CLIENT, I.RETRANSMIT): (A.REPLAY, S.WAIT_CLIENT),
+    (S.AUTH_PENDING, I.RETRANSMIT): (A.REPLAY, S.AUTH_PENDING),
+    (S.ENDED, I.RETRANSMIT): (A.REPLAY, S.ENDED),
+    # Alert 1223 from the device: acknowledge and end
+    (S.IDLE, I.ABORT): (A.ABORT_ACK, S.OWE_ABORT_ACK),
+    (S.WAIT_CLIENT, I.ABORT): (A.ABORT_ACK, S.OWE_ABORT_ACK),
+    (S.OWE_ABORT_ACK, I.SEND_END): (A.SENT, S.ENDED),
+    # our abort and the caller's close end the session from any live state
+    (S.WAIT_CLIENT, I.SERVER_ABORT): (A.SERVER_ABORT, S.ENDED),
+    (S.OWE_PACKAGE, I.CLOSE): (A.CLOSE, S.ENDED),
+}
+# …and pairs that must have no row (a protocol error ends the session)
+NOT_ROWS = [(S.ENDED, I.START), (S.ENDED, I.FINAL), (S.WAIT_CLIENT, I.START),
+            (S.WAIT_CLIENT, I.NEXT), (S.OWE_PACKAGE, I.FINAL), (S.IDLE, I.FINAL),
+            (S.IDLE, I.RETRANSMIT), (S.WAIT_NEXT_REQUEST, I.START)]
+
+
+@pytest.mark.parametrize("pair", list(EXPECTED), ids=[f"{s.name}-{i.name}" for s, i in EXPECTED])
+def test_rows_that_matter_are_as_the_protocol_says(pair):
+    assert TRANSITIONS.get(pair) == EXPECTED[pair]
+
+
+@pytest.mark.parametrize("pair", NOT_ROWS, ids=[f"{s.name}-{i.name}" for s, i in NOT_ROWS])
+def test_pairs_the_protocol_forbids_have_no_row(pair):
+    assert pair not in TRANSITIONS
+
+
+# every row of the table, driven by real messages; for the rows above the expected outcome is
+# the independent one (so a wrong row fails here too, not only in the table check)
+ROWS = sorted((k, EXPECTED.get(k, v)) for k, v in TRANSITIONS.items())
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{s.name}-{i.name}" for (s, i), _ in ROWS])

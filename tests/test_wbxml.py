@@ -13,11 +13,11 @@ from dmengine import _wbxml
 from dmengine.errors import CodecError
 from dmengine.message import Chal, Command, Cred, Element, Item, Message, Meta, SyncHdr
 
-from conftest import BENCH_MESSAGES, VECTORS
+from conftest import BENCH_MESSAGES, VECTORS, shared_files
 
-GOOD = sorted(p for p in VECTORS.glob("*.wbxml") if not p.name.startswith("bad-"))
-BAD = sorted(VECTORS.glob("bad-*.wbxml"))
-BENCH = sorted(BENCH_MESSAGES.glob("*.wbxml"))
+GOOD = [p for p in shared_files(VECTORS, "*.wbxml") if not p.name.startswith("bad-")]
+BAD = shared_files(VECTORS, "bad-*.wbxml")
+BENCH = shared_files(BENCH_MESSAGES, "*.wbxml")
 HDR = bytes([0x03, 0xA4, 0x01, 0x6A, 0x00])        # WBXML 1.3, 0x1201, UTF-8, empty string table
 MIN_HDR_BODY = bytes.fromhex("6d6c7103312e320001") + b"\x01"   # <SyncML><SyncHdr><VerDTD>1.2</VerDTD></SyncHdr>
 
