@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus chromium wrk
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-campaign fuzz deps venv build clean debug typecheck mutate
+.PHONY: run test bench bench-baseline bench-campaign fuzz deps venv build clean debug typecheck mutate
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -36,8 +36,27 @@ run: deps build
 test: deps build
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# Hot-path benchmarks (bench/hot, pytest-benchmark: codec, session step, device-port request,
+# store commit batch, API lookup, scheduler pass), each next to a same-process baseline,
+# compared with the run saved in bench/results/hot (`make bench-baseline` saves a new one).
+# HOT_FAIL: how much slower a path's fastest round may be than the baseline's before `make
+# bench` fails.  60 %: over 3 runs of each suite on this shared 2-core machine the fastest
+# round of one benchmark moved by up to 1.59x (a busy stretch of the host), most by <= 1.10x;
+# smaller slow-downs still show in the comparison table it prints.
+HOT_STORE := bench/results/hot
+HOT_FAIL  ?= min:60%
+HOT_BENCH := $(VPY) -m pytest bench/hot -q -p no:cacheprovider \
+	--benchmark-storage=file://$(HOT_STORE) --benchmark-group-by=group --benchmark-sort=name \
+	--benchmark-columns=min,median,iqr,rounds
+
 bench: deps build
-	$(VPY) -m bench
+	@rc=0; $(HOT_BENCH) --benchmark-compare --benchmark-compare-fail=$(HOT_FAIL) || rc=$$?; \
+	$(VPY) -m bench || rc=$$?; exit $$rc
+
+# Re-saves the hot-path baseline (after an intended change of speed; commit bench/results/hot).
+bench-baseline: deps build
+	rm -f $(HOT_STORE)/*/*.json
+	$(HOT_BENCH) --benchmark-save=baseline
 
 # The 1M-device FUMO campaign end to end (bench/bench_campaign.py): 10k, 100k and N devices.
 N ?= 1000000

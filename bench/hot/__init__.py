@@ -1,0 +1,1 @@
+"""Hot-path benchmarks (pytest-benchmark): see conftest.py."""
