@@ -474,11 +474,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="import device records from a CSV or NDJSON file",
                        description="Streams FILE to importDeviceInstances of a running server "
                                    "and prints what it did.  CSV: a header row naming the "
-                                   "columns (dev_id, imei, msisdn, capability, tz, "
-                                   "last_contact, server_id, auth_scheme, client_name, "
-                                   "client_password, client_key, client_nonce, "
-                                   "server_password, server_key, server_nonce, ./DevInfo/…, "
-                                   "./DevDetail/…); NDJSON: one device object per line.  "
+                                   "columns (devId, imei, msisdn, capability, tz, "
+                                   "lastContact, serverId, authScheme, clientName, "
+                                   "clientPassword, clientKey, clientNonce, "
+                                   "serverPassword, serverKey, serverNonce, ./DevInfo/…, "
+                                   "./DevDetail/…; the snake_case names dev_id, "
+                                   "client_password… work too); NDJSON: one device object "
+                                   "per line, in the same camelCase.  "
                                    "Exit status 0 when every row was taken, 1 when some "
                                    "were rejected, 2 when the import did not run.")
     p.add_argument("file")

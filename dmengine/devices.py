@@ -180,11 +180,18 @@ def device_changes(patch: Mapping[str, Any]) -> dict[str, Any]:
 
 #: CSV columns: the device's fields, then its DM account's (one row = one device).  A column
 #: named by a DevInfo/DevDetail node (``./DevInfo/Mod``, ``./DevDetail/FwV``) fills that node of
-#: the record's snapshot.  ``dev_id`` may be left out when ``imei`` is given (``IMEI:<imei>``).
+#: the record's snapshot.  ``devId`` may be left out when ``imei`` is given (``IMEI:<imei>``).
+#: A header names them in camelCase like the rest of the API (``devId``, ``clientPassword``);
+#: the snake_case names of earlier versions (``dev_id``, ``client_password``) are accepted too,
+#: and row errors name a column as the header spelled it.  (Internally: the snake_case names.)
 DEVICE_COLUMNS = ("dev_id", "imei", "msisdn", "capability", "tz", "last_contact")
 ACCOUNT_COLUMNS = ("server_id", "auth_scheme", "client_name", "client_password", "client_key",
                    "client_nonce", "server_password", "server_key", "server_nonce")
 CSV_COLUMNS = DEVICE_COLUMNS + ACCOUNT_COLUMNS
+#: each column's camelCase name (the documented spelling)
+CSV_CAMEL = {n: n.split("_")[0] + "".join(w.title() for w in n.split("_")[1:])
+             for n in CSV_COLUMNS}
+_BY_CAMEL = {c.lower(): n for n, c in CSV_CAMEL.items()}
 DEVINFO_PREFIX = "./DevInfo/"
 DEVDETAIL_PREFIX = "./DevDetail/"
 
@@ -258,20 +265,10 @@ def csv_row_builder(header: list[str], server_id: str) -> Callable[[list[str], f
     """``build(row, now)`` → the Device a CSV row describes (its values not yet checked: the
     store validates every record), or raises ``_Bad(column, message)``.  The header must name
     only known columns, each once (ValidationError naming the column)."""
-    names = [h.strip() for h in header]
-    if names and names[0].startswith("\ufeff"):
-        names[0] = names[0][1:].strip()
-    names = [n.lower() if n.lower() in CSV_COLUMNS else n for n in names]
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValidationError(f"column {name!r} appears twice in the header", where=name)
-        seen.add(name)
-        if name not in CSV_COLUMNS and not name.startswith((DEVINFO_PREFIX, DEVDETAIL_PREFIX)):
-            raise ValidationError(f"unknown column {name!r} (columns: {', '.join(CSV_COLUMNS)}, "
-                                  f"{DEVINFO_PREFIX}… and {DEVDETAIL_PREFIX}… nodes)", where=name)
+    names, _ = csv_header(header)
+    seen = set(names)
     if "dev_id" not in seen and "imei" not in seen:
-        raise ValidationError("the header names neither dev_id nor imei", where="dev_id")
+        raise ValidationError("the header names neither devId nor imei", where="devId")
     col = {name: i for i, name in enumerate(names)}
     ncols = len(names)
     plain = tuple((n, col[n]) for n in ("imei", "msisdn", "capability", "tz") if n in col)
@@ -291,7 +288,7 @@ def csv_row_builder(header: list[str], server_id: str) -> Callable[[list[str], f
         if not dev_id:
             imei = row[i_imei] if i_imei is not None else ""
             if not imei:
-                raise _Bad("dev_id", "dev_id (or imei) is required")
+                raise _Bad("dev_id", "devId (or imei) is required")
             dev_id = "IMEI:" + imei
         if i_lc is not None and row[i_lc]:
             try:
@@ -312,6 +309,33 @@ def csv_row_builder(header: list[str], server_id: str) -> Callable[[list[str], f
             kw["devdetail"] = {n: v for n, i in detail if (v := row[i])}
         return Device(dev_id=dev_id, created=now, updated=now, **kw)
     return build
+
+
+def csv_header(header: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The columns a header names (their snake_case names, DevInfo/DevDetail nodes as they
+    are) and how the header spelled each one.  A column is named in camelCase or snake_case,
+    in any letter case; an unknown one, or one named twice (in either spelling), is a
+    ValidationError naming it as written."""
+    raw = [h.strip() for h in header]
+    if raw and raw[0].startswith("\ufeff"):
+        raw[0] = raw[0][1:].strip()
+    names: list[str] = []
+    spelled: dict[str, str] = {}
+    for written in raw:
+        low = written.lower()
+        name = low if low in CSV_COLUMNS else _BY_CAMEL.get(low, written)
+        if name not in CSV_COLUMNS and not name.startswith((DEVINFO_PREFIX, DEVDETAIL_PREFIX)):
+            raise ValidationError(
+                f"unknown column {written!r} (columns: {', '.join(CSV_CAMEL.values())} — or "
+                f"their snake_case names —, {DEVINFO_PREFIX}… and {DEVDETAIL_PREFIX}… nodes)",
+                where=written)
+        if name in spelled:
+            twice = "appears twice" if spelled[name] == written else \
+                f"names the same field as {spelled[name]!r}"
+            raise ValidationError(f"column {written!r} {twice} in the header", where=written)
+        spelled[name] = written
+        names.append(name)
+    return names, spelled
 
 
 def _csv_where(where: str | None) -> str | None:
@@ -367,6 +391,7 @@ class DeviceImport:
         self._nerrors = 0
         self._seq = 0
         self._build: Callable[[list[str], float], Device] | None = None
+        self._spelled: dict[str, str] = {}   # CSV: column → as the header wrote it
         self._json = row_decoder if row_decoder is not None else msgspec.json.Decoder(Device)
 
     # --- input ----------------------------------------------------------------------------
@@ -443,6 +468,7 @@ class DeviceImport:
                 except csv.Error as exc:
                     raise ValidationError(f"bad header row: {exc}", where="header") from None
                 self._build = csv_row_builder(header, self.server_id)
+                self._spelled = csv_header(header)[1]
                 lines[k] = ""           # read: a blank line for the row parser
                 return
 
@@ -527,6 +553,9 @@ class DeviceImport:
     # --- errors and writes ------------------------------------------------------------------
 
     def _error(self, line: int, where: str | None, message: str) -> None:
+        if self.fmt == "csv" and where is not None:
+            # a column as the header spelled it (camelCase when the header did not name it)
+            where = self._spelled.get(where) or CSV_CAMEL.get(where, where)
         self._nerrors += 1
         self._seq += 1
         item = (-line, self._seq, RowError(line, where, message))

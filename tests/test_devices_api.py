@@ -166,6 +166,52 @@ def test_csv_import_keeps_good_rows_and_names_line_and_column_of_bad_ones(tmp_pa
     run(tmp_path, scenario)
 
 
+CAMEL_HDR = ("devId,imei,msisdn,capability,tz,lastContact,serverId,authScheme,clientName,"
+             "clientPassword,serverPassword,clientKey,./DevInfo/Mod\n")
+
+
+def camel_row(i: int, **kw: Any) -> str:
+    v = {"devId": f"IMEI:{imei(i)}", "imei": imei(i), "msisdn": f"+49170{i:08d}",
+         "capability": "cap-a", "tz": "Europe/Berlin", "lastContact": "2026-01-02T03:04:05Z",
+         "serverId": "acme", "authScheme": "hmac", "clientName": f"dev{i}",
+         "clientPassword": SECRETS[0], "serverPassword": SECRETS[1], "clientKey": SECRETS[2],
+         "./DevInfo/Mod": "EX100"}
+    v.update(kw)
+    return ",".join(v[c] for c in CAMEL_HDR.strip().split(",")) + "\n"
+
+
+def test_csv_columns_in_camel_case_and_errors_name_them_as_written(tmp_path):
+    """A CSV header in the API's camelCase (the documented spelling) imports every field; its
+    row errors name the column as the header wrote it.  snake_case still works (above), and
+    the two may be mixed."""
+    async def scenario(api: Api) -> None:
+        body = CAMEL_HDR + camel_row(1) + camel_row(2, clientName="") + \
+            camel_row(3, lastContact="soon") + camel_row(4, devId="", imei="") + camel_row(5)
+        status, rep = await api.import_(body.encode())
+        assert status == 200, rep
+        assert (rep["created"], rep["rejected"]) == (3, 2), rep
+        assert {(e["line"], e["where"]) for e in rep["errors"]} == \
+            {(4, "lastContact"), (5, "devId")}, rep["errors"]
+        d = (await api.engine.store.get_device(f"IMEI:{imei(1)}"))
+        assert (d.msisdn, d.capability, d.tz, d.last_contact) == \
+            (f"+49170{1:08d}", "cap-a", "Europe/Berlin", 1767323045.0)
+        assert d.account is not None and (d.account.server_id, d.account.auth_scheme,
+                                          d.account.client_name) == ("acme", "HMAC", "dev1")
+        assert d.devinfo == {"./DevInfo/Mod": "EX100"}
+        no_name = await api.engine.store.get_device(f"IMEI:{imei(2)}")
+        assert no_name.account is not None and not no_name.account.client_name
+        # a store refusal (a taken MSISDN) names the camelCase column too
+        status, rep = await api.import_((CAMEL_HDR + camel_row(6, msisdn=f"+49170{1:08d}"))
+                                        .encode())
+        assert [(e["line"], e["where"]) for e in rep["errors"]] == [(2, "msisdn")], rep
+        status, rep = await api.import_(("devId,clientName,server_password\n"
+                                         "IMEI:7,dev7,pw\n").encode())      # mixed spellings
+        assert (status, rep["created"]) == (200, 1), rep
+        status, rep = await api.import_(("devId,colour\nIMEI:8,red\n").encode())
+        assert status == 400 and rep["where"] == "colour" and "clientPassword" in rep["message"]
+    run(tmp_path, scenario)
+
+
 def test_ndjson_import_names_the_field_path(tmp_path):
     good = {"devId": f"IMEI:{imei(1)}", "imei": imei(1), "msisdn": "+491700000001",
             "account": {"serverId": "acme", "clientName": "d1",
@@ -261,7 +307,8 @@ def test_a_body_that_cannot_be_imported_is_refused_whole(tmp_path):
         cases = [
             ("dev_id,imei,colour\nIMEI:1,1,red\n", "text/csv", {}, "colour"),
             ("imei,imei\n1,1\n", "text/csv", {}, "imei"),
-            ("msisdn,tz\n+4917012345,UTC\n", "text/csv", {}, "dev_id"),
+            ("msisdn,tz\n+4917012345,UTC\n", "text/csv", {}, "devId"),
+            ("devId,dev_id\nIMEI:1,IMEI:1\n", "text/csv", {}, "dev_id"),    # one field twice
             ("", "text/csv", {}, "header"),
             ("a\n", "application/json", {}, "Content-Type"),
             ("imei\n", "text/csv", {"dryrun": "1"}, "dryrun"),
@@ -464,7 +511,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     try:
         yield root, urls
     finally:
-        assert stop(p) == 0
+        try:
+            assert stop(p) == 0
+        finally:
+            for f in (p.stdout, p.stderr):      # no ResourceWarning when the GC gets them
+                if f is not None:
+                    f.close()
 
 
 def dmengine(*args: str, cwd: pathlib.Path | None = None,
@@ -487,6 +539,12 @@ def test_cli_import_exit_codes(served, tmp_path):
     r = dmengine("devices", "import", str(good), "--url", api, f"--api-key={key}")
     assert r.returncode == 0, r.stderr
     assert "created 50, replaced 0, rejected 0" in r.stdout
+    camel = tmp_path / "camel.csv"             # the documented camelCase columns
+    camel.write_text(CAMEL_HDR + "".join(camel_row(200 + i) for i in range(3)) +
+                     camel_row(203, lastContact="never"))
+    r = dmengine("devices", "import", str(camel), "--url", api, f"--api-key={key}")
+    assert r.returncode == 1 and "created 3" in r.stdout and "line 5 [lastContact]" in r.stdout, \
+        r.stdout
     # again: every row exists → 1, the rows named; with --upsert → 0
     r = dmengine("devices", "import", str(good), "--url", api, f"--api-key={key}")
     assert r.returncode == 1 and "rejected 50" in r.stdout and "line 2 [dev_id]" in r.stdout

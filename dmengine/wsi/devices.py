@@ -10,8 +10,9 @@ contact, cursor-paged).  Every device an answer carries goes through
 :mod:`dmengine.devices` and the store; these handlers translate HTTP.
 
 JSON is camelCase (``devId``, ``lastContact``, ``account.clientPassword``), NDJSON import rows
-too; a CSV's columns keep the names of :data:`dmengine.devices.CSV_COLUMNS` (``dev_id``,
-``client_password``…), and its row errors name the column.
+and CSV columns too (:data:`dmengine.devices.CSV_CAMEL`: ``devId``, ``clientPassword``…; the
+snake_case names of earlier versions, ``dev_id``, ``client_password``…, are accepted as well);
+a CSV's row errors name the column as its header spelled it.
 """
 from __future__ import annotations
 
@@ -85,13 +86,14 @@ class _RowDecoder:
                      "application/x-ndjson": {"type": "string"}},
            answers={200: ImportReport}, errors=(400, 415), tag=TAG)
 async def import_devices(request: web.Request) -> web.Response:
-    """A streamed body: CSV (``text/csv``, a header row naming the columns: ``dev_id``,
-    ``imei``, ``msisdn``, ``capability``, ``tz``, ``last_contact``, the account's
-    ``server_id``, ``auth_scheme``, ``client_name``, ``client_password``, ``client_key``,
-    ``client_nonce``, ``server_password``, ``server_key``, ``server_nonce``, and
-    ``./DevInfo/…`` / ``./DevDetail/…`` nodes) or NDJSON (``application/x-ndjson``, one
-    device object per line, as createDeviceInstance takes it).  Answers the counts and the
-    first rejected rows with line and column (CSV) or field (NDJSON)."""
+    """A streamed body: CSV (``text/csv``, a header row naming the columns in camelCase:
+    ``devId``, ``imei``, ``msisdn``, ``capability``, ``tz``, ``lastContact``, the account's
+    ``serverId``, ``authScheme``, ``clientName``, ``clientPassword``, ``clientKey``,
+    ``clientNonce``, ``serverPassword``, ``serverKey``, ``serverNonce``, and ``./DevInfo/…`` /
+    ``./DevDetail/…`` nodes; the snake_case names ``dev_id``, ``client_password``… are
+    accepted too) or NDJSON (``application/x-ndjson``, one device object per line, as
+    createDeviceInstance takes it).  Answers the counts and the first rejected rows with line
+    and column (CSV, as the header spelled it) or field (NDJSON)."""
     q = request.query
     for name in q:
         if name not in ("upsert", "format"):
