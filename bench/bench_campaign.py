@@ -318,10 +318,11 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
         spy = None
         if profile:
             # py-spy on the server from job creation to 100 % final (--nonblocking: the
-            # server is not paused to be sampled)
+            # server is not paused to be sampled; py-spy refuses it with --native)
+            extra = os.environ.get("DMENGINE_CAMPAIGN_PYSPY", "").split()
             spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                                    "record", "-p", str(server_pid), "--nonblocking", "--threads",
-                                    *os.environ.get("DMENGINE_CAMPAIGN_PYSPY", "").split(),
+                                    "record", "-p", str(server_pid), "--threads",
+                                    *([] if "--native" in extra else ["--nonblocking"]), *extra,
                                     "--rate", "200", "--format", profile_format(profile),
                                     "-o", profile], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)

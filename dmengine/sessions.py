@@ -71,6 +71,9 @@ class SessionWork:
     runs: dict[str, TaskRun] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)   # correlators of alerts in this session
     authenticated: Authenticated | None = None   # until DeviceIdentified writes the record
+    #: nonces rotated in the message being handled (slot → base64), written with the
+    #: DeviceIdentified update when the message has one, else by themselves after it
+    nonces: dict[str, str] = field(default_factory=dict)
 
 
 BY_USERNAME_SIZE = 200_000
@@ -182,15 +185,20 @@ class DeviceSessions:
         # again before the report is read — the report is their outcome
         work.reported.update(ev.correlator for ev in events
                              if isinstance(ev, GenericAlert) and ev.correlator)
-        for ev in events:
-            try:
+        ev = None
+        try:
+            for ev in events:
                 await self._on_event(session, work, ev)
-            except StoreError as exc:
-                # An outcome that cannot be recorded (disk full, writer gone) must not be
-                # acknowledged: the error ends the session (the device is told 500) and its
-                # tasks are tried again later, instead of the session going on without them.
-                log.error("store failed while handling %s: %s", type(ev).__name__, exc)
-                raise
+            if work.nonces:
+                ev = None
+                await self._save_nonces(session, work)
+        except StoreError as exc:
+            # An outcome that cannot be recorded (disk full, writer gone) must not be
+            # acknowledged: the error ends the session (the device is told 500) and its
+            # tasks are tried again later, instead of the session going on without them.
+            log.error("store failed while handling %s: %s",
+                      type(ev).__name__ if ev is not None else "the session's nonces", exc)
+            raise
 
     async def on_session_closed(self, session: Any, reason: str) -> None:
         work = self.works.pop(id(session), None)
@@ -229,9 +237,9 @@ class DeviceSessions:
             work.authenticated = ev          # its account change goes with _on_identified's write
             await self._adopt_pending_account(session, work, ev)
         elif isinstance(ev, NonceIssued):
-            await self._save_nonce(session, work, "client_nonce", ev.nonce)
+            work.nonces["client_nonce"] = _b64(ev.nonce)      # saved after the message
         elif isinstance(ev, ServerNonceReceived):
-            await self._save_nonce(session, work, "server_nonce", ev.nonce)
+            work.nonces["server_nonce"] = _b64(ev.nonce)
         elif isinstance(ev, SessionEnded):
             self.works.pop(id(session), None)
             await self._settle(work, f"session ended ({ev.reason})")
@@ -266,16 +274,16 @@ class DeviceSessions:
             return msgspec.structs.replace(acc, resync_until=None)
         return None
 
-    async def _save_nonce(self, session: Any, work: SessionWork, slot: str,
-                          nonce: bytes) -> None:
-        """Stores a rotated nonce in the record whose account this (authenticated) session
-        proved: the one account_for found for its Source and user name, never a record an
-        unverified Source merely names."""
+    async def _save_nonces(self, session: Any, work: SessionWork) -> None:
+        """Stores the nonces rotated in this message in the record whose account this
+        (authenticated) session proved: the one account_for found for its Source and user
+        name, never a record an unverified Source merely names."""
+        patch, work.nonces = work.nonces, {}
         device = await self._session_record(session, work)
         if device is None or device.account is None:
             return
-        # a patch of the one field, merged in the store's write: no read-modify-write here
-        await self.store.update_device(device.dev_id, {"account": {slot: _b64(nonce)}})
+        # a patch of those fields, merged in the store's write: no read-modify-write here
+        await self.store.update_device(device.dev_id, {"account": patch})
 
     async def _session_record(self, session: Any, work: SessionWork) -> Device | None:
         """The device record of an authenticated session (found once, then by its id)."""
@@ -321,6 +329,11 @@ class DeviceSessions:
         if account is not None:
             changes["account"] = account
         work.authenticated = None
+        if work.nonces and record.account is not None:
+            # the nonces this message rotated go in the same write (one op, not two)
+            changes["account"] = (msgspec.structs.replace(account, **work.nonces)
+                                  if account is not None else dict(work.nonces))
+            work.nonces = {}
         await self.store.update_device(record.dev_id, changes)
         for task in await self.tasks.open_for_device(record.dev_id):
             if isinstance(task.op, BootstrapOp):

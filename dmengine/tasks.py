@@ -95,7 +95,8 @@ class Tasks:
                     task = await self.store.get_task(task_id)
                 except NotFound:
                     task = None               # the move below says NotFound
-            if task is not None and task.state not in FINAL_TASK_STATES:
+            if task is not None and task.state not in FINAL_TASK_STATES \
+                    and await self.store.has_subscribers("task"):
                 kw["enqueue"] = [*kw.get("enqueue", ()), self.task_event(task, to_state, kw)]
         task = await self.store.transition(task_id, to_state, **kw)
         if self.metrics is not None:

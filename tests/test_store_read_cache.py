@@ -128,3 +128,23 @@ def test_content_and_capabilities_are_refreshed_on_write(tmp_path) -> None:
         finally:
             await s.close()
     asyncio.run(main())
+
+
+def test_has_subscribers_follows_subscriptions(tmp_path) -> None:
+    from dmengine.model import Subscription
+
+    async def main() -> None:
+        for size in (100, 0):
+            s = LmdbStore(tmp_path / f"db{size}", read_cache_size=size)
+            try:
+                assert not await s.has_subscribers("task")
+                assert not await s.has_subscribers("task")          # cached
+                await s.create_subscription(Subscription(sub_id="s1", url="https://x.example/h",
+                                                         topics=["task"], secret="k" * 32))
+                assert await s.has_subscribers("task")
+                assert not await s.has_subscribers("job")
+                await s.delete_subscription("s1")
+                assert not await s.has_subscribers("task")
+            finally:
+                await s.close()
+    asyncio.run(main())

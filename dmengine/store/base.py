@@ -224,6 +224,11 @@ class Store(abc.ABC):
         ``expect_total`` tasks (else Conflict: another claimer made them).  The job's counters
         move in the same write."""
 
+    async def has_subscribers(self, topic: str) -> bool:
+        """Whether some subscription listens to ``topic`` now, so that callers skip building
+        events nobody would get (the write that queues an event checks again)."""
+        return True
+
     @abc.abstractmethod
     async def pending_job_targets(self, dev_id: str) -> list[str]:
         """Ids of the jobs that selected the device and have not made its task yet (a job

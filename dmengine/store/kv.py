@@ -1024,6 +1024,15 @@ class KVStore(Store):
             return out
         return await self._write(op)
 
+    async def has_subscribers(self, topic: str) -> bool:
+        p = _e(topic) + SEP
+
+        def fn(txn: KVTxn) -> bool:
+            for _ in txn.scan("sub_topic", p, prefix_end(p)):
+                return True
+            return False
+        return await self._read(fn)
+
     async def pending_job_targets(self, dev_id: str) -> list[str]:
         prefix = _e(dev_id) + SEP
         if len(prefix) > MAX_KEY:
@@ -1198,7 +1207,7 @@ class KVStore(Store):
                 f = sorted(bad)[0]
                 raise ValidationError(f"{f} cannot be changed by a transition", where=f"$.{f}")
         check_transition_args(to_state, cause, dm_status, result_code)
-        entries = [self._outbox_prep(e) for e in enqueue] if enqueue else ()
+        entries = [self._outbox_prep_with_record(e) for e in enqueue] if enqueue else ()
 
         def op(ctx: WriteCtx) -> Task:
             txn = ctx.txn
@@ -1237,7 +1246,7 @@ class KVStore(Store):
                 data = _enc.encode(t)
             job_id = t.job_id
             job = ctx.job(job_id) if job_id and frm != to_state else None
-            for e in entries:
+            for e, _ in entries:
                 if txn.get("outbox", _e(e.entry_id)) is not None:
                     raise AlreadyExists("outbox entry", e.entry_id)
             # --- writes
@@ -1269,8 +1278,8 @@ class KVStore(Store):
                 job.updated = now
                 if to_state in FINAL_TASK_STATES and frm not in FINAL_TASK_STATES:
                     _job_progress(ctx, job)
-            for e in entries:
-                self._outbox_put(ctx, e)
+            for e, rec in entries:
+                self._outbox_put(ctx, e, rec)
             return t
         return op
 
@@ -1411,14 +1420,26 @@ class KVStore(Store):
         return e
 
     @staticmethod
-    def _outbox_put(ctx: WriteCtx, e: OutboxEntry) -> OutboxEntry:
+    def _outbox_prep_with_record(e: OutboxEntry) -> tuple[OutboxEntry, ChargingEvent | None]:
+        """:meth:`_outbox_prep`, keeping a charging entry's log record when its payload has
+        its time (the record is then the same at commit: not converted twice)."""
+        model.validate(e)
+        if e.kind != "charging":
+            return e, None
+        rec = _charging_record(e, 0.0)    # a payload that is no charging event: refused now
+        return e, (rec if e.payload.get("time") else None)
+
+    @staticmethod
+    def _outbox_put(ctx: WriteCtx, e: OutboxEntry,
+                    rec: ChargingEvent | None = None) -> OutboxEntry:
         """Writes a prepared entry — a charging entry's record in the charging log always,
         the entry itself unless its topic has no subscriber."""
         if not e.created:
             e = msgspec.structs.replace(e, created=ctx.now)
         key = _e(e.entry_id)
         if e.kind == "charging":
-            rec = _charging_record(e, ctx.now)
+            if rec is None:
+                rec = _charging_record(e, ctx.now)
             ctx.put("charging", us(rec.time) + key, _enc.encode(rec))
         if e.topic is not None and not _listened(ctx, e.topic):
             return e

@@ -58,9 +58,10 @@ DEFAULT_MAX_DELAY = 0.002             #: seconds the writer lingers for more ops
 DEFAULT_MAX_READERS = 256
 DEFAULT_READER_CHECK_INTERVAL = 10.0  #: seconds between stale-reader sweeps
 DEFAULT_READ_THREADS = 2
-#: databases whose records the read cache keeps (see LmdbStore._get), and how many records
+#: databases whose records the read cache keeps (see LmdbStore._get; subscription topics for
+#: has_subscribers), and how many records
 DEFAULT_READ_CACHE_SIZE = 100_000
-READ_CACHE_DBS = frozenset({"devices", "content", "caps"})
+READ_CACHE_DBS = frozenset({"devices", "content", "caps", "sub_topic"})
 GROW_AT = 0.8                         #: map fill ratio at which the writer grows it early
 
 IN_USE_FILE = "dmengine.lock"         #: flock'ed shared by every open store, exclusive by restore
@@ -223,7 +224,8 @@ class LmdbStore(KVStore):
         self._cache_size = read_cache_size
         self._cache_gen = 0                # bumped by every commit that wrote a cached db
         self._cache_lock = threading.Lock()
-        self._watch = READ_CACHE_DBS if read_cache_size else frozenset()
+        self._topics: dict[str, bool] = {}      # has_subscribers, by topic
+        self._watch = READ_CACHE_DBS        # written keys noted: the caches forget them
         self.path = str(path)
         self.batch_size = batch_size
         self.max_delay = max_delay
@@ -488,7 +490,7 @@ class LmdbStore(KVStore):
         thread, before the commit's callers are answered) and bumps ``_cache_gen``; a read
         caches what it decoded only if no such commit happened since it began (under the
         lock), so a record read from a snapshot older than a commit is never kept."""
-        if db not in self._watch:
+        if db not in self._watch or not self._cache_size:
             return await super()._get(db, cls, key, kind)
         ck = (db, _e(key))
         rec = self._cache.get(ck)
@@ -509,7 +511,22 @@ class LmdbStore(KVStore):
             self._cache_gen += 1
             pop = self._cache.pop
             for k in keys:
-                pop(k, None)
+                if k[0] == "sub_topic":
+                    self._topics.clear()          # a subscription came or went
+                else:
+                    pop(k, None)
+
+    async def has_subscribers(self, topic: str) -> bool:
+        """Cached per topic until a commit writes a subscription (see :meth:`_forget`)."""
+        known = self._topics.get(topic)
+        if known is not None:
+            return known
+        gen = self._cache_gen
+        found = await super().has_subscribers(topic)
+        with self._cache_lock:
+            if gen == self._cache_gen:
+                self._topics[topic] = found
+        return found
 
     def _read_sync(self, fn: Callable[[Any], R]) -> R:
         env = self.env
