@@ -541,8 +541,9 @@ def _paging(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers: Any) -> None:
-    """Adds ``jobs create|list|show|watch|pause|restart|cancel|tasks`` and
-    ``tasks show|history|cancel``."""
+    """Adds ``jobs create|list|get|watch|pause|restart|cancel|tasks`` and
+    ``tasks get|history|cancel`` (the issue's verbs; ``show`` is an alias of ``get``, the
+    name earlier versions had)."""
     jobs = subparsers.add_parser(
         "jobs", help="campaigns (bulk jobs) of a running server",
         description="Create, watch and control jobs of a running server over its API.  Exit "
@@ -599,7 +600,7 @@ def register_cli(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(func=_list)
 
-    p = js.add_parser("show", help="getJob: progress, counts, rate, ETA")
+    p = js.add_parser("get", aliases=["show"], help="getJob: progress, counts, rate, ETA")
     p.add_argument("job_id", metavar="JOB")
     _common(p)
     p.set_defaults(func=_show)
@@ -631,10 +632,10 @@ def register_cli(subparsers: Any) -> None:
                                   description="Exit status: 0 done, 1 the API refused or was "
                                               "not reached, 2 usage error.")
     ts = tasks.add_subparsers(dest="sub_cmd", required=True)
-    for name, help_, fn in (("show", "getTaskById: status, device, result", _task_show),
+    for name, help_, fn in (("get", "getTaskById: status, device, result", _task_show),
                             ("history", "getTaskHistory: every state change", _task_history),
                             ("cancel", "cancelTask", _task_cancel)):
-        p = ts.add_parser(name, help=help_)
+        p = ts.add_parser(name, help=help_, aliases=["show"] if name == "get" else [])
         p.add_argument("task_id", metavar="TASK")
         _common(p)
         p.set_defaults(func=fn)

@@ -539,15 +539,19 @@ def test_cli_jobs_and_tasks_against_serve(tmp_path):
         task_id = tasks[0]["taskId"]
         r = _cli(cwd, "jobs", "tasks", job_id, "--state", "pending", url=api, key=key)
         assert r.returncode == 0 and task_id in r.stdout
-        r = _cli(cwd, "tasks", "show", task_id, url=api, key=key)
+        r = _cli(cwd, "tasks", "get", task_id, url=api, key=key)
         assert r.returncode == 0 and "PENDING" in r.stdout and job_id in r.stdout
+        shown = _cli(cwd, "tasks", "show", task_id, "--json", url=api, key=key)   # the alias
+        got = _cli(cwd, "tasks", "get", task_id, "--json", url=api, key=key)
+        assert shown.returncode == got.returncode == 0
+        assert json.loads(shown.stdout)["taskId"] == json.loads(got.stdout)["taskId"] == task_id
         r = _cli(cwd, "tasks", "history", task_id, url=api, key=key)
         assert r.returncode == 0 and "PENDING" in r.stdout and "waiting" in r.stdout
         r = _cli(cwd, "tasks", "cancel", task_id, url=api, key=key)
         assert r.returncode == 0 and "CANCELLED" in r.stdout
         r = _cli(cwd, "tasks", "cancel", task_id, url=api, key=key)
         assert r.returncode == 1 and "already CANCELLED" in r.stderr
-        r = _cli(cwd, "tasks", "show", "t-nope", url=api, key=key)
+        r = _cli(cwd, "tasks", "get", "t-nope", url=api, key=key)
         assert r.returncode == 1 and "not_found" in r.stderr
 
         r = _cli(cwd, "jobs", "cancel", job_id, "--cause", "done testing", url=api, key=key)
@@ -558,7 +562,7 @@ def test_cli_jobs_and_tasks_against_serve(tmp_path):
         assert set(job["counts"]) == {"CANCELLED"}
         r = _cli(cwd, "jobs", "watch", job_id, "--interval", "0.1", url=api, key=key)
         assert r.returncode == 1 and "CANCELLED" in r.stdout     # ended, not completed
-        r = _cli(cwd, "jobs", "show", "j-nope", url=api, key=key)
+        r = _cli(cwd, "jobs", "get", "j-nope", url=api, key=key)
         assert r.returncode == 1 and "not_found" in r.stderr
         r = _cli(cwd, "jobs", "show", job_id, url=api, key="wrong")
         assert r.returncode == 1 and "unauthorized" in r.stderr
