@@ -28,7 +28,10 @@ def start(data_dir: str) -> tuple[subprocess.Popen, dict[str, str]]:
         assert time.monotonic() < deadline, f"serve printed only {seen}"
         line = p.stdout.readline()
         if not line:
-            raise AssertionError(f"serve exited: {p.wait()} {p.stderr.read() if p.stderr else ''}")
+            try:
+                raise AssertionError(f"serve exited: {p.wait()} {p.stderr.read() if p.stderr else ''}")
+            finally:
+                close_pipes(p)
         m = LINE.match(line.strip())
         if m:
             seen[m.group(1)] = m.group(2)
@@ -43,6 +46,15 @@ def stop(p: subprocess.Popen) -> int:
         p.kill()
         p.wait()
         raise
+    finally:
+        close_pipes(p)
+
+
+def close_pipes(p: subprocess.Popen) -> None:
+    """The pipes of an ended child: left to the GC they are a ResourceWarning (an error here)."""
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None:
+            f.close()
 
 
 def get(url: str, key: str | None = None) -> tuple[int, bytes]:

@@ -58,6 +58,7 @@ from dmengine.simulator.fleet import Fleet
 from dmengine.store.base import all_pages
 from dmengine.store.lmdb import LmdbStore, open_dbs, open_env
 from dmengine.tasks import Tasks
+from test_cli_serve import close_pipes
 
 S = TaskState
 J = JobState
@@ -238,6 +239,7 @@ def test_kill_9_mid_job_and_restart(tmp_path, kill_at):
                     f"only {pkg0s['total']} pkg0s, {sum(execs.values())} Execs"
                 await asyncio.sleep(0.02)
             assert await asyncio.to_thread(proc.wait, 10) == -signal.SIGKILL
+            close_pipes(proc)
             await fleet.wait_idle(15)                 # sessions cut off by the kill end
             before = reader.job(job_id)
             assert before.state == J.RUNNING and 0 < before.total < N, before
@@ -273,6 +275,8 @@ def test_kill_9_mid_job_and_restart(tmp_path, kill_at):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+            if p is not None:
+                close_pipes(p)
             await runner.cleanup()
             fleet.close()
 

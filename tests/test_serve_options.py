@@ -18,7 +18,7 @@ from dmengine.cli import _broker_config, build_parser
 from dmengine.config import BrokerConfig
 from dmengine.errors import ConfigError
 
-from test_cli_serve import LINE, stop
+from test_cli_serve import LINE, close_pipes, stop
 
 
 def _serve(data: str, *options: str) -> subprocess.Popen[str]:
@@ -150,4 +150,6 @@ def test_retry_delays_and_max_notifications_reach_the_running_scheduler(tmp_path
     finally:
         if p.poll() is None:
             stop(p)
+        close_pipes(p)
         receiver.shutdown()
+        receiver.server_close()        # the listening socket, else a ResourceWarning

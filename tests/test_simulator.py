@@ -318,6 +318,8 @@ def test_simulate_cli_against_a_device_port_process_then_sigterm(tmp_path, capsy
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for f in (proc.stdout, proc.stderr):       # no ResourceWarning when the GC gets them
+            f.close()
 
 
 # --- the per-message shortcuts keep the results of the slow paths ---------------------------------
