@@ -916,6 +916,34 @@ def _job_task(tid: str, job: str = "jt", **kw: Any) -> Task:
     return task(tid, job_id=job, dev_id=kw.pop("dev_id", f"IMEI:{tid}"), **kw)
 
 
+def test_transition_changes_of_next_attempt_and_attempts_keep_the_due_index(
+        use: Callable[[Body], Any]) -> None:
+    """The plain-changes path (next_attempt / attempts only): the due row follows the next
+    attempt, is dropped when it is cleared or the task ends; bad values are refused."""
+    async def body(s: Store) -> None:
+        await s.create_task(task("d1", next_attempt=100.0))
+        assert [t.task_id for t in await s.tasks_due(150.0)] == ["d1"]
+        t = await s.transition("d1", TaskState.NOTIFIED,
+                               changes={"next_attempt": 300.0, "attempts": 1})
+        assert t.next_attempt == 300.0 and t.attempts == 1 and t.version == 2
+        assert await s.tasks_due(250.0) == []
+        assert [x.task_id for x in await s.tasks_due(350.0)] == ["d1"]
+        t = await s.transition("d1", TaskState.NOTIFIED, changes={"next_attempt": 300.0})
+        assert [x.task_id for x in await s.tasks_due(350.0)] == ["d1"]      # same: kept
+        t = await s.transition("d1", TaskState.IN_PROGRESS, changes={"next_attempt": None})
+        assert t.next_attempt is None and await s.tasks_due(1e12) == []
+        t = await s.transition("d1", TaskState.PENDING, changes={"next_attempt": 50})
+        assert [x.task_id for x in await s.tasks_due(60.0)] == ["d1"]
+        for bad in ({"next_attempt": -1.0}, {"attempts": -1}, {"attempts": "2"}):
+            with pytest.raises(ValidationError):
+                await s.transition("d1", TaskState.NOTIFIED, changes=bad)
+        t = await s.transition("d1", TaskState.FAILED, changes={"next_attempt": 70.0})
+        assert await s.tasks_due(1e12) == []                      # final: no due row
+        h = (await s.task_history("d1")).items
+        assert [x.to_state for x in h][-1] == TaskState.FAILED
+    use(body)
+
+
 def test_a_pending_target_started_early_trades_places(use: Callable[[Body], Any]) -> None:
     """start_job_target: the device's target becomes the job's next task; the target that
     was next takes its place; tasks made in order afterwards skip nobody and make nobody

@@ -37,8 +37,12 @@ class Transition:
 
     def __init__(self, task_id: str, to_state: TaskState, cause: str | None = None,
                  dm_status: int | None = None, result_code: int | None = None,
-                 expect_state: TaskState | None = None) -> None: ...
+                 expect_state: TaskState | None = None, next_attempt: Any = ...,
+                 attempts: int | None = None) -> None: ...
     def __call__(self, ctx: Any) -> Task: ...
+
+
+KEEP: object
 
 
 def collect_prefetch(batch: list[tuple[Any, Any, Any, Any]],

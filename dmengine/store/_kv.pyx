@@ -228,6 +228,10 @@ def check_transition_args(to_state, cause, dm_status, result_code):
     return to_state
 
 
+#: Transition's "leave next_attempt as it is"
+KEEP = object()
+
+
 @cython.no_gc
 cdef class Transition:
     """The op of a plain transition (``op(ctx)``, see ``store/kv.py``): read the task, check
@@ -242,9 +246,11 @@ cdef class Transition:
     cdef object dm_status
     cdef object result_code
     cdef object expect_state
+    cdef object next_attempt      # KEEP (unchanged), None (cleared) or a time (checked >= 0)
+    cdef object attempts          # None: unchanged, else an int >= 0 (checked)
 
     def __init__(self, str task_id, to_state, cause=None, dm_status=None, result_code=None,
-                 expect_state=None):
+                 expect_state=None, next_attempt=KEEP, attempts=None):
         self.task_id = task_id
         self.key = task_id.encode()
         self.to_state = to_state
@@ -252,6 +258,8 @@ cdef class Transition:
         self.dm_status = dm_status
         self.result_code = result_code
         self.expect_state = expect_state
+        self.next_attempt = next_attempt
+        self.attempts = attempts
 
     def __call__(self, ctx):
         cdef object txn = ctx.txn
@@ -279,10 +287,15 @@ cdef class Transition:
             raise InvalidTransition("task", self.task_id, frm, to_state)
         now = ctx.now
         cdef object n = t.history_len + 1
+        cdef object old_due = t.next_attempt
         t.state = to_state
         t.version += 1
         t.history_len = n
         t.updated = now
+        if self.next_attempt is not KEEP:
+            t.next_attempt = self.next_attempt
+        if self.attempts is not None:
+            t.attempts = self.attempts
         if self.cause is not None:
             t.cause = self.cause
         cdef bint final_to = to_state in _FINAL
@@ -310,11 +323,15 @@ cdef class Transition:
                     sq = SEP + (<object>t.seq).to_bytes(8, "big")
                     wb.delete(JSTATE, j + <bytes>_STATE_KEY[frm] + sq)
                     wb.put(JSTATE, j + <bytes>_STATE_KEY[to_state] + sq, key)
-                if final_to and frm not in _FINAL:
-                    if t.next_attempt is not None:
-                        wb.delete(DUE, _us(t.next_attempt) + key)
-                    if t.deadline is not None:
-                        wb.delete(DL, _us(t.deadline) + key)
+                if final_to and frm not in _FINAL and t.deadline is not None:
+                    wb.delete(DL, _us(t.deadline) + key)
+            # the due row: there while the task is open and has a next attempt
+            if frm not in _FINAL and old_due is not None and (
+                    final_to or t.next_attempt is None or t.next_attempt != old_due):
+                wb.delete(DUE, _us(old_due) + key)
+            if not final_to and t.next_attempt is not None and (
+                    frm in _FINAL or old_due is None or t.next_attempt != old_due):
+                wb.put(DUE, _us(t.next_attempt) + key, b"")
             wb.put(HISTORY, hkey, hdata)
         else:
             put = ctx.put
@@ -326,11 +343,14 @@ cdef class Transition:
                     sq = SEP + (<object>t.seq).to_bytes(8, "big")
                     delete(JSTATE, j + <bytes>_STATE_KEY[frm] + sq)
                     put(JSTATE, j + <bytes>_STATE_KEY[to_state] + sq, key)
-                if final_to and frm not in _FINAL:
-                    if t.next_attempt is not None:
-                        delete(DUE, _us(t.next_attempt) + key)
-                    if t.deadline is not None:
-                        delete(DL, _us(t.deadline) + key)
+                if final_to and frm not in _FINAL and t.deadline is not None:
+                    delete(DL, _us(t.deadline) + key)
+            if frm not in _FINAL and old_due is not None and (
+                    final_to or t.next_attempt is None or t.next_attempt != old_due):
+                delete(DUE, _us(old_due) + key)
+            if not final_to and t.next_attempt is not None and (
+                    frm in _FINAL or old_due is None or t.next_attempt != old_due):
+                put(DUE, _us(t.next_attempt) + key, b"")
             put(HISTORY, hkey, hdata)
         cdef dict counts
         if job is not None:

@@ -56,7 +56,7 @@ from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, ApiKey, AuditEntry, Ca
                      ChargingEvent, Content, DeadLetter, Device, DmAccount, HistoryEntry, Job,
                      JobState, OutboxEntry, SchemaRecord, Subscription, Task, TaskState, User,
                      UserSession)
-from ._kv import Transition, check_transition_args, import_chunk, import_row
+from ._kv import KEEP, Transition, check_transition_args, import_chunk, import_row
 from .base import (DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, DEFAULT_QUERY_SCAN, MAX_PAGE, DeviceQuery,
                    ImportReport, Page, Store)
 
@@ -383,6 +383,21 @@ _CAP_PROTECTED = frozenset({"oid", "created"})
 _CONTENT_PROTECTED = frozenset({"content_id", "created"})
 _KEY_PROTECTED = frozenset({"key_id", "key_hash", "created"})
 _USER_PROTECTED = frozenset({"name", "created"})
+
+
+def _plain_changes(changes: Mapping[str, Any]) -> bool:
+    """Transition changes the Cython op makes itself: ``next_attempt`` (None or a time >= 0)
+    and ``attempts`` (an int >= 0), values checked here."""
+    for k, v in changes.items():
+        if k == "next_attempt":
+            if v is not None and (type(v) not in (float, int) or not v >= 0):
+                return False
+        elif k == "attempts":
+            if type(v) is not int or v < 0:
+                return False
+        else:
+            return False
+    return True
 
 
 def _hash_key(hex_hash: str, *, lookup: bool = False) -> bytes:
@@ -1288,10 +1303,14 @@ class KVStore(Store):
                          expect_state: TaskState | None = None,
                          changes: Mapping[str, Any] | None = None,
                          enqueue: Sequence[OutboxEntry] = ()) -> Task:
-        if not changes and not enqueue:
-            # the common case: one small Cython op (store/_kv.pyx), same checks and writes
+        if not enqueue and (not changes or _plain_changes(changes)):
+            # the common case — no changes, or only the next attempt and the attempt count
+            # (a notification, a session starting): one small Cython op (store/_kv.pyx),
+            # same checks and writes, no re-validation of the whole task
             to_state = check_transition_args(to_state, cause, dm_status, result_code)
-            op = Transition(task_id, to_state, cause, dm_status, result_code, expect_state)
+            op = Transition(task_id, to_state, cause, dm_status, result_code, expect_state,
+                            changes.get("next_attempt", KEEP) if changes else KEEP,
+                            changes.get("attempts") if changes else None)
             return await self._write(op)      # the writer prefetches its task (op.key)
         return await self._write(self.transition_op(
             task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
