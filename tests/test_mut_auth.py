@@ -239,3 +239,32 @@ def test_server_credentials_and_nonces():
     assert auth.verify_basic("  " + auth.basic_cred("dmclient01", "pw") + " ", "dmclient01", "pw")
     assert not auth.verify_basic("%%%", "dmclient01", "pw")
     assert auth.verify_md5(" " + auth.md5_digest("dmclient01", "pw", N) + "\n", "dmclient01", "pw", N)
+
+
+@pytest.mark.parametrize("value,want", [
+    ('username=a, mac=', ("a", "")),                       # a value may be empty at the end
+    ('username="", mac=m', ("", "m")),                     # an empty quoted value
+    ('username="a"mac=b', ("a", "b")),                     # no comma needed after a quote
+    ('username=Xavier, mac=Xm', ("Xavier", "Xm")),         # values are kept as written
+    ('username=a, mac=b, Xmac=c', ("a", "b")),             # unknown parameters are ignored
+])
+def test_parse_hmac_header_edges(value, want):
+    h = auth.parse_hmac_header(value)
+    assert (h.username, h.mac) == want
+
+
+def test_hmac_header_length_limit_is_1024():
+    head = 'username=a, mac='
+    ok = head + "m" * (auth.MAX_HMAC_HEADER - len(head))
+    assert len(ok) == 1024 and auth.parse_hmac_header(ok).mac == "m" * (1024 - len(head))
+    with pytest.raises(auth.AuthError, match="too long"):
+        auth.parse_hmac_header(ok + "m")
+
+
+def test_base64_is_read_strictly():
+    """A stray character is not skipped: the NextNonce is refused, the basic Cred wrong."""
+    with pytest.raises(auth.AuthError, match="^NextNonce is not base64"):
+        auth.decode_nonce("VWZ3iJmq!u8zd7v8AESIzRA==")
+    good = auth.basic_cred("dmclient01", "pw")
+    assert auth.verify_basic(good, "dmclient01", "pw")
+    assert not auth.verify_basic(good[:4] + "!" + good[4:], "dmclient01", "pw")
