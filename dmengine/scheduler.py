@@ -433,11 +433,15 @@ class Scheduler:
     async def _notify_all(self, tasks: list[Task], jobs: dict[str, Job]) -> None:
         """Notifications of one pass, ``notify_parallel`` under way at once (their store
         writes share the group commit)."""
-        step = max(1, self.config.notify_parallel)
-        for i in range(0, len(tasks), step):
-            await asyncio.gather(*(self._guarded(t, self.notify(t, jobs.get(t.job_id or ""),
-                                                                due=self._pass_start))
-                                   for t in tasks[i:i + step]))
+        # a sliding window, not chunks: a chunk waited for its slowest notification before
+        # the next one began, and the device port sat idle meanwhile
+        window = asyncio.Semaphore(max(1, self.config.notify_parallel))
+        due = self._pass_start
+
+        async def one(t: Task) -> None:
+            async with window:
+                await self._guarded(t, self.notify(t, jobs.get(t.job_id or ""), due=due))
+        await asyncio.gather(*(one(t) for t in tasks))
 
     async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:
         """One task's step of a pass: a store error is left for the next pass; any other fault
