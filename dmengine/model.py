@@ -26,7 +26,7 @@ from msgspec import Meta, Struct, field
 
 from .errors import ValidationError
 
-SCHEMA_VERSION = 2   # 2: the store's job_state index (store/kv.py INDEX_MIGRATIONS)
+SCHEMA_VERSION = 3   # 2: the store's job_state index; 3: dev_targets (store/kv.py INDEX_MIGRATIONS)
 
 # --- field types ------------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ def test_schema_migrations_run_on_open(tmp_path: pathlib.Path) -> None:
     with pytest.raises(StoreError, match="newer"):
         LmdbStore(path, schema_version=0)
     with pytest.raises(StoreError, match="no migration"):
-        LmdbStore(path, schema_version=3)
+        LmdbStore(path, schema_version=model_schema() + 1)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -291,6 +291,50 @@ def test_a_key_lmdb_refuses_fails_only_its_caller(tmp_path: pathlib.Path) -> Non
     asyncio.run(main())
 
 
+def model_schema() -> int:
+    from dmengine.model import SCHEMA_VERSION
+    return SCHEMA_VERSION
+
+
+def test_schema_2_environment_gets_its_dev_targets_index(tmp_path: pathlib.Path) -> None:
+    """Jobs stored before the device → target index (schema 2): on open, the targets of open
+    jobs whose tasks are not made yet are indexed, so a device of theirs that connects on its
+    own is found; made and finished ones are not."""
+    from dmengine.model import Job, JobState, QueryOp, Task
+    path = tmp_path / "env"
+    ids = [f"IMEI:{i}" for i in range(5)]
+
+    async def make() -> None:
+        s = LmdbStore(path)
+        try:
+            for jid, state in (("run", JobState.RUNNING), ("done", JobState.RUNNING)):
+                await s.create_job(Job(job_id=jid, state=state, op=QueryOp(nodes=["./X"])))
+                await s.add_job_targets(jid, ids)
+            await s.create_job_tasks("run", 0, [Task(task_id="t0", dev_id="IMEI:0", job_id="run",
+                                                     op=QueryOp(nodes=["./X"]))])
+            await s.update_job("done", {"state": JobState.COMPLETED})
+        finally:
+            await s.close()
+    asyncio.run(make())
+    env = open_env(path)
+    dbs = open_dbs(env)
+    with env.begin(write=True) as txn:      # as schema 2 left it: no index rows
+        txn.drop(dbs["dev_targets"], delete=False)
+        txn.put(b"schema", _enc.encode(SchemaRecord(version=2)), db=dbs["meta"])
+    env.close()
+
+    async def read() -> None:
+        s = LmdbStore(path)
+        try:
+            assert s.schema == (2, model_schema())
+            assert await s.pending_job_targets("IMEI:0") == []          # made already
+            assert await s.pending_job_targets("IMEI:3") == ["run"]      # "done" is final
+            assert await s.check() == []
+        finally:
+            await s.close()
+    asyncio.run(read())
+
+
 def test_schema_1_environment_gets_its_job_state_index(tmp_path: pathlib.Path) -> None:
     """An environment written before the job-state index (schema 1) is migrated when opened:
     its jobs are listed by state at once, and the checker finds the index sound."""
@@ -316,7 +360,7 @@ def test_schema_1_environment_gets_its_job_state_index(tmp_path: pathlib.Path) -
     async def read() -> None:
         s = LmdbStore(path)
         try:
-            assert s.schema == (1, 2)
+            assert s.schema == (1, model_schema())
             assert [j.job_id for j in (await s.list_jobs(state=JobState.RUNNING)).items] \
                 == ["run-1"]
             assert [j.job_id for j in (await s.list_jobs(state=JobState.SCHEDULED)).items] \

@@ -1889,9 +1889,23 @@ def _index_job_states(txn: KVTxn) -> None:
         txn.put("job_state", _job_state_key(j.state, j.job_id), EMPTY)
 
 
+def _index_dev_targets(txn: KVTxn) -> None:
+    """Schema 2 → 3: the ``dev_targets`` index (a device's targets whose task is not made
+    yet) of the jobs that may still make tasks."""
+    for k, v in txn.scan("jobs", b"", None):
+        j = dec(Job, v, "jobs", k)
+        if j.state not in (JobState.SCHEDULED, JobState.RUNNING, JobState.PAUSED):
+            continue
+        jkey = _e(j.job_id)
+        start = jkey + SEP + u64(j.total)
+        for tk, did in list(txn.scan("job_targets", start, jkey + SEP + b"\xff" * 8)):
+            txn.put("dev_targets", did + SEP + jkey, tk[len(jkey) + 1:])
+
+
 #: Migrations of the store's own layout (indexes: they need the key layout, which model.py,
 #: L0, does not know); ``model.MIGRATIONS`` holds those of the records.  Both run in order.
-INDEX_MIGRATIONS: dict[int, Callable[[KVTxn], None]] = {1: _index_job_states}
+INDEX_MIGRATIONS: dict[int, Callable[[KVTxn], None]] = {1: _index_job_states,
+                                                       2: _index_dev_targets}
 
 
 def ensure_schema(txn: KVTxn, now: float,
