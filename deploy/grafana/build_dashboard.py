@@ -179,10 +179,10 @@ def build() -> dict[str, Any]:
         (f"sum({rate('dmengine_task_expiries_total')})", "expiries")], unit="ops")
     L.panel("Jobs by state", [(f"sum by (state) ({s('dmengine_jobs')})", "{{state}}")],
             stack=True)
-    L.panel("Job progress", [(f"max by (job) ({s('dmengine_job_progress_ratio')})",
-                              "{{job}}")], kind="bargauge", unit="percentunit", maxv=1,
+    L.panel("Job progress", [(f"max by (job_id) ({s('dmengine_job_progress_ratio')})",
+                              "{{job_id}}")], kind="bargauge", unit="percentunit", maxv=1,
             instant=True, description="share of each running job's tasks that are final")
-    L.panel("Job ETA", [(f"max by (job) ({s('dmengine_job_eta_seconds')})", "{{job}}")],
+    L.panel("Job ETA", [(f"max by (job_id) ({s('dmengine_job_eta_seconds')})", "{{job_id}}")],
             kind="bargauge", unit="s", instant=True,
             description="remaining tasks over the recent completion rate, per running job")
 
