@@ -50,7 +50,8 @@ class Commands:
             return (msgspec.msgpack.encode(op), task.correlator)
         return None
 
-    async def for_session(self, session: Any, task: Task) -> list[Any]:
+    async def for_session(self, session: Any, task: Task, *,
+                          device: Device | None = None) -> list[Any]:
         """The commands to queue for ``task``: for our own session engine, the operation's
         prepared commands, shared with every other task of the same operation."""
         key = self.template_key(task) if isinstance(session, DmSession) else None
@@ -58,7 +59,7 @@ class Commands:
             hit = self.templates.get(key)
             if hit is not None:
                 return hit
-        commands = await self.for_task(task)
+        commands = await self.for_task(task, device=device)
         if key is None:
             return commands
         try:
@@ -70,7 +71,9 @@ class Commands:
         self.templates[key] = prepared
         return prepared
 
-    async def for_task(self, task: Task) -> list[Command]:
+    async def for_task(self, task: Task, *, device: Device | None = None) -> list[Command]:
+        """The operation's commands (``device``: the task's device record when the caller
+        has it; UPDATE reads it otherwise)."""
         op = task.op
         if isinstance(op, QueryOp):
             return [Command(name="Get", items=[Item(target=u)]) for u in op.nodes]
@@ -91,7 +94,8 @@ class Commands:
             return [Command(name="Exec", correlator=task.correlator,
                             items=[Item(target=op.uri, data=op.data)])]
         if isinstance(op, UpdateOp):
-            device = await self.store.get_device(task.dev_id)
+            if device is None or device.dev_id != task.dev_id:
+                device = await self.store.get_device(task.dev_id)
             content, fumo, mode = await self.content_for(op, device)
             url = f"{self.config.content_base_url.rstrip('/')}/{content.content_id}"
             node = "Download" if mode == FumoMode.DOWNLOAD_THEN_UPDATE else "DownloadAndUpdate"

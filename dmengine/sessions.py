@@ -334,7 +334,7 @@ class DeviceSessions:
             changes["account"] = (msgspec.structs.replace(account, **work.nonces)
                                   if account is not None else dict(work.nonces))
             work.nonces = {}
-        await self.store.update_device(record.dev_id, changes)
+        record = await self.store.update_device(record.dev_id, changes)
         for task in await self.tasks.open_for_device(record.dev_id):
             if isinstance(task.op, BootstrapOp):
                 if getattr(session, "username", None) != task.op.account.client_name:
@@ -358,7 +358,7 @@ class DeviceSessions:
                 if not decision.accept:
                     await self.tasks.finish(task, S.FAILED, decision.cause)
                     continue
-            await self._start_task(session, work, task)
+            await self._start_task(session, work, task, device=record)
         if ev.dev_id == record.dev_id:    # (another DevId: the device policy decides, later)
             await self._start_early_targets(session, work, record)
 
@@ -384,11 +384,14 @@ class DeviceSessions:
                 continue
             log.info("device %s connected on its own: its task %s of job %s starts now",
                      record.dev_id, created.task_id, job_id)
-            await self._start_task(session, work, created)
+            await self._start_task(session, work, created, device=record)
 
     # --- a task's commands and their answers ---------------------------------------------
 
-    async def _start_task(self, session: Any, work: SessionWork, task: Task) -> None:
+    async def _start_task(self, session: Any, work: SessionWork, task: Task, *,
+                          device: Device | None = None) -> None:
+        """Starts ``task`` in this session (``device``: its record as just written, when the
+        caller has it: the commands need not read it again)."""
         run = TaskRun(task=task)
         self._add_run(work, run)
         if task.b_optin:
@@ -406,12 +409,12 @@ class DeviceSessions:
                                      cause="device connected; commands sent",
                                      changes={"next_attempt": None})
         run.task = task
-        await self._queue_work(session, run)
+        await self._queue_work(session, run, device)
 
-    async def _queue_work(self, session: Any, run: TaskRun) -> None:
+    async def _queue_work(self, session: Any, run: TaskRun, device: Device | None = None) -> None:
         task = run.task
         try:
-            commands = await self.commands.for_session(session, task)
+            commands = await self.commands.for_session(session, task, device=device)
         except ServiceError as exc:
             run.done = True
             await self.tasks.finish(task, S.FAILED, str(exc))
