@@ -164,9 +164,15 @@ def route_label(request: web.Request) -> str:
     return str(resource.canonical)
 
 
+_identity_key: Any = None
+
+
 def _role(request: web.Request) -> str:
-    from .security import IDENTITY_KEY      # security imports this module
-    ident = request.get(IDENTITY_KEY)
+    global _identity_key
+    if _identity_key is None:
+        from .security import IDENTITY_KEY   # security imports this module: looked up once
+        _identity_key = IDENTITY_KEY
+    ident = request.get(_identity_key)
     return str(ident.role) if ident is not None else "anonymous"
 
 
