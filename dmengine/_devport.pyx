@@ -8,9 +8,11 @@ with everything else (connection set-up and loss, flow control, errors, GET rout
 file parts, timeouts); ``_pump`` calls back into it for the uncommon requests and for a
 request whose coroutine has to wait (``_spawn_request``).  ``Req`` is one HTTP request.
 """
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_XDECREF
+from libc.string cimport memchr, memcmp
 
 import logging
 
@@ -65,6 +67,36 @@ cdef extern from "Python.h":
         PYGEN_ERROR
         PYGEN_NEXT
     PySendResult PyIter_Send(object iter, object arg, PyObject **presult) except? PYGEN_ERROR
+
+cdef extern from "strings.h":
+    int strncasecmp(const char *s1, const char *s2, size_t n) nogil
+
+
+# --- the plain request, read without llhttp ------------------------------------------------------
+#
+# A device's DM request is nearly always the same shape: ``POST <the DM path or a RespURI>
+# HTTP/1.1``, a few headers, a Content-Length body, all in one read.  ``ConnBase._plain``
+# reads exactly that shape straight from the bytes (no parser callbacks, no bytes object per
+# header), and gives up on anything else — another method, a query string, HTTP/1.0, a header
+# llhttp or this port gives a meaning beyond its value (Connection, Transfer-Encoding, Upgrade,
+# Expect, Accept-Charset, a second Content-Length), a byte outside the plain ones, a request
+# not yet whole — which llhttp then parses from its first byte, as before.  It is only tried
+# when llhttp stands between two requests, so the parser never sees half of one.
+
+cdef inline bint _tchar(unsigned char c) nogil:
+    # header-name bytes taken here: letters, digits, '-' (the others go to llhttp)
+    return (c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57) or c == 45
+
+
+cdef inline bint _token_char(unsigned char c) nogil:
+    # RespURI token bytes (_dmcore._token: URL-safe base64)
+    return (c >= 97 and c <= 122) or (c >= 65 and c <= 90) or (c >= 48 and c <= 57) \
+        or c == 45 or c == 95
+
+
+cdef inline bint _is(const char *name, Py_ssize_t n, const char *lower, Py_ssize_t m) nogil:
+    return n == m and strncasecmp(name, lower, <size_t>m) == 0
+
 
 
 def accepts_utf8(value: bytes) -> bool:
@@ -169,8 +201,22 @@ cdef class ConnBase:
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def data_received(self, bytes data):
+        cdef Py_ssize_t pos = 0, nxt, n
         if self.closing:
             return
+        if self.state == _IDLE:
+            # llhttp is between two requests: whole plain requests are read here
+            n = PyBytes_GET_SIZE(data)
+            while pos < n:
+                nxt = self._plain(data, pos)
+                if nxt < 0:
+                    break
+                pos = nxt
+            if pos:
+                if pos == n:
+                    self._pump_queue()
+                    return
+                data = data[pos:]
         if self.in_headers:
             self.raw_hdr += len(data)
         try:
@@ -190,6 +236,143 @@ cdef class ConnBase:
             if self.in_headers and self.raw_hdr > self._max_hdr:
                 self._fail(431, b"request header block too large\n")
         self._pump_queue()
+
+    cdef Py_ssize_t _plain(self, bytes data, Py_ssize_t start) except -2:
+        """Queues the plain request (see above) at ``data[start:]``; returns the offset after
+        it, or -1 when the bytes there are not one (llhttp reads them then)."""
+        cdef Port shared = self.shared
+        cdef const char *buf = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
+        cdef const char *p = buf + start
+        cdef const char *stop = buf + end
+        cdef const char *line
+        cdef const char *nl
+        cdef const char *colon
+        cdef const char *v
+        cdef const char *ve
+        cdef const char *host = NULL
+        cdef const char *ctype = NULL
+        cdef const char *hmac = NULL
+        cdef Py_ssize_t host_n = 0, ctype_n = 0, hmac_n = 0, name_n, i, clen = -1, path_n
+        cdef Py_ssize_t plen = PyBytes_GET_SIZE(shared.path)
+        cdef const char *path = PyBytes_AS_STRING(shared.path)
+        cdef const char *target
+        cdef unsigned char c
+        cdef bint respuri = False
+        if end - start < 32 or memcmp(p, b"POST ", 5) != 0:
+            return -1
+        # the request target: the DM path, or the path + "/" + a RespURI token
+        p += 5
+        target = p
+        if stop - p < plen + 11 or memcmp(p, path, plen) != 0:
+            return -1
+        p += plen
+        if p[0] == 47:                    # "/": a RespURI
+            respuri = True
+            p += 1
+            i = 0
+            while p < stop and _token_char(<unsigned char>p[0]):
+                p += 1
+                i += 1
+            if i == 0 or i > 64:
+                return -1
+        path_n = p - target
+        if stop - p < 11 or memcmp(p, b" HTTP/1.1\r\n", 11) != 0:
+            return -1
+        p += 11
+        # the headers, one "name: value\r\n" a line, up to the empty line
+        while True:
+            if stop - p < 2:
+                return -1                 # not whole yet
+            if p[0] == 13 and p[1] == 10:
+                p += 2
+                break
+            line = p
+            nl = <const char *>memchr(p, 10, stop - p)
+            if nl == NULL or nl == line or (nl - 1)[0] != 13:
+                return -1
+            colon = p
+            while colon < nl and _tchar(<unsigned char>colon[0]):
+                colon += 1
+            if colon == line or colon[0] != 58:          # ":"
+                return -1
+            name_n = colon - line
+            v = colon + 1
+            ve = nl - 1                   # the "\r"
+            while v < ve and (v[0] == 32 or v[0] == 9):
+                v += 1
+            i = 0
+            while v + i < ve:
+                c = <unsigned char>v[i]
+                if not ((c >= 32 and c <= 126) or c == 9):
+                    return -1
+                i += 1
+            if i and (ve - 1)[0] in (32, 9):
+                return -1                 # trailing whitespace: llhttp's reading of it
+            if _is(line, name_n, b"host", 4):
+                host, host_n = v, i
+            elif _is(line, name_n, b"content-type", 12):
+                ctype, ctype_n = v, i
+            elif _is(line, name_n, b"content-length", 14):
+                if clen >= 0 or i == 0 or i > 9:
+                    return -1
+                clen = 0
+                while v < ve:
+                    c = <unsigned char>v[0]
+                    if c < 48 or c > 57:
+                        return -1
+                    clen = clen * 10 + (c - 48)
+                    v += 1
+            elif _is(line, name_n, b"x-syncml-hmac", 13):
+                hmac, hmac_n = v, i
+            elif (_is(line, name_n, b"connection", 10) or _is(line, name_n, b"expect", 6)
+                    or _is(line, name_n, b"transfer-encoding", 17)
+                    or _is(line, name_n, b"upgrade", 7)
+                    or _is(line, name_n, b"accept-charset", 14)
+                    or _is(line, name_n, b"proxy-connection", 16)):
+                return -1
+            p = nl + 1
+            if p - (buf + start) > self._max_hdr:
+                return -1                 # llhttp's path answers 431
+        if clen < 0 or clen > self._max_body or ctype == NULL or stop - p < clen:
+            return -1
+        queue = self.queue
+        if len(queue) >= 4 * self._max_pipeline:
+            return -1                     # llhttp's path answers 503 and closes
+        ct = PyBytes_FromStringAndSize(ctype, ctype_n)
+        encoding = _ENCODING_BY_BTYPE.get(ct)
+        if encoding is None:
+            return -1                     # parameters or another spelling: the full path
+        cdef Req req = Req()
+        req.method = b"POST"
+        req.path = shared.path if not respuri else PyBytes_FromStringAndSize(target, path_n)
+        req.ctype = ct
+        req.encoding = encoding
+        req.clen = clen
+        if host != NULL:
+            req.host = PyBytes_FromStringAndSize(host, host_n)
+        if hmac != NULL:
+            req.hmac = PyBytes_FromStringAndSize(hmac, hmac_n)
+        req.t0 = self._loop.time()
+        # admission, as on_headers_complete
+        if shared.pending >= shared.max_pending:
+            self.req = req
+            req.reply = self._overloaded("pending")
+            self.req = None
+        elif not respuri and (len(shared.sessions) >= shared.max_sessions or shared.draining):
+            self.req = req
+            req.reply = self._overloaded("sessions")
+            self.req = None
+        else:
+            req.body = PyBytes_FromStringAndSize(p, clen)
+        # and as on_message_complete
+        if len(queue) >= self._max_pipeline and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        queue.append(req)
+        shared.pending += 1
+        self.deadline = _INF              # a request came: keep-alive restarts once answered
+        return (p - buf) + clen
 
     # --- httptools callbacks -------------------------------------------------------------------
 
