@@ -43,6 +43,8 @@ def test_a_device_that_connects_on_its_own_runs_its_pending_target(tmp_path):
         await w.fleet.run_session(late, alert=1201)   # the phone comes by itself
         mine = [t for t in await tasks_of(w, job.job_id) if t.dev_id == late.dev_id]
         assert len(mine) == 1
+        made = w.engine.task_metrics.created.get("QUERY", 0)
+        assert made == (await w.store.get_job(job.job_id)).total      # early ones counted too
         done = await w.wait_state(mine[0].task_id, {S.SUCCEEDED, S.FAILED})
         assert done.state == S.SUCCEEDED, done.cause
         assert await w.store.pending_job_targets(late.dev_id) == []
