@@ -96,10 +96,16 @@ async def _carrier(behaviour: str) -> tuple[web.AppRunner, str, list[dict]]:
             return web.Response(text="accept")
         if behaviour == "other json":
             return web.json_response(["accept"])
+        if behaviour == "redirect":                 # to an answer that would accept
+            raise web.HTTPFound("/accept")
         raise AssertionError(behaviour)
+
+    async def accept(request: web.Request) -> web.Response:
+        return web.json_response({"decision": "accept"})
 
     app = web.Application()
     app.router.add_post("/policy", handler)
+    app.router.add_route("*", "/accept", accept)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -110,7 +116,7 @@ async def _carrier(behaviour: str) -> tuple[web.AppRunner, str, list[dict]]:
 
 @pytest.mark.parametrize("behaviour,accept", [
     ("accept", True), ("reject", False), ("500", False), ("202", False), ("slow", False),
-    ("not json", False), ("other json", False)])
+    ("not json", False), ("other json", False), ("redirect", False)])
 def test_http_carrier_callback_accepts_only_a_200_accept(behaviour, accept):
     async def main() -> None:
         runner, url, asked = await _carrier(behaviour)
@@ -173,3 +179,22 @@ def test_policy_40_end_to_end_a_broken_or_missing_carrier_refuses(tmp_path, carr
             if runner is not None:
                 await runner.cleanup()
     run_world(tmp_path, scenario)
+
+
+def test_a_carrier_url_the_guard_refuses_is_a_refusal_without_a_request():
+    """An outgoing-URL guard that refuses the carrier's address (loopback here): reject, and
+    the carrier is never asked."""
+    from dmengine.urlguard import UrlGuard
+
+    async def main() -> None:
+        runner, url, asked = await _carrier("accept")
+        try:
+            cb = http_carrier_callback(url, guard=UrlGuard())
+            record = Device(dev_id="IMEI:490154203237518", imei="490154203237518")
+            assert await cb(record, "IMEI:356938035643809", "t1") is False
+            assert asked == []
+            assert await http_carrier_callback(url)(record, "IMEI:356938035643809", "t1") is True
+            assert len(asked) == 1
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())
