@@ -16,6 +16,7 @@ import time
 from base64 import urlsafe_b64encode
 
 from dmengine._message cimport Message, SyncHdr, Command
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from dmengine._devport import http as _http
 from dmengine.errors import CodecError, DmError, ProtocolError
@@ -57,9 +58,16 @@ cdef list _token_pool = _TOKEN_POOL
 def _token():
     """An opaque session token: 96 random bits, URL-safe (16 characters).  Drawn from
     ``os.urandom`` 256 at a time (one system call instead of one per session)."""
+    cdef str raw
+    cdef Py_ssize_t i = 0, n
     if not _token_pool:
         raw = urlsafe_b64encode(os.urandom(12 * 256)).decode("ascii")
-        _token_pool.extend(raw[i:i + 16] for i in range(0, len(raw), 16))
+        # typed slices in a C loop (a generator expression of slices cost ~1,400
+        # instructions per token, more than the rest of the session table's work)
+        n = len(raw)
+        while i < n:
+            _token_pool.append(raw[i:i + 16])
+            i += 16
     return _token_pool.pop()
 
 
@@ -130,6 +138,13 @@ def _error_reply(session, Message msg, str server_uri, exc):
             cmd.cmd_id = str(i)
         reply.commands = cmds
     return reply
+
+
+cdef inline double _wall_time():
+    """``time.time()`` without the module attribute look-up and call (~550 instructions)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class Entry:
@@ -228,7 +243,7 @@ cdef class ServerCore:
                 metrics.codec_error(encoding)
             return _http(400, f"not a SyncML DM message: {exc}\n".encode(), close=False)
         hdr = msg.hdr
-        now_wall = time.time()
+        now_wall = _wall_time()
         if token is not None:
             entry = self.sessions.get(token)
             if (entry is None or not getattr(entry.session, "authenticated", True)) \
