@@ -6,7 +6,7 @@ over its API (:class:`dmengine.client.Client`).
     dmengine jobs create --operation-file query.json --capability cap-ex100 --stages 1,10,100 --rate 50
     dmengine jobs list [--state RUNNING] [--owner api]
     dmengine jobs show JOB          # progress, counts, rate, ETA
-    dmengine jobs watch JOB         # a line per change until the job ends
+    dmengine jobs watch JOB         # a progress bar (a line per change off a terminal)
     dmengine jobs pause|restart|cancel JOB
     dmengine jobs tasks JOB [--state FAILED]
     dmengine tasks show|history|cancel TASK
@@ -14,7 +14,8 @@ over its API (:class:`dmengine.client.Client`).
 ``--url`` (default http://127.0.0.1:8081) names the server; the API key is ``--api-key``, else
 ``$DMENGINE_API_KEY``, else the file ``dmengine serve`` keeps (``./var/api-key``).  Exit
 status: 0 done, 1 the API refused (its message is printed) or could not be reached, 2 a usage
-error (nothing was sent).
+error (nothing was sent).  The client's answers are the API's Structs
+(:mod:`dmengine.wsi.schemas`); ``--json`` prints them as the API's JSON.
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import json
 import os
 import sys
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote
 
-from .client import DEFAULT_API_KEY_FILE, DEFAULT_API_URL, Client, ClientError, read_api_key
+from .client import (DEFAULT_API_KEY_FILE, DEFAULT_API_URL, Client, ClientError, JobOut,
+                     read_api_key, to_builtins)
 
-__all__ = ["register_cli", "JobsClient", "parse_stages", "parse_window", "build_job_body"]
+__all__ = ["register_cli", "JobsClient", "parse_stages", "parse_window", "build_job_body",
+           "watch_job", "one_line"]
 
 JOB_STATES = ("SCHEDULED", "RUNNING", "PAUSED", "COMPLETED", "CANCELLED", "FAILED")
 TASK_STATES = ("PENDING", "NOTIFIED", "IN_PROGRESS", "WAITING_USER", "SUCCEEDED", "FAILED",
@@ -41,65 +43,9 @@ class Usage(Exception):
     """A command line that cannot be sent (exit status 2)."""
 
 
-def _seg(ident: str) -> str:
-    return quote(ident, safe=":@+=")
-
-
-class JobsClient(Client):
-    """The job and task routes (IBulkOperationsManagerServices) on top of :class:`Client`."""
-
-    async def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
-        """createDeployments → ``{jobId, state, targets}``."""
-        return await self.request("POST", "v1/jobs", json=body)
-
-    async def bulk_operation(self, body: dict[str, Any]) -> dict[str, Any]:
-        """doBulkOperation → ``{jobId, state, targets}``."""
-        return await self.request("POST", "v1/operations/bulk", json=body)
-
-    async def get_job(self, job_id: str) -> dict[str, Any]:
-        return await self.request("GET", f"v1/jobs/{_seg(job_id)}")
-
-    async def jobs(self, *, state: str | None = None, owner: str | None = None,
-                   cursor: str | None = None, limit: int | None = None) -> dict[str, Any]:
-        """One page of getJobs: ``{items, nextCursor}``."""
-        return await self.request("GET", "v1/jobs", params={
-            "state": state, "owner": owner, "cursor": cursor, "limit": limit})
-
-    async def jobs_by_date(self, start: float | None = None, end: float | None = None, *,
-                           cursor: str | None = None, limit: int | None = None
-                           ) -> dict[str, Any]:
-        return await self.request("GET", "v1/jobs/by-date", params={
-            "from": start, "to": end, "cursor": cursor, "limit": limit})
-
-    async def control(self, job_id: str, action: str, cause: str | None = None
-                      ) -> dict[str, Any]:
-        """pauseJob / restartJob / cancelJob → the job."""
-        return await self.request("POST", f"v1/jobs/{_seg(job_id)}/{action}",
-                                  json={"cause": cause} if cause else None)
-
-    async def tasks(self, job_id: str, *, state: str | None = None, cursor: str | None = None,
-                    limit: int | None = None) -> dict[str, Any]:
-        """One page of getTasks: ``{items, nextCursor}``."""
-        return await self.request("GET", f"v1/jobs/{_seg(job_id)}/tasks", params={
-            "state": state, "cursor": cursor, "limit": limit})
-
-    async def get_task(self, task_id: str) -> dict[str, Any]:
-        return await self.request("GET", f"v1/tasks/{_seg(task_id)}")
-
-    async def task_history(self, task_id: str) -> list[dict[str, Any]]:
-        """getTaskHistory, every page: the task's state changes, oldest first."""
-        items: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            page = await self.request("GET", f"v1/tasks/{_seg(task_id)}/history",
-                                      params={"cursor": cursor, "limit": 1000})
-            items += page["items"]
-            cursor = page["nextCursor"]
-            if cursor is None:
-                return items
-
-    async def cancel_task(self, task_id: str) -> dict[str, Any]:
-        return await self.request("POST", f"v1/tasks/{_seg(task_id)}/cancel")
+#: the job and task calls are :class:`dmengine.client.Client`'s (kept under this name for
+#: code written against it)
+JobsClient = Client
 
 
 # --- building a createDeployments body from the command line --------------------------------------
@@ -277,55 +223,56 @@ def _dur(s: float | None) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def _counts(c: dict[str, int]) -> str:
+def _counts(c: dict[Any, int]) -> str:
     return ", ".join(f"{s} {c[s]}" for s in TASK_STATES if c.get(s)) or "none"
 
 
-def _op_name(job: dict[str, Any]) -> str:
-    op = job.get("operation")
-    return op.get("operation", "?") if isinstance(op, dict) else "BOOTSTRAP"
+def _op_name(job: JobOut) -> str:
+    op = job.operation
+    # an operation view is tagged on "operation" (UPDATE, QUERY…); a bootstrap job has none
+    return "BOOTSTRAP" if op is None else str(op.__struct_config__.tag)
 
 
-def one_line(job: dict[str, Any]) -> str:
-    return (f"{job['jobId']}  {job['state']:<9}  {_op_name(job):<9}  "
-            f"{job['final']}/{job['targets']} final ({job['progress']:.1%})  "
-            f"{job.get('name') or ''}")
+def one_line(job: JobOut) -> str:
+    return (f"{job.job_id}  {job.state:<9}  {_op_name(job):<9}  "
+            f"{job.final}/{job.targets} final ({job.progress:.1%})  "
+            f"{job.name or ''}")
 
 
-def show_job(job: dict[str, Any], file: Any = None) -> None:
+def show_job(job: JobOut, file: Any = None) -> None:
     out = file or sys.stdout
     rows = [
-        ("job", f"{job['jobId']}  {job['state']}" + (f"  \"{job['name']}\"" if job.get("name")
-                                                     else "")),
-        ("owner", job.get("owner") or "-"),
+        ("job", f"{job.job_id}  {job.state}" + (f"  \"{job.name}\"" if job.name else "")),
+        ("owner", job.owner or "-"),
         ("operation", _op_name(job)),
-        ("progress", f"{job['final']} of {job['targets']} targets final "
-                     f"({job['progress']:.1%}); {job['total']} tasks started"),
-        ("outcome", f"{job['succeeded']} succeeded, {job['failed']} failed or expired"),
-        ("counts", _counts(job.get("counts") or {})),
+        ("progress", f"{job.final} of {job.targets} targets final "
+                     f"({job.progress:.1%}); {job.total} tasks started"),
+        ("outcome", f"{job.succeeded} succeeded, {job.failed} failed or expired"),
+        ("counts", _counts(job.counts)),
     ]
-    if job.get("testCounts"):
-        rows.append(("test cycle", _counts(job["testCounts"])))
-    stages = job.get("stages") or []
+    if job.test_counts:
+        rows.append(("test cycle", _counts(job.test_counts)))
+    stages = job.stages
     if stages:
-        cur = min(job.get("stage", 0), len(stages) - 1)
-        rows.append(("stage", f"{cur + 1} of {len(stages)} (up to {stages[cur]['percent']:g} %)"))
-    rate = job.get("rate")
-    rows.append(("rate", f"{rate:.2f} tasks/s" if rate else "-"))
-    rows.append(("ETA", _dur(job.get("etaSeconds"))))
-    if job.get("cause"):
-        rows.append(("cause", job["cause"]))
-    rows.append(("created", _t(job.get("created"))))
-    if job.get("started"):
-        rows.append(("started", _t(job["started"])))
-    if job.get("finished"):
-        rows.append(("finished", _t(job["finished"])))
+        cur = min(job.stage, len(stages) - 1)
+        rows.append(("stage", f"{cur + 1} of {len(stages)} (up to {stages[cur].percent:g} %)"))
+    rows.append(("rate", f"{job.rate:.2f} tasks/s" if job.rate else "-"))
+    rows.append(("ETA", _dur(job.eta_seconds)))
+    if job.cause:
+        rows.append(("cause", job.cause))
+    rows.append(("created", _t(job.created)))
+    if job.started:
+        rows.append(("started", _t(job.started)))
+    if job.finished:
+        rows.append(("finished", _t(job.finished)))
     for k, v in rows:
         print(f"{k:<10} {v}", file=out)
 
 
 def _dump(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2)
+    """An answer (Structs) as the API's JSON, as the commands printed it before the client
+    was typed: ``json.dump`` of the JSON values, indented."""
+    json.dump(to_builtins(obj), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
@@ -377,7 +324,7 @@ def _create(args: argparse.Namespace) -> int:
         if args.json:
             _dump(r)
         else:
-            print(f"job {r['jobId']} {r['state']}: {r['targets']} targets")
+            print(f"job {r.job_id} {r.state}: {r.targets} targets")
         return 0
     return _run(args, fn)
 
@@ -388,8 +335,8 @@ def _list(args: argparse.Namespace) -> int:
         while True:
             page = await c.jobs(state=args.state, owner=args.owner, cursor=cursor,
                                 limit=args.limit)
-            items += page["items"]
-            cursor = page["nextCursor"]
+            items += page.items
+            cursor = page.next_cursor
             if not args.all or cursor is None:
                 break
         if args.json:
@@ -411,22 +358,70 @@ def _show(args: argparse.Namespace) -> int:
     return _run(args, fn)
 
 
+def _watch_line(job: JobOut) -> str:
+    return one_line(job) + (f"  {job.rate:.1f}/s  ETA {_dur(job.eta_seconds)}"
+                            if job.rate else "")
+
+
+def _bar_fields(job: JobOut) -> dict[str, Any]:
+    """What the bar shows of a job.  Rate and ETA are the server's (tasks finished per second
+    since the job started), not rich's own estimate from the polls: a watch started late, or
+    a pause, would throw that off."""
+    final = job.state in FINAL_JOB_STATES
+    return {"description": f"{job.job_id} {job.state}", "completed": job.final,
+            "total": job.targets,
+            "outcome": f"[green]{job.succeeded} succeeded[/] [red]{job.failed} failed[/]",
+            "speed": f"{job.rate:.1f} tasks/s" if job.rate else "- tasks/s",
+            "eta": "ETA " + ("-" if final else _dur(job.eta_seconds))}
+
+
+async def watch_job(c: Client, job_id: str, *, interval: float = 2.0, console: Any = None,
+                    json_lines: bool = False, file: Any = None) -> JobOut:
+    """Follows a job until it is COMPLETED, CANCELLED or FAILED and returns its last view.
+    With ``console`` (a rich Console): a progress bar — final/targets, succeeded and failed,
+    rate and ETA — left in its final state.  Without: a line to ``file`` (stdout) whenever
+    the job moved (not for a new ETA alone), or with ``json_lines`` the job as one JSON
+    object a line."""
+    if console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("final"), TextColumn("{task.fields[outcome]}"),
+                      TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[eta]}"),
+                      console=console, transient=False) as bar:
+            job = await c.get_job(job_id)
+            task = bar.add_task(**_bar_fields(job))
+            while job.state not in FINAL_JOB_STATES:
+                await asyncio.sleep(interval)
+                job = await c.get_job(job_id)
+                bar.update(task, **_bar_fields(job))
+            bar.refresh()
+        return job
+    out = file or sys.stdout
+    last = None
+    while True:
+        job = await c.get_job(job_id)
+        now = (job.state, job.stage, job.total, job.final, job.cause)
+        if now != last:
+            out.write((json.dumps(to_builtins(job)) if json_lines else _watch_line(job)) + "\n")
+            out.flush()
+            last = now
+        if job.state in FINAL_JOB_STATES:
+            return job
+        await asyncio.sleep(interval)
+
+
 def _watch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    console = Console()                   # stdout: the bar replaces the lines there
+    show = not args.json and (args.progress if args.progress is not None
+                              else console.is_terminal)
+
     async def fn(c: JobsClient) -> int:
-        last = None
-        while True:
-            job = await c.get_job(args.job_id)
-            # a line when something moved (not for a new ETA alone)
-            now = (job["state"], job["stage"], job["total"], job["final"], job.get("cause"))
-            if now != last:
-                print(one_line(job) + (f"  {job['rate']:.1f}/s  ETA {_dur(job['etaSeconds'])}"
-                                       if job.get("rate") else ""), flush=True)
-                last = now
-            if job["state"] in FINAL_JOB_STATES:
-                if job.get("cause"):
-                    print(job["cause"])
-                return 0 if job["state"] == "COMPLETED" else 1
-            await asyncio.sleep(args.interval)
+        job = await watch_job(c, args.job_id, interval=args.interval,
+                              console=console if show else None, json_lines=args.json)
+        if job.cause and not args.json:
+            print(job.cause)
+        return 0 if job.state == "COMPLETED" else 1
     return _run(args, fn)
 
 
@@ -438,8 +433,7 @@ def _control(args: argparse.Namespace) -> int:
         if args.json:
             _dump(job)
         else:
-            print(f"job {job['jobId']} {job['state']}"
-                  + (f": {job['cause']}" if job.get("cause") else ""))
+            print(f"job {job.job_id} {job.state}" + (f": {job.cause}" if job.cause else ""))
         return 0
     return _run(args, fn)
 
@@ -449,16 +443,16 @@ def _job_tasks(args: argparse.Namespace) -> int:
         cursor, items = args.cursor, []
         while True:
             page = await c.tasks(args.job_id, state=args.state, cursor=cursor, limit=args.limit)
-            items += page["items"]
-            cursor = page["nextCursor"]
+            items += page.items
+            cursor = page.next_cursor
             if not args.all or cursor is None:
                 break
         if args.json:
             _dump({"items": items, "nextCursor": cursor})
         else:
             for t in items:
-                print(f"{t['taskId']}  {t['status']:<12}  {t['devId']}  "
-                      f"attempts {t['attempts']}  {t.get('cause') or ''}")
+                print(f"{t.task_id}  {t.status:<12}  {t.dev_id}  "
+                      f"attempts {t.attempts}  {t.cause or ''}")
             if cursor:
                 print(f"(more: --cursor {cursor} or --all)", file=sys.stderr)
         return 0
@@ -471,18 +465,20 @@ def _task_show(args: argparse.Namespace) -> int:
         if args.json:
             _dump(t)
             return 0
-        rows = [("task", f"{t['taskId']}  {t['status']}"), ("device", t["devId"]),
-                ("operation", t["operation"]), ("job", t.get("jobId") or "-"),
-                ("attempts", t["attempts"]), ("created", _t(t.get("created"))),
-                ("updated", _t(t.get("updated"))), ("finished", _t(t.get("finished"))),
-                ("cause", t.get("cause") or "-")]
-        res = t.get("result") or {}
-        if res.get("fumoResult") is not None:
-            rows.append(("FUMO", res["fumoResult"]))
-        for k, v in (res.get("statuses") or {}).items():
-            rows.append(("status", f"{k}: {v}"))
-        for k, v in (res.get("nodes") or {}).items():
-            rows.append(("node", f"{k} = {v}"))
+        rows: list[tuple[str, Any]] = [
+            ("task", f"{t.task_id}  {t.status}"), ("device", t.dev_id),
+            ("operation", t.operation), ("job", t.job_id or "-"),
+            ("attempts", t.attempts), ("created", _t(t.created)),
+            ("updated", _t(t.updated)), ("finished", _t(t.finished)),
+            ("cause", t.cause or "-")]
+        res = t.result
+        if res is not None:
+            if res.fumo_result is not None:
+                rows.append(("FUMO", res.fumo_result))
+            for k, v in res.statuses.items():
+                rows.append(("status", f"{k}: {v}"))
+            for k, v in res.nodes.items():
+                rows.append(("node", f"{k} = {v}"))
         for k, v in rows:
             print(f"{k:<10} {v}")
         return 0
@@ -496,10 +492,11 @@ def _task_history(args: argparse.Namespace) -> int:
             _dump(hist)
             return 0
         for h in hist:
-            codes = "".join(f"  {k} {h[k]}" for k in ("dmStatus", "resultCode")
-                            if h.get(k) is not None)
-            print(f"{_t(h['time'])}  {h.get('fromState') or '-':>12} -> {h['toState']:<12}"
-                  f"{codes}  {h.get('cause') or ''}")
+            codes = "".join(f"  {k} {v}" for k, v in (("dmStatus", h.dm_status),
+                                                      ("resultCode", h.result_code))
+                            if v is not None)
+            print(f"{_t(h.time)}  {h.from_state or '-':>12} -> {h.to_state:<12}"
+                  f"{codes}  {h.cause or ''}")
         return 0
     return _run(args, fn)
 
@@ -507,7 +504,7 @@ def _task_history(args: argparse.Namespace) -> int:
 def _task_cancel(args: argparse.Namespace) -> int:
     async def fn(c: JobsClient) -> int:
         r = await c.cancel_task(args.task_id)
-        _dump(r) if args.json else print(f"task {r['taskId']} {r['status']}")
+        _dump(r) if args.json else print(f"task {r.task_id} {r.status}")
         return 0
     return _run(args, fn)
 
@@ -605,10 +602,18 @@ def register_cli(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(func=_show)
 
-    p = js.add_parser("watch", help="follow a job until it ends (exit 0 when COMPLETED)")
+    p = js.add_parser("watch", help="follow a job until it ends (exit 0 when COMPLETED)",
+                      description="A progress bar (final/targets, succeeded, failed, rate, "
+                                  "ETA) until the job ends; off a terminal, or with --json, "
+                                  "a line (a JSON object) whenever the job moved.  Exit 0 "
+                                  "when it COMPLETED, 1 when it was CANCELLED or FAILED.")
     p.add_argument("job_id", metavar="JOB")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stdout is a terminal and no --json)")
     _common(p, json_out=False)
+    p.add_argument("--json", action="store_true",
+                   help="the job as one JSON object a line whenever it moved (no bar)")
     p.set_defaults(func=_watch)
 
     for action, help_ in (("pause", "pauseJob: no new notifications, sessions under way finish"),

@@ -613,9 +613,10 @@ def test_simulate_register_lets_the_fleet_authenticate(served, tmp_path):
             seen = [d async for d in c.iter_devices(capability="cap-sim", model="EX100",
                                                     last_contact_after=1)]
             assert len(seen) == 40
-            assert all(d["account"]["clientPassword"] == "***" for d in seen)
-            one = await c.get_device(seen[0]["imei"])
-            assert one["devId"] == seen[0]["devId"]
+            assert all(d.account is not None and d.account.client_password == "***"
+                       for d in seen)
+            one = await c.get_device(seen[0].imei)
+            assert one.dev_id == seen[0].dev_id
     uvloop.run(check())
     # a refused registration stops before any session runs
     r = dmengine(*base, "--register", api, "--api-key=wrong")
@@ -682,9 +683,9 @@ def test_sync_client(served, tmp_path):
     with SyncClient(api_of(urls), urls["API key"]) as c:
         made = c.create_device({"devId": "IMEI:356938035643100", "imei": "356938035643100",
                                 "msisdn": "+15550123"})
-        assert made["devId"] == "IMEI:356938035643100"
-        assert c.get_device("356938035643100")["msisdn"] == "+15550123"   # a bare IMEI
-        assert any(d["devId"] == "IMEI:356938035643100" for d in c.iter_devices(limit=50))
+        assert made.dev_id == "IMEI:356938035643100"
+        assert c.get_device("356938035643100").msisdn == "+15550123"   # a bare IMEI
+        assert any(d.dev_id == "IMEI:356938035643100" for d in c.iter_devices(limit=50))
         c.delete_device("IMEI:356938035643100")
         try:
             c.get_device("IMEI:356938035643100")

@@ -208,11 +208,11 @@ async def _provision(args: argparse.Namespace, fleet: Any) -> None:
         how = "cannot reach it" if exc.status == 0 else f"HTTP {exc.status}"
         raise RegistrationFailed(f"registering the fleet at {args.register} failed "
                                  f"({how}): {exc}") from None
-    print(f"registered {report['created'] + report['replaced']} device(s) at {args.register} "
-          f"(created {report['created']}, replaced {report['replaced']})", file=sys.stderr)
-    if report["rejected"]:
+    print(f"registered {report.created + report.replaced} device(s) at {args.register} "
+          f"(created {report.created}, replaced {report.replaced})", file=sys.stderr)
+    if report.rejected:
         print_report(report, file=sys.stderr)
-        raise RegistrationFailed(f"{report['rejected']} device(s) of the fleet were rejected")
+        raise RegistrationFailed(f"{report.rejected} device(s) of the fleet were rejected")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
