@@ -569,7 +569,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_API_URL,
                    help="API of a running server (default: %(default)s)")
     p.add_argument("--api-key", default=None,
-                   help=f"API key (default: $DMENGINE_API_KEY, else the file --api-key-file)")
+                   help="API key (default: $DMENGINE_API_KEY, else the file --api-key-file)")
     p.add_argument("--api-key-file", default=DEFAULT_API_KEY_FILE,
                    help="file holding the API key, as `dmengine serve` writes it "
                         "(default: %(default)s)")
