@@ -40,11 +40,13 @@ test: deps build
 # store commit batch, API lookup, scheduler pass), each next to a same-process baseline,
 # compared with the run saved in bench/results/hot (`make bench-baseline` saves a new one).
 # HOT_FAIL: how much slower a path's fastest round may be than the baseline's before `make
-# bench` fails.  60 %: over 3 runs of each suite on this shared 2-core machine the fastest
-# round of one benchmark moved by up to 1.59x (a busy stretch of the host), most by <= 1.10x;
-# smaller slow-downs still show in the comparison table it prints.
+# bench` fails.  100 % (twice as slow): on this shared 2-core machine, 5 runs of the suites
+# against the saved baseline moved the fastest round of a benchmark by up to 1.75x (the store
+# batch, lxml's decode: busy stretches of the host; half of them by <= 1.27x), so a tighter
+# bound fails on noise.  Smaller slow-downs show in the comparison table it prints (each
+# benchmark next to its baseline run, and its same-process baseline in the group).
 HOT_STORE := bench/results/hot
-HOT_FAIL  ?= min:60%
+HOT_FAIL  ?= min:100%
 HOT_BENCH := $(VPY) -m pytest bench/hot -q -p no:cacheprovider \
 	--benchmark-storage=file://$(HOT_STORE) --benchmark-group-by=group --benchmark-sort=name \
 	--benchmark-columns=min,median,iqr,rounds
