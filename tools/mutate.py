@@ -44,7 +44,7 @@ MODULES: dict[str, list[str]] = {
     "dmengine/auth.py": ["tests/test_auth.py", "tests/test_mut_auth.py"],
     "dmengine/devices.py": ["tests/test_devices_api.py", "tests/test_mut_policy.py",
                             "tests/test_mut_devices.py"],
-    "dmengine/content.py": ["tests/test_content.py", "tests/test_mut_api.py"],
+    "dmengine/content.py": ["tests/test_content.py", "tests/test_mut_content.py"],
     "dmengine/tasks.py": ["tests/test_broker_e2e.py", "tests/test_mut_fumo.py"],
     "dmengine/commands.py": ["tests/test_broker_e2e.py", "tests/test_broker_templates.py"],
     "dmengine/sessions.py": ["tests/test_broker_e2e.py", "tests/test_mut_fumo.py",
