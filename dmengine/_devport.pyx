@@ -30,6 +30,7 @@ ENCODING_BY_TYPE = {
     "application/vnd.syncml+wbxml": "wbxml",
 }
 _ENCODING_BY_BTYPE = {k.encode(): v for k, v in ENCODING_BY_TYPE.items()}
+cdef dict _ENC_BY_BTYPE = _ENCODING_BY_BTYPE
 _ACCEPT_POST = ", ".join(ENCODING_BY_TYPE)
 
 # headers the device port reads, by their usual spellings (others are lower-cased first)
@@ -340,7 +341,7 @@ cdef class ConnBase:
         if len(queue) >= 4 * self._max_pipeline:
             return -1                     # llhttp's path answers 503 and closes
         ct = PyBytes_FromStringAndSize(ctype, ctype_n)
-        encoding = _ENCODING_BY_BTYPE.get(ct)
+        encoding = _ENC_BY_BTYPE.get(ct)
         if encoding is None:
             return -1                     # parameters or another spelling: the full path
         cdef Req req = Req()
@@ -353,7 +354,8 @@ cdef class ConnBase:
             req.host = PyBytes_FromStringAndSize(host, host_n)
         if hmac != NULL:
             req.hmac = PyBytes_FromStringAndSize(hmac, hmac_n)
-        req.t0 = self._loop.time()
+        if self.server.metrics is not None:
+            req.t0 = self._loop.time()    # for the latency histogram only
         # admission, as on_headers_complete
         if shared.pending >= shared.max_pending:
             self.req = req
