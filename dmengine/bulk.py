@@ -73,8 +73,10 @@ def view(job: Job, now: float) -> JobView:
     bad = sum(c.get(s, 0) for c in (job.counts, job.test_counts)
               for s in (S.FAILED, S.EXPIRED))
     rate = eta = None
-    if job.started is not None and now > job.started and final:
-        rate = final / (now - job.started)
+    # an ended job's rate is over its run, not until now (else it fell with every read)
+    end = min(now, job.finished) if job.finished is not None else now
+    if job.started is not None and end > job.started and final:
+        rate = final / (end - job.started)
         eta = (job.targets - final) / rate if job.state in (J.RUNNING, J.SCHEDULED) else None
     return JobView(job=job, started=job.total, final=final, succeeded=ok, failed=bad,
                    progress=final / job.targets if job.targets else 1.0, rate=rate, eta_s=eta)

@@ -101,3 +101,17 @@ def test_no_early_start_when_the_job_is_paused_or_its_stage_is_full(tmp_path):
         assert len(mine) == 1
 
     run_world(tmp_path, scenario, n=n, broker=FAST)
+
+
+def test_an_ended_jobs_rate_does_not_fall_with_time():
+    """view(): the rate of a job that ended is over its run (started → finished), so two reads
+    of it agree; a running job's is over started → now."""
+    from dmengine.bulk import view
+    from dmengine.model import Job
+    done = Job(job_id="j", state=J.COMPLETED, targets=10, total=10,
+               counts={S.SUCCEEDED: 10}, started=100.0, finished=110.0)
+    assert view(done, 120.0).rate == view(done, 5000.0).rate == 1.0
+    assert view(done, 120.0).eta_s is None
+    running = Job(job_id="r", state=J.RUNNING, targets=10, total=5,
+                  counts={S.SUCCEEDED: 5}, started=100.0)
+    assert view(running, 110.0).rate == 0.5 and view(running, 110.0).eta_s == 10.0
