@@ -235,3 +235,34 @@ def test_not_utf8_lines_and_the_error_limit(tmp_path):
                            (5, None, "2 fields, the header has 1"),
                            (6, None, "2 fields, the header has 1")]
     assert (res.rows, res.created, res.rejected, res.errors_omitted) == (8, 2, 6, 3)
+
+
+def test_the_first_errors_by_line_are_kept_whatever_order_they_are_found_in(tmp_path):
+    """A row the store refuses is reported when its chunk comes back, after later rows' parse
+    errors: the errors kept are still the first ones by line, each counted once."""
+    body = (b"devId,imei\n"
+            b"IMEI:1,notdigits\n"            # 2: refused by the store (imei)
+            b"IMEI:2,,x\n"                   # 3: parse error
+            b"IMEI:3,,x\n"                   # 4: parse error
+            b"IMEI:4,alsobad\n"              # 5: refused by the store
+            b"IMEI:5,,x\n")                  # 6: parse error
+    res, _ = run_import(tmp_path, body, chunk=1, max_errors=2)
+    assert [(e.line, e.where) for e in res.errors] == [(2, "imei"), (3, None)]
+    assert (res.rows, res.created, res.rejected, res.errors_omitted) == (5, 0, 5, 3)
+    res, _ = run_import(tmp_path / "b", body, chunk=1, max_errors=10)
+    assert [e.line for e in res.errors] == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("where,csv,ndjson", [
+    (None, None, None), ("$", None, None),
+    ("$.imei", "imei", "imei"),
+    ("$.account.client_name", "client_name", "account.client_name"),
+    ("$.account", "account", "account"),
+    ("$.devinfo[./DevInfo/Mod]", "devinfo", "devinfo[./DevInfo/Mod]"),
+    ("$.account.client_name[0]", "client_name", "account.client_name[0]"),
+    ("$.tags[0][1]", "tags", "tags[0][1]"),
+    ("imei", "imei", "imei"),
+])
+def test_where_a_store_error_points(where, csv, ndjson):
+    assert D._csv_where(where) == csv
+    assert D._json_where(where) == ndjson
