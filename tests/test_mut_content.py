@@ -1,10 +1,15 @@
 """Issue 18, mutmut on dmengine/content.py: byte ranges (RFC 7233) and media types resolved
-against their edges, each answer compared whole."""
+against their edges, each answer compared whole; small bodies served from memory within their
+budget, and a file that is not what its record says (a real LMDB store and files on disk)."""
 from __future__ import annotations
+
+import asyncio
+import os
 
 import pytest
 
 from dmengine import content as C
+from dmengine.store.lmdb import LmdbStore
 
 R, U = C.ByteRange, C.UNSATISFIABLE
 
@@ -68,3 +73,89 @@ def test_media_type_length_limit_is_inclusive():
     at = "a/" + "b" * (C.MAX_MEDIA_TYPE - 2)
     assert len(at) == C.MAX_MEDIA_TYPE and C.media_type_problem(at) is None
     assert C.media_type_problem(at + "b") == f"is longer than {C.MAX_MEDIA_TYPE} characters"
+
+
+# --- serving small content from memory, and its file checked against the record -----------
+
+def _with_service(tmp_path, scenario, **kw):
+    async def main():
+        store = LmdbStore(tmp_path / "env")
+        try:
+            svc = C.ContentService(store, tmp_path / "files", **kw)
+            await scenario(store, svc)
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+async def _one(data: bytes):
+    yield data
+
+
+async def _put(svc, name, data, **kw):
+    return await svc.ingest(_one(data), name=name, **kw)
+
+
+def test_a_damaged_file_is_a_500_and_a_missing_one_a_404(tmp_path):
+    async def scenario(store, svc):
+        a = await _put(svc, "a.bin", b"a" * 100)
+        b = await _put(svc, "b.bin", b"b" * 100)
+        m = await _put(svc, "m.bin", b"m" * 100)
+        with open(svc.file_of(a), "wb") as f:
+            f.write(b"A" * 100)                       # same size, other bytes
+        with open(svc.file_of(b), "wb") as f:
+            f.write(b"b" * 99)                        # shorter
+        os.unlink(svc.file_of(m))
+        for cid, status, text in ((a.content_id, 500, "content file damaged\n"),
+                                  (b.content_id, 500, "content file damaged\n"),
+                                  (m.content_id, 404, f"content {m.content_id!r} is not available\n"),
+                                  ("nope", 404, "no content 'nope'\n")):
+            r = await svc.serve(cid, None)
+            assert (r.status, r.body) == (status, text.encode())
+            assert r.headers == [("Content-Type", "text/plain; charset=utf-8"),
+                                 ("Content-Length", str(len(text.encode())))]
+        r = await svc.serve_request("GET", "/elsewhere/x", {})
+        assert (r.status, r.body, r.head) == (404, b"not found\n", False)
+        r = await svc.serve_request("HEAD", f"/content/{a.content_id}", {})
+        assert r.status == 500 and r.head
+    _with_service(tmp_path, scenario)
+
+
+def test_small_bodies_are_kept_in_memory_within_the_budget(tmp_path):
+    """Served once, a small body comes from memory (a later change of its file does not show);
+    past ``memory_total`` the last kept one makes room and is read (and checked) again."""
+    async def scenario(store, svc):
+        a = await _put(svc, "a.bin", b"a" * 1500)
+        b = await _put(svc, "b.bin", b"b" * 1500)
+        c = await _put(svc, "c.bin", b"c" * 1000)
+        for x, byte in ((a, b"a"), (b, b"b")):
+            r = await svc.serve(x.content_id, None)
+            assert r.status == 200 and r.body == byte * x.size
+        for x in (a, b):
+            with open(svc.file_of(x), "wb") as f:
+                f.write(b"Z" * x.size)
+        assert (await svc.serve(a.content_id, None)).body == b"a" * 1500      # from memory
+        assert (await svc.serve(b.content_id, None)).body == b"b" * 1500
+        r = await svc.serve(c.content_id, "bytes=10-19")                      # 3000 + 1000 > 3000
+        assert r.status == 206 and r.body == b"c" * 10
+        assert (await svc.serve(a.content_id, None)).body == b"a" * 1500      # still kept
+        assert (await svc.serve(b.content_id, None)).status == 500            # dropped, re-read
+        assert (await svc.serve(c.content_id, None)).body == b"c" * 1000
+    _with_service(tmp_path, scenario, memory_body=2000, memory_total=3000)
+
+
+def test_list_page_by_capability_and_version_order(tmp_path):
+    async def scenario(store, svc):
+        x = await _put(svc, "x", b"x", capability="cap-x")
+        await _put(svc, "y", b"y", capability="cap-y")
+        z = await _put(svc, "z", b"z", capability="cap-x")
+        page = await svc.list_page(capability="cap-x")
+        assert sorted(c.content_id for c in page.items) == sorted([x.content_id, z.content_id])
+        assert len((await svc.list_page()).items) == 3
+        assert len((await svc.list_page(limit=2)).items) == 2
+        assert len(await svc.all_content()) == 3
+    _with_service(tmp_path, scenario)
+    assert sorted(["1.10", "1.9", "1.2", "1.2a", "2", "1.10.1"], key=C._version_key) == \
+        ["1.2", "1.2a", "1.9", "1.10", "1.10.1", "2"]
+    assert C._version_key(None) == ()
+    assert C._version_key("v2") < C._version_key("v10")
