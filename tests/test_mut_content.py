@@ -159,3 +159,59 @@ def test_list_page_by_capability_and_version_order(tmp_path):
         ["1.2", "1.2a", "1.9", "1.10", "1.10.1", "2"]
     assert C._version_key(None) == ()
     assert C._version_key("v2") < C._version_key("v10")
+
+
+@pytest.mark.parametrize("memory_body", [0, 1 << 20], ids=["from the file", "from memory"])
+def test_download_answers_whole(tmp_path, memory_body):
+    """Every answer of a download as the device port sends it: status, the headers in order
+    and spelling, what is sent, HEAD, and the record of the download counted (start at 0)."""
+    data = bytes(range(256)) * 8                              # 2048 bytes
+
+    async def scenario(store, svc):
+        c = await _put(svc, "fw.bin", data, content_type="application/vnd.acme.fw")
+        etag = f'"{c.sha256}"'
+        common = [("Accept-Ranges", "bytes"), ("ETag", etag),
+                  ("Content-Type", "application/vnd.acme.fw")]
+
+        def sent(r):
+            if r.path is None:
+                return r.body
+            assert r.body == b"" and r.path == svc.file_of(c)
+            with open(r.path, "rb") as f:
+                f.seek(r.offset)
+                return f.read(r.length)
+
+        r = await svc.serve(c.content_id, None)
+        assert (r.status, r.headers, r.head) == (200, common + [("Content-Length", "2048")], False)
+        assert sent(r) == data and r.content.downloads == 1
+        r = await svc.serve(c.content_id, "bytes=100-199")
+        assert (r.status, r.headers) == (206, common + [("Content-Range", "bytes 100-199/2048"),
+                                                        ("Content-Length", "100")])
+        assert sent(r) == data[100:200] and r.content.downloads == 1   # a resumed download
+        r = await svc.serve(c.content_id, "bytes=0-9", head=True)
+        assert (r.status, r.head) == (206, True) and r.content.downloads == 1   # HEAD: not one
+        r = await svc.serve(c.content_id, "bytes=0-9")
+        assert sent(r) == data[:10] and r.content.downloads == 2
+        r = await svc.serve(c.content_id, "bytes=5000-")
+        assert (r.status, r.head, r.body) == (416, False, b"")
+        assert r.headers == common[:2] + [("Content-Range", "bytes */2048"), ("Content-Length", "0")]
+        assert r.content.content_id == c.content_id
+        r = await svc.serve(c.content_id, "bytes=0-9", if_range='"other"')  # another version
+        assert r.status == 200 and sent(r) == data
+        r = await svc.serve(c.content_id, "bytes=0-9", if_range=f" {etag} ")
+        assert r.status == 206
+        r = await svc.serve_request("HEAD", f"/content/{c.content_id}", {"range": "bytes=1-2"})
+        assert (r.status, r.head) == (206, True)
+        r = await svc.serve_request("GET", f"/x/content/{c.content_id}",
+                                    {"range": "bytes=1-2", "if-range": etag})
+        assert r.status == 206 and sent(r) == data[1:3]
+    _with_service(tmp_path, scenario, memory_body=memory_body)
+
+
+def test_memory_body_limit_is_inclusive(tmp_path):
+    async def scenario(store, svc):
+        c = await _put(svc, "fw.bin", b"x" * 100)
+        assert (await svc.serve(c.content_id, None)).path is None      # 100 <= 100: memory
+        d = await _put(svc, "fw2.bin", b"y" * 101)
+        assert (await svc.serve(d.content_id, None)).path == svc.file_of(d)
+    _with_service(tmp_path, scenario, memory_body=100)
