@@ -518,6 +518,16 @@ def run(quick: bool = False) -> None:
                                round(1e6 / echo["cpu_us"])))
         rows.append(Row(case, "server CPU share while measured", round(dm["cpu_share"], 2),
                         "cores", "echo", round(echo["cpu_share"], 2)))
+    # the spread of the same-round ratios (each round: echo, then dm, back to back): the host
+    # is shared, and a round where either server lost its core to other work moves its ratio
+    wall = sorted(d["rate"] / e["rate"] for d, e in zip(dms, echos) if e["rate"])
+    cpu = sorted(e["cpu_us"] / d["cpu_us"] for d, e in zip(dms, echos) if d["cpu_us"])
+    if wall:
+        rows.append(Row(case, "messages/s vs echo, same-round ratios min-max", round(wall[0], 3),
+                        "x", "max", round(wall[-1], 3)))
+    if cpu:
+        rows.append(Row(case, "per server CPU-second vs echo, same-round ratios min-max",
+                        round(cpu[0], 3), "x", "max", round(cpu[-1], 3)))
     rows.append(Row.versus(case, "latency p50", round(dm["p50"], 3), "ms", "echo p50",
                            round(echo["p50"], 3), higher_is_better=False))
     rows.append(Row.versus(case, "latency p99", round(dm["p99"], 3), "ms", "echo p99",
