@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 import msgspec
 
 from . import auth, logs
-from .bulk import early_start_allowed, job_task, stage_boundary
+from .bulk import FINAL_JOB_STATES, early_start_allowed, job_task, stage_boundary
 from .commands import Commands
 from .config import BrokerConfig
 from .devices import CarrierCallback, check_device_policy, imei_of
@@ -376,9 +376,12 @@ class DeviceSessions:
                 job = await self.store.get_job(job_id)
             except NotFound:
                 continue
-            if not early_start_allowed(job, record.tz, now):
+            ended = job.state in FINAL_JOB_STATES
+            if (ended and job.op is None) or (not ended
+                                              and not early_start_allowed(job, record.tz, now)):
                 continue
-            task = job_task(job, record.dev_id, now, self.config.task_ttl)
+            task = job_task(job, record.dev_id, now, self.config.task_ttl)   # (ended: the
+            # store only forgets the target, so the index does not keep ended jobs' rows)
             created = await self.store.start_job_target(job_id, task, stage_boundary(job))
             if created is None:
                 continue

@@ -99,6 +99,11 @@ def test_no_early_start_when_the_job_is_paused_or_its_stage_is_full(tmp_path):
         await w.fleet.run_session(late, alert=1201)
         mine = [t for t in await tasks_of(w, paced.job_id) if t.dev_id == late.dev_id]
         assert len(mine) == 1
+        # a job that ended leaves no pending target behind once the device came
+        other = w.device(n - 2)
+        assert staged.job_id in await w.store.pending_job_targets(other.dev_id)
+        await w.fleet.run_session(other, alert=1201)
+        assert staged.job_id not in await w.store.pending_job_targets(other.dev_id)
 
     run_world(tmp_path, scenario, n=n, broker=FAST)
 

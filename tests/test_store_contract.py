@@ -980,6 +980,9 @@ def test_a_pending_target_started_early_trades_places(use: Callable[[Body], Any]
         assert await s.pending_job_targets("IMEI:5") == ["j2"]
         with pytest.raises(ValidationError):
             await s.start_job_target("j2", _job_task("w", job="jt", dev_id="IMEI:5"), 6)
+        await s.update_job("j2", {"state": JobState.CANCELLED})     # ended: forgotten
+        assert await s.start_job_target("j2", _job_task("c5", job="j2", dev_id="IMEI:5"), 6) is None
+        assert await s.pending_job_targets("IMEI:5") == []
     use(body)
 
 

@@ -241,7 +241,7 @@ class Store(abc.ABC):
         places with the next one to be made, so the job's order of the others is kept, and
         the task is created as that next one.  None when the job is not RUNNING, has made
         ``boundary`` tasks already (its stage is full), or has no pending target of the
-        device."""
+        device; the target of a job that ended is forgotten then (it will never be made)."""
 
     @abc.abstractmethod
     async def claim_due(self, now: float, limit: int, lease: float) -> list[Task]:

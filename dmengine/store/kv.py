@@ -385,6 +385,9 @@ _KEY_PROTECTED = frozenset({"key_id", "key_hash", "created"})
 _USER_PROTECTED = frozenset({"name", "created"})
 
 
+_ENDED_JOB_STATES = frozenset({JobState.COMPLETED, JobState.CANCELLED, JobState.FAILED})
+
+
 def _plain_changes(changes: Mapping[str, Any]) -> bool:
     """Transition changes the Cython op makes itself: ``next_attempt`` (None or a time >= 0)
     and ``attempts`` (an int >= 0), values checked here."""
@@ -1069,6 +1072,9 @@ class KVStore(Store):
             if raw is None:
                 return None
             j = ctx.job(job_id)
+            if j.state in _ENDED_JOB_STATES:      # it will never be made: forget it
+                ctx.delete("dev_targets", dkey + SEP + jkey)
+                return None
             if j.state != JobState.RUNNING or j.total >= min(boundary, j.targets):
                 return None
             pos, nxt = int.from_bytes(raw, "big"), j.total
