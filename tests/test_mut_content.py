@@ -4,6 +4,7 @@ budget, and a file that is not what its record says (a real LMDB store and files
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 import pytest
@@ -215,3 +216,62 @@ def test_memory_body_limit_is_inclusive(tmp_path):
         d = await _put(svc, "fw2.bin", b"y" * 101)
         assert (await svc.serve(d.content_id, None)).path == svc.file_of(d)
     _with_service(tmp_path, scenario, memory_body=100)
+
+
+def test_ingest_limits_and_metadata_errors(tmp_path):
+    """Each refusal of an upload, whole (message and field), and nothing left on disk; the
+    size limits are inclusive."""
+    from dmengine.errors import ContentError, ContentMismatch, ContentTooLarge
+
+    async def chunks(*parts):
+        for p in parts:
+            yield p
+
+    async def scenario(store, svc):
+        empty = await svc.ingest(chunks(), name="empty", size=0)
+        assert (empty.size, empty.sha256) == (0, hashlib.sha256(b"").hexdigest())
+        full = await svc.ingest(chunks(b"a" * 60, b"", b"b" * 40), name="full", size=100,
+                                sha256=hashlib.sha256(b"a" * 60 + b"b" * 40).hexdigest().upper())
+        assert full.size == 100 and full.sha256 == hashlib.sha256(b"a" * 60 + b"b" * 40).hexdigest()
+        with open(svc.file_of(full), "rb") as f:
+            assert f.read() == b"a" * 60 + b"b" * 40             # written in 32-byte chunks
+        assert (await svc.ingest(chunks(b"x" * 100), name="no size")).size == 100
+        for kw, parts, exc, message, where in (
+                (dict(size=-1), (), ContentMismatch, "size must be a non-negative integer, got -1", "size"),
+                (dict(size=True), (), ContentMismatch, "size must be a non-negative integer, got True", "size"),
+                (dict(size=101), (), ContentTooLarge,
+                 "content larger than the limit max_size=100 bytes (at least 101 bytes)", "size"),
+                (dict(sha256="abc"), (), ContentMismatch, "sha256 must be 64 hex digits", "sha256"),
+                (dict(), (b"x" * 60, b"x" * 41), ContentTooLarge,
+                 "content larger than the limit max_size=100 bytes (at least 101 bytes)", "size"),
+                (dict(size=10), (b"x" * 11,), ContentMismatch,
+                 "more than the declared size 10 bytes arrived", "size"),
+                (dict(size=10), (b"x" * 9,), ContentMismatch, "declared size 10 bytes, received 9",
+                 "size"),
+                (dict(content_type="text"), (), ContentError,
+                 "content type 'text' is not a media type (type/subtype, optionally ; name=value)",
+                 "content_type"),
+                (dict(content_id="../x"), (), ContentError, "content id '../x' cannot name a file",
+                 "$.content_id"),
+                (dict(content_id=full.content_id), (), ContentError,
+                 f"content {full.content_id!r} already exists", "$.content_id")):
+            with pytest.raises(exc) as ei:
+                await svc.ingest(chunks(*parts), name="bad", **kw)
+            assert (str(ei.value), ei.value.where) == (message, where), kw
+        # the three accepted contents' files and nothing else (no temp file left behind)
+        assert sorted(os.listdir(svc.root_dir)) == sorted(c.content_id for c in await svc.all_content())
+        assert len(os.listdir(svc.root_dir)) == 3
+    _with_service(tmp_path, scenario, max_size=100, chunk=32)
+
+
+def test_a_large_file_of_another_size_is_a_500(tmp_path):
+    async def scenario(store, svc):
+        c = await _put(svc, "fw.bin", b"z" * 1000)
+        with open(svc.file_of(c), "ab") as f:
+            f.write(b"!")
+        for head in (False, True):
+            r = await svc.serve(c.content_id, None, head=head)
+            assert (r.status, r.body, r.head) == (500, b"content file damaged\n", head)
+            assert r.headers == [("Content-Type", "text/plain; charset=utf-8"),
+                                 ("Content-Length", "21")]
+    _with_service(tmp_path, scenario, memory_body=0)
