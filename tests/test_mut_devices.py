@@ -228,6 +228,23 @@ def test_a_line_longer_than_the_limit_is_one_rejected_row(tmp_path):
     assert (res.rows, res.created) == (2, 1)
 
 
+def test_a_line_over_the_limit_that_comes_whole_in_one_read_is_rejected_too(tmp_path):
+    """The limit holds whatever the reads: a long line whose newline arrives in the same read
+    (one piece) is one rejected row, never parsed; a header over it refuses the import."""
+    long = b"IMEI:1," + b"9" * (D.MAX_LINE + 10)
+    body = b"devId,imei\n" + long + b"\nIMEI:356938035643809,356938035643809\n"
+    res, got = run_import(tmp_path, body, pieces=1, read=("IMEI:356938035643809",))
+    assert errors(res) == [(2, None, f"line longer than {D.MAX_LINE} bytes")]
+    assert (res.rows, res.created, res.rejected) == (2, 1, 1)
+    body = b'{"dev_id": "' + b"x" * (D.MAX_LINE + 10) + b'"}\n{"dev_id": "IMEI:7"}\n'
+    res, _ = run_import(tmp_path / "2", body, "ndjson", pieces=1)
+    assert errors(res) == [(1, None, f"line longer than {D.MAX_LINE} bytes")]
+    assert (res.rows, res.created) == (2, 1)
+    with pytest.raises(ValidationError, match="header row is longer"):
+        run_import(tmp_path / "3", b"devId," + b"x" * (D.MAX_LINE + 10) + b"\nIMEI:1\n",
+                   pieces=1)
+
+
 def test_not_utf8_lines_and_the_error_limit(tmp_path):
     body = b"devId\nIMEI:1\n\xff\xfe\nIMEI:2\n" + b"".join(b",\n" for _ in range(5))
     res, _ = run_import(tmp_path, body, max_errors=3)
