@@ -28,7 +28,7 @@ from .config import BrokerConfig
 from .errors import InvalidRequest, NotFound, ServiceError, UnknownResource
 from .model import (FINAL_TASK_STATES, ID_PATTERN, BootstrapOp, Job, JobState, Selection, Stage, StopRule,
                     Task, TaskState, TimeWindow, UpdateOp, new_id)
-from .store.base import DeviceQuery, Page, Store
+from .store.base import DeviceQuery, Page, Store, all_pages
 from .tasks import Tasks
 
 J = JobState
@@ -368,16 +368,6 @@ class JobTally:
         self._counted: dict[str, float] = {}   # final jobs counted lately -> their created
         self._mark: float | None = None        # when the last refresh began
 
-    async def _pages(self, fetch: Callable[[str | None], Awaitable[Page[Job]]]) -> list[Job]:
-        out: list[Job] = []
-        cursor: str | None = None
-        while True:
-            page = await fetch(cursor)
-            out.extend(page.items)
-            cursor = page.next_cursor
-            if cursor is None:
-                return out
-
     @staticmethod
     def settled(job: Job) -> bool:
         return job.state in FINAL_JOB_STATES and in_flight(job) == 0
@@ -400,7 +390,7 @@ class JobTally:
         now = self.clock()
         if self._mark is None:
             for state in FINAL_JOB_STATES:
-                for job in await self._pages(
+                for job in await all_pages(
                         lambda c, s=state: self.store.list_jobs(state=s, cursor=c, limit=1000)):
                     if self.settled(job):
                         self._add_final(job, now)
@@ -409,7 +399,7 @@ class JobTally:
             self._mark = now
         opened: dict[str, Job] = {}
         for state in OPEN_JOB_STATES:
-            for job in await self._pages(
+            for job in await all_pages(
                     lambda c, s=state: self.store.list_jobs(state=s, cursor=c, limit=1000)):
                 opened[job.job_id] = job
         for job_id in self._open.keys() - opened.keys():
@@ -422,7 +412,7 @@ class JobTally:
             else:                  # its last tasks are still moving (or it moved meanwhile)
                 opened[job_id] = job
         lo = self._mark - self.SLACK
-        for job in await self._pages(
+        for job in await all_pages(
                 lambda c: self.store.jobs_by_date(lo, now + 1.0, cursor=c, limit=1000)):
             if job.job_id in opened or job.job_id in self._open \
                     or job.state not in FINAL_JOB_STATES:
