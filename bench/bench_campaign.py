@@ -95,11 +95,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
+def _stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (its threads included)."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -112,13 +117,12 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            spent = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue                       # the thread ended meanwhile
         if tid == str(pid):
             name = "MainThread"
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out[name] = out.get(name, 0.0) + spent
     return out
 
 

@@ -9,6 +9,7 @@ import asyncio
 import time
 
 from dmengine.model import JobState, QueryOp, Selection, Stage, TaskState
+from dmengine.store.base import all_pages
 
 from test_broker_e2e import World, run_world
 from test_jobs import FAST, register_all
@@ -18,13 +19,7 @@ S = TaskState
 
 
 async def tasks_of(w: World, job_id: str) -> list:
-    out, cursor = [], None
-    while True:
-        page = await w.broker.jobs.tasks_of(job_id, cursor=cursor, limit=300)
-        out.extend(page.items)
-        cursor = page.next_cursor
-        if cursor is None:
-            return out
+    return await all_pages(lambda c: w.broker.jobs.tasks_of(job_id, cursor=c, limit=300))
 
 
 def test_a_device_that_connects_on_its_own_runs_its_pending_target(tmp_path):

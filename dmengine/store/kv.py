@@ -429,19 +429,21 @@ def _take(it: Iterable[R], n: int) -> list[R]:
 # --- events (outbox entries the store writes itself) -------------------------------------------
 
 
-def _listened(ctx: WriteCtx, topic: str) -> bool:
-    """Whether some subscription listens to ``topic`` (one seek in ``sub_topic`` per
-    transaction; subscription writes forget the answer)."""
-    known = ctx.listened.get(topic)
-    if known is not None:
-        return known
+def _subscribed(txn: KVTxn, topic: str) -> bool:
+    """Whether some subscription listens to ``topic`` (one seek in ``sub_topic``)."""
     p = _e(topic) + SEP
-    found = False
-    for _ in ctx.txn.scan("sub_topic", p, prefix_end(p)):
-        found = True
-        break
-    ctx.listened[topic] = found
-    return found
+    for _ in txn.scan("sub_topic", p, prefix_end(p)):
+        return True
+    return False
+
+
+def _listened(ctx: WriteCtx, topic: str) -> bool:
+    """:func:`_subscribed`, asked once per write transaction (the scan makes the write
+    buffer flush); subscription writes forget the answer."""
+    known = ctx.listened.get(topic)
+    if known is None:
+        known = ctx.listened[topic] = _subscribed(ctx.txn, topic)
+    return known
 
 
 def _charging_record(e: OutboxEntry, now: float) -> ChargingEvent:
@@ -1043,13 +1045,7 @@ class KVStore(Store):
         return await self._write(op)
 
     async def has_subscribers(self, topic: str) -> bool:
-        p = _e(topic) + SEP
-
-        def fn(txn: KVTxn) -> bool:
-            for _ in txn.scan("sub_topic", p, prefix_end(p)):
-                return True
-            return False
-        return await self._read(fn)
+        return await self._read(lambda txn: _subscribed(txn, topic))
 
     async def pending_job_targets(self, dev_id: str) -> list[str]:
         prefix = _e(dev_id) + SEP

@@ -498,13 +498,18 @@ class LmdbStore(KVStore):
             return rec   # type: ignore[no-any-return]
         gen = self._cache_gen
         rec = await super()._get(db, cls, key, kind)
-        with self._cache_lock:
-            if gen == self._cache_gen:
-                cache = self._cache
-                if len(cache) >= self._cache_size:
-                    del cache[next(iter(cache))]      # the oldest
-                cache[ck] = rec
+        self._keep(self._cache, ck, rec, gen)
         return rec
+
+    def _keep(self, into: dict[Any, Any], key: Any, value: Any, gen: int) -> None:
+        """Keeps what a read found in one of the caches, unless a commit that wrote a
+        watched key happened since the read began (``gen``: ``_cache_gen`` then)."""
+        with self._cache_lock:
+            if gen != self._cache_gen:
+                return
+            if into is self._cache and len(into) >= self._cache_size:
+                del into[next(iter(into))]            # the oldest
+            into[key] = value
 
     def _forget(self, keys: list[tuple[str, bytes]]) -> None:
         with self._cache_lock:
@@ -523,9 +528,7 @@ class LmdbStore(KVStore):
             return known
         gen = self._cache_gen
         found = await super().has_subscribers(topic)
-        with self._cache_lock:
-            if gen == self._cache_gen:
-                self._topics[topic] = found
+        self._keep(self._topics, topic, found, gen)
         return found
 
     def _read_sync(self, fn: Callable[[Any], R]) -> R:
