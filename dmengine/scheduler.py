@@ -27,7 +27,7 @@ from .notify.pkg0 import build_pkg0
 from .sessions import DeviceSessions, stored_nonce, waiting_alert
 from .store.base import Store
 from .supervised import Supervision
-from .tasks import Tasks, operation_name
+from .tasks import Tasks
 
 log = logging.getLogger("dmengine.scheduler")
 
@@ -315,9 +315,7 @@ class Scheduler:
             t = self.jobs.task_for(job, dev_id, now)
             tasks.append(msgspec.structs.replace(t, next_attempt=lease))  # ours to notify
         created = await self.store.create_job_tasks(job.job_id, job.total, tasks)
-        if self.metrics is not None and created:
-            self.metrics.task_created(operation_name(job.op), len(created))
-            self.metrics.task_moved(S.PENDING.value, len(created))
+        self.tasks.count_made(created)
         await self._notify_all(created, {job.job_id: job})
         return len(created)
 

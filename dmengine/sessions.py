@@ -35,7 +35,7 @@ from .model import (FINAL_TASK_STATES, BootstrapOp, Device, DmAccount, ExecOp, T
                     TaskState, UpdateOp)
 from .status import describe_fumo_result, fumo_result_is_success, status_is_success
 from .store.base import Store
-from .tasks import Tasks, operation_name
+from .tasks import Tasks
 
 log = logging.getLogger("dmengine.sessions")
 
@@ -385,9 +385,7 @@ class DeviceSessions:
             created = await self.store.start_job_target(job_id, task, stage_boundary(job))
             if created is None:
                 continue
-            if self.tasks.metrics is not None:
-                self.tasks.metrics.task_created(operation_name(created.op))
-                self.tasks.metrics.task_moved(S.PENDING.value)
+            self.tasks.count_made([created])
             log.info("device %s connected on its own: its task %s of job %s starts now",
                      record.dev_id, created.task_id, job_id)
             await self._start_task(session, work, created, device=record)

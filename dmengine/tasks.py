@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -79,10 +81,18 @@ class Tasks:
 
     async def create(self, task: Task) -> Task:
         task = await self.store.create_task(task)
-        if self.metrics is not None:
-            self.metrics.task_created(operation_name(task.op))
-            self.metrics.task_moved(task.state.value)
+        self.count_made([task])
         return task
+
+    def count_made(self, tasks: Sequence[Task]) -> None:
+        """The metrics of tasks the store just made, whichever write made them (one task,
+        a job's batch, a target started early)."""
+        if self.metrics is None or not tasks:
+            return
+        made = Counter((operation_name(t.op), t.state.value) for t in tasks)
+        for (operation, state), n in made.items():
+            self.metrics.task_created(operation, n)
+            self.metrics.task_moved(state, n)
 
     async def move(self, task_id: str, to_state: TaskState, *, task: Task | None = None,
                    **kw: Any) -> Task:
