@@ -309,3 +309,16 @@ def test_malformed_requests_are_llhttps_to_refuse(raw):
     assert whole == split
     out, closed = whole
     assert out.startswith(b"HTTP/1.1 400 ") and closed, whole
+
+    async def real() -> bytes:           # and as an attacker sends it, over a real socket:
+        srv = await _server()            # 400, closed, the request behind it never answered
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(raw + _request(BODIES[0]))
+            got = await asyncio.wait_for(reader.read(), 5)      # until the server closes
+            writer.close()
+            return got
+        finally:
+            await srv.shutdown(0.2)
+    got = _run(real())
+    assert got == out and got.count(b"HTTP/1.1 ") == 1
