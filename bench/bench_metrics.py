@@ -37,31 +37,39 @@ NAME = "metrics"
 SCRAPE_EVERY = 1.0
 
 
-def _server(conn: Any, metrics_on: bool, auth: str, mode: str) -> None:
-    import uvloop
+async def _build(metrics_on: bool, auth: str, mode: str) -> Any:
+    """The measured server: ``DeviceMetrics`` plus the process and Python collectors on its
+    registry and a ``/metrics`` route rendering it (off: no metrics, an empty ``/metrics``)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from dmengine.metrics import DeviceMetrics, add_process_collectors
     from dmengine.server import DmServer, HttpResponse, ServerConfig, tune_gc
 
+    registry = CollectorRegistry()
+    metrics = None
+    if metrics_on:
+        metrics = DeviceMetrics(registry)
+        add_process_collectors(registry)
+    srv = DmServer(ServerConfig(require_auth=auth, max_sessions=300_000,
+                                max_pending=10_000, session_idle_timeout=3600),
+                   _BenchHandler(mode), metrics=metrics)
+
+    async def scrape(request: Any) -> Any:
+        body = generate_latest(registry) if metrics_on else b""
+        return HttpResponse(200, body, "text/plain; version=0.0.4")
+    srv.add_get_route("/metrics", scrape)
+    await srv.start()
+    tune_gc()
+    return srv
+
+
+def _server(conn: Any, metrics_on: bool, auth: str, mode: str) -> None:
+    import uvloop
+
     _pin(SERVER_CPU)
 
     async def main() -> None:
-        registry = CollectorRegistry()
-        metrics = None
-        if metrics_on:
-            metrics = DeviceMetrics(registry)
-            add_process_collectors(registry)
-        srv = DmServer(ServerConfig(require_auth=auth, max_sessions=300_000,
-                                    max_pending=10_000, session_idle_timeout=3600),
-                       _BenchHandler(mode), metrics=metrics)
-
-        async def scrape(request: Any) -> Any:
-            body = generate_latest(registry) if metrics_on else b""
-            return HttpResponse(200, body, "text/plain; version=0.0.4")
-        srv.add_get_route("/metrics", scrape)
-        await srv.start()
-        tune_gc()
+        srv = await _build(metrics_on, auth, mode)
         conn.send(srv.port)
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 
@@ -114,6 +122,191 @@ async def _sim_round(fleet: Any, port: int, pid: int, conns: int,
         stop.set()
         await scraper
     return {"rate": m / t, "cpu_us": c / max(m, 1) * 1e6, "scrape_bytes": max(sizes, default=0)}
+
+
+# --- instructions per message, counted by callgrind --------------------------------------------
+#
+# CPU time per message on a shared 2-core machine moves by +-10 % between two identical servers
+# (the A/A rows), as much as the effect measured.  Instructions executed do not depend on what
+# else runs: the server runs under ``valgrind --tool=callgrind`` and answers a fixed load on one
+# keep-alive connection, one request at a time (every read holds exactly one request, so both
+# servers run the same code path), and ``callgrind_control`` zeroes the counters before the
+# measured messages and dumps them after.  Start-up and warm-up are outside the count.
+
+def _serve(metrics_on: bool) -> None:
+    """``python -m bench.bench_metrics --serve on|off``: the measured server in this process
+    (valgrind runs it), its port on stdout; it ends when stdin closes."""
+    import sys
+
+    import uvloop
+
+    async def main() -> None:
+        srv = await _build(metrics_on, "none", "none")
+        print(srv.port, flush=True)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        # a reader on stdin, not an executor thread: nothing else runs in the counted process
+        loop.add_reader(sys.stdin.fileno(), lambda: done.done() or done.set_result(None))
+        await done
+        await srv.shutdown()
+
+    uvloop.run(main())
+
+
+class _Conn:
+    """A blocking keep-alive HTTP/1.1 connection: one request, then its whole response."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.buf = b""
+
+    def exchange(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        clen = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                clen = int(value)
+        while len(self.buf) < clen:
+            self._more()
+        body, self.buf = self.buf[:clen], self.buf[clen:]
+        return status, body
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the measured server closed the connection")
+        self.buf += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _callgrind_total(path: str) -> int:
+    """Instructions (Ir) of one callgrind dump."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise ValueError(f"{path}: no summary/totals line in the callgrind dump")
+
+
+def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
+                  workdir: str) -> dict[str, Any]:
+    """Instructions per message of ``windows`` windows of ``n`` messages each, and of one
+    ``/metrics`` scrape, in one server under callgrind."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from bench.common import ROOT
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise RuntimeError("valgrind (Debian package valgrind) is needed for the instruction "
+                           "counts of bench metrics")
+    tag = "on" if metrics_on else "off"
+    out = os.path.join(workdir, f"cg-{tag}.out")
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+         sys.executable, "-m", "bench.bench_metrics", "--serve", tag],
+        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL)
+    dumps = 0
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def count(fn: Any) -> int:
+        nonlocal dumps
+        control("-z")
+        fn()
+        control("-d")
+        dumps += 1
+        return _callgrind_total(f"{out}.{dumps}")
+
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+        reqs = [_post(port, b) for b in bodies]
+        scrape_req = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        conn, scraper = _Conn(port), _Conn(port)
+        statuses: list[int] = []
+        at = 0
+
+        def messages() -> None:
+            nonlocal at
+            for _ in range(n):
+                statuses.append(conn.exchange(reqs[at % len(reqs)])[0])
+                at += 1
+
+        sizes: list[int] = []
+
+        def scrape() -> None:
+            status, body = scraper.exchange(scrape_req)
+            statuses.append(status)
+            sizes.append(len(body))
+
+        messages()                    # warm-up: codec tables, token pool, free lists
+        scrape()
+        per_msg = [count(messages) / n for _ in range(windows)]
+        per_scrape = count(scrape)
+        conn.close()
+        scraper.close()
+        bad = [s for s in statuses if s != 200]
+        if bad:
+            raise RuntimeError(f"the measured server ({tag}) answered {len(bad)} non-200")
+        return {"per_msg": per_msg, "scrape": per_scrape, "scrape_bytes": max(sizes)}
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def instruction_rows(quick: bool = False, off_rate: float | None = None) -> list[Row]:
+    """The callgrind rows: instructions per pkg1->pkg2 message, metrics on versus off."""
+    import tempfile
+
+    n, windows = (200, 2) if quick else (2000, 3)
+    bodies = _pkg1_bodies(500)
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-cg-") as tmp:
+        off = _instructions(False, bodies, n, windows, tmp)
+        on = _instructions(True, bodies, n, windows, tmp)
+    case = "dm pkg1->pkg2, instructions (callgrind, one connection, in order)"
+    off_i = statistics.median(off["per_msg"])
+    on_i = statistics.median(on["per_msg"])
+    spread = max(off["per_msg"]) / min(off["per_msg"]) - 1
+    rows = [
+        Row(case, "instructions per message, metrics off", round(off_i), "instr"),
+        Row(case, "instructions per message, metrics on", round(on_i), "instr",
+            "metrics off (off/on)", round(off_i), round(off_i / on_i, 4)),
+        Row(case, "metrics cost: instructions per message", round((on_i / off_i - 1) * 100, 2),
+            "%", "target", 3.0, None),
+        Row(case, f"windows of {n} messages, metrics off: max/min - 1",
+            round(spread * 100, 3), "%", None, None, None),
+        Row(case, "instructions per /metrics scrape, metrics on", on["scrape"], "instr",
+            "metrics off (empty body)", off["scrape"], None),
+    ]
+    if off_rate:
+        # one scrape a second (as the wall-clock rounds do; Prometheus' default is one every
+        # 15 s) shared by the messages of that second at the measured metrics-off rate
+        scrape_per_msg = (on["scrape"] - off["scrape"]) / off_rate
+        rows.append(Row(case, "metrics cost: instructions per message, with a scrape a second",
+                        round((on_i + scrape_per_msg - off_i) / off_i * 100, 2), "%",
+                        "messages/s, metrics off", round(off_rate), None))
+    return rows
 
 
 def _q(sorted_values: list[float], q: float) -> float:
@@ -258,4 +451,7 @@ def run(quick: bool = False) -> None:
 
 if __name__ == "__main__":
     import sys
-    run(quick="--quick" in sys.argv)
+    if "--serve" in sys.argv:
+        _serve(sys.argv[sys.argv.index("--serve") + 1] == "on")
+    else:
+        run(quick="--quick" in sys.argv)
