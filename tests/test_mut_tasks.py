@@ -17,8 +17,8 @@ from dmengine.config import BrokerConfig
 from dmengine.errors import (InvalidTransition, NotFound, ServiceError, UnknownResource,
                              ValidationError)
 from dmengine.metrics import TaskMetrics
-from dmengine.model import (Content, Device, ExecOp, OutboxEntry, QueryOp, Subscription, Task,
-                            TaskResult, TaskState, UpdateOp)
+from dmengine.model import (Content, Device, ExecOp, Job, OutboxEntry, QueryOp, Subscription,
+                            Task, TaskResult, TaskState, UpdateOp)
 from dmengine.store.lmdb import LmdbStore
 from dmengine.tasks import Tasks, TaskData, operation_name, task_data
 
@@ -191,13 +191,17 @@ def test_a_move_of_a_final_or_unknown_task_is_refused_without_an_event(tmp_path)
 def test_a_move_is_logged_at_debug_with_its_ids(tmp_path, caplog):
     async def scenario(w: World) -> None:
         await w.task("t1", job_id=None)
+        await w.store.create_job(Job(job_id="j1"))
+        await w.task("t2", job_id="j1")
         with caplog.at_level(logging.DEBUG, logger="dmengine.tasks"):
             await w.tasks.move("t1", S.NOTIFIED, cause="sms sent")
             await w.tasks.move("t1", S.IN_PROGRESS)
-        a, b = [r for r in caplog.records if r.name == "dmengine.tasks"]
+            await w.tasks.move("t2", S.NOTIFIED)
+        a, b, c = [r for r in caplog.records if r.name == "dmengine.tasks"]
         assert a.getMessage() == "task moved to NOTIFIED: sms sent"
         assert b.getMessage() == "task moved to IN_PROGRESS: "
         assert (a.dm_task, a.dm_device) == ("t1", "IMEI:1") and not hasattr(a, "dm_job")
+        assert (c.dm_task, c.dm_job, c.dm_device) == ("t2", "j1", "IMEI:1")
     run(tmp_path, scenario)
 
 
@@ -214,6 +218,8 @@ def test_get_answers_the_task_data_whole(tmp_path):
                                 created=t.created, updated=t.updated, finished=t.finished,
                                 cause="no", result=TaskResult(message="m"), record=t)
         assert task_data(t) == data
+        assert task_data(Task(task_id="t", dev_id="d", op=ExecOp(uri="./X"),
+                              job_id="j7")).job_id == "j7"
         with pytest.raises(UnknownResource) as e:
             await w.tasks.get("nope")
         assert (str(e.value), e.value.where) == ("no task 'nope'", "taskId")
@@ -232,6 +238,12 @@ def test_history_lists_every_move_and_open_tasks_are_the_devices(tmp_path):
             (None, S.PENDING, None, None), (S.PENDING, S.NOTIFIED, "sms", None),
             (S.NOTIFIED, S.FAILED, "gone", 500)]
         assert [t.task_id for t in await w.tasks.open_for_device("IMEI:1")] == ["t2"]
+        # more moves than one page of the store's listing holds (DEFAULT_PAGE 100)
+        for i in range(120):
+            await w.store.transition("t2", S.NOTIFIED, cause=f"n{i}")
+        hist = await w.tasks.history("t2")
+        assert [h.cause for h in hist] == [None] + [f"n{i}" for i in range(120)]
+        assert [h.seq for h in hist] == list(range(1, 122))
     run(tmp_path, scenario)
 
 
@@ -278,6 +290,11 @@ def test_charging_event_names_the_device_and_the_package(tmp_path):
                              "operation": "UPDATE", "content_id": "c1",
                              "content_version": "2.4.0", "result": "SUCCEEDED",
                              "result_code": 200, "cause": "installed"}
+        await w.store.create_job(Job(job_id="j1"))
+        e = await w.tasks.charging_event(
+            Task(task_id="t9", dev_id=dev.dev_id, op=ExecOp(uri="./X"), job_id="j1"),
+            S.SUCCEEDED, "ok", result_code=None)
+        assert (e.payload["task_id"], e.payload["job_id"]) == ("t9", "j1")
         # the package the session used wins over the one named
         e = await w.tasks.charging_event(t, S.SUCCEEDED, "x", result_code=None,
                                          package=("c9", None))
@@ -316,6 +333,11 @@ def test_a_charging_event_that_does_not_validate_drops_the_device_details(tmp_pa
         assert rec.getMessage().startswith(
             "charging event of task t1 without its device details: ")
         assert "cause" in rec.getMessage()
+        # the same without a device record (no device details to drop)
+        t = await w.task("t2", dev_id="IMEI:404")
+        e = await w.tasks.charging_event(t, S.SUCCEEDED, long, result_code=None)
+        assert e.payload == {"time": NOW, "task_id": "t2", "dev_id": "IMEI:404",
+                             "operation": "QUERY", "result": "SUCCEEDED"}
     run(tmp_path, scenario)
 
 
@@ -385,7 +407,8 @@ def test_finish_a_success_charges_it_in_the_same_write(tmp_path):
         assert by_kind["webhook"].payload["result"] == {"nodes": {"./A": "1"},
                                                         "message": "all good"}
         ch = by_kind["charging"].payload
-        assert (ch["content_id"], ch["content_version"], ch["result_code"]) == ("c1", "2.0", 1200)
+        assert (ch["content_id"], ch["content_version"], ch["result_code"], ch["cause"]) == (
+            "c1", "2.0", 1200, "all good")
         (logged,) = (await w.store.charging_events()).items
         assert (logged.task_id, logged.event_id) == ("t1", by_kind["charging"].entry_id)
         assert w.metrics.charging == {"EXEC": 1}
@@ -414,7 +437,8 @@ def test_finish_of_a_task_final_already_drops_the_late_outcome(tmp_path, caplog)
         assert (await w.store.charging_events()).items == []
         assert w.metrics.charging == {}
         (rec,) = [r for r in caplog.records if r.name == "dmengine.tasks"]
-        assert rec.getMessage().startswith("task t1 not moved to SUCCEEDED: ")
+        assert rec.getMessage() == ("task t1 not moved to SUCCEEDED: "
+                                    "task 't1': CANCELLED -> SUCCEEDED is not a legal move")
         # a write the store refuses for another reason is the caller's to see
         await w.task("t2", state=S.IN_PROGRESS)
         with pytest.raises(ValidationError):
@@ -426,3 +450,21 @@ def test_operation_names_are_the_dmwsi_tags():
     assert [operation_name(o) for o in (UpdateOp(), QueryOp(nodes=["./A"]), ExecOp(uri="./X"))] \
         == ["UPDATE", "QUERY", "EXEC"]
     assert msgspec.to_builtins(ExecOp(uri="./X"))["operation"] == "EXEC"
+
+
+def test_the_event_of_a_move_describes_the_record_as_the_caller_read_it(tmp_path):
+    """``task=``: the record the caller read is the event's (no second read); the store's
+    copy changed since (a retry counted) does not show in it."""
+    async def scenario(w: World) -> None:
+        await w.subscribe("task")
+        await w.task("t1", state=S.IN_PROGRESS)
+        seen = await w.store.get_task("t1")
+        await w.store.transition("t1", S.IN_PROGRESS, changes={"attempts": 4})
+        await w.tasks.finish(seen, S.FAILED, "no")
+        await w.task("t2", state=S.IN_PROGRESS)
+        seen2 = await w.store.get_task("t2")
+        await w.store.transition("t2", S.IN_PROGRESS, changes={"attempts": 5})
+        await w.tasks.move("t2", S.EXPIRED, task=seen2)
+        got = {e.payload["task_id"]: e.payload["attempts"] for e in await w.outbox()}
+        assert got == {"t1": 0, "t2": 0}
+    run(tmp_path, scenario)
