@@ -898,3 +898,45 @@ def test_the_user_name_index_keeps_the_most_recent_names():
     assert list(r.items()) == [("c", "C"), ("a", "A2"), ("d", "D")]
     assert r.size == 3
     assert BY_USERNAME_SIZE == 200_000
+
+
+def test_concurrent_devdetail_changes_are_all_kept(tmp_path):
+    """Sessions learning DevDetail nodes of one device at the same time: each write names
+    the version it read and is done again on a conflict, so none is lost."""
+    async def scenario(w: World) -> None:
+        await w.device(devdetail={"./DevDetail/FwV": "1"})
+        keys = [f"./DevDetail/K{i}" for i in range(4)]
+        await asyncio.gather(*(w.h._change_devdetail(DEV, lambda snap, k=k: {**snap, k: "v"})
+                               for k in keys))
+        dev = await w.store.get_device(DEV)
+        assert dev.devdetail == {"./DevDetail/FwV": "1", **{k: "v" for k in keys}}
+        assert dev.version == 4                    # one write each
+        await w.h._forget_firmware(DEV)
+        await w.h._forget_firmware(DEV)            # nothing to forget: no write
+        dev = await w.store.get_device(DEV)
+        assert ("./DevDetail/FwV" in dev.devdetail, dev.version) == (False, 5)
+        await w.h._change_devdetail("IMEI:404", lambda snap: {"x": "y"})   # no record: nothing
+    run(tmp_path, scenario)
+
+
+def test_a_devdetail_that_keeps_changing_is_given_up_with_a_warning(tmp_path, caplog):
+    async def scenario(w: World) -> None:
+        await w.device()
+        read = w.store.get_device
+        reads = 0
+
+        async def racing_read(dev_id: str) -> Device:
+            # another writer changes the record right after each read: every write conflicts
+            nonlocal reads
+            reads += 1
+            d = await read(dev_id)
+            await w.store.update_device(dev_id, {"tz": f"Europe/Z{reads}"})
+            return d
+        w.store.get_device = racing_read           # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING, logger="dmengine.sessions"):
+            await w.h._change_devdetail(DEV, lambda snap: {**snap, "./DevDetail/Mine": "x"})
+        assert reads == 5
+        assert (await read(DEV)).devdetail == {}
+        assert [r.getMessage() for r in caplog.records if r.name == "dmengine.sessions"] == [
+            f"device {DEV}: DevDetail snapshot not updated (kept changing)"]
+    run(tmp_path, scenario)
