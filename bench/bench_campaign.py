@@ -126,6 +126,22 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def thread_stat(pid: int, tid: int) -> tuple[float, float, int, int]:
+    """(user s, system s, minor faults, major faults) of one thread from its /proc stat."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7]),
+            int(fields[9]))
+
+
+def process_stat(pid: int) -> tuple[float, float, int, int]:
+    """The same for the whole process (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7]),
+            int(fields[9]))
+
+
 def status_kb(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -253,6 +269,8 @@ class Outcome:
     server_main_cpu_s: float = 0.0   # of it, the event loop's thread
     server_other_cpu_s: float = 0.0  # of it, the other threads (LMDB writer, executors)
     server_peak_rss_mb: float = 0.0  # VmHWM over the whole run
+    server_hwm_import_mb: float = 0.0   # VmHWM after the import
+    server_hwm_create_mb: float = 0.0   # VmHWM after the job's creation
     server_rss_end_mb: float = 0.0
     server_peak_anon_mb: float = 0.0  # RssAnon sampled while the job ran (no mapped store)
     server_rss_file_end_mb: float = 0.0
@@ -263,6 +281,9 @@ class Outcome:
     job: dict[str, Any] = field(default_factory=dict)
     sim: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # per tenth of the tasks made final: where the cost goes as the store fills (is the
+    # cost per device flat within the run?)
+    tenths: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def complete_s(self) -> float:
@@ -336,6 +357,7 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
             rep = await _json(r, 200, "importDeviceInstances")
         o.import_s = time.perf_counter() - t0
         o.server_cpu_import_s = cpu_s(server_pid) - cpu0
+        o.server_hwm_import_mb = status_kb(server_pid, "VmHWM") / 1024
         if rep["created"] != o.n or rep["rejected"]:
             raise RuntimeError(f"import: {rep}")
         # 2. the package
@@ -370,12 +392,14 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
                 "concurrency": o.concurrency}) as r:
             created = await _json(r, 201, "createDeployments")
         o.create_s = time.perf_counter() - t0
+        o.server_hwm_create_mb = status_kb(server_pid, "VmHWM") / 1024
         if created["targets"] != o.n:
             raise RuntimeError(f"the job selected {created['targets']} of {o.n} devices")
         job_id = created["jobId"]
         # 5. until every task is final
         marks = [0.5, 0.99, 1.0]
         last_final, last_change = -1, time.perf_counter()
+        tenth = _Tenths(o, server_pid, sim_pid, t0)
         while True:
             async with s.get(api + f"v1/jobs/{job_id}") as r:
                 job = await _json(r, 200, "getJob")
@@ -389,6 +413,7 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
                     o.to_final[share] = now - t0
             if final != last_final:
                 last_final, last_change = final, now
+            tenth.sample(final, now)
             if final >= o.n:
                 break
             if now - last_change > STALL_S:
@@ -416,6 +441,47 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
         async with aiohttp.ClientSession() as plain:
             async with plain.get(sim_url.rsplit("/", 1)[0] + "/stats") as r:
                 o.sim = await r.json(content_type=None)
+
+
+class _Tenths:
+    """Samples the server at each tenth of the tasks made final: per tenth, the event-loop
+    thread's user and system CPU per task, the process's other threads' CPU per task, page
+    faults per task (the mapped store: minor faults are pages mapped in, major ones read
+    from disk), the mapped store's RSS and the simulator's CPU per task."""
+
+    def __init__(self, o: Outcome, server_pid: int, sim_pid: int, t0: float) -> None:
+        self.o, self.pid, self.sim_pid, self.t0 = o, server_pid, sim_pid, t0
+        self.next = 1
+        self.last = self._read(0, t0)
+
+    def _read(self, final: int, now: float) -> dict[str, float]:
+        lu, ls, lmin, lmaj = thread_stat(self.pid, self.pid)
+        pu, ps, pmin, pmaj = process_stat(self.pid)
+        return {"final": final, "t": now, "loop_user": lu, "loop_sys": ls, "cpu": pu + ps,
+                "minflt": pmin, "majflt": pmaj, "sim": cpu_s(self.sim_pid)}
+
+    def sample(self, final: int, now: float) -> None:
+        if final < self.next * self.o.n / 10:
+            return
+        cur = self._read(final, now)
+        done = max(1, cur["final"] - self.last["final"])
+        loop = cur["loop_user"] - self.last["loop_user"] + cur["loop_sys"] - self.last["loop_sys"]
+        self.o.tenths.append({
+            "final": final,
+            "at_s": round(now - self.t0, 2),
+            "tasks_per_s": round(done / max(1e-9, now - self.last["t"]), 1),
+            "loop_us_per_task": round(loop / done * 1e6, 1),
+            "loop_sys_us_per_task": round((cur["loop_sys"] - self.last["loop_sys"]) / done * 1e6, 1),
+            "other_us_per_task": round((cur["cpu"] - self.last["cpu"] - loop) / done * 1e6, 1),
+            "minflt_per_task": round((cur["minflt"] - self.last["minflt"]) / done, 2),
+            "majflt_per_task": round((cur["majflt"] - self.last["majflt"]) / done, 3),
+            "rss_file_mb": round(status_kb(self.pid, "RssFile") / 1024, 1),
+            "rss_anon_mb": round(status_kb(self.pid, "RssAnon") / 1024, 1),
+            "sim_us_per_task": round((cur["sim"] - self.last["sim"]) / done * 1e6, 1),
+        })
+        self.last = cur
+        while self.next <= 10 and final >= self.next * self.o.n / 10:
+            self.next += 1
 
 
 def check(o: Outcome) -> None:
@@ -615,6 +681,8 @@ def run(quick: bool) -> None:
                 continue
         o = campaign(n, concurrency, profile_path(n))
         print(summary_line(o), flush=True)
+        for t in o.tenths:
+            print(f"    {t}", flush=True)
         rows.extend(rows_for(o, done[0] if done else None))
         done.append(o)
     big = done[-1]
@@ -632,6 +700,8 @@ def run(quick: bool) -> None:
                   "server_cpu_import_s": round(o.server_cpu_import_s, 1),
                   "server_peak_rss_mb": round(o.server_peak_rss_mb, 1),
                   "server_peak_anon_rss_mb": round(o.server_peak_anon_mb, 1),
+                  "server_peak_rss_after_import_mb": round(o.server_hwm_import_mb, 1),
+                  "server_peak_rss_after_job_creation_mb": round(o.server_hwm_create_mb, 1),
                   "server_file_rss_end_mb": round(o.server_rss_file_end_mb, 1),
                   "sim_cpu_s": round(o.sim_cpu_s, 1),
                   "sim_peak_rss_mb": round(o.sim_peak_rss_mb, 1),
@@ -640,6 +710,7 @@ def run(quick: bool) -> None:
                       k: round(v["bytes"] / o.n) for k, v in sorted(
                           o.store_dbs.items(), key=lambda kv: -kv[1]["bytes"])},
                   "simulator": o.sim,
+                  "tenths": o.tenths,
                   "job": {k: o.job.get(k) for k in ("state", "targets", "total", "counts",
                                                     "final", "succeeded", "failed", "cause")}}
                  for o in done]}

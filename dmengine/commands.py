@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ._session import DmSession, prepare
+from .bounded import BoundedDict
 from .config import BrokerConfig
 from .content import ContentService
 from .errors import CommandRejected, NotFound, ServiceError, UnknownResource
@@ -37,7 +38,8 @@ class Commands:
     config: BrokerConfig
     content: ContentService | None = None
     #: operation -> its commands, prepared once and shared (oldest dropped past the size)
-    templates: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)
+    templates: BoundedDict[tuple[Any, ...], list[Any]] = field(
+        default_factory=lambda: BoundedDict(TEMPLATE_CACHE_SIZE))
 
     @staticmethod
     def template_key(task: Task) -> tuple[Any, ...] | None:
@@ -66,9 +68,7 @@ class Commands:
             prepared = [prepare(c) for c in commands]
         except CommandRejected:
             return commands                     # queue() refuses them and says why
-        if len(self.templates) >= TEMPLATE_CACHE_SIZE:
-            del self.templates[next(iter(self.templates))]     # the oldest
-        self.templates[key] = prepared
+        self.templates[key] = prepared          # (the oldest goes when it is full)
         return prepared
 
     async def for_task(self, task: Task, *, device: Device | None = None) -> list[Command]:

@@ -50,6 +50,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -325,8 +326,9 @@ class ContentService:
         self.memory_body = min(memory_body, memory_total)
         self.memory_total = memory_total
         #: content id → (sha256, file path, bytes) of small content, checked against its
-        #: sha256 when read (a record re-created with other bytes has another sha256)
-        self._bodies: dict[str, tuple[str, str, bytes]] = {}
+        #: sha256 when read (a record re-created with other bytes has another sha256); oldest
+        #: first: the oldest go when a new one would pass the budget
+        self._bodies: OrderedDict[str, tuple[str, str, bytes]] = OrderedDict()
         self._bodies_bytes = 0
         self.store = store
         self.root_dir = os.path.abspath(os.fspath(root_dir))
@@ -619,7 +621,7 @@ class ContentService:
         if old is not None:
             self._bodies_bytes -= len(old[2])
         while self._bodies and self._bodies_bytes + len(data) > self.memory_total:
-            _, dropped = self._bodies.popitem()
+            _, dropped = self._bodies.popitem(last=False)      # the oldest
             self._bodies_bytes -= len(dropped[2])
         if self._bodies_bytes + len(data) <= self.memory_total:
             self._bodies[content.content_id] = (content.sha256, path, data)

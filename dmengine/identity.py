@@ -54,6 +54,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from .bounded import BoundedDict
 from .errors import InvalidRequest, NotFound, ServiceError, StoreError, UnknownResource
 from .model import ROLES, ApiKey, AuditEntry, User, UserSession, new_id
 from .store.base import DEFAULT_PAGE, DEFAULT_QUERY_SCAN, Page, Store
@@ -267,7 +268,8 @@ class Identities:
         self._dummy: str | None = None
         #: SHA-256 of a key or token → (its identity, the session's expiry or None, the
         #: store's identity generation when read).  Hashes, never the secrets themselves.
-        self._cache: dict[str, tuple[Identity, float | None, int]] = {}
+        self._cache: BoundedDict[str, tuple[Identity, float | None, int]] = BoundedDict(
+            max(1, self.config.cache_size))
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -293,10 +295,7 @@ class Identities:
             del self._cache[h]
         self.cache_misses += 1
         ident, expires = await self._lookup(credential, h)
-        if len(self._cache) >= self.config.cache_size:
-            # the oldest entry goes (dicts keep insertion order): a crowd of keys costs
-            # store reads, never memory
-            del self._cache[next(iter(self._cache))]
+        # when full the oldest entry goes: a crowd of keys costs store reads, never memory
         self._cache[h] = (ident, expires, gen)
         return ident
 

@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 import msgspec
 
 from . import auth, logs
+from .bounded import BoundedDict
 from .bulk import FINAL_JOB_STATES, early_start_allowed, job_task, stage_boundary
 from .commands import Commands
 from .config import BrokerConfig
@@ -79,19 +80,11 @@ class SessionWork:
 BY_USERNAME_SIZE = 200_000
 
 
-class _Recent(dict):  # type: ignore[type-arg]
-    """A dict that keeps its ``size`` most recently set keys."""
+class _Recent(BoundedDict[str, str]):
+    """Keeps its ``size`` most recently set keys (one set again becomes the newest)."""
 
     def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def __setitem__(self, key: str, value: str) -> None:
-        if key in self:
-            del self[key]                      # moves to the end: most recent
-        elif len(self) >= self.size:
-            del self[next(iter(self))]         # the oldest
-        super().__setitem__(key, value)
+        super().__init__(size, refresh=True)
 
 
 class DeviceSessions:

@@ -15,7 +15,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dmengine"
 
 # module (dotted, relative to dmengine) -> layer; a package entry covers its submodules.
 LAYERS: dict[str, int] = {
-    "status": 0, "errors": 0, "logs": 0, "_tokens": 0, "uri": 0, "model": 0, "message": 0, "_message": 0,
+    "status": 0, "errors": 0, "logs": 0, "bounded": 0, "_tokens": 0, "uri": 0, "model": 0, "message": 0, "_message": 0,
     "_decimal": 0,
     "_wbxml": 1, "_xml": 1, "xmlcodec": 1, "codec": 1,
     "_events": 0, "events": 2, "_account": 2, "auth": 2, "_session": 2,

@@ -124,7 +124,7 @@ def test_a_damaged_file_is_a_500_and_a_missing_one_a_404(tmp_path):
 
 def test_small_bodies_are_kept_in_memory_within_the_budget(tmp_path):
     """Served once, a small body comes from memory (a later change of its file does not show);
-    past ``memory_total`` the last kept one makes room and is read (and checked) again."""
+    past ``memory_total`` the oldest kept one makes room and is read (and checked) again."""
     async def scenario(store, svc):
         a = await _put(svc, "a.bin", b"a" * 1500)
         b = await _put(svc, "b.bin", b"b" * 1500)
@@ -139,8 +139,8 @@ def test_small_bodies_are_kept_in_memory_within_the_budget(tmp_path):
         assert (await svc.serve(b.content_id, None)).body == b"b" * 1500
         r = await svc.serve(c.content_id, "bytes=10-19")                      # 3000 + 1000 > 3000
         assert r.status == 206 and r.body == b"c" * 10
-        assert (await svc.serve(a.content_id, None)).body == b"a" * 1500      # still kept
-        assert (await svc.serve(b.content_id, None)).status == 500            # dropped, re-read
+        assert (await svc.serve(b.content_id, None)).body == b"b" * 1500      # still kept
+        assert (await svc.serve(a.content_id, None)).status == 500            # the oldest: dropped, re-read
         assert (await svc.serve(c.content_id, None)).body == b"c" * 1000
     _with_service(tmp_path, scenario, memory_body=2000, memory_total=3000)
 

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from ..bounded import BoundedDict
 from ..errors import StoreClosed, StoreError
 from ._kv import WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
 from .kv import DBS, KVStore, Op, WriteCtx, _e, check_txn, ensure_schema
@@ -220,7 +221,7 @@ class LmdbStore(KVStore):
         if read_cache_size < 0:
             raise ValueError("read_cache_size must be >= 0")
         #: decoded records of READ_CACHE_DBS by (db, key), oldest first; see :meth:`_get`
-        self._cache: dict[tuple[str, bytes], Any] = {}
+        self._cache: BoundedDict[tuple[str, bytes], Any] = BoundedDict(max(1, read_cache_size))
         self._cache_size = read_cache_size
         self._cache_gen = 0                # bumped by every commit that wrote a cached db
         self._cache_lock = threading.Lock()
@@ -507,9 +508,7 @@ class LmdbStore(KVStore):
         with self._cache_lock:
             if gen != self._cache_gen:
                 return
-            if into is self._cache and len(into) >= self._cache_size:
-                del into[next(iter(into))]            # the oldest
-            into[key] = value
+            into[key] = value                 # (the read cache drops its oldest when full)
 
     def _forget(self, keys: list[tuple[str, bytes]]) -> None:
         with self._cache_lock:
