@@ -276,6 +276,8 @@ def test_template_keys_say_what_the_commands_depend_on():
         Commands.template_key(task(e, correlator="b"))
     assert Commands.template_key(task(e, correlator="a")) == \
         Commands.template_key(task(ExecOp(uri="./X"), correlator="a"))
+    assert Commands.template_key(task(e, correlator="a")) != \
+        Commands.template_key(task(ExecOp(uri="./Y"), correlator="a"))
     assert Commands.template_key(task(DiagOp())) is None
     assert Commands.template_key(task(UpdateOp(content_id="c"))) is None
     assert Commands.template_key(task(BootstrapOp(account=DmAccount(server_id="s")))) is None
@@ -320,5 +322,34 @@ def test_commands_the_engine_refuses_are_handed_back_unprepared(tmp_path):
         bad = task(ExecOp(uri=None))            # type: ignore[arg-type]  (not validated)
         got = await w.commands.for_session(session(), bad)
         assert got == [Command(name="Exec", correlator="corr-1", items=[Item(target=None)])]
+        assert w.commands.templates == {}
+    run(tmp_path, scenario)
+
+
+def test_trailing_slashes_go_and_nothing_else(tmp_path):
+    """Only "/" is stripped from the end of the FUMO node and the download base URL (a node
+    or a path may well end in another character)."""
+    async def scenario(w: World) -> None:
+        await w.capability(mo_paths={"fumo": "./Vendor/FUMOX//"})
+        await w.content("fw-1", capability="cap-1", to_version="2.0")
+        await w.device()
+        got = await w.commands.for_task(task(UpdateOp(content_id="fw-1")))
+        assert [(it.target, it.data) for c in got for it in c.items] == [
+            ("./Vendor/FUMOX/DownloadAndUpdate/PkgURL", "http://h/contentX/fw-1"),
+            ("./Vendor/FUMOX/DownloadAndUpdate", None)]
+    run(tmp_path, scenario, config=BrokerConfig(content_base_url="http://h/contentX//"))
+
+
+def test_for_session_builds_from_the_device_record_it_is_given(tmp_path):
+    """The session hands the record it just wrote (DevDetail learned in this session): the
+    package is picked from it, not from a second read."""
+    async def scenario(w: World) -> None:
+        await w.capability()
+        await w.content("fw-1", capability="cap-1", from_version="1.0", to_version="2.0")
+        stored = await w.device(fw=None)
+        fresh = Device(dev_id=stored.dev_id, capability="cap-1",
+                       devdetail={"./DevDetail/FwV": "1.0"})
+        got = await w.commands.for_session(session(), task(UpdateOp()), device=fresh)
+        assert got[0].items[0].data == "http://dm.example.com:8080/content/fw-1"
         assert w.commands.templates == {}
     run(tmp_path, scenario)
