@@ -1,0 +1,1012 @@
+"""Issue 18: ``dmengine/scheduler.py`` step by step, with exact expectations — its mutants
+survived the end-to-end job tests, which see only where a campaign ends.  In process (the
+memory store, a loopback gateway that records what it is handed or fails as told, a clock the
+test moves), so each test takes milliseconds: what ``notify`` writes and sends (package #0
+decoded and verified), the result-alert follow-ups, a pass's expiry, job start, stop rule,
+stages, end time, budgets (batch, concurrency, in-flight cap, token buckets), retries, and
+the guard that fails one task instead of the pass."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+import pytest
+
+from dmengine.auth import RESYNC_NONCE_ASCII
+from dmengine.broker import Broker
+from dmengine.config import BrokerConfig
+from dmengine.errors import GatewayError, StoreError
+from dmengine.metrics import TaskMetrics
+from dmengine.model import (BootstrapOp, Device, DmAccount, Job, JobState, QueryOp, Selection,
+                            Stage, StopRule, Task, TaskResult, TaskState, TimeWindow, UpdateOp)
+from dmengine.notify.base import RetryPolicy
+from dmengine.notify.loopback import LoopbackGateway
+from dmengine.notify.pkg0 import parse_pkg0
+from dmengine.scheduler import Scheduler
+from dmengine.store.memory import MemoryStore
+from prometheus_client import CollectorRegistry
+
+S = TaskState
+J = JobState
+OP = QueryOp(nodes=["./DevInfo/Mod"])
+FUMO = UpdateOp(content_id="fw")
+ACCEPTED = TaskResult(statuses={"Exec ./FUMO/1/DownloadAndUpdate": 202})
+NONCE = b"n0nce-16-bytes!!"
+#: Monday 2024-01-01 00:00 UTC (the windows' tests); others use the real time (the store stamps
+#: `created` and `updated` with it)
+MONDAY = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
+H = 3600
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def device(i: int, **kw: Any) -> Device:
+    imei = f"35693803{i:07d}"
+    acc = kw.pop("account", DmAccount(server_id="dmengine", client_name=f"dev{i}",
+                                      client_password="cpw", server_password="spw",
+                                      server_nonce=base64.b64encode(NONCE).decode()))
+    kw.setdefault("msisdn", f"+4917{i:08d}")
+    return Device(dev_id=f"IMEI:{imei}", imei=imei, capability="cap-x", account=acc, **kw)
+
+
+class World:
+    def __init__(self, n: int = 4, *, clock: Clock | None = None, gateway: bool = True,
+                 devices: list[Device] | None = None, **cfg: Any) -> None:
+        self.clock = clock or Clock(time.time())
+        self.store = MemoryStore()
+        self.sent: list[tuple[str, bytes]] = []
+        #: what the gateway does next: None (accept), or a GatewayError to raise
+        self.fail: GatewayError | None = None
+        self.on_send: Any = None
+        cfg.setdefault("retry_delays", (10.0, 20.0, 40.0))
+        self.config = BrokerConfig(retry_jitter=0.0, **cfg)
+        self.metrics = TaskMetrics(CollectorRegistry())
+        gw = LoopbackGateway(self._receive, retry=RetryPolicy(attempts=1)) if gateway else None
+        self.broker = Broker(self.store, gw, config=self.config, clock=self.clock,
+                             metrics=self.metrics)
+        self.scheduler: Scheduler = self.broker.scheduler
+        self.tasks = self.broker.tasks
+        self._devices = devices if devices is not None else [device(i) for i in range(n)]
+
+    async def _receive(self, msisdn: str, pkg0: bytes) -> bool:
+        if self.on_send is not None:
+            await self.on_send(msisdn)
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append((msisdn, pkg0))
+        return True
+
+    async def __aenter__(self) -> "World":
+        await self.store.import_devices(self._devices)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert await self.store.check() == []
+        await self.store.close()
+
+    async def task(self, tid: str = "t1", i: int = 0, **kw: Any) -> Task:
+        kw.setdefault("op", OP)
+        kw.setdefault("deadline", self.clock.now + 10_000)
+        (t,) = await self.store.create_tasks([Task(task_id=tid, dev_id=device(i).dev_id,
+                                                   correlator=tid, **kw)])
+        return t
+
+    async def last(self, tid: str) -> tuple[str, str | None]:
+        h = (await self.store.task_history(tid, limit=1000)).items[-1]
+        return h.to_state.value, h.cause
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def session_of(cause: str | None) -> int:
+    m = re.search(r"session ([0-9A-F]+)[);]", cause or "")
+    assert m is not None, cause
+    return int(m.group(1), 16)
+
+
+# --- notify ----------------------------------------------------------------------------------
+
+def test_notify_sends_a_verified_package0_and_writes_notified():
+    async def main() -> None:
+        async with World() as w:
+            t = await w.task(attempts=0)
+            now = w.clock.now
+            got = await w.scheduler.notify(t)
+            assert got.state == S.NOTIFIED and got.attempts == 1
+            assert got.next_attempt == now + 10.0               # retry_delays[0]
+            state, cause = await w.last("t1")
+            sid = session_of(cause)
+            assert cause == f"package #0 sent via loopback (session {sid:X})"
+            (msisdn, pkg0), = w.sent
+            assert msisdn == device(0).msisdn
+            p = parse_pkg0(pkg0, "spw", NONCE)
+            assert p.verified and not p.resync
+            assert (p.server_id, p.session_id, p.ui_mode, p.initiator) == ("dmengine", sid, 1, 1)
+            # the device's account name leads its session to the record
+            assert w.broker.sessions.by_username["dev0"] == device(0).dev_id
+            assert w.metrics.notifications == {"sent": 1} and w.metrics.retries == 0
+            assert w.metrics.by_gateway == {("loopback", "sent"): 1}
+            assert w.metrics.lag.count == 1
+    run(main())
+
+
+def test_notify_again_counts_a_retry_and_takes_the_next_delay():
+    async def main() -> None:
+        async with World(resync_after=None) as w:
+            t = await w.task(state=S.NOTIFIED, attempts=1)
+            got = await w.scheduler.notify(t)
+            assert got.attempts == 2 and got.next_attempt == w.clock.now + 20.0
+            assert w.metrics.retries == 1
+            t = await w.task("t2", 1, state=S.NOTIFIED, attempts=7)      # past the last delay
+            got = await w.scheduler.notify(t)
+            assert got.next_attempt == w.clock.now + 40.0
+    run(main())
+
+
+def test_notify_lag_counts_from_the_pass_start_or_the_call():
+    async def main() -> None:
+        clock = Clock(1000.0)
+        async with World(clock=clock) as w:
+            async def later(msisdn: str) -> None:
+                clock.now += 3.0                   # the gateway took 3 s
+            w.on_send = later
+            await w.scheduler.notify(await w.task(), due=990.0)
+            assert w.metrics.lag.total == 13.0
+            await w.scheduler.notify(await w.task("t2", 1))
+            assert w.metrics.lag.total == 16.0
+    run(main())
+
+
+def test_notify_with_opt_in_asks_the_user_and_the_ui_mode_is_configurable():
+    async def main() -> None:
+        async with World(notify_ui_mode=2) as w:
+            await w.scheduler.notify(await w.task(b_optin=True))
+            await w.scheduler.notify(await w.task("t2", 1))
+            assert [parse_pkg0(p).ui_mode for _, p in w.sent] == [3, 2]
+    run(main())
+
+
+def test_notify_resynchronises_the_nonce_after_resync_after_attempts():
+    async def main() -> None:
+        async with World(resync_after=2, resync_window=500.0) as w:
+            now = w.clock.now
+            await w.scheduler.notify(await w.task(state=S.NOTIFIED, attempts=1))
+            assert parse_pkg0(w.sent[-1][1], "spw", NONCE).verified
+            assert (await w.store.get_device(device(0).dev_id)).account.resync_until is None
+            t = await w.scheduler.notify(await w.task("t2", 1, state=S.NOTIFIED, attempts=2))
+            p = parse_pkg0(w.sent[-1][1], "spw", b"\0" * 4, accept_resync=True)
+            assert p.resync and p.nonce == RESYNC_NONCE_ASCII
+            acc = (await w.store.get_device(device(1).dev_id)).account
+            assert acc.resync_until == now + 500.0
+            _, cause = await w.last("t2")
+            assert cause == f"package #0 (nonce re-synchronisation) sent via loopback " \
+                            f"(session {session_of(cause):X})"
+            assert t.attempts == 3
+        async with World(resync_after=None) as w:
+            await w.scheduler.notify(await w.task(state=S.NOTIFIED, attempts=50))
+            assert parse_pkg0(w.sent[-1][1], "spw", NONCE).verified
+    run(main())
+
+
+def test_notify_signs_with_the_server_key_when_there_is_no_password():
+    async def main() -> None:
+        acc = DmAccount(server_id="dmengine", client_name="k0", client_password="c",
+                        server_key="key-material", server_nonce=base64.b64encode(NONCE).decode())
+        async with World(devices=[device(0, account=acc)]) as w:
+            await w.scheduler.notify(await w.task())
+            from dmengine.notify.pkg0 import compute_digest_key
+            pkg0 = w.sent[-1][1]
+            assert pkg0[:16] == compute_digest_key(b"key-material", NONCE, pkg0[16:])
+    run(main())
+
+
+def test_notify_without_a_way_to_wake_the_device_waits():
+    async def main() -> None:
+        devs = [device(0, msisdn=None), device(1, account=None), device(2)]
+        async with World(devices=devs) as w:
+            for tid, i, why in (("a", 0, "device has no MSISDN"),
+                                ("b", 1, "device has no DM account")):
+                t = await w.scheduler.notify(await w.task(tid, i, attempts=1))
+                assert t.state == S.PENDING and t.next_attempt == w.clock.now + 20.0
+                assert t.attempts == 1
+                assert await w.last(tid) == ("PENDING", f"waiting: {why}")
+            assert w.sent == [] and w.metrics.notifications == {}
+        async with World(gateway=False) as w:
+            t = await w.scheduler.notify(await w.task(state=S.NOTIFIED, attempts=1))
+            assert t.state == S.NOTIFIED
+            assert await w.last("t1") == ("NOTIFIED", "waiting: no notification gateway")
+    run(main())
+
+
+def test_notify_of_an_unknown_device_or_an_unbuildable_package_fails_the_task():
+    async def main() -> None:
+        no_secret = DmAccount(server_id="dmengine", client_name="x", client_password="c")
+        async with World(devices=[device(0, account=no_secret)]) as w:
+            t = await w.scheduler.notify(await w.task())
+            assert t.state == S.FAILED and t.finished is not None and t.next_attempt is None
+            state, cause = await w.last("t1")
+            assert cause.startswith("package #0 not built: ") and "secret" in cause, cause
+            (t,) = await w.store.create_tasks([Task(task_id="t2", dev_id="IMEI:none", op=OP,
+                                                    correlator="t2", next_attempt=5.0)])
+            t = await w.scheduler.notify(t)
+            assert t.state == S.FAILED and t.finished is not None and t.next_attempt is None
+            assert await w.last("t2") == ("FAILED", "no such device")
+            assert w.sent == []
+    run(main())
+
+
+def test_notify_gateway_failures():
+    async def main() -> None:
+        async with World() as w:
+            w.fail = GatewayError("busy", retryable=True)
+            t = await w.scheduler.notify(await w.task(attempts=0))
+            assert t.state == S.PENDING and t.attempts == 1
+            assert t.next_attempt == w.clock.now + 10.0
+            assert await w.last("t1") == ("PENDING", "notification failed, will retry: "
+                                                     "loopback: gave up after 1 attempts: busy")
+            assert w.metrics.notifications == {"failed": 1}
+            assert w.metrics.by_gateway == {("loopback", "failed"): 1}
+            w.fail = GatewayError("no such subscriber", retryable=False)
+            t = await w.scheduler.notify(await w.task("t2", 1))
+            assert t.state == S.FAILED and t.finished is not None and t.next_attempt is None
+            assert await w.last("t2") == ("FAILED", "notification refused: no such subscriber")
+            assert w.metrics.lag.count == 0
+
+            # the device came while the gateway was failing: its session has the task
+            async def came(msisdn: str) -> None:
+                await w.store.transition("t3", S.IN_PROGRESS, cause="device connected")
+            w.on_send = came
+            t = await w.scheduler.notify(await w.task("t3", 2))
+            assert t.state == S.IN_PROGRESS and await w.last("t3") == \
+                ("IN_PROGRESS", "device connected")
+    run(main())
+
+
+def test_notify_in_the_devices_time_zone_waits_for_the_jobs_window():
+    async def main() -> None:
+        clock = Clock(MONDAY)                      # 01:00 in Berlin, 00:00 UTC
+        devs = [device(0, tz="Europe/Berlin"), device(1, tz="UTC"), device(2)]
+        async with World(devices=devs, clock=clock) as w:
+            job = Job(job_id="j", windows=[TimeWindow(start=H, end=2 * H)], tz="Asia/Tokyo")
+            t = await w.scheduler.notify(await w.task("a", 0), job)
+            assert t.state == S.NOTIFIED                         # inside, in Berlin
+            t = await w.scheduler.notify(await w.task("b", 1), job)
+            assert t.state == S.PENDING and t.next_attempt == MONDAY + H
+            assert await w.last("b") == ("PENDING", "outside the job's window in the device's "
+                                                    "time zone")
+            # no zone of its own: the window is the job's, applied by the pass, not here
+            assert (await w.scheduler.notify(await w.task("c", 2), job)).state == S.NOTIFIED
+            assert (await w.scheduler.notify(await w.task("d", 1),
+                                             Job(job_id="j"))).state == S.NOTIFIED
+    run(main())
+
+
+# --- the result alert's follow-ups -----------------------------------------------------------
+
+async def accepted(w: World, tid: str, i: int, **kw: Any) -> Task:
+    return await w.task(tid, i, op=FUMO, state=S.IN_PROGRESS, result=ACCEPTED, **kw)
+
+
+def test_follow_up_wakes_the_device_and_doubles_the_wait():
+    async def main() -> None:
+        async with World(alert_wait=5.0, alert_followups=3) as w:
+            t = await accepted(w, "t1", 0, attempts=1, followups=1)
+            got = await w.scheduler.notify(t)            # IN_PROGRESS: a follow-up
+            assert got.state == S.IN_PROGRESS and got.followups == 2 and got.attempts == 2
+            assert got.next_attempt == w.clock.now + 5.0 * 4
+            _, cause = await w.last("t1")
+            sid = session_of(cause)
+            assert cause == (f"no result alert yet: device woken to report (follow-up 2 of 3, "
+                             f"package #0 via loopback, session {sid:X}; the package is not "
+                             f"sent again)")
+            p = parse_pkg0(w.sent[-1][1], "spw", NONCE)
+            assert p.verified and p.session_id == sid and p.ui_mode == 1
+            assert w.broker.sessions.by_username["dev0"] == device(0).dev_id
+            assert w.metrics.notifications == {"sent": 1}
+            assert w.metrics.retries == 0
+    run(main())
+
+
+def test_follow_ups_end_after_alert_followups():
+    async def main() -> None:
+        async with World(alert_followups=2) as w:
+            t = await accepted(w, "t1", 0, followups=2, next_attempt=w.clock.now)
+            got = await w.scheduler.follow_up(t)
+            assert got.state == S.IN_PROGRESS and got.next_attempt is None
+            assert await w.last("t1") == ("IN_PROGRESS", "no result alert after 2 wake-up(s): "
+                                          "waiting for the device until the deadline")
+            assert w.sent == []
+            t = await accepted(w, "t2", 1, followups=1)
+            assert (await w.scheduler.follow_up(t)).followups == 2
+    run(main())
+
+
+def test_follow_up_without_a_way_to_wake_the_device():
+    async def main() -> None:
+        devs = [device(0, msisdn=None), device(1, account=None)]
+        async with World(devices=devs) as w:
+            for tid, i, why in (("a", 0, "device has no MSISDN"),
+                                ("b", 1, "device has no DM account")):
+                got = await w.scheduler.follow_up(await accepted(w, tid, i,
+                                                                 next_attempt=w.clock.now))
+                assert got.next_attempt is None and got.followups == 0
+                assert await w.last(tid) == (
+                    "IN_PROGRESS", f"no result alert yet and no way to wake the device ({why}): "
+                                   f"waiting for it until the deadline")
+            (t,) = await w.store.create_tasks([Task(
+                task_id="c", dev_id="IMEI:gone", op=FUMO, correlator="c", state=S.IN_PROGRESS,
+                result=ACCEPTED)])
+            await w.scheduler.follow_up(t)
+            assert (await w.last("c"))[1] == ("no result alert yet and no way to wake the "
+                                              "device (no such device): waiting for it until "
+                                              "the deadline")
+        async with World(gateway=False) as w:
+            await w.scheduler.follow_up(await accepted(w, "t1", 0))
+            assert "(no notification gateway)" in (await w.last("t1"))[1]
+    run(main())
+
+
+def test_follow_up_waits_for_the_window_and_survives_an_unbuildable_package():
+    async def main() -> None:
+        clock = Clock(MONDAY)
+        no_secret = DmAccount(server_id="dmengine", client_name="x", client_password="c")
+        devs = [device(0, tz="UTC"), device(1, account=no_secret), device(2, tz="UTC")]
+        async with World(devices=devs, clock=clock) as w:
+            job = Job(job_id="j", windows=[TimeWindow(start=H, end=2 * H)])
+            got = await w.scheduler.follow_up(await accepted(w, "a", 0), job)
+            assert got.next_attempt == MONDAY + H and got.followups == 0
+            assert await w.last("a") == ("IN_PROGRESS", "result alert follow-up waits for the "
+                                         "job's window in the device's time zone")
+            got = await w.scheduler.follow_up(await accepted(w, "b", 1, next_attempt=1.0))
+            assert got.next_attempt is None
+            _, cause = await w.last("b")
+            assert cause.startswith("no result alert yet; package #0 not built (") and \
+                cause.endswith("): waiting for the device until the deadline"), cause
+            clock.now = MONDAY + H                   # inside: woken
+            assert (await w.scheduler.follow_up(await accepted(w, "c", 2), job)).followups == 1
+            assert w.sent and w.sent[-1][0] == device(2).msisdn
+    run(main())
+
+
+def test_follow_up_of_a_task_that_moved_meanwhile_or_a_failing_gateway():
+    async def main() -> None:
+        async with World() as w:
+            t = await accepted(w, "t1", 0)
+            await w.store.transition("t1", S.SUCCEEDED, cause="its alert came")
+            got = await w.scheduler.follow_up(t)
+            assert got is t and w.sent == []
+            t = await accepted(w, "t2", 1, attempts=1)
+            w.fail = GatewayError("down", retryable=True)
+            got = await w.scheduler.follow_up(t)
+            assert got.state == S.IN_PROGRESS and got.followups == 1 and got.attempts == 2
+            assert w.metrics.notifications == {"failed": 1}
+            assert (await w.store.get_task("t2")).followups == 1
+    run(main())
+
+
+def test_session_ids_are_16_bit_and_never_zero():
+    ids = {Scheduler.new_session_id() for _ in range(3000)}
+    assert min(ids) >= 1 and max(ids) <= 0xFFFF and len(ids) > 2500
+    assert max(ids) > 0xF000                                  # the whole range is used
+
+
+# --- the pass: expiry, jobs ------------------------------------------------------------------
+
+def test_tick_expires_tasks_past_their_deadline():
+    async def main() -> None:
+        async with World() as w:
+            now = w.clock.now
+            await w.task("old", 0, deadline=now - 1, state=S.NOTIFIED, next_attempt=now + 99)
+            await w.task("edge", 1, deadline=now, state=S.NOTIFIED, next_attempt=now + 99)
+            await w.task("young", 2, deadline=now + 1, state=S.NOTIFIED, next_attempt=now + 99)
+            assert await w.scheduler.tick() == 2
+            assert await w.last("old") == ("EXPIRED", "deadline passed before the device "
+                                                      "answered")
+            assert (await w.store.get_task("edge")).state == S.EXPIRED
+            assert (await w.store.get_task("young")).state == S.NOTIFIED
+            assert w.metrics.passes.count == 1 and w.metrics.expiries == 2
+            assert await w.scheduler.tick() == 0
+    run(main())
+
+
+async def a_job(w: World, n: int, **kw: Any) -> Job:
+    return await w.broker.jobs.create(OP, Selection(dev_ids=[device(i).dev_id
+                                                             for i in range(n)]), **kw)
+
+
+async def states(w: World, job_id: str) -> list[TaskState]:
+    return [t.state for t in (await w.store.tasks_by_job(job_id, limit=1000)).items]
+
+
+def test_a_scheduled_job_starts_at_its_time():
+    async def main() -> None:
+        async with World(8) as w:
+            now = w.clock.now
+            job = await a_job(w, 2, start_at=now + 10)
+            assert await w.scheduler.tick() == 0
+            assert (await w.store.get_job(job.job_id)).state == J.SCHEDULED
+            w.clock.now = now + 10
+            assert await w.scheduler.tick() == 2
+            j = await w.store.get_job(job.job_id)
+            assert (j.state, j.started, j.cause) == (J.RUNNING, now + 10, "start time reached")
+            assert await states(w, job.job_id) == [S.NOTIFIED, S.NOTIFIED]
+            # a SCHEDULED job without a start time is left alone
+            await w.store.create_job(Job(job_id="never", op=OP, state=J.SCHEDULED))
+            await w.store.add_job_targets("never", [device(5).dev_id])
+            await w.scheduler.tick()
+            assert (await w.store.get_job("never")).state == J.SCHEDULED
+    run(main())
+
+
+def test_many_open_jobs_are_paged():
+    async def main() -> None:
+        async with World(1) as w:
+            for i in range(501):
+                await w.store.create_job(Job(job_id=f"j{i:04d}", state=J.SCHEDULED,
+                                             start_at=w.clock.now - 1))
+            for i in range(501):
+                await w.store.create_job(Job(job_id=f"r{i:04d}", state=J.RUNNING))
+            jobs = await w.scheduler._open_jobs(w.clock.now)
+            assert len(jobs) == 1002
+            assert all(j.state == J.RUNNING for j in jobs.values())
+    run(main())
+
+
+def test_a_job_starts_its_tasks_with_a_lease_and_notifies_them():
+    async def main() -> None:
+        async with World(4, claim_lease=77.0) as w:
+            job = await a_job(w, 3)
+            assert await w.scheduler.tick() == 3
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            assert [t.dev_id for t in tasks] == [device(i).dev_id for i in range(3)]
+            assert all(t.state == S.NOTIFIED and t.attempts == 1 for t in tasks)
+            assert all(t.next_attempt == w.clock.now + 10.0 for t in tasks)
+            assert sorted(m for m, _ in w.sent) == sorted(device(i).msisdn for i in range(3))
+            assert w.metrics.created == {"QUERY": 3}
+            assert (await w.store.get_job(job.job_id)).total == 3
+            assert await w.scheduler.tick() == 0               # nothing due, nothing new
+    run(main())
+
+
+def test_the_lease_holds_a_task_the_pass_could_not_notify():
+    async def main() -> None:
+        async with World(2, claim_lease=77.0, notify_parallel=1) as w:
+            job = await a_job(w, 1)
+            seen: list[float | None] = []
+
+            async def look(msisdn: str) -> None:
+                (t,) = (await w.store.tasks_by_job(job.job_id, limit=5)).items
+                seen.append(t.next_attempt)
+            w.on_send = look
+            await w.scheduler.tick()
+            assert seen == [w.clock.now + 10.0]   # written NOTIFIED (before the send) …
+            # … and before that the lease: a made task is nobody else's to claim
+            made = []
+            orig = w.store.create_job_tasks
+
+            async def spy(job_id: str, total: int, tasks: list[Task]) -> list[Task]:
+                made.extend(tasks)
+                return await orig(job_id, total, tasks)
+            w.store.create_job_tasks = spy  # type: ignore[method-assign]
+            job2 = await a_job(w, 2)
+            await w.scheduler.tick()
+            assert [t.next_attempt for t in made] == [w.clock.now + 77.0] * 2
+            assert job2.job_id
+    run(main())
+
+
+def test_budgets_batch_concurrency_and_the_in_flight_cap():
+    async def main() -> None:
+        async with World(12, job_batch=4, max_in_flight=7) as w:
+            job = await a_job(w, 10, concurrency=5)
+            assert await w.scheduler.tick() == 4                   # job_batch
+            assert await w.scheduler.tick() == 1                   # concurrency 5
+            other = await a_job(w, 10)
+            # everything in flight: 5 + 2 more of the other job under the overall cap of 7
+            assert await w.scheduler.tick() == 2
+            assert (await w.store.get_job(other.job_id)).total == 2
+            for t in (await w.store.tasks_by_job(job.job_id, limit=10)).items:
+                await end(w, t, S.SUCCEEDED)
+            w.clock.now += 0.001
+            assert await w.scheduler.tick() == 5                   # 5 free under the cap
+            j = await w.store.get_job(job.job_id)
+            o = await w.store.get_job(other.job_id)
+            assert j.total + o.total == 12 and j.total <= 10 and o.total >= 2
+    run(main())
+
+
+def test_higher_priority_jobs_take_the_shared_budget_first():
+    async def main() -> None:
+        async with World(12, max_in_flight=3) as w:
+            low = await a_job(w, 5, priority=1)
+            high = await a_job(w, 5, priority=9)
+            assert await w.scheduler.tick() == 3
+            assert (await w.store.get_job(high.job_id)).total == 3
+            assert (await w.store.get_job(low.job_id)).total == 0
+    run(main())
+
+
+def test_rate_limits_per_job_and_overall():
+    async def main() -> None:
+        clock = Clock(time.time())
+        async with World(12, clock=clock, retry_delays=(1000.0,)) as w:
+            job = await a_job(w, 10, rate_limit=2.0)
+            # a bucket starts with one token and holds a second's worth at most
+            assert await w.scheduler.tick() == 1
+            clock.now += 0.5
+            assert await w.scheduler.tick() == 1
+            clock.now += 10
+            assert await w.scheduler.tick() == 2
+            clock.now += 0.25
+            assert await w.scheduler.tick() == 0
+            assert (await w.store.get_job(job.job_id)).total == 4
+        async with World(12, clock=Clock(time.time()), max_notify_rate=3.0) as w:
+            await a_job(w, 10)
+            assert await w.scheduler.tick() == 1
+            w.clock.now += 1
+            assert await w.scheduler.tick() == 3
+        async with World(12, clock=Clock(time.time()), max_notify_rate=0.5) as w:
+            await a_job(w, 10, rate_limit=100.0)
+            assert await w.scheduler.tick() == 0                   # under one token
+            w.clock.now += 1
+            assert await w.scheduler.tick() == 1
+            w.clock.now += 1
+            assert await w.scheduler.tick() == 0
+    run(main())
+
+
+def test_take_tokens_arithmetic():
+    w = World(0)
+    sch = w.scheduler
+    job = Job(job_id="j", rate_limit=4.0)
+    assert sch._take_tokens(job, 100.0, 0) == 0
+    assert sch._take_tokens(job, 100.0, 10) == 1              # starts with min(rate, 1)
+    assert sch._take_tokens(job, 100.25, 10) == 1             # 0 + 0.25 * 4
+    assert sch._take_tokens(job, 102.0, 10) == 4              # capped at a second's worth
+    assert sch._take_tokens(job, 102.0, 10) == 0
+    assert sch._take_tokens(job, 102.5, 1) == 1 and sch._buckets["j"] == (1.0, 102.5)
+    slow = Job(job_id="s", rate_limit=0.25)
+    assert sch._take_tokens(slow, 0.0, 5) == 0                # min(0.25, 1) tokens
+    assert sch._take_tokens(slow, 3.0, 5) == 1                # 0.25 + 0.75, capped at 1
+    assert sch._take_tokens(Job(job_id="free"), 0.0, 7) == 7  # no rate: no limit
+    assert "free" not in sch._buckets and "" not in sch._buckets
+
+
+def test_the_stop_rule_pauses_the_job_with_its_cause():
+    async def main() -> None:
+        async with World(8) as w:
+            job = await a_job(w, 8, stop_rule=StopRule(max_failure_ratio=0.5, min_finished=4),
+                              concurrency=4)
+            await w.scheduler.tick()
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            for t, st in zip(tasks, (S.FAILED, S.SUCCEEDED, S.FAILED)):
+                await end(w, t, st)
+            assert await w.scheduler.tick() == 3                 # 3 final: under min_finished
+            await end(w, tasks[3], S.SUCCEEDED)     # 2 of 4 failed: 50 % >= 50 %
+            assert await w.scheduler.tick() == 0
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.PAUSED
+            assert j.cause == "stopped by its error threshold: 2 of 4 tasks failed (50% >= 50%)"
+            # restarted: the count starts afresh from here
+            await w.broker.jobs.restart(job.job_id)
+            assert await w.scheduler.tick() == 1
+            assert (await w.store.get_job(job.job_id)).state == J.RUNNING
+    run(main())
+
+
+def test_the_stop_rule_below_its_ratio_and_with_min_finished_zero():
+    async def main() -> None:
+        async with World(8) as w:
+            job = await a_job(w, 6, stop_rule=StopRule(max_failure_ratio=0.5), concurrency=3)
+            await w.scheduler.tick()
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[0], S.SUCCEEDED)
+            await end(w, tasks[1], S.SUCCEEDED)
+            await end(w, tasks[2], S.FAILED)        # 1 of 3: 33 % < 50 %
+            assert await w.scheduler.tick() == 3
+            assert (await w.store.get_job(job.job_id)).state == J.RUNNING
+        async with World(8) as w:
+            job = await a_job(w, 4, stop_rule=StopRule(max_failure_ratio=1.0), concurrency=1)
+            await w.scheduler.tick()                             # nothing final: no 0/0
+            (t,) = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, t, S.EXPIRED)
+            assert await w.scheduler.tick() == 0
+            assert (await w.store.get_job(job.job_id)).cause == \
+                "stopped by its error threshold: 1 of 1 tasks failed (100% >= 100%)"
+    run(main())
+
+
+async def end(w: World, t: Task, state: TaskState) -> None:
+    """The task's session ends it: IN_PROGRESS, then ``state`` (a success comes from a
+    session only)."""
+    if t.state != S.IN_PROGRESS:
+        t = await w.tasks.move(t.task_id, S.IN_PROGRESS, cause="session")
+    assert await w.tasks.finish(t, state, "x") is not None
+
+
+async def finish_all(w: World, job_id: str, state: TaskState = S.SUCCEEDED) -> None:
+    for t in (await w.store.tasks_by_job(job_id, limit=1000)).items:
+        if t.state not in (S.SUCCEEDED, S.FAILED, S.EXPIRED, S.CANCELLED):
+            await end(w, t, state)
+
+
+def test_stages_go_on_pause_for_approval_or_for_a_missed_threshold():
+    async def main() -> None:
+        async with World(10) as w:
+            job = await a_job(w, 10, stages=[Stage(percent=20), Stage(percent=50, approval=True),
+                                             Stage(percent=100, success_threshold=0.9)])
+            assert await w.scheduler.tick() == 2
+            assert await w.scheduler.tick() == 0                 # the stage is full
+            j = await w.store.get_job(job.job_id)
+            assert (j.stage, j.state) == (0, J.RUNNING)
+            await finish_all(w, job.job_id)
+            assert await w.scheduler.tick() == 0
+            j = await w.store.get_job(job.job_id)
+            assert (j.stage, j.cause) == (1, "stage 1 of 3 (20 %) done (100% succeeded)")
+            assert await w.scheduler.tick() == 3
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[2], S.FAILED)
+            await finish_all(w, job.job_id)
+            await w.scheduler.tick()
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.PAUSED and j.stage == 1
+            assert j.cause == ("stage 2 of 3 (50 %) done (80% succeeded): waiting for approval "
+                               "(restartJob)")
+            await w.broker.jobs.restart(job.job_id)
+            assert await w.scheduler.tick() == 5
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[5], S.FAILED)
+            await finish_all(w, job.job_id)
+            await w.scheduler.tick()
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.COMPLETED and j.finished == w.clock.now
+            assert j.cause == "all 10 tasks final: 8 succeeded, 2 failed"
+    run(main())
+
+
+def test_a_stage_below_its_success_threshold_pauses():
+    async def main() -> None:
+        async with World(10) as w:
+            job = await a_job(w, 4, stages=[Stage(percent=50, success_threshold=0.5),
+                                            Stage(percent=100)])
+            await w.scheduler.tick()
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[0], S.FAILED)
+            await end(w, tasks[1], S.SUCCEEDED)     # 50 %: not below
+            await w.scheduler.tick()
+            assert (await w.store.get_job(job.job_id)).stage == 1
+        async with World(10) as w:
+            job = await a_job(w, 4, stages=[Stage(percent=50, success_threshold=0.6),
+                                            Stage(percent=100)])
+            await w.scheduler.tick()
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[0], S.FAILED)
+            await end(w, tasks[1], S.SUCCEEDED)
+            await w.scheduler.tick()
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.PAUSED
+            assert j.cause == ("stage 1 of 2 (50 %) done with 50% succeeded, below its "
+                               "threshold 60%: restartJob goes on")
+    run(main())
+
+
+def test_a_job_outside_its_window_starts_nothing():
+    async def main() -> None:
+        clock = Clock(MONDAY)
+        async with World(4, clock=clock) as w:
+            job = await a_job(w, 2, windows=[TimeWindow(start=H, end=2 * H)], tz="UTC")
+            assert await w.scheduler.tick() == 0
+            clock.now = MONDAY + H
+            assert await w.scheduler.tick() == 2
+            assert (await w.store.get_job(job.job_id)).total == 2
+    run(main())
+
+
+def test_the_end_time_expires_what_is_left_and_completes_the_job():
+    async def main() -> None:
+        async with World(8) as w:
+            now = w.clock.now
+            job = await a_job(w, 6, end_at=now + 100, concurrency=3)
+            # the tasks' own deadline later than the job's end: the end expires them
+            await w.store.update_job(job.job_id, {"deadline": now + 1000})
+            await w.scheduler.tick()
+            tasks = (await w.store.tasks_by_job(job.job_id, limit=10)).items
+            await end(w, tasks[0], S.SUCCEEDED)
+            await end(w, tasks[1], S.FAILED)
+            w.clock.now = now + 100
+            assert await w.scheduler.tick() == 1         # the third's retry was due, then the end
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.COMPLETED and j.finished == now + 100
+            assert j.cause == "end time reached: 1 succeeded, 2 failed or expired, 3 never started"
+            assert await w.last(tasks[2].task_id) == ("EXPIRED", "the job's end time passed")
+    run(main())
+
+
+def test_the_end_time_pages_through_many_tasks():
+    async def main() -> None:
+        n = 510
+        async with World(n, job_batch=n) as w:
+            now = w.clock.now
+            job = await a_job(w, n, end_at=now + 100)
+            assert await w.scheduler.tick() == n
+            w.clock.now = now + 100
+            await w.scheduler.tick()
+            j = await w.store.get_job(job.job_id)
+            assert j.counts == {S.EXPIRED: n} and j.state == J.COMPLETED
+    run(main())
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+def test_retries_notify_again_and_expire_after_max_notifications():
+    async def main() -> None:
+        async with World(4, max_notifications=2, resync_after=None) as w:
+            now = w.clock.now
+            await w.task("a", 0, state=S.NOTIFIED, attempts=1, next_attempt=now)
+            await w.task("b", 1, state=S.NOTIFIED, attempts=2, next_attempt=now)
+            await w.task("c", 2, state=S.PENDING, attempts=0, next_attempt=now)
+            await w.task("later", 3, state=S.NOTIFIED, attempts=1, next_attempt=now + 1)
+            assert await w.scheduler.tick() == 3
+            assert (await w.store.get_task("a")).attempts == 2
+            assert await w.last("b") == ("EXPIRED", "device did not connect after 2 "
+                                                    "notifications")
+            assert (await w.store.get_task("c")).state == S.NOTIFIED
+            assert (await w.store.get_task("later")).attempts == 1
+            assert sorted(m for m, _ in w.sent) == sorted([device(0).msisdn, device(2).msisdn])
+    run(main())
+
+
+def test_retries_skip_what_is_not_theirs():
+    async def main() -> None:
+        async with World(8) as w:
+            now = w.clock.now
+            await w.store.create_job(Job(job_id="paused", op=OP, state=J.PAUSED))
+            acc = DmAccount(server_id="dmengine", client_name="b", client_password="c",
+                            server_password="s")
+            await w.task("boot", 0, op=BootstrapOp(account=acc), next_attempt=now)
+            await w.task("ask", 1, state=S.WAITING_USER, next_attempt=now)
+            await w.task("busy", 2, state=S.IN_PROGRESS, next_attempt=now)      # no alert due
+            await w.task("paused", 3, job_id="paused", next_attempt=now)
+            await w.task("open", 5, state=S.NOTIFIED, attempts=1, next_attempt=now)
+            w.broker.sessions.in_session = lambda tid: tid == "open"  # type: ignore
+            assert await w.scheduler.tick() == 0
+            assert w.sent == []
+            for tid in ("boot", "ask", "busy", "paused", "open"):
+                assert (await w.store.get_task(tid)).history_len == 1, tid
+    run(main())
+
+
+def test_a_due_follow_up_is_sent_by_the_pass_and_not_counted_against_notifications():
+    async def main() -> None:
+        async with World(2, max_notifications=1) as w:
+            await accepted(w, "t1", 0, attempts=5, next_attempt=w.clock.now)
+            assert await w.scheduler.tick() == 1
+            t = await w.store.get_task("t1")
+            assert t.state == S.IN_PROGRESS and t.followups == 1 and len(w.sent) == 1
+    run(main())
+
+
+def test_retries_of_a_job_outside_its_window_are_released_until_it_opens():
+    async def main() -> None:
+        clock = Clock(MONDAY + 3 * H)
+        async with World(4, clock=clock, claim_lease=30 * H) as w:
+            job = await a_job(w, 2, windows=[TimeWindow(start=1 * H, end=2 * H)])
+            await w.store.create_job_tasks(job.job_id, 0, [Task(
+                task_id="r", dev_id=device(0).dev_id, op=OP, job_id=job.job_id, correlator="r",
+                state=S.NOTIFIED, attempts=1, next_attempt=clock.now)])
+            assert await w.scheduler.tick() == 1
+            t = await w.store.get_task("r")
+            assert t.next_attempt == MONDAY + 25 * H and t.attempts == 1 and w.sent == []
+        async with World(4, clock=Clock(MONDAY + 3 * H), claim_lease=60.0) as w:
+            job = await a_job(w, 2, windows=[TimeWindow(start=1 * H, end=2 * H)])
+            await w.store.create_job_tasks(job.job_id, 0, [Task(
+                task_id="r", dev_id=device(0).dev_id, op=OP, job_id=job.job_id, correlator="r",
+                state=S.NOTIFIED, attempts=1, next_attempt=w.clock.now)])
+            await w.scheduler.tick()
+            # the window opens after the lease: the lease decides
+            assert (await w.store.get_task("r")).next_attempt == w.clock.now + 60.0
+    run(main())
+
+
+def test_retries_over_the_rate_come_back_spread_at_the_rate():
+    async def main() -> None:
+        async with World(6, tick_interval=0.1, claim_lease=500.0) as w:
+            now = w.clock.now
+            job = await a_job(w, 6, rate_limit=2.0)
+            await w.store.create_job_tasks(job.job_id, 0, [Task(
+                task_id=f"r{i}", dev_id=device(i).dev_id, op=OP, job_id=job.job_id,
+                correlator=f"r{i}", state=S.NOTIFIED, attempts=1, next_attempt=now)
+                for i in range(4)])
+            assert await w.scheduler.tick() == 4
+            got = {t.task_id: t for t in (await w.store.tasks_by_job(job.job_id,
+                                                                      limit=10)).items}
+            sent = [t for t in got.values() if t.attempts == 2]
+            held = sorted(t.next_attempt - now for t in got.values() if t.attempts == 1)
+            assert len(sent) == 1 and held == [0.5, 1.0, 1.5]
+        async with World(6, tick_interval=2.0, max_notify_rate=4.0) as w:
+            now = w.clock.now
+            job = await a_job(w, 6)
+            await w.store.create_job_tasks(job.job_id, 0, [Task(
+                task_id=f"r{i}", dev_id=device(i).dev_id, op=OP, job_id=job.job_id,
+                correlator=f"r{i}", state=S.NOTIFIED, attempts=1, next_attempt=now)
+                for i in range(3)])
+            await w.scheduler.tick()
+            held = sorted(t.next_attempt - now for t in
+                          (await w.store.tasks_by_job(job.job_id, limit=10)).items
+                          if t.attempts == 1)
+            assert held == [2.0, 2.0]                        # at least a pass apart
+    run(main())
+
+
+def test_release_of_a_task_that_moved_is_dropped():
+    async def main() -> None:
+        async with World(2) as w:
+            t = await w.task("t1", 0, next_attempt=w.clock.now)
+            await w.store.transition("t1", S.IN_PROGRESS, cause="device came")
+            await w.scheduler._release(t, w.clock.now + 5)          # no error
+            assert (await w.store.get_task("t1")).state == S.IN_PROGRESS
+            t2 = await w.task("t2", 1, next_attempt=w.clock.now)
+            await w.scheduler._release(t2, w.clock.now + 5)
+            assert (await w.store.get_task("t2")).next_attempt == w.clock.now + 5
+    run(main())
+
+
+def test_notifications_of_a_pass_go_at_most_notify_parallel_at_once():
+    async def main() -> None:
+        async with World(6, notify_parallel=2) as w:
+            now = w.clock.now
+            for i in range(6):
+                await w.task(f"t{i}", i, next_attempt=now)
+            live, peak = 0, 0
+
+            async def slow(msisdn: str) -> None:
+                nonlocal live, peak
+                live += 1
+                peak = max(peak, live)
+                await asyncio.sleep(0.01)
+                live -= 1
+            w.on_send = slow
+            assert await w.scheduler.tick() == 6
+            assert peak == 2 and len(w.sent) == 6
+    run(main())
+
+
+# --- the guard -------------------------------------------------------------------------------
+
+def test_a_fault_in_one_task_fails_that_task_and_the_pass_goes_on(caplog):
+    async def main() -> None:
+        async with World(3) as w:
+            now = w.clock.now
+            for i in range(3):
+                await w.task(f"t{i}", i, next_attempt=now)
+            real = w.scheduler._pkg0
+
+            def broken(acc: Any, task: Task, *a: Any) -> bytes:
+                if task.task_id == "t1":
+                    raise ValueError("boom")
+                return real(acc, task, *a)
+            w.scheduler._pkg0 = broken  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                assert await w.scheduler.tick() == 3
+            assert await w.last("t1") == ("FAILED", "internal error: ValueError: boom")
+            assert {(await w.store.get_task(t)).state for t in ("t0", "t2")} == {S.NOTIFIED}
+            assert "scheduler: task t1 failed" in caplog.text
+    run(main())
+
+
+def test_a_store_error_ends_the_pass_for_the_next_one():
+    async def main() -> None:
+        async with World(2) as w:
+            await w.task("t0", 0, next_attempt=w.clock.now)
+
+            async def gone(task_id: str) -> Any:
+                raise StoreError("disk on fire")
+            w.store.get_device = gone  # type: ignore[method-assign]
+            with pytest.raises(StoreError):
+                await w.scheduler.tick()
+    run(main())
+
+
+def test_a_task_that_cannot_even_be_failed_is_logged(caplog):
+    async def main() -> None:
+        async with World(2) as w:
+            t = await w.task("t0", 0)
+
+            async def bad() -> None:
+                raise RuntimeError("x")
+
+            async def refuse(*a: Any, **k: Any) -> Any:
+                raise RuntimeError("cannot")
+            w.tasks.finish = refuse  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                await w.scheduler._guarded(t, bad())
+            assert "scheduler: task t0 could not be failed" in caplog.text
+    run(main())
+
+
+# --- recovery and the loop -------------------------------------------------------------------
+
+def test_recover_pages_through_many_tasks_and_jobs():
+    async def main() -> None:
+        async with World(1) as w:
+            now = w.clock.now
+            for k in range(2):
+                jid = f"j{k}"
+                await w.store.create_job(Job(job_id=jid, state=J.PAUSED if k else J.RUNNING))
+                await w.store.create_tasks([
+                    Task(task_id=f"{jid}-{i}", dev_id=device(0).dev_id, op=OP, job_id=jid,
+                         correlator=f"{jid}-{i}", state=S.IN_PROGRESS, attempts=1)
+                    for i in range(505)])
+            for i in range(500):
+                await w.store.create_job(Job(job_id=f"x{i:03d}", state=J.RUNNING))
+            assert await w.scheduler.recover() == 1010
+            assert {t.next_attempt for t in (await w.store.tasks_by_job(
+                "j1", state=S.PENDING, limit=1000)).items} == {now}
+    run(main())
+
+
+def test_recover_leaves_a_task_whose_device_connected_to_its_session():
+    async def main() -> None:
+        async with World(2) as w:
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            await w.task("t", 0, job_id="j", state=S.IN_PROGRESS, attempts=1)
+            calls = {"n": 0}
+
+            def in_session(tid: str) -> bool:
+                calls["n"] += 1
+                return calls["n"] > 1         # connected while the move was written
+            w.broker.sessions.in_session = in_session  # type: ignore[method-assign]
+            assert await w.scheduler.recover() == 1
+            t = await w.store.get_task("t")
+            assert t.state == S.IN_PROGRESS and t.next_attempt is None
+            assert await w.last("t") == ("IN_PROGRESS",
+                                         "device connected; its session has the task")
+    run(main())
+
+
+def test_the_loop_runs_passes_until_stopped_and_reports_health():
+    async def main() -> None:
+        async with World(2, tick_interval=0.01) as w:
+            await w.task("t0", 0, next_attempt=w.clock.now)
+            w.scheduler.start()
+            for _ in range(500):
+                if w.sent:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(w.sent) == 1 and w.scheduler.health() == []
+            await w.scheduler.stop()
+            assert w.scheduler.health() != []                    # the loop is gone
+    run(main())
+
+
+def test_a_failed_recovery_does_not_stop_the_loop(caplog):
+    async def main() -> None:
+        async with World(2, tick_interval=0.01) as w:
+            async def broken() -> int:
+                raise RuntimeError("no")
+            w.scheduler.recover = broken  # type: ignore[method-assign]
+            await w.task("t0", 0, next_attempt=w.clock.now)
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                w.scheduler.start()
+                for _ in range(500):
+                    if w.sent:
+                        break
+                    await asyncio.sleep(0.01)
+                await w.scheduler.stop()
+            assert len(w.sent) == 1
+            assert "scheduler: recovery after the restart failed" in caplog.text
+    run(main())
