@@ -14,6 +14,8 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_XDECREF
 from libc.string cimport memchr, memcmp
 
+from dmengine._metrics cimport DeviceCounters, monotonic
+
 import logging
 
 import httptools
@@ -167,6 +169,7 @@ cdef class Port:
     cdef public bytes path, prefix      # the DM path and the RespURI prefix (path + "/")
     cdef public dict sessions, get_routes, bases
     cdef public object public_url
+    cdef public DeviceCounters metrics  # the server's (None: no metrics), counted with C calls
 
     def __init__(self, server):
         cfg = server.config
@@ -178,6 +181,7 @@ cdef class Port:
         self.public_url = cfg.public_url
         self.max_pending = cfg.max_pending
         self.max_sessions = cfg.max_sessions
+        self.metrics = server.metrics
 
 
 cdef class ConnBase:
@@ -354,8 +358,8 @@ cdef class ConnBase:
             req.host = PyBytes_FromStringAndSize(host, host_n)
         if hmac != NULL:
             req.hmac = PyBytes_FromStringAndSize(hmac, hmac_n)
-        if self.server.metrics is not None:
-            req.t0 = self._loop.time()    # for the latency histogram only
+        if shared.metrics is not None:
+            req.t0 = monotonic()          # for the latency histogram only
         # admission, as on_headers_complete
         if shared.pending >= shared.max_pending:
             self.req = req
@@ -382,9 +386,9 @@ cdef class ConnBase:
         cdef Req req = Req()
         self.req = req
         self.state = _READING
-        cdef double t0 = self._loop.time()
-        req.t0 = t0
-        self.deadline = t0 + self._req_timeout
+        if self.shared.metrics is not None:
+            req.t0 = monotonic()          # for the latency histogram only
+        self.deadline = self._loop.time() + self._req_timeout
 
     def on_url(self, bytes url):
         cdef Req req = self.req
@@ -590,9 +594,9 @@ cdef class ConnBase:
             if not self.dropped:
                 self.shared.pending -= 1
         transport = self.transport
-        metrics = self.server.metrics
-        if metrics is not None and req.t0:
-            metrics.observe_latency(self._loop.time() - req.t0)
+        cdef DeviceCounters metrics = self.shared.metrics
+        if req.t0 and metrics is not None:
+            metrics.time_request(monotonic() - req.t0)
         if transport is None or transport.is_closing():
             return
         if not (close or req.close_after or not req.keep_alive):

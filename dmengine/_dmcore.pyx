@@ -16,6 +16,7 @@ import time
 from base64 import urlsafe_b64encode
 
 from dmengine._message cimport Message, SyncHdr, Command
+from dmengine._metrics cimport DeviceCounters
 from libc.stdio cimport snprintf
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -170,7 +171,9 @@ cdef class Entry:
 cdef class ServerCore:
     """What ``DmServer`` does on every DM message.  The fields are DmServer's attributes of the
     same names (set by its ``__init__``)."""
-    cdef public object config, handler, metrics, _loop
+    cdef public object config, handler, _loop
+    # typed: a message is counted with C calls (_metrics.pxd); None without metrics
+    cdef public DeviceCounters metrics
     cdef public dict sessions, by_key, _session_configs
     cdef public object _session_config, _new_token, _session_factory, _checked_cls
     cdef public object guard            # AuthGuard: failed-authentication backoff (or None)
@@ -218,7 +221,7 @@ cdef class ServerCore:
         # not in the table yet: a session that ends with its first reply never enters it
         entry = Entry(session, token, 0.0)
         if self.metrics is not None:
-            entry.t0 = self.metrics.session_started()
+            entry.t0 = self.metrics.begin_session()
         return entry
 
     async def handle_dm(self, req, str encoding, token, str base_url, address=None):
@@ -228,12 +231,12 @@ cdef class ServerCore:
         cdef SyncHdr hdr
         cdef Entry entry = None
         cdef double now_wall
-        metrics = self.metrics
+        cdef DeviceCounters metrics = self.metrics
         body = req.body
         if type(body) is not bytes:
             body = bytes(body) if body is not None else b""
         if metrics is not None:
-            metrics.message_in(encoding, len(body))
+            metrics.count_in(encoding, len(body))
         pair = _codecs_by_enc.get(encoding)
         if pair is None:
             pair = _codecs(encoding)
@@ -330,7 +333,7 @@ cdef class ServerCore:
             elif not entry.closed:
                 entry.closed = True
                 if metrics is not None:
-                    metrics.session_ended(reason, entry.t0)
+                    metrics.end_session(reason, entry.t0)
         elif entry.inserted:
             if entry.token in self.sessions:
                 self._touch(entry)
@@ -395,7 +398,7 @@ cdef class ServerCore:
         if out is None:
             out = encode(reply)
         if self.metrics is not None:
-            self.metrics.message_out(encoding, len(out))
+            self.metrics.count_out(encoding, len(out))
         ctype = req.ctype or b"application/vnd.syncml.dm+xml"
         head = _heads.get(ctype)
         if head is None:            # the head up to the length, built once per media type

@@ -1,5 +1,7 @@
 """Stubs for dmengine._metrics (Cython): the device port's per-message counters, the base of
-dmengine.metrics.DeviceMetrics."""
+dmengine.metrics.DeviceMetrics.  The compiled device port calls their ``cdef`` methods
+(``count_in``, ``count_out``, ``begin_session``, ``end_session``, ``time_request``: see
+_metrics.pxd), which Python cannot reach; the methods below wrap them."""
 from __future__ import annotations
 
 LATENCY_BOUNDS: tuple[float, ...]
@@ -9,7 +11,6 @@ class DeviceCounters:
     started: int
     in_flight: int
     connections: int
-    ended: dict[str, int]
     latency_sum: float
     session_sum: float
     def __init__(self, *args: object, **kw: object) -> None: ...
@@ -21,6 +22,8 @@ class DeviceCounters:
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
     def counts(self) -> dict[str, dict[str, int]]: ...
+    @property
+    def ended(self) -> dict[str, int]: ...
     @property
     def buckets(self) -> list[int]: ...
     @property

@@ -134,7 +134,8 @@ class Histo:
         return sum(self.counts)
 
     def cumulative(self) -> list[tuple[str, float]]:
-        out, acc = [], 0
+        out: list[tuple[str, float]] = []
+        acc = 0
         for bound, n in zip(self.bounds + (float("inf"),), self.counts):
             acc += n
             out.append(("+Inf" if bound == float("inf") else _num(bound), acc))
@@ -222,11 +223,13 @@ class DeviceMetrics(DeviceCounters, _Collector):
 
     The per-message counters (messages and bytes by encoding, sessions started, ended and in
     flight, connections, the request-latency and session-time histograms) live in the
-    compiled base :class:`dmengine._metrics.DeviceCounters`; the rare events here.
+    compiled base :class:`dmengine._metrics.DeviceCounters`, which the compiled device port
+    calls as C methods (``_metrics.pxd``); the rare events here.
     ``prefix`` lets a process with several device ports keep them apart.
     """
 
-    # no instance dict: the hot methods are found on the type without a dict lookup first
+    # no instance dict: the methods Python code calls are found on the type without a dict
+    # look-up first
     __slots__ = ("registry", "prefix", "rejections", "cut_offs", "auth_failures",
                  "codec_errors", "errors")
 

@@ -63,6 +63,7 @@ from ._dmcore import (_HEADS, _CODECS, _TOKEN_POOL, _clean_end, _codecs,  # noqa
                       _end_reason, _ended, _error_reply, _is_package1, _load_codec, _token)
 from .authguard import AuthGuard, AuthGuardConfig
 from .errors import ConfigError, DmError
+from ._metrics import DeviceCounters
 from .metrics import DeviceMetrics
 
 __all__ = [
@@ -333,6 +334,10 @@ class DmServer(ServerCore):
                  random_token: Callable[[], str] | None = None) -> None:
         self.config = config
         self.handler = handler
+        if metrics is not None and not isinstance(metrics, DeviceCounters):
+            # the device port counts through DeviceCounters' C methods (_metrics.pxd)
+            raise ConfigError(f"metrics must be a DeviceMetrics or None, got "
+                              f"{type(metrics).__name__}", key="metrics")
         self.metrics = metrics
         self.sessions: dict[str, _Entry] = {}
         self.by_key: dict[str, str] = {}
