@@ -105,5 +105,6 @@ class Port:
     get_routes: dict[str, Any]
     bases: dict[bytes | None, str]
     public_url: str | None
+    metrics: Any                  # the server's DeviceMetrics (None: no metrics)
 
     def __init__(self, server: Any) -> None: ...
