@@ -1,0 +1,551 @@
+"""Issue 18: the API's shared parts — ``wsi/security.py`` (who, how often, what, whose, the
+audit), ``wsi/middleware.py`` (the one error shape, body limits, query parsing),
+``wsi/common.py`` — with exact expectations, over real HTTP against one real engine (LMDB
+store, the API port) shared by the tests of this module (each test is a few requests: a
+mutant costs seconds, not the minutes of the whole API suite).  Pure helpers (status and
+outcome tables, the id fields kept for the audit) are checked directly too."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from conftest import api_client, bounded
+from dmengine.engine import Engine, EngineConfig
+from dmengine.errors import (AlreadyExists, ApiError, CodecError, ConfigError, DmError, NotFound,
+                             ServiceError, StoreError, ValidationError)
+from dmengine.model import Device
+from dmengine.wsi import middleware, security
+from dmengine.wsi.security import (ROLE_OF, _credential, _ids_of, _outcome, _status_of,
+                                   is_public, required_role)
+
+KEY = "k-mut-wsi-0123456789abcdef"
+IMEI = "356938035643809"
+DEV_ID = f"IMEI:{IMEI}"
+QUERY = {"operation": "QUERY", "nodes": ["./DevInfo/Mod"]}
+
+
+class Api:
+    def __init__(self, e: Engine, http: aiohttp.ClientSession) -> None:
+        self.e = e
+        self.http = http
+        self.url = e.api_url
+
+    async def call(self, method: str, path: str, cred: str | None = KEY, *,
+                   headers: dict[str, str] | None = None, **kw: Any
+                   ) -> tuple[int, Any, Any]:
+        h = dict(headers or {})
+        if cred is not None:
+            h.setdefault("X-API-Key", cred)
+        async with self.http.request(method, self.url + path, headers=h, **kw) as r:
+            raw = await r.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = raw
+            return r.status, body, r.headers
+
+    async def key(self, name: str, role: str, **kw: Any) -> tuple[str, str]:
+        status, body, _ = await self.call("POST", "v1/keys", json={"name": name, "role": role,
+                                                                   **kw})
+        assert status == 201, body
+        return body["keyId"], body["apiKey"]
+
+    async def audit(self, **params: Any) -> list[dict[str, Any]]:
+        status, page, _ = await self.call("GET", "v1/audit", params={"limit": 10000, **params})
+        assert status == 200, page
+        return list(page["items"])
+
+
+class Served:
+    """One engine for the module, on a loop of its own; ``run`` runs a test's coroutine on
+    it, bounded in time."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.e = Engine(EngineConfig(data_dir=str(tmp / "var"), device_port=0, api_port=0,
+                                     api_key=KEY))
+        self.loop.run_until_complete(bounded(self._start(), "the engine's start"))
+
+    async def _start(self) -> None:
+        await self.e.start()
+        assert self.e.store is not None
+        await self.e.store.put_device(Device(dev_id=DEV_ID, imei=IMEI, msisdn="+491701234567"))
+        self.http = api_client()
+        self.api = Api(self.e, self.http)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(bounded(coro))
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.http.close()
+            await self.e.stop()
+        self.loop.run_until_complete(bounded(stop(), "the engine's stop"))
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    s = Served(tmp_path_factory.mktemp("mut-wsi"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def shape(body: Any, status: int, want: int, code: str, where: str | None,
+          message: str | None = None) -> None:
+    assert status == want, body
+    assert set(body) == {"error", "message", "where"}, body
+    assert (body["error"], body["where"]) == (code, where), body
+    if message is not None:
+        assert body["message"] == message, body
+
+
+# --- security: pure helpers --------------------------------------------------------------------
+
+def test_role_table_and_public_routes():
+    assert required_role("getTaskById") == "viewer"
+    assert required_role("doOperation") == "operator"
+    assert required_role("createApiKey") == "admin"
+    assert required_role("noSuchRoute") == "admin" and required_role(None) == "admin"
+    assert required_role("") == "admin"
+    assert is_public("login", "/v1/login") and is_public("health", "/x")
+    assert is_public(None, "/health") and is_public(None, "/docs/a.js")
+    assert is_public(None, "/docs") and not is_public(None, "/docsx")
+    assert not is_public("getTaskById", "/v1/tasks/t") and not is_public(None, "/v1/docs/")
+    assert set(ROLE_OF.values()) == {"viewer", "operator", "admin"}
+
+
+def test_outcome_of_each_status():
+    assert [_outcome(s) for s in (200, 201, 204, 302, 399)] == ["ok"] * 5
+    assert [_outcome(s) for s in (401, 403)] == ["denied"] * 2
+    assert [_outcome(s) for s in (400, 404, 409, 413, 429, 499)] == ["refused"] * 6
+    assert [_outcome(s) for s in (500, 503)] == ["failed"] * 2
+
+
+def test_status_of_each_error():
+    assert _status_of(web.HTTPNotFound()) == 404
+    assert _status_of(web.HTTPMethodNotAllowed("GET", ["POST"])) == 405
+    assert _status_of(ApiError("x", code="c", http_status=413)) == 413
+    assert _status_of(ServiceError("x")) == ServiceError("x").http_status
+    assert _status_of(ValidationError("x")) == 400
+    assert _status_of(NotFound("task", "x")) == 404
+    assert _status_of(AlreadyExists("job", "x")) == 409
+    assert _status_of(StoreError("x")) == 503
+    assert _status_of(CodecError("x")) == 400
+    assert _status_of(DmError("x")) == 400
+    assert _status_of(RuntimeError("x")) == 500
+    assert _status_of(ConfigError("x", key="k")) == 400
+
+
+def test_ids_of_an_answer_keeps_only_id_fields():
+    def resp(obj: Any, **kw: Any) -> web.Response:
+        return web.Response(body=json.dumps(obj).encode(), content_type="application/json",
+                            **kw)
+    assert _ids_of(resp({"taskId": "t1", "secret": "s", "jobId": 5})) == {"taskId": "t1"}
+    assert _ids_of(resp({"taskIds": ["a", "b"], "name": "n"})) == \
+        {"taskIds": ["a", "b"], "name": "n"}
+    assert _ids_of(resp({"taskIds": ["a", 1]})) is None
+    assert _ids_of(resp({"keyId": "k" * 300})) == {"keyId": "k" * 256}
+    assert _ids_of(resp({"taskIds": ["x" * 300] * 150})) == {"taskIds": ["x" * 256] * 100}
+    assert _ids_of(resp({"other": 1})) is None
+    assert _ids_of(resp(["taskId"])) is None
+    assert _ids_of(web.Response(body=b"{not json", content_type="application/json")) is None
+    assert _ids_of(web.Response(text='{"taskId": "t"}')) is None          # text/plain
+    big = {"taskId": "t", "pad": "x" * (64 * 1024)}
+    assert _ids_of(resp(big)) is None
+    edge = {"taskId": "t", "pad": ""}
+    edge["pad"] = "x" * (64 * 1024 - len(json.dumps(edge).encode()))
+    assert len(json.dumps(edge).encode()) == 64 * 1024
+    assert _ids_of(resp(edge)) == {"taskId": "t"}
+    assert _ids_of(web.StreamResponse()) is None
+    assert set(security.AUDIT_ID_FIELDS) >= {"taskId", "jobId", "keyId", "devId", "name"}
+
+
+class _Req:
+    def __init__(self, headers: dict[str, str]) -> None:
+        from multidict import CIMultiDict
+        self.headers = CIMultiDict(headers)
+
+
+def test_credential_from_either_header():
+    assert _credential(_Req({"X-API-Key": "a"})) == "a"                   # type: ignore[arg-type]
+    assert _credential(_Req({"Authorization": "Bearer b"})) == "b"         # type: ignore[arg-type]
+    assert _credential(_Req({"Authorization": "bEaReR  c \t"})) == "c"     # type: ignore[arg-type]
+    assert _credential(_Req({"Authorization": "Basic dXNlcjpwdw=="})) == ""  # type: ignore[arg-type]
+    assert _credential(_Req({"Authorization": "Bearer"})) == ""            # type: ignore[arg-type]
+    assert _credential(_Req({"X-API-Key": "a", "Authorization": "Bearer b"})) == "a"  # type: ignore[arg-type]
+    assert _credential(_Req({"X-API-Key": "", "Authorization": "Bearer b"})) == "b"  # type: ignore[arg-type]
+    assert _credential(_Req({})) == ""                                     # type: ignore[arg-type]
+
+
+# --- security over HTTP ------------------------------------------------------------------------
+
+def test_who_401_with_the_challenge(served):
+    async def main() -> None:
+        api = served.api
+        for cred, headers in ((None, {}), ("wrong", {}), (None, {"Authorization": "Bearer x"}),
+                              (None, {"Authorization": f"Basic {KEY}"})):
+            status, body, h = await api.call("GET", "v1/jobs", cred, headers=headers)
+            assert status == 401, body
+            assert h["WWW-Authenticate"] == 'Bearer realm="dmengine"'
+            assert set(body) == {"error", "message", "where"}
+            assert body["error"] == "unauthorized", body
+        # an unknown path is a 401 too, before the router's 404
+        status, body, _ = await api.call("GET", "v1/no/such/path", None)
+        assert status == 401
+        # the key as Bearer, in any case of the word
+        for headers in ({"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY} "}):
+            status, body, _ = await api.call("GET", "v1/jobs", None, headers=headers)
+            assert status == 200, body
+        # public routes need nothing
+        status, _, _ = await api.call("GET", "openapi.json", None)
+        assert status == 200
+    served.run(main())
+
+
+def test_how_often_429_with_retry_after(served):
+    async def main() -> None:
+        api = served.api
+        kid, slow = await api.key("slow-system", "viewer", rate=0.01, burst=2)
+        for _ in range(2):
+            status, body, _ = await api.call("GET", "v1/jobs", slow)
+            assert status == 200, body
+        status, body, h = await api.call("POST", "v1/jobs", slow, json={})
+        shape(body, status, 429, "rate_limited", None)
+        assert body["message"].startswith(f"key:{kid} is over its rate: try again in ")
+        assert body["message"].endswith(" s")
+        wait = float(body["message"].split("try again in ")[1][:-2])
+        assert 90 < wait <= 100, wait
+        assert int(h["Retry-After"]) >= 90
+        # refused before anything: not in the audit log
+        assert [a for a in await api.audit() if a["actor"] == f"key:{kid}"] == []
+    served.run(main())
+
+
+def test_what_403_naming_the_role_and_audited_when_it_changes_something(served):
+    async def main() -> None:
+        api = served.api
+        kid, viewer = await api.key("crm-403", "viewer")
+        status, body, _ = await api.call("POST", "v1/jobs", viewer, json={
+            "operation": QUERY, "selection": {"devIds": [DEV_ID]}})
+        shape(body, status, 403, "forbidden", "role",
+              "createDeployments needs the role operator or stronger; this caller is viewer")
+        status, body, _ = await api.call("GET", "v1/keys", viewer)
+        shape(body, status, 403, "forbidden", "role",
+              "listApiKeys needs the role admin or stronger; this caller is viewer")
+        entries = [a for a in await api.audit() if a["actor"] == f"key:{kid}"]
+        assert len(entries) == 1, entries                     # the GET is not written
+        (a,) = entries
+        assert (a["action"], a["target"], a["outcome"], a["status"]) == \
+            ("createDeployments", "/v1/jobs", "denied", 403)
+        assert a["detail"]["needs"] == "operator" and a["detail"]["role"] == "viewer"
+        assert a["detail"]["method"] == "POST" and a["detail"]["owner"] == "crm-403"
+        assert a["detail"]["address"] == "127.0.0.1"
+        assert "made" not in a["detail"] or a["detail"]["made"] is None
+        # an operator passes the same check
+        _, op = await api.key("crm-403", "operator")
+        status, body, _ = await api.call("POST", "v1/jobs", op, json={
+            "operation": QUERY, "selection": {"devIds": [DEV_ID]}})
+        assert status == 201, body
+    served.run(main())
+
+
+def test_whose_another_systems_job_and_task_are_404(served):
+    async def main() -> None:
+        api = served.api
+        _, mine = await api.key("sys-a", "operator")
+        bid, other = await api.key("sys-b", "operator")
+        _, admin = await api.key("root", "admin")
+        status, body, _ = await api.call("POST", "v1/jobs", mine, json={
+            "operation": QUERY, "selection": {"devIds": [DEV_ID]}})
+        assert status == 201, body
+        job_id = body["jobId"]
+        status, body, _ = await api.call("POST", "v1/operations", mine, json={
+            "target": {"imei": IMEI}, "operation": {"operation": "DIAG"}})
+        assert status == 201, body
+        task_id = body["taskId"]
+        for method, path, params in (("GET", f"v1/jobs/{job_id}", None),
+                                     ("GET", f"v1/jobs/{job_id}/tasks", None),
+                                     ("POST", f"v1/jobs/{job_id}/pause", None)):
+            status, body, _ = await api.call(method, path, other, params=params)
+            shape(body, status, 404, "not_found", "jobId", f"no job {job_id!r}")
+        for method, path, params in (("GET", f"v1/tasks/{task_id}", None),
+                                     ("POST", f"v1/tasks/{task_id}/cancel", None),
+                                     ("GET", "v1/diagnostics", {"taskId": task_id})):
+            status, body, _ = await api.call(method, path, other, params=params)
+            shape(body, status, 404, "not_found", "taskId", f"no task {task_id!r}")
+        # ids that do not exist answer the same
+        status, body, _ = await api.call("GET", "v1/jobs/j-none", other)
+        shape(body, status, 404, "not_found", "jobId", "no job 'j-none'")
+        status, body, _ = await api.call("GET", "v1/tasks/t-none", other)
+        shape(body, status, 404, "not_found", "taskId", "no task 't-none'")
+        # the POSTs refused so are written, with why; the GETs are not
+        got = [a for a in await api.audit() if a["actor"] == f"key:{bid}"]
+        assert [(a["action"], a["status"], a["outcome"], a["detail"].get("why")) for a in got] \
+            == [("pauseJob", 404, "refused", "not the caller's"),
+                ("cancelTask", 404, "refused", "not the caller's")], got
+        # the owner and an admin see them
+        for cred in (mine, admin):
+            status, body, _ = await api.call("GET", f"v1/jobs/{job_id}", cred)
+            assert status == 200 and body["jobId"] == job_id, body
+            status, body, _ = await api.call("GET", f"v1/tasks/{task_id}", cred)
+            assert status == 200 and body["taskId"] == task_id, body
+        # listings are scoped: sys-b sees none of sys-a's jobs, the admin sees them
+        status, page, _ = await api.call("GET", "v1/jobs", other, params={"limit": 1000})
+        assert job_id not in [j["jobId"] for j in page["items"]]
+        status, page, _ = await api.call("GET", "v1/jobs", admin, params={"limit": 1000})
+        assert job_id in [j["jobId"] for j in page["items"]]
+        status, page, _ = await api.call("GET", "v1/jobs", mine, params={"limit": 1000})
+        assert job_id in [j["jobId"] for j in page["items"]]
+        assert {j["owner"] for j in page["items"]} == {"sys-a"}
+    served.run(main())
+
+
+def test_owner_of_a_new_job(served):
+    async def main() -> None:
+        api = served.api
+        _, op = await api.key("sys-c", "operator")
+        _, admin = await api.key("root-c", "admin")
+        base = {"operation": QUERY, "selection": {"devIds": [DEV_ID]}}
+        status, body, _ = await api.call("POST", "v1/jobs", op, json={**base, "owner": "sys-d"})
+        shape(body, status, 403, "forbidden", "owner",
+              "only an admin may create a job for another owner than 'sys-c'")
+        store = served.e.store
+
+        async def owner(body: Any) -> str:
+            return (await store.get_job(body["jobId"])).owner
+        for extra in ({}, {"owner": "sys-c"}):
+            status, body, _ = await api.call("POST", "v1/jobs", op, json={**base, **extra})
+            assert status == 201 and await owner(body) == "sys-c", body
+        status, body, _ = await api.call("POST", "v1/jobs", admin, json={**base, "owner": "x"})
+        assert status == 201 and await owner(body) == "x", body
+        status, body, _ = await api.call("POST", "v1/jobs", admin, json=base)
+        assert status == 201 and await owner(body) == "root-c", body
+    served.run(main())
+
+
+def test_the_audit_entry_of_a_call_that_made_something(served):
+    async def main() -> None:
+        api = served.api
+        kid, op = await api.key("sys-e", "operator")
+        status, body, _ = await api.call("POST", "v1/operations", op, json={
+            "target": {"imei": IMEI}, "operation": QUERY})
+        assert status == 201, body
+        status, err, _ = await api.call("POST", "v1/operations", op, json={"target": {}})
+        assert status == 400, err
+        status, err, _ = await api.call("DELETE", "v1/nope", op)
+        assert status == 404, err
+        got = [a for a in await api.audit(actor=f"key:{kid}")]
+        assert [(a["action"], a["target"], a["status"], a["outcome"]) for a in got] == [
+            ("doOperation", "/v1/operations", 201, "ok"),
+            ("doOperation", "/v1/operations", 400, "refused"),
+            ("DELETE /v1/nope", "/v1/nope", 404, "refused")], got
+        made = got[0]["detail"]["made"]
+        assert made == {"taskId": body["taskId"]}
+        assert "made" not in got[1]["detail"] or got[1]["detail"]["made"] is None
+        d = got[0]["detail"]
+        assert (d["role"], d["owner"], d["method"]) == ("operator", "sys-e", "POST")
+        assert d.get("session") is None
+        # a session's calls carry the session id
+        status, body, _ = await api.call("POST", "v1/users", json={
+            "name": "eve", "role": "operator", "password": "a long password 123"})
+        assert status == 201, body
+        status, ans, _ = await api.call("POST", "v1/login", None,
+                                        json={"userName": "eve",
+                                              "password": "a long password 123"})
+        assert status == 200, ans
+        status, body, _ = await api.call("POST", "v1/operations", None, headers={
+            "Authorization": f"Bearer {ans['userSession']}"}, json={
+            "target": {"imei": IMEI}, "operation": QUERY})
+        assert status == 201, body
+        (a,) = [a for a in await api.audit(actor="user:eve", action="doOperation")]
+        assert a["detail"]["session"] == ans["sessionId"] and a["detail"]["owner"] == "eve"
+    served.run(main())
+
+
+def test_audit_query_times(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("GET", "v1/audit", params={"from": "yesterday"})
+        shape(body, status, 400, "invalid", "from",
+              "from is epoch seconds or an ISO-8601 time, not 'yesterday'")
+        status, body, _ = await api.call("GET", "v1/audit", params={"to": "soon"})
+        shape(body, status, 400, "invalid", "to")
+        status, body, _ = await api.call("GET", "v1/audit", params={"from": "", "to": ""})
+        assert status == 200 and body["items"], body
+        status, body, _ = await api.call("GET", "v1/audit", params={
+            "from": "2000-01-01T00:00:00Z", "to": "2001-01-01T00:00:00Z"})
+        assert status == 200 and body["items"] == [], body
+        status, body, _ = await api.call("GET", "v1/audit", params={"from": "0"})
+        assert status == 200 and body["items"], body
+    served.run(main())
+
+
+def test_a_handler_that_fails_is_audited_as_failed(served, monkeypatch):
+    async def main() -> None:
+        api = served.api
+        kid, op = await api.key("sys-f", "operator")
+        broker = served.e.broker
+
+        async def broken(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("boom")
+        monkeypatch.setattr(broker, "do_operation", broken)
+        status, body, _ = await api.call("POST", "v1/operations", op, json={
+            "target": {"imei": IMEI}, "operation": QUERY})
+        shape(body, status, 500, "internal", None, "internal error (logged by the server)")
+
+        async def gone(*a: Any, **k: Any) -> Any:
+            raise StoreError("disk gone")
+        monkeypatch.setattr(broker, "do_operation", gone)
+        status, body, _ = await api.call("POST", "v1/operations", op, json={
+            "target": {"imei": IMEI}, "operation": QUERY})
+        shape(body, status, 503, "store_error", None, "disk gone")
+        got = await api.audit(actor=f"key:{kid}")
+        assert [(a["status"], a["outcome"]) for a in got] == [(500, "failed"), (503, "failed")]
+    served.run(main())
+
+
+# --- middleware: the one error shape, bodies, queries ------------------------------------------
+
+def test_errors_of_the_router_in_the_one_shape(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("GET", "v1/no/such/route")
+        shape(body, status, 404, "not_found", None, "no route GET /v1/no/such/route")
+        status, body, h = await api.call("PUT", "v1/jobs")
+        shape(body, status, 405, "method_not_allowed", None, "PUT is not allowed on /v1/jobs")
+        assert set(h["Allow"].split(",")) == {"GET", "HEAD", "POST"}
+    served.run(main())
+
+
+def test_body_errors_name_the_field(served):
+    async def main() -> None:
+        api = served.api
+        post = lambda **kw: api.call("POST", "v1/jobs", **kw)  # noqa: E731
+        status, body, _ = await post(data=b"{not json", headers={
+            "Content-Type": "application/json"})
+        shape(body, status, 400, "invalid", "$")
+        assert body["message"].startswith("body is not JSON: ")
+        status, body, _ = await post(json={"operation": QUERY})
+        shape(body, status, 400, "invalid", "$.selection")
+        status, body, _ = await post(json={"operation": QUERY, "selection": {"devIds": []},
+                                           "bogus": 1})
+        shape(body, status, 400, "invalid", "$.bogus")
+        status, body, _ = await post(json={"operation": {"operation": "QUERY", "nodes": [5]},
+                                           "selection": {"devIds": [DEV_ID]}})
+        shape(body, status, 400, "invalid", "$.operation.nodes[0]")
+        # the largest body allowed is read; one byte more is a 413 that closes the connection
+        pad = middleware.MAX_JSON_BODY
+        status, body, h = await post(data=io.BytesIO(b" " * (pad + 1)), headers={
+            "Content-Type": "application/json"})
+        shape(body, status, 413, "too_large", "$",
+              f"request body larger than {pad} bytes")
+        assert h.get("Connection", "").lower() == "close"
+
+        async def chunks() -> Any:
+            for _ in range(pad // 65536 + 2):
+                yield b" " * 65536
+        status, body, _ = await post(data=chunks(), headers={
+            "Content-Type": "application/json"})
+        shape(body, status, 413, "too_large", "$")
+        doc = json.dumps({"operation": QUERY, "selection": {"devIds": [DEV_ID]}}).encode()
+        status, body, _ = await post(data=io.BytesIO(doc + b" " * (pad - len(doc))), headers={
+            "Content-Type": "application/json"})
+        assert status == 201, body
+    served.run(main())
+
+
+def test_query_errors_name_the_parameter(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("GET", "v1/keys", params={"bogus": "1"})
+        shape(body, status, 400, "invalid", "bogus",
+              "unknown query parameter 'bogus' (known: cursor, limit)")
+        status, body, _ = await api.call("GET", "v1/keys", params={"limit": "0"})
+        shape(body, status, 400, "invalid", "limit")
+        assert "parameter `limit`" in body["message"], body
+        status, body, _ = await api.call("GET", "v1/keys", params={"limit": "x"})
+        shape(body, status, 400, "invalid", "limit")
+        status, body, _ = await api.call("GET", "v1/keys", params={"limit": "1"})
+        assert status == 200 and len(body["items"]) == 1, body
+    served.run(main())
+
+
+def test_service_errors_in_the_api_names(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("POST", "v1/operations", json={
+            "target": {"imei": "123"}, "operation": QUERY})
+        shape(body, status, 404, "not_found", "target.imei", "no device with imei '123'")
+        status, body, _ = await api.call("POST", "v1/devices", json={"devId": DEV_ID,
+                                                                      "imei": IMEI})
+        shape(body, status, 409, "already_exists", None)
+        status, body, _ = await api.call("GET", "v1/devices/IMEI:000000000000000")
+        assert status == 404 and body["error"] == "not_found", body
+    served.run(main())
+
+
+class Inner(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+
+
+class Outer(msgspec.Struct, forbid_unknown_fields=True):
+    inner: Inner
+    items: list[int] = []
+
+
+def test_msgspec_where_and_error_of():
+    def where(cls: Any, doc: Any) -> str:
+        with pytest.raises(msgspec.ValidationError) as exc:
+            msgspec.convert(doc, cls)
+        return middleware.msgspec_where(exc.value)
+
+    assert where(Outer, {"inner": {"n": "x"}}) == "$.inner.n"
+    assert where(Outer, {}) == "$.inner"
+    assert where(Outer, {"inner": {}}) == "$.inner.n"
+    assert where(Outer, {"inner": {"n": 1}, "zz": 1}) == "$.zz"
+    assert where(Outer, {"inner": {"n": 1}, "items": [1, "a"]}) == "$.items[1]"
+    assert where(Outer, 5) == "$"
+    e = middleware._error_of
+    assert e(ApiError("m", code="c", http_status=418, where="w")) == (418, "c", "m", "w")
+    assert e(ValidationError("m", where="a.dev_id")) == (400, "invalid", "m", "a.devId")
+    nf, ae = NotFound("task", "t1"), AlreadyExists("job", "j1")
+    assert e(nf) == (404, "not_found", str(nf), None)
+    assert e(ae) == (409, "already_exists", str(ae), None)
+    se = ServiceError("m", where="target.dev_id")
+    assert e(se) == (se.http_status, se.code, "m", "target.devId")
+    assert e(StoreError("m")) == (503, "store_error", "m", None)
+    assert e(CodecError("m")) == (400, "bad_request", "m", None)
+    assert middleware.label_of(object()) == "unmatched"
+
+
+# --- common ------------------------------------------------------------------------------------
+
+def test_services_reach_the_routes(served):
+    from dmengine.wsi import common
+
+    class R:
+        def __init__(self, e: Any) -> None:
+            self.app = {common.ENGINE: e}
+    e = served.e
+    r = R(e)
+    assert common.engine_of(r) is e                                     # type: ignore[arg-type]
+    assert common.broker_of(r) is e.broker and common.jobs_of(r) is e.broker.jobs  # type: ignore[arg-type]
+    assert common.store_of(r) is e.store and common.content_of(r) is e.content  # type: ignore[arg-type]
+
+    class Bare:
+        broker = store = content = None
+    for f in (common.broker_of, common.jobs_of, common.store_of, common.content_of):
+        with pytest.raises(AssertionError):
+            f(R(Bare()))                                               # type: ignore[arg-type]
