@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from dmengine import auth
+from dmengine import auth, logs
 from dmengine._message import Command, Cred, Item, Message, Meta, SyncHdr
 from dmengine._session import DmSession, SessionConfig
 from dmengine.commands import Commands
@@ -382,17 +382,19 @@ def test_a_session_that_ends_before_the_answers_retries_its_tasks(tmp_path, end)
 def test_a_cancelled_task_is_dropped_from_its_session(tmp_path):
     async def scenario(w: World) -> None:
         await w.device()
-        await w.task(QueryOp(nodes=["./A"]))
+        await w.task(QueryOp(nodes=["./DevDetail/FwV"]))
         s = await w.connect()
         await w.h.tasks.cancel("t1", "operator")
         w.h.drop_task("t1")
         w.h.drop_task("t1")                                  # twice: no harm
         assert not w.h.in_session("t1")
-        await w.answer(s, StatusReceived(cmd(), "Get", 200, target="./A"),
-                       ResultsReceived(cmd(), (("./A", None, None, "v"),)),
+        await w.answer(s, StatusReceived(cmd(), "Get", 200, target="./DevDetail/FwV"),
+                       ResultsReceived(cmd(), (("./DevDetail/FwV", None, None, "9"),)),
                        SessionEnded("completed"))
         t = await w.get()
         assert (t.state, t.cause) == (S.CANCELLED, "operator")
+        # its answers are not read any more: nothing learned from them
+        assert (await w.store.get_device(DEV)).devdetail == {}
     run(tmp_path, scenario)
 
 
@@ -939,4 +941,42 @@ def test_a_devdetail_that_keeps_changing_is_given_up_with_a_warning(tmp_path, ca
         assert (await read(DEV)).devdetail == {}
         assert [r.getMessage() for r in caplog.records if r.name == "dmengine.sessions"] == [
             f"device {DEV}: DevDetail snapshot not updated (kept changing)"]
+    run(tmp_path, scenario)
+
+
+def test_every_hook_names_the_session_and_its_device_in_the_log(tmp_path, caplog):
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.task(QueryOp(nodes=["./A"]))
+        s = await w.connect()
+        label = {"session": s.session_key, "device": DEV}
+        assert logs.current() == label
+        logs.bind()
+        await w.answer(s, StatusReceived(cmd(), "Get", 404, target="./A"))
+        assert logs.current() == label
+        logs.bind()
+        with caplog.at_level(logging.DEBUG, logger="dmengine.sessions"):
+            await w.h.on_session_closed(s, "dropped")
+        assert logs.current() == label
+        assert "session closed (dropped)" in [r.getMessage() for r in caplog.records
+                                              if r.name == "dmengine.sessions"]
+        # a session that did not authenticate: the device it claimed, and why it failed
+        bad = DmSession(SessionConfig(server_id="dmengine", server_uri=SERVER, encoding="xml",
+                                      require_auth="basic"), session_key="k-bad", now=0)
+        ev = bad.receive(Message(
+            hdr=SyncHdr(ver_dtd="1.2", ver_proto="DM/1.2", session_id="5", msg_id="1",
+                        target=SERVER, source=DEV,
+                        cred=Cred(meta=Meta(format="b64", type="syncml:auth-basic"),
+                                  data=auth.basic_cred("u1", "wrong"))),
+            commands=[Command(name="Alert", cmd_id="1", data="1201")], final=True),
+            now=0, account=auth.DmAccount(dev_id=DEV, username="u1", client_secret="pw"))
+        assert not bad.authenticated
+        logs.bind()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dmengine.sessions"):
+            await w.h.on_events(bad, ev)
+        assert logs.current() == {"session": "k-bad", "device": DEV}
+        assert [r.getMessage() for r in caplog.records if r.name == "dmengine.sessions"] == [
+            "authentication failed (basic, client side): wrong password"]
+        assert (await w.store.get_device(DEV)).account is None       # its nonce not written
     run(tmp_path, scenario)
