@@ -549,3 +549,350 @@ def test_services_reach_the_routes(served):
     for f in (common.broker_of, common.jobs_of, common.store_of, common.content_of):
         with pytest.raises(AssertionError):
             f(R(Bare()))                                               # type: ignore[arg-type]
+
+
+# --- wsi/jobs: createDeployments, doBulkOperation, listings, control ---------------------------
+
+def test_create_deployments_writes_the_schedule_as_given(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("POST", "v1/jobs", json={
+            "operation": QUERY, "selection": {"devIds": [DEV_ID]}, "name": "sched",
+            "bOptin": True, "acceptDevicePolicy": 30, "testCycle": True, "rateLimit": 2.5,
+            "concurrency": 3, "windows": [{"start": 60, "end": 120, "days": [1, 2]},
+                                          {"start": 7, "end": 8}],
+            "tz": "Europe/Berlin", "stopRule": {"maxFailureRatio": 0.25, "minFinished": 4},
+            "stages": [{"percent": 50, "successThreshold": 0.5, "approval": True},
+                       {"percent": 100}],
+            "priority": 7, "startAt": 4102444800, "endAt": 4102448400})
+        assert status == 201, body
+        assert body == {"jobId": body["jobId"], "state": "SCHEDULED", "targets": 1}
+        job = await served.e.store.get_job(body["jobId"])
+        assert (job.name, job.b_optin, job.accept_device_policy, job.test_cycle) == \
+            ("sched", True, 30, True)
+        assert (job.rate_limit, job.concurrency, job.tz, job.priority) == \
+            (2.5, 3, "Europe/Berlin", 7)
+        assert [(w.start, w.end, w.days) for w in job.windows] == \
+            [(60, 120, [1, 2]), (7, 8, list(range(7)))]
+        assert (job.stop_rule.max_failure_ratio, job.stop_rule.min_finished) == (0.25, 4)
+        assert [(s.percent, s.success_threshold, s.approval) for s in job.stages] == \
+            [(50, 0.5, True), (100, 0.0, False)]
+        assert (job.start_at, job.end_at) == (4102444800, 4102448400)
+        assert job.selection.dev_ids == [DEV_ID]
+        # getJob: the record in the API's names and what is derived from it
+        status, got, _ = await api.call("GET", f"v1/jobs/{job.job_id}")
+        assert status == 200, got
+        assert got["jobId"] == job.job_id and got["operation"] == QUERY
+        assert (got["final"], got["succeeded"], got["failed"], got["progress"]) == \
+            (0, 0, 0, 0.0)
+        assert got["rate"] is None and got["etaSeconds"] is None
+        assert "op" not in got and "baseFinal" not in got
+        assert got["stopRule"] == {"maxFailureRatio": 0.25, "minFinished": 4}
+    served.run(main())
+
+
+def test_create_deployments_refusals(served):
+    async def main() -> None:
+        api = served.api
+        post = lambda body: api.call("POST", "v1/jobs", json={"operation": QUERY, **body})  # noqa: E731
+        for body, code, where in (
+                ({"selection": {"devIds": [DEV_ID], "capability": "c"}}, "invalid",
+                 "selection"),
+                ({"selection": {}}, "invalid", "selection"),
+                ({"selection": {"devIds": [DEV_ID, "bad id"]}}, "invalid",
+                 "selection.devIds[1]"),
+                ({"selection": {"capability": "bad oid"}}, "invalid", "selection.capability"),
+                ({"selection": {"devIds": [DEV_ID]}, "startAt": 10, "endAt": 5},
+                 "invalid", "endAt"),
+                ({"selection": {"devIds": [DEV_ID]}, "stages": [{"percent": 20}]},
+                 "invalid", "stages[0]")):
+            status, err, _ = await post(body)
+            assert status == 400, (body, err)
+            assert (err["error"], err["where"]) == (code, where), (body, err)
+        status, err, _ = await post({"selection": {"devIds": [DEV_ID]}})
+        assert status == 201, err
+        status, err, _ = await post({"selection": {"capability": "cap-none"}})
+        assert status == 201 and err["state"] == "COMPLETED" and err["targets"] == 0, err
+        status, err, _ = await api.call("POST", "v1/jobs", json={
+            "operation": {"operation": "UPDATE", "contentId": "nope"},
+            "selection": {"devIds": [DEV_ID]}})
+        assert status == 404 and err["where"] == "operation.contentId", err
+    served.run(main())
+
+
+async def more_devices(served: Served, n: int) -> list[Device]:
+    devs = [Device(dev_id=f"IMEI:35693803{i:07d}", imei=f"35693803{i:07d}",
+                   msisdn=f"+4915{i:08d}") for i in range(1, n + 1)]
+    for d in devs:
+        await served.e.store.put_device(d)
+    return devs
+
+
+def test_bulk_operation_targets(served):
+    async def main() -> None:
+        api = served.api
+        devs = await more_devices(served, 3)
+        status, body, _ = await api.call("POST", "v1/operations/bulk", json={
+            "operation": QUERY, "targets": [{"msisdn": devs[0].msisdn}, {"imei": devs[1].imei},
+                                            {"devId": devs[0].dev_id}]})
+        assert status == 201 and body["targets"] == 2, body
+        job = await served.e.store.get_job(body["jobId"])
+        assert job.selection.dev_ids == [devs[0].dev_id, devs[1].dev_id]
+        # every target that names no device, with its index; nothing made
+        before = len((await served.e.store.list_jobs(limit=1000)).items)
+        status, err, _ = await api.call("POST", "v1/operations/bulk", json={
+            "operation": QUERY, "targets": [{"msisdn": devs[2].msisdn}, {"msisdn": "+4900"},
+                                            {"imei": "356938039999999"}, {}]})
+        assert status == 400, err
+        assert err["error"] == "not_found" and err["where"] == "targets[1].msisdn"
+        assert err["message"] == ("3 of 4 targets cannot be used; no device with msisdn "
+                                  "'+4900' (and 2 more: see errors)")
+        assert [(e["error"], e["where"]) for e in err["errors"]] == [
+            ("not_found", "targets[1].msisdn"), ("not_found", "targets[2].imei"),
+            ("invalid", "targets[3]")]
+        status, err, _ = await api.call("POST", "v1/operations/bulk", json={
+            "operation": QUERY, "targets": [{"devId": "IMEI:000000000000001"}]})
+        assert status == 404, err
+        assert err["message"] == ("1 of 1 targets cannot be used; no device with dev_id "
+                                  "'IMEI:000000000000001'")
+        assert err["where"] == "targets[0].devId"
+        assert len((await served.e.store.list_jobs(limit=1000)).items) == before
+    served.run(main())
+
+
+def test_job_listings_and_their_parameters(served):
+    async def main() -> None:
+        api = served.api
+        _, op = await api.key("lister", "operator")
+        ids = []
+        for _ in range(3):
+            status, body, _ = await api.call("POST", "v1/jobs", op, json={
+                "operation": QUERY, "selection": {"devIds": [DEV_ID]}})
+            ids.append(body["jobId"])
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={"limit": "2"})
+        assert status == 200 and [j["jobId"] for j in page["items"]] == ids[:2], page
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={
+            "limit": "2", "cursor": page["nextCursor"]})
+        assert [j["jobId"] for j in page["items"]] == ids[2:] and page["nextCursor"] is None
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={"state": "running"})
+        assert [j["jobId"] for j in page["items"]] == ids
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={"state": "PAUSED",
+                                                                      "owner": "lister"})
+        assert page == {"items": [], "nextCursor": None}
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={"owner": "someone"})
+        assert page == {"items": [], "nextCursor": None}
+        status, page, _ = await api.call("GET", "v1/jobs", params={"owner": "lister",
+                                                                   "state": ""})
+        assert [j["jobId"] for j in page["items"]] == ids          # the admin names the owner
+        for params, where, message in (
+                ({"state": "sleeping"}, "state", "state is one of SCHEDULED, RUNNING, PAUSED, "
+                                                 "COMPLETED, CANCELLED, FAILED, not 'sleeping'"),
+                ({"limit": "0"}, "limit", "limit is a number 1..10000"),
+                ({"limit": "10001"}, "limit", None), ({"limit": "x"}, "limit", None),
+                ({"bogus": "1"}, "bogus", "unknown query parameter 'bogus' (known: cursor, "
+                                          "limit, owner, state)")):
+            status, err, _ = await api.call("GET", "v1/jobs", op, params=params)
+            shape(err, status, 400, "invalid", where, message)
+        status, page, _ = await api.call("GET", "v1/jobs", op, params={"limit": "10000"})
+        assert status == 200
+        # by date
+        created = [(await served.e.store.get_job(j)).created for j in ids]
+        status, page, _ = await api.call("GET", "v1/jobs/by-date", op, params={
+            "from": str(created[1]), "to": str(created[2])})
+        assert status == 200 and [j["jobId"] for j in page["items"]] == ids[1:2], page
+        status, page, _ = await api.call("GET", "v1/jobs/by-date", op, params={
+            "from": str(created[0])})
+        assert [j["jobId"] for j in page["items"]] == ids
+        status, page, _ = await api.call("GET", "v1/jobs/by-date", op, params={
+            "from": "", "to": ""})
+        assert [j["jobId"] for j in page["items"]] == ids
+        for params, where, message in (
+                ({"from": "soon"}, "from", "from is epoch seconds or an ISO-8601 time, "
+                                           "not 'soon'"),
+                ({"to": "x"}, "to", None),
+                ({"from": "-5"}, "from", "from is out of range"),
+                ({"from": "300000000000"}, "from", "from is out of range"),
+                ({"from": "100", "to": "100"}, "to", "to must be after from (and before the "
+                                                     "year 10000)"),
+                ({"to": "300000000000"}, "to", None), ({"when": "1"}, "when", None)):
+            status, err, _ = await api.call("GET", "v1/jobs/by-date", op, params=params)
+            shape(err, status, 400, "invalid", where, message)
+    served.run(main())
+
+
+def test_job_control_with_a_cause_and_the_tasks_listing(served):
+    async def main() -> None:
+        api = served.api
+        devs = await more_devices(served, 2)
+        status, body, _ = await api.call("POST", "v1/jobs", json={
+            "operation": QUERY, "selection": {"devIds": [d.dev_id for d in devs]},
+            "startAt": 4102444800})
+        job_id = body["jobId"]
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/pause",
+                                        json={"cause": "maintenance"})
+        assert status == 200 and got["state"] == "PAUSED" and got["cause"] == "maintenance"
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/restart", json={"x": 1})
+        shape(got, status, 400, "invalid", "$.x")
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/restart")
+        assert status == 200 and got["state"] == "RUNNING", got
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/pause", data=b" ",
+                                        headers={"Content-Type": "application/json"})
+        assert status == 200 and got["cause"] == "paused by the caller", got
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/cancel",
+                                        json={"cause": "not needed"})
+        assert status == 200 and got["state"] == "CANCELLED" and got["cause"] == "not needed"
+        status, got, _ = await api.call("POST", f"v1/jobs/{job_id}/cancel")
+        shape(got, status, 409, got["error"], "jobId")
+        # a job with tasks: getTasks pages and filters by state
+        status, body, _ = await api.call("POST", "v1/jobs", json={
+            "operation": QUERY, "selection": {"devIds": [d.dev_id for d in devs]}})
+        jid = body["jobId"]
+        for _ in range(100):
+            if (await served.e.store.get_job(jid)).total == 2:
+                break
+            await asyncio.sleep(0.05)
+        status, page, _ = await api.call("GET", f"v1/jobs/{jid}/tasks", params={"limit": "1"})
+        assert status == 200 and len(page["items"]) == 1 and page["nextCursor"], page
+        t = page["items"][0]
+        assert t["jobId"] == jid and t["devId"] == devs[0].dev_id and t["operation"] == "QUERY"
+        assert set(t) >= {"taskId", "status", "attempts", "created", "owner", "result"}
+        status, page2, _ = await api.call("GET", f"v1/jobs/{jid}/tasks", params={
+            "cursor": page["nextCursor"]})
+        assert [x["devId"] for x in page2["items"]] == [devs[1].dev_id]
+        status, page, _ = await api.call("GET", f"v1/jobs/{jid}/tasks", params={
+            "state": "succeeded"})
+        assert page["items"] == []
+        status, err, _ = await api.call("GET", f"v1/jobs/{jid}/tasks", params={"state": "x"})
+        shape(err, status, 400, "invalid", "state")
+        status, err, _ = await api.call("GET", f"v1/jobs/{jid}/tasks", params={"page": "1"})
+        shape(err, status, 400, "invalid", "page")
+    served.run(main())
+
+
+def test_bulk_bootstrap_refusals(served):
+    async def main() -> None:
+        api = served.api
+        devs = await more_devices(served, 2)
+        base = {"targets": [{"devId": devs[0].dev_id}]}
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={**base,
+                                                                      "security": "USERPIN"})
+        shape(err, status, 400, "invalid", "pin", "USERPIN security needs the PIN")
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={
+            **base, "security": "USERPIN_NETWORKID"})
+        shape(err, status, 400, "invalid", "pin")
+        _, op = await api.key("boot-sys", "operator")
+        status, err, _ = await api.call("POST", "v1/bootstrap", op, json={**base,
+                                                                          "owner": "x"})
+        shape(err, status, 403, "forbidden", "owner")
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": devs[0].dev_id}, {"msisdn": "+4911"}]})
+        assert status == 404 and err["where"] == "targets[1].msisdn", err
+        await served.e.store.put_device(Device(dev_id="sn-no-imei", msisdn="+4916000000"))
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": devs[0].dev_id}, {"devId": "sn-no-imei"}]})
+        shape(err, status, 400, "invalid", "targets[1]",
+              "device 'sn-no-imei' has no IMEI, the NETWORKID key")
+        status, body, _ = await api.call("POST", "v1/bootstrap", op, json={
+            "targets": [{"devId": devs[0].dev_id}, {"devId": devs[1].dev_id},
+                        {"imei": devs[0].imei}], "security": "USERPIN", "pin": "1234",
+            "name": "boot"})
+        assert status == 201, body
+        assert len(body["taskIds"]) == 3 and body["taskIds"][0] == body["taskIds"][2]
+        job = await served.e.store.get_job(body["jobId"])
+        assert (job.name, job.owner, job.targets, job.state.value) == \
+            ("boot", "boot-sys", 2, "RUNNING")
+        assert job.selection.dev_ids == [devs[0].dev_id, devs[1].dev_id]
+    served.run(main())
+
+
+# --- wsi/schemas: names, views, patches ---------------------------------------------------------
+
+def test_camel_names_and_paths():
+    from dmengine.wsi.schemas import camel, camel_path
+    assert camel("dev_id") == "devId" and camel("b_optin") == "bOptin"
+    assert camel("imei") == "imei" and camel("a_b_c") == "aBC"
+    assert camel("eta_seconds") == "etaSeconds"
+    assert camel_path(None) is None and camel_path("") == ""
+    assert camel_path("$.devId") == "$.devId"
+    assert camel_path("$.account.client_name") == "$.account.clientName"
+    assert camel_path("targets[3].dev_id") == "targets[3].devId"
+    assert camel_path("mo_paths[0].x_y") == "moPaths[0].xY"
+
+
+def test_views_of_records_round_trip():
+    from dmengine.model import Capability, DmAccount, QueryOp, Task, TaskResult
+    from dmengine.wsi import schemas as sc
+    dev = Device(dev_id=DEV_ID, imei=IMEI, msisdn="+491", tz="UTC",
+                 account=DmAccount(server_id="s", client_name="c"))
+    v = sc.to_view(dev)
+    assert type(v) is sc.DeviceView
+    assert msgspec.json.decode(msgspec.json.encode(v))["devId"] == DEV_ID
+    assert msgspec.json.decode(msgspec.json.encode(v))["account"]["clientName"] == "c"
+    back = sc.to_model(v)
+    assert back == dev and type(back.account) is DmAccount
+    cap = Capability(oid="cap", tacs=["35693803"], mo_paths={"fumo": "./FUMO"})
+    assert sc.to_model(sc.to_view(cap)) == cap
+    # a derived view: fields left out, fields added
+    V = sc.view(Device, name="DeviceLite", exclude={"account", "imei"},
+                extra=(("note", str, ""),))
+    assert sc.view(Device, name="DeviceLite", exclude={"account", "imei"},
+                   extra=(("note", str, ""),)) is V
+    lite = sc.to_view(dev, V, note="n")
+    out = msgspec.json.decode(msgspec.json.encode(lite))
+    assert out["note"] == "n" and "imei" not in out and "account" not in out
+    assert out["devId"] == DEV_ID
+    assert sc.to_view(dev, V).note == ""
+    # a decoder that ignores unknown fields, and one that does not
+    Loose = sc.view(Device, name="DeviceLoose", forbid_unknown=False)
+    assert msgspec.json.decode(b'{"devId": "d", "zz": 1}', type=Loose).dev_id == "d"
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"devId": "d", "zz": 1}', type=sc.DeviceView)
+    # the id pattern is in the views' JSON Schema
+    schema = msgspec.json.schema(sc.view(Task, name="TaskForSchema"))
+    assert '"pattern"' in json.dumps(schema)
+    # nested records in lists and dicts
+    t = Task(task_id="t", dev_id=DEV_ID, op=QueryOp(nodes=["./A"]), correlator="t",
+             result=TaskResult(statuses={"Get ./A": 200}, nodes={"./A": "x"}))
+    TV = sc.view(Task, name="TaskForSchema")
+    tv = sc.to_view(t, TV)
+    assert type(tv.op) is sc.QueryOpView and type(tv.result) is sc.TaskResultView
+    assert sc.to_model(msgspec.json.decode(msgspec.json.encode(tv), type=TV)) == t
+    assert sc._convert_value([{"k": [dev]}], sc._TO_VIEW)[0]["k"][0] == v
+
+
+def test_task_summary_and_task_data():
+    from dmengine.model import DiagOp, Task, TaskResult, TaskState
+    from dmengine.wsi.schemas import task_data, task_summary
+    t = Task(task_id="t9", dev_id=DEV_ID, op=DiagOp(), correlator="t9", job_id="j1",
+             state=TaskState.FAILED, test_cycle=True, attempts=3, created=1.0, updated=2.0,
+             finished=3.0, cause="why", b_optin=True, accept_device_policy=20, deadline=9.0,
+             next_attempt=5.0, owner="o", result=TaskResult(statuses={"Get ./X": 404}))
+    s = msgspec.json.decode(msgspec.json.encode(task_summary(t)))
+    assert s == {"taskId": "t9", "devId": DEV_ID, "jobId": "j1", "owner": "o",
+                 "status": "FAILED", "operation": "DIAG", "testCycle": True, "attempts": 3,
+                 "created": 1.0, "updated": 2.0, "finished": 3.0, "cause": "why",
+                 "result": s["result"]}
+    assert s["result"]["statuses"] == {"Get ./X": 404}
+    d = msgspec.json.decode(msgspec.json.encode(task_data(t)))
+    assert {k: d[k] for k in s} == s
+    assert (d["bOptin"], d["acceptDevicePolicy"], d["deadline"], d["nextAttempt"]) == \
+        (True, 20, 9.0, 5.0)
+    assert d["op"]["operation"] == "DIAG"
+    bare = Task(task_id="t0", dev_id=DEV_ID, op=DiagOp(), correlator="t0")
+    assert task_summary(bare).result is None and task_data(bare).result is None
+
+
+def test_patch_changes():
+    from dmengine.model import Capability
+    from dmengine.wsi.schemas import CapabilityPatch, DevicePatch, patch_changes
+    p = msgspec.json.decode(b'{"make": "Acme", "tacs": null, "moPaths": null, "model": null}',
+                            type=CapabilityPatch)
+    assert patch_changes(p, Capability) == {"make": "Acme", "tacs": [], "mo_paths": {},
+                                            "model": ""}
+    p = msgspec.json.decode(b'{"fumoMode": null}', type=CapabilityPatch)
+    assert patch_changes(p, Capability) == {"fumo_mode": Capability(oid="x").fumo_mode}
+    p = msgspec.json.decode(b'{"msisdn": null, "account": {"clientName": "n", '
+                            b'"serverNonce": null}}', type=DevicePatch)
+    assert patch_changes(p, Device) == {"msisdn": None,
+                                        "account": {"client_name": "n", "server_nonce": None}}
+    assert patch_changes(msgspec.json.decode(b"{}", type=DevicePatch), Device) == {}
