@@ -71,8 +71,9 @@ class Served:
 
     def __init__(self, tmp: pathlib.Path) -> None:
         self.loop = asyncio.new_event_loop()
+        # private callbacks allowed: the subscriptions' tests name a URL on this host
         self.e = Engine(EngineConfig(data_dir=str(tmp / "var"), device_port=0, api_port=0,
-                                     api_key=KEY))
+                                     api_key=KEY, allow_private_callbacks=True))
         self.loop.run_until_complete(bounded(self._start(), "the engine's start"))
 
     async def _start(self) -> None:
@@ -896,3 +897,90 @@ def test_patch_changes():
     assert patch_changes(p, Device) == {"msisdn": None,
                                         "account": {"client_name": "n", "server_nonce": None}}
     assert patch_changes(msgspec.json.decode(b"{}", type=DevicePatch), Device) == {}
+
+
+# --- wsi/subscriptions: parameters, scope, the service's absence --------------------------------
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def test_subscriptions_create_list_delete(served):
+    async def main() -> None:
+        api = served.api
+        _, op = await api.key("hooks-a", "operator")
+        _, other = await api.key("hooks-b", "operator")
+        status, sub, _ = await api.call("POST", "v1/subscriptions", op, json={
+            "url": HOOK, "events": ["task"], "description": "d"})
+        assert status == 201, sub
+        assert sub["secret"] and sub["url"] == HOOK and sub["owner"] == "hooks-a"
+        status, err, _ = await api.call("POST", "v1/subscriptions", op, json={
+            "url": HOOK, "events": ["task"], "jobId": "bad id"})
+        shape(err, status, 400, "invalid", "jobId", "not a job id: 'bad id'")
+        for cred, seen in ((op, True), (other, False), (KEY, True)):
+            status, page, _ = await api.call("GET", "v1/subscriptions", cred, params={
+                "limit": "10000"})
+            assert status == 200, page
+            ids = [x["subscriptionId"] for x in page["items"]]
+            assert (sub["subscriptionId"] in ids) is seen
+            assert all("secret" not in x for x in page["items"])
+        status, page, _ = await api.call("GET", "v1/subscriptions", op, params={"limit": "1",
+                                                                                 "cursor": ""})
+        assert status == 200 and len(page["items"]) == 1
+        for params, where in (({"limit": "0"}, "limit"), ({"limit": "10001"}, "limit"),
+                              ({"limit": "many"}, "limit"), ({"page": "2"}, "page")):
+            status, err, _ = await api.call("GET", "v1/subscriptions", op, params=params)
+            shape(err, status, 400, "invalid", where)
+        status, err, _ = await api.call("GET", "v1/subscriptions", op, params={"x": "1"})
+        assert err["message"] == "unknown query parameter 'x' (known: cursor, limit)"
+        status, err, _ = await api.call("GET", "v1/subscriptions", op, params={"limit": "0"})
+        assert err["message"] == "limit is a number 1..10000"
+        status, err, _ = await api.call("DELETE", f"v1/subscriptions/{sub['subscriptionId']}",
+                                        other)
+        assert status == 404, err
+        status, _, _ = await api.call("DELETE", f"v1/subscriptions/{sub['subscriptionId']}", op)
+        assert status == 204
+    served.run(main())
+
+
+def test_dead_letters_and_charging_parameters(served):
+    async def main() -> None:
+        api = served.api
+        status, page, _ = await api.call("GET", "v1/dead-letters", params={
+            "subscriptionId": "s-none", "limit": "5"})
+        assert status == 200 and page == {"items": [], "nextCursor": None}, page
+        status, err, _ = await api.call("GET", "v1/dead-letters", params={"sub": "x"})
+        shape(err, status, 400, "invalid", "sub")
+        status, err, _ = await api.call("POST", "v1/dead-letters/d-none/replay")
+        assert status == 404, err
+        status, page, _ = await api.call("GET", "v1/charging", params={
+            "from": "2000-01-01T00:00:00Z", "to": "4102444800"})
+        assert status == 200 and page["items"] == [], page
+        status, page, _ = await api.call("GET", "v1/charging", params={"from": "", "to": "0"})
+        assert status == 200, page
+        for params, where, message in (
+                ({"from": "later"}, "from", "from is epoch seconds or an ISO-8601 time, "
+                                            "not 'later'"),
+                ({"to": "-1"}, "to", "to is epoch seconds or an ISO-8601 time, not '-1'"),
+                ({"from": "253402300800"}, "from", None),
+                ({"from": "100", "to": "100"}, "to", "to must be after from"),
+                ({"from": "100", "to": "50"}, "to", "to must be after from"),
+                ({"limit": "0"}, "limit", None), ({"when": "x"}, "when", None)):
+            status, err, _ = await api.call("GET", "v1/charging", params=params)
+            shape(err, status, 400, "invalid", where, message)
+        for edge in ("0", "253402300799"):
+            status, page, _ = await api.call("GET", "v1/charging", params={"from": edge})
+            assert status == 200, page
+        status, page, _ = await api.call("GET", "v1/charging", params={"from": "100",
+                                                                       "to": "101"})
+        assert status == 200, page
+    served.run(main())
+
+
+def test_push_routes_without_the_webhooks_service(served, monkeypatch):
+    async def main() -> None:
+        monkeypatch.setattr(served.e, "webhooks", None)
+        for method, path in (("GET", "v1/subscriptions"), ("GET", "v1/dead-letters"),
+                             ("GET", "v1/charging")):
+            status, err, _ = await served.api.call(method, path)
+            shape(err, status, 503, "unavailable", None, "push (webhooks) is not running")
+    served.run(main())
