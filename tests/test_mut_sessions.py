@@ -980,3 +980,21 @@ def test_every_hook_names_the_session_and_its_device_in_the_log(tmp_path, caplog
             "authentication failed (basic, client side): wrong password"]
         assert (await w.store.get_device(DEV)).account is None       # its nonce not written
     run(tmp_path, scenario)
+
+
+def test_statuses_after_the_alert_in_one_message_are_not_read(tmp_path, caplog):
+    """The device reports the update's result before the Exec's status (one message): the
+    alert is the outcome; the status behind it is not counted (a failing one would try to
+    fail the finished task)."""
+    async def scenario(w: World) -> None:
+        await _fw(w)
+        await w.task(UpdateOp(content_id="fw"))
+        s = await w.connect()
+        await w.answer(s, StatusReceived(cmd("t1", 0), "Replace", 200))
+        with caplog.at_level(logging.INFO):
+            await w.answer(s, GenericAlert("c-t1", None, FUMO_DU, None, None, "200"),
+                           StatusReceived(cmd("t1", 1), "Exec", 500))
+        t = await w.get()
+        assert (t.state, t.cause) == (S.SUCCEEDED, "firmware updated: 200 Successful")
+        assert [r.getMessage() for r in caplog.records if r.name == "dmengine.tasks"] == []
+    run(tmp_path, scenario)
