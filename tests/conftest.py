@@ -1,15 +1,41 @@
-"""Shared test fixtures: where the protocol vectors and benchmark messages live."""
+"""Shared test fixtures: where the protocol vectors and benchmark messages live; the time
+limits of the API tests' clients and scenarios."""
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
+from typing import Any, Awaitable, TypeVar
 
+import aiohttp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = pathlib.Path(os.environ.get("DMENGINE_SHARED", ROOT.parent / "shared"))
 VECTORS = SHARED / "vectors"
 BENCH_MESSAGES = SHARED / "bench-messages"
+
+
+#: One API request of a test, and one whole scenario (engine up, requests, engine down): a bug
+#: or a mutant that blocks a handler, a lock or a shutdown fails that test with the step named,
+#: instead of hanging it (mutmut's "forced fail" run, every function made to raise, hung for
+#: ever on the API tests: issue 18).  Far above what any test here needs.
+REQUEST_TIMEOUT = 30.0
+SCENARIO_TIMEOUT = 150.0
+T = TypeVar("T")
+
+
+def api_client(**kw: Any) -> aiohttp.ClientSession:
+    """The HTTP client of the API tests: every request gives up after REQUEST_TIMEOUT s."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT), **kw)
+
+
+async def bounded(step: Awaitable[T], what: str = "the test's scenario") -> T:
+    """``step`` within SCENARIO_TIMEOUT s, else an AssertionError naming it."""
+    try:
+        return await asyncio.wait_for(step, SCENARIO_TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not end within {SCENARIO_TIMEOUT:g} s") from None
 
 
 def shared_files(base: pathlib.Path, pattern: str) -> list[pathlib.Path]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from conftest import api_client, bounded
 from dmengine.engine import Engine, EngineConfig
 from dmengine.identity import IdentityConfig
 from dmengine.model import Device
@@ -98,14 +99,14 @@ async def running(tmp_path: pathlib.Path, **cfg: Any) -> AsyncIterator[Api]:
     try:
         assert e.store is not None
         await e.store.put_device(Device(dev_id=DEV_ID, imei=IMEI, msisdn="+491701234567"))
-        async with aiohttp.ClientSession() as http:
+        async with api_client() as http:
             yield Api(e, http)
     finally:
         await e.stop()
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+    return asyncio.run(bounded(coro))
 
 
 def store_bytes(tmp_path: pathlib.Path) -> bytes:

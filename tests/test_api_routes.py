@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from dmengine.model import TaskState
+from conftest import api_client, bounded
 from test_broker_e2e import World, run_world
 
 KEY_HEADER = "X-API-Key"
@@ -32,8 +33,8 @@ class Api:
 
 def with_api(tmp_path: Any, scenario: Any, **kw: Any) -> None:
     async def run(w: World) -> None:
-        async with aiohttp.ClientSession() as http:
-            await scenario(w, Api(w, http))
+        async with api_client() as http:
+            await bounded(scenario(w, Api(w, http)))
     run_world(tmp_path, run, **kw)
 
 

@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from dmengine.engine import Engine, EngineConfig
+from conftest import api_client, bounded
 from test_cli_serve import start, stop
 
 KEY = "k-devices-tests-0123456789"
@@ -82,7 +83,7 @@ async def running(tmp_path: pathlib.Path) -> AsyncIterator[Api]:
                             api_key=KEY))
     await e.start()
     try:
-        async with aiohttp.ClientSession() as http:
+        async with api_client() as http:
             api = Api(e, http)
             yield api
             api.assert_no_secret()
@@ -95,7 +96,7 @@ def run(tmp_path: pathlib.Path, scenario: Callable[[Api], Awaitable[None]]) -> N
     async def main() -> None:
         async with running(tmp_path) as api:
             await scenario(api)
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def imei(i: int) -> str:

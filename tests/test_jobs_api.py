@@ -18,6 +18,7 @@ import aiohttp
 from dmengine import bootstrap
 from dmengine.broker import BrokerConfig
 
+from conftest import api_client, bounded
 from test_broker_e2e import World, run_world, upload_firmware
 from test_cli_serve import start, stop
 from test_jobs import register_all
@@ -79,8 +80,8 @@ class Api:
 
 def with_api(tmp_path, scenario, **kw: Any) -> None:
     async def outer(w: World) -> None:
-        async with aiohttp.ClientSession() as http:
-            await scenario(w, Api(w, http))
+        async with api_client() as http:
+            await bounded(scenario(w, Api(w, http)))
     run_world(tmp_path, outer, **kw)
 
 

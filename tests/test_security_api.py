@@ -32,6 +32,7 @@ import pytest
 import trustme
 import uvloop
 
+from conftest import api_client, bounded
 from dmengine.content import UNSATISFIABLE, ByteRange, parse_range
 from dmengine.engine import Engine, EngineConfig
 from dmengine.store.lmdb import LmdbStore
@@ -121,7 +122,7 @@ def assert_error_shape(body: Any, where: str | None = None) -> None:
 
 async def upload(e: Engine, data: bytes, **query: str) -> aiohttp.ClientResponse:
     q = {"name": "fw.bin", **query}
-    async with aiohttp.ClientSession() as http:
+    async with api_client() as http:
         async with http.post(e.api_url + "v1/content", params=q, data=io.BytesIO(data),
                              headers=hdrs()) as r:
             await r.read()
@@ -136,7 +137,7 @@ def test_bootstrap_task_answer_shows_no_password_or_nonce(tmp_path):
     server passwords and nonces (TaskData.record.op.account); the device answer showed the
     nonces."""
     async def main() -> None:
-        async with engine(tmp_path) as e, aiohttp.ClientSession(headers=hdrs()) as http:
+        async with engine(tmp_path) as e, api_client(headers=hdrs()) as http:
             async with http.post(e.api_url + "v1/devices", json=DEV) as r:
                 assert r.status == 201, await r.text()
             async with http.post(e.api_url + "v1/bootstrap",
@@ -163,7 +164,7 @@ def test_bootstrap_task_answer_shows_no_password_or_nonce(tmp_path):
                 for s in secrets:
                     assert s.encode() not in body
                     assert json.dumps(s)[1:-1].encode() not in body
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 # --- finding 11a: a chunked JSON body past the limit ------------------------------------------
@@ -205,7 +206,7 @@ def test_chunked_json_body_past_the_limit_is_refused_while_reading(tmp_path, pat
             big = os.urandom(3 * 1024 * 1024)
             r = await upload(e, big, sha256=hashlib.sha256(big).hexdigest())
             assert r.status == 201
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 # --- finding 11b: the content type --------------------------------------------------------
@@ -235,7 +236,7 @@ def test_bad_content_type_is_refused_at_upload(tmp_path, ctype):
             assert_error_shape(await r.json(), "type")
             assert (await e.store.list_content()).items == []
             assert [n for n in os.listdir(e.content.root_dir)] == []
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 @pytest.mark.parametrize("ctype", ["application/vnd.oma.dd+xml", "application/octet-stream",
@@ -250,7 +251,7 @@ def test_good_content_type_is_kept_and_served(tmp_path, ctype):
                                     "Host: x\r\nConnection: close\r\n\r\n".encode())
             assert ans.status == 200 and ans.body == b"firmware"
             assert ans.header(b"content-type") == ctype.encode()
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 @pytest.mark.parametrize("stored", ["text/html\r\nX-Injected: 1", "application/x-\u20ac",
@@ -269,7 +270,7 @@ def test_download_never_sends_a_broken_content_type_header(tmp_path, stored):
             assert b"x-injected" not in ans.head.lower()
             assert ans.header(b"content-type") == b"application/octet-stream"
             assert all(re.fullmatch(rb"[\x20-\x7e]*", v) for _, v in ans.headers)
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 # --- finding 11c: absurd Range values -----------------------------------------------------------
@@ -300,7 +301,7 @@ def test_absurd_range_is_416_or_ignored_never_500(tmp_path, rng, status, first_b
                 assert ans.body == data[first_byte:]
             else:
                 assert ans.header(b"content-range") == b"bytes */%d" % len(data)
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def test_parse_range_never_raises_on_long_numbers():
@@ -324,7 +325,7 @@ def test_non_ascii_api_key_is_401(tmp_path, header):
                                     + header + b"\r\nConnection: close\r\n\r\n")
             assert ans.status == 401, ans.head
             assert_error_shape(ans.json(), "X-API-Key")
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 # --- finding 12: where the API listens, TLS, the key and the log ----------------------------
@@ -341,13 +342,13 @@ def test_api_stays_on_loopback_when_the_device_port_is_public(tmp_path):
             api = e.api_runner.addresses
             assert api and all(a[0] == "127.0.0.1" for a in api), api
             assert e.api_url.startswith("http://127.0.0.1:")
-            async with aiohttp.ClientSession() as http:
+            async with api_client() as http:
                 async with http.get(e.api_url + "health") as r:
                     assert r.status == 200
         async with engine(tmp_path, host="127.0.0.1", api_host="::1") as e:
             assert all(a[0] == "::1" for a in e.api_runner.addresses)
             assert e.api_url.startswith("http://[::1]:")
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +372,7 @@ def test_api_over_tls(tmp_path, tls_files):
             assert e.api_url.startswith("https://127.0.0.1:")
             assert e.device_url.startswith("http://")        # the device port is untouched
             ctx = ssl.create_default_context(cafile=ca)
-            async with aiohttp.ClientSession(headers=hdrs()) as http:
+            async with api_client(headers=hdrs()) as http:
                 async with http.get(e.api_url + "health", ssl=ctx) as r:
                     assert r.status == 200
                 async with http.get(e.api_url + "v1/tasks/nope", ssl=ctx) as r:
@@ -379,7 +380,7 @@ def test_api_over_tls(tmp_path, tls_files):
                 with pytest.raises(aiohttp.ClientError):
                     async with http.get(e.api_url.replace("https:", "http:") + "health") as r:
                         await r.read()
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def test_api_tls_needs_both_files(tmp_path, tls_files):
@@ -391,7 +392,7 @@ def test_api_tls_needs_both_files(tmp_path, tls_files):
             async with engine(tmp_path, api_tls_cert=cert):
                 pass
         assert ei.value.key == "api_tls_key"
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def test_api_key_never_reaches_the_log(tmp_path, caplog):
@@ -405,7 +406,7 @@ def test_api_key_never_reaches_the_log(tmp_path, caplog):
         async with engine(tmp_path, api_key=None) as e:      # generated and kept in DATA
             key = e.api_key
             assert key and (tmp_path / "var" / "api-key").read_text().strip() == key
-            async with aiohttp.ClientSession() as http:
+            async with api_client() as http:
                 for path, h in [("health", {}), ("metrics", {}), ("docs", {"X-API-Key": key}),
                                 ("v1/tasks/nope", {"X-API-Key": key}),
                                 ("v1/tasks/nope", {"Authorization": f"Bearer {key}"}),
@@ -419,7 +420,7 @@ def test_api_key_never_reaches_the_log(tmp_path, caplog):
             await raw_request(api_addr(e), b"GET /v1/tasks/x HTTP/1.1\r\nHost: x\r\n"
                               b"X-API-Key: \xff\r\nConnection: close\r\n\r\n")
             return key
-    key = uvloop.run(main(), debug=True)              # the event loop's debug logging too
+    key = uvloop.run(bounded(main()), debug=True)              # the event loop's debug logging too
     assert any(r.name == "dmengine.test" for r in caplog.records), "log capture is not working"
     for rec in caplog.records:
         text = rec.getMessage() + repr(rec.args) + (rec.exc_text or "")
@@ -508,7 +509,7 @@ def test_health_is_503_when_the_store_writer_died(tmp_path):
     writer's periodic stale-reader sweep, outside the per-batch error handling."""
     async def main() -> None:
         store = LmdbStore(tmp_path / "store", reader_check_interval=0.05)
-        async with engine(tmp_path, store=store) as e, aiohttp.ClientSession() as http:
+        async with engine(tmp_path, store=store) as e, api_client() as http:
             async with http.get(e.api_url + "health") as r:
                 assert (r.status, await r.json()) == (200, {"status": "ok"})
 
@@ -527,12 +528,12 @@ def test_health_is_503_when_the_store_writer_died(tmp_path):
             assert body["error"] == "unhealthy"
             assert "writer" in body["message"] and "Input/output error" in body["message"]
             assert store.fault() == body["message"]
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def test_health_is_503_when_the_store_is_closed(tmp_path):
     async def main() -> None:
-        async with engine(tmp_path) as e, aiohttp.ClientSession() as http:
+        async with engine(tmp_path) as e, api_client() as http:
             assert e.broker is not None
             await e.broker.stop()                  # nobody else touches the store meanwhile
             await e.store.close()
@@ -541,7 +542,7 @@ def test_health_is_503_when_the_store_is_closed(tmp_path):
                 body = await r.json()
             assert_error_shape(body, "store")
             assert "closed" in body["message"]
-    uvloop.run(main())
+    uvloop.run(bounded(main()))
 
 
 def test_memory_store_reports_its_fault():
@@ -552,7 +553,7 @@ def test_memory_store_reports_its_fault():
         assert s.fault() is None
         await s.close()
         assert "closed" in (s.fault() or "")
-    asyncio.run(main())
+    asyncio.run(bounded(main()))
 
 
 # --- finding 13c: restore --force under a running server ----------------------------------
@@ -616,4 +617,4 @@ def test_restore_refused_in_process_while_a_store_is_open(tmp_path):
         finally:
             await s.close()
         admin.restore(tmp_path / "bak", tmp_path / "env", force=True)
-    asyncio.run(main())
+    asyncio.run(bounded(main()))

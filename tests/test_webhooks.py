@@ -26,6 +26,7 @@ from dmengine.urlguard import UrlGuard, UrlRefused, address_problem
 from dmengine.webhooks import (ATTEMPT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, WebhookConfig,
                                sign, verify)
 
+from conftest import api_client, bounded
 from test_broker_e2e import World, run_world, upload_firmware
 
 S = TaskState
@@ -132,8 +133,8 @@ def with_engine(tmp_path: pathlib.Path, scenario: Callable[..., Any], *,
         engine = Engine(cfg)
         await engine.start()
         try:
-            async with aiohttp.ClientSession() as http:
-                await scenario(engine, Api(engine, http))
+            async with api_client() as http:
+                await bounded(scenario(engine, Api(engine, http)))
         finally:
             await engine.stop()
     uvloop.run(main())
