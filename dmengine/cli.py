@@ -21,6 +21,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_format, args.log_level)      # before anything logs
 
+    mapped_mb = args.store_max_mapped_mb
+    if mapped_mb is not None and (mapped_mb < 0 or 0 < mapped_mb < 16):
+        raise ConfigError("--store-max-mapped-mb must be 0 (never) or at least 16",
+                          key="--store-max-mapped-mb")
     cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
                        device_port=args.device_port, api_port=args.api_port,
                        device_path=args.path, server_id=args.server_id,
@@ -32,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
                        callback_allow_networks=tuple(args.callback_allow_network or ()),
                        broker=_broker_config(args),
                        webhooks=_webhook_config(args),
+                       **({} if args.store_max_mapped_mb is None else {
+                           "store_max_mapped": (args.store_max_mapped_mb << 20)
+                           if args.store_max_mapped_mb > 0 else None}),
                        identity=IdentityConfig(**{k: v for k, v in (
                            ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
                            ("default_burst", args.api_burst)) if v is not None}),
@@ -209,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections-per-address", type=int, default=None,
                    help="device-port connections from one address (IPv6: one /64) at most "
                         "(default 256; a load generator or a carrier NAT needs more)")
+    s.add_argument("--store-max-mapped-mb", type=int, default=None, metavar="MB",
+                   help="store pages the server keeps mapped before it remaps the store "
+                        "(they stay in the kernel's page cache; bounds the RSS); 0: never "
+                        "(default 1024)")
     s.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="log lines on stderr: text, or json (one object per line with the "
                         "session, device, task and job ids); default $DMENGINE_LOG_FORMAT "

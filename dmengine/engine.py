@@ -26,7 +26,7 @@ from .metrics import (ApiMetrics, ContentMetrics, DeviceMetrics, StoreMetrics, T
 from .notify.base import Gateway
 from .server import DmServer, ServerConfig
 from .store.base import Store
-from .store.lmdb import LmdbStore
+from .store.lmdb import DEFAULT_MAX_MAPPED, LmdbStore
 from .urlguard import UrlGuard, UrlRefused
 from .webhooks import WebhookConfig, Webhooks
 
@@ -71,8 +71,14 @@ class EngineConfig:
     #: seconds between refreshes of the work gauges (tasks and jobs per state, job progress,
     #: webhook backlog): each reads the open jobs and the outbox's size, never every task
     metrics_interval: float = 5.0
+    #: bytes of store pages the server keeps mapped before the writer remaps the store (its
+    #: RSS stays bounded; the pages stay in the page cache); None: never
+    store_max_mapped: int | None = DEFAULT_MAX_MAPPED
 
     def __post_init__(self) -> None:
+        if self.store_max_mapped is not None and self.store_max_mapped < 16 << 20:
+            raise ConfigError("store_max_mapped must be at least 16 MiB (or None: never)",
+                              key="store_max_mapped")
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
             raise ConfigError("api_tls_cert and api_tls_key go together",
                               key="api_tls_key" if self.api_tls_key is None else "api_tls_cert")
@@ -141,7 +147,7 @@ class Engine:
         data.mkdir(parents=True, exist_ok=True)
         self.api_key = cfg.api_key or load_or_create_api_key(data)
         if self.store is None:
-            self.store = LmdbStore(data / "store")
+            self.store = LmdbStore(data / "store", max_mapped=cfg.store_max_mapped)
         self.store_metrics.attach(self.store)
         self.identity = Identities(self.store, cfg.identity)
         await self.identity.ensure_serve_key(self.api_key)
