@@ -1010,3 +1010,86 @@ def test_a_failed_recovery_does_not_stop_the_loop(caplog):
             assert len(w.sent) == 1
             assert "scheduler: recovery after the restart failed" in caplog.text
     run(main())
+
+
+# --- what the first mutation run left (issue 18) -----------------------------------------------
+
+def test_a_jobs_step_does_not_overwrite_a_job_the_caller_changed_meanwhile():
+    """The pass read the job RUNNING; the caller paused it before the pass's write: every
+    write of the step expects RUNNING and is refused (Conflict), the caller's pause stays."""
+    from dmengine.bulk import view as job_view
+    from dmengine.errors import Conflict
+
+    async def main() -> None:
+        async with World(8) as w:
+            now = w.clock.now
+            cases = {
+                "complete": (2, []),
+                "threshold": (4, [Stage(percent=50, success_threshold=0.9), Stage(percent=100)]),
+                "approval": (4, [Stage(percent=50, approval=True), Stage(percent=100)]),
+                "next": (4, [Stage(percent=50), Stage(percent=100)]),
+            }
+            for name, (targets, stages) in cases.items():
+                await w.store.create_job(Job(job_id=name, op=OP, state=J.RUNNING, stages=stages))
+                await w.store.add_job_targets(name, [device(i).dev_id for i in range(targets)])
+                n = 2
+                await w.store.create_job_tasks(name, 0, [Task(
+                    task_id=f"{name}{i}", dev_id=device(i).dev_id, op=OP, job_id=name,
+                    correlator=f"{name}{i}", state=S.SUCCEEDED if i else S.FAILED)
+                    for i in range(n)])
+                stale = await w.store.get_job(name)
+                await w.broker.jobs.pause(name, cause="the caller's")
+                with pytest.raises(Conflict):
+                    await w.scheduler._stage_done(stale, job_view(stale, now))
+                got = await w.store.get_job(name)
+                assert (got.state, got.cause, got.stage) == (J.PAUSED, "the caller's", 0), name
+            # the end time and the stop rule likewise
+            await w.store.create_job(Job(job_id="end", op=OP, state=J.RUNNING, end_at=now - 1))
+            stale = await w.store.get_job("end")
+            await w.broker.jobs.pause("end", cause="the caller's")
+            with pytest.raises(Conflict):
+                await w.scheduler._end_job(stale, now)
+            assert (await w.store.get_job("end")).state == J.PAUSED
+            await w.store.create_job(Job(job_id="stop", op=OP, state=J.RUNNING,
+                                         stop_rule=StopRule(max_failure_ratio=0.1)))
+            await w.store.add_job_targets("stop", [device(0).dev_id, device(1).dev_id])
+            await w.store.create_job_tasks("stop", 0, [Task(
+                task_id="stop0", dev_id=device(0).dev_id, op=OP, job_id="stop",
+                correlator="stop0", state=S.FAILED)])
+            stale = await w.store.get_job("stop")
+            await w.broker.jobs.pause("stop", cause="the caller's")
+            with pytest.raises(Conflict):
+                await w.scheduler._run_job(stale, now, 0)
+            assert (await w.store.get_job("stop")).cause == "the caller's"
+            # and the pass goes on past such a job
+            await w.broker.jobs.restart("stop")
+            assert await w.scheduler.tick() >= 0
+    run(main())
+
+
+def test_a_task_that_cannot_be_expired_at_the_jobs_end_does_not_stop_the_end(caplog):
+    async def main() -> None:
+        async with World(4) as w:
+            now = w.clock.now
+            job = await a_job(w, 2, end_at=now + 100)
+            await w.store.update_job(job.job_id, {"deadline": now + 1000})
+            await w.scheduler.tick()
+            real = w.tasks.finish
+            calls = {"n": 0}
+
+            async def flaky(task: Task, *a: Any, **k: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("cannot now")
+                return await real(task, *a, **k)
+            w.tasks.finish = flaky  # type: ignore[method-assign]
+            w.clock.now = now + 100
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                await w.scheduler.tick()
+            j = await w.store.get_job(job.job_id)
+            assert j.state == J.COMPLETED, j
+            states = sorted(t.state.value for t in
+                            (await w.store.tasks_by_job(job.job_id, limit=5)).items)
+            assert states == ["EXPIRED", "FAILED"], states
+            assert "scheduler: task " in caplog.text and " failed" in caplog.text
+    run(main())
