@@ -4,7 +4,7 @@ PY        ?= python3
 VENV      := .venv
 VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus chromium wrk
+DEB_PARTS := libssl-dev libwbxml2-utils libwbxml2-dev kannel kannel-extras prometheus chromium wrk valgrind
 PYTEST_ARGS ?=
 
 .PHONY: run test bench bench-baseline bench-campaign fuzz deps venv build clean debug typecheck mutate
