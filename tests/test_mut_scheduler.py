@@ -582,6 +582,7 @@ def test_take_tokens_arithmetic():
     slow = Job(job_id="s", rate_limit=0.25)
     assert sch._take_tokens(slow, 0.0, 5) == 0                # min(0.25, 1) tokens
     assert sch._take_tokens(slow, 3.0, 5) == 1                # 0.25 + 0.75, capped at 1
+    assert sch._take_tokens(slow, 100.0, 5) == 1              # a long wait: still at most 1
     assert sch._take_tokens(Job(job_id="free"), 0.0, 7) == 7  # no rate: no limit
     assert "free" not in sch._buckets and "" not in sch._buckets
 
@@ -1008,7 +1009,8 @@ def test_a_failed_recovery_does_not_stop_the_loop(caplog):
                     await asyncio.sleep(0.01)
                 await w.scheduler.stop()
             assert len(w.sent) == 1
-            assert "scheduler: recovery after the restart failed" in caplog.text
+            assert "scheduler: recovery after the restart failed" in \
+                [r.getMessage() for r in caplog.records]
     run(main())
 
 
@@ -1092,4 +1094,70 @@ def test_a_task_that_cannot_be_expired_at_the_jobs_end_does_not_stop_the_end(cap
                             (await w.store.tasks_by_job(job.job_id, limit=5)).items)
             assert states == ["EXPIRED", "FAILED"], states
             assert "scheduler: task " in caplog.text and " failed" in caplog.text
+    run(main())
+
+
+def test_the_stop_rule_counts_from_the_restart():
+    async def main() -> None:
+        async with World(2) as w:
+            rule = StopRule(max_failure_ratio=0.5, min_finished=4)
+            # since the restart (base 4 final, 2 failed): 4 final, 2 failed -> 50 %: stop
+            await w.store.create_job(Job(job_id="a", op=OP, state=J.RUNNING, stop_rule=rule))
+            await w.store.add_job_targets("a", [f"IMEI:{i}" for i in range(10)])
+            await w.store.update_job("a", {"base_final": 4, "base_failed": 2})
+            await w.store.create_job_tasks("a", 0, [Task(
+                task_id=f"a{i}", dev_id=f"IMEI:{i}", op=OP, job_id="a", correlator=f"a{i}",
+                state=S.FAILED if i < 4 else S.SUCCEEDED) for i in range(8)])
+            assert await w.scheduler._run_job(await w.store.get_job("a"), w.clock.now, 0) == 0
+            assert (await w.store.get_job("a")).cause == \
+                "stopped by its error threshold: 2 of 4 tasks failed (50% >= 50%)"
+            # 4 final, 1 failed since the restart -> 25 %: goes on
+            await w.store.create_job(Job(job_id="b", op=OP, state=J.RUNNING, stop_rule=rule))
+            await w.store.add_job_targets("b", [f"IMEI:{i}" for i in range(10)])
+            await w.store.update_job("b", {"base_final": 4, "base_failed": 2})
+            await w.store.create_job_tasks("b", 0, [Task(
+                task_id=f"b{i}", dev_id=f"IMEI:{i}", op=OP, job_id="b", correlator=f"b{i}",
+                state=S.FAILED if i < 3 else S.SUCCEEDED) for i in range(8)])
+            await w.scheduler._run_job(await w.store.get_job("b"), w.clock.now, 0)
+            assert (await w.store.get_job("b")).state == J.RUNNING
+    run(main())
+
+
+def test_a_jobs_window_in_its_own_zone_and_to_the_second():
+    async def main() -> None:
+        win = [TimeWindow(start=H, end=2 * H)]
+        # 01:00 UTC is 10:00 in Tokyo: outside the job's window there
+        async with World(4, clock=Clock(MONDAY + H)) as w:
+            job = await a_job(w, 2, windows=win, tz="Asia/Tokyo")
+            assert await w.scheduler.tick() == 0
+            assert (await w.store.get_job(job.job_id)).total == 0
+        # half a second before it opens
+        async with World(4, clock=Clock(MONDAY + H - 0.5)) as w:
+            job = await a_job(w, 2, windows=win)
+            assert await w.scheduler.tick() == 0
+            w.clock.now = MONDAY + H
+            assert await w.scheduler.tick() == 2
+    run(main())
+
+
+def test_a_follow_up_does_not_overwrite_a_task_that_moved_meanwhile():
+    """follow_up was handed the task as the pass read it (IN_PROGRESS); the task is PENDING
+    now (a restart put it back): every branch's write expects IN_PROGRESS and is dropped."""
+    async def main() -> None:
+        clock = Clock(MONDAY)
+        no_secret = DmAccount(server_id="dmengine", client_name="x", client_password="c")
+        devs = [device(0), device(1, msisdn=None), device(2, tz="UTC"),
+                device(3, account=no_secret), device(4)]
+        async with World(devices=devs, clock=clock, alert_followups=2) as w:
+            job = Job(job_id="j", windows=[TimeWindow(start=H, end=2 * H)])
+            cases = [("limit", 0, {"followups": 2}, None), ("nowake", 1, {}, None),
+                     ("window", 2, {}, job), ("nopkg", 3, {}, None), ("wake", 4, {}, None)]
+            for tid, i, kw, j in cases:
+                stale = await accepted(w, tid, i, **kw)
+                await w.store.transition(tid, S.PENDING, cause="put back")
+                got = await w.scheduler.follow_up(stale, j)
+                assert got is stale, tid
+                t = await w.store.get_task(tid)
+                assert t.state == S.PENDING and t.history_len == 2, (tid, t)
+            assert w.sent == []
     run(main())
