@@ -13,9 +13,13 @@ the docs page and its assets, ``login``) needs an API key or a userSession token
 KEY`` or ``Authorization: Bearer KEY``), checked by
 :func:`dmengine.wsi.security.authenticate`: who, how often (429), what (the route → role
 table :data:`dmengine.wsi.security.ROLE_OF`), whose (another system's task or job is a 404),
-and the audit of every call that changes something.  Middlewares run in the order
-``[errors, authenticate]``: the error middleware is outermost, so whatever goes wrong inside
-answers in the one shape.
+and the audit of every call that changes something.  The app has ONE middleware
+(:func:`api_middleware`): the error shape and the API metrics around the authentication
+(whatever goes wrong inside answers in the one shape), with what a route needs (its metrics
+label, whether it is public, its role) worked out once per route, not per call.  It was two
+aiohttp middlewares (``errors``, ``authenticate``, still in :mod:`.middleware` and
+:mod:`.security`): each layer costs a coroutine frame and a partial call per request, and
+getTaskById's benchmark (bench/bench_api.py) is mostly such per-request overhead.
 
 Hardening (issue 13): JSON bodies are read with a cap (:data:`MAX_JSON_BODY`) that holds for
 chunked bodies too, and only the content upload and the device import stream more; answers
@@ -27,15 +31,20 @@ from __future__ import annotations
 
 import importlib.util
 import ssl
+import time
+from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from ..identity import Identities
 from . import capabilities, content, deployments, devices, diagnostics, jobs, openapi, system
 from .common import ENGINE, Services
-from .middleware import (MAX_JSON_BODY, MAX_UPLOAD, decode_body, error_response, errors,
-                         json_response, read_json_body)
+from .middleware import (MAX_JSON_BODY, MAX_UPLOAD, Handler, decode_body, error_answer,
+                         error_response, errors, json_response, label_of, read_json_body)
 from .schemas import Target
-from .security import ROLE_OF, authenticate
+from .security import IDENTITY_KEY, ROLE_OF, authenticate, guard, install, required_role
+from .security import is_public as security_public
 
 #: paths anyone may read; the docs page's assets live under /docs/
 PUBLIC = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
@@ -55,18 +64,68 @@ def is_public(path: str) -> bool:
 require_key = authenticate
 
 
+def api_middleware(engine: Services, identities: Identities) -> Middleware:
+    """The app's one middleware: every answer in the one error shape and counted in the API
+    metrics (by route, status and role); every call but the public ones through
+    :func:`dmengine.wsi.security.guard` (who, how often, what, whose, the audit) first.
+
+    Per route — its metrics label, whether it is public (by its name or its path template),
+    the role it needs — is worked out on its first call and kept (one entry per route of the
+    app: the router's 404/405 routes, made per request, are worked out each time and not
+    kept; their path decides whether they are public, e.g. a missing file under /docs/)."""
+    metrics = getattr(engine, "api_metrics", None)
+    #: route → (label, public, role needed)
+    known: dict[Any, tuple[str, bool, str | None]] = {}
+    clock = time.perf_counter
+
+    @web.middleware
+    async def api(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = clock()
+        route = request.match_info.route
+        info = known.get(route)
+        if info is None:
+            info = _route_info(route, request.path)
+            if route.resource is not None:
+                known[route] = info
+        label, public, need = info
+        try:
+            if public:
+                resp = await handler(request)
+            else:
+                resp = await guard(request, handler, identities, route.name, need)
+        except Exception as exc:
+            resp = error_answer(request, exc)
+        if metrics is not None:
+            # the caller's role once its key passed every check (the handler ran with it)
+            ident = request.get(IDENTITY_KEY)
+            metrics.observe(label, resp.status, "anonymous" if ident is None else ident.role,
+                            clock() - t0)
+        return resp
+    return api
+
+
+def _route_info(route: Any, path: str) -> tuple[str, bool, str | None]:
+    """(metrics label, public, role needed) of a route; of the router's 404/405 (no
+    resource) by the path asked for, with no role to check."""
+    name = route.name
+    resource = route.resource
+    if resource is None:
+        return label_of(route), security_public(name, path), None
+    return (label_of(route), security_public(name, resource.canonical),
+            required_role(name))
+
+
 def make_app(engine: Services) -> web.Application:
-    # client_max_size bounds what aiohttp itself buffers (request.read/post): the JSON limit.
-    # The content upload and the device import stream request.content.
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=MAX_JSON_BODY)
-    app[ENGINE] = engine
-    from . import security       # identities (keys, users, sessions), login/keys/users/audit
     identities = getattr(engine, "identity", None)
     if identities is None:
-        from ..identity import Identities
         assert engine.store is not None
         identities = Identities(engine.store)
-    security.install(app, identities)
+    # client_max_size bounds what aiohttp itself buffers (request.read/post): the JSON limit.
+    # The content upload and the device import stream request.content.
+    app = web.Application(middlewares=[api_middleware(engine, identities)],
+                          client_max_size=MAX_JSON_BODY)
+    app[ENGINE] = engine
+    install(app, identities)     # identities (keys, users, sessions), login/keys/users/audit
     app[openapi.DOC_CACHE] = {}
     app[system.GATEWAY_CACHE] = {}      # /ready's gateway check, reused a few seconds
     for module in INTERFACES:
@@ -89,6 +148,6 @@ async def start_api(engine: Services, host: str, port: int, *,
     return runner, runner.addresses[0][1]
 
 
-__all__ = ["make_app", "start_api", "require_key", "authenticate", "ROLE_OF", "is_public", "ENGINE", "Services",
+__all__ = ["make_app", "api_middleware", "start_api", "require_key", "authenticate", "ROLE_OF", "is_public", "ENGINE", "Services",
            "PUBLIC", "PUBLIC_PREFIXES", "MAX_JSON_BODY", "MAX_UPLOAD", "Target", "decode_body",
            "json_response", "error_response", "read_json_body", "errors"]

@@ -140,12 +140,16 @@ def _error_of(exc: Exception) -> tuple[int, str, str, str | None]:
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure as the one error shape (see the module docstring); every answer counted
-    in the API metrics (this is the outermost middleware: it sees the status sent)."""
+    in the API metrics.  The app folds this and the authentication into one middleware
+    (:func:`dmengine.wsi.app.make_app`); this one serves an app without authentication."""
     t0 = time.perf_counter()
-    resp = await _errors(request, handler)
+    try:
+        resp = await handler(request)
+    except Exception as exc:
+        resp = error_answer(request, exc)
     metrics = getattr(request.app.get(ENGINE), "api_metrics", None)
     if metrics is not None:
-        metrics.observe(route_label(request), resp.status, _role(request),
+        metrics.observe(route_label(request), resp.status, role_of(request),
                         time.perf_counter() - t0)
     return resp
 
@@ -154,7 +158,11 @@ def route_label(request: web.Request) -> str:
     """The route's name (``getTaskById``) or, unnamed, its template (``/docs/{tail}``);
     ``unmatched`` for a path no route has: never the path itself (a label per task id or per
     probed URL would grow without bound)."""
-    route = request.match_info.route
+    return label_of(request.match_info.route)
+
+
+def label_of(route: Any) -> str:
+    """:func:`route_label` of a route object (the app works it out once per route)."""
     name = getattr(route, "name", None)
     if name:
         return str(name)
@@ -167,7 +175,9 @@ def route_label(request: web.Request) -> str:
 _identity_key: Any = None
 
 
-def _role(request: web.Request) -> str:
+def role_of(request: web.Request) -> str:
+    """The metrics' role label: the caller's role once its key passed every check (the
+    handler ran with it), else ``anonymous``."""
     global _identity_key
     if _identity_key is None:
         from .security import IDENTITY_KEY   # security imports this module: looked up once
@@ -176,20 +186,27 @@ def _role(request: web.Request) -> str:
     return str(ident.role) if ident is not None else "anonymous"
 
 
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DmError as exc:
+_role = role_of
+
+
+#: error codes of the router's and aiohttp's own HTTP errors
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """The answer, in the one error shape, of what a handler (or the authentication before
+    it) raised; re-raises an HTTPException below 400 (a redirect is an answer, not an
+    error)."""
+    if isinstance(exc, DmError):
         status, code, message, where = _error_of(exc)
         resp = error_response(status, code, message, where)
         if status == 413:
             resp.force_close()       # the rest of the body is not worth reading
         return resp
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status, "http_error")
+            raise exc
+        code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason
         if exc.status == 404:
             message = f"no route {request.method} {request.path}"
@@ -200,11 +217,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             if name in exc.headers:
                 resp.headers[name] = exc.headers[name]
         return resp
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error (logged by the server)", None)
+    log.error("unexpected error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error (logged by the server)", None)
 
 
-__all__ = ["errors", "json_response", "error_response", "read_json_body", "decode_body",
-           "decode_json", "optional_body", "parse_query", "msgspec_where", "body_too_large",
+__all__ = ["errors", "error_answer", "route_label", "label_of", "role_of", "json_response",
+           "error_response", "read_json_body", "decode_body", "decode_json", "optional_body", "parse_query", "msgspec_where", "body_too_large",
            "MAX_JSON_BODY", "MAX_UPLOAD"]

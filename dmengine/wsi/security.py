@@ -253,7 +253,16 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     name = route.name
     if is_public(name, request.path):
         return await handler(request)
-    ids = request.app[IDENTITIES]
+    return await guard(request, handler, request.app[IDENTITIES], name,
+                       None if route.resource is None else required_role(name))
+
+
+async def guard(request: web.Request, handler: Handler, ids: Identities, name: str | None,
+                need: str | None) -> web.StreamResponse:
+    """:func:`authenticate` of a call that is not public: ``need`` is the route's role
+    (:func:`required_role`), None for a path no route has (the router's 404/405: no role
+    to check).  The app's one middleware (:func:`dmengine.wsi.app.make_app`) calls it with
+    what it worked out once per route."""
     try:
         ident = await ids.authenticate(_credential(request))
     except Unauthorized as exc:
@@ -265,9 +274,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                                              f"{wait:.2f} s", None,
                       {"Retry-After": retry_after_header(wait)})
     changes = request.method not in SAFE_METHODS
-    resource = route.resource
-    if resource is not None:             # a route (not a 404 / 405 of the router)
-        need = required_role(name)
+    if need is not None:                 # a route (not a 404 / 405 of the router)
         if not ident.has(need):
             what = name or _action(request)
             denied = _error(403, Forbidden.code, f"{what} needs the role {need} or stronger; "
@@ -606,5 +613,5 @@ def install(app: web.Application, identities: Identities) -> None:
     app.add_routes(routes)
 
 
-__all__ = ["authenticate", "install", "routes", "ROLE_OF", "PUBLIC_NAMES", "PUBLIC_PATHS",
-           "IDENTITIES", "caller", "owner_scope", "owner_for_new", "required_role", "ROLES"]
+__all__ = ["authenticate", "guard", "install", "routes", "ROLE_OF", "PUBLIC_NAMES",
+           "PUBLIC_PATHS", "IDENTITIES", "caller", "owner_scope", "owner_for_new", "required_role", "ROLES"]
