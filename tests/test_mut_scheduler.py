@@ -42,6 +42,7 @@ NONCE = b"n0nce-16-bytes!!"
 #: `created` and `updated` with it)
 MONDAY = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
 H = 3600
+DAY = 86400
 
 
 class Clock:
@@ -1160,4 +1161,35 @@ def test_a_follow_up_does_not_overwrite_a_task_that_moved_meanwhile():
                 t = await w.store.get_task(tid)
                 assert t.state == S.PENDING and t.history_len == 2, (tid, t)
             assert w.sent == []
+    run(main())
+
+
+def test_follow_up_waits_grow_as_powers_of_two_and_are_counted_by_gateway(caplog):
+    async def main() -> None:
+        async with World(alert_wait=5.0, alert_followups=5) as w:
+            got = await w.scheduler.follow_up(await accepted(w, "t1", 0, followups=2))
+            assert got.followups == 3 and got.next_attempt == w.clock.now + 5.0 * 8
+            assert w.metrics.by_gateway == {("loopback", "sent"): 1}
+            w.fail = GatewayError("down", retryable=True)
+            with caplog.at_level(logging.WARNING, logger="dmengine.scheduler"):
+                await w.scheduler.follow_up(await accepted(w, "t2", 1))
+            assert w.metrics.by_gateway == {("loopback", "sent"): 1, ("loopback", "failed"): 1}
+            assert [r.getMessage() for r in caplog.records if r.name == "dmengine.scheduler"] \
+                == ["scheduler: result-alert follow-up of task t2 not sent: "
+                    "loopback: gave up after 1 attempts: down"]
+    run(main())
+
+
+def test_follow_up_windows_in_the_devices_zone():
+    async def main() -> None:
+        win = Job(job_id="j", windows=[TimeWindow(start=H, end=2 * H)])
+        devs = [device(0, tz="Asia/Tokyo"), device(1, tz="UTC"), device(2, tz="UTC")]
+        async with World(devices=devs, clock=Clock(MONDAY + H)) as w:
+            # 10:00 in Tokyo: outside; no job: no window at all
+            got = await w.scheduler.follow_up(await accepted(w, "a", 0), win)
+            assert got.followups == 0 and got.next_attempt == MONDAY + 16 * H  # 01:00 Tokyo
+            assert (await w.scheduler.follow_up(await accepted(w, "b", 1))).followups == 1
+        async with World(devices=devs, clock=Clock(MONDAY + H - 0.5)) as w:
+            got = await w.scheduler.follow_up(await accepted(w, "c", 2), win)
+            assert got.followups == 0 and got.next_attempt == MONDAY + H
     run(main())
