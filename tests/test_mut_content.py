@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from dmengine import content as C
+from dmengine.errors import NoContentFits
+from dmengine.metrics import ContentMetrics
+from dmengine.model import Content
 from dmengine.store.lmdb import LmdbStore
 
 R, U = C.ByteRange, C.UNSATISFIABLE
@@ -275,3 +280,133 @@ def test_a_large_file_of_another_size_is_a_500(tmp_path):
             assert r.headers == [("Content-Type", "text/plain; charset=utf-8"),
                                  ("Content-Length", "21")]
     _with_service(tmp_path, scenario, memory_body=0)
+
+
+# --- the survivors of the content.py run on 2026-12-06 (issue 18): memory accounting, paging,
+# --- package choice and its refusals whole, the download metrics ----------------------------
+
+def test_the_memory_budget_counts_what_is_kept(tmp_path):
+    """The bytes kept in memory are counted exactly: a body read again (its record changed)
+    replaces its old copy, an evicted one is subtracted."""
+    async def scenario(store, svc):
+        a = await _put(svc, "a.bin", b"a" * 4, content_id="ca")
+        b = await _put(svc, "b.bin", b"b" * 4, content_id="cb")
+        await svc.serve("ca", None)
+        await svc.serve("cb", None)
+        assert (list(svc._bodies), svc._bodies_bytes) == (["ca", "cb"], 8)
+        # ca re-uploaded with other bytes (another sha256): read again, its old copy replaced
+        await svc.delete("ca")
+        await _put(svc, "a2.bin", b"A" * 3, content_id="ca")
+        assert (await svc.serve("ca", None)).body == b"AAA"
+        assert (sorted(svc._bodies), svc._bodies_bytes) == (["ca", "cb"], 7)
+        c = await _put(svc, "c.bin", b"c" * 4, content_id="cc")        # 7 + 4 > 10: cb goes
+        assert (await svc.serve("cc", None)).body == b"cccc"
+        assert (list(svc._bodies), svc._bodies_bytes) == (["ca", "cc"], 7)
+        assert (a.size, b.size, c.size) == (4, 4, 4)
+    _with_service(tmp_path, scenario, memory_body=8, memory_total=10)
+
+
+def test_a_small_body_that_is_not_its_record_says_why(tmp_path, caplog):
+    async def scenario(store, svc):
+        a = await _put(svc, "a.bin", b"abc")
+        with open(svc.file_of(a), "wb") as f:
+            f.write(b"abcd")
+        with pytest.raises(C.ContentMismatch) as e:
+            await svc._small_body(a, svc.file_of(a))
+        assert (str(e.value), e.value.where) == ("file has 4 bytes or more, record says 3",
+                                                 "size")
+        with open(svc.file_of(a), "wb") as f:
+            f.write(b"abd")
+        with pytest.raises(C.ContentMismatch) as e:
+            await svc._small_body(a, svc.file_of(a))
+        assert (str(e.value), e.value.where) == ("file's sha256 is not the record's", "sha256")
+        with caplog.at_level(logging.ERROR, logger="dmengine.content"):
+            assert (await svc.serve(a.content_id, None)).status == 500
+        assert [r.getMessage() for r in caplog.records] == [
+            f"content {a.content_id}: file's sha256 is not the record's"]
+    _with_service(tmp_path, scenario)
+
+
+def test_listing_pages_past_the_first_hundred(tmp_path):
+    async def scenario(store, svc):
+        for i in range(105):
+            await store.create_content(Content(content_id=f"c{i:03d}", name="n", size=1,
+                                               sha256="0" * 64,
+                                               capability="cap-a" if i % 2 else "cap-b"))
+        first = await svc.list_page()
+        assert [c.content_id for c in first.items] == [f"c{i:03d}" for i in range(100)]
+        assert first.next_cursor is not None
+        rest = await svc.list_page(cursor=first.next_cursor)
+        assert [c.content_id for c in rest.items] == [f"c{i:03d}" for i in range(100, 105)]
+        assert rest.next_cursor is None
+        a = await svc.list_page(capability="cap-a", limit=10)
+        assert [c.content_id for c in a.items] == [f"c{i:03d}" for i in range(1, 10, 2)]
+        assert a.next_cursor is not None               # the filter keeps the cursor
+        a2 = await svc.list_page(capability="cap-a", limit=10, cursor=a.next_cursor)
+        assert [c.content_id for c in a2.items] == [f"c{i:03d}" for i in range(11, 20, 2)]
+        assert [c.content_id for c in await svc.all_content()] == \
+            [f"c{i:03d}" for i in range(105)]
+    _with_service(tmp_path, scenario)
+
+
+def test_version_order_puts_numbers_before_text():
+    assert sorted(["1.a", "1.5", "1.10", "1.9"], key=C._version_key) == \
+        ["1.5", "1.9", "1.10", "1.a"]
+
+
+def _pkg(cid, *, created, **kw):
+    return Content(content_id=cid, name="n", size=1, sha256="0" * 64, created=created, **kw)
+
+
+async def _fits(svc, cap, fw, cid=None):
+    with pytest.raises(NoContentFits) as e:
+        await svc.pick_for_update(cap, fw, cid)
+    return str(e.value), e.value.where
+
+
+def test_pick_for_update_choices_and_refusals_whole(tmp_path):
+    async def scenario(store, svc):
+        # the highest version wins, not the newest upload
+        await store.create_content(_pkg("p3", created=1.0, capability="cap", from_version="1.0",
+                                        to_version="3.0"))
+        await store.create_content(_pkg("p2", created=2.0, capability="cap", from_version="1.0",
+                                        to_version="2.0"))
+        await store.create_content(_pkg("q", created=3.0, capability="cap", from_version="0.9",
+                                        to_version="1.0"))
+        await store.create_content(_pkg("other", created=4.0, capability="cap-o"))
+        assert (await svc.pick_for_update("cap", "1.0")).content_id == "p3"
+        assert await _fits(svc, "cap", "2.5") == (
+            "no package of capability 'cap' updates from firmware '2.5' (packages update "
+            "from: 0.9, 1.0)", "from_version")
+        assert await _fits(svc, "cap", "1.0", "gone") == ("no content 'gone'", "content_id")
+        assert await _fits(svc, "cap", "1.0", "other") == (
+            "content 'other' is for capability 'cap-o', the device is 'cap'", "capability")
+        assert await _fits(svc, "cap", "2.0", "p2") == (
+            "content 'p2' updates from firmware '1.0', the device runs '2.0'", "from_version")
+        assert await _fits(svc, "cap", "1.0", "q") == (
+            "content 'q' updates from firmware '0.9', the device runs '1.0'", "from_version")
+        await store.create_content(_pkg("same", created=5.0, capability="cap", to_version="1.0"))
+        assert await _fits(svc, "cap", "1.0", "same") == (
+            "content 'same' updates to '1.0', which the device already runs", "to_version")
+    _with_service(tmp_path, scenario)
+
+
+def test_download_metrics_count_gets_by_result_bytes_and_ranges(tmp_path):
+    async def scenario(store, svc):
+        svc.metrics = m = ContentMetrics(CollectorRegistry())
+        big = await _put(svc, "big.bin", b"x" * 5000)          # from the file
+        small = await _put(svc, "s.bin", b"y" * 10)             # from memory
+        etag = f'"{big.sha256}"'
+        p = f"/content/{big.content_id}"
+        await svc.serve_request("GET", p, {})
+        await svc.serve_request("HEAD", p, {"range": "bytes=0-9"})          # no download
+        await svc.serve_request("GET", p, {"range": "bytes=10-19"})
+        await svc.serve_request("GET", p, {"range": "bytes=9999-"})         # 416
+        await svc.serve_request("GET", p, {"range": "bytes=0-9", "if-range": '"other"'})
+        await svc.serve_request("GET", p, {"range": "bytes=0-9", "if-range": etag})
+        await svc.serve_request("GET", f"/content/{small.content_id}", {"range": "bytes=-4"})
+        await svc.serve_request("GET", "/content/nope", {})
+        assert m.downloads == {"full": 2, "partial": 3, "unsatisfiable": 1, "not_found": 1}
+        assert m.sent_bytes == 5000 + 10 + 0 + 5000 + 10 + 4 + len(b"no content 'nope'\n")
+        assert m.ranges == 4       # 206 and 416 answers to a Range; not the If-Range miss
+    _with_service(tmp_path, scenario, memory_body=100)
