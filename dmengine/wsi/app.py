@@ -88,16 +88,18 @@ def api_middleware(engine: Services, identities: Identities) -> Middleware:
             if route.resource is not None:
                 known[route] = info
         label, public, need = info
+        # the role label: the caller's once its key passed every check (the handler ran
+        # with it), else anonymous
+        ident = None
         try:
             if public:
                 resp = await handler(request)
             else:
-                resp = await guard(request, handler, identities, route.name, need)
+                resp, ident = await guard(request, handler, identities, route.name, need)
         except Exception as exc:
             resp = error_answer(request, exc)
-        if metrics is not None:
-            # the caller's role once its key passed every check (the handler ran with it)
             ident = request.get(IDENTITY_KEY)
+        if metrics is not None:
             metrics.observe(label, resp.status, "anonymous" if ident is None else ident.role,
                             clock() - t0)
         return resp

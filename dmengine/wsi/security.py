@@ -253,26 +253,29 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     name = route.name
     if is_public(name, request.path):
         return await handler(request)
-    return await guard(request, handler, request.app[IDENTITIES], name,
-                       None if route.resource is None else required_role(name))
+    resp, _ = await guard(request, handler, request.app[IDENTITIES], name,
+                          None if route.resource is None else required_role(name))
+    return resp
 
 
 async def guard(request: web.Request, handler: Handler, ids: Identities, name: str | None,
-                need: str | None) -> web.StreamResponse:
+                need: str | None) -> tuple[web.StreamResponse, Identity | None]:
     """:func:`authenticate` of a call that is not public: ``need`` is the route's role
     (:func:`required_role`), None for a path no route has (the router's 404/405: no role
-    to check).  The app's one middleware (:func:`dmengine.wsi.app.make_app`) calls it with
-    what it worked out once per route."""
+    to check).  The app's one middleware (:func:`dmengine.wsi.app.api_middleware`) calls it
+    with what it worked out once per route.  Answers the response and the identity the
+    handler ran with (None when the call was refused before it: the metrics' ``anonymous``);
+    what the handler raises goes on up, :data:`IDENTITY_KEY` set."""
     try:
         ident = await ids.authenticate(_credential(request))
     except Unauthorized as exc:
         return _error(401, exc.code, str(exc), exc.where,
-                      {"WWW-Authenticate": 'Bearer realm="dmengine"'})
+                      {"WWW-Authenticate": 'Bearer realm="dmengine"'}), None
     wait = ids.check_rate(ident)
     if wait:
         return _error(429, RateLimited.code, f"{ident.actor} is over its rate: try again in "
                                              f"{wait:.2f} s", None,
-                      {"Retry-After": retry_after_header(wait)})
+                      {"Retry-After": retry_after_header(wait)}), None
     changes = request.method not in SAFE_METHODS
     if need is not None:                 # a route (not a 404 / 405 of the router)
         if not ident.has(need):
@@ -281,13 +284,13 @@ async def guard(request: web.Request, handler: Handler, ids: Identities, name: s
                                                  f"this caller is {ident.role}", "role")
             if changes:
                 await _audit(ids, request, ident, 403, needs=need)
-            return denied
+            return denied, None
         if not ident.sees_all:
             refusal = await _not_theirs(request, ids, ident)
             if refusal is not None:
                 if changes:
                     await _audit(ids, request, ident, 404, why="not the caller's")
-                return refusal
+                return refusal, None
     request[IDENTITY_KEY] = ident
     token = CALLER.set(ident)
     try:
@@ -302,7 +305,7 @@ async def guard(request: web.Request, handler: Handler, ids: Identities, name: s
         CALLER.reset(token)
     if changes:
         await _audit(ids, request, ident, resp.status, resp=resp)
-    return resp
+    return resp, ident
 
 
 # --- schemas ------------------------------------------------------------------------------
