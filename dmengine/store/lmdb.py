@@ -127,18 +127,25 @@ class _Gate:
     """Readers in, resizer out: ``set_mapsize`` runs only with no transaction open here."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # the Condition's own lock, taken directly on the readers' path: ``with`` on the
+        # Condition costs two Python-level calls more per read (every API read passes here)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._resizing = False
 
     def enter(self) -> None:
+        with self._lock:
+            if not self._resizing:
+                self._active += 1
+                return
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._active += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
             if self._active == 0 and self._resizing:
                 self._cond.notify_all()
