@@ -410,3 +410,46 @@ def test_download_metrics_count_gets_by_result_bytes_and_ranges(tmp_path):
         assert m.sent_bytes == 5000 + 10 + 0 + 5000 + 10 + 4 + len(b"no content 'nope'\n")
         assert m.ranges == 4       # 206 and 416 answers to a Range; not the If-Range miss
     _with_service(tmp_path, scenario, memory_body=100)
+
+
+def test_iter_body_reads_the_slice_in_chunks_and_names_a_bad_file(tmp_path):
+    async def main():
+        p = tmp_path / "f"
+        p.write_bytes(bytes(range(20)))
+        resp = C.ContentResponse(200, [], path=str(p), offset=3, length=10)
+        got = [b async for b in C.iter_body(resp, chunk=3)]
+        assert got == [bytes([3, 4, 5]), bytes([6, 7, 8]), bytes([9, 10, 11]), bytes([12])]
+        whole = C.ContentResponse(200, [], path=str(p), offset=0, length=20)
+        assert b"".join([b async for b in C.iter_body(whole, chunk=7)]) == bytes(range(20))
+        assert [b async for b in C.iter_body(C.ContentResponse(200, [], path=str(p),
+                                                              length=0))] == []
+        short = C.ContentResponse(200, [], path=str(p), offset=15, length=10)
+        with pytest.raises(C.ContentError) as e:
+            _ = [b async for b in C.iter_body(short, chunk=4)]
+        assert (str(e.value), e.value.where) == ("content file ended at 20, 5 bytes short",
+                                                 "path")
+        gone = C.ContentResponse(200, [], path=str(tmp_path / "gone"), length=5)
+        with pytest.raises(C.ContentError) as e:
+            _ = [b async for b in C.iter_body(gone)]
+        assert (str(e.value), e.value.where) == (
+            "content file unreadable: No such file or directory", "path")
+    asyncio.run(main())
+
+
+def test_download_paths_and_urls_edges():
+    assert C.content_id_from_path("/content/c1?x=1?y=2") == "c1"
+    assert C.content_id_from_path("/content/a/content/b") is None     # the first /content/
+    assert C.content_id_from_path("/dm/content/c%2F1") == "c/1"
+    assert C.download_url("c1", "http://hostX/") == "http://hostX/content/c1"
+    assert C.download_url("a b", "http://h//") == "http://h/content/a%20b"
+
+
+def test_sweep_temp_counts_each_file_and_keeps_one_exactly_at_the_age(tmp_path):
+    svc = C.ContentService(None, tmp_path / "files", clock=lambda: 10_000.0)
+    for name, mtime in ((".tmp-a", 9_000.0), (".tmp-b", 9_899.0), (".tmp-edge", 9_900.0),
+                        (".tmp-new", 9_990.0), ("c1", 1.0)):
+        f = tmp_path / "files" / name
+        f.write_bytes(b"x")
+        os.utime(f, (mtime, mtime))
+    assert svc.sweep_temp(max_age=100.0) == 2
+    assert sorted(os.listdir(tmp_path / "files")) == [".tmp-edge", ".tmp-new", "c1"]
