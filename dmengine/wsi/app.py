@@ -150,6 +150,7 @@ async def start_api(engine: Services, host: str, port: int, *,
     return runner, runner.addresses[0][1]
 
 
-__all__ = ["make_app", "api_middleware", "start_api", "require_key", "authenticate", "ROLE_OF", "is_public", "ENGINE", "Services",
-           "PUBLIC", "PUBLIC_PREFIXES", "MAX_JSON_BODY", "MAX_UPLOAD", "Target", "decode_body",
-           "json_response", "error_response", "read_json_body", "errors"]
+__all__ = ["make_app", "api_middleware", "start_api", "require_key", "authenticate", "ROLE_OF",
+           "is_public", "ENGINE", "Services", "PUBLIC", "PUBLIC_PREFIXES", "MAX_JSON_BODY",
+           "MAX_UPLOAD", "Target", "decode_body", "json_response", "error_response",
+           "read_json_body", "errors"]

@@ -222,5 +222,5 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
 
 
 __all__ = ["errors", "error_answer", "route_label", "label_of", "role_of", "json_response",
-           "error_response", "read_json_body", "decode_body", "decode_json", "optional_body", "parse_query", "msgspec_where", "body_too_large",
-           "MAX_JSON_BODY", "MAX_UPLOAD"]
+           "error_response", "read_json_body", "decode_body", "decode_json", "optional_body",
+           "parse_query", "msgspec_where", "body_too_large", "MAX_JSON_BODY", "MAX_UPLOAD"]
