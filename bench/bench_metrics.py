@@ -151,15 +151,15 @@ async def _sim_round(fleet: Any, port: int, pid: int, conns: int,
 # servers run the same code path), and ``callgrind_control`` zeroes the counters before the
 # measured messages and dumps them after.  Start-up and warm-up are outside the count.
 
-def _serve(metrics_on: bool) -> None:
-    """``python -m bench.bench_metrics --serve on|off``: the measured server in this process
-    (valgrind runs it), its port on stdout; it ends when stdin closes."""
+def _serve(metrics_on: bool, auth: str, mode: str) -> None:
+    """``python -m bench.bench_metrics --serve on|off AUTH MODE``: the measured server in this
+    process (valgrind runs it), its port on stdout; it ends when stdin closes."""
     import sys
 
     import uvloop
 
     async def main() -> None:
-        srv = await _build(metrics_on, "none", "none")
+        srv = await _build(metrics_on, auth, mode)
         print(srv.port, flush=True)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -206,6 +206,59 @@ class _Conn:
         self.sock.close()
 
 
+class _Pkg1Load:
+    """Package 1 after package 1 (a new session each), cycling through ``bodies``."""
+
+    def __init__(self, port: int, bodies: list[bytes]) -> None:
+        self.requests = [_post(port, b) for b in bodies]
+        self.at = 0
+
+    def run(self, conn: _Conn, n: int) -> int:
+        for _ in range(n):
+            status, _ = conn.exchange(self.requests[self.at % len(self.requests)])
+            self.at += 1
+            if status != 200:
+                raise RuntimeError(f"the measured server answered {status}")
+        return n
+
+
+class _SessionLoad:
+    """Whole MD5 sessions of simulator devices (package 1 to the server's last message), one
+    message at a time; the devices keep their nonces from one session to their next."""
+
+    def __init__(self, port: int, devices: int) -> None:
+        from dmengine.simulator.device import DeviceProfile, VirtualDevice
+        prof = DeviceProfile(server_url=f"http://127.0.0.1:{port}/dm", encoding="wbxml",
+                             auth="md5")
+        self.devices = [VirtualDevice(i, prof) for i in range(devices)]
+        self.at = 0
+
+    def run(self, conn: _Conn, n: int) -> int:
+        """Sessions until at least ``n`` messages; returns the messages sent."""
+        from urllib.parse import urlsplit
+        sent = 0
+        while sent < n:
+            dev = self.devices[self.at % len(self.devices)]
+            self.at += 1
+            cs = dev.session(session_id=format(1 + self.at % 0xFFFE, "X"))
+            out = cs.first()
+            while out is not None:
+                url = urlsplit(out.url)
+                head = "".join(f"{k}: {v}\r\n" for k, v in out.wire_headers
+                               if k.lower() not in ("host", "content-length"))
+                status, body = conn.exchange(
+                    (f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n{head}"
+                     f"Content-Length: {len(out.body)}\r\n\r\n").encode() + out.body)
+                sent += 1
+                if status != 200:
+                    raise RuntimeError(f"the measured server answered {status}")
+                cs.receive(body)
+                out = cs.next()
+            if cs.outcome != "completed":
+                raise RuntimeError(f"a simulator session ended {cs.outcome}: {cs.detail}")
+        return sent
+
+
 def _callgrind_total(path: str) -> int:
     """Instructions (Ir) of one callgrind dump."""
     with open(path) as f:
@@ -215,10 +268,11 @@ def _callgrind_total(path: str) -> int:
     raise ValueError(f"{path}: no summary/totals line in the callgrind dump")
 
 
-def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
+def _instructions(metrics_on: bool, auth: str, mode: str, load: Any, n: int, windows: int,
                   workdir: str) -> dict[str, Any]:
-    """Instructions per message of ``windows`` windows of ``n`` messages each, and of one
-    ``/metrics`` scrape, in one server under callgrind."""
+    """Instructions per message of ``windows`` windows of ``n`` messages each (``load(port)``:
+    what sends them, one at a time), and of one ``/metrics`` scrape, in one server (``_build``'s,
+    with ``auth`` and ``mode``) under callgrind."""
     import os
     import shutil
     import subprocess
@@ -227,8 +281,8 @@ def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
     from bench.common import ROOT
 
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise RuntimeError("valgrind (Debian package valgrind) is needed for the instruction "
-                           "counts of bench metrics")
+        raise RuntimeError("valgrind (Debian package valgrind: make deps) is needed for the "
+                           "instruction counts of bench metrics")
     tag = "on" if metrics_on else "off"
     os.makedirs(workdir, exist_ok=True)
     out = os.path.join(workdir, f"cg-{tag}.out")
@@ -236,8 +290,9 @@ def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
     # setarch -R: no address-space randomisation, so that the objects' addresses (and with
     # them CPython's type-attribute cache collisions) are the same from one run to the next
     proc = subprocess.Popen(
-        ["setarch", "-R", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-         sys.executable, "-m", "bench.bench_metrics", "--serve", tag],
+        ["setarch", "-R", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+         "--dump-instr=no", sys.executable, "-m", "bench.bench_metrics", "--serve", tag, auth,
+         mode],
         cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL)
     dumps = 0
@@ -246,46 +301,36 @@ def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
         subprocess.run(["callgrind_control", flag, str(proc.pid)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
-    def count(fn: Any) -> int:
+    def count(fn: Any) -> tuple[int, Any]:
         nonlocal dumps
         control("-z")
-        fn()
+        got = fn()
         control("-d")
         dumps += 1
-        return _callgrind_total(f"{out}.{dumps}")
+        return _callgrind_total(f"{out}.{dumps}"), got
 
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
-        reqs = [_post(port, b) for b in bodies]
-        scrape_req = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sender = load(port)
         conn, scraper = _Conn(port), _Conn(port)
-        statuses: list[int] = []
-        at = 0
 
-        def messages() -> None:
-            nonlocal at
-            for _ in range(n):
-                statuses.append(conn.exchange(reqs[at % len(reqs)])[0])
-                at += 1
+        def scrape() -> int:
+            status, body = scraper.exchange(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            if status != 200:
+                raise RuntimeError(f"the measured server ({tag}) answered /metrics with {status}")
+            return len(body)
 
-        sizes: list[int] = []
-
-        def scrape() -> None:
-            status, body = scraper.exchange(scrape_req)
-            statuses.append(status)
-            sizes.append(len(body))
-
-        messages()                    # warm-up: codec tables, token pool, free lists
+        sender.run(conn, n)           # warm-up: codec tables, token pool, free lists
         scrape()
-        per_msg = [count(messages) / n for _ in range(windows)]
-        per_scrape = count(scrape)
+        per_msg = []
+        for _ in range(windows):
+            instr, sent = count(lambda: sender.run(conn, n))
+            per_msg.append(instr / sent)
+        per_scrape, size = count(scrape)
         conn.close()
         scraper.close()
-        bad = [s for s in statuses if s != 200]
-        if bad:
-            raise RuntimeError(f"the measured server ({tag}) answered {len(bad)} non-200")
-        return {"per_msg": per_msg, "scrape": per_scrape, "scrape_bytes": max(sizes)}
+        return {"per_msg": per_msg, "scrape": per_scrape, "scrape_bytes": size}
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -296,32 +341,18 @@ def _instructions(metrics_on: bool, bodies: list[bytes], n: int, windows: int,
             proc.wait()
 
 
-def instruction_rows(quick: bool = False, off_cpu_us: float | None = None) -> list[Row]:
-    """The callgrind rows: instructions per pkg1->pkg2 message, metrics on versus off, and a
-    second server without metrics against the first (A/A: what separate processes alone make
-    of the count).  ``off_cpu_us``: the server's CPU per message without metrics, from the
-    wall-clock rounds, to share one scrape a second over a second of the server's messages."""
-    import tempfile
-
-    n, windows = (200, 2) if quick else (2000, 3)
-    bodies = _pkg1_bodies(500)
-    with tempfile.TemporaryDirectory(prefix="bench-metrics-cg-") as tmp:
-        off = _instructions(False, bodies, n, windows, tmp)
-        on = _instructions(True, bodies, n, windows, tmp)
-        off2 = _instructions(False, bodies, n, windows, f"{tmp}/2")
-    case = "dm pkg1->pkg2, instructions (callgrind, one connection, in order)"
+def _instruction_case(case: str, off: dict[str, Any], on: dict[str, Any],
+                      off_cpu_us: float | None) -> list[Row]:
     off_i = statistics.median(off["per_msg"])
     on_i = statistics.median(on["per_msg"])
-    off2_i = statistics.median(off2["per_msg"])
-    spread = max(max(r["per_msg"]) / min(r["per_msg"]) for r in (off, on, off2)) - 1
+    spread = max(max(r["per_msg"]) / min(r["per_msg"]) for r in (off, on)) - 1
     rows = [
         Row(case, "instructions per message, metrics off", round(off_i), "instr"),
         Row(case, "instructions per message, metrics on", round(on_i), "instr",
             "metrics off (off/on)", round(off_i), round(off_i / on_i, 4)),
         Row(case, "metrics cost: instructions per message", round((on_i / off_i - 1) * 100, 2),
             "%", "target", 3.0, None),
-        Row(case, f"windows of {n} messages in one server: max/min - 1",
-            round(spread * 100, 3), "%", None, None, None),
+        Row(case, "windows of one server: max/min - 1", round(spread * 100, 3), "%"),
         Row(case, "instructions per /metrics scrape, metrics on", on["scrape"], "instr",
             "metrics off (empty body)", off["scrape"], None),
     ]
@@ -334,9 +365,41 @@ def instruction_rows(quick: bool = False, off_cpu_us: float | None = None) -> li
         rows.append(Row(case, "metrics cost: instructions per message, with a scrape a second",
                         round((on_i + scrape_per_msg - off_i) / off_i * 100, 2), "%",
                         "messages per CPU second, metrics off", round(per_s), None))
+    return rows
+
+
+def instruction_rows(quick: bool = False, pkg1_cpu_us: float | None = None,
+                     md5_cpu_us: float | None = None) -> list[Row]:
+    """The callgrind rows, metrics on versus off: instructions per pkg1->pkg2 message, with a
+    second server without metrics against the first (A/A: what separate processes alone make
+    of the count), and per message of whole MD5 sessions.  ``*_cpu_us``: the server's CPU per
+    message without metrics, from the wall-clock rounds, to share one scrape a second over
+    a second of the server's messages."""
+    import tempfile
+
+    n, windows = (200, 2) if quick else (2000, 3)
+    bodies = _pkg1_bodies(500)
+
+    def pkg1(port: int) -> _Pkg1Load:
+        return _Pkg1Load(port, bodies)
+
+    def md5(port: int) -> _SessionLoad:
+        return _SessionLoad(port, 200)
+
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-cg-") as tmp:
+        off = _instructions(False, "none", "none", pkg1, n, windows, f"{tmp}/pkg1")
+        on = _instructions(True, "none", "none", pkg1, n, windows, f"{tmp}/pkg1")
+        off2 = _instructions(False, "none", "none", pkg1, n, windows, f"{tmp}/pkg1-2")
+        md5_off = _instructions(False, "md5", "some", md5, n, windows, f"{tmp}/md5")
+        md5_on = _instructions(True, "md5", "some", md5, n, windows, f"{tmp}/md5")
+    rows = _instruction_case("dm pkg1->pkg2, instructions (callgrind, one connection, in order)",
+                             off, on, pkg1_cpu_us)
+    off_i, off2_i = statistics.median(off["per_msg"]), statistics.median(off2["per_msg"])
     rows.append(Row("control: a second server without metrics (A/A)",
                     "metrics cost: instructions per message",
                     round((off2_i / off_i - 1) * 100, 2), "%", "target", 3.0, None))
+    rows += _instruction_case("dm md5 sessions, instructions (callgrind, one connection, "
+                              "in order; 20% with Get+Replace)", md5_off, md5_on, md5_cpu_us)
     return rows
 
 
@@ -479,13 +542,15 @@ def run(quick: bool = False) -> None:
                     round(calls / off_cpu * 100, 2), "%", "target", 3.0, None))
 
     # 4. instructions per message under callgrind, metrics on versus off: the repeatable figure
-    rows += instruction_rows(quick, off_cpu_us=off_cpu)
+    md5_cpu = statistics.median(b["cpu_us"] for _, b in sim_pairs if b["cpu_us"] > 0)
+    rows += instruction_rows(quick, pkg1_cpu_us=off_cpu, md5_cpu_us=md5_cpu)
     write_results(NAME, rows, **extra)
 
 
 if __name__ == "__main__":
     import sys
     if "--serve" in sys.argv:
-        _serve(sys.argv[sys.argv.index("--serve") + 1] == "on")
+        at = sys.argv.index("--serve")
+        _serve(sys.argv[at + 1] == "on", sys.argv[at + 2], sys.argv[at + 3])
     else:
         run(quick="--quick" in sys.argv)
