@@ -947,7 +947,7 @@ def test_recover_pages_through_many_tasks_and_jobs():
         async with World(1) as w:
             now = w.clock.now
             for k in range(2):
-                jid = f"j{k}"
+                jid = f"z{k}"                   # after the 500 x… jobs: on the second page
                 await w.store.create_job(Job(job_id=jid, state=J.PAUSED if k else J.RUNNING))
                 await w.store.create_tasks([
                     Task(task_id=f"{jid}-{i}", dev_id=device(0).dev_id, op=OP, job_id=jid,
@@ -957,7 +957,7 @@ def test_recover_pages_through_many_tasks_and_jobs():
                 await w.store.create_job(Job(job_id=f"x{i:03d}", state=J.RUNNING))
             assert await w.scheduler.recover() == 1010
             assert {t.next_attempt for t in (await w.store.tasks_by_job(
-                "j1", state=S.PENDING, limit=1000)).items} == {now}
+                "z1", state=S.PENDING, limit=1000)).items} == {now}
     run(main())
 
 
@@ -970,7 +970,7 @@ def test_recover_leaves_a_task_whose_device_connected_to_its_session():
 
             def in_session(tid: str) -> bool:
                 calls["n"] += 1
-                return calls["n"] > 1         # connected while the move was written
+                return tid == "t" and calls["n"] > 1   # connected while the move was written
             w.broker.sessions.in_session = in_session  # type: ignore[method-assign]
             assert await w.scheduler.recover() == 1
             t = await w.store.get_task("t")
@@ -1192,4 +1192,159 @@ def test_follow_up_windows_in_the_devices_zone():
         async with World(devices=devs, clock=Clock(MONDAY + H - 0.5)) as w:
             got = await w.scheduler.follow_up(await accepted(w, "c", 2), win)
             assert got.followups == 0 and got.next_attempt == MONDAY + H
+    run(main())
+
+
+def test_recover_causes_skips_and_its_log_line(caplog):
+    async def main() -> None:
+        async with World(8, claim_lease=100.0) as w:
+            now = w.clock.now
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            # in id order within each state: the skipped ones first, the others after them
+            await w.store.create_tasks([
+                _t("a-due", 0, state=S.NOTIFIED, next_attempt=now, attempts=1),
+                _t("b-busy", 1, state=S.NOTIFIED, next_attempt=now + 50, attempts=1),
+                _t("c-back", 2, state=S.NOTIFIED, next_attempt=now + 50, attempts=1),
+                _t("d-busy", 3, state=S.IN_PROGRESS, attempts=1),
+                _t("e-cut", 4, state=S.IN_PROGRESS, attempts=1),
+                _t("f-ask", 5, state=S.WAITING_USER, attempts=1)])
+            w.broker.sessions.in_session = lambda tid: tid.endswith("-busy")  # type: ignore
+            with caplog.at_level(logging.INFO, logger="dmengine.scheduler"):
+                assert await w.scheduler.recover() == 3
+            assert await w.last("c-back") == ("PENDING", "the server restarted: notifying again")
+            assert await w.last("e-cut") == ("PENDING", "the server restarted before the "
+                                                        "device answered")
+            assert await w.last("f-ask") == ("PENDING", "the server restarted before the "
+                                                        "device answered")
+            for tid in ("a-due", "b-busy", "d-busy"):
+                assert (await w.store.get_task(tid)).history_len == 1, tid
+            assert "scheduler: 3 job tasks of the previous process due again" in \
+                [r.getMessage() for r in caplog.records]
+    run(main())
+
+
+def _t(tid: str, i: int, **kw: Any) -> Task:
+    return Task(task_id=tid, dev_id=device(i).dev_id, op=OP, job_id="j", correlator=tid, **kw)
+
+
+def test_recover_at_the_edge_of_the_lease():
+    async def main() -> None:
+        async with World(2, claim_lease=100.0) as w:
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            (t,) = await w.store.create_tasks([_t("t", 0, state=S.NOTIFIED, attempts=1,
+                                                  next_attempt=w.clock.now + 500)])
+            w.clock.now = t.updated + 100.0         # touched exactly a lease ago: put back
+            assert await w.scheduler.recover() == 1
+        async with World(2, claim_lease=100.0) as w:
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            (t,) = await w.store.create_tasks([_t("t", 0, state=S.NOTIFIED, attempts=1,
+                                                  next_attempt=w.clock.now + 50)])
+            w.clock.now = t.next_attempt            # due at this very moment: due anyway
+            assert await w.scheduler.recover() == 0
+    run(main())
+
+
+def test_the_pass_lag_counts_from_the_pass_start_and_its_time_is_measured():
+    async def main() -> None:
+        clock = Clock(1000.0)
+        async with World(2, clock=clock, notify_parallel=1) as w:
+            await w.task("a", 0, next_attempt=1000.0)
+            await w.task("b", 1, next_attempt=1000.0)
+
+            async def slow(msisdn: str) -> None:
+                clock.now += 3.0
+            w.on_send = slow
+            await w.scheduler.tick()
+            assert w.metrics.lag.total == 3.0 + 6.0          # both due at the pass start
+            assert w.metrics.passes.count == 1 and 0 <= w.metrics.passes.total < 60
+    run(main())
+
+
+def test_an_expiry_that_fails_does_not_stop_the_pass(caplog):
+    async def main() -> None:
+        async with World(4, max_notifications=1) as w:
+            now = w.clock.now
+            await w.task("old", 0, deadline=now - 1, state=S.NOTIFIED, next_attempt=now + 99)
+            await w.task("spent", 1, state=S.NOTIFIED, attempts=1, next_attempt=now)
+            real = w.tasks.finish
+            failing = {"old", "spent"}
+
+            async def flaky(task: Task, *a: Any, **k: Any) -> Any:
+                if task.task_id in failing:
+                    failing.discard(task.task_id)
+                    raise RuntimeError("cannot now")
+                return await real(task, *a, **k)
+            w.tasks.finish = flaky  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                assert await w.scheduler.tick() == 2
+            assert (await w.store.get_task("old")).state == S.FAILED
+            assert (await w.store.get_task("spent")).state == S.FAILED
+            msgs = [r.getMessage() for r in caplog.records]
+            assert "scheduler: task old failed" in msgs and "scheduler: task spent failed" in msgs
+    run(main())
+
+
+def test_retries_skip_one_task_and_go_on_to_the_next():
+    async def main() -> None:
+        async with World(8) as w:
+            now = w.clock.now
+            await w.store.create_job(Job(job_id="paused", op=OP, state=J.PAUSED))
+            acc = DmAccount(server_id="dmengine", client_name="b", client_password="c",
+                            server_password="s")
+            # claimed oldest first: each skipped task is due before the one that goes
+            await w.task("busy", 0, state=S.NOTIFIED, attempts=1, next_attempt=now - 9)
+            await w.task("ask", 1, state=S.WAITING_USER, next_attempt=now - 8)
+            await w.task("boot", 2, op=BootstrapOp(account=acc), next_attempt=now - 7)
+            await w.task("paused", 3, job_id="paused", next_attempt=now - 6)
+            await w.task("go", 4, state=S.NOTIFIED, attempts=1, next_attempt=now)
+            w.broker.sessions.in_session = lambda tid: tid == "busy"  # type: ignore
+            assert await w.scheduler.tick() == 1
+            assert (await w.store.get_task("go")).attempts == 2
+            assert [m for m, _ in w.sent] == [device(4).msisdn]
+    run(main())
+
+
+def test_retries_in_the_jobs_window_zone_and_inside_it():
+    async def main() -> None:
+        win = [TimeWindow(start=H, end=2 * H)]
+
+        async def world_with_retry(clock: Clock, tz: str | None) -> World:
+            w = World(4, clock=clock, claim_lease=30 * H)
+            await w.__aenter__()
+            job = await a_job(w, 2, windows=win, tz=tz)
+            await w.store.create_job_tasks(job.job_id, 0, [Task(
+                task_id="r", dev_id=device(0).dev_id, op=OP, job_id=job.job_id,
+                correlator="r", state=S.NOTIFIED, attempts=1, next_attempt=clock.now)])
+            return w
+        # 01:00 UTC is 10:00 in Tokyo: held until 01:00 Tokyo (16:00 UTC)
+        w = await world_with_retry(Clock(MONDAY + H), "Asia/Tokyo")
+        await w.scheduler.tick()
+        assert (await w.store.get_task("r")).next_attempt == MONDAY + 16 * H
+        await w.__aexit__()
+        # inside the window: sent now
+        w = await world_with_retry(Clock(MONDAY + H), None)
+        await w.scheduler.tick()
+        assert (await w.store.get_task("r")).attempts == 2
+        await w.__aexit__()
+        # half a second before it opens: held until it opens
+        w = await world_with_retry(Clock(MONDAY + H - 0.5), None)
+        await w.scheduler.tick()
+        t = await w.store.get_task("r")
+        assert t.attempts == 1 and t.next_attempt == MONDAY + H
+        await w.__aexit__()
+    run(main())
+
+
+def test_a_job_that_changed_under_the_pass_does_not_stop_the_others():
+    async def main() -> None:
+        async with World(4) as w:
+            high = await a_job(w, 1, priority=9)
+            low = await a_job(w, 1, priority=1)
+            stale = await w.store.get_job(high.job_id)
+            await w.broker.jobs.pause(high.job_id)
+            fresh = await w.store.get_job(low.job_id)
+            n = await w.scheduler._run_jobs({high.job_id: stale, low.job_id: fresh},
+                                            w.clock.now)
+            assert n == 1 and (await w.store.get_job(low.job_id)).total == 1
+            assert (await w.store.get_job(high.job_id)).total == 0
     run(main())
