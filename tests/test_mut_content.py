@@ -453,3 +453,31 @@ def test_sweep_temp_counts_each_file_and_keeps_one_exactly_at_the_age(tmp_path):
         os.utime(f, (mtime, mtime))
     assert svc.sweep_temp(max_age=100.0) == 2
     assert sorted(os.listdir(tmp_path / "files")) == [".tmp-edge", ".tmp-new", "c1"]
+
+
+def test_what_a_download_that_cannot_be_served_logs_and_answers_to_head(tmp_path, caplog):
+    async def scenario(store, svc):
+        big = await _put(svc, "big.bin", b"x" * 300)                  # served from its file
+        gone = await _put(svc, "gone.bin", b"g" * 300)
+        odd = await _put(svc, "odd.bin", b"o" * 300)
+        with open(svc.file_of(big), "ab") as f:
+            f.write(b"more")
+        os.unlink(svc.file_of(gone))
+        await store.update_content(odd.content_id, {"content_type": "text/plain\nX: y"})
+        caplog.set_level(logging.WARNING, logger="dmengine.content")
+        r = await svc.serve(big.content_id, None, head=True)
+        assert (r.status, r.head, r.body) == (500, True, b"content file damaged\n")
+        r = await svc.serve(gone.content_id, None, head=True)
+        assert (r.status, r.head) == (404, True)
+        r = await svc.serve("nope", None, head=True)
+        assert (r.status, r.head, r.body) == (404, True, b"no content 'nope'\n")
+        r = await svc.serve(odd.content_id, None)
+        assert r.status == 200 and r.header("Content-Type") == "application/octet-stream"
+        msgs = [r.getMessage() for r in caplog.records]
+        assert msgs[0] == f"content {big.content_id}: file has 304 bytes, record says 300"
+        assert msgs[1].startswith(f"content {gone.content_id}: file missing or bad: ")
+        assert "No such file or directory" in msgs[1]
+        assert msgs[2] == (f"content {odd.content_id}: stored content type 'text/plain\\nX: y' "
+                           f"is not a media type; sent as application/octet-stream")
+        assert len(msgs) == 3
+    _with_service(tmp_path, scenario, memory_body=100)
