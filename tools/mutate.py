@@ -45,9 +45,13 @@ MODULES: dict[str, list[str]] = {
     "dmengine/devices.py": ["tests/test_devices_api.py", "tests/test_mut_policy.py",
                             "tests/test_mut_devices.py"],
     "dmengine/content.py": ["tests/test_content.py", "tests/test_mut_content.py"],
-    "dmengine/tasks.py": ["tests/test_broker_e2e.py", "tests/test_mut_fumo.py"],
-    "dmengine/commands.py": ["tests/test_broker_e2e.py", "tests/test_broker_templates.py"],
-    "dmengine/sessions.py": ["tests/test_broker_e2e.py", "tests/test_mut_fumo.py",
+    "dmengine/tasks.py": ["tests/test_mut_tasks.py", "tests/test_broker_e2e.py",
+                          "tests/test_mut_fumo.py"],
+    "dmengine/commands.py": ["tests/test_mut_commands.py", "tests/test_broker_templates.py",
+                             "tests/test_broker_e2e.py"],
+    # (not test_broker_e2e.py: a mutant that stalls a task makes each of its tests wait out
+    # its 15 s wait_state, and sessions.py has 1,164 mutants; its unit tests drive every hook)
+    "dmengine/sessions.py": ["tests/test_mut_sessions.py", "tests/test_mut_fumo.py",
                              "tests/test_mut_policy.py"],
     "dmengine/scheduler.py": ["tests/test_scheduler_recovery.py", "tests/test_jobs.py"],
     "dmengine/bulk.py": ["tests/test_jobs.py", "tests/test_jobs_paging.py"],
