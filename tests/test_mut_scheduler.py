@@ -1348,3 +1348,58 @@ def test_a_job_that_changed_under_the_pass_does_not_stop_the_others():
             assert n == 1 and (await w.store.get_job(low.job_id)).total == 1
             assert (await w.store.get_job(high.job_id)).total == 0
     run(main())
+
+
+def test_one_notification_at_a_time_when_notify_parallel_is_one():
+    async def main() -> None:
+        async with World(3, notify_parallel=1) as w:
+            for i in range(3):
+                await w.task(f"t{i}", i, next_attempt=w.clock.now)
+            live, peak = 0, 0
+
+            async def slow(msisdn: str) -> None:
+                nonlocal live, peak
+                live += 1
+                peak = max(peak, live)
+                await asyncio.sleep(0.01)
+                live -= 1
+            w.on_send = slow
+            await w.scheduler.tick()
+            assert peak == 1 and len(w.sent) == 3
+    run(main())
+
+
+def test_the_pass_hands_each_task_its_job_for_the_devices_window():
+    async def main() -> None:
+        # 01:00 UTC: inside the job's window in its zone (UTC); 10:00 in the device's Tokyo
+        devs = [device(0, tz="Asia/Tokyo"), device(1)]
+        async with World(devices=devs, clock=Clock(MONDAY + H)) as w:
+            job = await a_job(w, 2, windows=[TimeWindow(start=H, end=2 * H)])
+            await w.scheduler.tick()
+            got = {t.dev_id: t for t in (await w.store.tasks_by_job(job.job_id,
+                                                                     limit=5)).items}
+            tokyo = got[device(0).dev_id]
+            assert tokyo.state == S.PENDING and tokyo.next_attempt == MONDAY + 16 * H
+            assert got[device(1).dev_id].state == S.NOTIFIED
+    run(main())
+
+
+def test_the_guards_log_lines_name_the_task_job_and_device(caplog):
+    async def main() -> None:
+        async with World(2) as w:
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            (t,) = await w.store.create_tasks([_t("t", 1)])
+
+            async def bad() -> None:
+                raise ValueError("boom")
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                await w.scheduler._guarded(t, bad())
+                w.tasks.finish = lambda *a, **k: bad()  # type: ignore[method-assign]
+                await w.scheduler._guarded(t, bad())
+            recs = [r for r in caplog.records if r.name == "dmengine.scheduler"]
+            assert [r.getMessage() for r in recs] == ["scheduler: task t failed",
+                                                      "scheduler: task t failed",
+                                                      "scheduler: task t could not be failed"]
+            for r in recs:
+                assert (r.dm_task, r.dm_job, r.dm_device) == ("t", "j", device(1).dev_id)
+    run(main())
