@@ -318,6 +318,8 @@ def test_create_refusals_name_their_field():
              "stages[1].percent", "stages must grow: each percent above the one before"),
             (create(OP, sel, stages=[Stage(percent=20), Stage(percent=90)]), InvalidRequest,
              "stages[1]", "the last stage must be 100 percent"),
+            (create(OP, sel, stages=[Stage(percent=50)]), InvalidRequest,
+             "stages[0]", "the last stage must be 100 percent"),
             (create(OP, sel, windows=[TimeWindow(start=5, end=6), TimeWindow(start=7, end=7)]),
              InvalidRequest, "windows[1]", "an empty window"),
             (create(OP, sel, tz="Mars/Olympus"), InvalidRequest, "tz",
@@ -333,6 +335,7 @@ def test_create_refusals_name_their_field():
         # nothing was written by a refused request
         assert (await store.list_jobs(limit=100)).items == []
         # the limits themselves are allowed
+        assert (await create(OP, Selection(dev_ids=["x"]))).targets == 1     # one character
         ok = await create(OP, Selection(dev_ids=["x" * 128]), start_at=MONDAY,
                           end_at=MONDAY + 0.5, tz="Europe/Berlin",
                           stages=[Stage(percent=0.5), Stage(percent=100)],
