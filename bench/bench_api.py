@@ -17,6 +17,15 @@ The load comes from ``wrk`` (Debian's, pinned to CPU 1) with keep-alive connecti
 wrk, from an asyncio client in a second process writing raw HTTP/1.1 on keep-alive sockets.
 The machine is shared and noisy: the row's value is the median over the rounds and the ratio
 the median of the per-round ratios (each round runs both sides back to back).
+
+The same comparison is also counted in instructions (``valgrind --tool=callgrind``, as
+bench_metrics does): a second engine and a second bare handler run under callgrind, answer
+getTaskById on one keep-alive connection one request at a time, and ``callgrind_control``
+zeroes the counters before the measured requests and dumps them after.  Instructions do not
+depend on what else runs on the machine, where CPU time per request moves by ±10 % or more.
+They count against the engine somewhat: its timers (the scheduler's pass, the job tally)
+fire by the wall clock, and a request under callgrind takes some fifty times longer, so
+their work is spread over fewer requests than in a real run.
 """
 from __future__ import annotations
 
@@ -112,11 +121,16 @@ def start_engine(data: str) -> tuple[subprocess.Popen[str], str, str]:
                                               "--data", data, "--device-port", "0",
                                               "--api-port", "0"]),
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return (p, *_announced(p))
+
+
+def _announced(p: subprocess.Popen[str], deadline: float = 60) -> tuple[str, str]:
+    """The API URL and key ``dmengine serve`` prints."""
     seen: dict[str, str] = {}
-    deadline = time.monotonic() + 60
+    until = time.monotonic() + deadline
     assert p.stdout is not None
     while "API key" not in seen:
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             p.kill()
             raise RuntimeError(f"dmengine serve printed only {seen}")
         line = p.stdout.readline()
@@ -125,7 +139,7 @@ def start_engine(data: str) -> tuple[subprocess.Popen[str], str, str]:
         m = LINE.match(line.strip())
         if m:
             seen[m.group(1)] = m.group(2)
-    return p, seen["API"], seen["API key"]
+    return seen["API"], seen["API key"]
 
 
 def start_bare(body: bytes) -> tuple[subprocess.Popen[bytes], int]:
@@ -208,10 +222,97 @@ def load(url: str, key: str, *, seconds: float, conns: int, method: str = "GET",
                                             u.hostname or "127.0.0.1", str(u.port),
                                             str(conns), str(seconds)]),
                        input=request, capture_output=True, timeout=seconds + 60)
-    rps, bad = r.stdout.split()
-    if int(bad):
-        raise RuntimeError(f"{int(bad)} answers were not 2xx")
+    rps, failed = r.stdout.split()
+    if int(failed):
+        raise RuntimeError(f"{int(failed)} answers were not 2xx")
     return float(rps), int(float(rps) * seconds)
+
+
+def _callgrind(argv: list[str], out: str, **kw: Any) -> subprocess.Popen[Any]:
+    return subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                             "--dump-instr=no", *argv], cwd=ROOT,
+                            env=dict(os.environ, PYTHONHASHSEED="0"),
+                            stderr=subprocess.DEVNULL, **kw)
+
+
+def _per_request(pid: int, out: str, port: int, request: bytes, n: int,
+                 windows: int) -> list[float]:
+    """Instructions per request of process ``pid`` (under callgrind) answering ``request``
+    ``n`` times on one keep-alive connection, for each of ``windows`` windows."""
+    from bench.bench_metrics import _callgrind_total, _Conn
+
+    def control(flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(pid)], check=True, timeout=300,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn = _Conn(port)
+    try:
+        for _ in range(max(50, n // 5)):          # warm-up: caches, free lists, the JIT-less
+            status, _ = conn.exchange(request)     # interpreter's specialised opcodes
+            if status != 200:
+                raise RuntimeError(f"warm-up answer {status}")
+        per = []
+        for w in range(windows):
+            control("-z")
+            for _ in range(n):
+                status, _ = conn.exchange(request)
+                if status != 200:
+                    raise RuntimeError(f"measured answer {status}")
+            control("-d")
+            per.append(_callgrind_total(f"{out}.{w + 1}") / n)
+        return per
+    finally:
+        conn.close()
+
+
+def instructions(tmp: str, n: int, windows: int) -> tuple[list[float], list[float]]:
+    """(engine, bare) instructions per getTaskById, each under callgrind (module docstring)."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise RuntimeError("valgrind (Debian package valgrind) is needed for the instruction "
+                           "counts of bench api")
+    out = os.path.join(tmp, "engine.cg")
+    data = os.path.join(tmp, "cg-var")
+    p = _callgrind([sys.executable, "-m", "dmengine", "serve", "--data", data,
+                    "--device-port", "0", "--api-port", "0"], out,
+                   stdout=subprocess.PIPE, text=True)
+    try:
+        api, key = _announced(p, deadline=600)
+        task_url, answer = _one_task(api, key)
+        port = int(api.rstrip("/").rsplit(":", 1)[1])
+        path = task_url[len(api.rstrip("/")):]
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n"
+                   .encode())
+        engine = _per_request(p.pid, out, port, request, n, windows)
+    finally:
+        stop(p)
+    out = os.path.join(tmp, "bare.cg")
+    b = _callgrind([sys.executable, "-c", BARE_APP], out, stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE)
+    try:
+        assert b.stdin is not None and b.stdout is not None
+        b.stdin.write(answer)
+        b.stdin.close()
+        bare = _per_request(b.pid, out, int(b.stdout.readline()), request, n, windows)
+    finally:
+        stop(b)
+    return engine, bare
+
+
+def _one_task(api: str, key: str) -> tuple[str, bytes]:
+    """One device and one QUERY task made through the API (no gateway: the task waits for
+    its device); the task's URL and its getTaskById answer."""
+    status, _ = call(api + "v1/devices", key, {
+        "devId": "IMEI:356938035643809", "imei": "356938035643809",
+        "msisdn": "+491701234567"})
+    assert status == 201
+    status, created = call(api + "v1/operations", key, OP)
+    task_url = api + f"v1/tasks/{json.loads(created)['taskId']}"
+    status, answer = call(task_url, key)
+    assert status == 200 and b'"status":"PENDING"' in answer
+    return task_url, answer
+
+
+OP = {"target": {"devId": "IMEI:356938035643809"},
+      "operation": {"operation": "QUERY", "nodes": ["./DevInfo/Mod"]}}
 
 
 def run(quick: bool) -> None:
@@ -224,16 +325,7 @@ def run(quick: bool) -> None:
     engine = bare = None
     try:
         engine, api, key = start_engine(os.path.join(tmp, "var"))
-        status, _ = call(api + "v1/devices", key, {
-            "devId": "IMEI:356938035643809", "imei": "356938035643809",
-            "msisdn": "+491701234567"})
-        assert status == 201
-        op = {"target": {"devId": "IMEI:356938035643809"},
-              "operation": {"operation": "QUERY", "nodes": ["./DevInfo/Mod"]}}
-        status, created = call(api + "v1/operations", key, op)
-        task_url = api + f"v1/tasks/{json.loads(created)['taskId']}"
-        status, answer = call(task_url, key)
-        assert status == 200 and b'"status":"PENDING"' in answer
+        task_url, answer = _one_task(api, key)
         bare, port = start_bare(answer)
         bare_url = f"http://127.0.0.1:{port}" + task_url[len(api.rstrip("/")):]
         with urllib.request.urlopen(bare_url, timeout=10) as r:     # the same bytes
@@ -255,7 +347,7 @@ def run(quick: bool) -> None:
             cpu_api.append(got["api"][1])
             cpu_bare.append(got["bare"][1])
             cpu_ratio.append(got["bare"][1] / got["api"][1])
-        body = json.dumps(op).encode()
+        body = json.dumps(OP).encode()
         posts = [measured(engine.pid, api + "v1/operations", key, seconds=seconds, conns=conns,
                           method="POST", body=body, tmp=tmp)
                  for _ in range(max(3, rounds // 2))]
@@ -265,6 +357,10 @@ def run(quick: bool) -> None:
         for p in (bare, engine):
             if p is not None:
                 stop(p)
+    try:
+        cg_n, cg_windows = (200, 1) if quick else (1000, 3)
+        cg_engine, cg_bare = instructions(tmp, cg_n, cg_windows)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     gen = "wrk" if shutil.which("wrk") else "asyncio raw-socket client"
     where = "server and load on CPUs 0 and 1" if _two_cpus() else "one CPU shared"
@@ -281,6 +377,11 @@ def run(quick: bool) -> None:
     rows.append(Row(case, "server CPU per request", round(statistics.median(cpu_api), 1), "us",
                     base, round(statistics.median(cpu_bare), 1),
                     round(statistics.median(cpu_ratio), 3)))
+    cg_case = "getTaskById, one keep-alive connection, one request at a time (callgrind)"
+    cg_api, cg_base = statistics.median(cg_engine), statistics.median(cg_bare)
+    rows.append(Row(cg_case, "instructions per request", round(cg_api), "instructions",
+                    "bare aiohttp handler, same bytes, same run (callgrind)", round(cg_base),
+                    round(cg_base / cg_api, 3)))
     post_case = f"doOperation (QUERY, one device), {conns} keep-alive connections ({gen})"
     rows.append(Row(post_case, "requests/s", round(statistics.median(post_api)), "1/s"))
     rows.append(Row(post_case, "server CPU per request", round(statistics.median(post_cpu), 1),
@@ -289,7 +390,10 @@ def run(quick: bool) -> None:
                   quick=quick, rounds=rounds, seconds_per_round=seconds,
                   getTaskById_ratios=[round(r, 3) for r in get_ratio],
                   getTaskById_cpu_ratios=[round(r, 3) for r in cpu_ratio],
-                  doOperation_runs=[round(r) for r in post_api])
+                  doOperation_runs=[round(r) for r in post_api],
+                  callgrind_requests_per_window=cg_n,
+                  callgrind_engine_windows=[round(x) for x in cg_engine],
+                  callgrind_bare_windows=[round(x) for x in cg_bare])
 
 
 if __name__ == "__main__":
