@@ -683,6 +683,11 @@ def run(quick: bool) -> None:
         print(summary_line(o), flush=True)
         for t in o.tenths:
             print(f"    {t}", flush=True)
+        print(f"    store ops per device "
+              f"{o.metrics.get('dmengine_store_commit_batch_size_sum', 0.0) / o.n:.2f}, "
+              f"batches per device "
+              f"{o.metrics.get('dmengine_store_commit_batch_size_count', 0.0) / o.n:.3f}",
+              flush=True)
         rows.extend(rows_for(o, done[0] if done else None))
         done.append(o)
     big = done[-1]
@@ -710,6 +715,11 @@ def run(quick: bool) -> None:
                       k: round(v["bytes"] / o.n) for k, v in sorted(
                           o.store_dbs.items(), key=lambda kv: -kv[1]["bytes"])},
                   "simulator": o.sim,
+                  # store writes (ops) and write transactions (batches) per device, whole run
+                  "store_ops_per_device": round(
+                      o.metrics.get("dmengine_store_commit_batch_size_sum", 0.0) / o.n, 2),
+                  "store_batches_per_device": round(
+                      o.metrics.get("dmengine_store_commit_batch_size_count", 0.0) / o.n, 3),
                   "tenths": o.tenths,
                   "job": {k: o.job.get(k) for k in ("state", "targets", "total", "counts",
                                                     "final", "succeeded", "failed", "cause")}}
