@@ -237,7 +237,7 @@ def test_notify_of_an_unknown_device_or_an_unbuildable_package_fails_the_task():
     async def main() -> None:
         no_secret = DmAccount(server_id="dmengine", client_name="x", client_password="c")
         async with World(devices=[device(0, account=no_secret)]) as w:
-            t = await w.scheduler.notify(await w.task())
+            t = await w.scheduler.notify(await w.task(next_attempt=w.clock.now))
             assert t.state == S.FAILED and t.finished is not None and t.next_attempt is None
             state, cause = await w.last("t1")
             assert cause.startswith("package #0 not built: ") and "secret" in cause, cause
@@ -991,7 +991,7 @@ def test_the_loop_runs_passes_until_stopped_and_reports_health():
                 await asyncio.sleep(0.01)
             assert len(w.sent) == 1 and w.scheduler.health() == []
             await w.scheduler.stop()
-            assert w.scheduler.health() != []                    # the loop is gone
+            assert w.scheduler.health() == ["scheduler not started"]   # the loop is gone
     run(main())
 
 
@@ -1402,4 +1402,71 @@ def test_the_guards_log_lines_name_the_task_job_and_device(caplog):
                                                       "scheduler: task t could not be failed"]
             for r in recs:
                 assert (r.dm_task, r.dm_job, r.dm_device) == ("t", "j", device(1).dev_id)
+    run(main())
+
+
+def test_session_ids_cover_1_to_0xffff(monkeypatch):
+    from dmengine import scheduler as mod
+    asked = []
+
+    def edge(value: int) -> Any:
+        def randbelow(n: int) -> int:
+            asked.append(n)
+            return value if value >= 0 else n + value
+        return randbelow
+    monkeypatch.setattr(mod.secrets, "randbelow", edge(0))
+    assert Scheduler.new_session_id() == 1
+    monkeypatch.setattr(mod.secrets, "randbelow", edge(-1))
+    assert Scheduler.new_session_id() == 0xFFFF
+    assert asked == [0xFFFF, 0xFFFF]
+
+
+def test_failing_passes_are_logged_and_reported(caplog):
+    async def main() -> None:
+        async with World(1, tick_interval=0.01) as w:
+            async def broken() -> int:
+                raise RuntimeError("disk")
+            w.scheduler.tick = broken  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="dmengine.scheduler"):
+                w.scheduler.start()
+                for _ in range(500):
+                    if w.scheduler.loop.failed_passes >= 5:
+                        break
+                    await asyncio.sleep(0.01)
+                problems = w.scheduler.health()
+                await w.scheduler.stop()
+            assert any(p.startswith("scheduler: ") and "passes failed in a row (last: "
+                       "RuntimeError: disk)" in p for p in problems), problems
+            assert "scheduler pass failed" in [r.getMessage() for r in caplog.records]
+    run(main())
+
+
+def test_only_running_jobs_and_due_scheduled_ones_start():
+    async def main() -> None:
+        async with World(6) as w:
+            now = w.clock.now
+            paused = await a_job(w, 1)
+            await w.broker.jobs.pause(paused.job_id)
+            # in id order: the first scheduled job is not due yet, the second is
+            late = await a_job(w, 1, start_at=now + 60)
+            due = await a_job(w, 1, start_at=now + 5)
+            assert late.job_id < due.job_id
+            w.clock.now = now + 5
+            assert await w.scheduler.tick() == 1
+            assert (await w.store.get_job(due.job_id)).state == J.RUNNING
+            assert (await w.store.get_job(late.job_id)).state == J.SCHEDULED
+            assert (await w.store.get_job(paused.job_id)).total == 0
+    run(main())
+
+
+def test_notify_hands_an_accepted_exec_its_job_and_waits_to_the_second():
+    async def main() -> None:
+        devs = [device(0, tz="Asia/Tokyo"), device(1, tz="UTC")]
+        job = Job(job_id="j", windows=[TimeWindow(start=H, end=2 * H)])
+        async with World(devices=devs, clock=Clock(MONDAY + H)) as w:
+            got = await w.scheduler.notify(await accepted(w, "a", 0), job)
+            assert got.followups == 0 and got.next_attempt == MONDAY + 16 * H
+        async with World(devices=devs, clock=Clock(MONDAY + H - 0.5)) as w:
+            got = await w.scheduler.notify(await w.task("b", 1), job)
+            assert got.state == S.PENDING and got.next_attempt == MONDAY + H
     run(main())
