@@ -106,6 +106,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def shape(body: Any, status: int, want: int, code: str, where: str | None,
           message: str | None = None) -> None:
     assert status == want, body
+    assert isinstance(body, dict), body          # JSON (answered as application/json)
     assert set(body) == {"error", "message", "where"}, body
     assert (body["error"], body["where"]) == (code, where), body
     if message is not None:
@@ -203,8 +204,13 @@ def test_who_401_with_the_challenge(served):
             assert set(body) == {"error", "message", "where"}
             assert body["error"] == "unauthorized", body
         # an unknown path is a 401 too, before the router's 404
-        status, body, _ = await api.call("GET", "v1/no/such/path", None)
-        assert status == 401
+        status, body, h = await api.call("GET", "v1/no/such/path", None)
+        assert status == 401 and h["Content-Type"].startswith("application/json")
+        # login with a wrong key: 401 naming the field, with the challenge
+        status, body, h = await api.call("POST", "v1/login", None, json={"apiKey": "wrong"})
+        shape(body, status, 401, "unauthorized", "$.apiKey")
+        assert h["WWW-Authenticate"] == 'Bearer realm="dmengine"'
+        assert h["Content-Type"].startswith("application/json")
         # the key as Bearer, in any case of the word
         for headers in ({"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY} "}):
             status, body, _ = await api.call("GET", "v1/jobs", None, headers=headers)
@@ -983,4 +989,45 @@ def test_push_routes_without_the_webhooks_service(served, monkeypatch):
                              ("GET", "v1/charging")):
             status, err, _ = await served.api.call(method, path)
             shape(err, status, 503, "unavailable", None, "push (webhooks) is not running")
+    served.run(main())
+
+
+def test_key_and_user_answers_show_every_field_and_no_secret(served):
+    async def main() -> None:
+        api = served.api
+        status, key, _ = await api.call("POST", "v1/keys", json={
+            "name": "sys-k", "role": "viewer", "rate": 7.5, "burst": 3})
+        assert status == 201, key
+        assert set(key) == {"keyId", "name", "role", "rate", "burst", "created", "createdBy",
+                            "revoked", "revokedBy", "apiKey"}
+        assert (key["name"], key["role"], key["rate"], key["burst"], key["revoked"],
+                key["revokedBy"]) == ("sys-k", "viewer", 7.5, 3, None, None)
+        assert key["createdBy"].startswith("key:") and key["created"] > 0
+        status, page, _ = await api.call("GET", "v1/keys", params={"limit": "10000"})
+        (listed,) = [k for k in page["items"] if k["keyId"] == key["keyId"]]
+        assert listed == {k: v for k, v in key.items() if k != "apiKey"}
+        status, gone, _ = await api.call("DELETE", f"v1/keys/{key['keyId']}")
+        assert status == 200 and gone["revoked"] is not None, gone
+        assert gone["revokedBy"] == key["createdBy"]
+        # users: the system defaults to the name; a generated password is shown once
+        status, user, _ = await api.call("POST", "v1/users", json={
+            "name": "ula", "role": "operator", "rate": 2.0, "burst": 4})
+        assert status == 201, user
+        assert set(user) == {"name", "role", "system", "rate", "burst", "created", "createdBy",
+                             "password"}
+        assert (user["name"], user["role"], user["system"], user["rate"], user["burst"]) == \
+            ("ula", "operator", "ula", 2.0, 4)
+        assert user["password"] and user["createdBy"] == key["createdBy"] and user["created"] > 0
+        status, user2, _ = await api.call("POST", "v1/users", json={
+            "name": "ulb", "role": "viewer", "system": "crm", "password": "long enough pw 1"})
+        assert status == 201 and user2["system"] == "crm" and "password" not in user2, user2
+        status, page, _ = await api.call("GET", "v1/users", params={"limit": "10000"})
+        got = {u["name"]: u for u in page["items"]}
+        assert got["ula"] == {k: v for k, v in user.items() if k != "password"}
+        assert got["ulb"]["system"] == "crm"
+        status, ans, _ = await api.call("POST", "v1/login", None, json={
+            "userName": "ulb", "password": "long enough pw 1"})
+        assert status == 200 and (ans["role"], ans["owner"]) == ("viewer", "crm"), ans
+        status, _, _ = await api.call("DELETE", "v1/users/ulb")
+        assert status == 204
     served.run(main())
