@@ -2494,8 +2494,9 @@ cdef class DmSession:
     cdef _queue_one(self, object handle, object command, tuple pair):
         cdef PreparedCommand p
         if self._state == S_ENDED:
-            raise CommandRejected(f"session {self.session_key} has ended ({self.end_reason})",
-                                  handle=handle)
+            # (not the session key: it is the RespURI token that alone reaches a live session,
+            # and error texts end up in logs and task causes)
+            raise CommandRejected(f"the session has ended ({self.end_reason})", handle=handle)
         if len(self._queue) - self._qhead >= self.config.max_queued:
             raise CommandRejected(f"more than {self.config.max_queued} commands queued",
                                   handle=handle)

@@ -158,3 +158,21 @@ def test_setup_refuses_unknown_format_and_level(monkeypatch):
     logs.setup(None, None, stream=buf)
     logging.getLogger("dmengine.x").info("hi")
     assert json.loads(buf.getvalue())["msg"] == "hi"
+
+
+def test_a_command_refused_by_an_ended_session_does_not_name_its_key() -> None:
+    """The session key is the RespURI token: an error text must never carry it (issue 17)."""
+    from dmengine._session import DmSession, SessionConfig
+    from dmengine.errors import CommandRejected
+    from dmengine.message import Command, Item
+
+    key = "k3y-" + "s" * 20
+    s = DmSession(SessionConfig(server_id="dmengine", server_uri="https://dm.example.com/dm"),
+                  session_key=key, resp_uri=None, now=0.0)
+    s.close("test")
+    try:
+        s.queue("h", Command(name="Get", items=[Item(target="./DevInfo/Mod")]))
+    except CommandRejected as exc:
+        assert key not in str(exc) and "ended" in str(exc)
+    else:
+        raise AssertionError("an ended session took a command")
