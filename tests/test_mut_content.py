@@ -289,21 +289,34 @@ def test_the_memory_budget_counts_what_is_kept(tmp_path):
     """The bytes kept in memory are counted exactly: a body read again (its record changed)
     replaces its old copy, an evicted one is subtracted."""
     async def scenario(store, svc):
-        a = await _put(svc, "a.bin", b"a" * 4, content_id="ca")
-        b = await _put(svc, "b.bin", b"b" * 4, content_id="cb")
-        await svc.serve("ca", None)
+        await _put(svc, "b.bin", b"b" * 5, content_id="cb")
+        await _put(svc, "a.bin", b"a" * 4, content_id="ca")
         await svc.serve("cb", None)
-        assert (list(svc._bodies), svc._bodies_bytes) == (["ca", "cb"], 8)
+        await svc.serve("ca", None)
+        assert (list(svc._bodies), svc._bodies_bytes) == (["cb", "ca"], 9)
         # ca re-uploaded with other bytes (another sha256): read again, its old copy replaced
+        # (9 - 4 + 3 fits: cb stays)
         await svc.delete("ca")
         await _put(svc, "a2.bin", b"A" * 3, content_id="ca")
         assert (await svc.serve("ca", None)).body == b"AAA"
-        assert (sorted(svc._bodies), svc._bodies_bytes) == (["ca", "cb"], 7)
-        c = await _put(svc, "c.bin", b"c" * 4, content_id="cc")        # 7 + 4 > 10: cb goes
+        assert (list(svc._bodies), svc._bodies_bytes) == (["cb", "ca"], 8)
+        await _put(svc, "c.bin", b"c" * 4, content_id="cc")        # 8 + 4 > 10: cb goes
         assert (await svc.serve("cc", None)).body == b"cccc"
         assert (list(svc._bodies), svc._bodies_bytes) == (["ca", "cc"], 7)
-        assert (a.size, b.size, c.size) == (4, 4, 4)
     _with_service(tmp_path, scenario, memory_body=8, memory_total=10)
+
+
+def test_file_names_of_records(tmp_path):
+    svc = C.ContentService(None, tmp_path / "files")
+    assert svc.file_of(Content(content_id="c1", name="n", size=0, sha256="0" * 64, path="p1")) \
+        == str(tmp_path / "files" / "p1")
+    assert svc.file_of(Content(content_id="c1", name="n", size=0, sha256="0" * 64)) \
+        == str(tmp_path / "files" / "c1")
+    for bad in ("../x", ".tmp-c1-0a0b", "a/b"):
+        with pytest.raises(C.ContentError) as e:
+            svc.file_of(Content(content_id="c1", name="n", size=0, sha256="0" * 64, path=bad))
+        assert (str(e.value), e.value.where) == (
+            f"content 'c1' has a bad file name {bad!r}", "path")
 
 
 def test_a_small_body_that_is_not_its_record_says_why(tmp_path, caplog):
@@ -352,6 +365,7 @@ def test_listing_pages_past_the_first_hundred(tmp_path):
 def test_version_order_puts_numbers_before_text():
     assert sorted(["1.a", "1.5", "1.10", "1.9"], key=C._version_key) == \
         ["1.5", "1.9", "1.10", "1.a"]
+    assert sorted(["beta", "10", "2"], key=C._version_key) == ["2", "10", "beta"]
 
 
 def _pkg(cid, *, created, **kw):
@@ -467,6 +481,11 @@ def test_what_a_download_that_cannot_be_served_logs_and_answers_to_head(tmp_path
         caplog.set_level(logging.WARNING, logger="dmengine.content")
         r = await svc.serve(big.content_id, None, head=True)
         assert (r.status, r.head, r.body) == (500, True, b"content file damaged\n")
+        good = await _put(svc, "good.bin", b"G" * 300)                # HEAD from the file
+        r = await svc.serve(good.content_id, "bytes=1-2", head=True)
+        assert (r.status, r.head, r.path, r.offset, r.length) == (
+            206, True, svc.file_of(good), 1, 2)
+        assert [b async for b in C.iter_body(r)] == []
         r = await svc.serve(gone.content_id, None, head=True)
         assert (r.status, r.head) == (404, True)
         r = await svc.serve("nope", None, head=True)
