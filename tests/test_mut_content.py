@@ -486,6 +486,8 @@ def test_what_a_download_that_cannot_be_served_logs_and_answers_to_head(tmp_path
         assert (r.status, r.head, r.path, r.offset, r.length) == (
             206, True, svc.file_of(good), 1, 2)
         assert [b async for b in C.iter_body(r)] == []
+        r = await svc.serve(good.content_id, "bytes=300-", head=True)
+        assert (r.status, r.head, r.header("Content-Range")) == (416, True, "bytes */300")
         r = await svc.serve(gone.content_id, None, head=True)
         assert (r.status, r.head) == (404, True)
         r = await svc.serve("nope", None, head=True)
