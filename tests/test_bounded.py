@@ -74,3 +74,33 @@ def test_auth_guard_forgets_stale_keys_first() -> None:
     now[0] = 12.0                    # old's failure is past the window, mid's not
     g.failed(None, "new")
     assert list(g.accounts) == ["mid", "new"]
+
+
+def test_a_written_device_is_kept_in_the_read_cache_as_written(tmp_path) -> None:
+    """Write-through: the record a device update committed is what the next read answers,
+    from the cache (no decode) — and a later write of the same batch wins over it."""
+    import asyncio
+
+    from dmengine.model import Device
+
+    async def main() -> None:
+        store = LmdbStore(tmp_path / "w")
+        try:
+            await store.import_devices([Device(dev_id="IMEI:350000000000001")])
+            first = await store.get_device("IMEI:350000000000001")
+            d = await store.update_device("IMEI:350000000000001", {"last_contact": 5.0})
+            ck = ("devices", b"IMEI:350000000000001")
+            assert store._cache.get(ck) is d and d is not first
+            assert (await store.get_device("IMEI:350000000000001")) is d
+            # two updates of one key in one batch: the cache holds the last one's record
+            a, b = await asyncio.gather(
+                store.update_device("IMEI:350000000000001", {"last_contact": 6.0}),
+                store.update_device("IMEI:350000000000001", {"last_contact": 7.0}))
+            got = await store.get_device("IMEI:350000000000001")
+            assert got.last_contact == 7.0 and got.version == d.version + 2
+            assert store._cache.get(ck) in (None, b)
+            # what the cache answers equals what LMDB holds, decoded afresh
+            assert got == b
+        finally:
+            await store.close()
+    asyncio.run(main())

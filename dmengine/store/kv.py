@@ -213,7 +213,7 @@ class WriteCtx:
     decisions), and a per-transaction cache of jobs whose counters ops change (written
     once at :meth:`finish`)."""
 
-    __slots__ = ("txn", "jobs", "now", "put", "delete", "listened")
+    __slots__ = ("txn", "jobs", "now", "put", "delete", "listened", "fresh")
     txn: KVWriteTxn
 
     def __init__(self, txn: KVWriteTxn, now: float) -> None:
@@ -222,6 +222,10 @@ class WriteCtx:
         #: topic → whether a subscription listens, per transaction: the check is a scan, and
         #: a scan makes the write buffer flush mid-batch (every transition asked it before)
         self.listened: dict[str, bool] = {}
+        #: (db, key) -> (the bytes an op put, the record they encode): what a store with a
+        #: read cache may keep after the commit instead of dropping the key (write-through;
+        #: kept only if those bytes are still the key's last write of the transaction)
+        self.fresh: dict[tuple[str, bytes], tuple[bytes, Any]] = {}
         self.now = now
         self.put: Callable[[str, bytes, bytes], None] = txn.put      # bound: one call per put
         self.delete: Callable[[str, bytes], bool] = txn.delete
@@ -671,6 +675,8 @@ class KVStore(Store):
             data = model.validate(d)
             _check_unique(ctx.txn, d)
             ctx.put("devices", key, data)
+            # the device's next read (its session's next message) need not decode it again
+            ctx.fresh[("devices", key)] = (data, d)
             _reindex(ctx, _device_index(old), _device_index(d))
             return d
         return await self._write(op)

@@ -461,6 +461,8 @@ class LmdbStore(KVStore):
             t.commit()
             if wt.touched:
                 self._forget(wt.touched)   # before any caller hears of the commit
+                if ctx.fresh and self._cache_size:
+                    self._keep_written(ctx.fresh)
             self.commit_seconds += time.perf_counter() - a0
             c4 = tt()
             ph[1] += c2 - c1
@@ -554,6 +556,19 @@ class LmdbStore(KVStore):
             if gen != self._cache_gen:
                 return
             into[key] = value                 # (the read cache drops its oldest when full)
+
+    def _keep_written(self, fresh: dict[tuple[str, bytes], tuple[bytes, Any]]) -> None:
+        """After a commit (and its :meth:`_forget`): the records ops wrote and declared
+        (``WriteCtx.fresh``) go into the read cache, each only if the committed bytes are
+        the ones it was encoded to (a later op of the batch may have written the key again;
+        a byte compare, no decode).  Reads that began before the commit cannot keep their
+        older copy over it: ``_forget`` bumped the generation they check.  Runs in the
+        writer thread, inside the gate, before any caller is answered."""
+        dbs = self._dbs
+        with self.env.begin(buffers=False) as r, self._cache_lock:
+            for (db, key), (data, rec) in fresh.items():
+                if r.get(key, db=dbs[db]) == data:
+                    self._cache[(db, key)] = rec
 
     def _forget(self, keys: list[tuple[str, bytes]]) -> None:
         with self._cache_lock:
