@@ -201,8 +201,8 @@ def test_who_401_with_the_challenge(served):
             status, body, h = await api.call("GET", "v1/jobs", cred, headers=headers)
             assert status == 401, body
             assert h["WWW-Authenticate"] == 'Bearer realm="dmengine"'
-            assert set(body) == {"error", "message", "where"}
-            assert body["error"] == "unauthorized", body
+            shape(body, status, 401, "unauthorized", "X-API-Key",
+                  "missing, unknown or revoked API key or userSession")
         # an unknown path is a 401 too, before the router's 404
         status, body, h = await api.call("GET", "v1/no/such/path", None)
         assert status == 401 and h["Content-Type"].startswith("application/json")
@@ -420,6 +420,10 @@ def test_a_handler_that_fails_is_audited_as_failed(served, monkeypatch):
         shape(body, status, 503, "store_error", None, "disk gone")
         got = await api.audit(actor=f"key:{kid}")
         assert [(a["status"], a["outcome"]) for a in got] == [(500, "failed"), (503, "failed")]
+        # the metrics count the failed calls under the caller's role, not as anonymous
+        requests = served.e.api_metrics.requests
+        assert requests.get(("doOperation", "500", "operator"), 0) >= 1, requests
+        assert requests.get(("doOperation", "503", "operator"), 0) >= 1, requests
     served.run(main())
 
 
@@ -1030,4 +1034,19 @@ def test_key_and_user_answers_show_every_field_and_no_secret(served):
         assert status == 200 and (ans["role"], ans["owner"]) == ("viewer", "crm"), ans
         status, _, _ = await api.call("DELETE", "v1/users/ulb")
         assert status == 204
+    served.run(main())
+
+
+def test_a_failed_login_is_audited_as_anonymous(served):
+    async def main() -> None:
+        api = served.api
+        status, body, _ = await api.call("POST", "v1/login", None, json={
+            "apiKey": "not-a-key-of-anyone"})
+        assert status == 401, body
+        entries = [a for a in await api.audit(action="login") if a["status"] == 401]
+        a = entries[-1]
+        assert (a["actor"], a["outcome"], a["target"]) == ("anonymous", "denied", "/v1/login")
+        d = a["detail"]
+        assert d["with"] == "apiKey" and d.get("role") is None and d.get("owner") is None
+        assert d.get("session") is None and d["method"] == "POST"
     served.run(main())
