@@ -668,6 +668,10 @@ def test_bulk_operation_targets(served):
                                   "'IMEI:000000000000001'")
         assert err["where"] == "targets[0].devId"
         assert len((await served.e.store.list_jobs(limit=1000)).items) == before
+        status, err, _ = await api.call("POST", "v1/operations/bulk", json={
+            "operation": QUERY, "targets": [{"msisdn": "+4901"}, {"msisdn": "+4902"}]})
+        assert err["message"] == ("2 of 2 targets cannot be used; no device with msisdn "
+                                  "'+4901' (and 1 more: see errors)"), err
     served.run(main())
 
 
@@ -1049,4 +1053,87 @@ def test_a_failed_login_is_audited_as_anonymous(served):
         d = a["detail"]
         assert d["with"] == "apiKey" and d.get("role") is None and d.get("owner") is None
         assert d.get("session") is None and d["method"] == "POST"
+    served.run(main())
+
+
+def test_bulk_bootstrap_makes_each_task_of_the_job(served):
+    async def main() -> None:
+        import re
+        from dmengine.model import BootstrapOp
+        api = served.api
+        devs = await more_devices(served, 2)
+        # an IMEI field without an IMEI-form id, and an IMEI-form id without the field
+        await served.e.store.put_device(Device(dev_id="sn-with-imei", imei="356938037777777",
+                                               msisdn="+4916111111"))
+        await served.e.store.put_device(Device(dev_id="IMEI:356938038888888",
+                                               msisdn="+4916222222"))
+        status, body, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": devs[0].dev_id}, {"devId": "sn-with-imei"},
+                        {"devId": "IMEI:356938038888888"}, {"devId": devs[0].dev_id}],
+            "security": "USERPIN_NETWORKID", "pin": "1234", "serverId": "srv-x"})
+        assert status == 201, body
+        job_id, tids = body["jobId"], body["taskIds"]
+        assert re.fullmatch(r"j[0-9a-f]+", job_id), job_id
+        assert all(isinstance(t, str) for t in tids) and len(set(tids)) == 3
+        assert tids[0] == tids[3]
+        job = await served.e.store.get_job(job_id)
+        assert (job.name, job.owner, job.op, job.targets) == ("", "api", None, 3)
+        assert job.started is not None and job.started > 0
+        for tid, dev in zip(tids, [devs[0].dev_id, "sn-with-imei", "IMEI:356938038888888"]):
+            t = await served.e.store.get_task(tid)
+            assert (t.job_id, t.dev_id, t.owner) == (job_id, dev, "api")
+            assert isinstance(t.op, BootstrapOp) and t.op.security == "USERPIN_NETWORKID"
+            assert t.op.account.server_id == "srv-x"
+    served.run(main())
+
+
+def test_bulk_bootstrap_stopped_midway_keeps_what_it_made(served, monkeypatch):
+    async def main() -> None:
+        from dmengine.errors import InvalidRequest
+        api = served.api
+        devs = await more_devices(served, 3)
+        broker = served.e.broker
+        real = broker.do_bootstrap
+
+        async def fails_on_the_second(**kw: Any) -> str:
+            if kw["dev_id"] == devs[1].dev_id:
+                raise InvalidRequest("this one cannot", where="x")
+            return await real(**kw)
+        monkeypatch.setattr(broker, "do_bootstrap", fails_on_the_second)
+        before = {j.job_id for j in (await served.e.store.list_jobs(limit=1000)).items}
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": devs[0].dev_id}, {"devId": devs[0].dev_id},
+                        {"devId": devs[1].dev_id}, {"devId": devs[2].dev_id}]})
+        shape(err, status, 400, "invalid", "targets[2]", "this one cannot")
+        (job,) = [j for j in (await served.e.store.list_jobs(limit=1000)).items
+                  if j.job_id not in before]
+        assert job.targets == 1
+        assert job.cause == f"stopped at device {devs[1].dev_id}: this one cannot"
+        assert job.total == 1
+    served.run(main())
+
+
+def test_get_job_derives_counts_progress_rate_and_eta(served):
+    async def main() -> None:
+        from dmengine.model import TaskState as TS
+        api = served.api
+        devs = await more_devices(served, 3)
+        status, body, _ = await api.call("POST", "v1/jobs", json={
+            "operation": QUERY, "selection": {"devIds": [d.dev_id for d in devs]}})
+        jid = body["jobId"]
+        store = served.e.store
+        for _ in range(100):
+            if (await store.get_job(jid)).total == 3:
+                break
+            await asyncio.sleep(0.05)
+        tasks = (await store.tasks_by_job(jid, limit=5)).items
+        await store.transition(tasks[0].task_id, TS.IN_PROGRESS, cause="t")
+        await store.transition(tasks[0].task_id, TS.SUCCEEDED, cause="t")
+        await store.transition(tasks[1].task_id, TS.FAILED, cause="t")
+        await asyncio.sleep(0.01)
+        status, got, _ = await api.call("GET", f"v1/jobs/{jid}")
+        assert status == 200, got
+        assert (got["final"], got["succeeded"], got["failed"], got["total"]) == (2, 1, 1, 3)
+        assert got["progress"] == pytest.approx(2 / 3)
+        assert got["rate"] > 0 and got["etaSeconds"] == pytest.approx(1 / got["rate"])
     served.run(main())
