@@ -502,3 +502,33 @@ def test_what_a_download_that_cannot_be_served_logs_and_answers_to_head(tmp_path
                            f"is not a media type; sent as application/octet-stream")
         assert len(msgs) == 3
     _with_service(tmp_path, scenario, memory_body=100)
+
+
+def test_an_ingested_record_and_its_file_whole(tmp_path):
+    async def scenario(store, svc):
+        old = os.umask(0o022)
+        try:
+            rec = await _put(svc, "fw.bin", b"abc", capability="cap-1", from_version="1",
+                             to_version="2")
+        finally:
+            os.umask(old)
+        assert rec.content_id.startswith("c") and len(rec.content_id) == 1 + 12 + 16
+        assert (rec.path, rec.created, rec.size, rec.sha256) == (
+            rec.content_id, 1234.5, 3, hashlib.sha256(b"abc").hexdigest())
+        st = os.stat(svc.file_of(rec))
+        assert st.st_mode & 0o777 == 0o640            # not world-readable
+        with pytest.raises(C.ContentError) as e:
+            await _put(svc, "n" * 300, b"x")
+        assert (str(e.value), e.value.where) == (
+            "Content: Expected `str` of length <= 256 - at `$.name`", "$.name")
+    _with_service(tmp_path, scenario, clock=lambda: 1234.5)
+
+
+def test_a_file_that_cannot_be_removed_is_logged(tmp_path, caplog):
+    d = tmp_path / "adir"
+    d.mkdir()
+    with caplog.at_level(logging.WARNING, logger="dmengine.content"):
+        C._unlink_quiet(str(d))
+        C._unlink_quiet(str(tmp_path / "gone"))         # already gone: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot remove {d}: [Errno 21] Is a directory: '{d}'"]
