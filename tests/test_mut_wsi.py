@@ -847,10 +847,14 @@ def test_views_of_records_round_trip():
     assert back == dev and type(back.account) is DmAccount
     cap = Capability(oid="cap", tacs=["35693803"], mo_paths={"fumo": "./FUMO"})
     assert sc.to_model(sc.to_view(cap)) == cap
-    # a derived view: fields left out, fields added
-    V = sc.view(Device, name="DeviceLite", exclude={"account", "imei"},
+    # a derived view: fields left out, fields added.  Views are cached by their arguments,
+    # and a process that ran these tests before (mutmut forks its children from one) has
+    # them: a fresh name each run makes view() build them again.
+    import uuid
+    fresh = uuid.uuid4().hex
+    V = sc.view(Device, name=f"DeviceLite{fresh}", exclude={"account", "imei"},
                 extra=(("note", str, ""),))
-    assert sc.view(Device, name="DeviceLite", exclude={"account", "imei"},
+    assert sc.view(Device, name=f"DeviceLite{fresh}", exclude={"account", "imei"},
                    extra=(("note", str, ""),)) is V
     lite = sc.to_view(dev, V, note="n")
     out = msgspec.json.decode(msgspec.json.encode(lite))
@@ -858,17 +862,32 @@ def test_views_of_records_round_trip():
     assert out["devId"] == DEV_ID
     assert sc.to_view(dev, V).note == ""
     # a decoder that ignores unknown fields, and one that does not
-    Loose = sc.view(Device, name="DeviceLoose", forbid_unknown=False)
+    Loose = sc.view(Device, name=f"DeviceLoose{fresh}", forbid_unknown=False)
     assert msgspec.json.decode(b'{"devId": "d", "zz": 1}', type=Loose).dev_id == "d"
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(b'{"devId": "d", "zz": 1}', type=sc.DeviceView)
     # the id pattern is in the views' JSON Schema
-    schema = msgspec.json.schema(sc.view(Task, name="TaskForSchema"))
-    assert '"pattern"' in json.dumps(schema)
+    TV = sc.view(Task, name=f"TaskForSchema{fresh}", doc="the doc")
+    assert TV.__doc__ == "the doc" and TV.__name__ == f"TaskForSchema{fresh}"
+    schema = msgspec.json.schema(TV)
+    text = json.dumps(schema)
+    assert '"pattern"' in text and '"taskId"' in text and '"maxLength"' in text
     # nested records in lists and dicts
     t = Task(task_id="t", dev_id=DEV_ID, op=QueryOp(nodes=["./A"]), correlator="t",
              result=TaskResult(statuses={"Get ./A": 200}, nodes={"./A": "x"}))
-    TV = sc.view(Task, name="TaskForSchema")
+    # a view made now is the same as the one made at import, in its schema and its JSON
+    for cls, made in ((Device, sc.DeviceView), (Capability, sc.CapabilityView),
+                      (TaskResult, sc.TaskResultView), (DmAccount, sc.DmAccountView)):
+        again = sc.view(cls, name=f"{made.__name__}{fresh}")
+        (a_schema, b_schema) = (msgspec.json.schema(c) for c in (made, again))
+        a_def = a_schema["$defs"][made.__name__]
+        b_def = b_schema["$defs"][again.__name__]
+        b_def = {k: v for k, v in b_def.items() if k != "title"}
+        a_def = {k: v for k, v in a_def.items() if k != "title"}
+        assert json.dumps(b_def, sort_keys=True).replace(fresh, "") == \
+            json.dumps(a_def, sort_keys=True), cls
+    assert msgspec.json.encode(sc.to_view(dev, sc.view(Device, name=f"DV{fresh}"))) == \
+        msgspec.json.encode(sc.to_view(dev))
     tv = sc.to_view(t, TV)
     assert type(tv.op) is sc.QueryOpView and type(tv.result) is sc.TaskResultView
     assert sc.to_model(msgspec.json.decode(msgspec.json.encode(tv), type=TV)) == t
