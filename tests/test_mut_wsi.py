@@ -1156,3 +1156,52 @@ def test_get_job_derives_counts_progress_rate_and_eta(served):
         assert got["progress"] == pytest.approx(2 / 3)
         assert got["rate"] > 0 and got["etaSeconds"] == pytest.approx(1 / got["rate"])
     served.run(main())
+
+
+def test_error_answer_of_http_errors_and_redirects():
+    from aiohttp.test_utils import make_mocked_request
+    req = make_mocked_request("POST", "/v1/x")
+
+    def body(resp: web.Response) -> Any:
+        return json.loads(resp.body)
+    r = middleware.error_answer(req, web.HTTPBadRequest())
+    assert r.status == 400 and body(r) == {"error": "http_error", "message": "Bad Request",
+                                           "where": None}
+    r = middleware.error_answer(req, web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2))
+    assert r.status == 413 and body(r)["error"] == "too_large"
+    r = middleware.error_answer(req, web.HTTPServiceUnavailable(headers={"Retry-After": "7"}))
+    assert r.status == 503 and r.headers["Retry-After"] == "7"
+    assert body(r)["error"] == "http_error"
+    r = middleware.error_answer(req, web.HTTPNotFound())
+    assert body(r) == {"error": "not_found", "message": "no route POST /v1/x", "where": None}
+    with pytest.raises(web.HTTPFound):
+        middleware.error_answer(req, web.HTTPFound("/elsewhere"))
+    r = middleware.error_answer(req, ApiError("big", code="too_large", http_status=413))
+    assert r.status == 413 and r.keep_alive is False           # the rest is not read
+    r = middleware.error_answer(req, ApiError("small", code="c", http_status=400))
+    assert r.keep_alive is not False
+
+
+def test_route_label_and_role_of_a_request():
+    from aiohttp.test_utils import make_mocked_request
+    from dmengine.identity import Identity
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+    app = web.Application()
+    named = app.router.add_route("GET", "/named/{x}", handler, name="namedRoute")
+    anon = app.router.add_route("GET", "/anon/{x}", handler)
+
+    class MI:
+        def __init__(self, route: Any) -> None:
+            self.route = route
+
+    def req(route: Any) -> Any:
+        r = make_mocked_request("GET", "/")
+        r._match_info = MI(route)                 # what the router would have set
+        return r
+    assert middleware.route_label(req(named)) == "namedRoute"
+    assert middleware.route_label(req(anon)) == "/anon/{x}"
+    r = req(named)
+    assert middleware.role_of(r) == "anonymous"
+    r[security.IDENTITY_KEY] = Identity(kind="key", subject="k1", role="operator", owner="o")
+    assert middleware.role_of(r) == "operator"
