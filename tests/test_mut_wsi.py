@@ -399,7 +399,7 @@ def test_audit_query_times(served):
     served.run(main())
 
 
-def test_a_handler_that_fails_is_audited_as_failed(served, monkeypatch):
+def test_a_handler_that_fails_is_audited_as_failed(served, monkeypatch, caplog):
     async def main() -> None:
         api = served.api
         kid, op = await api.key("sys-f", "operator")
@@ -411,6 +411,9 @@ def test_a_handler_that_fails_is_audited_as_failed(served, monkeypatch):
         status, body, _ = await api.call("POST", "v1/operations", op, json={
             "target": {"imei": IMEI}, "operation": QUERY})
         shape(body, status, 500, "internal", None, "internal error (logged by the server)")
+        (rec,) = [r for r in caplog.records if r.name == "dmengine.wsi"]
+        assert rec.getMessage() == "unexpected error in POST /v1/operations"
+        assert rec.exc_info is not None and str(rec.exc_info[1]) == "boom"
 
         async def gone(*a: Any, **k: Any) -> Any:
             raise StoreError("disk gone")
@@ -453,6 +456,7 @@ def test_body_errors_name_the_field(served):
         status, body, _ = await post(json={"operation": QUERY, "selection": {"devIds": []},
                                            "bogus": 1})
         shape(body, status, 400, "invalid", "$.bogus")
+        assert body["message"] == "Object contains unknown field `bogus`", body
         status, body, _ = await post(json={"operation": {"operation": "QUERY", "nodes": [5]},
                                            "selection": {"devIds": [DEV_ID]}})
         shape(body, status, 400, "invalid", "$.operation.nodes[0]")
