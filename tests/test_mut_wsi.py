@@ -1209,3 +1209,23 @@ def test_route_label_and_role_of_a_request():
     assert middleware.role_of(r) == "anonymous"
     r[security.IDENTITY_KEY] = Identity(kind="key", subject="k1", role="operator", owner="o")
     assert middleware.role_of(r) == "operator"
+
+
+def test_bulk_bootstrap_for_another_owner_and_its_job_answer(served):
+    async def main() -> None:
+        api = served.api
+        devs = await more_devices(served, 2)
+        await served.e.store.put_device(Device(dev_id="sn-no-imei-2", msisdn="+4916333333"))
+        status, err, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": "sn-no-imei-2"}], "security": "USERPIN_NETWORKID",
+            "pin": "1234"})
+        shape(err, status, 400, "invalid", "targets[0]",
+              "device 'sn-no-imei-2' has no IMEI, the USERPIN_NETWORKID key")
+        status, body, _ = await api.call("POST", "v1/bootstrap", json={
+            "targets": [{"devId": d.dev_id} for d in devs], "owner": "sys-other"})
+        assert status == 201, body
+        for tid in body["taskIds"]:
+            assert (await served.e.store.get_task(tid)).owner == "sys-other"
+        status, job, _ = await api.call("GET", f"v1/jobs/{body['jobId']}")
+        assert status == 200 and job["operation"] is None and job["owner"] == "sys-other", job
+    served.run(main())
