@@ -17,7 +17,9 @@ route handlers in ``wsi/``: ``@routes.post(...)``), nor module-level constants; 
 are covered by the hand-applied mutants of ``tests/test_mut_*.py``.
 
 Usage: ``python tools/mutate.py [MODULE ...]`` (default: every listed module), ``--list``,
-``--max-children N`` (default 2), ``--workdir DIR``, ``--no-table`` (do not touch MUTATION.md).
+``--max-children N`` (default 2), ``--test-timeout S`` (default 120), ``--mutant-timeout S``
+(default 20), ``--again`` (only what the last run did not kill, with today's tests),
+``--workdir DIR``, ``--no-table`` (do not touch MUTATION.md).
 """
 from __future__ import annotations
 
@@ -53,14 +55,22 @@ MODULES: dict[str, list[str]] = {
     # its 15 s wait_state, and sessions.py has 1,164 mutants; its unit tests drive every hook)
     "dmengine/sessions.py": ["tests/test_mut_sessions.py", "tests/test_mut_fumo.py",
                              "tests/test_mut_policy.py"],
-    "dmengine/scheduler.py": ["tests/test_scheduler_recovery.py", "tests/test_jobs.py"],
-    "dmengine/bulk.py": ["tests/test_jobs.py", "tests/test_jobs_paging.py"],
-    "dmengine/wsi/security.py": _API,
-    "dmengine/wsi/middleware.py": _API,
-    "dmengine/wsi/common.py": _API,
-    "dmengine/wsi/schemas.py": _API,
-    "dmengine/wsi/jobs.py": ["tests/test_jobs_api.py"],
-    "dmengine/wsi/subscriptions.py": ["tests/test_webhooks.py"],
+    # scheduler and bulk: their in-process tests (memory store, a clock the test moves; each
+    # takes milliseconds).  The end-to-end job tests (test_jobs.py: 25 s, one of them 18 s)
+    # made a mutant cost ~10 s, the scheduler's 1,030 about three hours on the shared cores.
+    "dmengine/scheduler.py": ["tests/test_mut_scheduler.py", "tests/test_scheduler_recovery.py",
+                              "tests/test_alert_followup.py"],
+    "dmengine/bulk.py": ["tests/test_mut_bulk.py"],
+    # wsi/: test_mut_wsi.py, one engine for the module and a few requests a test (a mutant
+    # costs seconds).  With the API suite (_API, test_jobs_api.py, test_webhooks.py: each test
+    # its own engine, ~30 s a file) every mutant that survives runs all of it: guard() alone
+    # is covered by ~110 tests.  Those files still run in `make test`.
+    "dmengine/wsi/security.py": ["tests/test_mut_wsi.py"],
+    "dmengine/wsi/middleware.py": ["tests/test_mut_wsi.py"],
+    "dmengine/wsi/common.py": ["tests/test_mut_wsi.py"],
+    "dmengine/wsi/schemas.py": ["tests/test_mut_wsi.py"],
+    "dmengine/wsi/jobs.py": ["tests/test_mut_wsi.py"],
+    "dmengine/wsi/subscriptions.py": ["tests/test_mut_wsi.py"],
 }
 
 TARGET = 0.85
@@ -92,7 +102,8 @@ def ensure_mutmut() -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", req], check=True)
 
 
-def prepare(module: str, tests: list[str], work: pathlib.Path) -> None:
+def prepare(module: str, tests: list[str], work: pathlib.Path, test_timeout: float,
+            mutant_timeout: float) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -106,10 +117,19 @@ def prepare(module: str, tests: list[str], work: pathlib.Path) -> None:
     lines = ["[mutmut]", "source_paths = dmengine", f"only_mutate = {module}",
              "pytest_add_cli_args_test_selection ="]
     lines += [f"    {t}" for t in tests]
-    # -p no:cacheprovider: no .pytest_cache races between the forked children
+    # -p no:cacheprovider: no .pytest_cache races between the forked children.
+    # --timeout (pytest-timeout, per test): mutmut's own per-mutant limit (below) does not
+    # cover its coverage run nor its "forced fail" run (every function made to raise), where a
+    # test whose server waits for ever hung the whole run (wsi/security.py); a test that
+    # blocks fails after test_timeout s instead, and pytest's -x ends that run there.
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider",
+              f"    --timeout={test_timeout:g}",
               "also_copy ="] + [f"    {p}" for p in ALSO_COPY]
-    lines += ["timeout_multiplier = 5.0", "timeout_constant = 20.0", ""]
+    # per mutant: ended as a timeout after (the covering tests' time + mutant_timeout s) x 5
+    # of wall time (twice that of CPU).  A mutant that loops for ever (a paging loop whose
+    # cursor never ends) costs that whole limit: modules whose tests take milliseconds run
+    # with a smaller constant (--mutant-timeout)
+    lines += ["timeout_multiplier = 5.0", f"timeout_constant = {mutant_timeout:g}", ""]
     (work / "setup.cfg").write_text("\n".join(lines))
     for p in ALSO_COPY:
         src = ROOT / p
@@ -155,15 +175,41 @@ for key, status in survivors:
 """
 
 
-def run_module(module: str, base: pathlib.Path, max_children: int) -> dict[str, object]:
+def again_names(work: pathlib.Path, module: str) -> list[str]:
+    """The mutants of the last run in ``work`` that survived or had no test, for ``--again``
+    (not the timeouts: each would cost its whole time limit again)."""
+    from mutmut.stats import status_by_exit_code
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    return sorted(k for k, code in meta["exit_code_by_key"].items()
+                  if status_by_exit_code[code] not in ("killed", "caught by type check",
+                                                       "timeout"))
+
+
+def run_module(module: str, base: pathlib.Path, max_children: int,
+               test_timeout: float = 120.0, mutant_timeout: float = 20.0,
+               again: bool = False) -> dict[str, object]:
     tests = MODULES[module]
     work = base / slug(module)
-    prepare(module, tests, work)
+    names: list[str] = []
+    spent = 0.0
+    if again:
+        # --again: the mutants the last run left, run again with the tests as they are now
+        # (mutmut keeps every other result; it collects coverage for the new tests itself).
+        # A test only added since cannot revive a killed mutant, so the score is the whole
+        # module's; the minutes are both runs'.
+        if not (work / "mutants" / (module + ".meta")).is_file():
+            raise SystemExit(f"{module}: no earlier run in {work} for --again")
+        names = again_names(work, module)
+        shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        spent = json.loads((work / "run.json").read_text())["seconds"]
+    else:
+        prepare(module, tests, work, test_timeout, mutant_timeout)
     env = dict(os.environ, DMENGINE_SHARED=str(SHARED), PYTHONDONTWRITEBYTECODE="1")
     t0 = time.monotonic()
     log = open(work / "mutmut.log", "w")
-    r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
-                       cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
+                        *names], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     if r.returncode != 0:
         tail = (work / "mutmut.log").read_text()[-3000:]
@@ -171,9 +217,11 @@ def run_module(module: str, base: pathlib.Path, max_children: int) -> dict[str, 
     counts = tally(work, module)
     total = sum(counts.values())
     killed = counts.get("killed", 0) + counts.get("caught by type check", 0)
+    seconds = round(spent + time.monotonic() - t0)
+    (work / "run.json").write_text(json.dumps({"seconds": seconds}))
     return {"module": module, "tests": tests, "counts": counts, "total": total,
             "killed": killed, "score": killed / total if total else 1.0,
-            "seconds": round(time.monotonic() - t0), "survivors": str(work / "survivors.txt"),
+            "seconds": seconds, "survivors": str(work / "survivors.txt"),
             "when": time.strftime("%Y-%m-%d")}
 
 
@@ -208,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the modules and their tests")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--workdir", default=os.environ.get("DMENGINE_MUTATE_DIR", "/tmp/dmengine-mutate"))
+    ap.add_argument("--test-timeout", type=float, default=120.0,
+                    help="seconds one test may take before it fails (pytest-timeout)")
+    ap.add_argument("--mutant-timeout", type=float, default=20.0,
+                    help="seconds added to a mutant's expected test time before x5 makes "
+                         "its time limit")
+    ap.add_argument("--again", action="store_true",
+                    help="run only the mutants the last run in --workdir did not kill, with "
+                         "the tests as they are now")
     ap.add_argument("--no-table", action="store_true", help="leave tests/MUTATION.md alone")
     a = ap.parse_args(argv)
     if a.list:
@@ -224,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     below = []
     for mod in mods:
-        r = run_module(mod, pathlib.Path(a.workdir), a.max_children)
+        r = run_module(mod, pathlib.Path(a.workdir), a.max_children, a.test_timeout,
+                       a.mutant_timeout, a.again)
         results.append(r)
         print(f"{mod}: {r['killed']}/{r['total']} killed ({100 * r['score']:.1f} %), "  # type: ignore[operator]
               f"{r['counts']}, {r['seconds']} s; survivors: {r['survivors']}", flush=True)
