@@ -1229,3 +1229,24 @@ def test_bulk_bootstrap_for_another_owner_and_its_job_answer(served):
         status, job, _ = await api.call("GET", f"v1/jobs/{body['jobId']}")
         assert status == 200 and job["operation"] is None and job["owner"] == "sys-other", job
     served.run(main())
+
+
+def test_a_fresh_view_keeps_the_tag_and_the_struct_options():
+    import gc
+    import uuid
+    from dmengine.model import QueryOp
+    from dmengine.wsi import schemas as sc
+    fresh = uuid.uuid4().hex
+    QV = sc.view(QueryOp, name=f"QueryOpV{fresh}")
+    op = QueryOp(nodes=["./A"])
+    v = sc.to_view(op, QV)
+    assert msgspec.json.decode(msgspec.json.encode(v)) == \
+        msgspec.json.decode(msgspec.json.encode(sc.to_view(op)))
+    assert msgspec.json.decode(b'{"operation": "QUERY", "nodes": ["./B"]}', type=QV).nodes == \
+        ["./B"]
+    assert QV.__module__ == "dmengine.wsi.schemas"
+    assert not gc.is_tracked(QV(nodes=["./A"]))            # views hold no cycle: gc=False
+    with pytest.raises(TypeError):
+        QV(["./A"])                                         # keyword-only
+    DV = sc.view(Device, name=f"DevV{fresh}", exclude={"imei"})
+    assert "imei" not in DV.__struct_fields__ and "msisdn" in DV.__struct_fields__
