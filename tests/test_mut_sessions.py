@@ -283,10 +283,11 @@ def test_a_get_answered_204_owes_no_results_and_a_get_that_fails_none(tmp_path):
         await w.answer(s, StatusReceived(cmd("t1"), "Get", 204, target="./A"))
         t = await w.get("t1")
         assert (t.state, t.result.statuses, t.result.nodes) == (S.SUCCEEDED, {"Get ./A": 204}, {})
-        await w.answer(s, StatusReceived(cmd("t2"), "Get", 404, target="./B"))
+        await w.answer(s, StatusReceived(cmd("t2"), "Get", 404))
         t = await w.get("t2")
-        assert (t.state, t.cause) == (S.FAILED, "Get ./B failed with status 404")
-        assert (await w.history("t2"))[-1] == (S.FAILED, "Get ./B failed with status 404",
+        # (a status that names no target: the text keeps its two spaces)
+        assert (t.state, t.cause) == (S.FAILED, "Get  failed with status 404")
+        assert (await w.history("t2"))[-1] == (S.FAILED, "Get  failed with status 404",
                                                404, None)
     run(tmp_path, scenario)
 
@@ -424,6 +425,7 @@ def test_what_the_task_needs_decides_whether_it_starts(tmp_path):
                       "content, or read ./DevDetail/FwV first (QUERY or DIAG)")
         empty = await w.get("empty")
         assert (empty.state, empty.cause) == (S.SUCCEEDED, "nothing to do")
+        assert not w.h.in_session("bad") and not w.h.in_session("empty")
         assert (await w.get("waiting")).state == S.IN_PROGRESS
         assert (await w.history("waiting"))[-1][1] == "set up"
         r = await w.get("reported")
@@ -626,6 +628,9 @@ def test_a_fumo_alert_that_fails_the_update(tmp_path, kind, data, cause):
         await w.answer(s, GenericAlert("cf", None, kind, None, None, data))
         t = await w.get()
         assert (t.state, t.cause) == (S.FAILED, cause)
+        if data.isdigit():
+            assert (await w.history())[-1][3] == int(data)
+            assert t.result.fumo_result == int(data)
         assert (await w.store.get_device(DEV)).devdetail["./DevDetail/FwV"] == "1.0"
         assert (await w.store.charging_events()).items == []
     run(tmp_path, scenario)
@@ -645,12 +650,17 @@ def test_download_then_update_installs_in_the_same_session(tmp_path):
                                                     "download complete; installing", "t1.u")
         assert t.result.fumo_result == 200
         assert (await w.history())[-1][3] == 200
+        assert s.pending_handles[-1] == cmd("t1", 0)      # the install's Exec, just queued
         assert sent(s) == [("Exec", "t1.u", None, [("./FW/Update", None)])]
         assert w.h.in_session("t1")
         await w.answer(s, StatusReceived(cmd("t1", 0), "Exec", 202),
                        GenericAlert("t1.u", None, FUMO_DU, None, None, "200"))
         t = await w.get()
         assert (t.state, t.cause) == (S.SUCCEEDED, "firmware updated: 200 Successful")
+        assert [h[1] for h in (await w.history())[-3:]] == [
+            "download complete; installing",
+            "firmware update accepted; waiting for the result alert",
+            "firmware updated: 200 Successful"]
         # the package the content store picked for the firmware before the update
         (ch,) = (await w.store.charging_events()).items
         assert (ch.content_id, ch.content_version) == ("fw", "2.0")
@@ -997,4 +1007,41 @@ def test_statuses_after_the_alert_in_one_message_are_not_read(tmp_path, caplog):
         t = await w.get()
         assert (t.state, t.cause) == (S.SUCCEEDED, "firmware updated: 200 Successful")
         assert [r.getMessage() for r in caplog.records if r.name == "dmengine.tasks"] == []
+    run(tmp_path, scenario)
+
+
+def test_a_session_that_ends_while_the_user_is_asked_or_the_install_runs(tmp_path):
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.task(ExecOp(uri="./X"), "optin", b_optin=True)
+        s = await w.connect()
+        await w.answer(s, SessionEnded("timeout"))
+        assert [h[:2] for h in (await w.history("optin"))[-2:]] == [
+            (S.IN_PROGRESS, "session ended (timeout) before the device answered"),
+            (S.PENDING, "session ended (timeout) before the device answered")]
+    run(tmp_path, scenario)
+
+
+def test_the_install_exec_is_owed_until_its_status_comes(tmp_path):
+    async def scenario(w: World) -> None:
+        await _fw(w, FumoMode.DOWNLOAD_THEN_UPDATE)
+        await w.task(UpdateOp(), correlator="cd")
+        s = await w.connect()
+        await w.answer(s, StatusReceived(cmd("t1", 0), "Replace", 200),
+                       StatusReceived(cmd("t1", 1), "Exec", 202),
+                       GenericAlert("cd", None, FUMO_DL, None, None, "200"),
+                       SessionEnded("aborted_by_client"))
+        t = await w.get()
+        assert (t.state, t.cause) == (
+            S.PENDING, "session ended (aborted_by_client) before the device answered")
+    run(tmp_path, scenario)
+
+
+def test_operations_of_a_session_share_their_prepared_commands(tmp_path):
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.task(QueryOp(nodes=["./A"]))
+        await w.connect()
+        assert list(w.h.commands.templates) == [
+            w.h.commands.template_key(await w.get())]
     run(tmp_path, scenario)
