@@ -1448,9 +1448,12 @@ def test_only_running_jobs_and_due_scheduled_ones_start():
             paused = await a_job(w, 1)
             await w.broker.jobs.pause(paused.job_id)
             # in id order: the first scheduled job is not due yet, the second is
-            late = await a_job(w, 1, start_at=now + 60)
-            due = await a_job(w, 1, start_at=now + 5)
-            assert late.job_id < due.job_id
+            for jid, at in (("sa-late", now + 60), ("sb-due", now + 5)):
+                await w.store.create_job(Job(job_id=jid, op=OP, state=J.SCHEDULED,
+                                             start_at=at))
+                await w.store.add_job_targets(jid, [device(4).dev_id])
+            late = await w.store.get_job("sa-late")
+            due = await w.store.get_job("sb-due")
             w.clock.now = now + 5
             assert await w.scheduler.tick() == 1
             assert (await w.store.get_job(due.job_id)).state == J.RUNNING

@@ -688,13 +688,14 @@ def test_job_listings_and_their_parameters(served):
             status, body, _ = await api.call("POST", "v1/jobs", op, json={
                 "operation": QUERY, "selection": {"devIds": [DEV_ID]}})
             ids.append(body["jobId"])
+        by_id = sorted(ids)                  # getJobs lists by job id
         status, page, _ = await api.call("GET", "v1/jobs", op, params={"limit": "2"})
-        assert status == 200 and [j["jobId"] for j in page["items"]] == ids[:2], page
+        assert status == 200 and [j["jobId"] for j in page["items"]] == by_id[:2], page
         status, page, _ = await api.call("GET", "v1/jobs", op, params={
             "limit": "2", "cursor": page["nextCursor"]})
-        assert [j["jobId"] for j in page["items"]] == ids[2:] and page["nextCursor"] is None
+        assert [j["jobId"] for j in page["items"]] == by_id[2:] and page["nextCursor"] is None
         status, page, _ = await api.call("GET", "v1/jobs", op, params={"state": "running"})
-        assert [j["jobId"] for j in page["items"]] == ids
+        assert [j["jobId"] for j in page["items"]] == by_id
         status, page, _ = await api.call("GET", "v1/jobs", op, params={"state": "PAUSED",
                                                                       "owner": "lister"})
         assert page == {"items": [], "nextCursor": None}
@@ -702,7 +703,7 @@ def test_job_listings_and_their_parameters(served):
         assert page == {"items": [], "nextCursor": None}
         status, page, _ = await api.call("GET", "v1/jobs", params={"owner": "lister",
                                                                    "state": ""})
-        assert [j["jobId"] for j in page["items"]] == ids          # the admin names the owner
+        assert [j["jobId"] for j in page["items"]] == by_id        # the admin names the owner
         for params, where, message in (
                 ({"state": "sleeping"}, "state", "state is one of SCHEDULED, RUNNING, PAUSED, "
                                                  "COMPLETED, CANCELLED, FAILED, not 'sleeping'"),
