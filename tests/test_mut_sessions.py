@@ -1047,3 +1047,54 @@ def test_operations_of_a_session_share_their_prepared_commands(tmp_path):
         assert list(w.h.commands.templates) == [
             w.h.commands.template_key(await w.get())]
     run(tmp_path, scenario)
+
+
+def test_a_device_that_connects_on_its_own_starts_its_pending_job_target(tmp_path, caplog):
+    from dmengine.model import Job, JobState, TimeWindow
+
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.store.create_job(Job(job_id="run", state=JobState.RUNNING, owner="crm",
+                                     op=QueryOp(nodes=["./DevInfo/Mod"]), deadline=NOW + 50))
+        await w.store.create_job(Job(job_id="sched", state=JobState.SCHEDULED,
+                                     op=QueryOp(nodes=["./B"])))
+        # a window that is closed now (an hour, twelve hours away, every day)
+        shut = int(NOW % 86400 + 12 * 3600) % 86400
+        await w.store.create_job(Job(job_id="closed", state=JobState.RUNNING,
+                                     op=QueryOp(nodes=["./C"]),
+                                     windows=[TimeWindow(start=shut, end=min(shut + 3600,
+                                                                             86400))]))
+        for j in ("run", "sched", "closed"):
+            await w.store.add_job_targets(j, [DEV])
+        with caplog.at_level(logging.INFO, logger="dmengine.sessions"):
+            s = await w.connect()
+        (t,) = [t for t in await w.h.tasks.open_for_device(DEV)]
+        assert (t.job_id, t.state, t.dev_id, t.owner, t.deadline) == (
+            "run", S.IN_PROGRESS, DEV, "crm", NOW + 50)
+        assert s.pending_handles == [CommandHandle(t.task_id, "cmd", 0)]
+        assert (await w.store.get_job("run")).total == 1
+        assert (await w.store.get_job("sched")).total == 0
+        assert (await w.store.get_job("closed")).total == 0
+        assert sorted(await w.store.pending_job_targets(DEV)) == ["closed", "sched"]
+        assert f"device {DEV} connected on its own: its task {t.task_id} of job run starts " \
+               f"now" in [r.getMessage() for r in caplog.records]
+        # another DevId for the record: not started early (the device policy decides first)
+    run(tmp_path, scenario)
+
+
+def test_an_ended_jobs_pending_target_is_forgotten_when_its_device_connects(tmp_path):
+    from dmengine.model import Job, JobState
+
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.store.create_job(Job(job_id="done", state=JobState.RUNNING,
+                                     op=QueryOp(nodes=["./A"])))
+        await w.store.add_job_targets("done", [DEV])
+        await w.store.update_job("done", {"state": JobState.CANCELLED}) \
+            if hasattr(w.store, "update_job") else None
+        assert await w.store.pending_job_targets(DEV) == ["done"]
+        s = await w.connect()
+        assert await w.store.pending_job_targets(DEV) == []
+        assert s.pending_handles == [] and await w.h.tasks.open_for_device(DEV) == []
+        assert (await w.store.get_job("done")).total == 0
+    run(tmp_path, scenario)
