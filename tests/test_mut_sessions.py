@@ -900,6 +900,7 @@ def test_stored_nonces_and_texts():
     assert stored_nonce(None) == b"" and stored_nonce("") == b""
     assert stored_nonce(b64(b"\x00\xffab")) == b"\x00\xffab"
     assert stored_nonce("not base64!") == b"not base64!"          # kept as it was written
+    assert stored_nonce("abcd!") == b"abcd!"          # strict: not "abcd" with the ! dropped
     assert _text(None) == "" and _text(b"a\xffb") == "a\ufffdb" and _text(12) == "12"
 
 
@@ -1097,4 +1098,22 @@ def test_an_ended_jobs_pending_target_is_forgotten_when_its_device_connects(tmp_
         assert await w.store.pending_job_targets(DEV) == []
         assert s.pending_handles == [] and await w.h.tasks.open_for_device(DEV) == []
         assert (await w.store.get_job("done")).total == 0
+    run(tmp_path, scenario)
+
+
+def test_a_session_end_settles_every_run_after_a_finished_one(tmp_path, caplog):
+    async def scenario(w: World) -> None:
+        await w.device()
+        await w.task(ExecOp(uri="./X"), "t1")
+        await w.task(QueryOp(nodes=["./A"]), "t2")
+        with caplog.at_level(logging.DEBUG, logger="dmengine.sessions"):
+            s = await w.connect()
+        assert "device identified in an authenticated session" in [
+            r.getMessage() for r in caplog.records]
+        await w.answer(s, StatusReceived(cmd("t1"), "Exec", 200, target="./X"))
+        assert (await w.get("t1")).state == S.SUCCEEDED
+        await w.answer(s, SessionEnded("timeout"))
+        t = await w.get("t2")
+        assert (t.state, t.cause) == (S.PENDING,
+                                      "session ended (timeout) before the device answered")
     run(tmp_path, scenario)
