@@ -3,6 +3,7 @@ decoded once and kept until a commit writes their key; never stale after a write
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -67,20 +68,25 @@ def test_a_read_that_spans_a_commit_is_not_kept(tmp_path, monkeypatch) -> None:
         s = LmdbStore(tmp_path / "db")
         try:
             d = await s.create_device(dev(1, tz="old"))
-            plain_get = kv.KVStore._get
+            plain_get = LmdbStore._get_now
             raced = False
 
-            async def racing_get(self, db, cls, key, kind):
+            def racing_get(self, db, cls, k, key, kind):
+                # the read is done; before it is cached, another thread's write of the same
+                # device commits (the writer thread answers that thread's own loop)
                 nonlocal raced
-                rec = await plain_get(self, db, cls, key, kind)
+                rec = plain_get(self, db, cls, k, key, kind)
                 if not raced and db == "devices":
                     raced = True
-                    await s.update_device(d.dev_id, {"tz": "new"})
+                    t = threading.Thread(target=lambda: asyncio.run(
+                        s.update_device(d.dev_id, {"tz": "new"})))
+                    t.start()
+                    t.join(30)
                 return rec
-            monkeypatch.setattr(kv.KVStore, "_get", racing_get)
+            monkeypatch.setattr(LmdbStore, "_get_now", racing_get)
             first = await s.get_device(d.dev_id)
-            assert first.tz == "old"            # read before the write committed
-            monkeypatch.setattr(kv.KVStore, "_get", plain_get)
+            assert raced and first.tz == "old"    # read before the write committed
+            monkeypatch.setattr(LmdbStore, "_get_now", plain_get)
             assert (await s.get_device(d.dev_id)).tz == "new"
         finally:
             await s.close()
