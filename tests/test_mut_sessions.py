@@ -412,6 +412,8 @@ def test_what_the_task_needs_decides_whether_it_starts(tmp_path):
                      result=TaskResult(statuses={"Exec ./FUMO/1/DownloadAndUpdate": 202}))
         await w.task(ExecOp(uri="./X"), "reported", correlator="corr-r", state=S.IN_PROGRESS)
         await w.task(ExecOp(uri="./Y"), "elsewhere")
+        # an IN_PROGRESS task not waiting for an alert (its session broke): started again
+        await w.task(ExecOp(uri="./Z"), "interrupted", state=S.IN_PROGRESS)
         other, _ = dm_session()
         w.h._add_run(w.h.works.setdefault(id(other), SessionWork()),
                      TaskRun(task=await w.get("elsewhere")))
@@ -431,7 +433,9 @@ def test_what_the_task_needs_decides_whether_it_starts(tmp_path):
         r = await w.get("reported")
         assert (r.state, r.cause) == (S.SUCCEEDED, "Exec completed: result 200 (no type)")
         assert (await w.get("elsewhere")).state == S.NOTIFIED
-        assert s.pending_handles == []
+        # every task after a skipped one is still looked at
+        assert s.pending_handles == [cmd("interrupted")]
+        assert (await w.history("interrupted"))[-1][1] == "device connected; commands sent"
     run(tmp_path, scenario)
 
 
@@ -780,11 +784,14 @@ def test_the_bootstrapped_account_is_adopted_and_the_bootstrap_succeeds(tmp_path
         new = DmAccount(server_id="dmengine", client_name="new", client_password="p1")
         await w.device(account=old, pending_account=new)
         await w.task(BootstrapOp(account=new), state=S.NOTIFIED)
+        await w.task(QueryOp(nodes=["./A"]), "q1")
         s = await w.connect(username="old")              # still the old account: not yet
         dev = await w.store.get_device(DEV)
         assert (dev.account.client_name, dev.pending_account.client_name) == ("old", "new")
-        assert (await w.get()).state == S.NOTIFIED and s.pending_handles == []
-        await w.connect(username="new", password="p1")
+        assert (await w.get()).state == S.NOTIFIED and s.pending_handles == [cmd("q1")]
+        await w.task(QueryOp(nodes=["./B"]), "q2")
+        s = await w.connect(username="new", password="p1")
+        assert s.pending_handles == [cmd("q2")]          # looked at after the bootstrap
         dev = await w.store.get_device(DEV)
         assert (dev.account.client_name, dev.pending_account) == ("new", None)
         assert [h[:2] for h in (await w.history())[-2:]] == [
@@ -868,13 +875,22 @@ def test_a_device_with_another_devid_is_judged_by_the_tasks_policy(tmp_path):
                      accept_device_policy=10)
         await w.task(ExecOp(uri="./Y"), "strict", dev_id="MSISDN:+4915100000001",
                      accept_device_policy=20)
+        await w.task(ExecOp(uri="./Z"), "carrier", dev_id="MSISDN:+4915100000001",
+                     accept_device_policy=40)
+        asked = []
+
+        async def carrier(record, reported, task_id):
+            asked.append((record.dev_id, reported, task_id))
+            return True
+        w.h.carrier_callback = carrier
         s = await w.connect("IMEI:356938039999999", username="u1")  # same TAC, another phone
         assert (await w.get("same-tac")).state == S.IN_PROGRESS
         t = await w.get("strict")
         assert (t.state, t.cause) == (
             S.FAILED, f"refused by acceptDevicePolicy 20: the record has IMEI {IMEI}, device "
                       "reported IMEI:356938039999999")
-        assert s.pending_handles == [cmd("same-tac")]
+        assert s.pending_handles == [cmd("same-tac"), cmd("carrier")]
+        assert asked == [("MSISDN:+4915100000001", "IMEI:356938039999999", "carrier")]
     run(tmp_path, scenario)
 
 
@@ -1116,4 +1132,30 @@ def test_a_session_end_settles_every_run_after_a_finished_one(tmp_path, caplog):
         t = await w.get("t2")
         assert (t.state, t.cause) == (S.PENDING,
                                       "session ended (timeout) before the device answered")
+    run(tmp_path, scenario)
+
+
+def test_nonces_of_a_device_without_an_account_are_not_written_with_its_devinfo(tmp_path):
+    async def scenario(w: World) -> None:
+        await w.device()
+        s, ev = dm_session()
+        await w.h.on_events(s, [NonceIssued(DEV, b"n"), *ev])
+        dev = await w.store.get_device(DEV)
+        assert (dev.account, dev.devinfo) == (None, {"./DevInfo/Mod": "EX100"})
+    run(tmp_path, scenario)
+
+
+def test_nonces_go_to_the_record_the_session_proved_by_its_user_name(tmp_path):
+    async def scenario(w: World) -> None:
+        acc = DmAccount(server_id="dmengine", client_name="u1", client_password="pw")
+        await w.device("MSISDN:+4915100000001", imei=None, account=acc)
+        w.h.by_username["u1"] = "MSISDN:+4915100000001"
+        s, _ = dm_session("IMEI:490154203237518", username="u1")
+        await w.answer(s, NonceIssued("IMEI:490154203237518", b"n1"))
+        a = (await w.store.get_device("MSISDN:+4915100000001")).account
+        assert a.client_nonce == b64(b"n1")
+        await w.answer(s, NonceIssued("IMEI:490154203237518", b"n2"))
+        a = (await w.store.get_device("MSISDN:+4915100000001")).account
+        assert a.client_nonce == b64(b"n2")
+        assert w.h.works[id(s)].dev_id == "MSISDN:+4915100000001"
     run(tmp_path, scenario)
