@@ -58,8 +58,8 @@ def test_get_task_by_id_reuses_an_answer_only_for_the_same_record(tmp_path):
 
 
 def test_answers_kept_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(deployments, "ANSWER_CACHE_SIZE", 2)
-    monkeypatch.setattr(deployments, "_ANSWERS", {})
+    from dmengine.bounded import BoundedDict
+    monkeypatch.setattr(deployments, "_ANSWERS", BoundedDict(2))
 
     async def scenario(w: World, api: Api) -> None:
         dev = w.device(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from ..bounded import BoundedDict
 from ..errors import ApiError
 from ..model import Task, redact_task
 from .common import broker_of
@@ -73,13 +74,11 @@ async def get_task_by_id(request: web.Request) -> web.Response:
     result (DM statuses, FUMO result code, node values)."""
     task = await broker_of(request).get_task(request.match_info["taskId"])
     hit = _ANSWERS.get(task.task_id)
-    if hit is not None and hit[0] == task:
+    if hit is not None and (hit[0] is task or hit[0] == task):
         body = hit[1]
     else:
         body = _json.encode(task_data(redact_task(task)))
-        if len(_ANSWERS) >= ANSWER_CACHE_SIZE:
-            del _ANSWERS[next(iter(_ANSWERS))]       # the oldest entry goes
-        _ANSWERS[task.task_id] = (task, body)
+        _ANSWERS[task.task_id] = (task, body)        # (the oldest entry goes when full)
     return web.Response(body=body, content_type="application/json")
 
 
@@ -90,7 +89,7 @@ async def get_task_by_id(request: web.Request) -> web.Response:
 #: engine it came from; building and encoding the TaskData view was a third of the route's
 #: own work.  Bounded: past ANSWER_CACHE_SIZE tasks the oldest entry goes.
 ANSWER_CACHE_SIZE = 4096
-_ANSWERS: dict[str, tuple[Task, bytes]] = {}
+_ANSWERS: BoundedDict[str, tuple[Task, bytes]] = BoundedDict(ANSWER_CACHE_SIZE)
 _json = msgspec.json.Encoder()
 
 
