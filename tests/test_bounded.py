@@ -104,3 +104,17 @@ def test_a_written_device_is_kept_in_the_read_cache_as_written(tmp_path) -> None
         finally:
             await store.close()
     asyncio.run(main())
+
+
+def test_no_table_evicts_through_a_plain_dicts_first_key() -> None:
+    """The pattern this module replaced must not come back: ``del d[next(iter(d))]`` on a
+    plain dict is O(deleted slots) per eviction (an OrderedDict's first key is O(1), and
+    BoundedDict does it for you)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "dmengine"
+    bad = re.compile(r"del\s+[\w.\[\]]+\[next\(iter\(")
+    found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py*") if p.suffix in (".py", ".pyx")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert not found, found
