@@ -1159,3 +1159,14 @@ def test_nonces_go_to_the_record_the_session_proved_by_its_user_name(tmp_path):
         assert a.client_nonce == b64(b"n2")
         assert w.h.works[id(s)].dev_id == "MSISDN:+4915100000001"
     run(tmp_path, scenario)
+
+
+def test_the_carrier_callback_given_is_the_one_asked(tmp_path):
+    async def carrier(record, reported, task_id):
+        return False
+
+    async def scenario(w: World) -> None:
+        h = DeviceSessions(w.store, w.h.tasks, w.h.commands, w.h.config,
+                           carrier_callback=carrier, clock=w.clock)
+        assert h.carrier_callback is carrier
+    run(tmp_path, scenario)
