@@ -50,9 +50,11 @@ def test_a_task_that_cannot_be_notified_fails_alone_and_the_loop_goes_on(tmp_pat
         while time.monotonic() < end:
             bad_state = (await store.get_task(bad_task)).state
             good_state = (await store.get_task(good_task)).state
-            if bad_state == S.FAILED and good_state == S.NOTIFIED:
+            # (NOTIFIED is written before the send: wait for the send too)
+            if bad_state == S.FAILED and good_state == S.NOTIFIED and sent:
                 break
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)                 # a send to the bad device would come now
         bad_rec = await store.get_task(bad_task)
         assert bad_rec.state == S.FAILED and "package #0" in bad_rec.cause
         assert (await store.get_task(good_task)).state == S.NOTIFIED
