@@ -59,3 +59,13 @@ def vectors_dir() -> pathlib.Path:
 def bench_messages_dir() -> pathlib.Path:
     assert BENCH_MESSAGES.is_dir(), f"bench messages not found at {BENCH_MESSAGES}"
     return BENCH_MESSAGES
+
+
+class Clock:
+    """A clock the test moves (``clock.now = …``); services take it as their ``clock``."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

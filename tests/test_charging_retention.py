@@ -14,16 +14,9 @@ from dmengine.errors import ConfigError
 from dmengine.model import OutboxEntry
 from dmengine.store.lmdb import LmdbStore
 from dmengine.webhooks import WebhookConfig, Webhooks
+from conftest import Clock
 
 DAY = 86400.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _charge(store: LmdbStore, i: int, when: float) -> None:

@@ -23,6 +23,7 @@ from dmengine.errors import InvalidRequest, NotFound, ServiceError, UnknownResou
 from dmengine.model import (BootstrapOp, Content, Device, DmAccount, Job, JobState, QueryOp,
                             Selection, Stage, StopRule, Task, TaskState, TimeWindow, UpdateOp)
 from dmengine.store.memory import MemoryStore
+from conftest import Clock
 
 S = TaskState
 J = JobState
@@ -31,14 +32,6 @@ OP = QueryOp(nodes=["./DevInfo/Mod"])
 MONDAY = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
 H = 3600
 DAY = 86400
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run(coro: Any) -> Any:

@@ -31,6 +31,7 @@ from dmengine.notify.pkg0 import parse_pkg0
 from dmengine.scheduler import Scheduler
 from dmengine.store.memory import MemoryStore
 from prometheus_client import CollectorRegistry
+from conftest import Clock
 
 S = TaskState
 J = JobState
@@ -43,14 +44,6 @@ NONCE = b"n0nce-16-bytes!!"
 MONDAY = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
 H = 3600
 DAY = 86400
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def device(i: int, **kw: Any) -> Device:
