@@ -1170,3 +1170,40 @@ def test_the_carrier_callback_given_is_the_one_asked(tmp_path):
                            carrier_callback=carrier, clock=w.clock)
         assert h.carrier_callback is carrier
     run(tmp_path, scenario)
+
+
+def test_every_pending_job_of_a_device_is_looked_at_not_only_the_first(tmp_path):
+    """A device with several jobs' pending targets: a job that is gone (an index row left
+    behind) and a cancelled job's target do not stop the running job's target from starting
+    early — each is passed over, not the end of the look (and the early start is counted)."""
+    from prometheus_client import CollectorRegistry
+
+    from dmengine.metrics import TaskMetrics
+    from dmengine.model import Job, JobState
+    from dmengine.store.kv import SEP, _e, u64
+
+    async def scenario(w: World) -> None:
+        w.h.tasks.metrics = m = TaskMetrics(CollectorRegistry())
+        await w.device()
+        await w.store._write(lambda ctx: ctx.put("dev_targets", _e(DEV) + SEP + _e("a-gone"),
+                                                 u64(0)))
+        # an ended job without an operation (a bootstrap list's): nothing to make, kept
+        await w.store.create_job(Job(job_id="a-boot", state=JobState.RUNNING))
+        await w.store.add_job_targets("a-boot", [DEV])
+        await w.store.update_job("a-boot", {"state": JobState.CANCELLED})
+        await w.store.create_job(Job(job_id="b-done", state=JobState.RUNNING,
+                                     op=QueryOp(nodes=["./B"])))
+        await w.store.add_job_targets("b-done", [DEV])
+        await w.store.update_job("b-done", {"state": JobState.CANCELLED})
+        await w.store.create_job(Job(job_id="c-run", state=JobState.RUNNING,
+                                     op=QueryOp(nodes=["./C"])))
+        await w.store.add_job_targets("c-run", [DEV])
+        assert await w.store.pending_job_targets(DEV) == ["a-boot", "a-gone", "b-done", "c-run"]
+        s = await w.connect()
+        (t,) = await w.h.tasks.open_for_device(DEV)
+        assert (t.job_id, t.state) == ("c-run", S.IN_PROGRESS)
+        assert s.pending_handles == [CommandHandle(t.task_id, "cmd", 0)]
+        assert await w.store.pending_job_targets(DEV) == ["a-boot", "a-gone"]   # (kept)
+        assert (await w.store.get_job("b-done")).total == 0
+        assert m.created == {"QUERY": 1}
+    run(tmp_path, scenario)
