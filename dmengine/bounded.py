@@ -38,8 +38,3 @@ class BoundedDict(OrderedDict[K, V]):
         elif len(self) >= self.size:
             self.popitem(last=False)
         super().__setitem__(key, value)
-
-    def drop_oldest(self) -> None:
-        """Drops the oldest entry (none held: nothing)."""
-        if self:
-            self.popitem(last=False)

@@ -8,18 +8,18 @@
   (IDeviceManagerServices), :mod:`.content`, :mod:`.diagnostics`, :mod:`.subscriptions`
   (push), and :mod:`.system` (health, metrics).
 
-Every route but the public ones (:func:`is_public`: health, metrics, the OpenAPI document,
-the docs page and its assets, ``login``) needs an API key or a userSession token (``X-API-Key:
-KEY`` or ``Authorization: Bearer KEY``), checked by
-:func:`dmengine.wsi.security.authenticate`: who, how often (429), what (the route → role
+Every route but the public ones (:func:`dmengine.wsi.security.is_public`: health, metrics,
+the OpenAPI document, the docs page and its assets, ``login``) needs an API key or a
+userSession token (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``), checked by
+:func:`dmengine.wsi.security.guard`: who, how often (429), what (the route → role
 table :data:`dmengine.wsi.security.ROLE_OF`), whose (another system's task or job is a 404),
 and the audit of every call that changes something.  The app has ONE middleware
 (:func:`api_middleware`): the error shape and the API metrics around the authentication
 (whatever goes wrong inside answers in the one shape), with what a route needs (its metrics
 label, whether it is public, its role) worked out once per route, not per call.  It was two
-aiohttp middlewares (``errors``, ``authenticate``, still in :mod:`.middleware` and
-:mod:`.security`): each layer costs a coroutine frame and a partial call per request, and
-getTaskById's benchmark (bench/bench_api.py) is mostly such per-request overhead.
+aiohttp middlewares (errors, then authentication): each layer costs a coroutine frame and a
+partial call per request, and getTaskById's benchmark (bench/bench_api.py) is mostly such
+per-request overhead.
 
 Hardening (issue 13): JSON bodies are read with a cap (:data:`MAX_JSON_BODY`) that holds for
 chunked bodies too, and only the content upload and the device import stream more; answers
@@ -41,27 +41,15 @@ from ..identity import Identities
 from . import capabilities, content, deployments, devices, diagnostics, jobs, openapi, system
 from .common import ENGINE, Services
 from .middleware import (MAX_JSON_BODY, MAX_UPLOAD, Handler, decode_body, error_answer,
-                         error_response, errors, json_response, label_of, read_json_body)
+                         error_response, json_response, label_of, read_json_body)
 from .schemas import Target
-from .security import IDENTITY_KEY, ROLE_OF, authenticate, guard, install, required_role
+from .security import IDENTITY_KEY, ROLE_OF, guard, install, required_role
 from .security import is_public as security_public
-
-#: paths anyone may read; the docs page's assets live under /docs/
-PUBLIC = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs"})
-PUBLIC_PREFIXES = ("/docs/",)
 
 #: the route modules of the app, in the order their routes are added
 INTERFACES = (system, openapi, deployments, jobs, devices, capabilities, content, diagnostics)
 #: route modules that may not be there yet (others work on them); each has ``routes``
 OPTIONAL_INTERFACES = ("subscriptions",)
-
-
-def is_public(path: str) -> bool:
-    return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
-
-
-#: the key check of the first cut, now the security middleware (dmengine/wsi/security.py)
-require_key = authenticate
 
 
 def api_middleware(engine: Services, identities: Identities) -> Middleware:
@@ -150,7 +138,6 @@ async def start_api(engine: Services, host: str, port: int, *,
     return runner, runner.addresses[0][1]
 
 
-__all__ = ["make_app", "api_middleware", "start_api", "require_key", "authenticate", "ROLE_OF",
-           "is_public", "ENGINE", "Services", "PUBLIC", "PUBLIC_PREFIXES", "MAX_JSON_BODY",
-           "MAX_UPLOAD", "Target", "decode_body", "json_response", "error_response",
-           "read_json_body", "errors"]
+__all__ = ["make_app", "api_middleware", "start_api", "ROLE_OF", "ENGINE", "Services",
+           "MAX_JSON_BODY", "MAX_UPLOAD", "Target", "decode_body", "json_response",
+           "error_response", "read_json_body"]

@@ -1,10 +1,10 @@
-"""The API's error middleware and body limits (L5).
+"""The API's one error shape and body limits (L5).
 
 Every error the API answers has one shape, :class:`dmengine.wsi.schemas.ErrorBody`:
 ``{"error": code, "message": ..., "where": field | null}``.  ``where`` names the field in the
 request's own names: a msgspec path of a body (``$.operation.nodes[0]``, ``$.devId``), a query
 parameter (``limit``), a header (``X-API-Key``).  A service or store error names a record's
-field (``target.dev_id``, ``$.account.client_name``): :func:`errors` turns it into the API's
+field (``target.dev_id``, ``$.account.client_name``): :func:`error_answer` turns it into the API's
 camelCase (``target.devId``); an :class:`~dmengine.errors.ApiError` is taken as already in the
 API's names.  Routes that do not exist (404), methods a route does not take (405) and any
 error nobody expected (500, logged with its traceback, never shown) get the same shape.
@@ -15,7 +15,6 @@ too (:func:`read_json_body`); only the content upload and the device import stre
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -23,7 +22,6 @@ from aiohttp import web
 
 from ..errors import (AlreadyExists, ApiError, DmError, NotFound, ServiceError, StoreError,
                       ValidationError)
-from .common import ENGINE
 from .schemas import camel_path
 
 log = logging.getLogger("dmengine.wsi")
@@ -137,23 +135,6 @@ def _error_of(exc: Exception) -> tuple[int, str, str, str | None]:
     return 400, "bad_request", str(exc), camel_path(getattr(exc, "where", None))
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as the one error shape (see the module docstring); every answer counted
-    in the API metrics.  The app folds this and the authentication into one middleware
-    (:func:`dmengine.wsi.app.make_app`); this one serves an app without authentication."""
-    t0 = time.perf_counter()
-    try:
-        resp = await handler(request)
-    except Exception as exc:
-        resp = error_answer(request, exc)
-    metrics = getattr(request.app.get(ENGINE), "api_metrics", None)
-    if metrics is not None:
-        metrics.observe(route_label(request), resp.status, role_of(request),
-                        time.perf_counter() - t0)
-    return resp
-
-
 def route_label(request: web.Request) -> str:
     """The route's name (``getTaskById``) or, unnamed, its template (``/docs/{tail}``);
     ``unmatched`` for a path no route has: never the path itself (a label per task id or per
@@ -184,9 +165,6 @@ def role_of(request: web.Request) -> str:
         _identity_key = IDENTITY_KEY
     ident = request.get(_identity_key)
     return str(ident.role) if ident is not None else "anonymous"
-
-
-_role = role_of
 
 
 #: error codes of the router's and aiohttp's own HTTP errors
@@ -221,6 +199,6 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
     return error_response(500, "internal", "internal error (logged by the server)", None)
 
 
-__all__ = ["errors", "error_answer", "route_label", "label_of", "role_of", "json_response",
+__all__ = ["error_answer", "route_label", "label_of", "role_of", "json_response",
            "error_response", "read_json_body", "decode_body", "decode_json", "optional_body",
            "parse_query", "msgspec_where", "body_too_large", "MAX_JSON_BODY", "MAX_UPLOAD"]

@@ -2,7 +2,8 @@
 the route → role table, and the session, key, user and audit routes.
 
 Every call but the public ones (:data:`PUBLIC_NAMES`, :data:`PUBLIC_PATHS`: health, metrics,
-the OpenAPI document and docs, ``login``) is checked by :func:`authenticate`, in this order:
+the OpenAPI document and docs, ``login``) is checked by :func:`guard` (called by the app's one
+middleware, :func:`dmengine.wsi.app.api_middleware`), in this order:
 
 1. **who** — an API key (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``) or a
    ``userSession`` token from ``login`` (``Authorization: Bearer dms_…``, or ``X-API-Key``);
@@ -248,23 +249,10 @@ async def _not_theirs(request: web.Request, ids: Identities, ident: Identity
     return None
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Who, how often, what, whose — then the handler — then the audit (module docstring)."""
-    route = request.match_info.route
-    name = route.name
-    if is_public(name, request.path):
-        return await handler(request)
-    resp, ident = await guard(request, handler, request.app[IDENTITIES], name,
-                              None if route.resource is None else required_role(name))
-    if ident is not None:
-        request[IDENTITY_KEY] = ident     # the metrics' role (middleware.role_of)
-    return resp
-
-
 async def guard(request: web.Request, handler: Handler, ids: Identities, name: str | None,
                 need: str | None) -> tuple[web.StreamResponse, Identity | None]:
-    """:func:`authenticate` of a call that is not public: ``need`` is the route's role
+    """Who, how often, what, whose — then the handler — then the audit (module docstring),
+    for a call that is not public: ``need`` is the route's role
     (:func:`required_role`), None for a path no route has (the router's 404/405: no role
     to check).  The app's one middleware (:func:`dmengine.wsi.app.api_middleware`) calls it
     with what it worked out once per route.  Answers the response and the identity the
@@ -618,12 +606,12 @@ async def get_audit_log(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application, identities: Identities) -> None:
-    """Puts the identities service and the routes of this module in ``app`` (the middleware
-    :func:`authenticate` goes in the app's middleware list, before the error middleware)."""
+    """Puts the identities service and the routes of this module in ``app`` (the app's
+    middleware calls :func:`guard`)."""
     app[IDENTITIES] = identities
     app.add_routes(routes)
 
 
-__all__ = ["authenticate", "guard", "install", "routes", "ROLE_OF", "PUBLIC_NAMES",
+__all__ = ["guard", "install", "routes", "ROLE_OF", "PUBLIC_NAMES",
            "PUBLIC_PATHS", "IDENTITIES", "caller", "owner_scope", "owner_for_new",
            "required_role", "ROLES"]
