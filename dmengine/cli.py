@@ -21,31 +21,33 @@ def _serve(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_format, args.log_level)      # before anything logs
 
-    mapped_mb = args.store_max_mapped_mb
-    if mapped_mb is not None and (mapped_mb < 0 or 0 < mapped_mb < 16):
+    mapped_mb = args.store_max_mapped_mb      # (0: never; EngineConfig checks the bound)
+    store = {} if mapped_mb is None else {"store_max_mapped": (mapped_mb << 20) or None}
+    try:
+        cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
+                           device_port=args.device_port, api_port=args.api_port,
+                           device_path=args.path, server_id=args.server_id,
+                           require_auth=args.auth, public_url=args.public_url,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           api_tls_cert=args.api_tls_cert, api_tls_key=args.api_tls_key,
+                           carrier_callback_url=args.carrier_callback,
+                           allow_private_callbacks=args.allow_private_callbacks,
+                           callback_allow_networks=tuple(args.callback_allow_network or ()),
+                           broker=_broker_config(args),
+                           webhooks=_webhook_config(args),
+                           **store,
+                           identity=IdentityConfig(**{k: v for k, v in (
+                               ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
+                               ("default_burst", args.api_burst)) if v is not None}),
+                           server_overrides={k: v for k, v in (
+                               ("max_connections", args.max_connections),
+                               ("max_connections_per_address", args.max_connections_per_address))
+                               if v is not None})
+    except ConfigError as exc:
+        if exc.key != "store_max_mapped":
+            raise
         raise ConfigError("--store-max-mapped-mb must be 0 (never) or at least 16",
-                          key="--store-max-mapped-mb")
-    cfg = EngineConfig(data_dir=args.data, host=args.host, api_host=args.api_host,
-                       device_port=args.device_port, api_port=args.api_port,
-                       device_path=args.path, server_id=args.server_id,
-                       require_auth=args.auth, public_url=args.public_url,
-                       tls_cert=args.tls_cert, tls_key=args.tls_key,
-                       api_tls_cert=args.api_tls_cert, api_tls_key=args.api_tls_key,
-                       carrier_callback_url=args.carrier_callback,
-                       allow_private_callbacks=args.allow_private_callbacks,
-                       callback_allow_networks=tuple(args.callback_allow_network or ()),
-                       broker=_broker_config(args),
-                       webhooks=_webhook_config(args),
-                       **({} if args.store_max_mapped_mb is None else {
-                           "store_max_mapped": (args.store_max_mapped_mb << 20)
-                           if args.store_max_mapped_mb > 0 else None}),
-                       identity=IdentityConfig(**{k: v for k, v in (
-                           ("session_ttl", args.session_ttl), ("default_rate", args.api_rate),
-                           ("default_burst", args.api_burst)) if v is not None}),
-                       server_overrides={k: v for k, v in (
-                           ("max_connections", args.max_connections),
-                           ("max_connections_per_address", args.max_connections_per_address))
-                           if v is not None})
+                          key="--store-max-mapped-mb") from None
 
     async def main() -> None:
         gateway = gateway_from_spec(args.gateway)
