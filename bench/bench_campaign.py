@@ -95,11 +95,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stat_cpu_s(path: str) -> float:
-    """User + system CPU seconds from a /proc ``stat`` file."""
+def proc_stat(path: str) -> tuple[float, float, int, int]:
+    """(user s, system s, minor faults, major faults) from a /proc ``stat`` file (a
+    process's: its threads included; a thread's under ``task/``)."""
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7]),
+            int(fields[9]))
+
+
+def _stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file."""
+    user, system, _, _ = proc_stat(path)
+    return user + system
 
 
 def cpu_s(pid: int) -> float:
@@ -124,22 +132,6 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
             name = "MainThread"
         out[name] = out.get(name, 0.0) + spent
     return out
-
-
-def thread_stat(pid: int, tid: int) -> tuple[float, float, int, int]:
-    """(user s, system s, minor faults, major faults) of one thread from its /proc stat."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7]),
-            int(fields[9]))
-
-
-def process_stat(pid: int) -> tuple[float, float, int, int]:
-    """The same for the whole process (its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, int(fields[7]),
-            int(fields[9]))
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -455,8 +447,8 @@ class _Tenths:
         self.last = self._read(0, t0)
 
     def _read(self, final: int, now: float) -> dict[str, float]:
-        lu, ls, lmin, lmaj = thread_stat(self.pid, self.pid)
-        pu, ps, pmin, pmaj = process_stat(self.pid)
+        lu, ls, _, _ = proc_stat(f"/proc/{self.pid}/task/{self.pid}/stat")  # the loop's
+        pu, ps, pmin, pmaj = proc_stat(f"/proc/{self.pid}/stat")
         return {"final": final, "t": now, "loop_user": lu, "loop_sys": ls, "cpu": pu + ps,
                 "minflt": pmin, "majflt": pmaj, "sim": cpu_s(self.sim_pid)}
 
