@@ -604,3 +604,35 @@ def test_devices_with_stale_nonces_are_not_taken_for_guessing(tmp_path):
 
     run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
         account_free=100, address_free=3, base_delay=30.0)})
+
+
+def test_failing_other_accounts_does_not_wash_out_a_blocked_accounts_count(tmp_path):
+    """The auth guard's table is bounded; it drops the key whose last failure is oldest.  An
+    attacker who has got the victim's account blocked must not free it by failing on other
+    accounts until the table drops it: the table keeps keys by their last failure (it used
+    to drop the key inserted first, here the victim's, and its block with it)."""
+    from dmengine.authguard import AuthGuardConfig
+
+    async def scenario(engine: Engine) -> None:
+        await engine.store.create_device(Device(dev_id=VICTIM, msisdn="+15550001",
+                                                account=account("victim")))
+        n = iter(range(100))
+
+        async def guess(name: str, dev: str) -> object:
+            i = next(n)
+            status, reply = await post(engine.device_url, message(
+                dev, alert(1, 1201) + devinfo(2, dev), name=name, session_id=f"W{i}",
+                cred=cred_md5(name, "guess", CLIENT_NONCE)), source_address=f"127.0.1.{i}")
+            return status if status != 200 else status_of_synchdr(reply)
+
+        others = [(f"o{i}", f"IMEI:{490154203237700 + i}") for i in range(3)]
+        assert await guess("victim", VICTIM) == "401"     # the victim's first failure
+        assert await guess(*others[0]) == "401"
+        assert await guess(*others[1]) == "401"
+        assert await guess("victim", VICTIM) == "401"     # its second: blocked from now on
+        assert await guess("victim", VICTIM) == 503
+        assert await guess(*others[2]) == "401"           # the table is full: one key goes
+        assert await guess("victim", VICTIM) == 503       # still blocked (o0 went, not it)
+
+    run_engine(tmp_path, scenario, overrides={"brute_force": AuthGuardConfig(
+        account_free=2, address_free=1000, base_delay=30.0, max_keys=3)})
