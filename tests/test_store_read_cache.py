@@ -1,14 +1,15 @@
-"""The LMDB store's read cache (``LmdbStore._get``): devices, content and capabilities are
-decoded once and kept until a commit writes their key; never stale after a write returned."""
+"""The LMDB store's read cache (``LmdbStore._get``): devices, content, capabilities and tasks
+are decoded once and kept until a commit writes their key; never stale after a write returned."""
 from __future__ import annotations
 
 import asyncio
 import threading
 
+import msgspec
 import pytest
 
 from dmengine.errors import NotFound
-from dmengine.model import Device
+from dmengine.model import Device, QueryOp, Task, TaskState
 from dmengine.store import kv
 from dmengine.store.lmdb import LmdbStore
 
@@ -31,6 +32,32 @@ def test_a_record_read_twice_is_decoded_once(tmp_path) -> None:
             a = await s.get_device(d.dev_id)
             b = await s.get_device(d.dev_id)
             assert a is b and a.tz == "A"
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_a_polled_task_is_decoded_once_and_every_write_of_it_is_seen(tmp_path) -> None:
+    """getTaskById's read: the same object while the task has not changed; after each kind
+    of task write (the Cython transition's common case, a transition with changes, an
+    update) the next read has it."""
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            await s.create_task(Task(task_id="t1", dev_id="IMEI:1", op=QueryOp(nodes=["./A"])))
+            a = await s.get_task("t1")
+            assert (await s.get_task("t1")) is a and a.state == TaskState.PENDING
+            await s.transition("t1", TaskState.NOTIFIED, cause="sent")
+            b = await s.get_task("t1")
+            assert b.state == TaskState.NOTIFIED and (await s.get_task("t1")) is b
+            await s.transition("t1", TaskState.IN_PROGRESS, changes={"attempts": 3})
+            c = await s.get_task("t1")
+            assert (c.state, c.attempts) == (TaskState.IN_PROGRESS, 3)
+            await s.update_task(msgspec.structs.replace(c, deadline=9e9))
+            d = await s.get_task("t1")
+            assert d.deadline == 9e9 and d.state == TaskState.IN_PROGRESS
+            await s.transition("t1", TaskState.SUCCEEDED, cause="done")
+            assert (await s.get_task("t1")).state == TaskState.SUCCEEDED
         finally:
             await s.close()
     asyncio.run(main())

@@ -1,10 +1,21 @@
 """Stub for the Cython module dmengine/store/_kv.pyx (the store's write hot path)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..model import Task, TaskState
+
+
+class Gate:
+    active: int
+    resizing: bool
+
+    def __init__(self) -> None: ...
+    def enter(self) -> None: ...
+    def leave(self) -> None: ...
+    def exclusive(self, fn: Callable[[], Any]) -> None: ...
+    def get(self, env: Any, dbi: Any, key: bytes) -> bytes | None: ...
 
 
 class WriteBuffer:
