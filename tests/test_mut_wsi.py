@@ -542,7 +542,6 @@ def test_msgspec_where_and_error_of():
     assert e(se) == (se.http_status, se.code, "m", "target.devId")
     assert e(StoreError("m")) == (503, "store_error", "m", None)
     assert e(CodecError("m")) == (400, "bad_request", "m", None)
-    assert middleware.label_of(object()) == "unmatched"
 
 
 # --- common ------------------------------------------------------------------------------------
@@ -1185,31 +1184,6 @@ def test_error_answer_of_http_errors_and_redirects():
     assert r.status == 413 and r.keep_alive is False           # the rest is not read
     r = middleware.error_answer(req, ApiError("small", code="c", http_status=400))
     assert r.keep_alive is not False
-
-
-def test_route_label_and_role_of_a_request():
-    from aiohttp.test_utils import make_mocked_request
-    from dmengine.identity import Identity
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response()
-    app = web.Application()
-    named = app.router.add_route("GET", "/named/{x}", handler, name="namedRoute")
-    anon = app.router.add_route("GET", "/anon/{x}", handler)
-
-    class MI:
-        def __init__(self, route: Any) -> None:
-            self.route = route
-
-    def req(route: Any) -> Any:
-        r = make_mocked_request("GET", "/")
-        r._match_info = MI(route)                 # what the router would have set
-        return r
-    assert middleware.route_label(req(named)) == "namedRoute"
-    assert middleware.route_label(req(anon)) == "/anon/{x}"
-    r = req(named)
-    assert middleware.role_of(r) == "anonymous"
-    r[security.IDENTITY_KEY] = Identity(kind="key", subject="k1", role="operator", owner="o")
-    assert middleware.role_of(r) == "operator"
 
 
 def test_bulk_bootstrap_for_another_owner_and_its_job_answer(served):

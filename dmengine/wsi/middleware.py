@@ -135,38 +135,6 @@ def _error_of(exc: Exception) -> tuple[int, str, str, str | None]:
     return 400, "bad_request", str(exc), camel_path(getattr(exc, "where", None))
 
 
-def route_label(request: web.Request) -> str:
-    """The route's name (``getTaskById``) or, unnamed, its template (``/docs/{tail}``);
-    ``unmatched`` for a path no route has: never the path itself (a label per task id or per
-    probed URL would grow without bound)."""
-    return label_of(request.match_info.route)
-
-
-def label_of(route: Any) -> str:
-    """:func:`route_label` of a route object (the app works it out once per route)."""
-    name = getattr(route, "name", None)
-    if name:
-        return str(name)
-    resource = getattr(route, "resource", None)
-    if resource is None:
-        return "unmatched"
-    return str(resource.canonical)
-
-
-_identity_key: Any = None
-
-
-def role_of(request: web.Request) -> str:
-    """The metrics' role label: the caller's role once its key passed every check (the
-    handler ran with it), else ``anonymous``."""
-    global _identity_key
-    if _identity_key is None:
-        from .security import IDENTITY_KEY   # security imports this module: looked up once
-        _identity_key = IDENTITY_KEY
-    ident = request.get(_identity_key)
-    return str(ident.role) if ident is not None else "anonymous"
-
-
 #: error codes of the router's and aiohttp's own HTTP errors
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -199,6 +167,6 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
     return error_response(500, "internal", "internal error (logged by the server)", None)
 
 
-__all__ = ["error_answer", "route_label", "label_of", "role_of", "json_response",
+__all__ = ["error_answer", "json_response",
            "error_response", "read_json_body", "decode_body", "decode_json", "optional_body",
            "parse_query", "msgspec_where", "body_too_large", "MAX_JSON_BODY", "MAX_UPLOAD"]

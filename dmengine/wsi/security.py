@@ -1,9 +1,9 @@
-"""Who may do what, on the API port (L5): the authentication and authorization middleware,
+"""Who may do what, on the API port (L5): the authentication and authorization check,
 the route → role table, and the session, key, user and audit routes.
 
 Every call but the public ones (:data:`PUBLIC_NAMES`, :data:`PUBLIC_PATHS`: health, metrics,
-the OpenAPI document and docs, ``login``) is checked by :func:`guard` (called by the app's one
-middleware, :func:`dmengine.wsi.app.api_middleware`), in this order:
+the OpenAPI document and docs, ``login``) is checked by :func:`guard` (called by the wrapper
+of every route's handler, :func:`dmengine.wsi.app.api_wrapper`), in this order:
 
 1. **who** — an API key (``X-API-Key: KEY`` or ``Authorization: Bearer KEY``) or a
    ``userSession`` token from ``login`` (``Authorization: Bearer dms_…``, or ``X-API-Key``);
@@ -211,11 +211,9 @@ def _ids_of(resp: web.StreamResponse) -> dict[str, Any] | None:
 
 
 def _action(request: web.Request) -> str:
-    name = request.match_info.route.name
-    if name:
-        return name
-    resource = request.match_info.route.resource
-    return f"{request.method} {resource.canonical if resource is not None else request.path}"
+    """What the audit calls a call: its route's name, else (the catch-all of paths no route
+    has) its method and the path asked for."""
+    return request.match_info.route.name or f"{request.method} {request.path}"
 
 
 async def _audit(ids: Identities, request: web.Request, ident: Identity | None, status: int,
@@ -254,7 +252,7 @@ async def guard(request: web.Request, handler: Handler, ids: Identities, name: s
     """Who, how often, what, whose — then the handler — then the audit (module docstring),
     for a call that is not public: ``need`` is the route's role
     (:func:`required_role`), None for a path no route has (the router's 404/405: no role
-    to check).  The app's one middleware (:func:`dmengine.wsi.app.api_middleware`) calls it
+    to check).  The wrapper of every route (:func:`dmengine.wsi.app.api_wrapper`) calls it
     with what it worked out once per route.  Answers the response and the identity the
     handler ran with (None when the call was refused before it: the metrics' ``anonymous``);
     what the handler raises goes on up, with :data:`IDENTITY_KEY` set (the role label of
@@ -606,10 +604,9 @@ async def get_audit_log(request: web.Request) -> web.Response:
 
 
 def install(app: web.Application, identities: Identities) -> None:
-    """Puts the identities service and the routes of this module in ``app`` (the app's
-    middleware calls :func:`guard`)."""
+    """Puts the identities service in ``app`` (:func:`dmengine.wsi.app.make_app` adds this
+    module's ``routes`` with the others, each wrapped in what calls :func:`guard`)."""
     app[IDENTITIES] = identities
-    app.add_routes(routes)
 
 
 __all__ = ["guard", "install", "routes", "ROLE_OF", "PUBLIC_NAMES",
