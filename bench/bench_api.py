@@ -18,8 +18,9 @@ wrk, from an asyncio client in a second process writing raw HTTP/1.1 on keep-ali
 The machine is shared and noisy: the row's value is the median over the rounds and the ratio
 the median of the per-round ratios (each round runs both sides back to back).
 
-The same comparison is also counted in instructions (``valgrind --tool=callgrind``, as
-bench_metrics does): a second engine and a second bare handler run under callgrind, answer
+The same comparison is also counted in instructions (``valgrind --tool=callgrind``, through
+bench.common's ``Callgrind`` as bench_metrics does, address-space randomisation off): a second
+engine and a second bare handler run under callgrind, answer
 getTaskById on one keep-alive connection one request at a time, and ``callgrind_control``
 zeroes the counters before the measured requests and dumps them after.  Instructions do not
 depend on what else runs on the machine, where CPU time per request moves by ±10 % or more.
@@ -42,7 +43,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench.common import ROOT, Row, write_results
+from bench.common import ROOT, Callgrind, HttpConn, Row, write_results
 
 NAME = "api"
 SERVER_CPU, CLIENT_CPU = "0", "1"
@@ -228,73 +229,53 @@ def load(url: str, key: str, *, seconds: float, conns: int, method: str = "GET",
     return float(rps), int(float(rps) * seconds)
 
 
-def _callgrind(argv: list[str], out: str, **kw: Any) -> subprocess.Popen[Any]:
-    return subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                             "--dump-instr=no", *argv], cwd=ROOT,
-                            env=dict(os.environ, PYTHONHASHSEED="0"),
-                            stderr=subprocess.DEVNULL, **kw)
-
-
-def _per_request(pid: int, out: str, port: int, request: bytes, n: int,
+def _per_request(cg: Callgrind, port: int, request: bytes, n: int,
                  windows: int) -> list[float]:
-    """Instructions per request of process ``pid`` (under callgrind) answering ``request``
-    ``n`` times on one keep-alive connection, for each of ``windows`` windows."""
-    from bench.bench_metrics import _callgrind_total, _Conn
-
-    def control(flag: str) -> None:
-        subprocess.run(["callgrind_control", flag, str(pid)], check=True, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    conn = _Conn(port)
+    """Instructions per request of the process under ``cg`` answering ``request`` ``n`` times
+    on one keep-alive connection, for each of ``windows`` windows."""
+    def send() -> None:
+        for _ in range(n):
+            status, _ = conn.exchange(request)
+            if status != 200:
+                raise RuntimeError(f"measured answer {status}")
+    conn = HttpConn(port)
     try:
         for _ in range(max(50, n // 5)):          # warm-up: caches, free lists, the JIT-less
             status, _ = conn.exchange(request)     # interpreter's specialised opcodes
             if status != 200:
                 raise RuntimeError(f"warm-up answer {status}")
-        per = []
-        for w in range(windows):
-            control("-z")
-            for _ in range(n):
-                status, _ = conn.exchange(request)
-                if status != 200:
-                    raise RuntimeError(f"measured answer {status}")
-            control("-d")
-            per.append(_callgrind_total(f"{out}.{w + 1}") / n)
-        return per
+        return [cg.count(send)[0] / n for _ in range(windows)]
     finally:
         conn.close()
 
 
 def instructions(tmp: str, n: int, windows: int) -> tuple[list[float], list[float]]:
     """(engine, bare) instructions per getTaskById, each under callgrind (module docstring)."""
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise RuntimeError("valgrind (Debian package valgrind) is needed for the instruction "
-                           "counts of bench api")
-    out = os.path.join(tmp, "engine.cg")
     data = os.path.join(tmp, "cg-var")
-    p = _callgrind([sys.executable, "-m", "dmengine", "serve", "--data", data,
-                    "--device-port", "0", "--api-port", "0"], out,
+    cg = Callgrind([sys.executable, "-m", "dmengine", "serve", "--data", data,
+                    "--device-port", "0", "--api-port", "0"], os.path.join(tmp, "engine.cg"),
                    stdout=subprocess.PIPE, text=True)
     try:
-        api, key = _announced(p, deadline=600)
+        api, key = _announced(cg.proc, deadline=600)
         task_url, answer = _one_task(api, key)
         port = int(api.rstrip("/").rsplit(":", 1)[1])
         path = task_url[len(api.rstrip("/")):]
         request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n"
                    .encode())
-        engine = _per_request(p.pid, out, port, request, n, windows)
+        engine = _per_request(cg, port, request, n, windows)
     finally:
-        stop(p)
-    out = os.path.join(tmp, "bare.cg")
-    b = _callgrind([sys.executable, "-c", BARE_APP], out, stdin=subprocess.PIPE,
-                   stdout=subprocess.PIPE)
+        stop(cg.proc)
+    bare = Callgrind([sys.executable, "-c", BARE_APP], os.path.join(tmp, "bare.cg"),
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    b = bare.proc
     try:
         assert b.stdin is not None and b.stdout is not None
         b.stdin.write(answer)
         b.stdin.close()
-        bare = _per_request(b.pid, out, int(b.stdout.readline()), request, n, windows)
+        base = _per_request(bare, int(b.stdout.readline()), request, n, windows)
     finally:
         stop(b)
-    return engine, bare
+    return engine, base
 
 
 def _one_task(api: str, key: str) -> tuple[str, bytes]:

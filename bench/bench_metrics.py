@@ -47,7 +47,7 @@ from typing import Any
 
 from bench.bench_server import (SERVER_CPU, CLIENT_CPU, _BenchHandler, _cpu, _Load, _pin,
                                 _pkg1_bodies, _post, _start, _stop)
-from bench.common import Row, rate, write_results
+from bench.common import Callgrind, HttpConn, Row, rate, write_results
 
 NAME = "metrics"
 #: seconds between scrapes (Prometheus: 15 s usually); with rounds shorter than this, one
@@ -171,41 +171,6 @@ def _serve(metrics_on: bool, auth: str, mode: str) -> None:
     uvloop.run(main())
 
 
-class _Conn:
-    """A blocking keep-alive HTTP/1.1 connection: one request, then its whole response."""
-
-    def __init__(self, port: int) -> None:
-        import socket
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.buf = b""
-
-    def exchange(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
-        while b"\r\n\r\n" not in self.buf:
-            self._more()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        clen = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                clen = int(value)
-        while len(self.buf) < clen:
-            self._more()
-        body, self.buf = self.buf[:clen], self.buf[clen:]
-        return status, body
-
-    def _more(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the measured server closed the connection")
-        self.buf += data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class _Pkg1Load:
     """Package 1 after package 1 (a new session each), cycling through ``bodies``."""
 
@@ -213,7 +178,7 @@ class _Pkg1Load:
         self.requests = [_post(port, b) for b in bodies]
         self.at = 0
 
-    def run(self, conn: _Conn, n: int) -> int:
+    def run(self, conn: HttpConn, n: int) -> int:
         for _ in range(n):
             status, _ = conn.exchange(self.requests[self.at % len(self.requests)])
             self.at += 1
@@ -233,7 +198,7 @@ class _SessionLoad:
         self.devices = [VirtualDevice(i, prof) for i in range(devices)]
         self.at = 0
 
-    def run(self, conn: _Conn, n: int) -> int:
+    def run(self, conn: HttpConn, n: int) -> int:
         """Sessions until at least ``n`` messages; returns the messages sent."""
         from urllib.parse import urlsplit
         sent = 0
@@ -259,61 +224,26 @@ class _SessionLoad:
         return sent
 
 
-def _callgrind_total(path: str) -> int:
-    """Instructions (Ir) of one callgrind dump."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise ValueError(f"{path}: no summary/totals line in the callgrind dump")
-
-
 def _instructions(metrics_on: bool, auth: str, mode: str, load: Any, n: int, windows: int,
                   workdir: str) -> dict[str, Any]:
     """Instructions per message of ``windows`` windows of ``n`` messages each (``load(port)``:
     what sends them, one at a time), and of one ``/metrics`` scrape, in one server (``_build``'s,
     with ``auth`` and ``mode``) under callgrind."""
     import os
-    import shutil
     import subprocess
     import sys
 
-    from bench.common import ROOT
-
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise RuntimeError("valgrind (Debian package valgrind: make deps) is needed for the "
-                           "instruction counts of bench metrics")
     tag = "on" if metrics_on else "off"
     os.makedirs(workdir, exist_ok=True)
-    out = os.path.join(workdir, f"cg-{tag}.out")
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    # setarch -R: no address-space randomisation, so that the objects' addresses (and with
-    # them CPython's type-attribute cache collisions) are the same from one run to the next
-    proc = subprocess.Popen(
-        ["setarch", "-R", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         "--dump-instr=no", sys.executable, "-m", "bench.bench_metrics", "--serve", tag, auth,
-         mode],
-        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL)
-    dumps = 0
-
-    def control(flag: str) -> None:
-        subprocess.run(["callgrind_control", flag, str(proc.pid)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-
-    def count(fn: Any) -> tuple[int, Any]:
-        nonlocal dumps
-        control("-z")
-        got = fn()
-        control("-d")
-        dumps += 1
-        return _callgrind_total(f"{out}.{dumps}"), got
-
+    cg = Callgrind([sys.executable, "-m", "bench.bench_metrics", "--serve", tag, auth, mode],
+                   os.path.join(workdir, f"cg-{tag}.out"), stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE)
+    proc, count = cg.proc, cg.count
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
         sender = load(port)
-        conn, scraper = _Conn(port), _Conn(port)
+        conn, scraper = HttpConn(port), HttpConn(port)
 
         def scrape() -> int:
             status, body = scraper.exchange(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

@@ -148,3 +148,88 @@ def table(name: str, rows: list[Row]) -> str:
         out.append(f"| {r.case} | {r.metric} | {_fmt(r.value)} | {r.unit} | {r.baseline or ''} | "
                    f"{_fmt(r.baseline_value)} | {_fmt(r.ratio)} |")
     return "\n".join(out) + "\n"
+
+
+# --- instruction counts (callgrind) ------------------------------------------------------------
+
+
+class HttpConn:
+    """A blocking keep-alive HTTP/1.1 connection: one request, then its whole response (what
+    the instruction counts send with, one request at a time)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.buf = b""
+
+    def exchange(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        clen = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                clen = int(value)
+        while len(self.buf) < clen:
+            self._more()
+        body, self.buf = self.buf[:clen], self.buf[clen:]
+        return status, body
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the measured server closed the connection")
+        self.buf += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def callgrind_total(path: str) -> int:
+    """Instructions (Ir) of one callgrind dump."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise ValueError(f"{path}: no summary/totals line in the callgrind dump")
+
+
+class Callgrind:
+    """A process run under ``valgrind --tool=callgrind`` whose counters are zeroed before and
+    dumped after each thing measured (:meth:`count`), so that only that is counted.
+
+    It runs with address-space randomisation off (``setarch -R``) and a fixed hash seed: with
+    either on, two runs of the same server place objects differently, and CPython's
+    type-attribute cache collisions (and dict layouts) with them, which moved the counts of two
+    servers by a few per cent (bench_metrics found it comparing metrics on and off)."""
+
+    def __init__(self, argv: list[str], out: str, **popen: Any) -> None:
+        import shutil
+        import subprocess
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            raise RuntimeError("valgrind (Debian package valgrind: make deps) is needed for "
+                               "instruction counts")
+        self.out = out
+        self.dumps = 0
+        popen.setdefault("stderr", subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["setarch", "-R", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             "--dump-instr=no", *argv], cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED="0"),
+            **popen)
+
+    def _control(self, flag: str) -> None:
+        import subprocess
+        subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+
+    def count(self, fn: Callable[[], Any]) -> tuple[int, Any]:
+        """(instructions the process ran while ``fn`` ran, what ``fn`` answered)."""
+        self._control("-z")
+        got = fn()
+        self._control("-d")
+        self.dumps += 1
+        return callgrind_total(f"{self.out}.{self.dumps}"), got
