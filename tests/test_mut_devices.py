@@ -283,6 +283,7 @@ def test_the_first_errors_by_line_are_kept_whatever_order_they_are_found_in(tmp_
     ("$.account", "account", "account"),
     ("$.devinfo[./DevInfo/Mod]", "devinfo", "devinfo[./DevInfo/Mod]"),
     ("$.account.client_name[0]", "client_name", "account.client_name[0]"),
+    ("$.account.client_name[0][1]", "client_name", "account.client_name[0][1]"),
     ("$.tags[0][1]", "tags", "tags[0][1]"),
     ("imei", "imei", "imei"),
 ])
