@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from dmengine.errors import NotFound
-from dmengine.model import Device, QueryOp, Task, TaskState
+from dmengine.model import Content, Device, QueryOp, Task, TaskState
 from dmengine.store import kv
 from dmengine.store.lmdb import LmdbStore
 
@@ -58,6 +58,25 @@ def test_a_polled_task_is_decoded_once_and_every_write_of_it_is_seen(tmp_path) -
             assert d.deadline == 9e9 and d.state == TaskState.IN_PROGRESS
             await s.transition("t1", TaskState.SUCCEEDED, cause="done")
             assert (await s.get_task("t1")).state == TaskState.SUCCEEDED
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
+def test_a_counted_download_keeps_the_package_record_decoded(tmp_path) -> None:
+    """Every device of a campaign downloads the same package: the count written by one
+    download is in the record the next device reads, and that record is the one the write
+    made (kept, not dropped and decoded again)."""
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            await s.create_content(Content(content_id="fw", name="fw.bin", size=4,
+                                           sha256="ab" * 32))
+            assert (await s.get_content("fw")).downloads == 0
+            for n in (1, 2, 3):
+                counted = await s.count_download("fw")
+                got = await s.get_content("fw")
+                assert got.downloads == n and got is counted
         finally:
             await s.close()
     asyncio.run(main())

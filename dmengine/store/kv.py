@@ -1420,7 +1420,11 @@ class KVStore(Store):
                 raise NotFound("content", content_id)
             c = dec(Content, raw, "content", key)
             c.downloads += 1
-            ctx.put("content", key, _enc.encode(c))
+            data = _enc.encode(c)
+            ctx.put("content", key, data)
+            # every device of a campaign reads this record next (its own download): kept
+            # decoded, instead of each download dropping it from the read cache
+            ctx.fresh[("content", key)] = (data, c)
             return c
         return await self._write(op)
 
