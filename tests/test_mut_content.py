@@ -532,3 +532,161 @@ def test_a_file_that_cannot_be_removed_is_logged(tmp_path, caplog):
         C._unlink_quiet(str(tmp_path / "gone"))         # already gone: nothing to say
     assert [r.getMessage() for r in caplog.records] == [
         f"cannot remove {d}: [Errno 21] Is a directory: '{d}'"]
+
+
+# --- the survivors of the content.py run of 10:09 (issue 18): the service's own limits, the
+# --- upload's buffer and its stream, a concurrent upload that links first, a temp file on fd 0
+
+def test_the_services_limits_are_checked_and_the_smallest_ones_work(tmp_path):
+    """Each limit refused at 0 (or below), with its message, and working at its smallest:
+    a 1-byte ``max_size``, 1-byte chunks, no memory for bodies at all."""
+    root = tmp_path / "files"
+    for kw, message in ((dict(max_size=0), "max_size must be positive"),
+                        (dict(chunk=0), "chunk sizes must be positive"),
+                        (dict(read_chunk=0), "chunk sizes must be positive"),
+                        (dict(memory_total=-1), "memory_body and memory_total must be >= 0"),
+                        (dict(memory_body=-1), "memory_body and memory_total must be >= 0")):
+        with pytest.raises(ValueError) as e:
+            C.ContentService(None, root, **kw)
+        assert str(e.value) == message, kw
+
+    async def smallest(store, svc):
+        one = await _put(svc, "one.bin", b"1")
+        with pytest.raises(C.ContentTooLarge) as e:
+            await _put(svc, "two.bin", b"22")
+        assert (str(e.value), e.value.where) == (
+            "content larger than the limit max_size=1 bytes (at least 2 bytes)", "size")
+        r = await svc.serve(one.content_id, None)      # no memory: from the file, 1 byte a read
+        assert (r.status, r.path, r.offset, r.length) == (200, svc.file_of(one), 0, 1)
+        assert [b async for b in C.iter_body(r, chunk=svc.read_chunk)] == [b"1"]
+        assert (svc.read_chunk, svc.memory_body, svc._bodies_bytes) == (1, 0, 0)
+    _with_service(tmp_path, smallest, max_size=1, chunk=1, read_chunk=1, memory_total=0)
+
+    async def chunked(store, svc):
+        rec = await _put(svc, "abc.bin", b"abc")          # written one byte at a time
+        with open(svc.file_of(rec), "rb") as f:
+            assert f.read() == b"abc"
+    _with_service(tmp_path / "b", chunked, chunk=1, read_chunk=1)
+
+
+def test_more_than_declared_is_a_mismatch_up_to_the_size_limit_itself(tmp_path):
+    """A declared size passed: a mismatch (422), even when exactly ``max_size`` bytes came;
+    only past ``max_size`` is it too large (413)."""
+    async def scenario(store, svc):
+        with pytest.raises(C.ContentMismatch) as e:
+            await _put(svc, "x", b"x" * 100, size=10)
+        assert (str(e.value), e.value.where) == ("more than the declared size 10 bytes arrived",
+                                                 "size")
+        with pytest.raises(C.ContentTooLarge) as e:
+            await _put(svc, "x", b"x" * 101, size=10)
+        assert (str(e.value), e.value.where) == (
+            "content larger than the limit max_size=100 bytes (at least 101 bytes)", "size")
+        assert os.listdir(svc.root_dir) == []
+    _with_service(tmp_path, scenario, max_size=100)
+
+
+def test_a_full_buffer_is_written_before_the_next_piece_is_read(tmp_path):
+    """Never more than ``chunk`` bytes in memory: once the buffer holds ``chunk`` bytes they
+    are on disk before the upload's next piece is asked for."""
+    on_disk = []
+
+    async def scenario(store, svc):
+        async def stream():
+            yield b"abcd"                               # exactly one chunk
+            (tmp,) = [n for n in os.listdir(svc.root_dir) if n.startswith(".tmp-")]
+            on_disk.append(os.path.getsize(os.path.join(svc.root_dir, tmp)))
+            yield b"ef"
+            on_disk.append(os.path.getsize(os.path.join(svc.root_dir, tmp)))
+        rec = await svc.ingest(stream(), name="n")
+        with open(svc.file_of(rec), "rb") as f:
+            assert f.read() == b"abcdef"
+    _with_service(tmp_path, scenario, chunk=4)
+    assert on_disk == [4, 4]                # "ef" (less than a chunk) waits for the stream's end
+
+
+class _Stream:
+    """An upload that is an async iterable, not a generator: ``aclose`` only if given one."""
+
+    def __init__(self, pieces, *, closable: bool) -> None:
+        self.pieces = list(pieces)
+        self.closed = 0
+        if closable:
+            self.aclose = self._aclose
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.pieces:
+            raise StopAsyncIteration
+        return self.pieces.pop(0)
+
+    async def _aclose(self) -> None:
+        self.closed += 1
+
+
+def test_an_upload_stream_is_closed_only_when_it_is_not_read_to_its_end(tmp_path):
+    async def scenario(store, svc):
+        plain = _Stream([b"ab", b"c"], closable=False)      # any AsyncIterable will do
+        assert (await svc.ingest(plain, name="plain")).size == 3
+        done = _Stream([b"ab", b"c"], closable=True)
+        assert (await svc.ingest(done, name="done")).size == 3
+        assert done.closed == 0                             # it ended by itself
+        big = _Stream([b"x" * 8, b"x" * 8, b"never read"], closable=True)
+        with pytest.raises(C.ContentTooLarge):
+            await svc.ingest(big, name="big")
+        assert (big.closed, big.pieces) == (1, [b"never read"])   # stopped, not drained
+        with pytest.raises(C.ContentTooLarge):
+            await svc.ingest(_Stream([b"x" * 11], closable=False), name="big")
+        assert sorted(os.listdir(svc.root_dir)) == sorted(
+            c.content_id for c in await svc.all_content())
+    _with_service(tmp_path, scenario, max_size=10)
+
+
+def test_an_upload_that_loses_the_race_for_its_id_is_refused_whole(tmp_path):
+    """Two uploads of one id both pass the first check; the one that puts its file in place
+    second is refused with the same answer as one that came later, and leaves nothing."""
+    async def scenario(store, svc):
+        asked, go = asyncio.Event(), asyncio.Event()
+
+        async def slow():
+            yield b"slow"
+            asked.set()
+            await go.wait()
+            yield b"er"
+        first = asyncio.ensure_future(svc.ingest(slow(), name="slow", content_id="same"))
+        await asked.wait()                                  # past its check, writing its temp
+        won = await _put(svc, "fast", b"fast", content_id="same")
+        go.set()
+        with pytest.raises(C.ContentError) as e:
+            await first
+        assert (type(e.value), str(e.value), e.value.where) == (
+            C.ContentError, "content 'same' already exists", "$.content_id")
+        assert os.listdir(svc.root_dir) == ["same"]        # no temp file left
+        with open(svc.file_of(won), "rb") as f:
+            assert f.read() == b"fast"
+        assert (await store.get_content("same")).name == "fast"
+    _with_service(tmp_path, scenario)
+
+
+def test_a_refused_uploads_temp_file_is_closed_even_as_fd_0(tmp_path):
+    """A server started with its stdin closed (``<&-``) hands out descriptor 0 like any other:
+    a refused upload's temp file that got it is closed all the same (no descriptor leaks)."""
+    async def scenario(store, svc):
+        try:
+            saved = os.dup(0)
+        except OSError:                                     # closed already
+            saved = None
+        try:
+            if saved is not None:
+                os.close(0)
+            with pytest.raises(C.ContentMismatch):
+                await _put(svc, "x", b"abc", sha256="0" * 64)
+            with pytest.raises(OSError):                    # closed again: EBADF
+                os.fstat(0)
+        finally:
+            if saved is not None:
+                os.dup2(saved, 0)
+                os.close(saved)
+        assert os.listdir(svc.root_dir) == []
+    _with_service(tmp_path, scenario)
