@@ -485,6 +485,11 @@ class DeviceImport:
                 return
 
     def _skip_line(self) -> None:
+        # a CSV whose header is the long line: refused as the header, as when it comes whole
+        # in one read (_take) — over HTTP a line that long always comes in several
+        if self.fmt == "csv" and self._build is None:
+            raise ValidationError(f"the header row is longer than {MAX_LINE} bytes",
+                                  where="header")
         self._pending.append("" if self.fmt == "csv" else b"")
         if len(self._pending) == 1:
             self._pending_base = self._line

@@ -327,6 +327,13 @@ def test_a_body_that_cannot_be_imported_is_refused_whole(tmp_path):
         status, rep = await api.import_(pieces(body, 100_000))
         assert status == 200 and rep["created"] == 2
         assert [(e["line"], e["where"]) for e in rep["errors"]] == [(3, None)]
+        # a header longer than the limit, sent in pieces: refused as the header (it was
+        # skipped as row 1 and the next line read as the header: "unknown column 'IMEI:1'")
+        body = ("devId," + "x" * (2 * MAX_LINE) + "\nIMEI:1\n").encode()
+        status, rep = await api.import_(pieces(body, 100_000))
+        assert (status, rep["where"]) == (400, "header"), rep
+        assert rep["message"] == f"the header row is longer than {MAX_LINE} bytes"
+        assert (await api.engine.store.counts())["devices"] == 2
         # bytes that are not UTF-8: that line only
         body = HDR.encode() + row(3).encode() + b"\xff\xfe,bad\n" + row(4).encode()
         status, rep = await api.import_(body)

@@ -517,11 +517,17 @@ def test_a_line_of_exactly_the_limit_is_a_row_one_byte_more_is_not(tmp_path):
     assert (over.rows, over.created) == (1, 0)
 
 
-def test_a_header_over_the_limit_is_refused_as_the_header(tmp_path):
-    with pytest.raises(ValidationError) as ei:
-        run_import(tmp_path, b"devId," + b"x" * (D.MAX_LINE + 10) + b"\nIMEI:1\n")
-    assert (str(ei.value), ei.value.where) == (
-        f"the header row is longer than {D.MAX_LINE} bytes", "header")
+@pytest.mark.parametrize("pieces", [1, 40])
+def test_a_header_over_the_limit_is_refused_as_the_header(tmp_path, pieces):
+    """Whole in one read, or in many (as over HTTP): the long first line is the header, refused
+    — not skipped as row 1 with the next line then taken for the header."""
+    long = b"devId," + b"x" * (2 * D.MAX_LINE)      # in many reads: over the limit before
+    for n, body in enumerate([long + b"\nIMEI:1\n",      # its newline has come
+                              b"\n" + long + b"\ndevId\nIMEI:1\n"]):
+        with pytest.raises(ValidationError) as ei:
+            run_import(tmp_path / str(n), body, pieces=pieces)
+        assert (str(ei.value), ei.value.where) == (
+            f"the header row is longer than {D.MAX_LINE} bytes", "header")
 
 
 def test_line_numbers_after_a_skipped_line(tmp_path):
