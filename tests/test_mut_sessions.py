@@ -1210,3 +1210,28 @@ def test_every_pending_job_of_a_device_is_looked_at_not_only_the_first(tmp_path)
         assert (await w.store.get_job("b-done")).total == 0
         assert m.created == {"QUERY": 1}
     run(tmp_path, scenario)
+
+
+def test_a_pending_targets_window_is_read_in_the_devices_own_zone(tmp_path):
+    """A job's daily window is the device's local time when its record has a zone: at
+    08:00 UTC a device in Tokyo (17:00 there) starts the target whose window is 16:00–18:00,
+    not the one whose window is 07:00–09:00 (open in UTC, the job's own zone)."""
+    from dmengine.model import Job, JobState, TimeWindow
+
+    async def scenario(w: World) -> None:
+        assert NOW % 86400 == 8 * 3600
+        await w.device(tz="Asia/Tokyo")
+        for job_id, (start, end) in (("tokyo-evening", (16, 18)), ("utc-morning", (7, 9))):
+            await w.store.create_job(Job(job_id=job_id, state=JobState.RUNNING,
+                                         op=QueryOp(nodes=[f"./{job_id}"]),
+                                         windows=[TimeWindow(start=start * 3600,
+                                                             end=end * 3600)]))
+            await w.store.add_job_targets(job_id, [DEV])
+        s = await w.connect()
+        (t,) = await w.h.tasks.open_for_device(DEV)
+        assert (t.job_id, t.state) == ("tokyo-evening", S.IN_PROGRESS)
+        assert s.pending_handles == [CommandHandle(t.task_id, "cmd", 0)]
+        assert await w.store.pending_job_targets(DEV) == ["utc-morning"]
+        assert [(await w.store.get_job(j)).total
+                for j in ("tokyo-evening", "utc-morning")] == [1, 0]
+    run(tmp_path, scenario)
