@@ -447,7 +447,13 @@ class ContentService:
                 raise ContentError(f"content {cid!r} already exists",
                                    where="$.content_id") from None
             _unlink_quiet(tmp)
-            await loop.run_in_executor(None, _fsync_dir, self.root_dir)
+            try:
+                await loop.run_in_executor(None, _fsync_dir, self.root_dir)
+            except BaseException:
+                # no record will name the file: it goes, else the id stays taken ("already
+                # exists") by a file nothing can delete or sweep
+                _unlink_quiet(final)
+                raise
             ok = True
         finally:
             if fd >= 0:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dmengine import content as C
-from dmengine.errors import NoContentFits
+from dmengine.errors import NoContentFits, NotFound
 from dmengine.metrics import ContentMetrics
 from dmengine.model import Content
 from dmengine.store.lmdb import LmdbStore
@@ -689,4 +689,31 @@ def test_a_refused_uploads_temp_file_is_closed_even_as_fd_0(tmp_path):
                 os.dup2(saved, 0)
                 os.close(saved)
         assert os.listdir(svc.root_dir) == []
+    _with_service(tmp_path, scenario)
+
+
+def test_a_directory_sync_that_fails_after_the_link_leaves_no_file_and_the_id_free(
+        tmp_path, monkeypatch):
+    """The content directory's fsync fails once the file is linked into place (an I/O error
+    on the directory): the upload fails, and no file stays under its id — else every later
+    upload of that id is "already exists" while no record names the file (DELETE is a 404,
+    the sweep leaves it)."""
+    async def scenario(store, svc):
+        real = C._fsync_dir
+        calls = []
+
+        def failing(path):
+            calls.append(path)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+            real(path)
+        monkeypatch.setattr(C, "_fsync_dir", failing)
+        with pytest.raises(OSError):
+            await _put(svc, "fw", b"first", content_id="fw")
+        assert os.listdir(svc.root_dir) == []
+        with pytest.raises(NotFound):
+            await store.get_content("fw")
+        again = await _put(svc, "fw", b"again", content_id="fw")  # the id is free
+        with open(svc.file_of(again), "rb") as f:
+            assert f.read() == b"again"
     _with_service(tmp_path, scenario)
