@@ -82,6 +82,38 @@ def test_a_counted_download_keeps_the_package_record_decoded(tmp_path) -> None:
     asyncio.run(main())
 
 
+def test_downloads_counted_while_a_write_waits_go_in_that_write(tmp_path) -> None:
+    """A campaign's devices download the same package at once: the counts made while one
+    write of the record waits for the writer join it (far fewer write ops than downloads),
+    every count is in the record, each caller gets the record of a commit that holds its own
+    count, and a package that is not there fails every caller."""
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            await s.create_content(Content(content_id="fw", name="fw.bin", size=4,
+                                           sha256="ab" * 32))
+            ops = s.ops
+            got = await asyncio.gather(*(s.count_download("fw") for _ in range(50)))
+            assert s.ops - ops < 10
+            assert (await s.get_content("fw")).downloads == 50 == max(c.downloads for c in got)
+            assert all(c.downloads >= 1 for c in got)
+            one = await s.count_download("fw")            # alone: its own write
+            assert one.downloads == 51
+            gone = await asyncio.gather(*(s.count_download("nope") for _ in range(3)),
+                                        return_exceptions=True)
+            assert [type(e) for e in gone] == [NotFound] * 3
+            assert (await s.count_download("fw")).downloads == 52    # nothing left pending
+            # a caller that goes away (its device's connection dropped) does not cancel the
+            # write the others wait for, nor its own count
+            waits = [asyncio.ensure_future(s.count_download("fw")) for _ in range(5)]
+            waits[0].cancel()
+            rest = await asyncio.gather(*waits[1:])
+            assert waits[0].cancelled() and max(c.downloads for c in rest) == 57
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+
 def test_every_kind_of_write_is_seen_by_the_next_read(tmp_path) -> None:
     async def main() -> None:
         s = LmdbStore(tmp_path / "db")

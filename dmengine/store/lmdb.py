@@ -48,8 +48,10 @@ import lmdb
 from ..bounded import BoundedDict
 from ..errors import NotFound, StoreClosed, StoreError
 from ._kv import Gate, WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
+from ..model import Content
 from .kv import (DBS, IDENTITY_GEN, MAX_KEY, KVStore, Op, WriteCtx, _e, check_txn, dec,
                  ensure_schema)
+from .kv import _enc as _kv_encoder
 
 R = TypeVar("R")
 
@@ -213,6 +215,10 @@ class LmdbStore(KVStore):
         self._cache_gen = 0                # bumped by every commit that wrote a cached db
         self._cache_lock = threading.Lock()
         self._topics: dict[str, bool] = {}      # has_subscribers, by topic
+        #: count_download: per content id, the count not yet taken by its write op and that
+        #: op's future (see count_download); the lock orders the loop's adds and the op's take
+        self._downloads: dict[str, list[Any]] = {}
+        self._downloads_lock = threading.Lock()
         self._watch = READ_CACHE_DBS        # written keys noted: the caches forget them
         self.path = str(path)
         self.batch_size = batch_size
@@ -577,6 +583,47 @@ class LmdbStore(KVStore):
                     self._topics.clear()          # a subscription came or went
                 else:
                     pop(k, None)
+
+    def count_download(self, content_id: str) -> "asyncio.Future[Content]":  # type: ignore[override]
+        """One more download of ``content_id``; answers the record as committed, like
+        ``KVStore.count_download``, but the downloads counted while one write of that record
+        waits for the writer go in that same write: every device of a campaign downloads the
+        same package, and one write op per download (read, decode, encode, write the record)
+        was a sixth of a campaign device's store writes.  Each caller still waits for the
+        commit that holds its count.  Replay-safe: once the op has taken the count, later
+        downloads start a new op, so a batch run again adds the same number."""
+        with self._downloads_lock:
+            pending = self._downloads.get(content_id)
+            if pending is not None:
+                pending[0] += 1
+                # shielded: a caller that is cancelled (its device went away) must not
+                # cancel the write the others wait for
+                return asyncio.shield(pending[1])
+            pending = self._downloads[content_id] = [1, None]
+        key = _e(content_id)
+
+        def op(ctx: WriteCtx) -> Content:
+            with self._downloads_lock:
+                if self._downloads.get(content_id) is pending:
+                    del self._downloads[content_id]
+                n = pending[0]
+            raw = ctx.txn.get("content", key)
+            if raw is None:
+                raise NotFound("content", content_id)
+            c = dec(Content, raw, "content", key)
+            c.downloads += n
+            data = _kv_encoder.encode(c)
+            ctx.put("content", key, data)
+            ctx.fresh[("content", key)] = (data, c)     # kept decoded (KVStore's reason)
+            return c
+        try:
+            fut = pending[1] = self._write(op)
+        except BaseException:
+            with self._downloads_lock:
+                if self._downloads.get(content_id) is pending:
+                    del self._downloads[content_id]
+            raise
+        return asyncio.shield(fut)
 
     async def has_subscribers(self, topic: str) -> bool:
         """Cached per topic until a commit writes a subscription (see :meth:`_forget`)."""
