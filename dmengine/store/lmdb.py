@@ -506,8 +506,9 @@ class LmdbStore(KVStore):
         A device in a session is read a dozen times (its account for each message, the
         session's record, its commands, the charging event) and every device of a campaign
         reads the same package and capability: decoding and validating them each time was a
-        tenth of the server's CPU; an API client polls its task.  Callers treat records as immutable (they change them with
-        ``msgspec.structs.replace``), so the cached object itself is returned.
+        tenth of the server's CPU; an API client polls its task.  Callers treat records as
+        immutable (they change them with ``msgspec.structs.replace``), so the cached object
+        itself is returned.
 
         Coherence: a commit that wrote a cached key drops it (:meth:`_forget`, in the writer
         thread, before the commit's callers are answered) and bumps ``_cache_gen``; a read
