@@ -1412,21 +1412,28 @@ class KVStore(Store):
         return await self._write(self._content_write(probe, "replace", changes))
 
     async def count_download(self, content_id: str) -> Content:
+        return await self._write(self._download_op(content_id, lambda: 1))
+
+    @staticmethod
+    def _download_op(content_id: str, taken: Callable[[], int]) -> Op[Content]:
+        """The write that adds ``taken()`` downloads (asked when the op runs) to the package's
+        record and answers the record as written."""
         key = _e(content_id)
 
         def op(ctx: WriteCtx) -> Content:
+            n = taken()
             raw = ctx.txn.get("content", key)
             if raw is None:
                 raise NotFound("content", content_id)
             c = dec(Content, raw, "content", key)
-            c.downloads += 1
+            c.downloads += n
             data = _enc.encode(c)
             ctx.put("content", key, data)
             # every device of a campaign reads this record next (its own download): kept
             # decoded, instead of each download dropping it from the read cache
             ctx.fresh[("content", key)] = (data, c)
             return c
-        return await self._write(op)
+        return op
 
     async def delete_content(self, content_id: str) -> None:
         key = _e(content_id)

@@ -47,11 +47,10 @@ import lmdb
 
 from ..bounded import BoundedDict
 from ..errors import NotFound, StoreClosed, StoreError
-from ._kv import Gate, WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
 from ..model import Content
+from ._kv import Gate, WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
 from .kv import (DBS, IDENTITY_GEN, MAX_KEY, KVStore, Op, WriteCtx, _e, check_txn, dec,
                  ensure_schema)
-from .kv import _enc as _kv_encoder
 
 R = TypeVar("R")
 
@@ -585,7 +584,8 @@ class LmdbStore(KVStore):
                 else:
                     pop(k, None)
 
-    def count_download(self, content_id: str) -> "asyncio.Future[Content]":  # type: ignore[override]
+    def count_download(  # type: ignore[override]
+            self, content_id: str) -> "asyncio.Future[Content]":
         """One more download of ``content_id``; answers the record as committed, like
         ``KVStore.count_download``, but the downloads counted while one write of that record
         waits for the writer go in that same write: every device of a campaign downloads the
@@ -601,22 +601,13 @@ class LmdbStore(KVStore):
                 # cancel the write the others wait for
                 return asyncio.shield(pending[1])
             pending = self._downloads[content_id] = [1, None]
-        key = _e(content_id)
 
-        def op(ctx: WriteCtx) -> Content:
+        def taken() -> int:        # (in the writer thread, when the op runs)
             with self._downloads_lock:
                 if self._downloads.get(content_id) is pending:
                     del self._downloads[content_id]
-                n = pending[0]
-            raw = ctx.txn.get("content", key)
-            if raw is None:
-                raise NotFound("content", content_id)
-            c = dec(Content, raw, "content", key)
-            c.downloads += n
-            data = _kv_encoder.encode(c)
-            ctx.put("content", key, data)
-            ctx.fresh[("content", key)] = (data, c)     # kept decoded (KVStore's reason)
-            return c
+                return pending[0]  # type: ignore[no-any-return]
+        op = self._download_op(content_id, taken)
         try:
             fut = pending[1] = self._write(op)
         except BaseException:
