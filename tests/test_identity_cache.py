@@ -140,3 +140,87 @@ def test_the_cache_spares_the_key_read_and_holds_no_refused_credential(tmp_path)
         finally:
             await store.close()
     asyncio.run(main())
+
+
+def test_one_turn_of_the_loop_checks_a_key_once_and_the_next_turn_again(tmp_path):
+    """``Identities.known``: the calls of one key in one turn of the event loop cost one
+    hash and one read of the identity generation; the next turn reads it again, so a
+    change committed in between counts (here: a revoke by another store on the same
+    environment, as ``dmengine keys revoke`` makes it)."""
+    async def main() -> None:
+        store = LmdbStore(tmp_path / "env", map_size=1 << 24)
+        ids = Identities(store)
+        reads = 0
+        real = store.identity_generation
+
+        def counted() -> int:
+            nonlocal reads
+            reads += 1
+            return real()
+        store.identity_generation = counted          # type: ignore[method-assign]
+        try:
+            made, key = await ids.create_key("crm", "operator")
+            assert (await ids.authenticate(key)).owner == "crm"     # read once: cached
+            reads = 0
+            assert all(ids.known(key) is not None for _ in range(5))   # one turn
+            assert reads == 1
+            await asyncio.sleep(0)                                 # the turn ends
+            assert not ids._turn                                   # no secret kept
+            assert ids.known(key) is not None and reads == 2
+            await asyncio.sleep(0)
+            await store.update_api_key(made.key_id, {"revoked": 1.0})      # (the writer's turn)
+            assert ids.known(key) is None                          # the next turn sees it
+            assert ids.known("dmk_unknown") is None and ids.known("") is None
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+def test_under_load_every_request_sent_after_the_revoke_is_answered_is_refused(tmp_path):
+    """Sixteen connections keep calling with one key while an admin revokes it: every call
+    sent after the revoke's answer came is refused, whatever turn of the server's loop
+    it shares with calls that were already there (the per-turn check of ``known``)."""
+    import aiohttp
+
+    data = str(tmp_path / "var")
+    p, urls = start(data)
+    api, admin = urls["API"], urls["API key"]
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(api + "v1/keys", json={"name": "oss", "role": "viewer",
+                                                           "rate": 0},
+                                 headers={"X-API-Key": admin}) as r:
+                made = await r.json()
+                assert r.status == 201, made
+            kid, key = made["keyId"], made["apiKey"]
+            loop = asyncio.get_running_loop()
+            revoke_sent: list[float] = []          # when the DELETE went out
+            revoked_at: list[float] = []           # when its answer came
+            early: list[int] = []                  # answered before the DELETE was sent
+            late: list[int] = []                   # sent after its answer came
+            stop_at = loop.time() + 30
+
+            async def hammer() -> None:
+                while loop.time() < stop_at and len(late) < 200:
+                    sent = loop.time()
+                    async with http.get(api + "v1/jobs", headers={"X-API-Key": key}) as r:
+                        await r.read()
+                    if not revoke_sent:
+                        early.append(r.status)
+                    elif revoked_at and sent > revoked_at[0]:
+                        late.append(r.status)
+
+            workers = [asyncio.ensure_future(hammer()) for _ in range(16)]
+            await asyncio.sleep(0.5)
+            revoke_sent.append(loop.time())
+            async with http.delete(api + f"v1/keys/{kid}", headers={"X-API-Key": admin}) as r:
+                assert r.status == 200
+            revoked_at.append(loop.time())
+            await asyncio.gather(*workers)
+            assert len(early) >= 16 and set(early) == {200}
+            assert len(late) >= 200 and set(late) == {401}, late
+    try:
+        asyncio.run(main())
+    finally:
+        stop(p)

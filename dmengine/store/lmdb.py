@@ -47,7 +47,7 @@ import lmdb
 
 from ..bounded import BoundedDict
 from ..errors import NotFound, StoreClosed, StoreError
-from ..model import Content
+from ..model import Content, Device, Task
 from ._kv import Gate, WriteBuffer, collect_prefetch, resolve, run_ops, split_by_loop
 from .kv import (DBS, IDENTITY_GEN, MAX_KEY, KVStore, Op, WriteCtx, _e, check_txn, dec,
                  ensure_schema)
@@ -500,6 +500,17 @@ class LmdbStore(KVStore):
     # --- reads -------------------------------------------------------------------------------
 
     async def _get(self, db: str, cls: type[R], key: str, kind: str) -> R:
+        return self._get_sync(db, cls, key, kind)
+
+    # the records read most (every API poll of a task; a dozen reads of its device per
+    # campaign device): read without the generic path's second coroutine
+    async def get_task(self, task_id: str) -> Task:
+        return self._get_sync("tasks", Task, task_id, "task")
+
+    async def get_device(self, dev_id: str) -> Device:
+        return self._get_sync("devices", Device, dev_id, "device")
+
+    def _get_sync(self, db: str, cls: type[R], key: str, kind: str) -> R:
         """A record by key; those of READ_CACHE_DBS come from the read cache when they can.
 
         A device in a session is read a dozen times (its account for each message, the

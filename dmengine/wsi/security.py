@@ -257,11 +257,14 @@ async def guard(request: web.Request, handler: Handler, ids: Identities, name: s
     handler ran with (None when the call was refused before it: the metrics' ``anonymous``);
     what the handler raises goes on up, with :data:`IDENTITY_KEY` set (the role label of
     the error's answer)."""
-    try:
-        ident = await ids.authenticate(_credential(request))
-    except Unauthorized as exc:
-        return _error(401, exc.code, str(exc), exc.where,
-                      {"WWW-Authenticate": 'Bearer realm="dmengine"'}), None
+    credential = _credential(request)
+    ident = ids.known(credential)           # (a key seen before: no coroutine, no store read)
+    if ident is None:
+        try:
+            ident = await ids.authenticate(credential)
+        except Unauthorized as exc:
+            return _error(401, exc.code, str(exc), exc.where,
+                          {"WWW-Authenticate": 'Bearer realm="dmengine"'}), None
     wait = ids.check_rate(ident)
     if wait:
         return _error(429, RateLimited.code, f"{ident.actor} is over its rate: try again in "
