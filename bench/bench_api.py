@@ -27,6 +27,12 @@ depend on what else runs on the machine, where CPU time per request moves by ±1
 They count against the engine somewhat: its timers (the scheduler's pass, the job tally)
 fire by the wall clock, and a request under callgrind takes some fifty times longer, so
 their work is spread over fewer requests than in a real run.
+
+And counted once more under load: the same two servers under callgrind answer ``wrk`` on
+32 keep-alive connections for a while, instructions divided by the requests wrk counted.
+This is the case the wall-clock rounds measure, without their noise: work done once per
+turn of the event loop for all the requests that are ready (the engine checks a key once
+per turn, :meth:`dmengine.identity.Identities.known`) is shared as it is in a real run.
 """
 from __future__ import annotations
 
@@ -249,8 +255,30 @@ def _per_request(cg: Callgrind, port: int, request: bytes, n: int,
         conn.close()
 
 
-def instructions(tmp: str, n: int, windows: int) -> tuple[list[float], list[float]]:
-    """(engine, bare) instructions per getTaskById, each under callgrind (module docstring)."""
+def _under_load(cg: Callgrind, url: str, key: str, seconds: float, conns: int,
+                windows: int) -> list[float]:
+    """Instructions per request of the process under ``cg`` while wrk loads ``url`` on
+    ``conns`` keep-alive connections for ``seconds``, for each of ``windows`` windows."""
+    def run() -> int:
+        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-H",
+                              f"X-API-Key: {key}", url], capture_output=True, text=True,
+                             timeout=seconds + 120).stdout
+        m = re.search(r"(\d+) requests in", out)
+        if m is None or re.search(r"Non-2xx or 3xx responses", out):
+            raise RuntimeError(f"wrk said: {out}")
+        return int(m.group(1))
+    run()                                            # warm-up
+    got = []
+    for _ in range(windows):
+        total, requests = cg.count(run)
+        got.append(total / max(requests, 1))
+    return got
+
+
+def instructions(tmp: str, n: int, windows: int, *, load_seconds: float = 0
+                 ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(engine, bare) instructions per getTaskById, each under callgrind (module docstring):
+    one request at a time, then (``load_seconds`` > 0 and wrk there) under wrk's load."""
     data = os.path.join(tmp, "cg-var")
     cg = Callgrind([sys.executable, "-m", "dmengine", "serve", "--data", data,
                     "--device-port", "0", "--api-port", "0"], os.path.join(tmp, "engine.cg"),
@@ -263,6 +291,8 @@ def instructions(tmp: str, n: int, windows: int) -> tuple[list[float], list[floa
         request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n"
                    .encode())
         engine = _per_request(cg, port, request, n, windows)
+        loaded = (_under_load(cg, task_url, key, load_seconds, 32, windows)
+                  if load_seconds and shutil.which("wrk") else [])
     finally:
         stop(cg.proc)
     bare = Callgrind([sys.executable, "-c", BARE_APP], os.path.join(tmp, "bare.cg"),
@@ -272,10 +302,13 @@ def instructions(tmp: str, n: int, windows: int) -> tuple[list[float], list[floa
         assert b.stdin is not None and b.stdout is not None
         b.stdin.write(answer)
         b.stdin.close()
-        base = _per_request(bare, int(b.stdout.readline()), request, n, windows)
+        bare_port = int(b.stdout.readline())
+        base = _per_request(bare, bare_port, request, n, windows)
+        base_loaded = (_under_load(bare, f"http://127.0.0.1:{bare_port}{path}", key,
+                                   load_seconds, 32, windows) if loaded else [])
     finally:
         stop(b)
-    return engine, base
+    return engine, base, loaded, base_loaded
 
 
 def _one_task(api: str, key: str) -> tuple[str, bytes]:
@@ -340,7 +373,8 @@ def run(quick: bool) -> None:
                 stop(p)
     try:
         cg_n, cg_windows = (200, 1) if quick else (1000, 3)
-        cg_engine, cg_bare = instructions(tmp, cg_n, cg_windows)
+        cg_engine, cg_bare, cg_engine_load, cg_bare_load = instructions(
+            tmp, cg_n, cg_windows, load_seconds=5 if quick else 15)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     gen = "wrk" if shutil.which("wrk") else "asyncio raw-socket client"
@@ -363,6 +397,12 @@ def run(quick: bool) -> None:
     rows.append(Row(cg_case, "instructions per request", round(cg_api), "instructions",
                     "bare aiohttp handler, same bytes, same run (callgrind)", round(cg_base),
                     round(cg_base / cg_api, 3)))
+    if cg_engine_load:
+        api_l, base_l = statistics.median(cg_engine_load), statistics.median(cg_bare_load)
+        rows.append(Row(f"getTaskById, {conns} keep-alive connections (wrk, under callgrind)",
+                        "instructions per request", round(api_l), "instructions",
+                        "bare aiohttp handler, same bytes, same run (callgrind, wrk)",
+                        round(base_l), round(base_l / api_l, 3)))
     post_case = f"doOperation (QUERY, one device), {conns} keep-alive connections ({gen})"
     rows.append(Row(post_case, "requests/s", round(statistics.median(post_api)), "1/s"))
     rows.append(Row(post_case, "server CPU per request", round(statistics.median(post_cpu), 1),
@@ -374,7 +414,9 @@ def run(quick: bool) -> None:
                   doOperation_runs=[round(r) for r in post_api],
                   callgrind_requests_per_window=cg_n,
                   callgrind_engine_windows=[round(x) for x in cg_engine],
-                  callgrind_bare_windows=[round(x) for x in cg_bare])
+                  callgrind_bare_windows=[round(x) for x in cg_bare],
+                  callgrind_loaded_engine_windows=[round(x) for x in cg_engine_load],
+                  callgrind_loaded_bare_windows=[round(x) for x in cg_bare_load])
 
 
 if __name__ == "__main__":
