@@ -23,7 +23,9 @@ the route → role table, the routes) is :mod:`dmengine.wsi.security`.
   role change, user removal and logout — through the API or ``dmengine keys`` in another
   process — changes it, so the very next call reads the store again and is refused; a
   session's entry also ends at the session's expiry.  Unknown or refused credentials are
-  never cached (a flood of them costs store reads, not memory).
+  never cached (a flood of them costs store reads, not memory).  Calls of one key in one turn
+  of the event loop share that check (:meth:`Identities.known`): each of them was received
+  before it was made, so a change committed before a call came still counts for it.
 * **Roles** ``viewer`` < ``operator`` < ``admin``: each may do what the weaker ones may.  An
   identity sees and controls the jobs and tasks of its own system (:attr:`Identity.owner`);
   an admin sees all of them.
