@@ -446,8 +446,8 @@ class DeviceSessions:
         else:
             run.outstanding -= 1
         if not status_is_success(ev.status) and run.failed is None:
-            run.failed = (f"{ev.cmd} {ev.target or ''} failed with status {ev.status}".strip(),
-                          ev.status)
+            what = f"{ev.cmd} {ev.target}" if ev.target else ev.cmd
+            run.failed = (f"{what} failed with status {ev.status}", ev.status)
         if ev.cmd == "Exec" and status_is_success(ev.status) and (
                 isinstance(run.task.op, UpdateOp)
                 or (isinstance(run.task.op, ExecOp) and ev.status == ACCEPTED_FOR_PROCESSING)):

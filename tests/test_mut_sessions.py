@@ -286,9 +286,9 @@ def test_a_get_answered_204_owes_no_results_and_a_get_that_fails_none(tmp_path):
         assert (t.state, t.result.statuses, t.result.nodes) == (S.SUCCEEDED, {"Get ./A": 204}, {})
         await w.answer(s, StatusReceived(cmd("t2"), "Get", 404))
         t = await w.get("t2")
-        # (a status that names no target: the text keeps its two spaces)
-        assert (t.state, t.cause) == (S.FAILED, "Get  failed with status 404")
-        assert (await w.history("t2"))[-1] == (S.FAILED, "Get  failed with status 404",
+        # (a status that names no target: the command alone, one space)
+        assert (t.state, t.cause) == (S.FAILED, "Get failed with status 404")
+        assert (await w.history("t2"))[-1] == (S.FAILED, "Get failed with status 404",
                                                404, None)
     run(tmp_path, scenario)
 
