@@ -9,6 +9,7 @@ from typing import Any, Awaitable, TypeVar
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = pathlib.Path(os.environ.get("DMENGINE_SHARED", ROOT.parent / "shared"))
@@ -28,6 +29,17 @@ T = TypeVar("T")
 def api_client(**kw: Any) -> aiohttp.ClientSession:
     """The HTTP client of the API tests: every request gives up after REQUEST_TIMEOUT s."""
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT), **kw)
+
+
+async def local_http(*routes: web.RouteDef) -> tuple[web.AppRunner, int]:
+    """A small aiohttp server on loopback answering ``routes`` (a carrier, a webhook
+    receiver, ...): its runner (``cleanup()`` when done) and its port."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def bounded(step: Awaitable[T], what: str = "the test's scenario") -> T:

@@ -19,6 +19,8 @@ from dmengine.model import Device
 from dmengine.store.lmdb import LmdbStore
 from dmengine.urlguard import UrlGuard
 
+from conftest import local_http
+
 REC = "356938035643809"
 
 
@@ -600,13 +602,9 @@ def carrier_call(make_callback, host="127.0.0.1", after=None):
         async def handler(request):
             asked.append(await request.json())
             return web.json_response({"decision": "accept"})
-        app = web.Application()
-        app.router.add_post("/policy", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runner, port = await local_http(web.post("/policy", handler))
         try:
-            url = f"http://{host}:{runner.addresses[0][1]}/policy"
+            url = f"http://{host}:{port}/policy"
             cb = await make_callback(url)
             record = Device(dev_id="IMEI:490154203237518", imei="490154203237518")
             out = []

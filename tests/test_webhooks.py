@@ -26,7 +26,7 @@ from dmengine.urlguard import UrlGuard, UrlRefused, address_problem
 from dmengine.webhooks import (ATTEMPT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, WebhookConfig,
                                sign, verify)
 
-from conftest import api_client, bounded
+from conftest import api_client, bounded, local_http
 from test_broker_e2e import World, run_world, upload_firmware
 
 S = TaskState
@@ -589,12 +589,7 @@ def test_carrier_callback_and_gateway_check_addresses_when_connecting():
         async def handle(request: web.Request) -> web.Response:
             hits.append(request.path)
             return web.json_response({"decision": "accept"})
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
+        runner, port = await local_http(web.post("/{tail:.*}", handle))
 
         async def resolve(host: str, port: int) -> list[str]:
             return ["127.0.0.1"]                       # a name that now points inside
