@@ -183,7 +183,8 @@ _sha256 = _builtin_sha256()
 def sha256_hex(secret: str) -> str:
     """The stored form of a key or token.  Bytes that are not UTF-8 (aiohttp keeps them as
     surrogates) are hashed as sent, so such a key is simply unknown, never an error."""
-    return _sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()  # type: ignore[no-any-return]
+    digest = _sha256(secret.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()  # type: ignore[no-any-return]
 
 
 def new_api_key() -> str:

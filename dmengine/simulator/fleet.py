@@ -35,7 +35,8 @@ __all__ = ["HttpClient", "HttpError", "FaultShares", "Fleet", "SessionReport", "
            "LazyDevices", "account_for_username", "registration_csv"]
 
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_GC_THRESHOLD0 = 200_000    # generation-0 threshold while Fleet.run drives load (see server.DEFAULT_GC_THRESHOLDS)
+#: generation-0 threshold while Fleet.run drives load (why: server.DEFAULT_GC_THRESHOLDS)
+DEFAULT_GC_THRESHOLD0 = 200_000
 
 
 # the connection (``_Conn``) and the load lanes are compiled: dmengine/simulator/_lane.pyx
