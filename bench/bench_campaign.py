@@ -678,8 +678,9 @@ def run(quick: bool) -> None:
         print(f"    store ops per device "
               f"{o.metrics.get('dmengine_store_commit_batch_size_sum', 0.0) / o.n:.2f}, "
               f"batches per device "
-              f"{o.metrics.get('dmengine_store_commit_batch_size_count', 0.0) / o.n:.3f}",
-              flush=True)
+              f"{o.metrics.get('dmengine_store_commit_batch_size_count', 0.0) / o.n:.3f}, "
+              f"garbage-collector pauses {o.metrics.get('dmengine_gc_pause_seconds_sum', 0.0):.2f}"
+              f" s in {o.metrics.get('dmengine_gc_pause_seconds_count', 0.0):.0f}", flush=True)
         rows.extend(rows_for(o, done[0] if done else None))
         done.append(o)
     big = done[-1]
@@ -712,6 +713,11 @@ def run(quick: bool) -> None:
                       o.metrics.get("dmengine_store_commit_batch_size_sum", 0.0) / o.n, 2),
                   "store_batches_per_device": round(
                       o.metrics.get("dmengine_store_commit_batch_size_count", 0.0) / o.n, 3),
+                  # the server's garbage collections, whole run (dmengine_gc_pause_seconds)
+                  "server_gc_pause_s": round(
+                      o.metrics.get("dmengine_gc_pause_seconds_sum", 0.0), 2),
+                  "server_gc_collections": round(
+                      o.metrics.get("dmengine_gc_pause_seconds_count", 0.0)),
                   "tenths": o.tenths,
                   "job": {k: o.job.get(k) for k in ("state", "targets", "total", "counts",
                                                     "final", "succeeded", "failed", "cause")}}

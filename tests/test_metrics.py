@@ -384,3 +384,56 @@ def test_job_tally_counts_each_job_once_and_reads_only_open_and_new_jobs(tmp_pat
             await store.close()
 
     asyncio.run(main())
+
+
+def _gc_pause_counts(text: str) -> dict[str, tuple[float, float]]:
+    """generation → (count, sum) of dmengine_gc_pause_seconds in an exposition."""
+    out: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "dmengine_gc_pause_seconds":
+            continue
+        for s in fam.samples:
+            g = out.setdefault(s.labels["generation"], [0.0, 0.0])
+            if s.name.endswith("_count"):
+                g[0] = s.value
+            elif s.name.endswith("_sum"):
+                g[1] = s.value
+    return {g: (c, t) for g, (c, t) in out.items()}
+
+
+def test_gc_pauses_are_timed_by_generation():
+    """``dmengine_gc_pause_seconds``: each garbage collection's pause, by generation, on every
+    registry of the process (one callback, however many engines)."""
+    import gc
+
+    from prometheus_client import generate_latest
+
+    from dmengine.metrics import add_process_collectors, gc_pauses
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    for r in regs:
+        add_process_collectors(r)
+    assert gc.callbacks.count(gc_pauses()._callback) == 1
+    before = _gc_pause_counts(generate_latest(regs[0]).decode())
+    gc.collect()
+    gc.collect(0)
+    for r in regs:
+        after = _gc_pause_counts(generate_latest(r).decode())
+        assert set(after) == {"0", "1", "2"}
+        assert after["2"][0] >= before["2"][0] + 1 and after["2"][1] > before["2"][1]
+        assert after["0"][0] >= before["0"][0] + 1
+
+
+def test_a_serving_engine_exposes_its_gc_pauses():
+    """Over HTTP, from ``dmengine serve``: its start-up collection (``tune_gc``) is there."""
+    import tempfile
+    import urllib.request
+
+    from test_cli_serve import start, stop
+    with tempfile.TemporaryDirectory() as tmp:
+        p, urls = start(tmp + "/var")
+        try:
+            with urllib.request.urlopen(urls["metrics"], timeout=10) as r:
+                got = _gc_pause_counts(r.read().decode())
+        finally:
+            stop(p)
+    assert got["2"][0] >= 1 and got["2"][1] > 0, got
