@@ -256,17 +256,12 @@ def _per_request(cg: Callgrind, port: int, request: bytes, n: int,
 
 
 def _under_load(cg: Callgrind, url: str, key: str, seconds: float, conns: int,
-                windows: int) -> list[float]:
-    """Instructions per request of the process under ``cg`` while wrk loads ``url`` on
-    ``conns`` keep-alive connections for ``seconds``, for each of ``windows`` windows."""
+                windows: int, tmp: str) -> list[float]:
+    """Instructions per request of the process under ``cg`` while wrk (:func:`load`) loads
+    ``url`` on ``conns`` keep-alive connections for ``seconds``, for each of ``windows``
+    windows."""
     def run() -> int:
-        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-H",
-                              f"X-API-Key: {key}", url], capture_output=True, text=True,
-                             timeout=seconds + 120).stdout
-        m = re.search(r"(\d+) requests in", out)
-        if m is None or re.search(r"Non-2xx or 3xx responses", out):
-            raise RuntimeError(f"wrk said: {out}")
-        return int(m.group(1))
+        return load(url, key, seconds=seconds, conns=conns, tmp=tmp)[1]
     run()                                            # warm-up
     got = []
     for _ in range(windows):
@@ -291,7 +286,7 @@ def instructions(tmp: str, n: int, windows: int, *, load_seconds: float = 0
         request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n"
                    .encode())
         engine = _per_request(cg, port, request, n, windows)
-        loaded = (_under_load(cg, task_url, key, load_seconds, 32, windows)
+        loaded = (_under_load(cg, task_url, key, load_seconds, 32, windows, tmp)
                   if load_seconds and shutil.which("wrk") else [])
     finally:
         stop(cg.proc)
@@ -305,7 +300,7 @@ def instructions(tmp: str, n: int, windows: int, *, load_seconds: float = 0
         bare_port = int(b.stdout.readline())
         base = _per_request(bare, bare_port, request, n, windows)
         base_loaded = (_under_load(bare, f"http://127.0.0.1:{bare_port}{path}", key,
-                                   load_seconds, 32, windows) if loaded else [])
+                                   load_seconds, 32, windows, tmp) if loaded else [])
     finally:
         stop(b)
     return engine, base, loaded, base_loaded

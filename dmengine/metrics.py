@@ -89,7 +89,7 @@ from ._metrics import LATENCY_BOUNDS, SESSION_BOUNDS, DeviceCounters
 from .model import JobState, TaskState
 
 __all__ = ["DeviceMetrics", "TaskMetrics", "WorkGauges", "WebhookMetrics", "StoreMetrics",
-           "ApiMetrics", "ContentMetrics", "GcPauses", "Histo", "auth_cause",
+           "ApiMetrics", "RouteCalls", "ContentMetrics", "GcPauses", "Histo", "auth_cause",
            "add_process_collectors",
            "ENCODINGS", "LATENCY_BUCKETS", "SESSION_BUCKETS", "MAX_JOB_SERIES"]
 
@@ -514,41 +514,52 @@ class StoreMetrics(_Collector):
 # --- the API and content -----------------------------------------------------------------------
 
 
+class RouteCalls:
+    """One API route's calls: counts by (status, role) and the latency histogram."""
+
+    __slots__ = ("counts", "latency")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, str], int] = {}
+        self.latency = Histo(API_BUCKETS)
+
+    def observe(self, status: int, role: str, seconds: float) -> None:
+        key = (status, role)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.latency.observe(seconds)
+
+
 class ApiMetrics(_Collector):
     """API calls by route name (the route's name or template, never its path), status and
     role (``anonymous`` before a key is checked)."""
 
     def __init__(self, registry: CollectorRegistry, *, prefix: str = "dmengine") -> None:
         self.prefix = prefix + "_api"
-        #: per route: calls by (status, role), and the latency histogram
-        self.by_route: dict[str, tuple[dict[tuple[int, str], int], Histo]] = {}
+        self.by_route: dict[str, RouteCalls] = {}
         registry.register(self)  # type: ignore[arg-type]
 
-    def route(self, route: str) -> tuple[dict[tuple[int, str], int], Histo]:
-        """The counts by (status, role) and the latency histogram of ``route``, made on its
-        first call.  The API's wrapper keeps them for its route and counts into them itself:
-        on every call, that is two calls and a label tuple fewer than :meth:`observe`."""
+    def route(self, route: str) -> "RouteCalls":
+        """The calls of ``route``, made on its first call (a route never called has no
+        series).  The API's wrapper keeps its route's and counts into it directly: on every
+        call, a lookup and a label tuple fewer than :meth:`observe`."""
         got = self.by_route.get(route)
         if got is None:
-            got = self.by_route[route] = ({}, Histo(API_BUCKETS))
+            got = self.by_route[route] = RouteCalls()
         return got
 
     def observe(self, route: str, status: int, role: str, seconds: float) -> None:
-        counts, latency = self.route(route)
-        key = (status, role)
-        counts[key] = counts.get(key, 0) + 1
-        latency.observe(seconds)
+        self.route(route).observe(status, role, seconds)
 
     @property
     def requests(self) -> dict[tuple[str, str, str], int]:
         """Calls by (route, status, role), as exported."""
         return {(route, str(status), role): n
-                for route, (counts, _) in self.by_route.items()
-                for (status, role), n in counts.items()}
+                for route, calls in self.by_route.items()
+                for (status, role), n in calls.counts.items()}
 
     @property
     def latency(self) -> dict[str, Histo]:
-        return {route: h for route, (_, h) in self.by_route.items()}
+        return {route: calls.latency for route, calls in self.by_route.items()}
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix

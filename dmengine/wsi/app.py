@@ -36,11 +36,11 @@ import importlib.util
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
 from ..identity import Identities
+from ..metrics import RouteCalls
 from . import (capabilities, content, deployments, devices, diagnostics, jobs, openapi, security,
                system)
 from .common import ENGINE, Services
@@ -80,10 +80,10 @@ def api_wrapper(engine: Services, identities: Identities) -> Callable[..., Handl
         label = name or path or "unmatched"
         need = required_role(name) if routed else None
         always_public = routed and security_public(name, path or "")
-        counted: Any = None          # (the route's counts, its latency histogram) once called
+        calls: RouteCalls | None = None      # the route's metrics, from its first call on
 
         async def api(request: web.Request) -> web.StreamResponse:
-            nonlocal counted
+            nonlocal calls
             t0 = clock()
             # the role label: the caller's once its key passed every check (the handler ran
             # with it), else anonymous
@@ -97,13 +97,10 @@ def api_wrapper(engine: Services, identities: Identities) -> Callable[..., Handl
                 resp = error_answer(request, exc)
                 ident = request.get(IDENTITY_KEY)
             if metrics is not None:
-                # ApiMetrics.observe, inline: this runs on every call
-                if counted is None:
-                    counted = metrics.route(label)
-                counts, latency = counted
-                key = (resp.status, "anonymous" if ident is None else ident.role)
-                counts[key] = counts.get(key, 0) + 1
-                latency.observe(clock() - t0)
+                if calls is None:
+                    calls = metrics.route(label)
+                calls.observe(resp.status, "anonymous" if ident is None else ident.role,
+                              clock() - t0)
             return resp
         return functools.update_wrapper(api, handler)
     return wrap

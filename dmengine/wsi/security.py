@@ -250,10 +250,10 @@ async def _not_theirs(request: web.Request, ids: Identities, ident: Identity
 async def guard(request: web.Request, handler: Handler, ids: Identities, name: str | None,
                 need: str | None) -> tuple[web.StreamResponse, Identity | None]:
     """Who, how often, what, whose — then the handler — then the audit (module docstring),
-    for a call that is not public: ``need`` is the route's role
-    (:func:`required_role`), None for a path no route has (the app's catch-all route, whose
-    answer is a 404 or 405: no role to check).  The wrapper of every route (:func:`dmengine.wsi.app.api_wrapper`) calls it
-    with what it worked out once per route.  Answers the response and the identity the
+    for a call that is not public: ``need`` is the route's role (:func:`required_role`),
+    None for a path no route has (the app's catch-all route, whose answer is a 404 or 405:
+    no role to check).  The wrapper of every route (:func:`dmengine.wsi.app.api_wrapper`)
+    calls it with what it worked out once per route.  Answers the response and the identity the
     handler ran with (None when the call was refused before it: the metrics' ``anonymous``);
     what the handler raises goes on up, with :data:`IDENTITY_KEY` set (the role label of
     the error's answer)."""
