@@ -232,3 +232,87 @@ def test_has_subscribers_follows_subscriptions(tmp_path) -> None:
             finally:
                 await s.close()
     asyncio.run(main())
+
+
+_OTHER_PROCESS = """
+import asyncio, sys
+from dmengine.store.lmdb import LmdbStore
+
+async def main(path, dev_id, tz, topic):
+    s = LmdbStore(path)
+    try:
+        await s.update_device(dev_id, {"tz": tz})
+        if topic:
+            from dmengine.model import Subscription
+            await s.create_subscription(Subscription(sub_id="s1", url="http://x.test/h",
+                                                     topics=[topic], secret="s" * 32, owner="o"))
+    finally:
+        await s.close()
+asyncio.run(main(*sys.argv[1:4], sys.argv[4] if len(sys.argv) > 4 else ""))
+"""
+
+
+def _other_process_writes(path, dev_id: str, tz: str, topic: str = "") -> None:
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(path), dev_id, tz, topic],
+                   check=True, timeout=60)
+
+
+def test_a_write_by_another_process_is_seen_by_the_next_read(tmp_path) -> None:
+    """A second process with the store open (a second device process, a CLI verb) writes a
+    record this process has cached: the next read here has the new record, in a later turn
+    of the loop and off the loop alike.  Fails without the written-keys log: the cached
+    object would be answered."""
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            d = await s.create_device(dev(1, tz="A"))
+            a = await s.get_device(d.dev_id)
+            assert (await s.get_device(d.dev_id)) is a and a.tz == "A"
+            assert not await s.has_subscribers("task")
+            await asyncio.to_thread(_other_process_writes, tmp_path / "db", d.dev_id, "B",
+                                    "task")
+            await asyncio.sleep(0)            # the next turn: the look at the log is due
+            b = await s.get_device(d.dev_id)
+            assert b.tz == "B"
+            assert await s.has_subscribers("task")
+            assert (await s.get_device(d.dev_id)) is b      # and cached again
+            # this process's own writes stay cached without a look at the log
+            await s.update_device(d.dev_id, {"tz": "C"})
+            assert (await s.get_device(d.dev_id)).tz == "C"
+        finally:
+            await s.close()
+    asyncio.run(main())
+
+    # off the loop (a CLI verb's synchronous reads): every cached read looks
+    s = LmdbStore(tmp_path / "db")
+    try:
+        d1 = s._get_sync("devices", Device, dev(1).dev_id, "device")
+        assert d1.tz == "C"
+        _other_process_writes(tmp_path / "db", d1.dev_id, "D")
+        assert s._get_sync("devices", Device, d1.dev_id, "device").tz == "D"
+    finally:
+        asyncio.run(s.close())
+
+
+def test_a_reader_behind_the_pruned_log_forgets_everything(tmp_path, monkeypatch) -> None:
+    """Entries older than CACHE_LOG_KEEP are pruned; a process that had not looked since
+    an entry it needed was pruned clears its whole cache rather than answer a stale record."""
+    from dmengine.store import lmdb as lmdb_mod
+    monkeypatch.setattr(lmdb_mod, "CACHE_LOG_KEEP", -1.0)        # every entry is old
+    monkeypatch.setattr(lmdb_mod, "CACHE_LOG_PRUNE_INTERVAL", 0.0)
+
+    async def main() -> None:
+        s = LmdbStore(tmp_path / "db")
+        try:
+            d = await s.create_device(dev(1, tz="A"))
+            other = await s.create_device(dev(2, tz="X"))
+            assert (await s.get_device(d.dev_id)).tz == "A"
+            await asyncio.to_thread(_other_process_writes, tmp_path / "db", d.dev_id, "B")
+            await s.update_device(other.dev_id, {"tz": "Y"})   # this commit prunes the log
+            await asyncio.sleep(0)
+            assert (await s.get_device(d.dev_id)).tz == "B"
+        finally:
+            await s.close()
+    asyncio.run(main())

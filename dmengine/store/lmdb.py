@@ -37,6 +37,7 @@ import collections
 import fcntl
 import os
 import pathlib
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import lmdb
+import msgspec
 
 from ..bounded import BoundedDict
 from ..errors import NotFound, StoreClosed, StoreError
@@ -53,6 +55,14 @@ from .kv import (DBS, IDENTITY_GEN, MAX_KEY, KVStore, Op, WriteCtx, _e, check_tx
                  ensure_schema)
 
 R = TypeVar("R")
+
+_LOG_HEAD = struct.Struct(">q8s")      # a log entry's head: microseconds, the writer's mark
+_LOG_KEYS = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+_LOG_ENCODE = msgspec.msgpack.Encoder().encode
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
 
 DEFAULT_MAP_SIZE = 256 << 20          #: initial map size (grows on demand)
 DEFAULT_MAX_MAP_SIZE = 1 << 40        #: never grow past this (1 TiB of address space)
@@ -72,6 +82,15 @@ MAPPED_CHECK_INTERVAL = 2.0           #: seconds between looks at the process's 
 #: other record, so a campaign's task writes cost only the drop.
 DEFAULT_READ_CACHE_SIZE = 100_000
 READ_CACHE_DBS = frozenset({"devices", "content", "caps", "sub_topic", "tasks"})
+#: The written-keys log (its own database, not in kv.DBS: no record lives there): every commit
+#: that writes a key of READ_CACHE_DBS also writes, under its transaction id, which keys those
+#: were and which process wrote them.  Another process with the store open (a second device
+#: process, a CLI verb) reads the entries it has not seen before it answers from its read
+#: cache, and forgets those keys (see LmdbStore._catch_up).
+CACHE_LOG_DB = "cachelog"
+CACHE_LOG_FLOOR = b"floor"               #: its key: the highest transaction id pruned away
+CACHE_LOG_KEEP = 30.0                    #: seconds an entry is kept
+CACHE_LOG_PRUNE_INTERVAL = 5.0           #: seconds between prunes (in a writer's transaction)
 GROW_AT = 0.8                         #: map fill ratio at which the writer grows it early
 
 IN_USE_FILE = "dmengine.lock"         #: flock'ed shared by every open store, exclusive by restore
@@ -219,6 +238,11 @@ class LmdbStore(KVStore):
         self._downloads: dict[str, list[Any]] = {}
         self._downloads_lock = threading.Lock()
         self._watch = READ_CACHE_DBS        # written keys noted: the caches forget them
+        #: this store's mark in the written-keys log (its own entries need no reading)
+        self._writer_mark = os.urandom(8)
+        self._seen_txn = 0         # the log is read up to this transaction id
+        self._turn_checked = False  # the log was looked at in this turn of the event loop
+        self._next_prune = 0.0
         self.path = str(path)
         self.batch_size = batch_size
         self.max_delay = max_delay
@@ -251,6 +275,11 @@ class LmdbStore(KVStore):
         self.on_commit: Callable[[int, float], None] | None = None
         try:
             self._dbs = open_dbs(self.env)
+            with self.env.begin(write=True) as txn:
+                self._dbs[CACHE_LOG_DB] = self.env.open_db(CACHE_LOG_DB.encode(), txn=txn,
+                                                           create=True)
+            self._log_db = self._dbs[CACHE_LOG_DB]
+            self._seen_txn = int(self.env.info()["last_txnid"])   # the cache is empty now
             # schema record / migrations (through the normal write path: grows the map if needed)
             self.schema = self._run_sync(lambda ctx: ensure_schema(ctx.txn, ctx.now, migrations,
                                                                    schema_version))
@@ -429,6 +458,8 @@ class LmdbStore(KVStore):
             ctx.finish()
             c2 = tt()
             wt.flush()
+            if wt.touched:
+                self._log_written(txn, wt.touched, ctx.now)
             c3 = tt()
             t, txn = txn, None
             a0 = time.perf_counter()
@@ -527,6 +558,8 @@ class LmdbStore(KVStore):
         k = _e(key)
         if db not in self._watch or not self._cache_size:
             return self._get_now(db, cls, k, key, kind)
+        if not self._turn_checked:
+            self._others_wrote()
         ck = (db, k)
         rec = self._cache.get(ck)
         if rec is not None:
@@ -585,6 +618,84 @@ class LmdbStore(KVStore):
                 if r.get(key, db=dbs[db]) == data:
                     self._cache[(db, key)] = rec
 
+    # --- the written-keys log: the read cache kept coherent with other processes ------------
+
+    def _log_written(self, txn: Any, touched: list[tuple[str, bytes]], now: float) -> None:
+        """In the writer's transaction, before its commit: the log entry of the cached keys it
+        wrote, and now and then the pruning of entries older than ``CACHE_LOG_KEEP``."""
+        txn.put(_u64(txn.id()), _LOG_HEAD.pack(int(now * 1e6), self._writer_mark)
+                + _LOG_ENCODE(touched), db=self._log_db)
+        mono = time.monotonic()
+        if mono < self._next_prune:
+            return
+        self._next_prune = mono + CACHE_LOG_PRUNE_INTERVAL
+        cutoff = int((now - CACHE_LOG_KEEP) * 1e6)
+        floor = None
+        with txn.cursor(db=self._log_db) as cur:
+            if cur.first():
+                while True:
+                    k = cur.key()
+                    if len(k) != 8 or _LOG_HEAD.unpack_from(cur.value())[0] >= cutoff:
+                        break
+                    floor = k
+                    if not cur.delete():     # (moves to the next entry)
+                        break
+        if floor is not None:
+            txn.put(CACHE_LOG_FLOOR, floor, db=self._log_db)
+
+    def _others_wrote(self) -> None:
+        """Before an answer from the read cache: forgets what other processes' commits wrote
+        since this store last looked.  Looked at once per turn of the event loop, at the
+        first cached read: every request served in that turn was received before the look,
+        so a commit that another process made before a request came (a device's nonces saved
+        by the process that had its last session, a task cancelled through the API) counts
+        for that request.  Off the loop (a thread, a CLI verb), every cached read looks."""
+        if self._turn_checked:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._catch_up()
+            return
+        self._turn_checked = True
+        loop.call_soon(self._next_turn)
+        self._catch_up()
+
+    def _next_turn(self) -> None:
+        self._turn_checked = False
+
+    def _catch_up(self) -> None:
+        if self._closed:
+            return
+        try:
+            last = self.env.info()["last_txnid"]
+        except lmdb.Error:
+            last = -1
+        if last == self._seen_txn:
+            return                        # no commit since the last look (a dict, no txn)
+        mark = self._writer_mark
+        unpack = _LOG_HEAD.unpack_from
+
+        def read(t: LmdbTxn) -> tuple[int, list[Any] | None]:
+            upto = t.t.id()
+            raw = t.get(CACHE_LOG_DB, CACHE_LOG_FLOOR)
+            if raw is not None and int.from_bytes(raw, "big") > self._seen_txn:
+                return upto, None         # entries not read yet were pruned: forget all
+            keys: list[Any] = []
+            for k, v in t.scan(CACHE_LOG_DB, _u64(self._seen_txn + 1), CACHE_LOG_FLOOR):
+                if unpack(v)[1] != mark:
+                    keys.extend(_LOG_KEYS.decode(v[_LOG_HEAD.size:]))
+            return upto, keys
+        upto, keys = self._read_sync(read)
+        if keys is None:
+            with self._cache_lock:
+                self._cache_gen += 1
+                self._cache.clear()
+                self._topics.clear()
+        elif keys:
+            self._forget([(db, key) for db, key in keys])
+        self._seen_txn = max(self._seen_txn, upto)
+
     def _forget(self, keys: list[tuple[str, bytes]]) -> None:
         with self._cache_lock:
             self._cache_gen += 1
@@ -630,6 +741,8 @@ class LmdbStore(KVStore):
 
     async def has_subscribers(self, topic: str) -> bool:
         """Cached per topic until a commit writes a subscription (see :meth:`_forget`)."""
+        if not self._turn_checked:
+            self._others_wrote()
         known = self._topics.get(topic)
         if known is not None:
             return known
