@@ -110,36 +110,70 @@ def _stat_cpu_s(path: str) -> float:
     return user + system
 
 
+def with_children(pid: int) -> list[int]:
+    """``pid`` and its live child processes (the server's device processes,
+    ``serve --device-processes``)."""
+    out = [pid]
+    for name in os.listdir("/proc"):
+        if name.isdigit() and name != str(pid):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue                   # ended meanwhile
+    return out
+
+
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (its threads included)."""
-    return _stat_cpu_s(f"/proc/{pid}/stat")
+    """User + system CPU seconds of a live process and its children (threads included)."""
+    total = 0.0
+    for p in with_children(pid):
+        try:
+            total += _stat_cpu_s(f"/proc/{p}/stat")
+        except OSError:
+            pass
+    return total
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name of a live process; the process's own id is "MainThread"
-    (the event loop: its share is what bounds the server, the rest runs beside it on the
-    other core).  Python does not name its other threads for the OS: they count under their
-    comm (the program's name)."""
+    """CPU seconds per thread name of a live process and its children; each process's own
+    id is "MainThread" (the event loops, summed: their share is what bounds the server, the
+    rest runs beside them).  Python does not name its other threads for the OS: they count
+    under their comm (the program's name)."""
     out: dict[str, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for p in with_children(pid):
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            spent = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
+            tids = os.listdir(f"/proc/{p}/task")
         except OSError:
-            continue                       # the thread ended meanwhile
-        if tid == str(pid):
-            name = "MainThread"
-        out[name] = out.get(name, 0.0) + spent
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                spent = _stat_cpu_s(f"/proc/{p}/task/{tid}/stat")
+            except OSError:
+                continue                       # the thread ended meanwhile
+            if tid == str(p):
+                name = "MainThread"
+            out[name] = out.get(name, 0.0) + spent
     return out
 
 
 def status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    """A /proc status figure in kB, summed over the process and its children (VmHWM: the sum
+    of each one's peak, an upper bound of the server's)."""
+    total = 0
+    for p in with_children(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
 
 
 def du(path: str) -> int:

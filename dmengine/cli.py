@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
                            allow_private_callbacks=args.allow_private_callbacks,
                            callback_allow_networks=tuple(args.callback_allow_network or ()),
                            broker=_broker_config(args),
+                           device_processes=args.device_processes,
                            webhooks=_webhook_config(args),
                            **store,
                            identity=IdentityConfig(**{k: v for k, v in (
@@ -213,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--charging-max-events", type=int, default=None, metavar="N",
                    help="the charging log keeps the newest N events (default and 0: no count "
                         "limit)")
+    s.add_argument("--device-processes", type=int, default=1, metavar="N",
+                   help="processes serving the device port (SO_REUSEPORT): this one and N-1 "
+                        "device processes, each with a port of its own for its sessions' "
+                        "RespURIs (devices must reach those ports too); 2 puts device "
+                        "sessions on a second core")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,

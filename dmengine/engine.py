@@ -6,6 +6,7 @@ what the tests drive is what an operator runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pathlib
@@ -74,8 +75,23 @@ class EngineConfig:
     #: bytes of store pages the server keeps mapped before the writer remaps the store (its
     #: RSS stays bounded; the pages stay in the page cache); None: never
     store_max_mapped: int | None = DEFAULT_MAX_MAPPED
+    #: processes that serve the device port (``SO_REUSEPORT``): this one (which alone runs the
+    #: API, the scheduler and the webhooks) and ``device_processes - 1`` device processes
+    #: (dmengine/devprocs.py) — Python runs one thread at a time per process, so device
+    #: sessions reach a second core only in a second process.  Each process's RespURIs name
+    #: a port of its own (ServerConfig.session_port): devices must be able to reach those
+    #: ports on the device port's host (with ``public_url``: its host)
+    device_processes: int = 1
+    #: "main", or "device" in a device process: the device port alone (no API, scheduler,
+    #: webhooks), its metrics on a loopback port for the main process's /metrics
+    role: str = "main"
 
     def __post_init__(self) -> None:
+        if not 1 <= self.device_processes <= 64:
+            raise ConfigError("device_processes must be between 1 and 64",
+                              key="device_processes")
+        if self.role not in ("main", "device"):
+            raise ConfigError(f"role must be main or device, not {self.role!r}", key="role")
         if self.store_max_mapped is not None and self.store_max_mapped < 16 << 20:
             raise ConfigError("store_max_mapped must be at least 16 MiB (or None: never)",
                               key="store_max_mapped")
@@ -135,6 +151,11 @@ class Engine:
         self.api_runner: Any = None
         self.api_port: int | None = None
         self.api_key: str = ""
+        #: the other device processes (main role, device_processes > 1): devprocs.DeviceProcesses
+        self.device_processes: Any = None
+        #: a device process's loopback metrics endpoint (role "device") and its runner
+        self.metrics_port: int | None = None
+        self.metrics_runner: Any = None
         #: set when stop() begins: /ready answers 503 from then on (dmengine/wsi/system.py)
         self.draining = False
 
@@ -145,17 +166,22 @@ class Engine:
         await check_callback_urls(cfg, self.gateway, guard)     # so is a refused callback URL
         data = pathlib.Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.api_key = cfg.api_key or load_or_create_api_key(data)
+        device_only = cfg.role == "device"
+        if not device_only:
+            self.api_key = cfg.api_key or load_or_create_api_key(data)
         if self.store is None:
             self.store = LmdbStore(data / "store", max_mapped=cfg.store_max_mapped)
         self.store_metrics.attach(self.store)
-        self.identity = Identities(self.store, cfg.identity)
-        await self.identity.ensure_serve_key(self.api_key)
+        if not device_only:
+            self.identity = Identities(self.store, cfg.identity)
+            await self.identity.ensure_serve_key(self.api_key)
         self.content = ContentService(self.store, data / "content")
         self.content.metrics = self.content_metrics
+        shared = cfg.device_processes > 1 or device_only
         scfg = ServerConfig(host=cfg.host, port=cfg.device_port, path=cfg.device_path,
                             server_id=cfg.server_id, require_auth=cfg.require_auth,
                             public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                            **({"reuse_port": True, "session_port": 0} if shared else {}),
                             **cfg.server_overrides)
         callback = http_carrier_callback(cfg.carrier_callback_url, guard=guard) \
             if cfg.carrier_callback_url else None
@@ -163,7 +189,8 @@ class Engine:
                              carrier_callback=callback, content=self.content,
                              metrics=self.task_metrics)
         self.server = DmServer(scfg, self.broker, metrics=self.metrics)
-        self.content.sweep_temp()    # temp files of uploads a dead process left behind
+        if not device_only:
+            self.content.sweep_temp()    # temp files of uploads a dead process left behind
         self.server.add_get_route(CONTENT_PREFIX, self.content.device_route())
         await self.server.start()
         base = cfg.public_url or self.server.url.rsplit(cfg.device_path, 1)[0]
@@ -171,6 +198,17 @@ class Engine:
         self.broker.config.server_id = cfg.server_id
         self.broker.config.server_url = (f"{cfg.public_url.rstrip('/')}{cfg.device_path}"
                                          if cfg.public_url else self.server.url)
+        from . import devprocs
+        if device_only:
+            self.metrics_port = await devprocs.serve_metrics(self)
+            return self
+        if cfg.device_processes > 1:
+            # the others bind the port this one got (device_port 0: a free one)
+            self.device_processes = devprocs.DeviceProcesses(
+                dataclasses.replace(cfg, device_port=self.server.port, role="device",
+                                    api_key=None, device_processes=1),
+                cfg.device_processes - 1)
+            await self.device_processes.start()
         from .wsi.app import start_api   # L5 is imported lazily: the API is optional in tests
         self.api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port,
                                                          ssl_context=api_ssl)
@@ -232,10 +270,17 @@ class Engine:
             self._gauges_task = None
         if self.webhooks is not None:
             await self.webhooks.stop()
-        if self.broker is not None:
+        if self.broker is not None and self.config.role == "main":
             await self.broker.stop()
+        stopping = None
+        if self.device_processes is not None:       # they drain while this one does
+            stopping = asyncio.get_running_loop().create_task(self.device_processes.stop())
         if self.server is not None:
             await self.server.shutdown()
+        if stopping is not None:
+            await stopping
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.gateway is not None:

@@ -640,6 +640,48 @@ def gc_pauses() -> GcPauses:
     return _GC_PAUSES
 
 
+#: families that describe one process, not a share of the server's work: the main process's
+#: samples are shown, the device processes' left out (a sum of start times means nothing)
+PER_PROCESS_FAMILIES = frozenset({"process_start_time_seconds", "process_max_fds", "python_info"})
+
+
+class MergedRegistry:
+    """``registry``'s families with the samples of other processes' exposition ``texts``
+    added, for ``generate_latest``: counters, gauges and histograms summed per sample name
+    and label set (requests, sessions, CPU seconds, memory of the whole server), except the
+    PER_PROCESS_FAMILIES and the ``_created`` times (the main process's).  A series only
+    another process has (a status only it answered) joins its family."""
+
+    def __init__(self, registry: Any, texts: list[str]) -> None:
+        self.registry = registry
+        self.texts = texts
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+        theirs: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Any]] = {}
+        for text in self.texts:
+            for fam in text_string_to_metric_families(text):
+                if fam.name in PER_PROCESS_FAMILIES:
+                    continue
+                into = theirs.setdefault(fam.name, {})
+                for s in fam.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    have = into.get(key)
+                    into[key] = s if have is None or s.name.endswith("_created") \
+                        else have._replace(value=have.value + s.value)
+        for fam in self.registry.collect():
+            other = theirs.get(fam.name)
+            if other:
+                samples = []
+                for s in fam.samples:
+                    o = other.pop((s.name, tuple(sorted(s.labels.items()))), None)
+                    if o is not None and not s.name.endswith("_created"):
+                        s = s._replace(value=s.value + o.value)
+                    samples.append(s)
+                fam.samples = samples + list(other.values())
+            yield fam
+
+
 def add_process_collectors(registry: CollectorRegistry) -> None:
     """prometheus_client's standard ``process_*`` (CPU, memory, descriptors) and ``python_*``
     (version, garbage collector) families on ``registry``, and the collector's pauses."""

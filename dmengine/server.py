@@ -42,6 +42,7 @@ import struct
 import threading
 import time
 import types
+import urllib.parse
 from collections import deque
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
@@ -150,6 +151,11 @@ class ServerConfig:
     tls_key: str | None = None
     ssl_context: _ssl.SSLContext | None = None  # overrides tls_cert/tls_key
     reuse_port: bool = False
+    #: a port of this process alone (0: any free one), named by the RespURIs it hands out.
+    #: With several processes on one device port (``reuse_port``, ``serve --device-processes``)
+    #: the kernel gives each new connection to any of them, but a session lives in one: its
+    #: next messages must come to that process's own port.  None: RespURIs name the device port
+    session_port: int | None = None
     backlog: int = 1024
 
     def __post_init__(self) -> None:
@@ -367,6 +373,8 @@ class DmServer(ServerCore):
         self._idle_event: asyncio.Event | None = None
         self.scheme = "https" if (config.tls_cert or config.ssl_context) else "http"
         self.port: int | None = None
+        self.session_port: int | None = None     # see ServerConfig.session_port
+        self._session_server: asyncio.AbstractServer | None = None
         self._bases: dict[bytes | None, str] = {}
         #: what every connection reads and counts on each request, in C fields (pending
         #: requests, the path, the caps, the dicts above)
@@ -392,6 +400,11 @@ class DmServer(ServerCore):
             backlog=cfg.backlog)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        if cfg.session_port is not None:
+            self._session_server = await self._loop.create_server(
+                lambda: DeviceConnection(self), cfg.host, cfg.session_port,
+                ssl=cfg.make_ssl_context(), backlog=cfg.backlog)
+            self.session_port = self._session_server.sockets[0].getsockname()[1]
         self._sweeper = self._loop.call_later(cfg.tick, self._sweep)
         return self
 
@@ -404,13 +417,14 @@ class DmServer(ServerCore):
 
     def base_url(self, host: bytes | None) -> str:
         """``scheme://host/path`` for RespURIs: ``public_url``, else from the Host header."""
-        base = self.config.public_url
-        if base is not None:
-            return base
         base = self._bases.get(host)
         if base is None:
-            h = (host or f"{self.config.host}:{self.port}".encode()).decode("latin-1")
-            base = f"{self.scheme}://{h}{self.config.path}"
+            base = self.config.public_url
+            if base is None:
+                h = (host or f"{self.config.host}:{self.port}".encode()).decode("latin-1")
+                base = f"{self.scheme}://{h}{self.config.path}"
+            if self.session_port is not None:
+                base = with_port(base, self.session_port)
             if len(self._bases) < 64:
                 self._bases[host] = base
         return base
@@ -454,6 +468,10 @@ class DmServer(ServerCore):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._session_server is not None:
+            # open until here: a device whose session is finishing may connect again to it
+            self._session_server.close()
+            await self._session_server.wait_closed()
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -662,6 +680,15 @@ class _FileReader:
         if self.closed and not self.users and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def with_port(url: str, port: int) -> str:
+    """``url`` with its port replaced by ``port`` (an IPv6 literal keeps its brackets)."""
+    u = urllib.parse.urlsplit(url)
+    host = u.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return urllib.parse.urlunsplit((u.scheme, f"{host}:{port}", u.path, u.query, u.fragment))
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

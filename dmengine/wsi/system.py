@@ -55,6 +55,9 @@ async def health(request: web.Request) -> web.Response:
     hooks = getattr(engine, "webhooks", None)          # the push dispatcher (webhooks.py)
     if hooks is not None and (problems := hooks.health()):
         return error_response(503, "unhealthy", "; ".join(problems), "webhooks")
+    procs = getattr(engine, "device_processes", None)  # serve --device-processes
+    if procs is not None and (problems := procs.health()):
+        return error_response(503, "unhealthy", "; ".join(problems), "device_processes")
     return json_response(Health(status="ok"))
 
 
@@ -62,7 +65,15 @@ async def health(request: web.Request) -> web.Response:
 @operation("Prometheus metrics", answers={200: {"text/plain": {"type": "string"}}},
            errors=(), public=True, tag=TAG)
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[ENGINE].registry)
+    """This process's metrics; with device processes (``serve --device-processes``) theirs
+    added in (``metrics.MergedRegistry``: one server, one set of series)."""
+    engine = request.app[ENGINE]
+    registry = engine.registry
+    procs = getattr(engine, "device_processes", None)
+    if procs is not None:
+        from ..metrics import MergedRegistry
+        registry = MergedRegistry(registry, await procs.scrape())
+    body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
