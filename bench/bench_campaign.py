@@ -76,8 +76,10 @@ DEFAULT_CONCURRENCY = 4000
 #: from 127.0.0.1 (a carrier's NAT looks the same)
 CONNECTIONS_PER_ADDRESS = 20_000
 #: scheduler pacing of `serve` (see the module's doc): a pass every 0.25 s starts the next
-#: tasks sooner after others end than the default 1 s
-SERVE_ARGS: list[str] = ["--scheduler-tick", "0.25"]
+#: tasks sooner after others end than the default 1 s.  Two device processes (the machine's
+#: two cores; ``serve --device-processes``): 100,000 devices back to back on the same host,
+#: 101 s with one and 81 s with two, server CPU 104 → 109 s, no 503s (12,725 with one)
+SERVE_ARGS: list[str] = ["--scheduler-tick", "0.25", "--device-processes", "2"]
 POLL = 0.25                  # seconds between job polls
 STALL_S = 180.0              # no task became final for this long: the run is stuck
 

@@ -437,3 +437,37 @@ def test_a_serving_engine_exposes_its_gc_pauses():
         finally:
             stop(p)
     assert got["2"][0] >= 1 and got["2"][1] > 0, got
+
+
+def test_merged_registry_adds_other_processes_series() -> None:
+    """/metrics of a server with device processes (metrics.MergedRegistry): counters and
+    histograms summed per label set, a series only another process has joins its family,
+    a per-process family (start time) stays this process's, and the exposition parses."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dmengine.metrics import MergedRegistry
+
+    def registry(ok: int, bad: int, seconds: list[float], start: float) -> CollectorRegistry:
+        r = CollectorRegistry()
+        c = Counter("dm_requests", "requests", ["status"], registry=r)
+        c.labels("200").inc(ok)
+        if bad:
+            c.labels("404").inc(bad)
+        h = Histogram("dm_seconds", "latency", registry=r, buckets=(0.1, 1.0))
+        for s in seconds:
+            h.observe(s)
+        Gauge("process_start_time_seconds", "start", registry=r).set(start)
+        return r
+    main = registry(3, 0, [0.05], 1000.0)
+    other = generate_latest(registry(4, 2, [0.5, 2.0], 2000.0)).decode()
+    text = generate_latest(MergedRegistry(main, [other, other])).decode()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}
+    assert got[("dm_requests_total", (("status", "200"),))] == 3 + 4 + 4
+    assert got[("dm_requests_total", (("status", "404"),))] == 2 + 2
+    assert got[("dm_seconds_bucket", (("le", "0.1"),))] == 1
+    assert got[("dm_seconds_bucket", (("le", "1.0"),))] == 1 + 1 + 1
+    assert got[("dm_seconds_count", ())] == 5
+    assert got[("process_start_time_seconds", ())] == 1000.0
+    assert text.count("# TYPE dm_requests_total counter") == 1

@@ -1,0 +1,172 @@
+"""``serve --device-processes N``: the device port over several processes (dmengine/devprocs.py).
+
+Driven as an operator and a device would: ``python -m dmengine serve`` in a subprocess, package
+1s over fresh HTTP connections, a campaign through the API with the simulator's phones (the
+campaign benchmark's own harness), ``kill -9`` of a device process and of the main one."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from dmengine.simulator.device import DeviceProfile, VirtualDevice
+
+from test_cli_serve import LINE, close_pipes
+
+
+def serve(data_dir: str, *extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    p = subprocess.Popen([sys.executable, "-m", "dmengine", "serve", "--data", data_dir,
+                          "--device-port", "0", "--api-port", "0", *extra],
+                         stdout=subprocess.PIPE, text=True)
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    assert p.stdout is not None
+    while "API key" not in seen:
+        assert time.monotonic() < deadline, f"serve printed only {seen}"
+        line = p.stdout.readline()
+        if not line:
+            p.wait()
+            close_pipes(p)
+            raise AssertionError(f"serve exited with {p.returncode}")
+        m = LINE.match(line.strip())
+        if m:
+            seen[m.group(1)] = m.group(2)
+    return p, seen
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    close_pipes(p)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+_NEXT_DEVICE = iter(range(10**6))
+
+
+def resp_uri_of_package1(url: str) -> str:
+    """Package 1 of a device not seen before (none of them is known: a device that fails
+    more than five times must wait) on a new connection; the RespURI of the answer."""
+    out = VirtualDevice(next(_NEXT_DEVICE), DeviceProfile(encoding="xml")).session(url=url).first()
+    req = urllib.request.Request(url, data=out.body,
+                                 headers={**dict(out.wire_headers), "Connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            raise AssertionError(f"{e.code} {dict(e.headers)} {e.read()!r}") from None
+    (uri,) = re.findall(r"<RespURI>(.*?)</RespURI>", text)
+    return uri
+
+
+def health(api: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(api + "health", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+        e.close()
+        return e.code, body
+
+
+def test_new_sessions_spread_and_each_names_its_own_process(tmp_path) -> None:
+    """New connections to the device port reach both processes, and each answers with a
+    RespURI naming a port of its own (not the shared device port): a device's next message,
+    on any connection, reaches the process that holds its session.  Fails when RespURIs name
+    the shared port (the kernel would hand half the next messages to a process that does
+    not know the session)."""
+    p, urls = serve(str(tmp_path / "var"), "--device-processes", "2", "--auth", "none")
+    try:
+        device_port = urls["device port"].split(":")[2].split("/")[0]
+        ports = {resp_uri_of_package1(urls["device port"]).split(":")[2].split("/")[0]
+                 for i in range(40)}
+        assert device_port not in ports
+        assert len(ports) == 2, ports            # 2 ** -39 to fail by chance
+    finally:
+        stop(p)
+
+
+def test_a_device_process_that_dies_is_started_again_and_health_says_so(tmp_path) -> None:
+    """kill -9 of a device process: /health answers 503 naming it until the main process
+    has started it again; killing the main process (no SIGTERM, nothing to tell the others)
+    ends the device processes too: they see their standard input close."""
+    p, urls = serve(str(tmp_path / "var"), "--device-processes", "2", "--auth", "none")
+    api = urls["API"]
+    try:
+        assert health(api)[0] == 200
+        (worker,) = children(p.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: health(api)[0] == 503, 5, "/health to see the dead process")
+        code, body = health(api)
+        assert code == 503 and "device process 1" in json.dumps(body), body
+        wait_for(lambda: health(api)[0] == 200, 30, "the device process to be started again")
+        (again,) = children(p.pid)
+        assert again != worker
+        # the new one takes new sessions too
+        ports = {resp_uri_of_package1(urls["device port"]).split(":")[2].split("/")[0]
+                 for _ in range(40)}
+        assert len(ports) == 2, ports
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        wait_for(lambda: not alive(again), 15, "the device process to stop with its main")
+    finally:
+        stop(p)
+
+
+def test_a_campaign_over_two_processes_completes_and_metrics_count_both(monkeypatch) -> None:
+    """The campaign benchmark's path with ``--device-processes 2``: import, package, job
+    through the API; the simulator's phones (package 0 over the HTTP gateway, FUMO sessions
+    with downloads, Generic Alerts, failures, drops) against both processes sharing the
+    store.  The job's counts equal what the phones did, every session completed, and the
+    main process's /metrics counts the sessions of both processes (fails without the
+    device processes' metrics added in: the main process alone started about half)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import bench_campaign
+    monkeypatch.setenv("DMENGINE_CAMPAIGN_SERVE_ARGS", "--device-processes 2")
+    o = bench_campaign.campaign(300, 100)          # raises unless the counts agree
+    assert o.job["succeeded"] + o.job["failed"] == 300
+    outcomes = o.sim["outcomes"]
+    assert set(outcomes) == {"completed"}, outcomes
+    assert o.metrics["dmengine_device_sessions_started_total"] == o.sim["sessions"], \
+        (o.metrics.get("dmengine_device_sessions_started_total"), o.sim["sessions"])
