@@ -29,7 +29,7 @@ import pathlib
 import pickle
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .errors import ConfigError
 
@@ -62,8 +62,12 @@ class DeviceProcess:
 class DeviceProcesses:
     """Starts, watches and stops the device processes of a main process."""
 
-    def __init__(self, config: EngineConfig, count: int) -> None:
+    def __init__(self, config: EngineConfig, count: int, *,
+                 on_lost: Callable[[set[str]], Awaitable[Any]] | None = None) -> None:
         self.config = config
+        #: called when one exited unasked, with the tasks the live ones' sessions hold: the
+        #: main process puts the tasks of the sessions that were lost back (Scheduler.recover)
+        self.on_lost = on_lost
         self.procs = [DeviceProcess(i + 1) for i in range(count)]
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -117,6 +121,17 @@ class DeviceProcesses:
             log.error("device process %d (pid %d) exited with status %s: starting it again "
                       "in %.0f s (the sessions it held are lost; their devices are notified "
                       "again)", p.index, p.proc.pid, code, pause)
+            if self.on_lost is not None:
+                try:
+                    held = await self.running_tasks()
+                    if held is not None:
+                        await self.on_lost(held)
+                    else:
+                        log.error("device process tasks not recovered: a live device "
+                                  "process did not say which tasks its sessions hold")
+                except Exception:
+                    log.exception("device process %d: its sessions' tasks not recovered",
+                                  p.index)
             await asyncio.sleep(pause)
             if self._stopping:
                 return
@@ -160,17 +175,40 @@ class DeviceProcesses:
         return [f"device process {p.index} is not running (restarted {p.restarts} times)"
                 for p in self.procs if not p.running]
 
-    async def scrape(self) -> list[str]:
-        """The exposition text of each running device process's metrics (one that does not
-        answer within SCRAPE_TIMEOUT is left out of this scrape)."""
+    async def running_tasks(self) -> set[str] | None:
+        """The tasks the sessions of the running device processes hold (None when one of
+        them does not answer: then nobody can tell whose a task is)."""
+        import aiohttp
+        session = self._client()
+        held: set[str] = set()
+        for p in self.procs:
+            if not p.running:
+                continue
+            try:
+                async with session.get(f"http://127.0.0.1:{p.metrics_port}/running") as r:
+                    if r.status != 200:
+                        return None
+                    held.update(await r.json())
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return None
+        return held
+
+    def _client(self) -> Any:
         import aiohttp
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT))
+        return self._session
+
+    async def scrape(self) -> list[str]:
+        """The exposition text of each running device process's metrics (one that does not
+        answer within SCRAPE_TIMEOUT is left out of this scrape)."""
+        import aiohttp
+        session = self._client()
 
         async def one(port: int) -> str | None:
             try:
-                async with self._session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
                     return await r.text() if r.status == 200 else None
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return None
@@ -189,16 +227,23 @@ class _Exited:
 
 
 async def serve_metrics(engine: Engine) -> int:
-    """A device process's metrics on a loopback port (for the main process only); returns
-    the port."""
+    """A device process's metrics (``/metrics``) and the tasks its live sessions hold
+    (``/running``, a JSON list of task ids) on a loopback port, for the main process;
+    returns the port."""
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(engine.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def running(_request: web.Request) -> web.Response:
+        assert engine.broker is not None
+        held = [t for t in list(engine.broker.sessions.running)
+                if engine.broker.sessions.in_session(t)]
+        return web.json_response(held)
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/running", running)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

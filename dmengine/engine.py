@@ -170,7 +170,7 @@ class Engine:
         if not device_only:
             self.api_key = cfg.api_key or load_or_create_api_key(data)
         if self.store is None:
-            self.store = LmdbStore(data / "store", max_mapped=cfg.store_max_mapped)
+            self.store = LmdbStore(data / "store", max_mapped=self._mapped_per_process())
         self.store_metrics.attach(self.store)
         if not device_only:
             self.identity = Identities(self.store, cfg.identity)
@@ -206,8 +206,10 @@ class Engine:
             # the others bind the port this one got (device_port 0: a free one)
             self.device_processes = devprocs.DeviceProcesses(
                 dataclasses.replace(cfg, device_port=self.server.port, role="device",
-                                    api_key=None, device_processes=1),
-                cfg.device_processes - 1)
+                                    api_key=None, device_processes=1,
+                                    store_max_mapped=self._mapped_per_process()),
+                cfg.device_processes - 1,
+                on_lost=self._sessions_lost)
             await self.device_processes.start()
         from .wsi.app import start_api   # L5 is imported lazily: the API is optional in tests
         self.api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port,
@@ -219,6 +221,21 @@ class Engine:
         self._tally = JobTally(self.store)
         self._gauges_task = asyncio.get_running_loop().create_task(self._refresh_loop())
         return self
+
+    def _mapped_per_process(self) -> int | None:
+        """``store_max_mapped`` is the server's: with device processes each gets its share
+        (each maps the store on its own; the pages are the same page cache, but every
+        process's RSS counts them)."""
+        cfg = self.config
+        if cfg.store_max_mapped is None or cfg.role == "device":
+            return cfg.store_max_mapped
+        return max(16 << 20, cfg.store_max_mapped // cfg.device_processes)
+
+    async def _sessions_lost(self, held: set[str]) -> int:
+        """A device process exited: the job tasks cut off in its sessions go back to PENDING
+        (``held``: those the live device processes' sessions have)."""
+        assert self.broker is not None
+        return await self.broker.scheduler.recover(lost=held)
 
     async def refresh_metrics(self) -> None:
         """Updates the work gauges from the store's own counters (see bulk.JobTally): what a

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 import msgspec
 
@@ -458,7 +458,7 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: task %s could not be failed", task.task_id, extra=ids)
 
-    async def recover(self) -> int:
+    async def recover(self, *, lost: Collection[str] | None = None) -> int:
         """After a restart no session is open and no notification of the old process is under
         way.  The job tasks it had in hand are due again at once — the interruption was the
         server's, not the device's, so no backoff and no lease is waited out: tasks cut off
@@ -466,7 +466,12 @@ class Scheduler:
         Exec the device accepted is not sent again); tasks it claimed or notified within the
         last ``claim_lease`` (a package #0 that may never have gone out: NOTIFIED is written
         before the send) are notified again.  Pacing still holds: they are claimed and
-        notified by the passes, within the job's rate.  Returns how many were put back."""
+        notified by the passes, within the job's rate.  Returns how many were put back.
+
+        ``lost``: a device process exited (``serve --device-processes``) and the sessions it
+        held are gone; ``lost`` is the tasks the live device processes' sessions hold.  Only
+        tasks cut off mid-session are put back then — those in no session of this process
+        nor of ``lost`` — since the notifications are this process's and still valid."""
         now = self.clock()
         recent = now - self.config.claim_lease
         n = 0
@@ -476,13 +481,16 @@ class Scheduler:
                 page = await self.store.list_jobs(state=state, cursor=cursor, limit=500)
                 for job in page.items:
                     # PENDING first: tasks put back below are not looked at twice
-                    for ts in (S.PENDING, S.NOTIFIED, S.IN_PROGRESS, S.WAITING_USER):
+                    for ts in ((S.IN_PROGRESS, S.WAITING_USER) if lost is not None else
+                               (S.PENDING, S.NOTIFIED, S.IN_PROGRESS, S.WAITING_USER)):
                         tcur: str | None = None
                         while True:
                             tp = await self.store.tasks_by_job(job.job_id, state=ts, cursor=tcur,
                                                                limit=500)
                             for task in tp.items:
                                 if self.sessions.in_session(task.task_id):
+                                    continue
+                                if lost is not None and task.task_id in lost:
                                     continue
                                 if ts in (S.PENDING, S.NOTIFIED):
                                     if task.next_attempt is None or task.next_attempt <= now \
@@ -491,6 +499,9 @@ class Scheduler:
                                     cause = "the server restarted: notifying again"
                                 elif waiting_alert(task):
                                     continue
+                                elif lost is not None:
+                                    cause = ("the device process that held its session "
+                                             "exited before the device answered")
                                 else:
                                     cause = "the server restarted before the device answered"
                                 try:
@@ -517,7 +528,8 @@ class Scheduler:
                 if cursor is None:
                     break
         if n:
-            log.info("scheduler: %d job tasks of the previous process due again", n)
+            log.info("scheduler: %d job tasks of the %s due again", n,
+                     "exited device process" if lost is not None else "previous process")
         return n
 
     async def run(self) -> None:

@@ -170,3 +170,97 @@ def test_a_campaign_over_two_processes_completes_and_metrics_count_both(monkeypa
     assert set(outcomes) == {"completed"}, outcomes
     assert o.metrics["dmengine_device_sessions_started_total"] == o.sim["sessions"], \
         (o.metrics.get("dmengine_device_sessions_started_total"), o.sim["sessions"])
+
+
+def api_call(api: str, key: str, method: str, path: str, body: bytes | None = None,
+             ctype: str = "application/json") -> tuple[int, dict]:
+    req = urllib.request.Request(api + path, data=body, method=method,
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read() or b"{}")
+
+
+def post_dm(url: str, out) -> bytes:
+    req = urllib.request.Request(url, data=out.body,
+                                 headers={**dict(out.wire_headers), "Connection": "close"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+
+
+def test_tasks_of_sessions_lost_with_a_device_process_are_put_back(tmp_path) -> None:
+    """A device process dies (kill -9) while a device's session in it has a job task: the
+    main process puts the task back to PENDING (its cause says why), and the device's next
+    session finishes it.  Fails without the recovery: the task would stay IN_PROGRESS until
+    its deadline, days away."""
+    import threading
+
+    from dmengine.simulator.fleet import registration_csv
+
+    p = subprocess.Popen([sys.executable, "-m", "dmengine", "serve", "--data",
+                          str(tmp_path / "var"), "--device-port", "0", "--api-port", "0",
+                          "--device-processes", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    worker_port = threading.Event()
+
+    def drain() -> None:                 # the device process says where its sessions are
+        assert p.stderr is not None
+        for line in p.stderr:
+            err.append(line)
+            if "its sessions on port" in line:
+                worker_port.set()
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        urls: dict[str, str] = {}
+        assert p.stdout is not None
+        while "API key" not in urls:
+            line = p.stdout.readline()
+            assert line, f"serve exited: {''.join(err)}"
+            m = LINE.match(line.strip())
+            if m:
+                urls[m.group(1)] = m.group(2)
+        api, key = urls["API"], urls["API key"]
+        assert worker_port.wait(30)
+        port = int(re.search(r"its sessions on port (\d+)",
+                             next(x for x in err if "its sessions on port" in x)).group(1))
+        dev = VirtualDevice(77, DeviceProfile(encoding="xml"))
+        code, rep = api_call(api, key, "POST", "v1/devices/import",
+                             b"".join(registration_csv([dev])), "text/csv")
+        assert code == 200 and rep["created"] == 1, rep
+        code, job = api_call(api, key, "POST", "v1/jobs", json.dumps({
+            "name": "query", "operation": {"operation": "QUERY", "nodes": ["./DevInfo/Mod"]},
+            "selection": {"devIds": [dev.dev_id]}}).encode())
+        assert code == 201, job
+        # the device's session, in the device process (its own port takes package 1s too);
+        # it gets the job's command and never answers it
+        worker_url = f"http://127.0.0.1:{port}/dm"
+        cs = dev.session(url=worker_url)
+        cs.receive(post_dm(worker_url, cs.first()))
+
+        def task() -> dict:
+            code, page = api_call(api, key, "GET", f"v1/jobs/{job['jobId']}/tasks")
+            assert code == 200, page
+            return page["items"][0] if page["items"] else {}
+        try:
+            wait_for(lambda: task().get("status") == "IN_PROGRESS", 10, "the session to start it")
+        except AssertionError:
+            raise AssertionError(f"{task()} {err[-15:]}")
+        (worker,) = children(p.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: task().get("status") == "PENDING", 15, "the task to be put back")
+        code, hist = api_call(api, key, "GET", f"v1/tasks/{task()['taskId']}/history")
+        assert "device process" in json.dumps(hist), hist
+        # the device comes again (any process): the task is done
+        cs = dev.session(url=urls["device port"])
+        out = cs.first()
+        while out is not None:
+            cs.receive(post_dm(cs.url, out))
+            out = cs.next()
+        wait_for(lambda: task().get("status") == "SUCCEEDED", 15, "the task to succeed")
+    finally:
+        stop(p)
