@@ -157,8 +157,8 @@ class DeviceProcesses:
             except ProcessLookupError:
                 pass
         if live:
-            _, late = await asyncio.wait([asyncio.ensure_future(q.wait()) for q in live],
-                                         timeout=deadline)
+            await asyncio.wait([asyncio.ensure_future(q.wait()) for q in live],
+                               timeout=deadline)
             for proc in live:
                 if proc.returncode is None:
                     proc.kill()
