@@ -78,6 +78,7 @@ class SessionWork:
 
 
 BY_USERNAME_SIZE = 200_000
+STARTED = "device connected; commands sent"     #: the cause of a task's IN_PROGRESS move
 
 
 class _Recent(BoundedDict[str, str]):
@@ -327,8 +328,27 @@ class DeviceSessions:
             changes["account"] = (msgspec.structs.replace(account, **work.nonces)
                                   if account is not None else dict(work.nonces))
             work.nonces = {}
-        record = await self.store.update_device(record.dev_id, changes)
-        for task in await self.tasks.open_for_device(record.dev_id):
+        tasks = await self.tasks.open_for_device(record.dev_id)
+        first = self._plain_first(work, ev, record, tasks)
+        if first is None:
+            record = await self.store.update_device(record.dev_id, changes)
+        else:
+            # the common case (a notified device comes for its task): the device update and
+            # the task's IN_PROGRESS move in one write
+            run = TaskRun(task=first)
+            self._add_run(work, run)
+            record, moved = await self.store.update_device_and_move(
+                record.dev_id, changes, first.task_id, S.IN_PROGRESS, cause=STARTED,
+                next_attempt=None)
+            tasks = [t for t in tasks if t is not first]
+            if isinstance(moved, Task):
+                self.tasks.moved(moved, STARTED)
+                run.task = moved
+                await self._queue_work(session, run, record)
+            else:                              # cancelled or ended meanwhile
+                run.done = True
+                log.info("task %s not started: %s", first.task_id, moved)
+        for task in tasks:
             if isinstance(task.op, BootstrapOp):
                 if getattr(session, "username", None) != task.op.account.client_name:
                     continue                   # still on its old account: not arrived yet
@@ -354,6 +374,22 @@ class DeviceSessions:
             await self._start_task(session, work, task, device=record)
         if ev.dev_id == record.dev_id:    # (another DevId: the device policy decides, later)
             await self._start_early_targets(session, work, record)
+
+    def _plain_first(self, work: SessionWork, ev: DeviceIdentified, record: Device,
+                     tasks: list[Task]) -> Task | None:
+        """The task the loop below would start first, when starting it is a plain move to
+        IN_PROGRESS (no bootstrap, no opt-in, the device under its own DevId) and no task
+        before it needs anything else: it can go in the device update's write."""
+        if ev.dev_id != record.dev_id:
+            return None
+        for task in tasks:
+            if isinstance(task.op, BootstrapOp):
+                return None
+            if (task.state == S.IN_PROGRESS and waiting_alert(task)) \
+                    or task.correlator in work.reported or self.in_session(task.task_id):
+                continue                       # skipped below too
+            return None if task.b_optin else task
+        return None
 
     async def _start_early_targets(self, session: Any, work: SessionWork, record: Device) -> None:
         """A device that connected on its own runs the task of a job that selected it but
@@ -402,8 +438,7 @@ class DeviceSessions:
                 items=[Item(data=params), Item(data=self.config.optin_text)]))
             run.outstanding = 1
             return
-        task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
-                                     cause="device connected; commands sent",
+        task = await self.tasks.move(task.task_id, S.IN_PROGRESS, cause=STARTED,
                                      changes={"next_attempt": None})
         run.task = task
         await self._queue_work(session, run, device)

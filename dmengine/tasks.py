@@ -109,12 +109,17 @@ class Tasks:
                     and await self.store.has_subscribers("task"):
                 kw["enqueue"] = [*kw.get("enqueue", ()), self.task_event(task, to_state, kw)]
         task = await self.store.transition(task_id, to_state, **kw)
-        if self.metrics is not None:
-            self.metrics.task_moved(to_state.value)
-        if log.isEnabledFor(logging.DEBUG):     # one line per move: debug only (campaigns)
-            log.debug("task moved to %s: %s", to_state.value, kw.get("cause") or "",
-                      extra=logs.ids(task=task_id, job=task.job_id, device=task.dev_id))
+        self.moved(task, kw.get("cause"))
         return task
+
+    def moved(self, task: Task, cause: str | None) -> None:
+        """Counts a move the store made (``move``'s, or one written with a device update:
+        ``Store.update_device_and_move``)."""
+        if self.metrics is not None:
+            self.metrics.task_moved(task.state.value)
+        if log.isEnabledFor(logging.DEBUG):     # one line per move: debug only (campaigns)
+            log.debug("task moved to %s: %s", task.state.value, cause or "",
+                      extra=logs.ids(task=task.task_id, job=task.job_id, device=task.dev_id))
 
     async def get(self, task_id: str) -> TaskData:
         try:

@@ -1289,3 +1289,37 @@ def test_job_events_are_written_with_the_job_move(use: Callable[[Body], Any]) ->
         assert events[0]["cause"] == "break" and events[-1]["counts"] == {"CANCELLED": 20}
         assert all(e.topic == "job" for e in await s.due_entries(1e12))
     use(body)
+
+
+def test_update_device_and_move_is_one_write_and_a_refused_move_keeps_the_update(
+        use: Callable[[Body], Any]) -> None:
+    """A session's first message: the device update and its task's IN_PROGRESS move in one
+    write op (the store counts one); a move the task refuses (cancelled meanwhile) comes back
+    as the error, and the device update is written all the same."""
+    from dmengine.model import TaskState as S
+
+    async def body(s: Store) -> None:
+        d = await s.create_device(dev(1))
+        await s.create_task(task("t1", dev_id=d.dev_id, state=S.NOTIFIED, next_attempt=50.0))
+        await s.create_task(task("t2", dev_id=d.dev_id))
+        ops = getattr(s, "ops", None)
+        d2, moved = await s.update_device_and_move(d.dev_id, {"tz": "X"}, "t1",
+                                                   S.IN_PROGRESS, cause="started",
+                                                   next_attempt=None)
+        if ops is not None:
+            assert s.ops == ops + 1                # one op (LMDB counts its writer's ops)
+        assert isinstance(moved, Task) and moved.state == S.IN_PROGRESS
+        assert moved.next_attempt is None and moved.cause == "started"
+        assert d2.tz == "X" and (await s.get_device(d.dev_id)).tz == "X"
+        assert (await s.get_task("t1")).state == S.IN_PROGRESS
+        assert [h.to_state for h in (await s.task_history("t1")).items][-1] == S.IN_PROGRESS
+        await s.transition("t2", S.CANCELLED, cause="cancelled by the caller")
+        d3, refused = await s.update_device_and_move(d.dev_id, {"tz": "Y"}, "t2",
+                                                     S.IN_PROGRESS, cause="started")
+        assert isinstance(refused, InvalidTransition), refused
+        assert d3.tz == "Y" and (await s.get_device(d.dev_id)).tz == "Y"
+        assert (await s.get_task("t2")).state == S.CANCELLED
+        _, missing = await s.update_device_and_move(d.dev_id, {"tz": "Z"}, "nope",
+                                                    S.IN_PROGRESS, cause="started")
+        assert isinstance(missing, NotFound) and (await s.get_device(d.dev_id)).tz == "Z"
+    use(body)

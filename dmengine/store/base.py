@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from ..errors import Conflict, InvalidTransition, NotFound, StoreError
 from ..model import (ApiKey, AuditEntry, Capability, ChargingEvent, Content, DeadLetter, Device,
                      HistoryEntry, Job, JobState, OutboxEntry, Subscription, Task, TaskState, User,
                      UserSession)
@@ -266,6 +267,23 @@ class Store(abc.ABC):
     async def update_task(self, task: Task) -> Task:
         """Writes a changed task if ``task.version`` is the stored version (else Conflict).
         The state may not change here (InvalidTransition): use :meth:`transition`."""
+
+    async def update_device_and_move(self, dev_id: str, changes: Mapping[str, Any],
+                                     task_id: str, to_state: TaskState, *, cause: str,
+                                     expect_state: TaskState | None = None,
+                                     next_attempt: Any = ...
+                                     ) -> tuple[Device, Task | StoreError]:
+        """:meth:`update_device` and a plain :meth:`transition` of one task (``next_attempt``
+        changed unless ``...``), in one write where the store can; the move's refusal
+        (NotFound, Conflict, InvalidTransition) is returned in its place, and the device update
+        is written whatever becomes of the move.  This default makes two writes."""
+        device = await self.update_device(dev_id, changes)
+        try:
+            return device, await self.transition(
+                task_id, to_state, cause=cause, expect_state=expect_state,
+                changes=None if next_attempt is ... else {"next_attempt": next_attempt})
+        except (NotFound, Conflict, InvalidTransition) as exc:
+            return device, exc
 
     @abc.abstractmethod
     async def transition(self, task_id: str, to_state: TaskState, *, cause: str | None = None,

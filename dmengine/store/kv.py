@@ -635,6 +635,34 @@ class KVStore(Store):
 
     async def update_device(self, dev_id: str, changes: Mapping[str, Any], *,
                             expect_version: int | None = None) -> Device:
+        return await self._write(self._update_device_op(dev_id, changes, expect_version))
+
+    async def update_device_and_move(self, dev_id: str, changes: Mapping[str, Any],
+                                     task_id: str, to_state: TaskState, *, cause: str,
+                                     expect_state: TaskState | None = None,
+                                     next_attempt: Any = ...
+                                     ) -> tuple[Device, Task | StoreError]:
+        """A device update and a plain move of one of its tasks in one write op (a session's
+        first message writes the device — its rotated nonces, DevInfo, last contact — and
+        starts the task it came for: one op and one commit to wait for, not two).  The
+        move's refusal (NotFound, Conflict, InvalidTransition: the task was cancelled or
+        moved meanwhile) is returned in its place, not raised, so the device update is
+        written whatever becomes of the move; the move raises before its first write."""
+        dev_op = self._update_device_op(dev_id, changes, None)
+        move = Transition(task_id, check_transition_args(to_state, cause, None, None), cause,
+                          None, None, expect_state,
+                          KEEP if next_attempt is ... else next_attempt, None)
+
+        def op(ctx: WriteCtx) -> tuple[Device, Task | StoreError]:
+            d = dev_op(ctx)
+            try:
+                return d, move(ctx)
+            except (NotFound, Conflict, InvalidTransition) as exc:
+                return d, exc
+        return await self._write(op, ("tasks", task_id.encode()))
+
+    def _update_device_op(self, dev_id: str, changes: Mapping[str, Any],
+                          expect_version: int | None) -> Op[Device]:
         key = _e(dev_id)
         changes = dict(changes)
         bad = _DEV_PROTECTED.intersection(changes)
@@ -679,7 +707,7 @@ class KVStore(Store):
             ctx.fresh[("devices", key)] = (data, d)
             _reindex(ctx, _device_index(old), _device_index(d))
             return d
-        return await self._write(op)
+        return op
 
     async def get_device(self, dev_id: str) -> Device:
         return await self._get("devices", Device, dev_id, "device")
