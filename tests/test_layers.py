@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "broker": 4, "tasks": 4, "commands": 4, "sessions": 4, "config": 4, "bulk": 4, "devices": 4, "content": 4, "scheduler": 4, "webhooks": 4,
     "charging": 4, "bootstrap": 4, "identity": 4,
     "wsi": 5,
-    "__main__": 6, "cli": 6, "client": 6, "jobs_cli": 6, "keys_cli": 6, "engine": 6, "simulator": 6, "__init__": 6,
+    "__main__": 6, "cli": 6, "client": 6, "jobs_cli": 6, "keys_cli": 6, "engine": 6, "devprocs": 6, "simulator": 6, "__init__": 6,
 }
 
 
