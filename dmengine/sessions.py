@@ -337,9 +337,13 @@ class DeviceSessions:
             # the task's IN_PROGRESS move in one write
             run = TaskRun(task=first)
             self._add_run(work, run)
-            record, moved = await self.store.update_device_and_move(
-                record.dev_id, changes, first.task_id, S.IN_PROGRESS, cause=STARTED,
-                next_attempt=None)
+            try:
+                record, moved = await self.store.update_device_and_move(
+                    record.dev_id, changes, first.task_id, S.IN_PROGRESS, cause=STARTED,
+                    next_attempt=None)
+            except BaseException:
+                run.done = True      # not started: the session's end must not settle it
+                raise
             tasks = [t for t in tasks if t is not first]
             if isinstance(moved, Task):
                 self.tasks.moved(moved, STARTED)

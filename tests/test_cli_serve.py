@@ -17,12 +17,15 @@ import pytest
 LINE = re.compile(r"^(device port|API|docs|metrics|health|content|API key): (\S+)$")
 
 
-def start(data_dir: str) -> tuple[subprocess.Popen, dict[str, str]]:
+def start(data_dir: str, *extra: str, stderr: int | None = subprocess.PIPE
+          ) -> tuple[subprocess.Popen, dict[str, str]]:
+    """``dmengine serve`` on free ports (``extra``: more options) and what it printed: its
+    URLs and API key by label.  ``stderr=None``: its log goes to this process's stderr."""
     p = subprocess.Popen([sys.executable, "-m", "dmengine", "serve", "--data", data_dir,
-                          "--device-port", "0", "--api-port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--device-port", "0", "--api-port", "0", *extra],
+                         stdout=subprocess.PIPE, stderr=stderr, text=True)
     seen: dict[str, str] = {}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     assert p.stdout is not None
     while "API key" not in seen:
         assert time.monotonic() < deadline, f"serve printed only {seen}"

@@ -19,27 +19,11 @@ import pytest
 
 from dmengine.simulator.device import DeviceProfile, VirtualDevice
 
-from test_cli_serve import LINE, close_pipes
+from test_cli_serve import close_pipes, start
 
 
 def serve(data_dir: str, *extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    p = subprocess.Popen([sys.executable, "-m", "dmengine", "serve", "--data", data_dir,
-                          "--device-port", "0", "--api-port", "0", *extra],
-                         stdout=subprocess.PIPE, text=True)
-    seen: dict[str, str] = {}
-    deadline = time.monotonic() + 60
-    assert p.stdout is not None
-    while "API key" not in seen:
-        assert time.monotonic() < deadline, f"serve printed only {seen}"
-        line = p.stdout.readline()
-        if not line:
-            p.wait()
-            close_pipes(p)
-            raise AssertionError(f"serve exited with {p.returncode}")
-        m = LINE.match(line.strip())
-        if m:
-            seen[m.group(1)] = m.group(2)
-    return p, seen
+    return start(data_dir, *extra, stderr=None)
 
 
 def stop(p: subprocess.Popen) -> None:
@@ -201,10 +185,7 @@ def test_tasks_of_sessions_lost_with_a_device_process_are_put_back(tmp_path) -> 
 
     from dmengine.simulator.fleet import registration_csv
 
-    p = subprocess.Popen([sys.executable, "-m", "dmengine", "serve", "--data",
-                          str(tmp_path / "var"), "--device-port", "0", "--api-port", "0",
-                          "--device-processes", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p, urls = start(str(tmp_path / "var"), "--device-processes", "2")
     err: list[str] = []
     worker_port = threading.Event()
 
@@ -216,14 +197,6 @@ def test_tasks_of_sessions_lost_with_a_device_process_are_put_back(tmp_path) -> 
                 worker_port.set()
     threading.Thread(target=drain, daemon=True).start()
     try:
-        urls: dict[str, str] = {}
-        assert p.stdout is not None
-        while "API key" not in urls:
-            line = p.stdout.readline()
-            assert line, f"serve exited: {''.join(err)}"
-            m = LINE.match(line.strip())
-            if m:
-                urls[m.group(1)] = m.group(2)
         api, key = urls["API"], urls["API key"]
         assert worker_port.wait(30)
         port = int(re.search(r"its sessions on port (\d+)",
