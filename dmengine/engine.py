@@ -181,7 +181,7 @@ class Engine:
         scfg = ServerConfig(host=cfg.host, port=cfg.device_port, path=cfg.device_path,
                             server_id=cfg.server_id, require_auth=cfg.require_auth,
                             public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                            **({"reuse_port": True, "session_port": 0} if shared else {}),
+                            reuse_port=shared, session_port=0 if shared else None,
                             **cfg.server_overrides)
         callback = http_carrier_callback(cfg.carrier_callback_url, guard=guard) \
             if cfg.carrier_callback_url else None
@@ -204,6 +204,7 @@ class Engine:
             return self
         if cfg.device_processes > 1:
             # the others bind the port this one got (device_port 0: a free one)
+            assert self.server.port is not None
             self.device_processes = devprocs.DeviceProcesses(
                 dataclasses.replace(cfg, device_port=self.server.port, role="device",
                                     api_key=None, device_processes=1,
