@@ -75,6 +75,12 @@ class SessionWork:
     #: nonces rotated in the message being handled (slot → base64), written with the
     #: DeviceIdentified update when the message has one, else by themselves after it
     nonces: dict[str, str] = field(default_factory=dict)
+    #: the message being handled carries a Generic Alert
+    alert_now: bool = False
+    #: the DeviceIdentified update (DevId, changes) held back for the write of the outcome
+    #: that message's Generic Alert reports (one write, not two); written after the message
+    #: by itself when no outcome took it
+    device_write: tuple[str, dict[str, Any]] | None = None
 
 
 BY_USERNAME_SIZE = 200_000
@@ -177,12 +183,18 @@ class DeviceSessions:
         # Results the device reports in this very message (a Generic Alert for an Exec of an
         # earlier session, say one the server never saw answered): their tasks are not started
         # again before the report is read — the report is their outcome
-        work.reported.update(ev.correlator for ev in events
-                             if isinstance(ev, GenericAlert) and ev.correlator)
+        alerts = [ev.correlator for ev in events if isinstance(ev, GenericAlert)]
+        work.reported.update(c for c in alerts if c)
+        work.alert_now = bool(alerts)
         ev = None
         try:
             for ev in events:
                 await self._on_event(session, work, ev)
+            if work.device_write is not None:   # no outcome of this message took it
+                ev = None
+                dev_id, changes = work.device_write
+                work.device_write = None
+                await self.store.update_device(dev_id, changes)
             if work.nonces:
                 ev = None
                 await self._save_nonces(session, work)
@@ -330,7 +342,12 @@ class DeviceSessions:
             work.nonces = {}
         tasks = await self.tasks.open_for_device(record.dev_id)
         first = self._plain_first(work, ev, record, tasks)
-        if first is None:
+        if first is None and work.alert_now and ev.dev_id == record.dev_id \
+                and not any(self._may_start(work, t) for t in tasks):
+            # the message reports an outcome (the second session of a FUMO update): the
+            # device update goes with the write of that outcome
+            work.device_write = (record.dev_id, changes)
+        elif first is None:
             record = await self.store.update_device(record.dev_id, changes)
         else:
             # the common case (a notified device comes for its task): the device update and
@@ -340,7 +357,7 @@ class DeviceSessions:
             try:
                 record, moved = await self.store.update_device_and_move(
                     record.dev_id, changes, first.task_id, S.IN_PROGRESS, cause=STARTED,
-                    next_attempt=None)
+                    changes={"next_attempt": None})
             except BaseException:
                 run.done = True      # not started: the session's end must not settle it
                 raise
@@ -389,11 +406,17 @@ class DeviceSessions:
         for task in tasks:
             if isinstance(task.op, BootstrapOp):
                 return None
-            if (task.state == S.IN_PROGRESS and waiting_alert(task)) \
-                    or task.correlator in work.reported or self.in_session(task.task_id):
+            if not self._may_start(work, task):
                 continue                       # skipped below too
             return None if task.b_optin else task
         return None
+
+    def _may_start(self, work: SessionWork, task: Task) -> bool:
+        """The loop of ``_on_identified`` may start or end ``task`` (else it skips it: its
+        result comes by alert, is in this very message, or another session has it)."""
+        return isinstance(task.op, BootstrapOp) or not (
+            (task.state == S.IN_PROGRESS and waiting_alert(task))
+            or task.correlator in work.reported or self.in_session(task.task_id))
 
     async def _start_early_targets(self, session: Any, work: SessionWork, record: Device) -> None:
         """A device that connected on its own runs the task of a job that selected it but
@@ -562,12 +585,25 @@ class DeviceSessions:
         if run is not None:
             run.done = True                    # the alert is the outcome; statuses after it are not
         fumo = isinstance(task.op, UpdateOp)
+        held = work.device_write
+        device = held if held is not None and held[0] == task.dev_id else None
+        if device is not None:                 # written with the outcome below, or after
+            work.device_write = None           # the message if no final move takes it
+        if not await self._alert_outcome(session, work, ev, task, fumo, device) \
+                and device is not None:
+            work.device_write = device         # written after the message, by itself
+
+    async def _alert_outcome(self, session: Any, work: SessionWork, ev: GenericAlert,
+                             task: Task, fumo: bool,
+                             device: tuple[str, dict[str, Any]] | None) -> bool:
+        """What a Generic Alert reports, recorded; whether ``device`` (the held device
+        update) went in the write of a final move."""
         try:
             code = int(_text(ev.data).strip())
         except ValueError:
             await self.tasks.finish(task, S.FAILED, f"unreadable {'FUMO ' if fumo else ''}result "
-                                                    f"{ev.data!r}")
-            return
+                                                    f"{ev.data!r}", device=device)
+            return True
         result = msgspec.structs.replace(task.result or TaskResult(), fumo_result=code)
         if not fumo:
             # a generic Exec answered by an alert: its data is the outcome, nothing more is
@@ -575,19 +611,19 @@ class DeviceSessions:
             state = S.SUCCEEDED if status_is_success(code) else S.FAILED
             await self.tasks.finish(task, state, f"Exec {'completed' if state == S.SUCCEEDED else 'failed'}: "
                                                  f"result {code} ({ev.type or 'no type'})",
-                                    result_code=code, result=result)
-            return
+                                    result_code=code, result=result, device=device)
+            return True
         kind = (ev.type or "").removeprefix(_FUMO_TYPE_PREFIX)
         if not fumo_result_is_success(code):
             await self.tasks.finish(task, S.FAILED, f"firmware {kind or 'update'} failed: {code} "
                                                     f"{describe_fumo_result(code)}",
-                                    result_code=code, result=result)
-            return
+                                    result_code=code, result=result, device=device)
+            return True
         if kind == "download":
             assert isinstance(task.op, UpdateOp)
             # Download then Update: the package is on the device; install it now, in this session.
-            device = await self.store.get_device(task.dev_id)
-            _content, node, _mode = await self.commands.content_for(task.op, device)
+            record = await self.store.get_device(task.dev_id)
+            _content, node, _mode = await self.commands.content_for(task.op, record)
             correlator = f"{task.task_id}.u"
             task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
                                          cause="download complete; installing", result_code=code,
@@ -596,12 +632,14 @@ class DeviceSessions:
             self._add_run(work, run)
             session.queue(CommandHandle(task.task_id, "cmd", 0), Command(
                 name="Exec", correlator=correlator, items=[Item(target=f"{node}/Update")]))
-            return
+            return False
         package = await self._package_of(task)
         await self._forget_firmware(task.dev_id)   # the old FwV is stale now
         await self.tasks.finish(task, S.SUCCEEDED,
                                 f"firmware updated: {code} {describe_fumo_result(code)}",
-                                result_code=code, result=result, package=package)
+                                result_code=code, result=result, package=package,
+                                device=device)
+        return True
 
     async def _package_of(self, task: Task) -> tuple[str, str | None] | None:
         """The content id and version an UPDATE installed (for its charging event): the one

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +27,8 @@ import msgspec
 
 from . import logs
 from .config import BrokerConfig
-from .errors import Conflict, InvalidTransition, NotFound, ServiceError, UnknownResource
+from .errors import (Conflict, InvalidTransition, NotFound, ServiceError, StoreError,
+                     UnknownResource)
 from .metrics import TaskMetrics
 from .model import (FINAL_TASK_STATES, ChargingEvent, HistoryEntry, OutboxEntry, Task, TaskResult,
                     TaskState, UpdateOp, new_id)
@@ -95,10 +96,12 @@ class Tasks:
             self.metrics.task_moved(state, n)
 
     async def move(self, task_id: str, to_state: TaskState, *, task: Task | None = None,
-                   **kw: Any) -> Task:
+                   device: tuple[str, Mapping[str, Any]] | None = None, **kw: Any) -> Task:
         """One state move (``kw``: the store's ``transition`` arguments).  A move to a final
         state carries its ``task.finished`` event (``task``: the record as the caller read
-        it, else it is read here for the event's fields)."""
+        it, else it is read here for the event's fields).  ``device``: (DevId, changes) of a
+        device update that goes in the same write (``Store.update_device_and_move``); it is
+        written even when the move is refused, which then raises as without it."""
         if to_state in FINAL_TASK_STATES:
             if task is None:
                 try:
@@ -108,7 +111,14 @@ class Tasks:
             if task is not None and task.state not in FINAL_TASK_STATES \
                     and await self.store.has_subscribers("task"):
                 kw["enqueue"] = [*kw.get("enqueue", ()), self.task_event(task, to_state, kw)]
-        task = await self.store.transition(task_id, to_state, **kw)
+        if device is None:
+            task = await self.store.transition(task_id, to_state, **kw)
+        else:
+            _, outcome = await self.store.update_device_and_move(device[0], device[1], task_id,
+                                                                 to_state, **kw)
+            if isinstance(outcome, StoreError):
+                raise outcome
+            task = outcome
         self.moved(task, kw.get("cause"))
         return task
 
@@ -225,11 +235,13 @@ class Tasks:
     async def finish(self, task: Task, state: TaskState, cause: str, *,
                      dm_status: int | None = None, result_code: int | None = None,
                      result: TaskResult | None = None,
-                     package: tuple[str, str | None] | None = None) -> Task | None:
+                     package: tuple[str, str | None] | None = None,
+                     device: tuple[str, Mapping[str, Any]] | None = None) -> Task | None:
         """Moves ``task`` to a final state with its ``task.finished`` event; a success outside
         a test cycle queues its charging event in the same write (``package``: the content id
         and version an UPDATE installed, when the session knows it).  None when the task was
-        final already (cancelled meanwhile: its late outcome is dropped)."""
+        final already (cancelled meanwhile: its late outcome is dropped).  ``device``: a
+        device update written with the move (see :meth:`move`)."""
         changes: dict[str, Any] = {"finished": self.clock(), "next_attempt": None}
         if result is not None:
             changes["result"] = msgspec.structs.replace(result, message=cause)
@@ -238,7 +250,7 @@ class Tasks:
             enqueue.append(await self.charging_event(task, state, cause, result_code=result_code,
                                                      package=package))
         try:
-            moved = await self.move(task.task_id, state, task=task, cause=cause,
+            moved = await self.move(task.task_id, state, task=task, device=device, cause=cause,
                                     dm_status=dm_status, result_code=result_code,
                                     changes=changes, enqueue=enqueue)
             if enqueue and self.metrics is not None:

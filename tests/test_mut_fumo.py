@@ -111,3 +111,29 @@ def test_a_session_while_the_update_installs_does_not_push_the_package_again(tmp
         assert len(waits) == 1, [(h.to_state, h.cause) for h in hist]
         assert [h.to_state for h in hist].count(S.SUCCEEDED) == 1
     run_world(tmp_path, scenario, profile=DeviceProfile(report_in_same_session=False))
+
+
+def test_the_result_alerts_message_writes_the_device_with_the_outcome(tmp_path):
+    """The FUMO update's second session (its package 1 carries DevInfo and the result alert):
+    the device update (nonces, DevInfo, last contact) goes in the write of the final move —
+    the writes from doOperation to SUCCEEDED are the task's creation, its notification, the
+    first session's device-and-start write, the accepted-Exec move, the download count and
+    that one (six; seven when the device update is written alone) — and nothing of it is
+    lost: the device authenticates a third session with the nonces it was given, and its
+    last contact is the second session's."""
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        cid = await upload_firmware(w)
+        before = w.store.ops
+        tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+        assert task.state == S.SUCCEEDED, task.cause
+        assert w.store.ops - before == 6
+        rec = await w.store.get_device(dev.dev_id)
+        assert rec.last_contact is not None and rec.last_contact >= task.finished - 5
+        # the nonces of the alert session were stored: a third session authenticates
+        from dmengine.model import QueryOp
+        tid2 = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
+        assert (await w.wait_state(tid2, {S.SUCCEEDED, S.FAILED})).state == S.SUCCEEDED
+    run_world(tmp_path, scenario, profile=DeviceProfile(report_in_same_session=False))

@@ -1305,7 +1305,7 @@ def test_update_device_and_move_is_one_write_and_a_refused_move_keeps_the_update
         ops = getattr(s, "ops", None)
         d2, moved = await s.update_device_and_move(d.dev_id, {"tz": "X"}, "t1",
                                                    S.IN_PROGRESS, cause="started",
-                                                   next_attempt=None)
+                                                   changes={"next_attempt": None})
         if ops is not None:
             assert s.ops == ops + 1                # one op (LMDB counts its writer's ops)
         assert isinstance(moved, Task) and moved.state == S.IN_PROGRESS

@@ -268,20 +268,23 @@ class Store(abc.ABC):
         """Writes a changed task if ``task.version`` is the stored version (else Conflict).
         The state may not change here (InvalidTransition): use :meth:`transition`."""
 
-    async def update_device_and_move(self, dev_id: str, changes: Mapping[str, Any],
+    async def update_device_and_move(self, dev_id: str, device_changes: Mapping[str, Any],
                                      task_id: str, to_state: TaskState, *, cause: str,
+                                     dm_status: int | None = None,
+                                     result_code: int | None = None,
                                      expect_state: TaskState | None = None,
-                                     next_attempt: Any = ...
+                                     changes: Mapping[str, Any] | None = None,
+                                     enqueue: Sequence[OutboxEntry] = ()
                                      ) -> tuple[Device, Task | StoreError]:
-        """:meth:`update_device` and a plain :meth:`transition` of one task (``next_attempt``
-        changed unless ``...``), in one write where the store can; the move's refusal
-        (NotFound, Conflict, InvalidTransition) is returned in its place, and the device update
-        is written whatever becomes of the move.  This default makes two writes."""
-        device = await self.update_device(dev_id, changes)
+        """:meth:`update_device` and a :meth:`transition` of one task, in one write where the
+        store can; the move's refusal (NotFound, Conflict, InvalidTransition) is returned in
+        its place, and the device update is written whatever becomes of the move.  This
+        default makes two writes."""
+        device = await self.update_device(dev_id, device_changes)
         try:
             return device, await self.transition(
-                task_id, to_state, cause=cause, expect_state=expect_state,
-                changes=None if next_attempt is ... else {"next_attempt": next_attempt})
+                task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
+                expect_state=expect_state, changes=changes, enqueue=enqueue)
         except (NotFound, Conflict, InvalidTransition) as exc:
             return device, exc
 

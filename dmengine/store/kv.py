@@ -637,21 +637,33 @@ class KVStore(Store):
                             expect_version: int | None = None) -> Device:
         return await self._write(self._update_device_op(dev_id, changes, expect_version))
 
-    async def update_device_and_move(self, dev_id: str, changes: Mapping[str, Any],
+    async def update_device_and_move(self, dev_id: str, device_changes: Mapping[str, Any],
                                      task_id: str, to_state: TaskState, *, cause: str,
+                                     dm_status: int | None = None,
+                                     result_code: int | None = None,
                                      expect_state: TaskState | None = None,
-                                     next_attempt: Any = ...
+                                     changes: Mapping[str, Any] | None = None,
+                                     enqueue: Sequence[OutboxEntry] = ()
                                      ) -> tuple[Device, Task | StoreError]:
-        """A device update and a plain move of one of its tasks in one write op (a session's
-        first message writes the device — its rotated nonces, DevInfo, last contact — and
-        starts the task it came for: one op and one commit to wait for, not two).  The
-        move's refusal (NotFound, Conflict, InvalidTransition: the task was cancelled or
-        moved meanwhile) is returned in its place, not raised, so the device update is
-        written whatever becomes of the move; the move raises before its first write."""
-        dev_op = self._update_device_op(dev_id, changes, None)
-        move = Transition(task_id, check_transition_args(to_state, cause, None, None), cause,
-                          None, None, expect_state,
-                          KEEP if next_attempt is ... else next_attempt, None)
+        """A device update and a move of one of its tasks (``transition``'s arguments) in one
+        write op: a session's first message writes the device — its rotated nonces, DevInfo,
+        last contact — and starts the task it came for, or ends the one whose result alert it
+        carries: one op and one commit to wait for, not two.  The move's refusal (NotFound,
+        Conflict, InvalidTransition: the task was cancelled or moved meanwhile) is returned
+        in its place, not raised, so the device update is written whatever becomes of the
+        move; a move raises before its first write."""
+        dev_op = self._update_device_op(dev_id, device_changes, None)
+        move: Op[Task]
+        if not enqueue and (not changes or _plain_changes(changes)):
+            move = Transition(task_id, check_transition_args(to_state, cause, dm_status,
+                                                             result_code),
+                              cause, dm_status, result_code, expect_state,
+                              changes.get("next_attempt", KEEP) if changes else KEEP,
+                              changes.get("attempts") if changes else None)
+        else:
+            move = self.transition_op(task_id, to_state, cause=cause, dm_status=dm_status,
+                                      result_code=result_code, expect_state=expect_state,
+                                      changes=changes, enqueue=enqueue)
 
         def op(ctx: WriteCtx) -> tuple[Device, Task | StoreError]:
             d = dev_op(ctx)
