@@ -111,7 +111,6 @@ class DeviceProcesses:
                  p.index, proc.pid, p.session_port)
 
     async def _watch(self, p: DeviceProcess) -> None:
-        pause = RESTART_PAUSES[0]
         while True:
             assert p.proc is not None
             code = await p.proc.wait()
@@ -119,30 +118,42 @@ class DeviceProcesses:
                 return
             p.metrics_port = None
             log.error("device process %d (pid %d) exited with status %s: starting it again "
-                      "in %.0f s (the sessions it held are lost; their devices are notified "
-                      "again)", p.index, p.proc.pid, code, pause)
-            if self.on_lost is not None:
-                try:
-                    held = await self.running_tasks()
-                    if held is not None:
-                        await self.on_lost(held)
-                    else:
-                        log.error("device process tasks not recovered: a live device "
-                                  "process did not say which tasks its sessions hold")
-                except Exception:
-                    log.exception("device process %d: its sessions' tasks not recovered",
-                                  p.index)
+                      "(the sessions it held are lost; their tasks are due again)",
+                      p.index, p.proc.pid, code)
+            await self._recover(p)
+            if not await self._respawn(p):
+                return
+
+    async def _recover(self, p: DeviceProcess) -> None:
+        """The job tasks of the sessions the exited process held go back to PENDING."""
+        if self.on_lost is None:
+            return
+        try:
+            held = await self.running_tasks()
+            if held is None:
+                log.error("device process %d: its sessions' tasks not recovered: a live "
+                          "device process did not say which tasks its sessions hold", p.index)
+            else:
+                await self.on_lost(held)
+        except Exception:
+            log.exception("device process %d: its sessions' tasks not recovered", p.index)
+
+    async def _respawn(self, p: DeviceProcess) -> bool:
+        """Starts ``p`` again after a pause that doubles while it cannot start; False when
+        the main process stops meanwhile."""
+        pause = RESTART_PAUSES[0]
+        while True:
             await asyncio.sleep(pause)
             if self._stopping:
-                return
+                return False
             try:
                 await self._spawn(p)
-                p.restarts += 1
-                pause = RESTART_PAUSES[0]
             except ConfigError as exc:
-                log.error("%s", exc)
+                log.error("%s; trying again in %.0f s", exc, min(pause * 2, RESTART_PAUSES[1]))
                 pause = min(pause * 2, RESTART_PAUSES[1])
-                p.proc = _Exited()   # type: ignore[assignment]
+                continue
+            p.restarts += 1
+            return True
 
     async def stop(self, deadline: float | None = None) -> None:
         """SIGTERM to each (they finish their sessions, like this process), then SIGKILL
@@ -215,15 +226,6 @@ class DeviceProcesses:
         texts = await asyncio.gather(*(one(p.metrics_port) for p in self.procs
                                        if p.running and p.metrics_port is not None))
         return [t for t in texts if t is not None]
-
-
-class _Exited:
-    """Stands for a process that could not be started again (its watcher tries later)."""
-    returncode = -1
-    pid = 0
-
-    async def wait(self) -> int:
-        return -1
 
 
 async def serve_metrics(engine: Engine) -> int:

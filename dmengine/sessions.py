@@ -355,15 +355,14 @@ class DeviceSessions:
             run = TaskRun(task=first)
             self._add_run(work, run)
             try:
-                record, moved = await self.store.update_device_and_move(
-                    record.dev_id, changes, first.task_id, S.IN_PROGRESS, cause=STARTED,
+                record, moved = await self.tasks.move_with_device(
+                    (record.dev_id, changes), first.task_id, S.IN_PROGRESS, cause=STARTED,
                     changes={"next_attempt": None})
             except BaseException:
                 run.done = True      # not started: the session's end must not settle it
                 raise
             tasks = [t for t in tasks if t is not first]
             if isinstance(moved, Task):
-                self.tasks.moved(moved, STARTED)
                 run.task = moved
                 await self._queue_work(session, run, record)
             else:                              # cancelled or ended meanwhile
@@ -379,12 +378,8 @@ class DeviceSessions:
                 await self.tasks.finish(task, S.SUCCEEDED,
                                         "device opened a session with the new account")
                 continue
-            if task.state == S.IN_PROGRESS and waiting_alert(task):
-                continue                       # the result comes as a Generic Alert
-            if task.correlator in work.reported:
-                continue                       # the device reports its outcome right now
-            if self.in_session(task.task_id):
-                continue                       # another live session of the device has it
+            if not self._may_start(work, task):
+                continue
             if ev.dev_id != record.dev_id:
                 decision = await check_device_policy(task.accept_device_policy, record, ev.dev_id,
                                                      task_id=task.task_id,
@@ -412,8 +407,9 @@ class DeviceSessions:
         return None
 
     def _may_start(self, work: SessionWork, task: Task) -> bool:
-        """The loop of ``_on_identified`` may start or end ``task`` (else it skips it: its
-        result comes by alert, is in this very message, or another session has it)."""
+        """The loop of ``_on_identified`` may start or end ``task``; else it skips it: its
+        result comes as a Generic Alert, the device reports its outcome right now, or another
+        live session of the device has it."""
         return isinstance(task.op, BootstrapOp) or not (
             (task.state == S.IN_PROGRESS and waiting_alert(task))
             or task.correlator in work.reported or self.in_session(task.task_id))

@@ -30,8 +30,8 @@ from .config import BrokerConfig
 from .errors import (Conflict, InvalidTransition, NotFound, ServiceError, StoreError,
                      UnknownResource)
 from .metrics import TaskMetrics
-from .model import (FINAL_TASK_STATES, ChargingEvent, HistoryEntry, OutboxEntry, Task, TaskResult,
-                    TaskState, UpdateOp, new_id)
+from .model import (FINAL_TASK_STATES, ChargingEvent, Device, HistoryEntry, OutboxEntry, Task,
+                    TaskResult, TaskState, UpdateOp, new_id)
 from .store.base import Store, all_pages
 
 log = logging.getLogger("dmengine.tasks")
@@ -111,20 +111,29 @@ class Tasks:
             if task is not None and task.state not in FINAL_TASK_STATES \
                     and await self.store.has_subscribers("task"):
                 kw["enqueue"] = [*kw.get("enqueue", ()), self.task_event(task, to_state, kw)]
-        if device is None:
-            task = await self.store.transition(task_id, to_state, **kw)
-        else:
-            _, outcome = await self.store.update_device_and_move(device[0], device[1], task_id,
-                                                                 to_state, **kw)
+        if device is not None:
+            _, outcome = await self.move_with_device(device, task_id, to_state, **kw)
             if isinstance(outcome, StoreError):
                 raise outcome
-            task = outcome
-        self.moved(task, kw.get("cause"))
+            return outcome
+        task = await self.store.transition(task_id, to_state, **kw)
+        self._moved(task, kw.get("cause"))
         return task
 
-    def moved(self, task: Task, cause: str | None) -> None:
-        """Counts a move the store made (``move``'s, or one written with a device update:
-        ``Store.update_device_and_move``)."""
+    async def move_with_device(self, device: tuple[str, Mapping[str, Any]], task_id: str,
+                               to_state: TaskState, **kw: Any) -> tuple[Device, Task | StoreError]:
+        """A device update (DevId, changes) and a move of one of its tasks in one write
+        (``Store.update_device_and_move``): the device as written, and the task moved or the
+        store's refusal of the move (the device update stands either way).  A move to a final
+        state goes through :meth:`move` (``device=``), which adds its event."""
+        record, outcome = await self.store.update_device_and_move(device[0], device[1], task_id,
+                                                                  to_state, **kw)
+        if not isinstance(outcome, StoreError):
+            self._moved(outcome, kw.get("cause"))
+        return record, outcome
+
+    def _moved(self, task: Task, cause: str | None) -> None:
+        """Counts a move the store made."""
         if self.metrics is not None:
             self.metrics.task_moved(task.state.value)
         if log.isEnabledFor(logging.DEBUG):     # one line per move: debug only (campaigns)

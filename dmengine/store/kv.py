@@ -653,17 +653,8 @@ class KVStore(Store):
         in its place, not raised, so the device update is written whatever becomes of the
         move; a move raises before its first write."""
         dev_op = self._update_device_op(dev_id, device_changes, None)
-        move: Op[Task]
-        if not enqueue and (not changes or _plain_changes(changes)):
-            move = Transition(task_id, check_transition_args(to_state, cause, dm_status,
-                                                             result_code),
-                              cause, dm_status, result_code, expect_state,
-                              changes.get("next_attempt", KEEP) if changes else KEEP,
-                              changes.get("attempts") if changes else None)
-        else:
-            move = self.transition_op(task_id, to_state, cause=cause, dm_status=dm_status,
-                                      result_code=result_code, expect_state=expect_state,
-                                      changes=changes, enqueue=enqueue)
+        move = self._move_op(task_id, to_state, cause, dm_status, result_code, expect_state,
+                             changes, enqueue)
 
         def op(ctx: WriteCtx) -> tuple[Device, Task | StoreError]:
             d = dev_op(ctx)
@@ -1351,19 +1342,26 @@ class KVStore(Store):
                          expect_state: TaskState | None = None,
                          changes: Mapping[str, Any] | None = None,
                          enqueue: Sequence[OutboxEntry] = ()) -> Task:
+        return await self._write(self._move_op(task_id, to_state, cause, dm_status, result_code,
+                                               expect_state, changes, enqueue),
+                                 ("tasks", task_id.encode()))   # (what the writer prefetches)
+
+    def _move_op(self, task_id: str, to_state: TaskState, cause: str | None,
+                 dm_status: int | None, result_code: int | None,
+                 expect_state: TaskState | None, changes: Mapping[str, Any] | None,
+                 enqueue: Sequence[OutboxEntry]) -> Op[Task]:
+        """The op of a ``transition``."""
         if not enqueue and (not changes or _plain_changes(changes)):
             # the common case — no changes, or only the next attempt and the attempt count
             # (a notification, a session starting): one small Cython op (store/_kv.pyx),
             # same checks and writes, no re-validation of the whole task
             to_state = check_transition_args(to_state, cause, dm_status, result_code)
-            op = Transition(task_id, to_state, cause, dm_status, result_code, expect_state,
-                            changes.get("next_attempt", KEEP) if changes else KEEP,
-                            changes.get("attempts") if changes else None)
-            return await self._write(op)      # the writer prefetches its task (op.key)
-        return await self._write(self.transition_op(
-            task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
-            expect_state=expect_state, changes=changes, enqueue=enqueue),
-            ("tasks", task_id.encode()))
+            return Transition(task_id, to_state, cause, dm_status, result_code, expect_state,
+                              changes.get("next_attempt", KEEP) if changes else KEEP,
+                              changes.get("attempts") if changes else None)
+        return self.transition_op(task_id, to_state, cause=cause, dm_status=dm_status,
+                                  result_code=result_code, expect_state=expect_state,
+                                  changes=changes, enqueue=enqueue)
 
     async def tasks_by_job(self, job_id: str, *, state: TaskState | None = None,
                            cursor: str | None = None, limit: int = DEFAULT_PAGE) -> Page[Task]:
