@@ -30,6 +30,8 @@ def summarize(path: str, top: int = 25) -> str:
             if not line:
                 continue
             stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue  # py-spy writes a thread's empty stack without a count
             n = int(count)
             total += n
             frames = stack.split(";")

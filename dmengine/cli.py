@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
                            callback_allow_networks=tuple(args.callback_allow_network or ()),
                            broker=_broker_config(args),
                            device_processes=args.device_processes,
+                           main_device_share=args.main_device_share,
                            webhooks=_webhook_config(args),
                            **store,
                            identity=IdentityConfig(**{k: v for k, v in (
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "device processes, each with a port of its own for its sessions' "
                         "RespURIs (devices must reach those ports too); 2 puts device "
                         "sessions on a second core")
+    s.add_argument("--main-device-share", type=float, default=None, metavar="F",
+                   help="with --device-processes: the share (0..1) of new device "
+                        "connections this process takes (it also runs the scheduler and the "
+                        "API); the device processes split the rest evenly (default 0.6/N)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,

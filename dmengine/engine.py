@@ -34,6 +34,12 @@ from .webhooks import WebhookConfig, Webhooks
 log = logging.getLogger("dmengine.engine")
 
 
+#: the main process's default share of new device-port connections, as a part of an even
+#: share (bench_campaign, 100k devices over two processes: 0.28 balanced the two processes'
+#: CPU; an even spread had the main at 86 % of a core and the device process at 46 %)
+MAIN_SHARE_OF_EVEN = 0.6
+
+
 @dataclass
 class EngineConfig:
     """What ``dmengine serve`` configures.  ``host`` is the device port's bind address (devices
@@ -82,6 +88,12 @@ class EngineConfig:
     #: a port of its own (ServerConfig.session_port): devices must be able to reach those
     #: ports on the device port's host (with ``public_url``: its host)
     device_processes: int = 1
+    #: with ``device_processes > 1``: the share (0..1) of new device-port connections this
+    #: process takes, the device processes splitting the rest evenly.  None:
+    #: ``MAIN_SHARE_OF_EVEN / device_processes`` — the scheduler, package #0 and the API
+    #: keep this process busier than a device process (an even spread left it the bottleneck
+    #: of a campaign while the device process idled a third of the time)
+    main_device_share: float | None = None
     #: "main", or "device" in a device process: the device port alone (no API, scheduler,
     #: webhooks), its metrics on a loopback port for the main process's /metrics
     role: str = "main"
@@ -90,6 +102,9 @@ class EngineConfig:
         if not 1 <= self.device_processes <= 64:
             raise ConfigError("device_processes must be between 1 and 64",
                               key="device_processes")
+        if self.main_device_share is not None and not 0.0 <= self.main_device_share <= 1.0:
+            raise ConfigError("main_device_share must be between 0 and 1",
+                              key="main_device_share")
         if self.role not in ("main", "device"):
             raise ConfigError(f"role must be main or device, not {self.role!r}", key="role")
         if self.store_max_mapped is not None and self.store_max_mapped < 16 << 20:
@@ -98,6 +113,12 @@ class EngineConfig:
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
             raise ConfigError("api_tls_cert and api_tls_key go together",
                               key="api_tls_key" if self.api_tls_key is None else "api_tls_cert")
+
+    def main_share(self) -> float:
+        """This process's share of new device-port connections (``main_device_share``)."""
+        if self.main_device_share is not None:
+            return self.main_device_share
+        return MAIN_SHARE_OF_EVEN / self.device_processes
 
     def api_ssl_context(self) -> ssl.SSLContext | None:
         """The API port's TLS context, or None for plain HTTP."""
@@ -182,6 +203,8 @@ class Engine:
                             server_id=cfg.server_id, require_auth=cfg.require_auth,
                             public_url=cfg.public_url, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                             reuse_port=shared, session_port=0 if shared else None,
+                            steer=((cfg.main_share(), cfg.device_processes)
+                                   if cfg.device_processes > 1 else None),
                             **cfg.server_overrides)
         callback = http_carrier_callback(cfg.carrier_callback_url, guard=guard) \
             if cfg.carrier_callback_url else None

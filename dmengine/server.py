@@ -156,6 +156,12 @@ class ServerConfig:
     #: the kernel gives each new connection to any of them, but a session lives in one: its
     #: next messages must come to that process's own port.  None: RespURIs name the device port
     session_port: int | None = None
+    #: With ``reuse_port``: ``(share, processes)`` — this process (which must bind the port
+    #: first) gets ``share`` (0..1) of the new connections and the other ``processes - 1``
+    #: the rest evenly (a classic BPF program on the port's group, SO_ATTACH_REUSEPORT_CBPF),
+    #: instead of the kernel's even spread: the main process also runs the scheduler and the
+    #: API, so an even spread leaves it the busiest.  None: the kernel's spread
+    steer: tuple[float, int] | None = None
     backlog: int = 1024
 
     def __post_init__(self) -> None:
@@ -400,6 +406,9 @@ class DmServer(ServerCore):
             backlog=cfg.backlog)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        if cfg.reuse_port and cfg.steer is not None:
+            for each in self._server.sockets:
+                steer_reuseport_group(each.fileno(), *cfg.steer)
         if cfg.session_port is not None:
             self._session_server = await self._loop.create_server(
                 lambda: DeviceConnection(self), cfg.host, cfg.session_port,
@@ -680,6 +689,53 @@ class _FileReader:
         if self.closed and not self.users and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h); not in Python's socket module
+_SO_ATTACH_REUSEPORT_CBPF = 51
+#: a random number (SKF_AD_OFF + SKF_AD_RANDOM, linux/filter.h), as a load's offset
+_BPF_RANDOM = 0xFFFFF000 + 56
+
+
+def reuseport_program(share: float, processes: int) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program that picks a socket of a SO_REUSEPORT group for a new
+    connection: the first socket (index 0, bound first) with probability ``share``, else one
+    of the other ``processes - 1`` at random.  ``(code, jt, jf, k)`` instructions."""
+    if not 0.0 <= share <= 1.0 or processes < 2:
+        raise ConfigError("steer: share must be within 0..1 and processes at least 2",
+                          key="steer")
+    ld_rand, mod_k, add_k, jge_k = 0x20, 0x94, 0x04, 0x35
+    ret_k, ret_a = 0x06, 0x16
+    return [
+        (ld_rand, 0, 0, _BPF_RANDOM),
+        (mod_k, 0, 0, 10_000),
+        (jge_k, 1, 0, round(share * 10_000)),     # at or above the share: another process
+        (ret_k, 0, 0, 0),
+        (ld_rand, 0, 0, _BPF_RANDOM),
+        (mod_k, 0, 0, processes - 1),
+        (add_k, 0, 0, 1),
+        (ret_a, 0, 0, 0),
+    ]
+
+
+def steer_reuseport_group(fd: int, share: float, processes: int) -> None:
+    """Attaches :func:`reuseport_program` to the SO_REUSEPORT group of listening socket
+    ``fd`` (the whole group's choice, whichever member attaches it).  An index the program
+    returns that no socket has (a device process being restarted) makes the kernel fall back
+    to its own spread for that connection."""
+    import ctypes
+    prog = reuseport_program(share, processes)
+    insns = (ctypes.c_uint8 * (8 * len(prog)))()
+    for i, (code, jt, jf, k) in enumerate(prog):
+        struct.pack_into("=HBBI", insns, 8 * i, code, jt, jf, k)
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}: the kernel copies
+    # the instructions during the call, while ``insns`` is alive
+    fprog = struct.pack("@HP", len(prog), ctypes.addressof(insns))   # native alignment
+    sock = _socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    finally:
+        sock.close()
 
 
 def with_port(url: str, port: int) -> str:

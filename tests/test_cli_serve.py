@@ -108,6 +108,8 @@ def test_serve_prints_urls_serves_and_stops_on_sigterm(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["serve", "--auth", "nope"], "invalid choice"),
     (["serve", "--gateway", "smoke:signals"], "configuration error (gateway): unknown gateway"),
+    (["serve", "--device-processes", "2", "--main-device-share", "1.5"],
+     "configuration error (main_device_share)"),
 ])
 def test_serve_refuses_bad_configuration(tmp_path, args, needle):
     r = subprocess.run([sys.executable, "-m", "dmengine", *args, "--data", str(tmp_path)],

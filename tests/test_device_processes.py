@@ -50,6 +50,26 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its socket inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:        # LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -107,6 +127,22 @@ def test_new_sessions_spread_and_each_names_its_own_process(tmp_path) -> None:
                  for i in range(40)}
         assert device_port not in ports
         assert len(ports) == 2, ports            # 2 ** -39 to fail by chance
+    finally:
+        stop(p)
+
+
+def test_the_main_process_share_of_new_connections_is_steered(tmp_path) -> None:
+    """``--main-device-share 0``: the kernel hands every new connection to the device process
+    (the port group's BPF program), the main one keeps the scheduler and the API to itself.
+    Fails without the program (the kernel's even spread: 2 ** -39 to pass by chance)."""
+    p, urls = serve(str(tmp_path / "var"), "--device-processes", "2", "--auth", "none",
+                    "--main-device-share", "0")
+    try:
+        ports = {resp_uri_of_package1(urls["device port"]).split(":")[2].split("/")[0]
+                 for i in range(40)}
+        assert len(ports) == 1, ports
+        (worker,) = children(p.pid)       # ... and the one port is the device process's
+        assert int(ports.pop()) in listening_ports(worker)
     finally:
         stop(p)
 
