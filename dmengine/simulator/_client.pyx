@@ -201,8 +201,16 @@ cdef class ClientBase:
                prof.man, prof.mod, prof.lang, dev.username, dev.dev_id)
         hit = dev._pkg1
         if hit is None or hit[0] != key:
+            # the first package 1 with these values is encoded as it is: the template costs
+            # three encodes (cut out, then checked twice) and pays from the device's second
+            # session on, while most phones of a campaign have one
+            dev._pkg1 = (key, False)
+            tpl = None
+        elif hit[1] is False:
             hit = dev._pkg1 = (key, self._pkg1_template())
-        tpl = hit[1]
+            tpl = hit[1]
+        else:
+            tpl = hit[1]
         if tpl is None:
             return self._finish(self._encode(self._pkg1_message(self.session_id, None,
                                                                 str(self.alert))))

@@ -258,7 +258,8 @@ class VirtualDevice:
         self.log: list[tuple[str, Any]] | None = None
         self._devinfo: tuple[tuple[str, str, str, str], list[Item]] | None = None
         self._md5k: tuple[str, str, bytes] | None = None
-        self._pkg1: tuple[tuple[Any, ...], _Template | None] | None = None
+        #: (values, template): None no template possible, False not built yet (one session)
+        self._pkg1: tuple[tuple[Any, ...], _Template | None | bool] | None = None
 
     # attribute values used by the template
     @property
