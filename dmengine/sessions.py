@@ -35,7 +35,7 @@ from .message import Command, Item
 from .model import (FINAL_TASK_STATES, BootstrapOp, Device, DmAccount, ExecOp, Task, TaskResult,
                     TaskState, UpdateOp)
 from .status import describe_fumo_result, fumo_result_is_success, status_is_success
-from .store.base import Store
+from .store.base import Store, Waypoint
 from .tasks import Tasks
 
 log = logging.getLogger("dmengine.sessions")
@@ -64,6 +64,10 @@ class TaskRun:
     failed: tuple[str, int] | None = None    # (cause, dm status)
     waiting_alert: bool = False              # Exec accepted; the result comes by 1226
     done: bool = False
+    #: the "waiting for the result alert" move, held back when the result alert is in the
+    #: same message: written with the outcome that alert reports (one write, not two; the
+    #: history keeps both steps), or by itself after the message if no outcome took it
+    held_move: Waypoint | None = None
 
 
 @dataclass
@@ -75,8 +79,8 @@ class SessionWork:
     #: nonces rotated in the message being handled (slot → base64), written with the
     #: DeviceIdentified update when the message has one, else by themselves after it
     nonces: dict[str, str] = field(default_factory=dict)
-    #: the message being handled carries a Generic Alert
-    alert_now: bool = False
+    #: the correlators of the Generic Alerts the message being handled carries
+    alerts_now: frozenset[str] = frozenset()
     #: the DeviceIdentified update (DevId, changes) held back for the write of the outcome
     #: that message's Generic Alert reports (one write, not two); written after the message
     #: by itself when no outcome took it
@@ -185,11 +189,15 @@ class DeviceSessions:
         # again before the report is read — the report is their outcome
         alerts = [ev.correlator for ev in events if isinstance(ev, GenericAlert)]
         work.reported.update(c for c in alerts if c)
-        work.alert_now = bool(alerts)
+        work.alerts_now = frozenset(c for c in alerts if c)
         ev = None
         try:
             for ev in events:
                 await self._on_event(session, work, ev)
+            for run in work.runs.values():
+                if run.held_move is not None:   # no outcome of this message took it
+                    ev = None
+                    await self._write_held(run)
             if work.device_write is not None:   # no outcome of this message took it
                 ev = None
                 dev_id, changes = work.device_write
@@ -342,7 +350,7 @@ class DeviceSessions:
             work.nonces = {}
         tasks = await self.tasks.open_for_device(record.dev_id)
         first = self._plain_first(work, ev, record, tasks)
-        if first is None and work.alert_now and ev.dev_id == record.dev_id \
+        if first is None and work.alerts_now and ev.dev_id == record.dev_id \
                 and not any(self._may_start(work, t) for t in tasks):
             # the message reports an outcome (the second session of a FUMO update): the
             # device update goes with the write of that outcome
@@ -511,9 +519,9 @@ class DeviceSessions:
                 or (isinstance(run.task.op, ExecOp) and ev.status == ACCEPTED_FOR_PROCESSING)):
             run.waiting_alert = True            # the outcome comes by Generic Alert 1226
         if run.outstanding <= 0:
-            await self._complete(run)
+            await self._complete(run, work)
 
-    async def _complete(self, run: TaskRun) -> None:
+    async def _complete(self, run: TaskRun, work: SessionWork | None = None) -> None:
         run.done = True
         task = run.task
         learned = {k: v for k, v in run.nodes.items() if k.startswith("./DevDetail/")}
@@ -529,14 +537,22 @@ class DeviceSessions:
             what = "firmware update" if isinstance(task.op, UpdateOp) else "Exec"
             # a device that never reports is woken again then (scheduler.follow_up)
             wake = self.clock() + self.config.alert_wait if self.config.alert_followups else None
-            try:
-                await self.tasks.move(task.task_id, S.IN_PROGRESS,
-                                      cause=f"{what} accepted; waiting for the result alert",
-                                      changes={"result": result, "next_attempt": wake})
-            except (Conflict, InvalidTransition):
-                pass                           # final meanwhile (its alert came first): kept
+            run.held_move = (S.IN_PROGRESS, f"{what} accepted; waiting for the result alert",
+                             {"result": result, "next_attempt": wake})
+            if work is None or not task.correlator or task.correlator not in work.alerts_now:
+                await self._write_held(run)
+            # else the result alert is further on in this message: held for its outcome's write
         else:
             await self.tasks.finish(task, S.SUCCEEDED, "all commands succeeded", result=result)
+
+    async def _write_held(self, run: TaskRun) -> None:
+        """Writes the run's held move by itself."""
+        assert run.held_move is not None
+        (state, cause, changes), run.held_move = run.held_move, None
+        try:
+            await self.tasks.move(run.task.task_id, state, cause=cause, changes=changes)
+        except (Conflict, InvalidTransition):
+            pass                               # final meanwhile (its alert came first): kept
 
     async def _on_user_answer(self, session: Any, work: SessionWork,
                               ev: UserAlertAnswered) -> None:
@@ -578,42 +594,51 @@ class DeviceSessions:
         if task.state in FINAL_TASK_STATES:
             return
         run = work.runs.get(task.task_id)
+        waypoint = None
         if run is not None:
             run.done = True                    # the alert is the outcome; statuses after it are not
+            waypoint, run.held_move = run.held_move, None   # written with the outcome
         fumo = isinstance(task.op, UpdateOp)
         held = work.device_write
         device = held if held is not None and held[0] == task.dev_id else None
         if device is not None:                 # written with the outcome below, or after
             work.device_write = None           # the message if no final move takes it
-        if not await self._alert_outcome(session, work, ev, task, fumo, device) \
+        if not await self._alert_outcome(session, work, ev, task, fumo, device, waypoint) \
                 and device is not None:
             work.device_write = device         # written after the message, by itself
 
     async def _alert_outcome(self, session: Any, work: SessionWork, ev: GenericAlert,
                              task: Task, fumo: bool,
-                             device: tuple[str, dict[str, Any]] | None) -> bool:
+                             device: tuple[str, dict[str, Any]] | None,
+                             waypoint: Waypoint | None) -> bool:
         """What a Generic Alert reports, recorded; whether ``device`` (the held device
-        update) went in the write of a final move."""
+        update) went in the write of a final move.  ``waypoint``: the run's held "waiting
+        for the result alert" move, written first in the outcome's write."""
         try:
             code = int(_text(ev.data).strip())
         except ValueError:
             await self.tasks.finish(task, S.FAILED, f"unreadable {'FUMO ' if fumo else ''}result "
-                                                    f"{ev.data!r}", device=device)
+                                                    f"{ev.data!r}", device=device,
+                                    waypoint=waypoint)
             return True
-        result = msgspec.structs.replace(task.result or TaskResult(), fumo_result=code)
+        # the session's statuses are in the held move's result when it is not written yet
+        before = waypoint[2]["result"] if waypoint is not None else task.result
+        result = msgspec.structs.replace(before or TaskResult(), fumo_result=code)
         if not fumo:
             # a generic Exec answered by an alert: its data is the outcome, nothing more is
             # known about it (it did not update firmware)
             state = S.SUCCEEDED if status_is_success(code) else S.FAILED
             await self.tasks.finish(task, state, f"Exec {'completed' if state == S.SUCCEEDED else 'failed'}: "
                                                  f"result {code} ({ev.type or 'no type'})",
-                                    result_code=code, result=result, device=device)
+                                    result_code=code, result=result, device=device,
+                                    waypoint=waypoint)
             return True
         kind = (ev.type or "").removeprefix(_FUMO_TYPE_PREFIX)
         if not fumo_result_is_success(code):
             await self.tasks.finish(task, S.FAILED, f"firmware {kind or 'update'} failed: {code} "
                                                     f"{describe_fumo_result(code)}",
-                                    result_code=code, result=result, device=device)
+                                    result_code=code, result=result, device=device,
+                                    waypoint=waypoint)
             return True
         if kind == "download":
             assert isinstance(task.op, UpdateOp)
@@ -623,7 +648,8 @@ class DeviceSessions:
             correlator = f"{task.task_id}.u"
             task = await self.tasks.move(task.task_id, S.IN_PROGRESS,
                                          cause="download complete; installing", result_code=code,
-                                         changes={"correlator": correlator, "result": result})
+                                         changes={"correlator": correlator, "result": result},
+                                         waypoint=waypoint)
             run = TaskRun(task=task, outstanding=1)
             self._add_run(work, run)
             session.queue(CommandHandle(task.task_id, "cmd", 0), Command(
@@ -634,7 +660,7 @@ class DeviceSessions:
         await self.tasks.finish(task, S.SUCCEEDED,
                                 f"firmware updated: {code} {describe_fumo_result(code)}",
                                 result_code=code, result=result, package=package,
-                                device=device)
+                                device=device, waypoint=waypoint)
         return True
 
     async def _package_of(self, task: Task) -> tuple[str, str | None] | None:

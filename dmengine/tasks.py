@@ -32,7 +32,7 @@ from .errors import (Conflict, InvalidTransition, NotFound, ServiceError, StoreE
 from .metrics import TaskMetrics
 from .model import (FINAL_TASK_STATES, ChargingEvent, Device, HistoryEntry, OutboxEntry, Task,
                     TaskResult, TaskState, UpdateOp, new_id)
-from .store.base import Store, all_pages
+from .store.base import Store, Waypoint, all_pages
 
 log = logging.getLogger("dmengine.tasks")
 _rng = random.Random()        # retry jitter: spreading load, nothing secret
@@ -117,7 +117,7 @@ class Tasks:
                 raise outcome
             return outcome
         task = await self.store.transition(task_id, to_state, **kw)
-        self._moved(task, kw.get("cause"))
+        self._moved(task, kw.get("cause"), kw.get("waypoint"))
         return task
 
     async def move_with_device(self, device: tuple[str, Mapping[str, Any]], task_id: str,
@@ -129,12 +129,14 @@ class Tasks:
         record, outcome = await self.store.update_device_and_move(device[0], device[1], task_id,
                                                                   to_state, **kw)
         if not isinstance(outcome, StoreError):
-            self._moved(outcome, kw.get("cause"))
+            self._moved(outcome, kw.get("cause"), kw.get("waypoint"))
         return record, outcome
 
-    def _moved(self, task: Task, cause: str | None) -> None:
-        """Counts a move the store made."""
+    def _moved(self, task: Task, cause: str | None, waypoint: Waypoint | None = None) -> None:
+        """Counts a move the store made (and the waypoint it passed first)."""
         if self.metrics is not None:
+            if waypoint is not None:
+                self.metrics.task_moved(waypoint[0].value)
             self.metrics.task_moved(task.state.value)
         if log.isEnabledFor(logging.DEBUG):     # one line per move: debug only (campaigns)
             log.debug("task moved to %s: %s", task.state.value, cause or "",
@@ -245,12 +247,14 @@ class Tasks:
                      dm_status: int | None = None, result_code: int | None = None,
                      result: TaskResult | None = None,
                      package: tuple[str, str | None] | None = None,
-                     device: tuple[str, Mapping[str, Any]] | None = None) -> Task | None:
+                     device: tuple[str, Mapping[str, Any]] | None = None,
+                     waypoint: Waypoint | None = None) -> Task | None:
         """Moves ``task`` to a final state with its ``task.finished`` event; a success outside
         a test cycle queues its charging event in the same write (``package``: the content id
         and version an UPDATE installed, when the session knows it).  None when the task was
         final already (cancelled meanwhile: its late outcome is dropped).  ``device``: a
-        device update written with the move (see :meth:`move`)."""
+        device update written with the move (see :meth:`move`); ``waypoint``: a move the task
+        makes first, in the same write (``Store.transition``)."""
         changes: dict[str, Any] = {"finished": self.clock(), "next_attempt": None}
         if result is not None:
             changes["result"] = msgspec.structs.replace(result, message=cause)
@@ -261,7 +265,7 @@ class Tasks:
         try:
             moved = await self.move(task.task_id, state, task=task, device=device, cause=cause,
                                     dm_status=dm_status, result_code=result_code,
-                                    changes=changes, enqueue=enqueue)
+                                    changes=changes, enqueue=enqueue, waypoint=waypoint)
             if enqueue and self.metrics is not None:
                 self.metrics.charged(operation_name(task.op))
             return moved

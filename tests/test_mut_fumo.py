@@ -137,3 +137,28 @@ def test_the_result_alerts_message_writes_the_device_with_the_outcome(tmp_path):
         tid2 = await w.broker.do_operation(QueryOp(nodes=["./DevInfo/Mod"]), msisdn=dev.msisdn)
         assert (await w.wait_state(tid2, {S.SUCCEEDED, S.FAILED})).state == S.SUCCEEDED
     run_world(tmp_path, scenario, profile=DeviceProfile(report_in_same_session=False))
+
+
+def test_the_accepted_exec_and_its_result_alert_in_one_message_are_one_write(tmp_path):
+    """The common FUMO session (the phone reports in the message that answers the Exec): the
+    "waiting for the result alert" move is written in the write of the outcome, not before
+    it — five writes from doOperation to SUCCEEDED (task, notification, device-and-start,
+    the download count, the outcome; six when the waiting move is written alone) — and the
+    history still shows both steps, the final result carrying the session's statuses."""
+    async def scenario(w: World) -> None:
+        dev = w.device(0)
+        await w.register(dev)
+        cid = await upload_firmware(w)
+        before = w.store.ops
+        tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
+        task = await w.wait_state(tid, {TaskState.SUCCEEDED, TaskState.FAILED})
+        assert task.state == TaskState.SUCCEEDED, task.cause
+        assert w.store.ops - before == 5
+        hist = await w.broker.get_task_history(tid)
+        causes = [h.cause or "" for h in hist]
+        waiting = [i for i, c in enumerate(causes) if "waiting for the result alert" in c]
+        assert len(waiting) == 1 and waiting[0] == len(hist) - 2, causes
+        assert hist[-1].to_state == TaskState.SUCCEEDED
+        assert any(k.startswith("Exec") for k in task.result.statuses), task.result
+        assert task.result.fumo_result == 200
+    run_world(tmp_path, scenario, profile=DeviceProfile(report_in_same_session=True))

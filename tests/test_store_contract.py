@@ -1323,3 +1323,36 @@ def test_update_device_and_move_is_one_write_and_a_refused_move_keeps_the_update
                                                     S.IN_PROGRESS, cause="started")
         assert isinstance(missing, NotFound) and (await s.get_device(d.dev_id)).tz == "Z"
     use(body)
+
+
+def test_a_move_through_a_waypoint_is_one_write_with_both_history_steps(
+        use: Callable[[Body], Any]) -> None:
+    """``transition(..., waypoint=…)``: the task's move to the waypoint (its own history entry,
+    its changes) and then the named move, in one write op; a waypoint the task refuses (it
+    was cancelled) writes neither."""
+    from dmengine.model import TaskResult
+    from dmengine.model import TaskState as S
+
+    async def body(s: Store) -> None:
+        d = await s.create_device(dev(1))
+        await s.create_task(task("t1", dev_id=d.dev_id, state=S.IN_PROGRESS))
+        await s.create_task(task("t2", dev_id=d.dev_id, state=S.IN_PROGRESS))
+        ops = getattr(s, "ops", None)
+        waiting = (S.IN_PROGRESS, "waiting for the result alert",
+                   {"result": TaskResult(statuses={"Exec": 202}), "next_attempt": 99.0})
+        done = await s.transition("t1", S.SUCCEEDED, cause="updated", result_code=200,
+                                  changes={"finished": 5.0}, waypoint=waiting)
+        if ops is not None:
+            assert s.ops == ops + 1
+        assert done.state == S.SUCCEEDED and done.result is not None
+        assert done.result.statuses == {"Exec": 202}       # the waypoint's changes stand
+        hist = (await s.task_history("t1")).items
+        assert [(h.to_state, h.cause) for h in hist[-2:]] == [
+            (S.IN_PROGRESS, "waiting for the result alert"), (S.SUCCEEDED, "updated")]
+        await s.transition("t2", S.CANCELLED, cause="cancelled by the caller")
+        n = len((await s.task_history("t2")).items)
+        with pytest.raises(InvalidTransition):
+            await s.transition("t2", S.SUCCEEDED, cause="updated", waypoint=waiting)
+        assert len((await s.task_history("t2")).items) == n
+        assert (await s.get_task("t2")).result is None
+    use(body)

@@ -39,6 +39,12 @@ MAX_PAGE = 10_000         #: largest page a caller may ask for
 DEFAULT_IMPORT_CHUNK = 20_000   #: devices per write transaction in import_devices
 DEFAULT_QUERY_SCAN = 20_000     #: records a query_devices page examines at most
 
+#: A move a task makes first, in the same write as the move that names it (``transition``'s
+#: ``waypoint``): (state, cause, changes).  Its own history entry and counters, as if it had
+#: been written by itself just before — a FUMO Exec accepted ("waiting for the result alert")
+#: and the result alert that came in the same message.
+Waypoint = tuple[TaskState, str, Mapping[str, Any]]
+
 
 class Page(msgspec.Struct, Generic[T]):
     """One page of a listing; ``next_cursor`` is None on the last page."""
@@ -274,7 +280,8 @@ class Store(abc.ABC):
                                      result_code: int | None = None,
                                      expect_state: TaskState | None = None,
                                      changes: Mapping[str, Any] | None = None,
-                                     enqueue: Sequence[OutboxEntry] = ()
+                                     enqueue: Sequence[OutboxEntry] = (),
+                                     waypoint: Waypoint | None = None
                                      ) -> tuple[Device, Task | StoreError]:
         """:meth:`update_device` and a :meth:`transition` of one task, in one write where the
         store can; the move's refusal (NotFound, Conflict, InvalidTransition) is returned in
@@ -284,7 +291,7 @@ class Store(abc.ABC):
         try:
             return device, await self.transition(
                 task_id, to_state, cause=cause, dm_status=dm_status, result_code=result_code,
-                expect_state=expect_state, changes=changes, enqueue=enqueue)
+                expect_state=expect_state, changes=changes, enqueue=enqueue, waypoint=waypoint)
         except (NotFound, Conflict, InvalidTransition) as exc:
             return device, exc
 
@@ -293,10 +300,12 @@ class Store(abc.ABC):
                          dm_status: int | None = None, result_code: int | None = None,
                          expect_state: TaskState | None = None,
                          changes: Mapping[str, Any] | None = None,
-                         enqueue: Sequence[OutboxEntry] = ()) -> Task:
+                         enqueue: Sequence[OutboxEntry] = (),
+                         waypoint: Waypoint | None = None) -> Task:
         """Atomically: moves the task (legal moves: ``model.TASK_TRANSITIONS``), applies
         ``changes`` (other Task fields), appends a history entry, updates the job counters and
-        the indexes, and enqueues ``enqueue`` outbox entries."""
+        the indexes, and enqueues ``enqueue`` outbox entries.  ``waypoint``: a move made first
+        in the same write (see :data:`Waypoint`); refused, neither is written."""
 
     @abc.abstractmethod
     async def tasks_by_job(self, job_id: str, *, state: TaskState | None = None,

@@ -58,7 +58,7 @@ from ..model import (FINAL_TASK_STATES, TASK_TRANSITIONS, ApiKey, AuditEntry, Ca
                      UserSession)
 from ._kv import KEEP, Transition, check_transition_args, import_chunk, import_row
 from .base import (DEFAULT_IMPORT_CHUNK, DEFAULT_PAGE, DEFAULT_QUERY_SCAN, MAX_PAGE, DeviceQuery,
-                   ImportReport, Page, Store)
+                   ImportReport, Page, Store, Waypoint)
 
 R = TypeVar("R")
 
@@ -643,7 +643,8 @@ class KVStore(Store):
                                      result_code: int | None = None,
                                      expect_state: TaskState | None = None,
                                      changes: Mapping[str, Any] | None = None,
-                                     enqueue: Sequence[OutboxEntry] = ()
+                                     enqueue: Sequence[OutboxEntry] = (),
+                                     waypoint: Waypoint | None = None
                                      ) -> tuple[Device, Task | StoreError]:
         """A device update and a move of one of its tasks (``transition``'s arguments) in one
         write op: a session's first message writes the device — its rotated nonces, DevInfo,
@@ -655,6 +656,8 @@ class KVStore(Store):
         dev_op = self._update_device_op(dev_id, device_changes, None)
         move = self._move_op(task_id, to_state, cause, dm_status, result_code, expect_state,
                              changes, enqueue)
+        if waypoint is not None:
+            move = self._through(task_id, waypoint, move)
 
         def op(ctx: WriteCtx) -> tuple[Device, Task | StoreError]:
             d = dev_op(ctx)
@@ -1341,10 +1344,24 @@ class KVStore(Store):
                          dm_status: int | None = None, result_code: int | None = None,
                          expect_state: TaskState | None = None,
                          changes: Mapping[str, Any] | None = None,
-                         enqueue: Sequence[OutboxEntry] = ()) -> Task:
-        return await self._write(self._move_op(task_id, to_state, cause, dm_status, result_code,
-                                               expect_state, changes, enqueue),
-                                 ("tasks", task_id.encode()))   # (what the writer prefetches)
+                         enqueue: Sequence[OutboxEntry] = (),
+                         waypoint: Waypoint | None = None) -> Task:
+        move = self._move_op(task_id, to_state, cause, dm_status, result_code, expect_state,
+                             changes, enqueue)
+        if waypoint is not None:
+            move = self._through(task_id, waypoint, move)
+        return await self._write(move, ("tasks", task_id.encode()))  # (what the writer prefetches)
+
+    def _through(self, task_id: str, waypoint: Waypoint, move: Op[Task]) -> Op[Task]:
+        """``move`` after the task's move to the ``waypoint`` (state, cause, changes), in one
+        op: either both are written or, when the first is refused, neither."""
+        state, cause, changes = waypoint
+        first = self._move_op(task_id, state, cause, None, None, None, changes, ())
+
+        def op(ctx: WriteCtx) -> Task:
+            first(ctx)
+            return move(ctx)
+        return op
 
     def _move_op(self, task_id: str, to_state: TaskState, cause: str | None,
                  dm_status: int | None, result_code: int | None,
