@@ -35,9 +35,9 @@ log = logging.getLogger("dmengine.engine")
 
 
 #: the main process's default share of new device-port connections, as a part of an even
-#: share (bench_campaign, 100k devices over two processes: 0.28 balanced the two processes'
-#: CPU; an even spread had the main at 86 % of a core and the device process at 46 %)
-MAIN_SHARE_OF_EVEN = 0.6
+#: share (bench_campaign, 100k devices over two processes: an even spread had the main at
+#: 86 % of a core and the device process at 46 %; 0.3 left the main 10 % busier, 0.25 even)
+MAIN_SHARE_OF_EVEN = 0.5
 
 
 @dataclass
