@@ -5,6 +5,8 @@ model and encoded by the project's codecs.  Over-HTTP behaviour is in test_serve
 """
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from dmengine import _wbxml
@@ -413,3 +415,53 @@ def test_request_heads_from_the_server_base_match_a_fresh_build():
         for method in ("POST", "GET"):
             fresh = HttpClient()._head(method, url, headers)
             assert client._head(method, url, headers) == fresh, (method, url)
+
+
+def test_idle_connections_are_reused_oldest_first():
+    """The client's kept-alive connections to one origin are taken oldest first, each in turn
+    (both the slow path and the fast POST path): requests then spread over a server's
+    processes as the kernel spread the connections.  Newest first, one connection — the
+    one whose answer came last — carried every request."""
+    from dmengine.simulator.fleet import HttpClient
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        port = str(writer.get_extra_info("peername")[1]).encode()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                n = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")), b"0"))
+                await reader.readexactly(n)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(port), port))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/dm"
+        client = HttpClient(timeout=5)
+        try:
+            # three connections: three requests at once
+            first = await asyncio.gather(*(client.request("POST", url, body=b"x")
+                                           for _ in range(3)))
+            ports = [body for _, _, body in first]
+            assert len(set(ports)) == 3
+            slow = [(await client.request("POST", url, body=b"x"))[2] for _ in range(6)]
+            assert len(set(slow[:3])) == 3 and slow[3:] == slow[:3], slow
+            fast = []
+            for _ in range(6):
+                conn = client.post_now(url, b"x", ())
+                assert conn is not None
+                fast.append((await conn.waiter)[2])
+            assert len(set(fast[:3])) == 3 and fast[3:] == fast[:3], fast
+        finally:
+            client.close()
+            server.close()
+            for w in writers:
+                w.close()
+                await w.wait_closed()
+            await server.wait_closed()
+    asyncio.run(main())

@@ -208,13 +208,13 @@ cdef class Lane:
         else:
             key, head, _ = self.client._head("POST", url, headers)
         cdef Conn conn = self.conn
-        cdef list pool
+        cdef object pool
         if conn is None or conn.closed or key != self.key:
             self.park()
             pool = self.idle[key]
             conn = None
             while pool:
-                conn = pool.pop()
+                conn = pool.popleft()         # oldest first (HttpClient.idle)
                 if not conn.closed:
                     break
                 conn = None

@@ -71,7 +71,13 @@ class HttpClient:
         self.ssl_context = ssl_context
         self.timeout = timeout
         self.max_idle = max_idle_per_host
-        self.idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
+        #: idle keep-alive connections per (scheme, host, port), taken oldest first: each
+        #: is used in turn, so requests spread over a server's processes as the kernel
+        #: spread the connections (``serve --main-device-share``) — as for phones, which each
+        #: connect anew.  Newest first, the connections of the process that answered last
+        #: were used again and again, and its share grew beyond what the server set
+        self.idle: dict[tuple[str, str, int], collections.deque[_Conn]] = \
+            collections.defaultdict(collections.deque)
         self.connects = 0
         self._splits: dict[str, tuple[tuple[str, str, int], str, str]] = {}
         self._heads: dict[str, tuple[str, tuple[tuple[str, str], ...],
@@ -200,7 +206,7 @@ class HttpClient:
         pool = self.idle[key]
         conn = None
         while pool:
-            c = pool.pop()
+            c = pool.popleft()
             if not c.closed:
                 conn = c
                 break
@@ -262,7 +268,7 @@ class HttpClient:
             key, head, _ = self._head("POST", url, headers)
         pool = self.idle[key]
         while pool:
-            conn = pool.pop()
+            conn = pool.popleft()
             if not conn.closed:
                 break
         else:
