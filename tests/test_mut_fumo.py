@@ -113,6 +113,19 @@ def test_a_session_while_the_update_installs_does_not_push_the_package_again(tmp
     run_world(tmp_path, scenario, profile=DeviceProfile(report_in_same_session=False))
 
 
+async def _update_one_device(w: World):
+    """doOperation UPDATE for one registered device, to its final state: (device, task,
+    store writes from doOperation on)."""
+    dev = w.device(0)
+    await w.register(dev)
+    cid = await upload_firmware(w)
+    before = w.store.ops
+    tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
+    task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
+    assert task.state == S.SUCCEEDED, task.cause
+    return dev, task, w.store.ops - before
+
+
 def test_the_result_alerts_message_writes_the_device_with_the_outcome(tmp_path):
     """The FUMO update's second session (its package 1 carries DevInfo and the result alert):
     the device update (nonces, DevInfo, last contact) goes in the write of the final move —
@@ -122,14 +135,8 @@ def test_the_result_alerts_message_writes_the_device_with_the_outcome(tmp_path):
     lost: the device authenticates a third session with the nonces it was given, and its
     last contact is the second session's."""
     async def scenario(w: World) -> None:
-        dev = w.device(0)
-        await w.register(dev)
-        cid = await upload_firmware(w)
-        before = w.store.ops
-        tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
-        task = await w.wait_state(tid, {S.SUCCEEDED, S.FAILED})
-        assert task.state == S.SUCCEEDED, task.cause
-        assert w.store.ops - before == 6
+        dev, task, writes = await _update_one_device(w)
+        assert writes == 6
         rec = await w.store.get_device(dev.dev_id)
         assert rec.last_contact is not None and rec.last_contact >= task.finished - 5
         # the nonces of the alert session were stored: a third session authenticates
@@ -146,15 +153,9 @@ def test_the_accepted_exec_and_its_result_alert_in_one_message_are_one_write(tmp
     the download count, the outcome; six when the waiting move is written alone) — and the
     history still shows both steps, the final result carrying the session's statuses."""
     async def scenario(w: World) -> None:
-        dev = w.device(0)
-        await w.register(dev)
-        cid = await upload_firmware(w)
-        before = w.store.ops
-        tid = await w.broker.do_operation(UpdateOp(content_id=cid), msisdn=dev.msisdn)
-        task = await w.wait_state(tid, {TaskState.SUCCEEDED, TaskState.FAILED})
-        assert task.state == TaskState.SUCCEEDED, task.cause
-        assert w.store.ops - before == 5
-        hist = await w.broker.get_task_history(tid)
+        _dev, task, writes = await _update_one_device(w)
+        assert writes == 5
+        hist = await w.broker.get_task_history(task.task_id)
         causes = [h.cause or "" for h in hist]
         waiting = [i for i, c in enumerate(causes) if "waiting for the result alert" in c]
         assert len(waiting) == 1 and waiting[0] == len(hist) - 2, causes
