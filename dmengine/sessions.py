@@ -194,7 +194,7 @@ class DeviceSessions:
         try:
             for ev in events:
                 await self._on_event(session, work, ev)
-            for run in work.runs.values():
+            for run in list(work.runs.values()):
                 if run.held_move is not None:   # no outcome of this message took it
                     ev = None
                     await self._write_held(run)

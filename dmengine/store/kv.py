@@ -1354,7 +1354,7 @@ class KVStore(Store):
 
     def _through(self, task_id: str, waypoint: Waypoint, move: Op[Task]) -> Op[Task]:
         """``move`` after the task's move to the ``waypoint`` (state, cause, changes), in one
-        op: either both are written or, when the first is refused, neither."""
+        op; a refused waypoint raises before either is written."""
         state, cause, changes = waypoint
         first = self._move_op(task_id, state, cause, None, None, None, changes, ())
 
