@@ -3,6 +3,7 @@ callback-driven load lanes of ``Fleet.run``."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from dmengine.errors import DmError
@@ -22,7 +23,7 @@ class Conn(asyncio.Protocol):  # a protocol by its methods (a cdef class cannot 
     transport: asyncio.Transport | None
     parser: Any
     waiter: asyncio.Future[tuple[int, bytes, bytes]] | None
-    pool: list[Conn] | None
+    pool: collections.deque[Conn] | None
     client_waiting: set[Conn]
     _loop: asyncio.AbstractEventLoop
     driver: Lane | None
