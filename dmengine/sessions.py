@@ -187,9 +187,9 @@ class DeviceSessions:
         # Results the device reports in this very message (a Generic Alert for an Exec of an
         # earlier session, say one the server never saw answered): their tasks are not started
         # again before the report is read — the report is their outcome
-        alerts = [ev.correlator for ev in events if isinstance(ev, GenericAlert)]
-        work.reported.update(c for c in alerts if c)
-        work.alerts_now = frozenset(c for c in alerts if c)
+        work.alerts_now = frozenset(ev.correlator for ev in events
+                                    if isinstance(ev, GenericAlert) and ev.correlator)
+        work.reported.update(work.alerts_now)
         ev = None
         try:
             for ev in events:

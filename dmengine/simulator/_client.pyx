@@ -206,10 +206,9 @@ cdef class ClientBase:
             # session on, while most phones of a campaign have one
             dev._pkg1 = (key, False)
             tpl = None
-        elif hit[1] is False:
-            hit = dev._pkg1 = (key, self._pkg1_template())
-            tpl = hit[1]
         else:
+            if hit[1] is False:
+                hit = dev._pkg1 = (key, self._pkg1_template())
             tpl = hit[1]
         if tpl is None:
             return self._finish(self._encode(self._pkg1_message(self.session_id, None,
