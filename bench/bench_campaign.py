@@ -112,6 +112,13 @@ def _stat_cpu_s(path: str) -> float:
     return user + system
 
 
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait, all) clock ticks of the machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])
+
+
 def with_children(pid: int) -> list[int]:
     """``pid`` and its live child processes (the server's device processes,
     ``serve --device-processes``)."""
@@ -296,6 +303,9 @@ class Outcome:
     server_cpu_s: float = 0.0        # job creation to 100 % final
     server_main_cpu_s: float = 0.0   # of it, the event loop's thread
     server_other_cpu_s: float = 0.0  # of it, the other threads (LMDB writer, executors)
+    server_first_cpu_s: float = 0.0  # of it, the process started (scheduler, API, its share
+                                     # of the device port); the rest: its device processes
+    idle_share: float = 0.0          # of the machine's CPU time over the run (/proc/stat)
     server_peak_rss_mb: float = 0.0  # VmHWM over the whole run
     server_hwm_import_mb: float = 0.0   # VmHWM after the import
     server_hwm_create_mb: float = 0.0   # VmHWM after the job's creation
@@ -411,6 +421,8 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
             await asyncio.sleep(1.0)
         sim0 = cpu_s(sim_pid)
         cpu0 = cpu_s(server_pid)
+        first0 = _stat_cpu_s(f"/proc/{server_pid}/stat")
+        idle0 = machine_idle()
         threads0 = thread_cpu_s(server_pid)
         t0 = time.perf_counter()
         async with s.post(api + "v1/jobs", json={
@@ -449,6 +461,9 @@ async def drive(o: Outcome, api: str, key: str, csv_path: str, server_pid: int,
                                    f"{json.dumps(job)[:2000]}")
             await asyncio.sleep(POLL)
         o.server_cpu_s = cpu_s(server_pid) - cpu0
+        o.server_first_cpu_s = _stat_cpu_s(f"/proc/{server_pid}/stat") - first0
+        idle1 = machine_idle()
+        o.idle_share = (idle1[0] - idle0[0]) / max(1e-9, idle1[1] - idle0[1])
         threads = thread_cpu_s(server_pid)
         o.server_main_cpu_s = threads.get("MainThread", 0.0) - threads0.get("MainThread", 0.0)
         o.server_other_cpu_s = o.server_cpu_s - o.server_main_cpu_s
@@ -618,6 +633,11 @@ def rows_for(o: Outcome, ref: Outcome | None) -> list[Row]:
             round(o.server_main_cpu_s, 1), "s"),
         Row(case, "server CPU of its other threads: LMDB writer, executors (job creation to "
                   "100 % final)", round(o.server_other_cpu_s, 1), "s"),
+        Row(case, "server CPU of the process started (scheduler, API, its share of the "
+                  "device port; the rest is its device processes')",
+            round(o.server_first_cpu_s, 1), "s"),
+        Row(case, "machine CPU idle (job creation to 100 % final)",
+            round(100 * o.idle_share, 1), "%"),
         Row(case, "server CPU for the import", round(o.server_cpu_import_s, 1), "s"),
         Row(case, "server peak RSS", round(o.server_peak_rss_mb, 1), "MB"),
         Row(case, "server peak anonymous RSS (sampled; the mapped store excluded)",
@@ -655,7 +675,8 @@ def summary_line(o: Outcome) -> str:
             f"50/99/100 % final at {o.to_final[0.5]:.1f}/{o.to_final[0.99]:.1f}/"
             f"{o.complete_s:.1f} s ({o.n / o.complete_s:,.0f} tasks/s), server CPU "
             f"{o.server_cpu_s:.1f} s (loop {o.server_main_cpu_s:.1f}, other threads "
-            f"{o.server_other_cpu_s:.1f}), peak RSS {o.server_peak_rss_mb:.0f} MB (anon "
+            f"{o.server_other_cpu_s:.1f}; first process {o.server_first_cpu_s:.1f}), "
+            f"machine idle {100 * o.idle_share:.0f} %, peak RSS {o.server_peak_rss_mb:.0f} MB (anon "
             f"{o.server_peak_anon_mb:.0f}, file {o.server_rss_file_end_mb:.0f}), simulator CPU "
             f"{o.sim_cpu_s:.0f} s, store {o.store_bytes / o.n:,.0f} B/device")
 

@@ -571,12 +571,18 @@ def validate(obj: R) -> bytes:
         decoder(type(obj)).decode(data)
     except msgspec.ValidationError as exc:
         raise ValidationError(f"{type(obj).__name__}: {exc}", where=where_of(exc)) from None
+    check_ids(obj)
+    return data
+
+
+def check_ids(obj: Struct) -> None:
+    """The id rule (:data:`ID_PATTERN`) on ``obj``'s id fields: all :func:`validate` adds to
+    what ``msgspec.convert`` checked when it made ``obj``."""
     for name in _id_fields(type(obj)):
         v = getattr(obj, name)
         if v is not None and _ID_RE.match(v) is None:
             raise ValidationError(f"{type(obj).__name__}: Expected `str` matching regex "
                                   f"{ID_PATTERN!r} - at `$.{name}`", where=f"$.{name}")
-    return data
 
 
 def _secret_fields(cls: type) -> frozenset[str]:

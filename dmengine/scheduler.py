@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable, Collection
+from typing import Any, Awaitable, Callable, Collection, Mapping, NamedTuple
 
 import msgspec
 
@@ -21,11 +21,12 @@ from . import logs
 from .config import BrokerConfig
 from .errors import CodecError, Conflict, GatewayError, InvalidTransition, NotFound, StoreError
 from .metrics import TaskMetrics
-from .model import (FINAL_TASK_STATES, BootstrapOp, DmAccount, Job, JobState, Task, TaskState)
+from .model import (FINAL_TASK_STATES, BootstrapOp, Device, DmAccount, Job, JobState, Task,
+                    TaskState)
 from .notify.base import Gateway
 from .notify.pkg0 import build_pkg0
 from .sessions import DeviceSessions, stored_nonce, waiting_alert
-from .store.base import Store
+from .store.base import Store, Waypoint
 from .supervised import Supervision
 from .tasks import Tasks
 
@@ -33,6 +34,17 @@ log = logging.getLogger("dmengine.scheduler")
 
 S = TaskState
 J = JobState
+
+
+class _Send(NamedTuple):
+    """A notification ready to go: where, what, and the NOTIFIED move written before it."""
+    msisdn: str
+    pkg0: bytes
+    resync_until: float | None      # the device's account is written first (nonce re-sync)
+    move: Waypoint
+
+
+_NONE_READY: Mapping[str, _Send] = {}
 
 
 class Scheduler:
@@ -53,6 +65,9 @@ class Scheduler:
         #: the clock when the running pass began: the tasks it notifies were due by then
         #: (dmengine_scheduler_lag_seconds counts from it)
         self._pass_start: float | None = None
+        #: the running pass started a full ``job_batch`` of a job that had room for more:
+        #: the loop runs the next pass at once instead of after ``tick_interval``
+        self._full_batch = False
 
     # --- notification ----------------------------------------------------------------------
 
@@ -65,53 +80,75 @@ class Scheduler:
             return await self.follow_up(task, job)
         now = self.clock()
         try:
-            device = await self.store.get_device(task.dev_id)
+            device: Device | None = await self.store.get_device(task.dev_id)
         except NotFound:
-            return await self.tasks.move(task.task_id, S.FAILED, cause="no such device",
-                                         changes={"finished": now, "next_attempt": None})
+            device = None
+        plan = self._plan(task, job, device, now)
+        if not isinstance(plan, _Send):
+            state, cause, changes = plan
+            return await self.tasks.move(task.task_id, state, cause=cause, changes=changes)
+        if plan.resync_until is not None:
+            assert device is not None
+            await self.store.update_device(device.dev_id,
+                                           {"account": {"resync_until": plan.resync_until}})
+        if task.attempts and self.metrics is not None:
+            self.metrics.task_retried()
+        # NOTIFIED is written before the send: a fast device may open its session (and move
+        # the task to IN_PROGRESS) before the gateway call returns.
+        state, cause, changes = plan.move
+        task = await self.tasks.move(task.task_id, state, cause=cause, changes=changes)
+        return await self._send(task, plan, now if due is None else due)
+
+    def _plan(self, task: Task, job: Job | None, device: Device | None,
+              now: float) -> _Send | Waypoint:
+        """What notifying ``task`` (PENDING or NOTIFIED) takes now: the package #0 to send
+        with the NOTIFIED move written before it, or — when it cannot go now — the move that
+        says why (the device is gone, outside the job's window, nothing to wake it with, no
+        package #0 can be built for it)."""
+        if device is None:
+            return S.FAILED, "no such device", {"finished": now, "next_attempt": None}
         acc = device.account
         delay = self.tasks.retry_delay(task.attempts)
         if job is not None and job.windows and device.tz:
             wait = window_wait(job.windows, device.tz, now)
             if wait > 0:
-                return await self.tasks.move(task.task_id, S.PENDING,
-                                             cause="outside the job's window in the device's "
-                                                   "time zone", changes={"next_attempt": now + wait})
+                return (S.PENDING, "outside the job's window in the device's time zone",
+                        {"next_attempt": now + wait})
         if self.gateway is None or not device.msisdn or acc is None:
             # Nothing to wake it with: the task waits for the device's own session.
             why = ("no notification gateway" if self.gateway is None else
                    "device has no MSISDN" if not device.msisdn else "device has no DM account")
-            return await self.tasks.move(task.task_id, task.state, cause=f"waiting: {why}",
-                                         changes={"next_attempt": now + delay})
+            return task.state, f"waiting: {why}", {"next_attempt": now + delay}
         if acc.client_name:
             self.sessions.by_username[acc.client_name] = device.dev_id
         session_id = self.new_session_id()
         resync = self.config.resync_after is not None and task.attempts >= self.config.resync_after
+        resync_until = None
         if resync:
             # the device may have lost its nonces: sign with the well-known one and let its
             # package 1 use it too for a while (the session then hands out fresh nonces)
-            acc = msgspec.structs.replace(acc, resync_until=now + self.config.resync_window)
-            await self.store.update_device(device.dev_id,
-                                           {"account": {"resync_until": acc.resync_until}})
+            resync_until = now + self.config.resync_window
+            acc = msgspec.structs.replace(acc, resync_until=resync_until)
         try:
             pkg0 = self._pkg0(acc, task, resync, session_id)
         except CodecError as exc:
             # the record cannot be notified at all (a server id too long for package #0, no
             # server credentials): this task fails with the cause, the others go on
-            return await self.tasks.move(task.task_id, S.FAILED,
-                                         cause=f"package #0 not built: {exc}",
-                                         changes={"finished": now, "next_attempt": None})
-        if task.attempts and self.metrics is not None:
-            self.metrics.task_retried()
-        # NOTIFIED is written before the send: a fast device may open its session (and move
-        # the task to IN_PROGRESS) before the gateway call returns.
-        task = await self.tasks.move(
-            task.task_id, S.NOTIFIED,
-            cause=f"package #0{' (nonce re-synchronisation)' if resync else ''} sent via "
-                  f"{self.gateway.name} (session {session_id:X})",
-            changes={"next_attempt": now + delay, "attempts": task.attempts + 1})
+            return (S.FAILED, f"package #0 not built: {exc}",
+                    {"finished": now, "next_attempt": None})
+        return _Send(device.msisdn, pkg0, resync_until, (
+            S.NOTIFIED,
+            f"package #0{' (nonce re-synchronisation)' if resync else ''} sent via "
+            f"{self.gateway.name} (session {session_id:X})",
+            {"next_attempt": now + delay, "attempts": task.attempts + 1}))
+
+    async def _send(self, task: Task, plan: _Send, due: float) -> Task:
+        """Hands ``plan``'s package #0 to the gateway (``task``: already NOTIFIED); a failed
+        send moves the task back to PENDING (retryable) or fails it.  ``due``: when the
+        notification was due (the start of the pass that took the task, or of the call)."""
+        assert self.gateway is not None
         try:
-            await self.gateway.send(device.msisdn, pkg0)
+            await self.gateway.send(plan.msisdn, plan.pkg0)
         except GatewayError as exc:
             if self.metrics is not None:
                 self.metrics.notification("failed", self.gateway.name)
@@ -123,12 +160,9 @@ class Scheduler:
                     task.task_id, S.PENDING, cause=f"notification failed, will retry: {exc}")
             return await self.tasks.move(
                 task.task_id, S.FAILED, cause=f"notification refused: {exc}",
-                changes={"finished": now, "next_attempt": None})
+                changes={"finished": self.clock(), "next_attempt": None})
         if self.metrics is not None:
-            # due: by the start of the pass that took the task; else (a new single task)
-            # when this call began
-            self.metrics.notification("sent", self.gateway.name,
-                                      lag=self.clock() - (now if due is None else due))
+            self.metrics.notification("sent", self.gateway.name, lag=self.clock() - due)
         return task
 
     async def follow_up(self, task: Task, job: Job | None = None) -> Task:
@@ -305,18 +339,43 @@ class Scheduler:
             room = min(room, job.concurrency - in_flight(job))
         if self.config.max_in_flight is not None:
             room = min(room, self.config.max_in_flight - total_in_flight)
+        full = room == self.config.job_batch      # the batch, not the job, bounds it
         room = self._take_tokens(job, now, room)
         if room <= 0:
             return 0
+        full = full and room == self.config.job_batch
         dev_ids = await self.store.job_targets(job.job_id, job.total, room)
         lease = now + self.config.claim_lease
         tasks = []
         for dev_id in dev_ids:
             t = self.jobs.task_for(job, dev_id, now)
             tasks.append(msgspec.structs.replace(t, next_attempt=lease))  # ours to notify
-        created = await self.store.create_job_tasks(job.job_id, job.total, tasks)
-        self.tasks.count_made(created)
-        await self._notify_all(created, {job.job_id: job})
+        started = await self._start(job, tasks, now)
+        self._full_batch |= full
+        return started
+
+    async def _start(self, job: Job, tasks: list[Task], now: float) -> int:
+        """A job's next tasks: made, and those whose devices can be woken now moved on to
+        NOTIFIED in the same write (one write where a make and a move per task were the
+        main process's largest share of a campaign); then their packages #0 go out.  A
+        task that cannot be notified now is made PENDING and goes the way of :meth:`notify`
+        (its window, its device gone, no way to wake it)."""
+        plans: dict[str, _Send] = {}
+        devices = await self.store.get_devices([t.dev_id for t in tasks])
+        for t in tasks:
+            device = devices.get(t.dev_id)
+            if device is None:
+                continue
+            plan = self._plan(t, job, device, now)
+            if isinstance(plan, _Send) and plan.resync_until is None:
+                plans[t.task_id] = plan
+        created = await self.store.create_job_tasks(
+            job.job_id, job.total, tasks, moves={k: p.move for k, p in plans.items()})
+        self.tasks.count_made(tasks)            # made PENDING, whichever moved on at once
+        for t in created:
+            if t.task_id in plans:
+                self.tasks.moved(t, plans[t.task_id].move[1])
+        await self._notify_all(created, {job.job_id: job}, plans)
         return len(created)
 
     async def _stage_done(self, job: Job, v: JobView) -> None:
@@ -428,9 +487,11 @@ class Scheduler:
         except (Conflict, InvalidTransition, NotFound):
             pass                           # it moved meanwhile (the device came): theirs now
 
-    async def _notify_all(self, tasks: list[Task], jobs: dict[str, Job]) -> None:
+    async def _notify_all(self, tasks: list[Task], jobs: dict[str, Job],
+                          ready: Mapping[str, _Send] = _NONE_READY) -> None:
         """Notifications of one pass, ``notify_parallel`` under way at once (their store
-        writes share the group commit)."""
+        writes share the group commit).  ``ready``: tasks already NOTIFIED whose package #0
+        only has to be sent (:meth:`_start`)."""
         # a sliding window, not chunks: a chunk waited for its slowest notification before
         # the next one began, and the device port sat idle meanwhile
         window = asyncio.Semaphore(max(1, self.config.notify_parallel))
@@ -438,7 +499,10 @@ class Scheduler:
 
         async def one(t: Task) -> None:
             async with window:
-                await self._guarded(t, self.notify(t, jobs.get(t.job_id or ""), due=due))
+                plan = ready.get(t.task_id)
+                await self._guarded(t, self.notify(t, jobs.get(t.job_id or ""), due=due)
+                                    if plan is None else
+                                    self._send(t, plan, self.clock() if due is None else due))
         await asyncio.gather(*(one(t) for t in tasks))
 
     async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:
@@ -540,8 +604,14 @@ class Scheduler:
         except Exception:
             log.exception("scheduler: recovery after the restart failed")
         while True:
+            self._full_batch = False
             await self.loop.run_pass(self.tick)
-            await asyncio.sleep(self.config.tick_interval)
+            # job_batch bounds the work of one pass, not a job's pace (its concurrency and
+            # rate do): after a pass that started a full batch of a job with room for more,
+            # the next comes at once.  Waiting a tick each time held a 4,000-device-window
+            # campaign to job_batch / (tick + pass) — 1,450 tasks/s with the machine a
+            # fifth idle.
+            await asyncio.sleep(0 if self._full_batch else self.config.tick_interval)
 
     def start(self) -> None:
         self.loop.start(self.run)

@@ -190,28 +190,28 @@ class DeviceSessions:
         work.alerts_now = frozenset(ev.correlator for ev in events
                                     if isinstance(ev, GenericAlert) and ev.correlator)
         work.reported.update(work.alerts_now)
-        ev = None
+        what = ""                               # what was being written, for the log
         try:
             for ev in events:
+                what = type(ev).__name__
                 await self._on_event(session, work, ev)
             for run in list(work.runs.values()):
                 if run.held_move is not None:   # no outcome of this message took it
-                    ev = None
+                    what = f"the held move of task {run.task.task_id}"
                     await self._write_held(run)
             if work.device_write is not None:   # no outcome of this message took it
-                ev = None
+                what = "the device's record"
                 dev_id, changes = work.device_write
                 work.device_write = None
                 await self.store.update_device(dev_id, changes)
             if work.nonces:
-                ev = None
+                what = "the session's nonces"
                 await self._save_nonces(session, work)
         except StoreError as exc:
             # An outcome that cannot be recorded (disk full, writer gone) must not be
             # acknowledged: the error ends the session (the device is told 500) and its
             # tasks are tried again later, instead of the session going on without them.
-            log.error("store failed while handling %s: %s",
-                      type(ev).__name__ if ev is not None else "the session's nonces", exc)
+            log.error("store failed while handling %s: %s", what, exc)
             raise
 
     async def on_session_closed(self, session: Any, reason: str) -> None:

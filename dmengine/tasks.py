@@ -117,7 +117,7 @@ class Tasks:
                 raise outcome
             return outcome
         task = await self.store.transition(task_id, to_state, **kw)
-        self._moved(task, kw.get("cause"), kw.get("waypoint"))
+        self.moved(task, kw.get("cause"), kw.get("waypoint"))
         return task
 
     async def move_with_device(self, device: tuple[str, Mapping[str, Any]], task_id: str,
@@ -129,11 +129,12 @@ class Tasks:
         record, outcome = await self.store.update_device_and_move(device[0], device[1], task_id,
                                                                   to_state, **kw)
         if not isinstance(outcome, StoreError):
-            self._moved(outcome, kw.get("cause"), kw.get("waypoint"))
+            self.moved(outcome, kw.get("cause"), kw.get("waypoint"))
         return record, outcome
 
-    def _moved(self, task: Task, cause: str | None, waypoint: Waypoint | None = None) -> None:
-        """Counts a move the store made (and the waypoint it passed first)."""
+    def moved(self, task: Task, cause: str | None, waypoint: Waypoint | None = None) -> None:
+        """Counts a move the store made (and the waypoint it passed first): the store's
+        writes that move tasks without :meth:`move` count theirs here."""
         if self.metrics is not None:
             if waypoint is not None:
                 self.metrics.task_moved(waypoint[0].value)

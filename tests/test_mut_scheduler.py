@@ -492,14 +492,68 @@ def test_the_lease_holds_a_task_the_pass_could_not_notify():
             made = []
             orig = w.store.create_job_tasks
 
-            async def spy(job_id: str, total: int, tasks: list[Task]) -> list[Task]:
+            async def spy(job_id: str, total: int, tasks: list[Task], **kw: Any) -> list[Task]:
                 made.extend(tasks)
-                return await orig(job_id, total, tasks)
+                return await orig(job_id, total, tasks, **kw)
             w.store.create_job_tasks = spy  # type: ignore[method-assign]
             job2 = await a_job(w, 2)
             await w.scheduler.tick()
             assert [t.next_attempt for t in made] == [w.clock.now + 77.0] * 2
             assert job2.job_id
+    run(main())
+
+
+def test_a_pass_makes_and_notifies_its_job_tasks_in_one_write():
+    """A job's next tasks are made and — those whose devices can be woken now — moved to
+    NOTIFIED in the same write, before their packages #0 go out; each history still shows the
+    creation and the notification.  A device without an MSISDN gets its task made PENDING and
+    then the waiting move of ``notify``; a send that fails moves its task back to PENDING."""
+    async def main() -> None:
+        devs = [device(0), device(1, msisdn=None), device(2), device(3)]
+        async with World(devices=devs) as w:
+            job = await a_job(w, 4)
+            writes = 0
+            orig = w.store._write
+
+            def counted(op: Any, prefetch: Any = None) -> Any:
+                nonlocal writes
+                writes += 1
+                return orig(op, prefetch)
+            w.store._write = counted  # type: ignore[method-assign]
+            seen: dict[str, S] = {}
+
+            async def look(msisdn: str) -> None:      # the state when the package goes out
+                for t in (await w.store.tasks_by_job(job.job_id, limit=9)).items:
+                    seen.setdefault(t.dev_id, t.state)
+                if msisdn == devs[3].msisdn:
+                    raise GatewayError("SMSC busy", retryable=True)
+            w.on_send = look
+            assert await w.scheduler.tick() == 4
+            # the batch (made + 3 NOTIFIED), the MSISDN-less task's wait, the failed send's
+            # move back: 3 writes where a make and a move per task were 6
+            assert writes == 3
+            assert seen[devs[0].dev_id] == S.NOTIFIED and seen[devs[2].dev_id] == S.NOTIFIED
+            assert [m for m, _ in w.sent] == [devs[0].msisdn, devs[2].msisdn]
+            by_dev = {t.dev_id: t for t in (await w.store.tasks_by_job(job.job_id,
+                                                                        limit=9)).items}
+            for d, want in ((devs[0], S.NOTIFIED), (devs[1], S.PENDING), (devs[2], S.NOTIFIED),
+                            (devs[3], S.PENDING)):
+                assert by_dev[d.dev_id].state == want
+            t0 = by_dev[devs[0].dev_id]
+            assert (t0.attempts, t0.next_attempt) == (1, w.clock.now + 10.0)
+            hist = (await w.store.task_history(t0.task_id)).items
+            assert [h.to_state for h in hist] == [S.PENDING, S.NOTIFIED]
+            assert session_of(hist[1].cause) == parse_pkg0(w.sent[0][1]).session_id
+            assert (await w.last(by_dev[devs[1].dev_id].task_id)) == (
+                "PENDING", "waiting: device has no MSISDN")
+            assert (await w.last(by_dev[devs[3].dev_id].task_id))[1] == (
+                "notification failed, will retry: loopback: gave up after 1 attempts: "
+                "SMSC busy")
+            assert [h.to_state for h in (await w.store.task_history(
+                by_dev[devs[3].dev_id].task_id)).items] == [S.PENDING, S.NOTIFIED, S.PENDING]
+            assert w.metrics.transitions == {"PENDING": 6, "NOTIFIED": 3}
+            j = await w.store.get_job(job.job_id)
+            assert j.counts == {S.NOTIFIED: 2, S.PENDING: 2}
     run(main())
 
 
@@ -985,6 +1039,28 @@ def test_the_loop_runs_passes_until_stopped_and_reports_health():
             assert len(w.sent) == 1 and w.scheduler.health() == []
             await w.scheduler.stop()
             assert w.scheduler.health() == ["scheduler not started"]   # the loop is gone
+    run(main())
+
+
+def test_the_loop_runs_the_next_pass_at_once_after_a_full_batch():
+    """``job_batch`` bounds a pass, not a job's pace: after a pass that started a full batch
+    of a job with room for more, the next pass comes at once (not a tick later); once the
+    job's concurrency is taken, the loop waits its tick again."""
+    async def main() -> None:
+        async with World(8, tick_interval=30.0, job_batch=2) as w:
+            job = await a_job(w, 8, concurrency=5)
+            w.scheduler.start()
+            for _ in range(300):
+                if len(w.sent) >= 5:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            try:
+                # 2 + 2 + 1 (the concurrency), each pass at once after the one before
+                assert len(w.sent) == 5
+                assert (await w.store.get_job(job.job_id)).total == 5
+            finally:
+                await w.scheduler.stop()
     run(main())
 
 

@@ -1356,3 +1356,59 @@ def test_a_move_through_a_waypoint_is_one_write_with_both_history_steps(
         assert len((await s.task_history("t2")).items) == n
         assert (await s.get_task("t2")).result is None
     use(body)
+
+
+def test_job_tasks_made_and_moved_on_in_one_write(use: Callable[[Body], Any]) -> None:
+    """``create_job_tasks(..., moves=…)``: the tasks named are made and moved on in the same
+    write (the scheduler's NOTIFIED before package #0 goes out) — each with its creation and
+    its move in the history, the job's counters at the new state, the move's changes kept;
+    the others are made as they are.  A move the new task refuses, or one naming a task not
+    in the batch, writes nothing."""
+    from dmengine.model import TaskState as S
+
+    async def body(s: Store) -> None:
+        await s.create_job(Job(job_id="mv", state=JobState.RUNNING))
+        ops = getattr(s, "ops", None)
+        batch = [task(f"m{i}", job_id="mv", dev_id=f"IMEI:35693803000000{i}", next_attempt=50.0)
+                 for i in range(3)]
+        sent = (S.NOTIFIED, "package #0 sent via test (session 1F)",
+                {"next_attempt": 70.0, "attempts": 1})
+        made = await s.create_job_tasks("mv", 0, batch, moves={"m0": sent, "m2": sent})
+        if ops is not None:
+            assert s.ops == ops + 1
+        assert [(t.state, t.attempts, t.next_attempt) for t in made] == [
+            (S.NOTIFIED, 1, 70.0), (S.PENDING, 0, 50.0), (S.NOTIFIED, 1, 70.0)]
+        assert made[0] == await s.get_task("m0")
+        hist = (await s.task_history("m0")).items
+        assert [(h.from_state, h.to_state, h.cause) for h in hist] == [
+            (None, S.PENDING, None),
+            (S.PENDING, S.NOTIFIED, "package #0 sent via test (session 1F)")]
+        assert len((await s.task_history("m1")).items) == 1
+        j = await s.get_job("mv")
+        assert j.total == 3 and j.counts == {S.NOTIFIED: 2, S.PENDING: 1}
+        # due again when the move said, not when the made task said
+        assert [t.task_id for t in await s.tasks_due(60.0)] == ["m1"]
+        assert sorted(t.task_id for t in await s.tasks_due(80.0)) == ["m0", "m1", "m2"]
+        more = [task("m3", job_id="mv", dev_id="IMEI:356938030000003")]
+        with pytest.raises(InvalidTransition):
+            await s.create_job_tasks("mv", 3, more, moves={"m3": (S.SUCCEEDED, "no", {})})
+        with pytest.raises(ValidationError) as e:
+            await s.create_job_tasks("mv", 3, more, moves={"m9": sent})
+        assert e.value.where == "$.moves"
+        with pytest.raises(NotFound):
+            await s.get_task("m3")
+        assert (await s.get_job("mv")).total == 3
+    use(body)
+
+
+def test_devices_read_together(use: Callable[[Body], Any]) -> None:
+    """``get_devices``: those that exist, by DevId, as ``get_device`` reads them (unknown and
+    over-long ids left out, not an error)."""
+    async def body(s: Store) -> None:
+        a = await s.create_device(dev(1))
+        b = await s.create_device(dev(2, tz="Europe/Berlin"))
+        got = await s.get_devices([b.dev_id, "IMEI:000000000000000", a.dev_id, "x" * 600])
+        assert got == {a.dev_id: await s.get_device(a.dev_id),
+                       b.dev_id: await s.get_device(b.dev_id)}
+        assert await s.get_devices([]) == {}
+    use(body)

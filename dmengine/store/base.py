@@ -119,6 +119,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_device(self, dev_id: str) -> Device: ...
 
+    async def get_devices(self, dev_ids: Sequence[str]) -> dict[str, Device]:
+        """The devices of ``dev_ids`` that exist, by DevId, read together (a scheduler pass
+        reads a batch's devices at once)."""
+        out = {}
+        for dev_id in dev_ids:
+            try:
+                out[dev_id] = await self.get_device(dev_id)
+            except NotFound:
+                pass
+        return out
+
     @abc.abstractmethod
     async def delete_device(self, dev_id: str) -> None: ...
 
@@ -226,10 +237,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_job_tasks(self, job_id: str, expect_total: int,
-                               tasks: Sequence[Task]) -> list[Task]:
+                               tasks: Sequence[Task], *,
+                               moves: Mapping[str, Waypoint] | None = None) -> list[Task]:
         """Creates the next tasks of a RUNNING job in one write, if the job still has
         ``expect_total`` tasks (else Conflict: another claimer made them).  The job's counters
-        move in the same write."""
+        move in the same write.  ``moves``: task id → the move (state, cause, changes) that
+        task makes right after it is created, in the same write — its own history entry and
+        counters, as if written just after (the scheduler's NOTIFIED, written before the
+        package #0 goes out); a refused move refuses the whole write.  Returns the tasks as
+        written (moved ones in their new state)."""
 
     async def has_subscribers(self, topic: str) -> bool:
         """Whether some subscription listens to ``topic`` now, so that callers skip building

@@ -463,7 +463,7 @@ def _charging_record(e: OutboxEntry, now: float) -> ChargingEvent:
         raise ValidationError(f"charging payload: {exc}",
                               where=(model.where_of(exc) or "$").replace("$", "$.payload", 1)
                               ) from None
-    model.validate(rec)
+    model.check_ids(rec)            # (convert checked the rest)
     return rec
 
 
@@ -717,6 +717,16 @@ class KVStore(Store):
 
     async def get_device(self, dev_id: str) -> Device:
         return await self._get("devices", Device, dev_id, "device")
+
+    async def get_devices(self, dev_ids: Sequence[str]) -> dict[str, Device]:
+        keys = [k for k in map(_e, dev_ids) if len(k) <= MAX_KEY]
+
+        def fn(txn: KVTxn) -> dict[str, Device]:
+            return {k.decode(): dec(Device, raw, "devices", k)
+                    for k, raw in txn.get_many("devices", keys).items()}
+        # on the loop, as the reads one by one were: a pass's batch (job_batch, 500) is a
+        # few milliseconds of decoding, less than the executor's hop and GIL hand-over
+        return await self._read(fn)
 
     async def _delete(self, db: str, cls: type[R], ident: str, kind: str,
                       unindex: Callable[[WriteCtx, R], None]) -> None:
@@ -1060,11 +1070,21 @@ class KVStore(Store):
         return await self._read(fn, big=limit > self.inline_read_limit)
 
     async def create_job_tasks(self, job_id: str, expect_total: int,
-                               tasks: Sequence[Task]) -> list[Task]:
+                               tasks: Sequence[Task], *,
+                               moves: Mapping[str, Waypoint] | None = None) -> list[Task]:
         for i, t in enumerate(tasks):
             if t.job_id != job_id:
                 raise ValidationError(f"tasks[{i}] is not of job {job_id}", where=f"$[{i}].job_id")
             model.validate(t)
+        then: dict[str, Op[Task]] = {}
+        if moves:
+            ids = {t.task_id for t in tasks}
+            for task_id, (state, cause, changes) in moves.items():
+                if task_id not in ids:
+                    raise ValidationError(f"moves names task {task_id!r}, not one of these",
+                                          where="$.moves")
+                then[task_id] = self._move_op(task_id, state, cause, None, None, None,
+                                              changes, ())
 
         def op(ctx: WriteCtx) -> list[Task]:
             j = ctx.job(job_id)
@@ -1079,7 +1099,9 @@ class KVStore(Store):
             jkey = _e(job_id)
             out = []
             for t in tasks:
-                out.append(self._create_task_body(ctx, t))
+                made = self._create_task_body(ctx, t)
+                move = then.get(t.task_id)
+                out.append(made if move is None else move(ctx))
                 ctx.delete("dev_targets", _e(t.dev_id) + SEP + jkey)
             return out
         return await self._write(op)
