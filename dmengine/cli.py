@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--main-device-share", type=float, default=None, metavar="F",
                    help="with --device-processes: the share (0..1) of new device "
                         "connections this process takes (it also runs the scheduler and the "
-                        "API); the device processes split the rest evenly (default 0.6/N)")
+                        "API); the device processes split the rest evenly (default 0.8/N)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open device-port connections at most (default 10000)")
     s.add_argument("--max-connections-per-address", type=int, default=None,
