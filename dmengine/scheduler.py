@@ -128,7 +128,6 @@ class Scheduler:
             # the device may have lost its nonces: sign with the well-known one and let its
             # package 1 use it too for a while (the session then hands out fresh nonces)
             resync_until = now + self.config.resync_window
-            acc = msgspec.structs.replace(acc, resync_until=resync_until)
         try:
             pkg0 = self._pkg0(acc, task, resync, session_id)
         except CodecError as exc:
@@ -339,11 +338,10 @@ class Scheduler:
             room = min(room, job.concurrency - in_flight(job))
         if self.config.max_in_flight is not None:
             room = min(room, self.config.max_in_flight - total_in_flight)
-        full = room == self.config.job_batch      # the batch, not the job, bounds it
         room = self._take_tokens(job, now, room)
         if room <= 0:
             return 0
-        full = full and room == self.config.job_batch
+        full = room == self.config.job_batch      # the batch, not the job, bounds it
         dev_ids = await self.store.job_targets(job.job_id, job.total, room)
         lease = now + self.config.claim_lease
         tasks = []
@@ -495,14 +493,13 @@ class Scheduler:
         # a sliding window, not chunks: a chunk waited for its slowest notification before
         # the next one began, and the device port sat idle meanwhile
         window = asyncio.Semaphore(max(1, self.config.notify_parallel))
-        due = self._pass_start
+        due = self.clock() if self._pass_start is None else self._pass_start
 
         async def one(t: Task) -> None:
             async with window:
                 plan = ready.get(t.task_id)
-                await self._guarded(t, self.notify(t, jobs.get(t.job_id or ""), due=due)
-                                    if plan is None else
-                                    self._send(t, plan, self.clock() if due is None else due))
+                await self._guarded(t, self._send(t, plan, due) if plan is not None else
+                                    self.notify(t, jobs.get(t.job_id or ""), due=due))
         await asyncio.gather(*(one(t) for t in tasks))
 
     async def _guarded(self, task: Task, step: Awaitable[Any]) -> None:

@@ -557,6 +557,51 @@ def test_a_pass_makes_and_notifies_its_job_tasks_in_one_write():
     run(main())
 
 
+def test_a_job_batch_past_a_gone_device_its_lag_and_its_log_lines(caplog):
+    """The rest of a batch is planned past a target whose device is gone (that task fails
+    by itself); the lag of each package #0 counts from the pass's start; each NOTIFIED move
+    made with the batch has its debug line with the move's cause."""
+    async def main() -> None:
+        clock = Clock(1000.0)
+        async with World(4, clock=clock, notify_parallel=1) as w:
+            job = await a_job(w, 4)
+            await w.store.delete_device(device(0).dev_id)
+            writes = 0
+            orig = w.store._write
+
+            def counted(op: Any, prefetch: Any = None) -> Any:
+                nonlocal writes
+                writes += 1
+                return orig(op, prefetch)
+            w.store._write = counted  # type: ignore[method-assign]
+
+            async def slow(msisdn: str) -> None:
+                clock.now += 3.0
+            w.on_send = slow
+            make = w.store.create_job_tasks
+
+            async def slow_make(*a: Any, **kw: Any) -> list[Task]:
+                clock.now += 2.0                    # the batch's write takes its time too
+                return await make(*a, **kw)
+            w.store.create_job_tasks = slow_make  # type: ignore[method-assign]
+            with caplog.at_level(logging.DEBUG, logger="dmengine.tasks"):
+                assert await w.scheduler.tick() == 4
+            assert writes == 2                      # the batch; the gone device's failure
+            assert len(w.sent) == 3
+            # all due at the pass's start, before the batch was written
+            assert w.metrics.lag.total == 5.0 + 8.0 + 11.0
+            by_dev = {t.dev_id: t for t in (await w.store.tasks_by_job(job.job_id,
+                                                                        limit=9)).items}
+            assert await w.last(by_dev[device(0).dev_id].task_id) == ("FAILED",
+                                                                     "no such device")
+            lines = [r.getMessage() for r in caplog.records
+                     if r.getMessage().startswith("task moved to NOTIFIED")]
+            assert len(lines) == 3
+            assert all(re.fullmatch(r"task moved to NOTIFIED: package #0 sent via loopback "
+                                    r"\(session [0-9A-F]+\)", m) for m in lines), lines
+    run(main())
+
+
 def test_budgets_batch_concurrency_and_the_in_flight_cap():
     async def main() -> None:
         async with World(12, job_batch=4, max_in_flight=7) as w:
@@ -1044,23 +1089,90 @@ def test_the_loop_runs_passes_until_stopped_and_reports_health():
 
 def test_the_loop_runs_the_next_pass_at_once_after_a_full_batch():
     """``job_batch`` bounds a pass, not a job's pace: after a pass that started a full batch
-    of a job with room for more, the next pass comes at once (not a tick later); once the
-    job's concurrency is taken, the loop waits its tick again."""
+    of a job with room for more, the next pass comes at once (not a tick later) — even when
+    a job after it in the same pass had less to start; once the job's concurrency is taken,
+    the loop waits its tick again."""
     async def main() -> None:
-        async with World(8, tick_interval=30.0, job_batch=2) as w:
-            job = await a_job(w, 8, concurrency=5)
+        async with World(10, tick_interval=30.0, job_batch=2) as w:
+            job = await a_job(w, 8, concurrency=5, priority=9)
+            # after the first job in each pass; one task, never a full batch
+            other = await w.broker.jobs.create(OP, Selection(dev_ids=[device(8).dev_id]),
+                                               priority=1)
             w.scheduler.start()
-            for _ in range(300):
-                if len(w.sent) >= 5:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
             try:
-                # 2 + 2 + 1 (the concurrency), each pass at once after the one before
-                assert len(w.sent) == 5
+                for _ in range(90):             # well under a second, far under the tick
+                    if len(w.sent) >= 6:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
+                # 2 + 2 + 1 (the concurrency) of the first job, 1 of the other
+                assert len(w.sent) == 6
                 assert (await w.store.get_job(job.job_id)).total == 5
+                assert (await w.store.get_job(other.job_id)).total == 1
             finally:
                 await w.scheduler.stop()
+    run(main())
+
+
+def test_the_loop_waits_its_tick_when_no_batch_was_full():
+    async def main() -> None:
+        async with World(8, tick_interval=0.05, job_batch=2) as w:
+            await a_job(w, 8, concurrency=5)
+            passes = 0
+            real = w.scheduler.tick
+
+            async def counted() -> int:
+                nonlocal passes
+                passes += 1
+                return await real()
+            w.scheduler.tick = counted  # type: ignore[method-assign]
+            w.scheduler.start()
+            try:
+                for _ in range(300):
+                    if len(w.sent) >= 5:
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(w.sent) == 5
+                before = passes
+                await asyncio.sleep(0.5)
+                # a pass a tick (about 10 in 0.5 s); a loop that did not wait ran thousands
+                assert 2 <= passes - before <= 25
+            finally:
+                await w.scheduler.stop()
+    run(main())
+
+
+def test_recover_after_a_device_process_exited_puts_back_only_its_cut_sessions(caplog):
+    """``recover(lost=…)``: a device process exited — tasks cut off mid-session (in no session
+    of this process and not held by a live device process) go back to PENDING, due now, with
+    the device process's cause; those the live processes hold and those this process's
+    sessions hold stay; PENDING and NOTIFIED tasks are not looked at (their notifications are
+    this process's and still valid)."""
+    async def main() -> None:
+        async with World(8, claim_lease=100.0) as w:
+            now = w.clock.now
+            await w.store.create_job(Job(job_id="j", state=J.RUNNING))
+            await w.store.create_tasks([
+                _t("a-cut", 0, state=S.IN_PROGRESS, attempts=1),
+                _t("b-held", 1, state=S.IN_PROGRESS, attempts=1),
+                _t("c-cut", 2, state=S.WAITING_USER, attempts=1),
+                _t("d-mine", 3, state=S.IN_PROGRESS, attempts=1),
+                _t("e-sent", 4, state=S.NOTIFIED, next_attempt=now + 50, attempts=1),
+                _t("f-wait", 5, state=S.PENDING, next_attempt=now + 50),
+                _t("g-cut", 6, state=S.IN_PROGRESS, attempts=1)])
+            w.broker.sessions.in_session = lambda tid: tid == "d-mine"  # type: ignore
+            with caplog.at_level(logging.INFO, logger="dmengine.scheduler"):
+                assert await w.scheduler.recover(lost={"b-held"}) == 3
+            for tid in ("a-cut", "c-cut", "g-cut"):
+                t = await w.store.get_task(tid)
+                assert (t.state, t.next_attempt) == (S.PENDING, now), tid
+                assert await w.last(tid) == ("PENDING", "the device process that held its "
+                                                        "session exited before the device "
+                                                        "answered")
+            for tid in ("b-held", "d-mine", "e-sent", "f-wait"):
+                assert (await w.store.get_task(tid)).history_len == 1, tid
+            assert "scheduler: 3 job tasks of the exited device process due again" in \
+                [r.getMessage() for r in caplog.records]
     run(main())
 
 
