@@ -1411,4 +1411,8 @@ def test_devices_read_together(use: Callable[[Body], Any]) -> None:
         assert got == {a.dev_id: await s.get_device(a.dev_id),
                        b.dev_id: await s.get_device(b.dev_id)}
         assert await s.get_devices([]) == {}
+        # a batch larger than an inline read (LMDB: read off the event loop)
+        await s.import_devices([dev(100 + i) for i in range(250)])
+        many = await s.get_devices([dev(100 + i).dev_id for i in range(250)])
+        assert len(many) == 250 and many[dev(349).dev_id].msisdn == dev(349).msisdn
     use(body)

@@ -724,9 +724,8 @@ class KVStore(Store):
         def fn(txn: KVTxn) -> dict[str, Device]:
             return {k.decode(): dec(Device, raw, "devices", k)
                     for k, raw in txn.get_many("devices", keys).items()}
-        # on the loop, as the reads one by one were: a pass's batch (job_batch, 500) is a
-        # few milliseconds of decoding, less than the executor's hop and GIL hand-over
-        return await self._read(fn)
+        # a pass's batch (up to job_batch, 5,000) off the loop when large, as pages are
+        return await self._read(fn, big=len(keys) > self.inline_read_limit)
 
     async def _delete(self, db: str, cls: type[R], ident: str, kind: str,
                       unindex: Callable[[WriteCtx, R], None]) -> None:
