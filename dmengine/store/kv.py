@@ -1078,12 +1078,11 @@ class KVStore(Store):
         then: dict[str, Op[Task]] = {}
         if moves:
             ids = {t.task_id for t in tasks}
-            for task_id, (state, cause, changes) in moves.items():
+            for task_id, move in moves.items():
                 if task_id not in ids:
                     raise ValidationError(f"moves names task {task_id!r}, not one of these",
                                           where="$.moves")
-                then[task_id] = self._move_op(task_id, state, cause, None, None, None,
-                                              changes, ())
+                then[task_id] = self._waypoint_op(task_id, move)
 
         def op(ctx: WriteCtx) -> list[Task]:
             j = ctx.job(job_id)
@@ -1376,13 +1375,18 @@ class KVStore(Store):
     def _through(self, task_id: str, waypoint: Waypoint, move: Op[Task]) -> Op[Task]:
         """``move`` after the task's move to the ``waypoint`` (state, cause, changes), in one
         op; a refused waypoint raises before either is written."""
-        state, cause, changes = waypoint
-        first = self._move_op(task_id, state, cause, None, None, None, changes, ())
+        first = self._waypoint_op(task_id, waypoint)
 
         def op(ctx: WriteCtx) -> Task:
             first(ctx)
             return move(ctx)
         return op
+
+    def _waypoint_op(self, task_id: str, move: Waypoint) -> Op[Task]:
+        """The op of a move given as (state, cause, changes): no codes, no expected state, no
+        outbox entries (a waypoint; a job task's move made with its creation)."""
+        state, cause, changes = move
+        return self._move_op(task_id, state, cause, None, None, None, changes, ())
 
     def _move_op(self, task_id: str, to_state: TaskState, cause: str | None,
                  dm_status: int | None, result_code: int | None,
